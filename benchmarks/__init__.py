@@ -1,0 +1,1 @@
+"""facetron.benchmarks: latency/throughput harness and reports."""

@@ -1,0 +1,1 @@
+"""facetron.client: gRPC client library for facetron's Triton models."""

@@ -1,0 +1,1 @@
+"""facetron.export: LoRA merge, ONNX/TensorRT export, Triton repository assembly."""

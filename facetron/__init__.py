@@ -1,0 +1,3 @@
+"""facetron: personalized portrait generation served by NVIDIA Triton."""
+
+__version__ = "0.1.0"

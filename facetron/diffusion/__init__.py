@@ -1,0 +1,1 @@
+"""facetron.diffusion: base model specs (incl. the tiny default), tokenizer, scheduler glue."""

@@ -1,0 +1,44 @@
+"""facetron's error types.
+
+Every error names the offending input and the rule it broke, so the CLI can
+print it as one line and the Triton models can return it as INVALID_ARG /
+NOT_FOUND over gRPC.
+"""
+
+from __future__ import annotations
+
+
+class FacetronError(Exception):
+    """Base class: a user-facing error with a one-line message."""
+
+    #: gRPC-style status name the serving layer maps this error to.
+    status = "INTERNAL"
+
+
+class InvalidInputError(FacetronError, ValueError):
+    """An input broke a rule (shape, dtype, range, file format...)."""
+
+    status = "INVALID_ARGUMENT"
+
+    def __init__(self, name: str, rule: str):
+        self.input_name = name
+        self.rule = rule
+        super().__init__(f"{name}: {rule}")
+
+
+class NotFoundError(FacetronError, LookupError):
+    """A named thing (user, model, file) does not exist."""
+
+    status = "NOT_FOUND"
+
+
+class AssetMissingError(FacetronError, FileNotFoundError):
+    """A weight/data file that ships in an installed package is absent."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class ServerError(FacetronError, RuntimeError):
+    """tritonserver could not be started, or failed while running."""
+
+    status = "UNAVAILABLE"

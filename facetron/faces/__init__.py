@@ -1,0 +1,1 @@
+"""facetron.faces: detector, embedder, alignment, quality, attributes, retouch."""

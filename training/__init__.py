@@ -1,0 +1,1 @@
+"""facetron.training: photos -> dataset -> identity LoRA."""
