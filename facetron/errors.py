@@ -25,6 +25,12 @@ class InvalidInputError(FacetronError, ValueError):
         self.rule = rule
         super().__init__(f"{name}: {rule}")
 
+    @classmethod
+    def from_message(cls, message: str) -> "InvalidInputError":
+        """Rebuild from a server's ``"name: rule"`` message."""
+        name, _, rule = message.partition(":")
+        return cls(name.strip(), rule.strip()) if rule else cls("input", message)
+
 
 class NotFoundError(FacetronError, LookupError):
     """A named thing (user, model, file) does not exist."""

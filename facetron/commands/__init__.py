@@ -1,0 +1,1 @@
+"""Subcommands of the ``facetron`` CLI (one module each)."""

@@ -1,0 +1,207 @@
+"""The tritonserver launcher and `facetron serve`: readiness, clear errors
+for broken repositories and busy ports, and no process left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from facetron.errors import ServerError
+from facetron.paths import REPO_ROOT
+from facetron.triton_server import TritonServer, check_repository, explain_log, server_processes
+
+pytestmark = pytest.mark.triton
+
+FACETRON = [sys.executable, "-m", "facetron.cli"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _tritonservers() -> set[int]:
+    """PIDs of tritonserver processes whose parent is this test process tree."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "tritonserver":
+                    out.add(int(entry.name))
+            except OSError:
+                pass
+    return out
+
+
+def _repo_with_failing_model(root: Path) -> Path:
+    repo = root / "repo"
+    shutil.copytree(REPO_ROOT / "model_repository" / "tokenizer", repo / "tokenizer")
+    broken = repo / "broken_model" / "1"
+    broken.mkdir(parents=True)
+    (repo / "broken_model" / "config.pbtxt").write_text(
+        textwrap.dedent(
+            """
+            name: "broken_model"
+            backend: "python"
+            max_batch_size: 0
+            input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]
+            output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]
+            """
+        )
+    )
+    (broken / "model.py").write_text(
+        "class TritonPythonModel:\n"
+        "    def initialize(self, args):\n"
+        "        raise RuntimeError('weights file /nonexistent/unet.onnx is missing')\n"
+    )
+    return repo
+
+
+def test_missing_repository_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ServerError, match="does not exist"):
+        TritonServer(tmp_path / "nope").start()
+
+
+def test_malformed_config_names_file(tmp_path: Path) -> None:
+    model = tmp_path / "repo" / "bad"
+    model.mkdir(parents=True)
+    (model / "config.pbtxt").write_text('name: "bad"\nmax_batch_size: "eight"\n')
+    with pytest.raises(ServerError, match=r"model 'bad'.*config.pbtxt is malformed"):
+        check_repository(tmp_path / "repo")
+
+
+def test_empty_repository_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "repo").mkdir()
+    with pytest.raises(ServerError, match="holds no model folders"):
+        TritonServer(tmp_path / "repo").start()
+
+
+def test_model_that_fails_to_load_names_model_and_cause(tmp_path: Path) -> None:
+    before = _tritonservers()
+    server = TritonServer(_repo_with_failing_model(tmp_path), log_path=tmp_path / "log.txt")
+    with pytest.raises(ServerError) as info:
+        server.start()
+    message = str(info.value)
+    assert "'broken_model' failed to load" in message
+    assert "weights file /nonexistent/unet.onnx is missing" in message
+    time.sleep(0.5)
+    assert _tritonservers() - before == set(), "a tritonserver process was left behind"
+
+
+def test_busy_port_is_a_clear_error(model_repository: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ServerError, match=rf"port {port} \(grpc\).*already in use"):
+            TritonServer(model_repository, grpc_port=port).start()
+
+
+def test_public_bind_is_refused_by_default(model_repository: Path) -> None:
+    with pytest.raises(ServerError, match="refusing to bind 0.0.0.0"):
+        TritonServer(model_repository, host="0.0.0.0").start()
+
+
+def test_explain_log_extracts_the_model_line() -> None:
+    log = (
+        "I1126 model_lifecycle.cc:473] loading: m:1\n"
+        "E1126 model_lifecycle.cc:654] failed to load 'm' version 1: Internal: boom\n"
+    )
+    assert explain_log(log) == "model 'm' failed to load: Internal: boom"
+
+
+def test_stop_leaves_no_process(model_repository: Path, tmp_path: Path) -> None:
+    server = TritonServer(model_repository, log_path=tmp_path / "log.txt").start()
+    pid = server.process.pid
+    group = list(server_processes(pid))
+    assert pid in group and len(group) >= 2, "expected server + python stub"
+    server.stop()
+    time.sleep(0.3)
+    assert not any(_alive(p) for p in group)
+
+
+def test_server_dies_with_a_crashed_caller(model_repository: Path, tmp_path: Path) -> None:
+    """The caller is SIGKILLed (no cleanup runs): the server must go too."""
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from facetron.triton_server import TritonServer
+        s = TritonServer({str(model_repository)!r}, log_path={str(tmp_path / 'log.txt')!r}).start()
+        print(s.process.pid, flush=True)
+        time.sleep(600)
+        """
+    )
+    caller = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(caller.stdout.readline())
+        assert _alive(pid)
+    finally:
+        caller.send_signal(signal.SIGKILL)
+        caller.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and _alive(pid):
+        time.sleep(0.2)
+    assert not _alive(pid), "tritonserver outlived its crashed caller"
+
+
+def test_cli_serve_broken_repo_one_line_nonzero_no_orphan(tmp_path: Path) -> None:
+    before = _tritonservers()
+    repo = _repo_with_failing_model(tmp_path)
+    proc = subprocess.run(
+        FACETRON + ["serve", "--repo", str(repo), "--log", str(tmp_path / "log.txt")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("facetron serve: error:") and "'broken_model' failed to load" in lines[0]
+    time.sleep(0.5)
+    assert _tritonservers() - before == set()
+
+
+def test_cli_serve_missing_repo(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        FACETRON + ["serve", "--repo", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_cli_serve_runs_until_sigterm(model_repository: Path, tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        FACETRON + ["serve", "--repo", str(model_repository), "--log", str(tmp_path / "log.txt")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("tritonserver ready: grpc 127.0.0.1:"), line + proc.stderr.read()
+        url = line.split()[3]
+        from facetron.client import FacetronClient
+
+        with FacetronClient(url) as c:
+            assert c.tokenize(["hello"])[0, 1] == 3306
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
