@@ -14,6 +14,8 @@ STAMP="$VENV/.facetron-setup"
 HASH="$(cat requirements/*.txt pyproject.toml | sha256sum | cut -c1-16)"
 
 fail() { echo "setup: FAILED: $*" >&2; exit 1; }
+# pip warns once per package that a secondary local index lacks it: noise.
+quiet_pip() { "$PIP" "$@" 2> >(grep -v "^WARNING: Location 'file://" >&2); }
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$HASH" && -x "$VENV/bin/facetron" ]]; then
   echo "setup: $VENV is up to date ($HASH)"
@@ -28,7 +30,7 @@ fi
 pip_install() {  # pip_install LABEL ARGS... ; on failure, name the package that broke
   local label="$1"; shift
   echo "setup: installing $label"
-  if ! "$PIP" install --disable-pip-version-check -q "$@"; then
+  if ! quiet_pip install --disable-pip-version-check -q "$@"; then
     fail "pip could not install $label (pip's message above names the package)"
   fi
 }
@@ -36,14 +38,14 @@ pip_install() {  # pip_install LABEL ARGS... ; on failure, name the package that
 install_file_each() {  # fallback: find which line of a requirements file fails
   local file="$1"; shift
   grep -vE '^\s*(#|$)' "$file" | sed 's/\s*#.*//' | while read -r req; do
-    "$PIP" install --disable-pip-version-check -q "$@" "$req" \
+    quiet_pip install --disable-pip-version-check -q "$@" "$req" \
       || fail "package '$req' (from $file) did not install"
   done
 }
 
 pip_install "torch (requirements/torch.txt)" -r requirements/torch.txt
 echo "setup: installing pinned packages (requirements/base.txt)"
-if ! "$PIP" install --disable-pip-version-check -q -r requirements/base.txt -c requirements/torch.txt; then
+if ! quiet_pip install --disable-pip-version-check -q -r requirements/base.txt -c requirements/torch.txt; then
   echo "setup: the batch install failed; retrying one package at a time to name the culprit" >&2
   install_file_each requirements/base.txt -c requirements/torch.txt
 fi
