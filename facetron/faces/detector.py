@@ -1,0 +1,192 @@
+"""Face detection: MTCNN (facenet-pytorch weights) behind a small numpy API.
+
+``FaceDetector().detect(rgb_uint8)`` returns boxes, scores and 5 landmarks.
+The nets run in ONNX Runtime by default (exported once from the shipped
+weights into the facetron cache) or in PyTorch; the cascade around them is
+numpy/cv2 (:mod:`facetron.faces.mtcnn_cascade`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from facetron.assets import asset_path
+from facetron.errors import InvalidInputError
+from facetron.faces.mtcnn_cascade import CascadeParams, NetFn, run_cascade
+from facetron.imageio import check_rgb_array
+from facetron.paths import cache_dir
+
+# torch (facetron.faces.mtcnn_nets) is imported lazily: the ONNX backend needs
+# it only for the one-time export, so a warm cache serves without it.
+
+Backend = Literal["onnx", "torch"]
+_NET_NAMES = ("pnet", "rnet", "onet")
+_EXPORT_VERSION = b"mtcnn-onnx-v1"  # bump when export_mtcnn_onnx changes its output
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """MTCNN settings; the defaults are facenet-pytorch's.
+
+    ``max_side``: inputs whose longer side exceeds it are downscaled (cv2
+    INTER_AREA) to that side before the pyramid, and the results scaled back.
+    It bounds time and memory on very large photos (the first pyramid level
+    of an 8192 px image would otherwise be ~4900 px); the price is that the
+    smallest detectable face grows to ``min_face_size * long_side / max_side``
+    original pixels. ``None`` disables it. Inputs up to ``max_side`` are
+    processed exactly like facenet-pytorch.
+
+    ``min_score``: final floor on the ONet score. facenet-pytorch has none
+    (its ONet threshold is 0.7); with ``min_score=0`` the output is exactly
+    facenet-pytorch's. The default 0.9 drops MTCNN's confident-looking false
+    positives (a hand at 0.87 and a glass at 0.86 in insightface's t1.jpg,
+    where the six real faces score >= 0.97): this project prefers precision.
+    """
+
+    min_face_size: float = 20.0
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    factor: float = 0.709
+    nms_pnet_scale: float = 0.5
+    nms_pnet_image: float = 0.7
+    nms_rnet: float = 0.7
+    nms_onet: float = 0.7
+    max_side: int | None = 2048
+    min_score: float = 0.9
+
+    def cascade_params(self) -> CascadeParams:
+        return CascadeParams(
+            min_face_size=self.min_face_size,
+            thresholds=tuple(self.thresholds),
+            factor=self.factor,
+            nms_pnet_scale=self.nms_pnet_scale,
+            nms_pnet_image=self.nms_pnet_image,
+            nms_rnet=self.nms_rnet,
+            nms_onet=self.nms_onet,
+        )
+
+
+@dataclass
+class Detections:
+    """Faces in one image, highest score first.
+
+    ``boxes`` float32 [K, 4] (x1, y1, x2, y2) pixels, not clipped to the image;
+    ``scores`` float32 [K]; ``landmarks`` float32 [K, 5, 2] (x, y) for left eye,
+    right eye (image-left first), nose, mouth left, mouth right.
+    """
+
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    landmarks: np.ndarray = field(default_factory=lambda: np.zeros((0, 5, 2), np.float32))
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+def weights_digest() -> str:
+    """sha256 over the three MTCNN weight files and the export version (keys the ONNX cache)."""
+    h = hashlib.sha256(_EXPORT_VERSION)
+    for name in _NET_NAMES:
+        h.update(name.encode())
+        h.update(asset_path(f"mtcnn_{name}").read_bytes())
+    return h.hexdigest()
+
+
+def mtcnn_onnx_paths() -> dict[str, Path]:
+    """ONNX files of the three nets, exported on first use into the facetron cache."""
+    folder = cache_dir("onnx", f"mtcnn-{weights_digest()[:12]}")
+    paths = {name: folder / f"{name}.onnx" for name in _NET_NAMES}
+    if not all(p.is_file() for p in paths.values()):
+        from facetron.faces.mtcnn_nets import export_mtcnn_onnx
+
+        paths = export_mtcnn_onnx(folder)
+    return paths
+
+
+def _onnx_runners() -> tuple[NetFn, NetFn, NetFn]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # Idle ORT threads must not spin: the numpy cascade runs between net calls
+    # on the same (few) cores.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    runners = []
+    for path in mtcnn_onnx_paths().values():
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        runners.append(lambda x, s=sess: s.run(None, {"images": x}))  # mtcnn_nets.ONNX_INPUT
+    return tuple(runners)
+
+
+def _torch_runners() -> tuple[NetFn, NetFn, NetFn]:
+    import torch
+
+    from facetron.faces.mtcnn_nets import load_mtcnn_nets
+
+    def wrap(net: torch.nn.Module) -> NetFn:
+        def run(x: np.ndarray) -> list[np.ndarray]:
+            with torch.inference_mode():
+                return [t.numpy() for t in net(torch.from_numpy(x))]
+
+        return run
+
+    return tuple(wrap(net) for net in load_mtcnn_nets())
+
+
+class FaceDetector:
+    """MTCNN face detector over RGB uint8 arrays (see :class:`Detections`)."""
+
+    def __init__(self, config: DetectorConfig | None = None, backend: Backend = "onnx") -> None:
+        if backend not in ("onnx", "torch"):
+            raise InvalidInputError("backend", f"expected 'onnx' or 'torch', got {backend!r}")
+        self.config = config or DetectorConfig()
+        self.backend = backend
+        self._nets: tuple[NetFn, NetFn, NetFn] | None = None
+
+    def _runners(self) -> tuple[NetFn, NetFn, NetFn]:
+        if self._nets is None:
+            self._nets = _onnx_runners() if self.backend == "onnx" else _torch_runners()
+        return self._nets
+
+    def _prepare(self, image: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """Validate; downscale past max_side. Returns the image and the (sx, sy) factor back, if any."""
+        check_rgb_array(image, name)
+        limit = self.config.max_side
+        h, w = image.shape[:2]
+        if limit is None or max(h, w) <= limit:
+            return image, None
+        s = limit / max(h, w)
+        size = (max(1, round(w * s)), max(1, round(h * s)))
+        small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        return small, np.array([w / size[0], h / size[1]], np.float32)
+
+    def _detect_many(self, images: list[np.ndarray], names: list[str]) -> list[Detections]:
+        prepared = [self._prepare(img, n) for img, n in zip(images, names)]
+        if not prepared:
+            return []
+        pnet, rnet, onet = self._runners()
+        raw = run_cascade([p[0] for p in prepared], pnet, rnet, onet, self.config.cascade_params())
+        out = []
+        for (boxes, scores, marks), (_, back) in zip(raw, prepared):
+            keep = scores >= np.float32(self.config.min_score)
+            boxes, scores, marks = boxes[keep], scores[keep], marks[keep]
+            if back is not None:
+                boxes = boxes * np.tile(back, 2)
+                marks = marks * back
+            out.append(Detections(boxes=boxes, scores=scores, landmarks=marks))
+        return out
+
+    def detect(self, image: np.ndarray) -> Detections:
+        """Faces in one RGB uint8 [H, W, 3] image; zero faces gives K=0 arrays."""
+        return self._detect_many([image], ["image"])[0]
+
+    def detect_batch(self, images: list[np.ndarray]) -> list[Detections]:
+        """Faces in each image (sizes may differ; same-size images share PNet calls)."""
+        if not isinstance(images, (list, tuple)):
+            raise InvalidInputError("images", f"expected a list of arrays, got {type(images).__name__}")
+        return self._detect_many(list(images), [f"images[{i}]" for i in range(len(images))])
