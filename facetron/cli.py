@@ -20,6 +20,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "facetron.commands.tokenize",
     "facetron.commands.demo",
     "facetron.commands.assets",
+    "facetron.commands.faces",
+    "facetron.commands.bench",
 )
 
 EXIT_ERROR = 2

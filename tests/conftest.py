@@ -20,10 +20,16 @@ def model_repository() -> Path:
 
 
 @pytest.fixture(scope="session")
-def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> TritonServer:
+def users_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The user registry the session's server reads (tests add users to it)."""
+    return tmp_path_factory.mktemp("users")
+
+
+@pytest.fixture(scope="session")
+def triton(model_repository: Path, users_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TritonServer:
     """A real tritonserver serving the repository's models on loopback."""
     log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
-    server = TritonServer(model_repository, log_path=log)
+    server = TritonServer(model_repository, log_path=log, env={"FACETRON_USERS_DIR": str(users_dir)})
     server.start()
     yield server
     server.stop()
