@@ -141,12 +141,20 @@ def _torch_runners() -> tuple[NetFn, NetFn, NetFn]:
 class FaceDetector:
     """MTCNN face detector over RGB uint8 arrays (see :class:`Detections`)."""
 
-    def __init__(self, config: DetectorConfig | None = None, backend: Backend = "onnx") -> None:
+    def __init__(
+        self,
+        config: DetectorConfig | None = None,
+        backend: Backend = "onnx",
+        runners: tuple[NetFn, NetFn, NetFn] | None = None,
+    ) -> None:
+        """``runners`` replaces the nets with three callables (P, R, O) taking the
+        normalised NCHW float32 batch and returning the nets' outputs in
+        ``mtcnn_nets.ONNX_OUTPUTS`` order — e.g. BLS calls to Triton models."""
         if backend not in ("onnx", "torch"):
             raise InvalidInputError("backend", f"expected 'onnx' or 'torch', got {backend!r}")
         self.config = config or DetectorConfig()
         self.backend = backend
-        self._nets: tuple[NetFn, NetFn, NetFn] | None = None
+        self._nets: tuple[NetFn, NetFn, NetFn] | None = runners
 
     def _runners(self) -> tuple[NetFn, NetFn, NetFn]:
         if self._nets is None:

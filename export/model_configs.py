@@ -1,0 +1,198 @@
+"""Triton model configs: the one source of truth for every served model.
+
+Each :class:`ModelDef` holds the contract (tensors, batching) once and how
+it is served per target:
+
+* ``cpu`` — this machine: the python backend only; the nets run in ONNX
+  Runtime inside python models (exported to facetron's cache on first use).
+* ``gpu`` — the NGC ``tritonserver`` container: nets on native backends
+  (``onnxruntime_onnx`` here; ``tensorrt_plan`` where engines were built),
+  python models only for glue (cascade, BLS). Written and validated here,
+  not served here (no GPU, no native backends in the pip tritonserver).
+
+``render(model, target)`` gives the ``config.pbtxt`` text, built as Triton's
+own protobuf (``ModelConfig``) so it always parses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Target = Literal["cpu", "gpu"]
+TARGETS: tuple[Target, ...] = ("cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class T:
+    """A tensor of a model's contract (dims exclude the batch dim when batching)."""
+
+    name: str
+    dtype: str  # Triton type without TYPE_: UINT8, FP32, INT32, INT64, STRING
+    dims: tuple[int, ...]
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Serving:
+    """How a model is served on one target."""
+
+    backend: str = "python"  # "python" | "onnxruntime" | "tensorrt"
+    kind: str = "KIND_CPU"
+    count: int = 1
+    artifact: str | None = None  # file in the version folder (model.onnx / model.plan)
+    parameters: dict[str, str] = field(default_factory=dict)
+    trt_accelerator: bool = False  # ORT's TensorRT execution accelerator (fp16)
+
+
+@dataclass(frozen=True)
+class ModelDef:
+    name: str
+    doc: str
+    inputs: tuple[T, ...]
+    outputs: tuple[T, ...]
+    max_batch_size: int = 0
+    queue_delay_us: int | None = None  # dynamic batching when set
+    parameters: dict[str, str] = field(default_factory=dict)
+    cpu: Serving | None = Serving()
+    gpu: Serving | None = Serving()
+
+    def serving(self, target: Target) -> Serving | None:
+        return self.cpu if target == "cpu" else self.gpu
+
+
+def _mtcnn_net(name: str, inputs: tuple[T, ...], outputs: tuple[T, ...]) -> ModelDef:
+    return ModelDef(
+        name=f"mtcnn_{name}",
+        doc=f"MTCNN {name.upper()} (GPU target: called by face_detector's cascade over BLS).",
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=0,
+        cpu=None,
+        gpu=Serving(backend="onnxruntime", kind="KIND_GPU", artifact="model.onnx"),
+    )
+
+
+MODELS: tuple[ModelDef, ...] = (
+    ModelDef(
+        name="tokenizer",
+        doc="CLIP BPE tokenizer (SD-1.5 convention: BOS, <=75 tokens, EOS, EOS padding).\n"
+        "One request carries N prompts; cheap, so no dynamic batching.",
+        inputs=(T("prompt", "STRING", (-1,)),),
+        outputs=(T("input_ids", "INT32", (-1, 77)),),
+    ),
+    ModelDef(
+        name="face_detector",
+        doc="MTCNN face detector. Per image: boxes [K,4] (x1,y1,x2,y2 px), scores [K],\n"
+        "landmarks [K,5,2] (left eye, right eye, nose, mouth left, mouth right), padded\n"
+        "to the request's largest K; num_faces says how many rows are real.\n"
+        "cpu: P/R/O-net in ONNX Runtime in-process; gpu: nets are mtcnn_* models (BLS).",
+        inputs=(T("images", "UINT8", (-1, -1, 3)),),
+        outputs=(
+            T("boxes", "FP32", (-1, 4)),
+            T("scores", "FP32", (-1,)),
+            T("landmarks", "FP32", (-1, 5, 2)),
+            T("num_faces", "INT32", (1,)),
+        ),
+        max_batch_size=64,
+        queue_delay_us=2000,
+        parameters={"min_face_size": "20"},
+        cpu=Serving(parameters={"nets": "onnxruntime", "intra_op_threads": "2"}),
+        gpu=Serving(parameters={"nets": "bls"}),
+    ),
+    _mtcnn_net("pnet", (T("images", "FP32", (-1, 3, -1, -1)),), (T("offsets", "FP32", (-1, 4, -1, -1)), T("probs", "FP32", (-1, 2, -1, -1)))),
+    _mtcnn_net("rnet", (T("images", "FP32", (-1, 3, 24, 24)),), (T("offsets", "FP32", (-1, 4)), T("probs", "FP32", (-1, 2)))),
+    _mtcnn_net(
+        "onet",
+        (T("images", "FP32", (-1, 3, 48, 48)),),
+        (T("offsets", "FP32", (-1, 4)), T("landmarks", "FP32", (-1, 10)), T("probs", "FP32", (-1, 2))),
+    ),
+    ModelDef(
+        name="face_embedder",
+        doc="dlib ResNet (ported): aligned 150x150 chips -> 128-D. embeddings: L2-normalised\n"
+        "(cosine similarity); descriptors: dlib's raw vectors (distance < 0.6 = same person).",
+        inputs=(T("faces", "UINT8", (150, 150, 3)),),
+        outputs=(T("embeddings", "FP32", (128,)), T("descriptors", "FP32", (128,))),
+        max_batch_size=64,
+        queue_delay_us=2000,
+        cpu=Serving(parameters={"intra_op_threads": "2"}),
+        gpu=Serving(backend="onnxruntime", kind="KIND_GPU", artifact="model.onnx", trt_accelerator=True),
+    ),
+    ModelDef(
+        name="face_select",
+        doc="Rank candidate portraits by identity (BLS over face_detector + face_embedder).\n"
+        "One candidate set per request. Reference: reference_embedding FP32[1,128] or\n"
+        "user_id (user registry). Outputs: images = top_k survivors best first;\n"
+        "similarity/rank per input candidate (rank 0 = best; -1 and NaN = filtered: not\n"
+        "exactly one face within size bounds); selected = input indices of the images.",
+        inputs=(
+            T("images", "UINT8", (-1, -1, -1, 3)),
+            T("reference_embedding", "FP32", (1, 128), optional=True),
+            T("user_id", "STRING", (1,), optional=True),
+            T("top_k", "INT32", (1,), optional=True),
+        ),
+        outputs=(
+            T("images", "UINT8", (-1, -1, -1, 3)),
+            T("similarity", "FP32", (-1,)),
+            T("rank", "INT32", (-1,)),
+            T("selected", "INT32", (-1,)),
+        ),
+        parameters={"min_face_frac": "0.08", "max_face_frac": "0.95", "min_score": "0.9", "users_dir": ""},
+    ),
+)
+
+BY_NAME = {m.name: m for m in MODELS}
+
+
+def to_proto(model: ModelDef, target: Target):
+    """The model's ``ModelConfig`` protobuf for ``target``."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    serving = model.serving(target)
+    if serving is None:
+        raise ValueError(f"model {model.name!r} is not served on target {target!r}")
+    cfg = pb.ModelConfig(name=model.name, max_batch_size=model.max_batch_size)
+    if serving.backend == "python":
+        cfg.backend = "python"
+    elif serving.backend == "onnxruntime":
+        cfg.platform = "onnxruntime_onnx"
+        cfg.default_model_filename = serving.artifact or "model.onnx"
+    elif serving.backend == "tensorrt":
+        cfg.platform = "tensorrt_plan"
+        cfg.default_model_filename = serving.artifact or "model.plan"
+    else:
+        raise ValueError(f"unknown backend {serving.backend!r}")
+    for spec, seq in ((model.inputs, cfg.input), (model.outputs, cfg.output)):
+        for t in spec:
+            item = seq.add()
+            item.name = t.name
+            item.data_type = pb.DataType.Value(f"TYPE_{t.dtype}")
+            item.dims.extend(t.dims)
+            if t.optional:
+                item.optional = True
+    group = cfg.instance_group.add()
+    group.count = serving.count
+    group.kind = pb.ModelInstanceGroup.Kind.Value(serving.kind)
+    if model.queue_delay_us is not None:
+        cfg.dynamic_batching.max_queue_delay_microseconds = model.queue_delay_us
+    if serving.trt_accelerator:
+        acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add()
+        acc.name = "tensorrt"
+        acc.parameters["precision_mode"] = "FP16"
+        acc.parameters["max_workspace_size_bytes"] = str(1 << 30)
+    for key, value in {**model.parameters, **serving.parameters}.items():
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
+def render(model: ModelDef, target: Target) -> str:
+    """``config.pbtxt`` text: a comment header + the protobuf in text format."""
+    from google.protobuf import text_format
+
+    header = "".join(f"# {line}\n" for line in model.doc.splitlines())
+    header += f"# Generated by `facetron export repository --target {target}` from export/model_configs.py.\n"
+    return header + text_format.MessageToString(to_proto(model, target))
+
+
+def models_for(target: Target) -> list[ModelDef]:
+    return [m for m in MODELS if m.serving(target) is not None]

@@ -1,0 +1,121 @@
+"""Repository assembly: one config source, cpu target loads READY in the real
+server, gpu target configs parse and match their ONNX artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from facetron.errors import InvalidInputError
+from facetron.export import repository
+from facetron.export.model_configs import MODELS, TARGETS, models_for, render
+from facetron.export.repository import SOURCE_REPOSITORY, assemble_repository
+
+_ORT_TYPES = {"tensor(uint8)": "UINT8", "tensor(float)": "FP32", "tensor(int32)": "INT32", "tensor(int64)": "INT64"}
+
+
+def _parse(text: str):
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_config_parses(target: str) -> None:
+    for model in models_for(target):
+        cfg = _parse(render(model, target))
+        assert cfg.name == model.name
+        assert (cfg.max_batch_size > 0) == (cfg.HasField("dynamic_batching")) or model.name == "face_select"
+
+
+def test_checked_in_configs_match_the_source() -> None:
+    for model in models_for("cpu"):
+        checked_in = (SOURCE_REPOSITORY / model.name / "config.pbtxt").read_text()
+        assert checked_in == render(model, "cpu"), f"{model.name}: run write_source_configs()"
+    names = {p.name for p in SOURCE_REPOSITORY.iterdir() if p.is_dir()}
+    assert names == {m.name for m in models_for("cpu")}
+
+
+def test_nets_batch_set_models_do_not() -> None:
+    by = {m.name: m for m in MODELS}
+    assert by["face_detector"].max_batch_size > 0 and by["face_embedder"].max_batch_size > 0
+    assert by["face_select"].max_batch_size == 0
+
+
+@pytest.fixture(scope="module")
+def gpu_repo(tmp_path_factory) -> Path:
+    return assemble_repository("gpu", tmp_path_factory.mktemp("gpu") / "model_repository")
+
+
+def test_gpu_repository_uses_native_backends(gpu_repo: Path) -> None:
+    emb = _parse((gpu_repo / "face_embedder" / "config.pbtxt").read_text())
+    assert emb.platform == "onnxruntime_onnx" and emb.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert emb.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
+    det = _parse((gpu_repo / "face_detector" / "config.pbtxt").read_text())
+    assert det.backend == "python" and det.parameters["nets"].string_value == "bls"
+    for net in ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "face_embedder"):
+        assert (gpu_repo / net / "1" / "model.onnx").is_file(), net
+
+
+def test_gpu_onnx_artifacts_match_their_configs(gpu_repo: Path) -> None:
+    """Names, dtypes and ranks of each ONNX graph equal its config's contract."""
+    import onnxruntime as ort
+
+    for name in ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "face_embedder"):
+        cfg = _parse((gpu_repo / name / "config.pbtxt").read_text())
+        sess = ort.InferenceSession(str(gpu_repo / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        batch = 1 if cfg.max_batch_size > 0 else 0
+        for spec, ios in ((cfg.input, sess.get_inputs()), (cfg.output, sess.get_outputs())):
+            by_name = {io.name: io for io in ios}
+            assert set(by_name) == {t.name for t in spec}, name
+            for t in spec:
+                io = by_name[t.name]
+                assert "TYPE_" + _ORT_TYPES[io.type] == model_config_pb2.DataType.Name(t.data_type), (name, t.name)
+                assert len(io.shape) == len(t.dims) + batch, (name, t.name, io.shape, list(t.dims))
+
+
+@pytest.mark.triton
+def test_cpu_repository_loads_ready(tmp_path: Path) -> None:
+    from facetron.client import FacetronClient
+    from facetron.triton_server import TritonServer
+
+    repo = assemble_repository("cpu", tmp_path / "model_repository")
+    with TritonServer(repo, log_path=tmp_path / "log.txt") as server, FacetronClient(server.grpc_url) as client:
+        for model in models_for("cpu"):
+            assert client.model_ready(model.name), model.name
+        ids = client.tokenize(["a photo of a man"])
+        assert ids[0, :3].tolist() == [49406, 320, 1125]
+
+
+def test_detector_accepts_external_runners() -> None:
+    """The gpu target's BLS path: the cascade with nets supplied from outside."""
+    import onnxruntime as ort
+
+    from face_photos import photo
+    from facetron.faces.detector import FaceDetector, mtcnn_onnx_paths
+
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in mtcnn_onnx_paths().values()]
+    runners = tuple((lambda x, s=s: s.run(None, {"images": x})) for s in sessions)
+    img = photo("t1")
+    ours = FaceDetector(runners=runners).detect(img)
+    ref = FaceDetector().detect(img)
+    np.testing.assert_allclose(ours.boxes, ref.boxes, atol=1e-3)
+
+
+def test_bad_target_and_model(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="--target"):
+        assemble_repository("tpu", tmp_path / "r")
+    with pytest.raises(InvalidInputError, match="not served on target cpu"):
+        assemble_repository("cpu", tmp_path / "r", models=["mtcnn_pnet"])
+
+
+def test_interrupted_build_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    def boom(dest: Path) -> None:
+        raise RuntimeError("export killed")
+
+    monkeypatch.setitem(repository.ARTIFACT_BUILDERS, "face_embedder", boom)
+    with pytest.raises(RuntimeError):
+        assemble_repository("gpu", tmp_path / "model_repository")
+    assert list(tmp_path.iterdir()) == []
