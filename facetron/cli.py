@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "facetron.commands.assets",
     "facetron.commands.faces",
     "facetron.commands.bench",
+    "facetron.commands.train",
 )
 
 EXIT_ERROR = 2

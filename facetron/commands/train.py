@@ -1,0 +1,159 @@
+"""``facetron train …``: training subcommands.
+
+``train`` holds nested subcommands so each training stage registers next to
+the others (``lora`` today; ``prepare`` — photos to dataset — lands here too)::
+
+    facetron train lora DATASET --user alice [--base-model DIR] [--steps N] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from facetron.paths import REPO_ROOT
+
+DEFAULT_LORA_DIR = REPO_ROOT / "loras"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="prepare training data and train the identity LoRA")
+    stages = p.add_subparsers(dest="train_command", required=True, metavar="STAGE")
+    add_prepare_parser(stages)
+    add_lora_parser(stages)
+
+
+def add_prepare_parser(stages: argparse._SubParsersAction) -> None:
+    from facetron.training.preprocess import PrepareConfig
+
+    d = PrepareConfig()
+    p = stages.add_parser(
+        "prepare",
+        help="photos of one person -> training dataset, reference embedding, template face, report",
+        description="Detect, filter (one dominant face, quality, identity consistency), rotate upright, crop, "
+                    "optionally retouch, and caption the photos. Writes <out>/dataset/ (images + metadata.jsonl), "
+                    "reference_embedding.npy, template.png, report.json and contact_sheet.png, and registers the "
+                    "user's reference embedding and template face in the user registry.",
+    )
+    p.add_argument("photos", type=Path, metavar="PHOTOS_DIR", help="folder of photos of one person")
+    p.add_argument("--user", required=True, help="user id (1-64 of A-Z a-z 0-9 _ -)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: build/prepared/<user>)")
+    p.add_argument("--base-model", type=Path, default=None,
+                   help="the resolution follows this model (default: the tiny embedded smoke model, 128 px)")
+    p.add_argument("--resolution", type=int, default=None, help="crop size in px (default: the base model's)")
+    p.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE",
+                   help="attribute for captions, e.g. --attr gender=woman --attr age=30s")
+    p.add_argument("--attr-weights", type=Path, default=None,
+                   help="FairFace-style ResNet34 weights (.pt/.safetensors) to predict attributes instead")
+    p.add_argument("--min-photos", type=int, default=d.min_photos, help="fail below this many usable photos")
+    p.add_argument("--white-background", action="store_true", help="paint everything but the head white")
+    p.add_argument("--smooth-skin", action="store_true", help="edge-preserving skin smoothing")
+    p.add_argument("--trigger-token", default=d.trigger_token)
+    p.add_argument("--users-dir", type=Path, default=None, help="user registry (default: FACETRON_USERS_DIR or build/users)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_prepare)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    import json
+    import shutil
+
+    from facetron.faces.attributes import FairFaceAttributes, UserAttributes, parse_attr_flags
+    from facetron.training.preprocess import PrepareConfig, prepare_photos
+    from facetron.users import UserRegistry, default_root, validate_user_id
+
+    user = validate_user_id(args.user, "--user")
+    if args.attr and args.attr_weights:
+        from facetron.errors import InvalidInputError
+
+        raise InvalidInputError("--attr/--attr-weights", "give attributes by hand or by weights, not both")
+    attributes = FairFaceAttributes(args.attr_weights) if args.attr_weights else UserAttributes(parse_attr_flags(args.attr))
+    resolution = args.resolution
+    if resolution is None:
+        from facetron.diffusion.base_model import check_layout, ensure_tiny_model
+        from facetron.diffusion.model_spec import TINY
+
+        if args.base_model is None:
+            ensure_tiny_model()
+            resolution = TINY.resolution
+        else:
+            cfg = json.loads((check_layout(args.base_model) / "unet" / "config.json").read_text())
+            vae = json.loads((args.base_model / "vae" / "config.json").read_text())
+            resolution = int(cfg["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    config = PrepareConfig(resolution=resolution, min_photos=args.min_photos, white_background=args.white_background,
+                           smooth_skin=args.smooth_skin, trigger_token=args.trigger_token)
+    out = args.out or REPO_ROOT / "build" / "prepared" / user
+    result = prepare_photos(args.photos, out, config, attributes, progress=not args.no_progress)
+    registry = UserRegistry(args.users_dir or default_root())
+    registry.save_reference_embedding(user, result.reference_embedding)
+    for name in ("template.png", "template.json"):
+        tmp = registry.user_dir(user) / f".{name}.tmp"
+        shutil.copyfile(out / name, tmp)
+        tmp.replace(registry.user_dir(user) / name)
+    kept = len(result.kept)
+    print(f"prepared {kept}/{len(result.photos)} photos of {user!r} at {resolution}px -> {out}")
+    for p in result.photos:
+        print(f"  {'kept   ' if p.kept else 'dropped'} {p.file}{'' if p.kept else ': ' + p.reason}")
+    print(f"dataset: {result.dataset_dir}  report: {out / 'report.json'}  contact sheet: {out / 'contact_sheet.png'}")
+    print(f"registered user {user!r} in {registry.root}")
+    return 0
+
+
+def add_lora_parser(stages: argparse._SubParsersAction) -> None:
+    from facetron.training.lora_config import DEFAULT_TRIGGER_TOKEN, LoraTrainConfig
+
+    d = LoraTrainConfig()
+    p = stages.add_parser(
+        "lora",
+        help="train a user's identity LoRA on a prepared dataset",
+        description="Train the identity LoRA (FaceChain defaults: UNet rank 4, alpha 32, lr 1.5e-4 cosine, "
+                    "min(200 x photos, 800) steps) and write <out>/<user>.safetensors + <user>.json.",
+    )
+    p.add_argument("dataset", type=Path, metavar="DATASET", help="folder with images and metadata.jsonl")
+    p.add_argument("--user", required=True, help="user id (1-64 of A-Z a-z 0-9 _ -)")
+    p.add_argument("--base-model", type=Path, default=None,
+                   help="SD-1.5-layout diffusers folder (default: the tiny embedded smoke model)")
+    p.add_argument("--out", type=Path, default=DEFAULT_LORA_DIR, help="output folder (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: min(200 x photos, 800))")
+    p.add_argument("--rank", type=int, default=d.rank, help="UNet LoRA rank (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="UNet LoRA alpha (default: %(default)s)")
+    p.add_argument("--text-encoder-rank", type=int, default=d.text_encoder_rank,
+                   help="text encoder LoRA rank; 0 keeps it frozen (default: %(default)s; FaceChain uses 32 when on)")
+    p.add_argument("--lr", type=float, default=d.learning_rate, help="learning rate (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per-device batch size (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of all training randomness (default: %(default)s)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="write a resumable checkpoint every K steps (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this output")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=d.mixed_precision,
+                   help="CUDA only; CPU always trains in float32 (default: %(default)s)")
+    p.add_argument("--trigger-token", default=DEFAULT_TRIGGER_TOKEN,
+                   help="the token the captions use for the person (recorded in the sidecar; default: %(default)s)")
+    p.add_argument("--reference-embedding", type=Path, default=None,
+                   help="the user's reference face embedding (.npy), recorded in the sidecar")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_lora)
+
+
+def run_lora(args: argparse.Namespace) -> int:
+    from facetron.training.lora_config import LoraTrainConfig
+    from facetron.training.train_lora import train_lora
+
+    config = LoraTrainConfig(
+        rank=args.rank, alpha=args.alpha, text_encoder_rank=args.text_encoder_rank, learning_rate=args.lr,
+        steps=args.steps, batch_size=args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        mixed_precision=args.mixed_precision, trigger_token=args.trigger_token,
+    )
+    result = train_lora(
+        args.dataset, args.out, user_id=args.user, base_model=args.base_model, config=config, resume=args.resume,
+        device=args.device, progress=not args.no_progress, reference_embedding=args.reference_embedding,
+    )
+    loss = result.metadata["loss"]
+    print(f"[train] {result.steps} steps ({result.steps_per_second:.2f} steps/s this run); "
+          f"loss (moving avg, window {loss['window']}) {loss['first']:.4f} -> {loss['last']:.4f}")
+    if result.metadata.get("smoke_model"):
+        print("[train] note: trained on the tiny embedded smoke model; its pictures are not portraits")
+    print(f"[train] LoRA: {result.lora_path}")
+    print(f"[train] metadata: {result.metadata_path}")
+    return 0

@@ -1,0 +1,313 @@
+"""From a folder of photos of one person to a training set (FaceChain's data
+processing, plus an identity-consistency check FaceChain lacks).
+
+Per photo, each rule a small step that either passes the photo on or drops
+it with a reason:
+
+1. load (EXIF orientation applied; unreadable files are dropped, not fatal);
+2. detect; no face -> drop; several faces -> keep the largest only if its
+   area is at least 4x the second's (FaceChain's rule), else drop;
+3. rotate upright from the eye line, re-detect, crop a square around the
+   face and resize it to the training resolution;
+4. quality gate (detector score, face size, blur, exposure);
+then across the set:
+5. identity consistency: drop faces far from the set's identity (mean-cosine
+   outliers beyond k sigma, and dlib's 0.6 distance rule to the set's
+   robust centre);
+6. optional retouch (white background, skin smoothing);
+7. captions: trigger token + attributes (from the attribute head if weights
+   are given, else from the user's ``--attr`` flags, else none).
+
+The output folder is written atomically and holds ``dataset/`` (images +
+``metadata.jsonl``, what ``train lora`` reads), ``reference_embedding.npy``
+(mean of kept faces, L2-normalised), ``template.png`` + ``template.json``
+(the best-quality face, the fusion source), ``report.json`` and
+``contact_sheet.png`` (what was kept and why each photo was dropped).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from facetron.atomic import atomic_dir, atomic_write_bytes, atomic_write_json
+from facetron.errors import InvalidInputError
+from facetron.faces.alignment import align_faces, roll_angle
+from facetron.faces.attributes import AttributeProvider, UserAttributes
+from facetron.faces.consistency import dominant_face, identity_outliers, reference_embedding
+from facetron.faces.quality import QualityThresholds, face_quality
+from facetron.faces.retouch import smooth_skin, white_background
+from facetron.imageio import IMAGE_SUFFIXES, load_image, save_image
+from facetron.training.lora_config import DEFAULT_TRIGGER_TOKEN
+
+DLIB_RULE = 0.6
+
+
+class TooFewPhotosError(InvalidInputError):
+    """Fewer usable photos than required; the message lists every photo's fate."""
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    resolution: int = 512
+    crop_scale: float = 2.2  # crop side = longer face-box side x crop_scale
+    face_centre_shift: float = 0.1  # move the crop centre up by this x box height (head, not chin)
+    min_photos: int = 3
+    dominant_ratio: float = 4.0
+    quality: QualityThresholds = field(default_factory=QualityThresholds)
+    consistency_k: float = 2.0
+    identity_distance: float = DLIB_RULE
+    white_background: bool = False
+    smooth_skin: bool = False
+    trigger_token: str = DEFAULT_TRIGGER_TOKEN
+
+
+@dataclass
+class PhotoResult:
+    file: str
+    kept: bool = False
+    reason: str = ""
+    roll_deg: float | None = None
+    quality: dict | None = None
+    identity_distance: float | None = None
+    caption: str | None = None
+    crop: np.ndarray | None = field(default=None, repr=False)
+    landmarks: np.ndarray | None = field(default=None, repr=False)  # in crop coordinates
+    descriptor: np.ndarray | None = field(default=None, repr=False)
+
+    def drop(self, reason: str) -> "PhotoResult":
+        self.kept, self.reason = False, reason
+        return self
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("crop", "landmarks", "descriptor")}
+        return d
+
+
+@dataclass
+class PrepareResult:
+    out_dir: Path
+    dataset_dir: Path
+    photos: list[PhotoResult]
+    reference_embedding: np.ndarray
+
+    @property
+    def kept(self) -> list[PhotoResult]:
+        return [p for p in self.photos if p.kept]
+
+
+def rotate_upright(image: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, float]:
+    """Rotate about the eye centre so the eye line is horizontal; returns (image, roll)."""
+    roll = roll_angle(landmarks)
+    eyes = landmarks[:2].mean(axis=0)
+    m = cv2.getRotationMatrix2D((float(eyes[0]), float(eyes[1])), roll, 1.0)
+    h, w = image.shape[:2]
+    return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE), roll
+
+
+def square_crop(image: np.ndarray, box: np.ndarray, size: int, scale: float, shift: float) -> np.ndarray:
+    """A ``size``² crop centred on the face box (shifted up), side = scale x box side."""
+    x1, y1, x2, y2 = [float(v) for v in box]
+    side = max(x2 - x1, y2 - y1) * scale
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2 - shift * (y2 - y1)
+    s = size / side
+    m = np.array([[s, 0, size / 2 - cx * s], [0, s, size / 2 - cy * s]])
+    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC
+    return cv2.warpAffine(image, m, (size, size), flags=interp, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _nearest_to_centre(boxes: np.ndarray, size: int) -> int:
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    return int(np.argmin(np.linalg.norm(centres - size / 2, axis=1)))
+
+
+def caption_for(attrs: dict[str, str], trigger: str) -> str:
+    """FaceChain-style caption: ``a photo of <tok>, a handsome man, 30-39 years old``."""
+    parts = [f"a photo of {trigger}"]
+    gender = (attrs.get("gender") or "").lower()
+    noun = {"man": "a handsome man", "male": "a handsome man", "woman": "a beautiful woman",
+            "female": "a beautiful woman"}.get(gender, f"a {gender}" if gender else "a person")
+    parts.append(noun)
+    if attrs.get("age"):
+        age = attrs["age"]
+        parts.append(f"{age} years old" if age[0].isdigit() and "s" not in age else f"in their {age}")
+    for key in sorted(set(attrs) - {"gender", "age", "source", "race"}):
+        parts.append(attrs[key])
+    return ", ".join(parts)
+
+
+class Preprocessor:
+    """Runs the per-photo rules with one detector and embedder."""
+
+    def __init__(self, config: PrepareConfig = PrepareConfig(), attributes: AttributeProvider | None = None):
+        from facetron.faces.detector import FaceDetector
+        from facetron.faces.embedder import FaceEmbedder
+
+        self.config = config
+        self.detector = FaceDetector()
+        self.embedder = FaceEmbedder()
+        self.attributes = attributes or UserAttributes({})
+
+    def photo(self, path: Path) -> PhotoResult:
+        """Steps 1-4 for one photo."""
+        c = self.config
+        res = PhotoResult(file=path.name)
+        try:
+            image = load_image(path)
+        except InvalidInputError as exc:
+            return res.drop(f"unreadable: {exc.rule}")
+        det = self.detector.detect(image)
+        if len(det) == 0:
+            return res.drop("no face found")
+        k = dominant_face(det.boxes, c.dominant_ratio)
+        if k is None:
+            return res.drop(f"{len(det)} faces and the largest is not {c.dominant_ratio:g}x the second")
+        upright, res.roll_deg = rotate_upright(image, det.landmarks[k])
+        # re-detect on the rotated photo: the face nearest the old face's centre
+        det2 = self.detector.detect(upright)
+        if len(det2) == 0:
+            return res.drop("face lost after rotating upright")
+        centre = (det.boxes[k, :2] + det.boxes[k, 2:]) / 2
+        j = int(np.argmin(np.linalg.norm((det2.boxes[:, :2] + det2.boxes[:, 2:]) / 2 - centre, axis=1)))
+        crop = square_crop(upright, det2.boxes[j], c.resolution, c.crop_scale, c.face_centre_shift)
+        det3 = self.detector.detect(crop)
+        if len(det3) == 0:
+            return res.drop("face lost after cropping")
+        i = _nearest_to_centre(det3.boxes, c.resolution)
+        # quality is judged on the original pixels of the face (before resampling to the crop size)
+        quality = face_quality(upright, det2.boxes[j], float(det2.scores[j]))
+        res.quality = quality.as_dict()
+        failures = quality.failures(c.quality)
+        if failures:
+            return res.drop("quality: " + "; ".join(failures))
+        res.crop, res.landmarks = crop, det3.landmarks[i]
+        res.descriptor = self.embedder.descriptors(align_faces(crop, det3.landmarks[i : i + 1]))[0]
+        res.kept = True
+        return res
+
+    def consistency(self, results: list[PhotoResult]) -> np.ndarray | None:
+        """Step 5: drop identity outliers; returns the kept faces' reference embedding."""
+        kept = [r for r in results if r.kept]
+        if not kept:
+            return None
+        desc = np.stack([r.descriptor for r in kept])
+        emb = desc / np.linalg.norm(desc, axis=1, keepdims=True)
+        outliers = identity_outliers(emb, k=self.config.consistency_k)
+        centre = np.median(desc[outliers.keep], axis=0) if outliers.keep.any() else np.median(desc, axis=0)
+        for r, ok, score in zip(kept, outliers.keep, outliers.scores):
+            r.identity_distance = round(float(np.linalg.norm(r.descriptor - centre)), 4)
+            if not ok:
+                r.drop(f"identity: mean cosine {score:.3f} to the others is below the set's {outliers.threshold:.3f}")
+            elif r.identity_distance >= self.config.identity_distance:
+                r.drop(
+                    f"identity: distance {r.identity_distance:.2f} to the set's face >= {self.config.identity_distance}"
+                    " (dlib's same-person rule)"
+                )
+        still = [r for r in kept if r.kept]
+        if not still:
+            return None
+        d = np.stack([r.descriptor for r in still])
+        return reference_embedding(d / np.linalg.norm(d, axis=1, keepdims=True))
+
+    def finish(self, kept: list[PhotoResult]) -> None:
+        """Steps 6-7: retouch and caption the kept crops (in place)."""
+        c = self.config
+        for r in kept:
+            if c.white_background:
+                r.crop = white_background(r.crop, r.landmarks)
+            if c.smooth_skin:
+                r.crop = smooth_skin(r.crop, r.landmarks)
+        attrs = self.attributes.predict([r.crop for r in kept])
+        for r, a in zip(kept, attrs):
+            r.caption = caption_for(a, c.trigger_token)
+
+
+def contact_sheet(photos_dir: Path, results: list[PhotoResult], thumb: int = 160) -> np.ndarray:
+    """Thumbnails of every input photo: green border = kept, red = dropped (+ reason)."""
+    cols = min(6, max(1, len(results)))
+    rows = (len(results) + cols - 1) // cols
+    cell_h = thumb + 40
+    sheet = np.full((rows * cell_h, cols * thumb, 3), 255, np.uint8)
+    for n, r in enumerate(results):
+        y, x = (n // cols) * cell_h, (n % cols) * thumb
+        if r.crop is not None:
+            img = r.crop
+        else:
+            try:
+                img = load_image(photos_dir / r.file)
+            except InvalidInputError:
+                img = np.full((thumb, thumb, 3), 200, np.uint8)
+        h, w = img.shape[:2]
+        s = (thumb - 8) / max(h, w)
+        small = cv2.resize(img, (max(1, int(w * s)), max(1, int(h * s))), interpolation=cv2.INTER_AREA)
+        color = (40, 170, 60) if r.kept else (210, 40, 40)
+        cv2.rectangle(sheet, (x + 1, y + 1), (x + thumb - 2, y + thumb - 2), color, 3)
+        oy, ox = y + (thumb - small.shape[0]) // 2, x + (thumb - small.shape[1]) // 2
+        sheet[oy : oy + small.shape[0], ox : ox + small.shape[1]] = small
+        label = "kept" if r.kept else r.reason
+        for li, text in enumerate([r.file[:26], label[:26], label[26:52]]):
+            cv2.putText(sheet, text, (x + 4, y + thumb + 11 + 12 * li), cv2.FONT_HERSHEY_SIMPLEX, 0.33, (0, 0, 0) if li == 0 else color, 1)
+    return sheet
+
+
+def _photo_files(photos_dir: Path) -> list[Path]:
+    if not photos_dir.is_dir():
+        raise InvalidInputError(str(photos_dir), "is not a folder of photos")
+    files = sorted(p for p in photos_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise InvalidInputError(str(photos_dir), "is empty: put photos of one person in it (" + ", ".join(IMAGE_SUFFIXES) + ")")
+    return files
+
+
+def prepare_photos(
+    photos_dir: str | Path,
+    out_dir: str | Path,
+    config: PrepareConfig = PrepareConfig(),
+    attributes: AttributeProvider | None = None,
+    progress: bool = True,
+) -> PrepareResult:
+    """Run the whole preprocessing; raise TooFewPhotosError (listing every
+    photo and its reason) when fewer than ``config.min_photos`` survive."""
+    from tqdm import tqdm
+
+    photos_dir, out_dir = Path(photos_dir), Path(out_dir)
+    files = _photo_files(photos_dir)
+    pre = Preprocessor(config, attributes)
+    results = [pre.photo(f) for f in tqdm(files, desc="prepare photos", unit="photo", disable=not progress)]
+    reference = pre.consistency(results)
+    kept = [r for r in results if r.kept]
+    if len(kept) < config.min_photos:
+        listing = "; ".join(f"{r.file}: {'kept' if r.kept else r.reason}" for r in results)
+        raise TooFewPhotosError(
+            str(photos_dir), f"{len(kept)} usable photo(s), at least {config.min_photos} needed — {listing}"
+        )
+    pre.finish(kept)
+    best = max(kept, key=lambda r: (r.quality or {}).get("sharpness", 0) * (r.quality or {}).get("score", 0))
+    with atomic_dir(out_dir) as tmp:
+        from facetron.training.dataset import write_dataset
+
+        write_dataset(tmp / "dataset", [r.crop for r in kept], [r.caption for r in kept])
+        buf = io.BytesIO()
+        np.save(buf, reference.astype(np.float32), allow_pickle=False)
+        atomic_write_bytes(tmp / "reference_embedding.npy", buf.getvalue())
+        save_image(tmp / "template.png", best.crop)
+        atomic_write_json(tmp / "template.json", {"file": best.file, "landmarks": best.landmarks})
+        save_image(tmp / "contact_sheet.png", contact_sheet(photos_dir, results))
+        atomic_write_json(
+            tmp / "report.json",
+            {
+                "photos_dir": str(photos_dir),
+                "config": asdict(config),
+                "kept": len(kept),
+                "dropped": len(results) - len(kept),
+                "template": best.file,
+                "attributes_source": type(pre.attributes).__name__,
+                "photos": [r.as_dict() for r in results],
+            },
+        )
+    return PrepareResult(out_dir, out_dir / "dataset", results, reference)

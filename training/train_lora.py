@@ -1,0 +1,502 @@
+"""Identity LoRA training (FaceChain's recipe) with exact resume.
+
+``train_lora(dataset, "loras/alice.safetensors", user_id="alice")`` trains a
+peft LoRA on the UNet attention projections with the DDPM noise-prediction
+loss and writes:
+
+* ``loras/alice.safetensors`` — diffusers keys (``unet.…lora_A.weight``) plus
+  the adapter metadata (so ``lora_alpha`` survives), loadable with
+  ``StableDiffusionPipeline.load_lora_weights``;
+* ``loras/alice.json`` — base model + hash, hyper-parameters, loss summary;
+* while running, ``loras/alice.ckpt/step-NNNNNN/`` checkpoints (removed once
+  the output is written).
+
+Design choices that make kill + resume equal a straight run bit for bit:
+
+* All per-step randomness (which images, flip, noise, timesteps) comes from
+  a ``torch.Generator`` reseeded from ``(seed, step, rank)`` — never from a
+  global stream — so step ``s`` draws the same numbers whether or not the
+  process restarted before it. Data order is an epoch-wise permutation
+  seeded by ``(seed, epoch)``; the flip coin by ``(seed, image, epoch)``.
+* The VAE and (by default) the text encoder are frozen, so their outputs are
+  computed once: latents are the VAE posterior **mean** x scaling factor
+  (deterministic; the posterior std of SD's VAE is tiny, FaceChain's
+  ``sample()`` adds next to nothing), for each image and its mirror.
+* A checkpoint holds the LoRA weights, AdamW and LR-scheduler states, the
+  global RNG states (torch, CUDA, numpy, python), the loss history and the
+  step; it is written into a temp folder and renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from facetron import __version__
+from facetron.atomic import atomic_dir, atomic_write_json
+from facetron.errors import InvalidInputError
+from facetron.training.dataset import METADATA_FILE, CaptionedImages, Row, flip_decision, read_metadata
+from facetron.training.lora_config import LoraTrainConfig
+from facetron.users import validate_user_id
+
+CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
+LORA_SUFFIX = ".safetensors"
+
+StepCallback = Callable[[int, float], None]
+
+
+@dataclass
+class TrainResult:
+    """What one call of :func:`train_lora` produced."""
+
+    lora_path: Path
+    metadata_path: Path
+    steps: int
+    losses: list[float]  # one per step, whole run (including steps before a resume)
+    resumed_from: int | None
+    seconds: float  # this call only
+    steps_per_second: float  # this call only
+    metadata: dict = field(default_factory=dict, repr=False)
+    unet: torch.nn.Module | None = field(default=None, repr=False)  # the trained peft-adapted UNet
+    text_encoder: torch.nn.Module | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    lora: Path
+    metadata: Path
+    checkpoints: Path
+
+    @classmethod
+    def for_user(cls, out_path: str | os.PathLike, user_id: str) -> "OutputPaths":
+        """``out_path`` is the ``.safetensors`` file, or a folder that gets ``<user>.safetensors``."""
+        out = Path(out_path)
+        lora = out if out.suffix == LORA_SUFFIX else out / f"{user_id}{LORA_SUFFIX}"
+        if lora.exists() and not lora.is_file():
+            raise InvalidInputError(f"out {lora}", "exists and is not a file")
+        return cls(lora=lora, metadata=lora.with_suffix(".json"), checkpoints=lora.with_name(f"{lora.stem}.ckpt"))
+
+
+# --------------------------------------------------------------------------- randomness
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, well mixed (numpy SeedSequence)."""
+    a, b = np.random.SeedSequence([int(p) for p in parts]).generate_state(2)
+    return (int(a) << 31 | int(b)) & ((1 << 63) - 1)
+
+
+_ORDER, _NOISE, _INIT = 1, 2, 3  # stream ids mixed into derived seeds
+
+
+def sample_indices(seed: int, step: int, rank: int, batch_size: int, world: int, n: int) -> list[tuple[int, int]]:
+    """(image index, epoch) for this rank's batch at ``step``: epoch-wise seeded permutations."""
+    out = []
+    for j in range(batch_size):
+        k = (step * world + rank) * batch_size + j
+        epoch, pos = divmod(k, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, _ORDER, epoch)))
+        out.append((int(perm[pos]), epoch))
+    return out
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / "state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def newest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """Newest complete ``step-NNNNNN`` folder under ``root`` (None if there is none)."""
+    found = _checkpoint_dirs(Path(root))
+    return found[-1][1] if found else None
+
+
+def _trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{name}": p.detach().to("cpu", torch.float32).contiguous()
+            for prefix, m in modules.items() for name, p in m.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def save_checkpoint(root: Path, step: int, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler,
+                    state: dict, keep: int) -> Path:
+    """Write ``root/step-NNNNNN/`` atomically, then drop all but the ``keep`` newest."""
+    from safetensors.torch import save_file
+
+    path = root / f"step-{step:06d}"
+    with atomic_dir(path) as tmp:
+        save_file(_trainable_state(modules), str(tmp / "lora_params.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        atomic_write_json(tmp / "state.json", dict(state, step=step))
+    for _, old in _checkpoint_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG states in place; return ``state.json``."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path / "lora_params.safetensors"))
+    params = {f"{prefix}.{name}": p for prefix, m in modules.items() for name, p in m.named_parameters()
+              if p.requires_grad}
+    if set(saved) != set(params):
+        missing, extra = sorted(set(params) - set(saved))[:3], sorted(set(saved) - set(params))[:3]
+        raise InvalidInputError(f"checkpoint {path}",
+                                f"LoRA parameters do not match (missing {missing}, extra {extra})")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name].to(p.device, p.dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", map_location="cpu", weights_only=True))
+    _set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
+    return json.loads((path / "state.json").read_text())
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def dataset_fingerprint(rows: list[Row], root: Path) -> str:
+    """sha256 (16 hex) over metadata.jsonl and every listed image's bytes."""
+    h = hashlib.sha256((root / METADATA_FILE).read_bytes())
+    for row in rows:
+        h.update(row.file_name.encode())
+        h.update(row.path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def loss_summary(losses: list[float]) -> dict:
+    """first/last/min of a trailing moving average (window ~ 1/10 of the run, 1..50)."""
+    if not losses:
+        return {"window": 0, "first": None, "last": None, "min": None, "raw_first": None, "raw_last": None}
+    w = max(1, min(50, len(losses) // 10))
+    arr = np.asarray(losses, dtype=np.float64)
+    ma = np.convolve(arr, np.ones(w) / w, mode="valid")
+    return {"window": w, "first": float(ma[0]), "last": float(ma[-1]), "min": float(ma.min()),
+            "raw_first": float(arr[0]), "raw_last": float(arr[-1]), "steps": len(losses)}
+
+
+def _make_accelerator(device: str | None, mixed_precision: str):
+    from accelerate import Accelerator
+
+    if device not in (None, "cpu", "cuda"):
+        raise InvalidInputError("device", f"must be 'cpu', 'cuda' or None (auto), got {device!r}; "
+                                          "pick GPUs with CUDA_VISIBLE_DEVICES / accelerate launch")
+    use_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("device", "'cuda' requested but torch sees no CUDA device")
+    return Accelerator(cpu=use_cpu, mixed_precision="no" if use_cpu else mixed_precision)
+
+
+@torch.no_grad()
+def encode_latents(vae, dataset: CaptionedImages, flips: tuple[bool, ...], device) -> torch.Tensor:
+    """VAE posterior mean x scaling factor for every image and flip: [N, len(flips), C, h, w]."""
+    out = []
+    for i in range(len(dataset)):
+        px = torch.stack([dataset.pixel_values(i, f) for f in flips]).to(device, vae.dtype)
+        out.append(vae.encode(px).latent_dist.mean * vae.config.scaling_factor)
+    return torch.stack(out).float()
+
+
+def write_lora_file(path: Path, unet, text_encoder=None, text_encoder_config=None) -> Path:
+    """Save with ``StableDiffusionPipeline.save_lora_weights`` into a temp folder, then rename to ``path``."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    kwargs = dict(
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+    )
+    if text_encoder is not None:
+        kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+        kwargs["text_encoder_lora_adapter_metadata"] = text_encoder_config.to_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        StableDiffusionPipeline.save_lora_weights(str(tmp), weight_name=path.name, safe_serialization=True, **kwargs)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def build_sidecar(*, user_id: str, paths: OutputPaths, base, config: LoraTrainConfig, dataset: CaptionedImages,
+                  fingerprint: dict, total_steps: int, resolution: int, world: int, device: torch.device,
+                  prediction_type: str, resumed_from: int | None, losses: list[float],
+                  reference_embedding: Path | None, trigger_hits: int, seconds: float, seconds_before: float,
+                  steps_per_second: float | None) -> dict:
+    """The ``<user>.json`` written beside the LoRA: provenance, hyper-parameters, loss summary."""
+    te_on = config.train_text_encoder
+    return {
+        "user_id": user_id,
+        "lora_file": paths.lora.name,
+        "format": "diffusers StableDiffusionPipeline.save_lora_weights (peft LoRA, adapter metadata included)",
+        "base_model": {"path": str(Path(base.path).resolve()), "model_hash": fingerprint["base_model_hash"],
+                       "smoke_model": base.is_smoke_model},
+        "smoke_model": base.is_smoke_model,
+        "note": ("trained on the tiny embedded smoke model: its pictures are not portraits"
+                 if base.is_smoke_model else None),
+        "trigger_token": config.trigger_token,
+        "captions_with_trigger_token": f"{trigger_hits}/{len(dataset)}",
+        "rank": config.rank,
+        "alpha": config.alpha,
+        "steps": total_steps,
+        "lr": config.learning_rate,
+        "lora": {"rank": config.rank, "alpha": config.alpha, "target_modules": list(config.target_modules),
+                 "text_encoder_rank": config.text_encoder_rank,
+                 "text_encoder_alpha": config.text_encoder_alpha if te_on else None,
+                 "text_encoder_target_modules": list(config.text_encoder_target_modules) if te_on else None},
+        "training": {"steps": total_steps, "lr": config.learning_rate, "lr_scheduler": config.lr_scheduler,
+                     "lr_warmup_steps": config.lr_warmup_steps, "optimizer": "AdamW",
+                     "weight_decay": config.adam_weight_decay, "max_grad_norm": config.max_grad_norm,
+                     "batch_size": config.batch_size, "world_size": world, "seed": config.seed,
+                     "resolution": resolution, "random_flip": config.random_flip,
+                     "mixed_precision": config.mixed_precision if device.type == "cuda" else "no",
+                     "device": str(device), "latents": "VAE posterior mean x scaling_factor (cached)",
+                     "prediction_type": prediction_type, "resumed_from_step": resumed_from},
+        "dataset": {"path": str(dataset.root.resolve()), "num_images": len(dataset),
+                    "fingerprint": fingerprint["dataset"]},
+        "loss": loss_summary(losses),
+        "reference_embedding": str(reference_embedding) if reference_embedding is not None else None,
+        "facetron_version": __version__,
+        "time_s": round(seconds_before + seconds, 3),
+        "time_s_this_run": round(seconds, 3),
+        "steps_per_second_this_run": round(steps_per_second, 3) if steps_per_second else None,
+        "created_unix": int(time.time()),
+        "extra": config.extra,
+    }
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_lora(
+    dataset_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    user_id: str,
+    base_model: str | os.PathLike | None = None,
+    config: LoraTrainConfig | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    reference_embedding: str | os.PathLike | None = None,
+    callback: StepCallback | None = None,
+) -> TrainResult:
+    """Train the identity LoRA of ``user_id`` on ``dataset_dir`` and write it to ``out_path``.
+
+    ``out_path``: the ``.safetensors`` file, or a folder (then ``<user>.safetensors``).
+    ``base_model``: diffusers SD-1.5-layout folder; None = the tiny embedded default.
+    ``resume``: continue from the newest checkpoint in ``<stem>.ckpt/`` (fresh
+    start if there is none). Without it, existing checkpoints are an error,
+    never silently overwritten. ``callback(step, loss)`` runs after every
+    optimizer step (after that step's checkpoint, if any).
+    """
+    t_start = time.perf_counter()
+    user_id = validate_user_id(user_id, name="--user")
+    config = config or LoraTrainConfig()
+    config.validate()
+    paths = OutputPaths.for_user(out_path, user_id)
+    dataset_dir = Path(dataset_dir)
+    rows = read_metadata(dataset_dir)  # every dataset error surfaces before anything is written
+    ref_path = None
+    if reference_embedding is not None:
+        ref_path = Path(reference_embedding)
+        if not ref_path.is_file():
+            raise InvalidInputError("reference_embedding", f"{ref_path} is not a file")
+        ref_path = ref_path.resolve()
+    checkpoint = newest_checkpoint(paths.checkpoints) if resume else None
+    if not resume and _checkpoint_dirs(paths.checkpoints):
+        raise InvalidInputError(f"out {paths.lora}", f"{paths.checkpoints} holds checkpoints of an earlier run: "
+                                                     "pass --resume to continue it, or delete that folder")
+
+    from diffusers.optimization import get_scheduler
+    from peft import inject_adapter_in_model
+    from tqdm.auto import tqdm
+
+    from facetron.diffusion.base_model import load_base_model, model_hash
+
+    base = load_base_model(base_model)
+    accelerator = _make_accelerator(device, config.mixed_precision)
+    dev = accelerator.device
+    resolution = config.resolution or base.resolution
+    dataset = CaptionedImages(dataset_dir, base.tokenizer, resolution, random_flip=config.random_flip, seed=config.seed)
+    total_steps = config.resolve_steps(len(dataset))
+    trigger_hits = sum(config.trigger_token in c for c in dataset.captions)
+
+    unet, vae, text_encoder, noise_scheduler = base.unet, base.vae, base.text_encoder, base.scheduler
+    vae.to(dev)
+    flips = (False, True) if config.random_flip else (False,)
+    latents_cache = encode_latents(vae, dataset, flips, dev)
+    vae.to("cpu")  # frozen and cached: free accelerator memory
+    input_ids = torch.stack([dataset.input_ids(i) for i in range(len(dataset))]).to(dev)
+
+    te_config = config.text_encoder_lora_config() if config.train_text_encoder else None
+    # lora_A's gaussian init draws from the global torch RNG: draw it on CPU from a
+    # stream seeded by config.seed (forked, so the caller's global state is untouched).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(config.seed, _INIT))
+        unet.add_adapter(config.unet_lora_config())
+        if te_config is not None:
+            text_encoder = inject_adapter_in_model(te_config, text_encoder)
+    unet.to(dev).train()
+    text_encoder.to(dev)
+    if te_config is not None:
+        text_encoder.train()
+        hidden_cache = None
+    else:
+        with torch.no_grad():
+            hidden_cache = text_encoder(input_ids)[0].float()
+        text_encoder.to("cpu")  # frozen and cached
+
+    modules = {"unet": unet} | ({"text_encoder": text_encoder} if te_config is not None else {})
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=total_steps)
+    if te_config is not None:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+    unwrapped = {k: accelerator.unwrap_model(m) for k, m in modules.items()}
+
+    fingerprint = {"config": config.fingerprint(), "total_steps": total_steps, "resolution": resolution,
+                   "base_model_hash": model_hash(base.path), "dataset": dataset_fingerprint(rows, dataset_dir),
+                   "world_size": accelerator.num_processes}
+    losses: list[float] = []
+    start_step, resumed_from, seconds_before = 0, None, 0.0
+    if checkpoint is not None:
+        state = json.loads((checkpoint / "state.json").read_text())
+        diff = sorted(k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k])
+        if diff:
+            raise InvalidInputError("--resume", f"checkpoint {checkpoint} was made with a different "
+                                                f"{', '.join(diff)}; resume with the same settings, or delete it")
+        state = load_checkpoint(checkpoint, unwrapped, optimizer, lr_scheduler)
+        start_step, resumed_from = int(state["step"]), int(state["step"])
+        losses = [float(x) for x in state["losses"]][:start_step]
+        seconds_before = float(state.get("seconds", 0.0))
+
+    world, rank, bsz = accelerator.num_processes, accelerator.process_index, config.batch_size
+    n_train_t = noise_scheduler.config.num_train_timesteps
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise InvalidInputError("--base-model", f"scheduler prediction_type {prediction_type!r} is not supported "
+                                                "(epsilon or v_prediction)")
+    if resume and checkpoint is None and progress and accelerator.is_local_main_process:
+        print(f"[train] --resume: no checkpoint in {paths.checkpoints}, starting from step 0", flush=True)
+    t_loop = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"lora {user_id}", unit="step", dynamic_ncols=True,
+               disable=not (progress and accelerator.is_local_main_process))
+    with bar:
+        for step in range(start_step, total_steps):
+            picks = sample_indices(config.seed, step, rank, bsz, world, len(dataset))
+            idx = torch.tensor([i for i, _ in picks], device=dev)
+            flip_col = torch.tensor([int(config.random_flip and flip_decision(config.seed, i, e)) for i, e in picks],
+                                    device=dev)
+            latents = latents_cache[idx, flip_col]
+            g = torch.Generator().manual_seed(derive_seed(config.seed, _NOISE, step, rank))
+            noise = torch.randn(latents.shape, generator=g).to(dev)
+            timesteps = torch.randint(0, n_train_t, (bsz,), generator=g).to(dev)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            if prediction_type == "epsilon":
+                target = noise
+            else:
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            with accelerator.autocast():
+                hidden = hidden_cache[idx] if hidden_cache is not None else text_encoder(input_ids[idx])[0]
+                pred = unet(noisy, timesteps, hidden).sample
+            loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            loss_value = float(accelerator.reduce(loss.detach(), reduction="mean").item())
+            losses.append(loss_value)
+            done = step + 1
+            recent = losses[-10:]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            bar.update(1)
+            if done % config.checkpoint_every == 0 and done < total_steps:
+                if accelerator.is_main_process:
+                    save_checkpoint(paths.checkpoints, done, unwrapped, optimizer, lr_scheduler,
+                                    {"fingerprint": fingerprint, "losses": losses, "total_steps": total_steps,
+                                     "seconds": seconds_before + time.perf_counter() - t_start,
+                                     "sampler": "per-step torch.Generator seeded from (seed, step, rank)"},
+                                    config.keep_checkpoints)
+                accelerator.wait_for_everyone()
+            if callback is not None:
+                callback(done, loss_value)
+    loop_seconds = time.perf_counter() - t_loop
+    steps_run = total_steps - start_step
+
+    accelerator.wait_for_everyone()
+    unet_out = unwrapped["unet"].eval()
+    te_out = unwrapped.get("text_encoder")
+    if te_out is not None:
+        te_out.eval()
+    seconds = time.perf_counter() - t_start
+    metadata = build_sidecar(
+        user_id=user_id, paths=paths, base=base, config=config, dataset=dataset, fingerprint=fingerprint,
+        total_steps=total_steps, resolution=resolution, world=world, device=dev, prediction_type=prediction_type,
+        resumed_from=resumed_from, losses=losses, reference_embedding=ref_path, trigger_hits=trigger_hits,
+        seconds=seconds, seconds_before=seconds_before,
+        steps_per_second=steps_run / loop_seconds if steps_run and loop_seconds > 0 else None,
+    )
+    if accelerator.is_main_process:
+        write_lora_file(paths.lora, unet_out, te_out, te_config)
+        atomic_write_json(paths.metadata, metadata)
+        shutil.rmtree(paths.checkpoints, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return TrainResult(lora_path=paths.lora, metadata_path=paths.metadata, steps=total_steps, losses=losses,
+                       resumed_from=resumed_from, seconds=seconds,
+                       steps_per_second=steps_run / loop_seconds if loop_seconds > 0 else 0.0,
+                       metadata=metadata, unet=unet_out, text_encoder=te_out)
