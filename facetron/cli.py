@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "facetron.commands.faces",
     "facetron.commands.bench",
     "facetron.commands.train",
+    "facetron.commands.export",
 )
 
 EXIT_ERROR = 2

@@ -1,0 +1,382 @@
+"""Read LoRA files for the merge and runtime-LoRA steps.
+
+Two on-disk formats are accepted, both as safetensors:
+
+* **diffusers / peft** — what ``StableDiffusionPipeline.save_lora_weights``
+  writes (``unet.<module>.lora.down.weight``, ``text_encoder.<module>.
+  lora_linear_layer.up.weight``, ``<module>.lora_A.weight`` …), with the peft
+  config in the ``lora_adapter_metadata`` header (``lora_alpha``,
+  ``alpha_pattern``, ``use_rslora``). Without that header the scale is 1
+  (alpha = rank), as diffusers does.
+* **kohya** (``lora_unet_down_blocks_0_..._to_q.lora_down.weight`` +
+  ``.lora_up.weight`` + ``.alpha``): renamed with diffusers' own
+  ``StableDiffusionPipeline.lora_state_dict``; the per-module ``alpha`` is kept
+  (scale = alpha / rank).
+
+Every layer ends up as a :class:`LoraLayer` keyed by (component, module
+path), e.g. ``("unet", "down_blocks.0.attentions.0.transformer_blocks.0.
+attn1.to_q")``, so the merge and the runtime-LoRA inputs read one shape of
+data whatever the file looked like.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from facetron.errors import InvalidInputError, NotFoundError
+
+COMPONENTS = ("unet", "text_encoder")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+METADATA_KEY = "lora_adapter_metadata"
+_A_SUFFIX = ".lora_A.weight"
+_B_SUFFIX = ".lora_B.weight"
+
+
+@dataclass(frozen=True)
+class LoraLayer:
+    """One adapted layer: ``delta W = scale * B @ A`` (reshaped to the weight)."""
+
+    component: str  # "unet" | "text_encoder"
+    module: str  # module path inside that component
+    down: torch.Tensor  # A: [r, in] (linear) or [r, in, kh, kw] (conv)
+    up: torch.Tensor  # B: [out, r] or [out, r, 1, 1]
+    alpha: float
+    rslora: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        """peft's ``scaling``: alpha / r (alpha / sqrt(r) for rsLoRA)."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @property
+    def in_features(self) -> int:
+        return int(self.down.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.up.shape[0])
+
+    @property
+    def delta_shape(self) -> tuple[int, ...]:
+        return (self.out_features, *self.down.shape[1:])
+
+    def delta(self) -> torch.Tensor:
+        """``scale * B @ A`` in float32, shaped like the adapted layer's weight."""
+        d = self.up.float().flatten(1) @ self.down.float().flatten(1)
+        return (self.scale * d).reshape(self.delta_shape)
+
+
+@dataclass
+class LoraFile:
+    """All layers of one LoRA file."""
+
+    source: str  # the path (or a label for in-memory state dicts)
+    format: str  # "diffusers" | "peft" | "kohya"
+    layers: dict[tuple[str, str], LoraLayer] = field(default_factory=dict)
+    sha256: str | None = None
+
+    def component(self, name: str) -> dict[str, LoraLayer]:
+        return {m: layer for (c, m), layer in self.layers.items() if c == name}
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(c for c in COMPONENTS if any(k[0] == c for k in self.layers))
+
+    @property
+    def max_rank(self) -> int:
+        return max(layer.rank for layer in self.layers.values())
+
+    def describe(self) -> dict:
+        """Small JSON-able summary (for provenance files and reports)."""
+        ranks = sorted({layer.rank for layer in self.layers.values()})
+        return {"path": self.source, "format": self.format, "sha256": self.sha256,
+                "layers": {c: len(self.component(c)) for c in self.components}, "ranks": ranks}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def load_lora(path: str | Path) -> LoraFile:
+    """Read and normalise a LoRA ``.safetensors`` file (diffusers, peft or kohya keys)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    label = f"LoRA file {path}"
+    if not path.is_file():
+        raise NotFoundError(f"{label}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises several types for corrupt headers/bodies
+        raise InvalidInputError(label, f"not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    lora = parse_lora_state_dict(state, metadata, source=str(path))
+    lora.sha256 = _sha256(path)
+    return lora
+
+
+def parse_lora_state_dict(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                          source: str = "<state dict>") -> LoraFile:
+    """Normalise an in-memory LoRA state dict (see :func:`load_lora`)."""
+    label = f"LoRA file {source}"
+    state = dict(state)
+    if not state:
+        raise InvalidInputError(label, "holds no tensors")
+    _reject_unsupported(state, label)
+    if all(k.startswith(KOHYA_PREFIXES) for k in state):
+        fmt = "kohya"
+        state, network_alphas = _convert_kohya(state, label)
+        adapter_meta: dict = {}
+    else:
+        fmt = "diffusers" if any(k.startswith(tuple(f"{c}." for c in COMPONENTS)) for k in state) else "peft"
+        network_alphas = {}
+        adapter_meta = _adapter_metadata(metadata, label)
+        if fmt == "peft":  # bare peft keys (get_peft_model_state_dict of a UNet): no component prefix
+            state = {f"unet.{k}": v for k, v in state.items()}
+            adapter_meta = {(k if k.startswith("unet.") else f"unet.{k}"): v for k, v in adapter_meta.items()}
+
+    lora = LoraFile(source=source, format=fmt)
+    leftover = set(state)
+    for comp in COMPONENTS:
+        prefix = f"{comp}."
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        leftover -= {prefix + k for k in sub}
+        if sub:
+            for layer in _component_layers(comp, sub, network_alphas, adapter_meta, label):
+                lora.layers[(comp, layer.module)] = layer
+    if leftover:
+        raise InvalidInputError(label, f"{len(leftover)} keys belong to no SD-1.5 component (unet, text_encoder), "
+                                       f"e.g. {_few(leftover)}")
+    return lora
+
+
+def _reject_unsupported(state: Mapping[str, torch.Tensor], label: str) -> None:
+    checks = {
+        "DoRA (dora_scale / lora_magnitude_vector)": ("dora_scale", "lora_magnitude_vector"),
+        "LoKr/LoHa (lokr_/hada_)": (".lokr_", ".hada_", "lokr_w", "hada_w"),
+        "LoRA bias (lora_B.bias)": ("lora_B.bias", "lora.up.bias", "lora_up.bias"),
+    }
+    for what, needles in checks.items():
+        hits = [k for k in state if any(n in k for n in needles)]
+        if hits:
+            raise InvalidInputError(label, f"{what} layers are not supported, e.g. {_few(hits)}")
+
+
+def _convert_kohya(state: dict, label: str) -> tuple[dict, dict]:
+    """kohya keys -> diffusers keys with diffusers' own converter; returns (state, alphas)."""
+    from diffusers import StableDiffusionPipeline
+
+    if any(k.startswith("lora_te2_") for k in state):
+        raise InvalidInputError(label, "has lora_te2_ keys (SDXL's second text encoder): not an SD-1.5 LoRA")
+    try:
+        converted, alphas = StableDiffusionPipeline.lora_state_dict(dict(state))
+    except ValueError as exc:
+        raise InvalidInputError(label, f"kohya keys could not be converted: {str(exc).strip()[:300]}") from None
+    return converted, dict(alphas or {})
+
+
+def _adapter_metadata(metadata: Mapping[str, str] | None, label: str) -> dict:
+    raw = (metadata or {}).get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(label, f"header '{METADATA_KEY}' is not JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise InvalidInputError(label, f"header '{METADATA_KEY}' is not a JSON object")
+    return meta
+
+
+def _to_peft_names(comp: str, keys: Iterable[str]) -> dict[str, str]:
+    """Map each key to peft's ``<module>.lora_A.weight`` form with diffusers' renaming tables.
+
+    The tables only rename keys, so they run on ``{key: key}`` to learn
+    new -> old names. The text-encoder table is chosen explicitly: diffusers'
+    inference needs a ``to_out_lora`` key and fails for q-only LoRAs."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_peft
+
+    identity = {k: k for k in keys}
+    if comp == "unet":
+        renamed = convert_unet_state_dict_to_peft(identity)
+    else:
+        renamed = convert_state_dict_to_peft(identity, original_type=StateDictType.DIFFUSERS_OLD)
+    return {k.replace(".lora.down.weight", _A_SUFFIX).replace(".lora.up.weight", _B_SUFFIX): v
+            for k, v in renamed.items()}
+
+
+def _component_layers(comp: str, sub: dict, network_alphas: dict, adapter_meta: dict, label: str) -> list[LoraLayer]:
+    new_to_old = _to_peft_names(comp, sub)
+    pairs: dict[str, dict[str, str]] = {}
+    odd = []
+    for new, old in new_to_old.items():
+        for suffix, kind in ((_A_SUFFIX, "A"), (_B_SUFFIX, "B")):
+            if new.endswith(suffix):
+                pairs.setdefault(new[: -len(suffix)], {})[kind] = old
+                break
+        else:
+            odd.append(f"{comp}.{old}")
+    if odd:
+        raise InvalidInputError(label, f"{len(odd)} keys are neither LoRA down (A) nor up (B) weights, e.g. {_few(odd)}")
+
+    meta = {k[len(comp) + 1:]: v for k, v in adapter_meta.items() if k.startswith(f"{comp}.")}
+    rslora = bool(meta.get("use_rslora", False))
+    layers = []
+    for module, kinds in pairs.items():
+        if set(kinds) != {"A", "B"}:
+            missing = "up (B)" if "B" not in kinds else "down (A)"
+            raise InvalidInputError(label, f"layer {comp}.{module} has no {missing} weight")
+        down, up = sub[kinds["A"]], sub[kinds["B"]]
+        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0] \
+                or (up.ndim == 4 and tuple(up.shape[2:]) != (1, 1)):
+            raise InvalidInputError(label, f"layer {comp}.{module}: down {tuple(down.shape)} and up {tuple(up.shape)} "
+                                           "do not form a LoRA pair")
+        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+            raise InvalidInputError(label, f"layer {comp}.{module} holds NaN or inf values")
+        rank = int(down.shape[0])
+        alpha_key = f"{comp}.{kinds['A']}.alpha"
+        if alpha_key in network_alphas:  # kohya: per-module alpha
+            alpha = float(network_alphas[alpha_key])
+        elif meta:
+            alpha = float(_pattern_value(meta.get("alpha_pattern") or {}, module, meta.get("lora_alpha", rank)))
+        else:  # no alpha anywhere: diffusers/peft convention is scale 1
+            alpha = float(rank)
+        layers.append(LoraLayer(comp, module, down, up, alpha, rslora))
+    return layers
+
+
+def _pattern_value(patterns: Mapping[str, object], module: str, default: object) -> object:
+    """peft's alpha_pattern lookup: a key matches a module name or its dotted tail."""
+    for key, value in patterns.items():
+        pat = key[1:] if key.startswith("^") else rf"(.*\.)?{key}"
+        if re.fullmatch(pat, module):
+            return value
+    return default
+
+
+# ----------------------------------------------------------------------------- matching a base
+
+
+# transformers 5's CLIPTextModel has no ``text_model.`` level; kohya and older files name it.
+_WRAPPER_PREFIXES = ("text_model.",)
+
+
+def align_to(lora: LoraFile, components: Mapping[str, torch.nn.Module | None]) -> LoraFile:
+    """Copy of ``lora`` whose module paths are those of ``components`` where they
+    differ only by a wrapper prefix (``text_model.``); other names are kept."""
+    layers = {}
+    for comp in lora.components:
+        model = components.get(comp)
+        names = {n for n, _ in model.named_modules()} if model is not None else set()
+        for module, layer in lora.component(comp).items():
+            if module not in names:
+                for prefix in _WRAPPER_PREFIXES:
+                    if module.startswith(prefix) and module[len(prefix):] in names:
+                        module = module[len(prefix):]
+                        break
+                    if prefix + module in names:
+                        module = prefix + module
+                        break
+            layers[(comp, module)] = replace(layer, module=module)
+    return LoraFile(source=lora.source, format=lora.format, layers=layers, sha256=lora.sha256)
+
+
+def check_lora_matches(lora: LoraFile, components: Mapping[str, torch.nn.Module | None]) -> LoraFile:
+    """Raise if ``lora`` was not made for these modules (``{"unet": ..., "text_encoder": ...}``).
+
+    Names up to three layers that match nothing, or the first layer (in the
+    network's order) whose shape differs, with both shapes. Returns the LoRA
+    with its module paths aligned to ``components`` (see :func:`align_to`)."""
+    label = f"LoRA file {lora.source}"
+    lora = align_to(lora, components)
+    for comp in lora.components:
+        layers = lora.component(comp)
+        model = components.get(comp)
+        if model is None:
+            raise InvalidInputError(label, f"adapts the {comp}, which is not part of this merge")
+        modules = dict(model.named_modules())
+        unmatched = [m for m in layers if m not in modules]
+        if unmatched:
+            raise InvalidInputError(
+                label, f"{len(unmatched)} of {len(layers)} {comp} layers match no layer of the base model's {comp}, "
+                       f"e.g. {_few(unmatched)} (a LoRA for another architecture?)")
+        for name, module in modules.items():  # network order: report the first mismatch
+            layer = layers.get(name)
+            if layer is None:
+                continue
+            weight = getattr(module, "weight", None)
+            if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or weight is None:
+                raise InvalidInputError(label, f"layer {comp}.{name} is a {type(module).__name__}; "
+                                               "only Linear and Conv2d layers can take a LoRA here")
+            if tuple(weight.shape) != layer.delta_shape:
+                raise InvalidInputError(
+                    label, f"shape mismatch at {comp}.{name}: the LoRA gives {layer.delta_shape}, the base model's "
+                           f"weight is {tuple(weight.shape)} (a LoRA for a different base model?)")
+    return lora
+
+
+def _few(names: Iterable[str], n: int = 3) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- random LoRAs (tests, benchmarks)
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def write_random_lora(path: str | Path, unet: torch.nn.Module, *, rank: int = 4, alpha: float = 32.0, seed: int = 0,
+                      std: float = 0.01, target_modules: Iterable[str] = UNET_TARGETS,
+                      text_encoder: torch.nn.Module | None = None, te_rank: int = 4, te_alpha: float = 8.0,
+                      te_target_modules: Iterable[str] = TEXT_ENCODER_TARGETS) -> Path:
+    """Write a LoRA file with seeded random A **and B**, through the trainer's own writer.
+
+    peft's ``gaussian`` init leaves B at zero (the LoRA would do nothing), so
+    both matrices are redrawn from ``seed``: A ~ N(0, 1/r), B ~ N(0, std²).
+    The modules are copied, never modified. For tests and benchmarks (many
+    synthetic users): in format the file is a trained one."""
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from facetron.training.train_lora import write_lora_file
+
+    gen = torch.Generator().manual_seed(seed)
+    unet = copy.deepcopy(unet)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules)))
+    te, te_config = None, None
+    if text_encoder is not None:
+        te_config = LoraConfig(r=te_rank, lora_alpha=te_alpha, init_lora_weights="gaussian",
+                               target_modules=list(te_target_modules))
+        te = inject_adapter_in_model(te_config, copy.deepcopy(text_encoder))
+    with torch.no_grad():
+        for module, r in ((unet, rank), (te, te_rank)):
+            for name, p in (module.named_parameters() if module is not None else ()):
+                if "lora_A" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(r))
+                elif "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return write_lora_file(Path(path), unet, text_encoder=te, text_encoder_config=te_config)

@@ -1,0 +1,223 @@
+"""Runtime-LoRA UNet: one ONNX graph for every user, the LoRA given as inputs.
+
+Each attention projection (``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of
+every ``attn1``/``attn2``) computes
+
+    y = W x + lora_scale[n] * B_i[n] @ (A_i[n] @ x)
+
+with ``A_i`` (``lora_a_<i>  FP32[N, R, in]``) and ``B_i`` (``lora_b_<i>
+FP32[N, out, R]``) graph inputs that carry the batch dimension, so Triton's
+dynamic batcher can put requests of *different users* into one batch, and
+``lora_scale FP32[N]`` (1 = the user's LoRA as built, 0 = the base model).
+The rank ``R`` is fixed at export time; smaller LoRAs are zero-padded, which
+is exact (zero rows/columns add nothing). A face LoRA and a style LoRA are
+concatenated along the rank axis, their ``w · alpha / r`` folded into ``B``
+— also exact. ``lora_manifest.json`` maps ``i`` to the module name and shapes.
+Input names are lower_snake_case, as the repository contract wants.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from facetron.errors import InvalidInputError
+from facetron.export.lora_files import LoraFile
+from facetron.export.onnx_export import (DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, ModelDims, TensorSpec,
+                                         example_inputs, export_graph, model_io)
+
+MODEL_NAME = "unet_lora"
+MANIFEST_FILE = "lora_manifest.json"
+SCALE_INPUT = "lora_scale"
+TARGET_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def a_name(i: int) -> str:
+    return f"lora_a_{i}"
+
+
+def b_name(i: int) -> str:
+    return f"lora_b_{i}"
+
+
+def runtime_lora_targets(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    """The adapted layers, in network order: attention q/k/v/out projections."""
+    out = []
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name.endswith("." + s) for s in TARGET_SUFFIXES) \
+                and (".attn1." in name or ".attn2." in name):
+            out.append((name, module))
+    return out
+
+
+class _RuntimeLoraLinear(torch.nn.Module):
+    """``base(x) + scale · (x Aᵀ) Bᵀ`` with per-sample A, B, scale set before each call."""
+
+    def __init__(self, base: torch.nn.Linear):
+        super().__init__()
+        self.base = base
+        self.lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.lora is None:
+            raise RuntimeError("runtime LoRA tensors were not set")
+        a, b, scale = self.lora
+        t = torch.matmul(x, a.to(x.dtype).transpose(1, 2))  # [N,T,in] @ [N,in,R] -> [N,T,R]
+        t = torch.matmul(t, b.to(x.dtype).transpose(1, 2))  # [N,T,R] @ [N,R,out] -> [N,T,out]
+        return y + t * scale.to(x.dtype).reshape(-1, *([1] * (t.dim() - 1)))
+
+
+class RuntimeLoraUNet(torch.nn.Module):
+    """The torch function the ``unet_lora`` graph computes (a copy of ``unet`` is adapted)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = copy.deepcopy(unet).eval()
+        self.compute_dtype = next(self.unet.parameters()).dtype
+        self.modules_ = [name for name, _ in runtime_lora_targets(self.unet)]
+        layers = []
+        for name in self.modules_:
+            wrapper = _RuntimeLoraLinear(self.unet.get_submodule(name))
+            self.unet.set_submodule(name, wrapper)
+            layers.append(wrapper)
+        object.__setattr__(self, "_layers", layers)  # plain list: already registered inside self.unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                lora_scale: torch.Tensor, *lora: torch.Tensor) -> torch.Tensor:
+        if len(lora) != 2 * len(self._layers):
+            raise ValueError(f"expected {2 * len(self._layers)} LoRA tensors, got {len(lora)}")
+        for i, layer in enumerate(self._layers):
+            layer.lora = (lora[2 * i], lora[2 * i + 1], lora_scale)
+        try:
+            dt = self.compute_dtype
+            out = self.unet(sample.to(dt), timestep, encoder_hidden_states.to(dt), return_dict=False)[0]
+        finally:
+            for layer in self._layers:
+                layer.lora = None
+        return out.float()
+
+
+def build_manifest(unet: torch.nn.Module, rank: int) -> dict:
+    """Index -> module name and shapes of every runtime-LoRA input pair."""
+    layers = []
+    for i, (name, lin) in enumerate(runtime_lora_targets(unet)):
+        layers.append({"index": i, "module": name, "in_features": lin.in_features, "out_features": lin.out_features,
+                       "a": a_name(i), "a_dims": ["N", rank, lin.in_features],
+                       "b": b_name(i), "b_dims": ["N", lin.out_features, rank]})
+    if not layers:
+        raise InvalidInputError("unet", "has no attention to_q/to_k/to_v/to_out.0 layers to adapt")
+    return {"rank": rank, "scale_input": SCALE_INPUT, "layers": layers,
+            "formula": "y = W x + lora_scale[n] * B_i[n] @ (A_i[n] @ x); A_i [N,R,in], B_i [N,out,R]",
+            "padding": "ranks below R are zero-padded; face and style LoRAs are concatenated along R"}
+
+
+def runtime_lora_io(dims: ModelDims, manifest: Mapping) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    inputs, outputs = model_io("unet", dims)
+    inputs = [*inputs, TensorSpec(SCALE_INPUT, "FP32", ("N",))]
+    for layer in manifest["layers"]:
+        inputs.append(TensorSpec(layer["a"], "FP32", tuple(layer["a_dims"])))
+        inputs.append(TensorSpec(layer["b"], "FP32", tuple(layer["b_dims"])))
+    return inputs, outputs
+
+
+def export_runtime_lora_unet(unet: torch.nn.Module, out_dir: str | os.PathLike, *, dims: ModelDims, rank: int = 16,
+                             fp16: bool = False, opset: int = DEFAULT_OPSET, batch: int = 2,
+                             external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+    """Write ``<out_dir>/unet_lora/{model.onnx, io.json, lora_manifest.json}``."""
+    if not isinstance(rank, int) or rank < 1:
+        raise InvalidInputError("--runtime-lora-rank", f"must be an integer >= 1, got {rank!r}")
+    manifest = build_manifest(unet, rank)
+    module = RuntimeLoraUNet(copy.deepcopy(unet).half() if fp16 else unet)
+    inputs, outputs = runtime_lora_io(dims, manifest)
+    example = example_inputs(inputs, dims, batch=batch)
+    info = {"model": MODEL_NAME, "fp16_weights": fp16, "lora_rank": rank,
+            "notes": "runtime LoRA: see lora_manifest.json; timestep FP32 [N]"}
+    return export_graph(module, inputs, outputs, example, Path(out_dir) / MODEL_NAME, opset=opset, info=info,
+                        external_threshold=external_threshold, extra_files={MANIFEST_FILE: manifest})
+
+
+def read_lora_manifest(model_dir: str | os.PathLike) -> dict:
+    path = Path(model_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise InvalidInputError(f"runtime-LoRA folder {Path(model_dir)}", f"has no {MANIFEST_FILE}")
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- inputs for a user
+
+
+def lora_inputs_for(lora_state_dict: LoraFile | str | os.PathLike, manifest: Mapping, weight: float = 1.0, *,
+                    extra: Iterable[tuple[LoraFile | str | os.PathLike, float]] = (), batch: int = 1,
+                    scale: float = 1.0) -> dict[str, np.ndarray]:
+    """Graph inputs (``lora_a_<i>``, ``lora_b_<i>``, ``lora_scale``) for one user's LoRA.
+
+    ``lora_state_dict``: a :class:`LoraFile` (or its path). ``weight`` is the
+    LoRA's strength (w_face); ``extra`` adds more LoRAs, e.g.
+    ``[(style, w_style)]``. Each LoRA's ``weight · alpha / r`` is folded into B
+    and the ranks are stacked, so the graph output equals the merged UNet's.
+    Every array has leading batch dimension ``batch`` (the same user repeated;
+    use :func:`stack_lora_inputs` to mix users in one batch)."""
+    from facetron.export.merge import as_lora, check_weight
+
+    plan = [(as_lora(lora_state_dict), check_weight("weight", weight))]
+    plan += [(as_lora(src), check_weight("weight", w)) for src, w in extra]
+    rank = int(manifest["rank"])
+    by_module = {layer["module"]: layer for layer in manifest["layers"]}
+    a = {layer["index"]: np.zeros((rank, layer["in_features"]), np.float32) for layer in manifest["layers"]}
+    b = {layer["index"]: np.zeros((layer["out_features"], rank), np.float32) for layer in manifest["layers"]}
+    used = {i: 0 for i in a}
+    for lora, w in plan:
+        label = f"LoRA file {lora.source}"
+        others = [f"{c}.{m}" for (c, m) in lora.layers if c != "unet" or m not in by_module]
+        if others:
+            shown = ", ".join(sorted(others)[:3]) + (f" (+{len(others) - 3} more)" if len(others) > 3 else "")
+            raise InvalidInputError(label, f"adapts {len(others)} layers the runtime-LoRA UNet has no inputs for "
+                                           f"(it covers the UNet's attention q/k/v/out), e.g. {shown}: use merged mode")
+        for (_, module), layer in lora.layers.items():
+            spec = by_module[module]
+            i = spec["index"]
+            if layer.delta_shape != (spec["out_features"], spec["in_features"]):
+                raise InvalidInputError(label, f"shape mismatch at unet.{module}: the LoRA gives {layer.delta_shape}, "
+                                               f"the graph expects {(spec['out_features'], spec['in_features'])}")
+            r0, r1 = used[i], used[i] + layer.rank
+            if r1 > rank:
+                raise InvalidInputError(label, f"layer unet.{module} needs rank {r1} (all LoRAs together), "
+                                               f"the graph was exported with rank {rank}")
+            a[i][r0:r1] = layer.down.float().numpy()
+            b[i][:, r0:r1] = layer.up.float().numpy() * (w * layer.scale)
+            used[i] = r1
+    return _batched(a, b, manifest, batch, scale)
+
+
+def zero_lora_inputs(manifest: Mapping, batch: int = 1) -> dict[str, np.ndarray]:
+    """All-zero LoRA inputs: the graph then computes the base UNet exactly."""
+    rank = int(manifest["rank"])
+    a = {l["index"]: np.zeros((rank, l["in_features"]), np.float32) for l in manifest["layers"]}
+    b = {l["index"]: np.zeros((l["out_features"], rank), np.float32) for l in manifest["layers"]}
+    return _batched(a, b, manifest, batch, 1.0)
+
+
+def _batched(a: dict, b: dict, manifest: Mapping, batch: int, scale: float) -> dict[str, np.ndarray]:
+    if not isinstance(batch, int) or batch < 1:
+        raise InvalidInputError("batch", f"must be an integer >= 1, got {batch!r}")
+    out = {SCALE_INPUT: np.full((batch,), scale, np.float32)}
+    for layer in manifest["layers"]:
+        i = layer["index"]
+        out[layer["a"]] = np.ascontiguousarray(np.broadcast_to(a[i], (batch, *a[i].shape)))
+        out[layer["b"]] = np.ascontiguousarray(np.broadcast_to(b[i], (batch, *b[i].shape)))
+    return out
+
+
+def stack_lora_inputs(per_request: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate several requests' LoRA inputs along the batch axis (mixed-user batch)."""
+    if not per_request:
+        raise InvalidInputError("per_request", "needs at least one set of inputs")
+    keys = list(per_request[0])
+    return {k: np.concatenate([np.asarray(r[k]) for r in per_request], axis=0) for k in keys}

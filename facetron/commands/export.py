@@ -1,0 +1,159 @@
+"""``facetron export merge|onnx|validate|trt``: from a LoRA to servable model files.
+
+* ``merge``    fuse face (+ style) LoRA into the base -> diffusers model folder
+* ``onnx``     export text_encoder / unet / vae_decoder / vae_encoder (+ the
+               runtime-LoRA UNet) to ONNX, optionally merging LoRAs first
+* ``validate`` ONNX Runtime vs torch on seeded inputs -> validation.json
+* ``trt``      TensorRT engines (GPU hosts), or the equivalent trtexec lines
+
+Other parts add sibling subcommands through :func:`add_subcommand`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXPORT_SUBPARSERS: list[argparse._SubParsersAction] = []
+
+
+def _lora_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--base-model", type=Path, default=None,
+                   help="diffusers SD-1.5-layout folder (default: the tiny embedded smoke model)")
+    p.add_argument("--face-lora", type=Path, required=required, help="the user's identity LoRA (.safetensors)")
+    p.add_argument("--style-lora", type=Path, default=None, help="optional style LoRA (.safetensors)")
+    p.add_argument("--w-face", type=float, default=0.9, help="face LoRA weight (default 0.9)")
+    p.add_argument("--w-style", type=float, default=0.25, help="style LoRA weight (default 0.25)")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Register ``export`` and its nested subcommands; returns the nested subparsers."""
+    p = sub.add_parser("export", help="merge LoRAs, export ONNX, validate, build TensorRT engines")
+    nested = p.add_subparsers(dest="export_command", required=True, metavar="STEP")
+    EXPORT_SUBPARSERS.append(nested)
+
+    m = nested.add_parser("merge", help="fuse face (+ style) LoRA into the base model -> model folder")
+    _lora_args(m, required=True)
+    m.add_argument("--out", type=Path, required=True, help="output model folder (diffusers layout)")
+    m.set_defaults(func=run_merge)
+
+    o = nested.add_parser("onnx", help="export the nets to ONNX (merging LoRAs first if given)")
+    _lora_args(o, required=False)
+    o.add_argument("--out", type=Path, required=True, help="output folder (one subfolder per model)")
+    o.add_argument("--models", default="text_encoder,unet,vae_decoder,vae_encoder",
+                   help="comma-separated subset of text_encoder,unet,vae_decoder,vae_encoder")
+    o.add_argument("--fp16", action="store_true", help="half-precision weights (for GPU runtimes); I/O stays FP32")
+    o.add_argument("--opset", type=int, default=17)
+    o.add_argument("--runtime-lora-rank", type=int, default=0,
+                   help="also export unet_lora/, the runtime-LoRA UNet with this LoRA rank (0 = no)")
+    o.set_defaults(func=run_onnx)
+
+    v = nested.add_parser("validate", help="compare ONNX Runtime with torch; writes validation.json")
+    v.add_argument("--onnx-dir", type=Path, required=True)
+    v.add_argument("--base-model", type=Path, default=None, help="override the base recorded in the export manifest")
+    v.add_argument("--models", default=None, help="comma-separated subset (default: all in the export)")
+    v.add_argument("--batch", type=int, default=2)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--report", type=Path, default=None, help="JSON report path (default: <onnx-dir>/validation.json)")
+    v.set_defaults(func=run_validate)
+
+    t = nested.add_parser("trt", help="build TensorRT engines (fp16, batch 1-4, 512/768 px; UNet refittable)")
+    t.add_argument("--onnx-dir", type=Path, required=True)
+    t.add_argument("--out", type=Path, default=None, help="engine folder (default: --onnx-dir)")
+    t.add_argument("--models", default=None, help="comma-separated subset (default: all in the export)")
+    t.add_argument("--print-commands", action="store_true", help="only print the equivalent trtexec lines")
+    t.set_defaults(func=run_trt)
+    return nested
+
+
+def add_subcommand(name: str, **kwargs) -> argparse.ArgumentParser:
+    """For other parts: add ``facetron export <name>`` after :func:`add_parser` ran."""
+    if not EXPORT_SUBPARSERS:
+        raise RuntimeError("facetron.commands.export.add_parser has not been called")
+    return EXPORT_SUBPARSERS[-1].add_parser(name, **kwargs)
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def _merged(args: argparse.Namespace):
+    """(base, plan): the base model with the LoRAs of ``args`` (if any) fused in place."""
+    from facetron.diffusion.base_model import load_base_model
+    from facetron.export.merge import fuse_into, lora_plan
+
+    plan = lora_plan(args.face_lora, args.style_lora, args.w_face, args.w_style) if args.face_lora else []
+    base = load_base_model(args.base_model)
+    if plan:
+        fuse_into({"unet": base.unet, "text_encoder": base.text_encoder}, plan)  # in place: one copy in memory
+    return base, plan
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from facetron.export.merge import ensure_writable_dir, merge_provenance, save_merged
+
+    ensure_writable_dir(args.out)
+    base, plan = _merged(args)
+    out = save_merged(base, base.unet, base.text_encoder, args.out, provenance=merge_provenance(base, plan))
+    print(f"[export merge] merged model written to {out}")
+    if base.is_smoke_model:
+        print("[export merge] note: tiny smoke-test model with random weights: its pictures are not portraits")
+    return 0
+
+
+def run_onnx(args: argparse.Namespace) -> int:
+    from facetron.export.merge import ensure_writable_dir, merge_provenance
+    from facetron.export.onnx_export import export_onnx
+
+    ensure_writable_dir(args.out)
+    models = _split(args.models) or []
+    if args.runtime_lora_rank and args.face_lora:
+        # the runtime-LoRA graph must come from the base UNet: export it before merging
+        from facetron.diffusion.base_model import load_base_model
+
+        base = load_base_model(args.base_model)
+        export_onnx(base, args.out, models=[], fp16=args.fp16, opset=args.opset,
+                    runtime_lora_rank=args.runtime_lora_rank)
+        args.runtime_lora_rank = 0
+        del base
+    base, plan = _merged(args)
+    provenance = merge_provenance(base, plan)
+    if plan:  # the recorded base is the unmerged folder: validation redoes the merge from the LoRA files
+        provenance["merged_in_memory"] = True
+    manifest = export_onnx(base, args.out, models=models, fp16=args.fp16, opset=args.opset,
+                           runtime_lora_rank=args.runtime_lora_rank or None, provenance=provenance)
+    for name, entry in manifest["models"].items():
+        print(f"[export onnx] {name}: {Path(args.out) / entry['path']}")
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from facetron.export.validate import load_sources, summary_lines, validate_export
+
+    base, unet, te = load_sources(args.onnx_dir, args.base_model)
+    report = validate_export(args.onnx_dir, base_model=base, unet=unet, text_encoder=te, models=_split(args.models),
+                             batch=args.batch, seed=args.seed, report_path=args.report)
+    for line in summary_lines(report):
+        print(line)
+    print(f"[export validate] {'PASS' if report['pass'] else 'FAIL'}; report: "
+          f"{args.report or Path(args.onnx_dir) / 'validation.json'}")
+    return 0 if report["pass"] else 1
+
+
+def run_trt(args: argparse.Namespace) -> int:
+    from facetron.export.trt import build_engines, tensorrt_unavailable_reason, trtexec_commands
+
+    out = args.out or args.onnx_dir
+    if args.print_commands:
+        for line in trtexec_commands(args.onnx_dir, out, models=_split(args.models)):
+            print(line)
+        return 0
+    reason = tensorrt_unavailable_reason()
+    if reason:
+        print(f"[export trt] {reason}; on a GPU host run:")
+        for line in trtexec_commands(args.onnx_dir, out, models=_split(args.models)):
+            print(line)
+        return 3
+    for name, path in build_engines(args.onnx_dir, out, models=_split(args.models)).items():
+        print(f"[export trt] {name}: {path}")
+    return 0

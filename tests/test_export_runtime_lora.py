@@ -1,0 +1,143 @@
+"""Runtime-LoRA UNet (one graph, LoRA as inputs) vs the merged-UNet ONNX and
+the base-UNet ONNX, all run in ONNX Runtime on the tiny model.
+
+Tolerance: runtime vs merged <= 1e-4 max abs (measured ~1e-6: fp32 order of
+operations, (W + BA)x vs Wx + B(Ax)); zero LoRA vs base <= 1e-5."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from facetron.diffusion.base_model import load_base_model
+from facetron.errors import InvalidInputError
+from facetron.export.lora_files import load_lora, write_random_lora
+from facetron.export.merge import merge_loras
+from facetron.export.onnx_export import ModelDims, export_model
+from facetron.export.runtime_lora import (MANIFEST_FILE, SCALE_INPUT, export_runtime_lora_unet, lora_inputs_for,
+                                          read_lora_manifest, stack_lora_inputs, zero_lora_inputs)
+
+RANK = 8
+W_FACE, W_STYLE = 0.9, 0.25
+MERGED_TOL = 1e-4
+BASE_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base_model()
+
+
+@pytest.fixture(scope="module")
+def setup(base, tmp_path_factory):
+    d = tmp_path_factory.mktemp("runtime_lora")
+    face = write_random_lora(d / "face.safetensors", base.unet, rank=4, alpha=8, seed=11, std=0.1)
+    style = write_random_lora(d / "style.safetensors", base.unet, rank=2, alpha=1, seed=12, std=0.1,
+                              target_modules=("to_q", "to_v"))
+    dims = ModelDims.of(base)
+    runtime = export_runtime_lora_unet(base.unet, d / "rt", dims=dims, rank=RANK)
+    plain = export_model("unet", d / "base", unet=base.unet, dims=dims)
+    merged_unet, _ = merge_loras(base, face, style, w_face=W_FACE, w_style=W_STYLE)
+    merged = export_model("unet", d / "merged", unet=merged_unet, dims=dims)
+    face_only, _ = merge_loras(base, face, w_face=W_FACE)
+    merged_face = export_model("unet", d / "merged_face", unet=face_only, dims=dims)
+    return {"dir": d, "face": face, "style": style, "runtime": runtime, "base": plain, "merged": merged,
+            "merged_face": merged_face, "manifest": read_lora_manifest(runtime.parent)}
+
+
+def run(path: Path, feed: dict) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+def unet_feed(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"sample": rng.standard_normal((batch, 4, 16, 16)).astype(np.float32),
+            "timestep": rng.integers(1, 1000, batch).astype(np.float32),
+            "encoder_hidden_states": rng.standard_normal((batch, 77, 32)).astype(np.float32)}
+
+
+def test_manifest_maps_indices_to_modules(setup):
+    m = setup["manifest"]
+    assert m["rank"] == RANK and m["scale_input"] == SCALE_INPUT
+    assert len(m["layers"]) == 32
+    first = m["layers"][0]
+    assert first == {"index": 0, "module": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                     "in_features": 32, "out_features": 32, "a": "lora_a_0", "a_dims": ["N", RANK, 32],
+                     "b": "lora_b_0", "b_dims": ["N", 32, RANK]}
+    sess = ort.InferenceSession(str(setup["runtime"]), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    assert names[:4] == ["sample", "timestep", "encoder_hidden_states", SCALE_INPUT]
+    assert len(names) == 4 + 2 * 32 and all(re.fullmatch(r"[a-z0-9_]+", n) for n in names)
+    mid_k = next(layer for layer in m["layers"] if layer["module"].endswith("mid_block.attentions.0.transformer_blocks.0.attn2.to_k"))
+    assert (mid_k["in_features"], mid_k["out_features"]) == (32, 64)
+    assert json.loads((setup["runtime"].parent / MANIFEST_FILE).read_text()) == m
+
+
+def test_runtime_lora_equals_merged_face_and_style(setup):
+    feed = unet_feed(2)
+    lora = lora_inputs_for(setup["face"], setup["manifest"], W_FACE, extra=[(setup["style"], W_STYLE)], batch=2)
+    got = run(setup["runtime"], {**feed, **lora})
+    want = run(setup["merged"], feed)
+    diff = float(np.abs(got - want).max())
+    print(f"runtime LoRA vs merged UNet (face+style), max abs diff: {diff:.3g}")
+    assert diff <= MERGED_TOL
+    assert float(np.abs(want - run(setup["base"], feed)).max()) > 100 * MERGED_TOL  # the LoRA matters
+
+
+def test_zero_lora_equals_base(setup):
+    feed = unet_feed(2, seed=1)
+    got = run(setup["runtime"], {**feed, **zero_lora_inputs(setup["manifest"], batch=2)})
+    assert float(np.abs(got - run(setup["base"], feed)).max()) <= BASE_TOL
+    # lora_scale = 0 switches a user's LoRA off as well
+    off = lora_inputs_for(setup["face"], setup["manifest"], W_FACE, batch=2, scale=0.0)
+    assert float(np.abs(run(setup["runtime"], {**feed, **off}) - run(setup["base"], feed)).max()) <= BASE_TOL
+
+
+def test_mixed_user_batch(setup):
+    """Two requests (face user, base user) in one batch give each its own result."""
+    feed = unet_feed(2, seed=2)
+    user = lora_inputs_for(load_lora(setup["face"]), setup["manifest"], W_FACE, batch=1)
+    mixed = stack_lora_inputs([user, zero_lora_inputs(setup["manifest"], batch=1)])
+    got = run(setup["runtime"], {**feed, **mixed})
+    assert float(np.abs(got[:1] - run(setup["merged_face"], feed)[:1]).max()) <= MERGED_TOL
+    assert float(np.abs(got[1:] - run(setup["base"], feed)[1:]).max()) <= BASE_TOL
+
+
+def test_rank_padding_is_exact_in_the_inputs(setup):
+    inputs = lora_inputs_for(setup["face"], setup["manifest"], 1.0)
+    a, b = inputs["lora_a_0"], inputs["lora_b_0"]
+    assert a.shape == (1, RANK, 32) and b.shape == (1, 32, RANK)
+    assert not a[0, 4:].any() and not b[0, :, 4:].any() and a[0, :4].any()
+    layer = load_lora(setup["face"]).component("unet")[setup["manifest"]["layers"][0]["module"]]
+    np.testing.assert_allclose(b[0] @ a[0], layer.delta().numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_too_large_rank_is_named(setup, base, tmp_path):
+    big = write_random_lora(tmp_path / "big.safetensors", base.unet, rank=RANK + 1, alpha=1, seed=3, std=0.1)
+    with pytest.raises(InvalidInputError, match=r"big.safetensors.*needs rank 9.*exported with rank 8"):
+        lora_inputs_for(big, setup["manifest"])
+
+
+def test_layers_outside_attention_are_named(setup, base, tmp_path):
+    odd = write_random_lora(tmp_path / "te.safetensors", base.unet, rank=2, alpha=2, seed=4, std=0.1,
+                            text_encoder=base.text_encoder)
+    with pytest.raises(InvalidInputError, match=r"adapts 8 layers the runtime-LoRA UNet has no inputs for.*merged mode"):
+        lora_inputs_for(odd, setup["manifest"])
+    conv = write_random_lora(tmp_path / "proj.safetensors", base.unet, rank=2, alpha=2, seed=5, std=0.1,
+                             target_modules=("to_q", "proj_in"))
+    with pytest.raises(InvalidInputError, match=r"proj_in"):
+        lora_inputs_for(conv, setup["manifest"])
+
+
+def test_validate_runtime_lora_graph(setup, base):
+    from facetron.export.validate import validate_model
+
+    entry = validate_model("unet_lora", setup["runtime"].parent, base)
+    assert entry["pass"], entry
