@@ -11,6 +11,7 @@ Run: ``facetron bench faces`` (writes benchmarks/results/<date>-<machine>-faces.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -95,7 +96,6 @@ def bench_pipeline(detector, embedder, repeats: int) -> dict:
 def bench_triton(detector, embedder, repeats: int) -> dict:
     from facetron.client import FacetronClient
     from facetron.faces.alignment import align_faces
-    from facetron.paths import REPO_ROOT
     from facetron.serving.faces import pack_detections, select_portraits
     from facetron.triton_server import TritonServer
 
@@ -104,7 +104,12 @@ def bench_triton(detector, embedder, repeats: int) -> dict:
     tom = faces[1]
     ref = embedder.embed(align_faces(tom[0], tom[1].landmarks[:1]))
     photo = cands[0][None]
-    with TritonServer(REPO_ROOT / "model_repository") as server, FacetronClient(server.grpc_url) as client:
+    import tempfile
+
+    from facetron.export.repository import assemble_repository
+
+    repo = assemble_repository("cpu", Path(tempfile.mkdtemp(prefix="facetron-bench-")) / "model_repository")
+    with TritonServer(repo) as server, FacetronClient(server.grpc_url) as client:
         samples = interleaved(
             {
                 "detector_triton": lambda: client.infer("face_detector", {"images": photo}, ["num_faces"]),

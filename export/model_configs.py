@@ -141,11 +141,114 @@ MODELS: tuple[ModelDef, ...] = (
     ),
 )
 
-BY_NAME = {m.name: m for m in MODELS}
+
+# --- diffusion -------------------------------------------------------------------------
+# Artifacts (ONNX) come from `facetron export onnx` of the base model; the cpu
+# target runs them in ONNX Runtime inside python models, the gpu target on
+# native backends. `unet` is the runtime-LoRA UNet (one graph for all users):
+# on cpu its python model keeps a bounded LRU bank of users' LoRA tensors and
+# applies each batch item's user, so requests of different users share a
+# batch and no user needs a reload (ARCHITECTURE.md, serving mode 2).
+_PORTRAIT_INPUTS = (
+    T("prompt", "STRING", (1,), optional=True),
+    T("negative_prompt", "STRING", (1,), optional=True),
+    T("style", "STRING", (1,), optional=True),
+    T("user_id", "STRING", (1,), optional=True),
+    T("num_images", "INT32", (1,), optional=True),
+    T("seed", "INT64", (1,), optional=True),
+    T("steps", "INT32", (1,), optional=True),
+    T("guidance", "FP32", (1,), optional=True),
+    T("height", "INT32", (1,), optional=True),
+    T("width", "INT32", (1,), optional=True),
+    T("scheduler", "STRING", (1,), optional=True),
+    T("template", "UINT8", (-1, -1, 3), optional=True),
+    T("strength", "FP32", (1,), optional=True),
+)
+
+DIFFUSION_MODELS: tuple[ModelDef, ...] = (
+    ModelDef(
+        name="text_encoder",
+        doc="CLIP text encoder: token ids -> last_hidden_state [77, C].",
+        inputs=(T("input_ids", "INT32", (77,)),),
+        outputs=(T("last_hidden_state", "FP32", (77, -1)),),
+        max_batch_size=16,
+        queue_delay_us=1000,
+        cpu=Serving(artifact="model.onnx", parameters={"intra_op_threads": "2"}),
+        gpu=Serving(backend="onnxruntime", kind="KIND_GPU", artifact="model.onnx", trt_accelerator=True),
+    ),
+    ModelDef(
+        name="unet",
+        doc="Runtime-LoRA UNet: noise prediction for each batch item with that item's user's\n"
+        "LoRA (user_id; empty = base model) and style LoRA (style), from an LRU bank.",
+        inputs=(
+            T("sample", "FP32", (-1, -1, -1)),
+            T("timestep", "FP32", (1,)),
+            T("encoder_hidden_states", "FP32", (77, -1)),
+            T("user_id", "STRING", (1,), optional=True),
+            T("style", "STRING", (1,), optional=True),
+        ),
+        outputs=(T("noise_pred", "FP32", (-1, -1, -1)),),
+        max_batch_size=32,
+        queue_delay_us=1000,
+        parameters={"lora_cache_mb": "512", "users_dir": "", "w_face": "0.9", "w_style": "0.25"},
+        cpu=Serving(artifact="model.onnx", parameters={"intra_op_threads": "2"}),
+        gpu=None,  # gpu: a refit-enabled TensorRT engine per merged user (export.trt) — see README
+    ),
+    ModelDef(
+        name="vae_decoder",
+        doc="VAE decoder: scaled latent [4, h, w] -> RGB image UINT8 [8h, 8w, 3].",
+        inputs=(T("latent", "FP32", (-1, -1, -1)),),
+        outputs=(T("images", "UINT8", (-1, -1, 3)),),
+        max_batch_size=8,
+        queue_delay_us=1000,
+        cpu=Serving(artifact="model.onnx", parameters={"intra_op_threads": "2"}),
+        gpu=Serving(backend="onnxruntime", kind="KIND_GPU", artifact="model.onnx", trt_accelerator=True),
+    ),
+    ModelDef(
+        name="vae_encoder",
+        doc="VAE encoder (template mode): RGB image UINT8 [H, W, 3] -> scaled latent mean.",
+        inputs=(T("images", "UINT8", (-1, -1, 3)),),
+        outputs=(T("latent", "FP32", (-1, -1, -1)),),
+        max_batch_size=8,
+        queue_delay_us=1000,
+        cpu=Serving(artifact="model.onnx", parameters={"intra_op_threads": "2"}),
+        gpu=Serving(backend="onnxruntime", kind="KIND_GPU", artifact="model.onnx", trt_accelerator=True),
+    ),
+    ModelDef(
+        name="portrait_generator",
+        doc="Portraits for a user (BLS): tokenizer -> text_encoder -> denoising loop over unet\n"
+        "(DPM-Solver multistep default; euler, ddim) -> vae_decoder. Template mode with\n"
+        "template (+ strength): the template's face region is re-generated. Deterministic\n"
+        "for a fixed seed (image i uses seed + i).",
+        inputs=_PORTRAIT_INPUTS,
+        outputs=(T("images", "UINT8", (-1, -1, -1, 3)),),
+        parameters={"users_dir": "", "max_images": "16", "default_steps": "25", "default_guidance": "7.0"},
+    ),
+    ModelDef(
+        name="portrait",
+        doc="The one call a client makes (BLS): portrait_generator -> fuse the user's template\n"
+        "face (classical, pluggable) -> face_select. images = top_k best first; similarity /\n"
+        "rank per generated candidate (rank -1, NaN = filtered); report = JSON (stage\n"
+        "timings, which parts came from the tiny smoke model).",
+        inputs=_PORTRAIT_INPUTS + (T("top_k", "INT32", (1,), optional=True), T("fuse", "BOOL", (1,), optional=True)),
+        outputs=(
+            T("images", "UINT8", (-1, -1, -1, 3)),
+            T("similarity", "FP32", (-1,)),
+            T("rank", "INT32", (-1,)),
+            T("selected", "INT32", (-1,)),
+            T("report", "STRING", (1,)),
+        ),
+        parameters={"users_dir": ""},
+    ),
+)
+
+ALL_MODELS = MODELS + DIFFUSION_MODELS
+BY_NAME = {m.name: m for m in ALL_MODELS}
 
 
-def to_proto(model: ModelDef, target: Target):
-    """The model's ``ModelConfig`` protobuf for ``target``."""
+def to_proto(model: ModelDef, target: Target, parameters: dict[str, str] | None = None):
+    """The model's ``ModelConfig`` protobuf for ``target`` (``parameters``
+    override the model's own values for keys it declares)."""
     from tritonclient.grpc import model_config_pb2 as pb
 
     serving = model.serving(target)
@@ -180,19 +283,24 @@ def to_proto(model: ModelDef, target: Target):
         acc.name = "tensorrt"
         acc.parameters["precision_mode"] = "FP16"
         acc.parameters["max_workspace_size_bytes"] = str(1 << 30)
-    for key, value in {**model.parameters, **serving.parameters}.items():
+    params = {**model.parameters, **serving.parameters}
+    params.update({k: v for k, v in (parameters or {}).items() if k in params})
+    for key, value in params.items():
         cfg.parameters[key].string_value = value
     return cfg
 
 
-def render(model: ModelDef, target: Target) -> str:
+def render(model: ModelDef, target: Target, parameters: dict[str, str] | None = None) -> str:
     """``config.pbtxt`` text: a comment header + the protobuf in text format."""
     from google.protobuf import text_format
 
     header = "".join(f"# {line}\n" for line in model.doc.splitlines())
     header += f"# Generated by `facetron export repository --target {target}` from export/model_configs.py.\n"
-    return header + text_format.MessageToString(to_proto(model, target))
+    return header + text_format.MessageToString(to_proto(model, target, parameters))
 
 
-def models_for(target: Target) -> list[ModelDef]:
-    return [m for m in MODELS if m.serving(target) is not None]
+def models_for(target: Target, diffusion: bool = False) -> list[ModelDef]:
+    """Models served on ``target``: the face stack + tokenizer, plus the
+    diffusion models when ``diffusion`` (they need exported artifacts)."""
+    pool = ALL_MODELS if diffusion else MODELS
+    return [m for m in pool if m.serving(target) is not None]

@@ -12,6 +12,7 @@ half-written repository.
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -50,25 +51,90 @@ ARTIFACT_BUILDERS: dict[str, Callable[[Path], None]] = {
 }
 
 
-def _write_model(model: ModelDef, target: Target, dest: Path) -> None:
+@dataclass
+class DiffusionSource:
+    """Where the diffusion models come from: a base model folder (None = the
+    tiny embedded default) exported to ONNX during assembly."""
+
+    base_model: Path | None = None
+    lora_rank: int = 16  # runtime-LoRA rank (face + style LoRA ranks must fit)
+    _exported: Path | None = None
+    _info: dict | None = None
+    _scheduler: dict | None = None
+
+    def export(self, work: Path) -> None:
+        """Export the nets once into ``work`` (text encoder, VAE, runtime-LoRA UNet)."""
+        from facetron.diffusion.base_model import load_base_model, model_hash
+        from facetron.export.onnx_export import export_onnx
+
+        base = load_base_model(self.base_model)
+        export_onnx(base, work, models=("text_encoder", "vae_decoder", "vae_encoder"), runtime_lora_rank=self.lora_rank)
+        self._exported = work
+        self._scheduler = dict(base.scheduler.config)
+        self._info = {
+            "name": base.path.name,
+            "path": str(base.path),
+            "hash": model_hash(base.path),
+            "is_smoke_model": base.is_smoke_model,
+            "resolution": base.resolution,
+            "latent_channels": int(base.vae.config.latent_channels),
+            "latent_factor": base.latent_factor,
+            "text_hidden": int(base.text_encoder.config.hidden_size),
+            "lora_rank": self.lora_rank,
+        }
+
+    def copy_net(self, name: str, version: Path) -> None:
+        src = self._exported / ("unet_lora" if name == "unet" else name)
+        for f in src.iterdir():
+            if f.suffix in (".onnx", ".data", ".json"):
+                shutil.copyfile(f, version / f.name)
+
+    def write_generator_files(self, version: Path) -> None:
+        from facetron.atomic import atomic_write_json
+
+        atomic_write_json(version / "model_info.json", self._info)
+        atomic_write_json(version / "scheduler_config.json", self._scheduler)
+
+
+_NET_ARTIFACTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+def _write_model(
+    model: ModelDef, target: Target, dest: Path, diffusion: DiffusionSource | None = None, users_dir: Path | None = None
+) -> None:
     serving = model.serving(target)
     version = dest / model.name / "1"
     version.mkdir(parents=True)
-    (dest / model.name / "config.pbtxt").write_text(render(model, target))
+    overrides = {"users_dir": str(users_dir)} if users_dir is not None else None
+    (dest / model.name / "config.pbtxt").write_text(render(model, target, overrides))
     if serving.backend == "python":
         src = SOURCE_REPOSITORY / model.name / "1" / "model.py"
         if not src.is_file():
             raise InvalidInputError(model.name, f"python model source {src} is missing")
         shutil.copyfile(src, version / "model.py")
-    if serving.artifact:
+    if model.name in _NET_ARTIFACTS and diffusion is not None and target == "cpu":
+        diffusion.copy_net(model.name, version)
+    elif serving.artifact:
         ARTIFACT_BUILDERS[model.name](version / serving.artifact)
+    if model.name == "portrait_generator" and diffusion is not None:
+        diffusion.write_generator_files(version)
 
 
-def assemble_repository(target: Target, out: str | Path, models: Iterable[str] | None = None) -> Path:
-    """Write the repository for ``target`` into ``out`` (replacing it atomically)."""
+def assemble_repository(
+    target: Target,
+    out: str | Path,
+    models: Iterable[str] | None = None,
+    diffusion: DiffusionSource | None = None,
+    users_dir: str | Path | None = None,
+) -> Path:
+    """Write the repository for ``target`` into ``out`` (replacing it atomically).
+
+    Without ``diffusion`` only the face stack + tokenizer are written; with it
+    the diffusion models and the portrait models too (cpu target: exported
+    from ``diffusion.base_model`` into the version folders)."""
     if target not in TARGETS:
         raise InvalidInputError("--target", f"expected one of {', '.join(TARGETS)}, got {target!r}")
-    chosen = models_for(target)
+    chosen = models_for(target, diffusion=diffusion is not None)
     if models is not None:
         wanted = set(models)
         unknown = wanted - {m.name for m in chosen}
@@ -81,15 +147,18 @@ def assemble_repository(target: Target, out: str | Path, models: Iterable[str] |
     except OSError as exc:
         raise InvalidInputError(str(out), f"cannot create the output folder ({exc.strerror})") from None
     with atomic_dir(out) as tmp:
+        if diffusion is not None and target == "cpu":
+            diffusion.export(tmp / ".export")
         for model in chosen:
-            _write_model(model, target, tmp)
+            _write_model(model, target, tmp, diffusion, Path(users_dir).resolve() if users_dir else None)
+        shutil.rmtree(tmp / ".export", ignore_errors=True)
     return out
 
 
 def write_source_configs(root: Path = SOURCE_REPOSITORY) -> list[Path]:
     """Regenerate the checked-in cpu configs (run after editing model_configs)."""
     written = []
-    for model in models_for("cpu"):
+    for model in models_for("cpu", diffusion=True):
         path = root / model.name / "config.pbtxt"
         path.write_text(render(model, "cpu"))
         written.append(path)

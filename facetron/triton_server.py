@@ -252,6 +252,12 @@ class TritonServer:
         bindir = str(Path(sys.executable).parent)
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
         libs = [str(install.lib_dir)] + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else [])
+        # The stub links libpython3.X.so dynamically; the first one found must be
+        # this interpreter's, or its stdlib extensions (ssl, ...) fail to load
+        # against another patch release (Debian's 3.11.2 vs pyenv's 3.11.7: seen here).
+        libdir, ldlib = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")
+        if libdir and ldlib and (Path(libdir) / ldlib).exists():
+            libs.insert(0, libdir)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
         env.setdefault("OMP_NUM_THREADS", env.get("OMP_NUM_THREADS", "1"))
         return env

@@ -70,6 +70,27 @@ class UserRegistry:
         np.save(buf, emb, allow_pickle=False)
         return atomic_write_bytes(self.user_dir(user_id) / EMBEDDING_FILE, buf.getvalue())
 
+    def install_lora(self, user_id: str, lora: Path, sidecar: Path | None = None) -> Path:
+        """Copy a trained LoRA (+ its JSON sidecar) into the user's folder, atomically."""
+        import shutil
+
+        udir = self.user_dir(user_id)
+        udir.mkdir(parents=True, exist_ok=True)
+        pairs = [(Path(lora), udir / "lora.safetensors")]
+        if sidecar is not None and Path(sidecar).is_file():
+            pairs.append((Path(sidecar), udir / "lora.json"))
+        for src, dst in pairs:
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            shutil.copyfile(src, tmp)
+            tmp.replace(dst)
+        return udir / "lora.safetensors"
+
+    def save_user_info(self, user_id: str, info: dict) -> Path:
+        """``user.json``: what captions/prompts say about the user (e.g. subject words)."""
+        from facetron.atomic import atomic_write_json
+
+        return atomic_write_json(self.user_dir(user_id) / "user.json", info)
+
     def users(self) -> list[str]:
         root = Path(self.root)
         if not root.is_dir():

@@ -1,22 +1,24 @@
 """Shared fixtures. Tests talk to a real tritonserver on 127.0.0.1 (never a
-mock): one server per test session, on free ports, torn down at the end."""
+mock): one server per test session, on free ports, torn down at the end.
+
+The server serves a repository assembled by ``facetron.export.repository``
+(the checked-in ``model_repository/`` holds sources; the diffusion models
+need exported ONNX artifacts): the face stack + tokenizer, and the diffusion
++ portrait models of the tiny default model, with a session user registry.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from facetron.paths import REPO_ROOT
 from facetron.triton_server import TritonServer
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-@pytest.fixture(scope="session")
-def model_repository() -> Path:
-    return REPO_ROOT / "model_repository"
+sys.path.insert(0, str(Path(__file__).parent))  # tests' own helper modules (face_photos)
 
 
 @pytest.fixture(scope="session")
@@ -26,10 +28,27 @@ def users_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def triton(model_repository: Path, users_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TritonServer:
-    """A real tritonserver serving the repository's models on loopback."""
+def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fast cpu repository: tokenizer + face stack (no diffusion artifacts)."""
+    from facetron.export.repository import assemble_repository
+
+    return assemble_repository("cpu", tmp_path_factory.mktemp("repo") / "model_repository")
+
+
+@pytest.fixture(scope="session")
+def full_repository(tmp_path_factory: pytest.TempPathFactory, users_dir: Path) -> Path:
+    """Every cpu model, diffusion models exported from the tiny default."""
+    from facetron.export.repository import DiffusionSource, assemble_repository
+
+    out = tmp_path_factory.mktemp("full") / "model_repository"
+    return assemble_repository("cpu", out, diffusion=DiffusionSource(), users_dir=users_dir)
+
+
+@pytest.fixture(scope="session")
+def triton(full_repository: Path, users_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TritonServer:
+    """A real tritonserver serving every model on loopback."""
     log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
-    server = TritonServer(model_repository, log_path=log, env={"FACETRON_USERS_DIR": str(users_dir)})
+    server = TritonServer(full_repository, log_path=log, env={"FACETRON_USERS_DIR": str(users_dir)})
     server.start()
     yield server
     server.stop()
@@ -39,5 +58,5 @@ def triton(model_repository: Path, users_dir: Path, tmp_path_factory: pytest.Tem
 def client(triton: TritonServer):
     from facetron.client import FacetronClient
 
-    with FacetronClient(triton.grpc_url, timeout_s=60) as c:
+    with FacetronClient(triton.grpc_url, timeout_s=120) as c:
         yield c

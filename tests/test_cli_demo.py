@@ -1,4 +1,5 @@
-"""The README's main-job command runs end to end and writes its report."""
+"""The README's main-job command runs end to end (small settings) and writes
+its portraits, grid and report."""
 
 from __future__ import annotations
 
@@ -12,16 +13,25 @@ import pytest
 pytestmark = pytest.mark.triton
 
 
-def test_demo_writes_report(tmp_path: Path) -> None:
+def test_demo_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "facetron.cli", "demo", "--out", str(out)],
+        [sys.executable, "-m", "facetron.cli", "demo", "--out", str(out), "--build", str(tmp_path / "build"),
+         "--train-steps", "20", "--templates", "1", "--num", "2", "--top-k", "1", "--steps", "4", "--size", "128"],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["input_ids"][0] == 49406 and report["input_ids"][-1] == 49407
-    assert {"start_triton", "tokenize_grpc", "total"} <= set(report["timings_s"])
-    assert not list(out.glob(".*.tmp")), "temp files left behind"
+    assert set(report["prepare"]["dropped"]) == {"group_t1.jpg", "no_face_coffee.png", "stranger_tom_hanks.png"}
+    assert report["train"]["steps"] == 20
+    assert report["smoke_model"] is True and "not portraits" in report["note"]
+    call = report["portraits"][0]
+    assert call["server"]["mode"] == "template" and len(call["selected"]) == 1
+    assert {"prepare", "train_lora", "export_repository", "start_triton", "portraits_grpc", "total"} <= set(
+        report["timings_s"]
+    )
+    assert (out / "grid.png").is_file() and (out / "contact_sheet.png").is_file()
+    assert len(list((out / "portraits").glob("*.png"))) == 1
+    assert not list(out.rglob(".*.tmp")), "temp files left behind"

@@ -24,18 +24,18 @@ def _parse(text: str):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_config_parses(target: str) -> None:
-    for model in models_for(target):
+    for model in models_for(target, diffusion=True):
         cfg = _parse(render(model, target))
         assert cfg.name == model.name
         assert (cfg.max_batch_size > 0) == (cfg.HasField("dynamic_batching")) or model.name == "face_select"
 
 
 def test_checked_in_configs_match_the_source() -> None:
-    for model in models_for("cpu"):
+    for model in models_for("cpu", diffusion=True):
         checked_in = (SOURCE_REPOSITORY / model.name / "config.pbtxt").read_text()
         assert checked_in == render(model, "cpu"), f"{model.name}: run write_source_configs()"
     names = {p.name for p in SOURCE_REPOSITORY.iterdir() if p.is_dir()}
-    assert names == {m.name for m in models_for("cpu")}
+    assert names == {m.name for m in models_for("cpu", diffusion=True)}
 
 
 def test_nets_batch_set_models_do_not() -> None:
@@ -74,6 +74,15 @@ def test_gpu_onnx_artifacts_match_their_configs(gpu_repo: Path) -> None:
                 io = by_name[t.name]
                 assert "TYPE_" + _ORT_TYPES[io.type] == model_config_pb2.DataType.Name(t.data_type), (name, t.name)
                 assert len(io.shape) == len(t.dims) + batch, (name, t.name, io.shape, list(t.dims))
+
+
+@pytest.mark.triton
+def test_full_cpu_repository_is_ready(client, full_repository: Path) -> None:
+    """The session server serves the assembled repository with every cpu model."""
+    for model in models_for("cpu", diffusion=True):
+        assert client.model_ready(model.name), model.name
+    assert (full_repository / "unet" / "1" / "lora_manifest.json").is_file()
+    assert (full_repository / "portrait_generator" / "1" / "model_info.json").is_file()
 
 
 @pytest.mark.triton

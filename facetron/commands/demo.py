@@ -1,28 +1,38 @@
 """``facetron demo``: the README's main job, end to end on the embedded default.
 
-Stages run in order and each is timed into ``<out>/report.json``. Today the
-chain is: start tritonserver on loopback -> tokenize the portrait prompt
-over gRPC -> write the report -> stop the server. Later stages (prepare
-photos, train the LoRA, export, generate + select) are added here as they
-land, so this stays the one main-job entry point.
+photos (from installed packages) -> prepare (detect, filter, align, caption)
+-> train the identity LoRA on the tiny default model -> export ONNX + assemble
+the Triton repository -> start tritonserver on 127.0.0.1 -> ``portrait``
+calls over gRPC in template mode -> ranked portraits, a grid PNG and a
+report in ``outputs/demo/`` -> server stopped.
+
+The tiny default generator has random weights: its own pixels are not
+portraits. Template mode on real template photos shows what facetron does:
+the template's face region is generated, the user's face is fused in, and
+face_select ranks the candidates. ``report.json`` says which parts came
+from the tiny model. With ``--base-model`` pointing at a real SD-1.5
+folder the same command makes real portraits.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from facetron import __version__
 from facetron.atomic import atomic_write_json
-from facetron.client import FacetronClient
+from facetron.imageio import load_image, save_image
 from facetron.paths import REPO_ROOT
-from facetron.triton_server import TritonServer
 
-DEFAULT_PROMPT = "a photo of <facetron-user>, a smiling person, studio portrait, soft light"
+DEMO_USER = "astronaut"
 
 
 class StageTimer:
@@ -38,46 +48,149 @@ class StageTimer:
         try:
             yield
         finally:
-            self.stages[name] = round(time.perf_counter() - t0, 4)
-            print(f"[demo] {name}: {self.stages[name]:.2f} s", flush=True)
+            self.stages[name] = round(time.perf_counter() - t0, 2)
+            print(f"[demo] {name}: {self.stages[name]:.1f} s", flush=True)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the main job end to end on the embedded default")
+    p = sub.add_parser("demo", help="run the main job end to end (photos -> LoRA -> Triton -> ranked portraits)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "demo", help="output folder")
-    p.add_argument("--repo", type=Path, default=REPO_ROOT / "model_repository")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--build", type=Path, default=REPO_ROOT / "build" / "demo",
+                   help="work folder (prepared data, LoRA, users, model repository)")
+    p.add_argument("--photos", type=Path, default=None,
+                   help="folder of photos of one person (default: the shipped demo set)")
+    p.add_argument("--user", default=DEMO_USER)
+    p.add_argument("--attr", action="append", default=None, help="caption attribute (default: gender=woman)")
+    p.add_argument("--base-model", type=Path, default=None, help="SD-1.5-layout folder (default: tiny embedded)")
+    p.add_argument("--train-steps", type=int, default=300, help="LoRA steps (FaceChain: min(200 x photos, 800))")
+    p.add_argument("--templates", type=int, default=3, help="template photos to use")
+    p.add_argument("--num", type=int, default=4, help="candidates per template")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--size", type=int, default=256, help="portrait side in px")
     p.set_defaults(func=run)
 
 
+def _grid(images: list[np.ndarray], labels: list[str], cols: int) -> np.ndarray:
+    import cv2
+
+    h, w = images[0].shape[:2]
+    rows = (len(images) + cols - 1) // cols
+    grid = np.full((rows * (h + 22), cols * w, 3), 255, np.uint8)
+    for n, (img, text) in enumerate(zip(images, labels)):
+        y, x = (n // cols) * (h + 22), (n % cols) * w
+        grid[y : y + h, x : x + w] = cv2.resize(img, (w, h))
+        cv2.putText(grid, text[:40], (x + 4, y + h + 15), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+    return grid
+
+
 def run(args: argparse.Namespace) -> int:
-    out: Path = args.out
+    from facetron.client import FacetronClient
+    from facetron.export.repository import DiffusionSource, assemble_repository
+    from facetron.faces.attributes import UserAttributes, parse_attr_flags
+    from facetron.faces.detector import FaceDetector
+    from facetron.training.demo_photos import make_demo_photos
+    from facetron.training.demo_templates import TEMPLATE_SOURCE, demo_templates
+    from facetron.training.lora_config import LoraTrainConfig
+    from facetron.training.preprocess import PrepareConfig, caption_for, prepare_photos
+    from facetron.training.train_lora import train_lora
+    from facetron.triton_server import TritonServer
+    from facetron.users import UserRegistry, validate_user_id
+
+    user = validate_user_id(args.user, "--user")
+    out, build = args.out, args.build
     out.mkdir(parents=True, exist_ok=True)
+    build.mkdir(parents=True, exist_ok=True)
+    registry = UserRegistry(build / "users")
     timer = StageTimer()
+    t_all = time.perf_counter()
     report: dict = {
         "facetron_version": __version__,
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
-        "note": (
-            "Stages implemented so far: Triton serving + CLIP tokenizer over gRPC. "
-            "Photo preparation, LoRA training, export and portrait generation are "
-            "added to this same command as they land."
-        ),
+        "user": user,
     }
-    t_all = time.perf_counter()
+
+    with timer.stage("photos"):
+        photos = args.photos or make_demo_photos(build / "photos")
+    with timer.stage("prepare"):
+        from facetron.diffusion.base_model import ensure_tiny_model, load_base_model
+
+        base_path = args.base_model or ensure_tiny_model()
+        resolution = load_base_model(base_path).resolution
+        attrs = UserAttributes(parse_attr_flags(args.attr or ["gender=woman"]))
+        prepared = prepare_photos(photos, build / "prepared", PrepareConfig(resolution=resolution), attrs, progress=True)
+        registry.save_reference_embedding(user, prepared.reference_embedding)
+        for name in ("template.png", "template.json"):
+            shutil.copyfile(build / "prepared" / name, registry.user_dir(user) / name)
+        subject = caption_for(attrs.predict([prepared.kept[0].crop])[0], "").split(", ", 1)[-1]
+        registry.save_user_info(user, {"subject": subject})
+        shutil.copyfile(build / "prepared" / "contact_sheet.png", out / "contact_sheet.png")
+        report["prepare"] = {
+            "photos": str(photos),
+            "kept": [p.file for p in prepared.kept],
+            "dropped": {p.file: p.reason for p in prepared.photos if not p.kept},
+        }
+    with timer.stage("train_lora"):
+        lora_dir = build / "loras"
+        shutil.rmtree(lora_dir, ignore_errors=True)  # a fresh run, not a resume
+        result = train_lora(prepared.dataset_dir, lora_dir, user_id=user, base_model=base_path,
+                            config=LoraTrainConfig(steps=args.train_steps), progress=True)
+        registry.install_lora(user, result.lora_path, result.metadata_path)
+        report["train"] = {"steps": result.steps, "loss": result.metadata["loss"], "lora": str(result.lora_path)}
+    with timer.stage("export_repository"):
+        repo = assemble_repository("cpu", build / "model_repository",
+                                   diffusion=DiffusionSource(base_model=args.base_model), users_dir=registry.root)
     with timer.stage("start_triton"):
-        server = TritonServer(args.repo, log_path=out / "tritonserver.log").start()
+        server = TritonServer(repo, log_path=out / "tritonserver.log").start()
+    calls = []
+    returned: list[tuple[np.ndarray, str]] = []
     try:
-        with timer.stage("tokenize_grpc"):
-            with FacetronClient(server.grpc_url) as client:
-                ids = client.tokenize([args.prompt])[0].tolist()
-        report["server"] = {"grpc": server.grpc_url, "log": str(server.log_path)}
-        report["prompt"] = args.prompt
-        report["input_ids"] = ids[: ids.index(49407) + 1]
+        templates = demo_templates(FaceDetector(), size=args.size, count=args.templates)
+        with timer.stage("portraits_grpc"), FacetronClient(server.grpc_url, timeout_s=1800) as client:
+            for n, (name, template) in enumerate(templates):
+                t0 = time.perf_counter()
+                res = client.infer(
+                    "portrait",
+                    {
+                        "user_id": np.array([user.encode()], dtype=object),
+                        "template": template,
+                        "num_images": np.array([args.num], np.int32),
+                        "top_k": np.array([args.top_k], np.int32),
+                        "steps": np.array([args.steps], np.int32),
+                        "seed": np.array([1000 * n], np.int64),
+                        "height": np.array([args.size], np.int32),
+                        "width": np.array([args.size], np.int32),
+                    },
+                    ["images", "similarity", "rank", "selected", "report"],
+                )
+                server_report = json.loads(res["report"][0])
+                save_image(out / "templates" / f"{name}.png", template)
+                for r, idx in enumerate(res["selected"]):
+                    path = out / "portraits" / f"{name}_rank{r}.png"
+                    save_image(path, res["images"][r])
+                    returned.append((res["images"][r], f"{name} #{r} sim {res['similarity'][idx]:.3f}"))
+                calls.append({
+                    "template": name,
+                    "seconds": round(time.perf_counter() - t0, 2),
+                    "similarity": [None if np.isnan(s) else round(float(s), 4) for s in res["similarity"]],
+                    "rank": res["rank"].tolist(),
+                    "selected": res["selected"].tolist(),
+                    "server": server_report,
+                })
     finally:
         with timer.stage("stop_triton"):
             server.stop()
-    report["timings_s"] = dict(timer.stages, total=round(time.perf_counter() - t_all, 4))
+    if returned:
+        save_image(out / "grid.png", _grid([r[0] for r in returned], [r[1] for r in returned], cols=args.top_k * 2))
+    report["portraits"] = calls
+    report["templates"] = TEMPLATE_SOURCE
+    report["server_log"] = str(out / "tritonserver.log")
+    report["smoke_model"] = bool(calls and calls[0]["server"].get("smoke_model"))
+    report["note"] = (calls[0]["server"]["provenance"] if calls else "no portrait calls made")
+    report["timings_s"] = dict(timer.stages, total=round(time.perf_counter() - t_all, 1))
     path = atomic_write_json(out / "report.json", report)
-    print(f"[demo] prompt tokens: {report['input_ids']}")
-    print(f"[demo] report written to {path}")
+    print(f"[demo] {len(returned)} portraits in {out / 'portraits'}; grid {out / 'grid.png'}; report {path}")
+    if report["smoke_model"]:
+        print("[demo] note: tiny smoke model — the faces you see are the user's face fused into template photos; "
+              "the generated pixels are not portraits (see report.json)")
     return 0

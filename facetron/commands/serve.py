@@ -14,7 +14,8 @@ from facetron.triton_server import LOOPBACK, TritonServer
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start tritonserver on a model repository (127.0.0.1)")
-    p.add_argument("--repo", type=Path, default=REPO_ROOT / "model_repository", help="model repository folder")
+    p.add_argument("--repo", type=Path, default=REPO_ROOT / "build" / "model_repository",
+                   help="an assembled model repository (`facetron export repository`; default: %(default)s)")
     p.add_argument("--host", default=LOOPBACK, help="bind address (loopback unless FACETRON_ALLOW_PUBLIC_BIND=1)")
     p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: a free one)")
     p.add_argument("--http-port", type=int, default=None)

@@ -86,6 +86,10 @@ def run_prepare(args: argparse.Namespace) -> int:
     result = prepare_photos(args.photos, out, config, attributes, progress=not args.no_progress)
     registry = UserRegistry(args.users_dir or default_root())
     registry.save_reference_embedding(user, result.reference_embedding)
+    from facetron.training.preprocess import caption_for
+
+    subject = caption_for(attributes.predict([result.kept[0].crop])[0], "").split(", ", 1)[-1]
+    registry.save_user_info(user, {"subject": subject, "trigger_token": args.trigger_token})
     for name in ("template.png", "template.json"):
         tmp = registry.user_dir(user) / f".{name}.tmp"
         shutil.copyfile(out / name, tmp)
@@ -132,6 +136,8 @@ def add_lora_parser(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-embedding", type=Path, default=None,
                    help="the user's reference face embedding (.npy), recorded in the sidecar")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--users-dir", type=Path, default=None, help="user registry (default: FACETRON_USERS_DIR or build/users)")
+    p.add_argument("--no-register", action="store_true", help="do not install the LoRA into the user registry")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_lora)
 
@@ -156,4 +162,10 @@ def run_lora(args: argparse.Namespace) -> int:
         print("[train] note: trained on the tiny embedded smoke model; its pictures are not portraits")
     print(f"[train] LoRA: {result.lora_path}")
     print(f"[train] metadata: {result.metadata_path}")
+    if not args.no_register:
+        from facetron.users import UserRegistry, default_root
+
+        registry = UserRegistry(args.users_dir or default_root())
+        registry.install_lora(args.user, result.lora_path, result.metadata_path)
+        print(f"[train] registered the LoRA for {args.user!r} in {registry.root} (served by the runtime-LoRA unet)")
     return 0

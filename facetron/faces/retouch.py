@@ -74,8 +74,10 @@ def fuse_face(
     target_landmarks: np.ndarray,
     source: np.ndarray,
     source_landmarks: np.ndarray,
+    scale: float = 0.95,
 ) -> np.ndarray:
-    """Warp the source face onto the target's landmarks and Poisson-blend it.
+    """Warp the source face onto the target's landmarks and Poisson-blend it
+    inside a face ellipse (``scale`` x the face's size).
 
     FaceChain fuses the user's template face into generated portraits; this
     is the classical version (similarity warp + ``cv2.seamlessClone``)."""
@@ -84,7 +86,7 @@ def fuse_face(
     matrix = similarity_transform(src, tgt)
     h, w = target.shape[:2]
     warped = cv2.warpAffine(source, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-    mask = face_ellipse_mask(target.shape, tgt, scale=0.95)
+    mask = face_ellipse_mask(target.shape, tgt, scale=scale)
     # the warped source must cover the mask: restrict to the warped source's valid area
     valid = cv2.warpAffine(np.full(source.shape[:2], 255, np.uint8), matrix, (w, h), flags=cv2.INTER_NEAREST)
     mask = cv2.bitwise_and(mask, valid)

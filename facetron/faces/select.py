@@ -18,6 +18,7 @@ class SelectRules:
     min_face_frac: float = 0.08  # face box short side / image short side
     max_face_frac: float = 0.95
     min_score: float = 0.90
+    bystander_area: float = 0.25  # faces smaller than this x the largest are background, not counted
 
 
 @dataclass
@@ -30,21 +31,30 @@ class Selection:
 
 def face_filter(
     num_faces: np.ndarray, boxes: np.ndarray, scores: np.ndarray, image_hw: tuple[int, int], rules: SelectRules
-) -> tuple[np.ndarray, list[str]]:
+) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Per candidate: does it pass "exactly one face within size bounds"?
 
-    ``boxes`` [N,K,4] / ``scores`` [N,K] padded, ``num_faces`` [N]."""
+    A face counts when its score reaches ``min_score`` and its area is at
+    least ``bystander_area`` of the largest face's (small background faces,
+    e.g. people behind the subject of a template photo, do not count).
+    ``boxes`` [N,K,4] / ``scores`` [N,K] padded, ``num_faces`` [N]. Returns
+    (keep [N], reasons, face index [N], -1 where filtered)."""
     n = len(num_faces)
     short = float(min(image_hw))
     ok = np.zeros(n, bool)
+    chosen = np.full(n, -1, np.int32)
     reasons = []
     for i in range(n):  # N candidates (a handful), not a hot loop over pixels
         k = int(num_faces[i])
-        valid = [j for j in range(k) if scores[i, j] >= rules.min_score]
+        b, sc = boxes[i, :k], scores[i, :k]
+        areas = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+        confident = sc >= rules.min_score
+        big = confident & (areas >= rules.bystander_area * (areas[confident].max() if confident.any() else 0))
+        valid = np.flatnonzero(big)
         if len(valid) != 1:
             reasons.append(f"{len(valid)} faces (exactly one required)")
             continue
-        x1, y1, x2, y2 = boxes[i, valid[0]]
+        x1, y1, x2, y2 = b[valid[0]]
         frac = min(x2 - x1, y2 - y1) / short
         if frac < rules.min_face_frac:
             reasons.append(f"face too small ({frac:.2f} of the image < {rules.min_face_frac})")
@@ -52,8 +62,9 @@ def face_filter(
             reasons.append(f"face too large ({frac:.2f} of the image > {rules.max_face_frac})")
         else:
             ok[i] = True
+            chosen[i] = int(valid[0])
             reasons.append("")
-    return ok, reasons
+    return ok, reasons, chosen
 
 
 def rank_by_identity(embeddings: np.ndarray, reference: np.ndarray, keep: np.ndarray, top_k: int) -> Selection:

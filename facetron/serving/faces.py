@@ -79,12 +79,11 @@ def select_portraits(
     if top_k < 0:
         raise InvalidInputError("top_k", f"must be >= 0 (0 = all), got {top_k}")
     dets = detect(images)
-    keep, reasons = face_filter(dets["num_faces"].reshape(-1), dets["boxes"], dets["scores"], images.shape[1:3], rules)
+    keep, reasons, face = face_filter(dets["num_faces"].reshape(-1), dets["boxes"], dets["scores"], images.shape[1:3], rules)
     embeddings = np.zeros((len(images), 128), np.float32)
     if keep.any():
         idx = np.flatnonzero(keep)
-        # the one valid face of each kept candidate is its highest-scoring one (row 0)
-        chips = np.concatenate([align_faces(images[i], dets["landmarks"][i, :1]) for i in idx])
+        chips = np.concatenate([align_faces(images[i], dets["landmarks"][i, face[i] : face[i] + 1]) for i in idx])
         embeddings[idx] = embed(chips)
     selection = rank_by_identity(embeddings, reference, keep, top_k)
     selection.reasons = reasons

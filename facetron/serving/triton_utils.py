@@ -9,12 +9,13 @@ same batch still succeed, and the server stays READY.
 from __future__ import annotations
 
 import json
+import re
 import traceback
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from facetron.errors import FacetronError, InvalidInputError
+from facetron.errors import FacetronError, InvalidInputError, NotFoundError
 
 
 def pb():
@@ -33,11 +34,25 @@ def _code(status: str):
     }.get(status, err.INTERNAL)
 
 
+_STATUS_TAG = re.compile(r" \[status: ([A-Z_]+)\]$")
+
+
+def tag_status(message: str, status: str) -> str:
+    """``message [status: NOT_FOUND]`` (see :func:`bls_infer` for why)."""
+    return message if _STATUS_TAG.search(message) else f"{message} [status: {status}]"
+
+
+def split_status(message: str) -> tuple[str | None, str]:
+    """(status, message without the tag)."""
+    m = _STATUS_TAG.search(message)
+    return (m.group(1), message[: m.start()]) if m else (None, message)
+
+
 def error_response(exc: BaseException):
     """An InferenceResponse carrying ``exc`` as a Triton error."""
     pb_utils = pb()
     if isinstance(exc, FacetronError):
-        error = pb_utils.TritonError(str(exc), _code(exc.status))
+        error = pb_utils.TritonError(tag_status(str(exc), exc.status), _code(exc.status))
     else:
         error = pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
@@ -117,8 +132,13 @@ def bls_infer(model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> 
     if response.has_error():
         error = response.error()
         message = error.message()
-        code = error.code() if hasattr(error, "code") else None
-        if code == pb_utils.TritonError.INVALID_ARG:
+        # BLS responses lose the callee's error code (always INTERNAL here), so the
+        # status travels in the message tag: a bad input stays INVALID_ARGUMENT and
+        # an unknown user NOT_FOUND, however many models deep it was found.
+        status, message = split_status(message)
+        if status == "INVALID_ARGUMENT":
             raise InvalidInputError.from_message(message)
+        if status == "NOT_FOUND":
+            raise NotFoundError(message)
         raise FacetronError(f"{model}: {message}")
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}

@@ -1,0 +1,79 @@
+"""One ONNX Runtime session for a python-backend net model, with request
+batching: the requests of a dynamic batch are concatenated along the batch
+axis, run once, and split back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from facetron.errors import FacetronError, InvalidInputError
+
+
+def open_session(path: Path, threads: int | None = None):
+    """A CPU ONNX Runtime session (no idle-thread spinning: cores are shared)."""
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise FacetronError(f"ONNX file {path} is missing: assemble the repository with `facetron export repository`")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def version_dir(args: dict) -> Path:
+    """The model's version folder (where its artifacts live) from initialize()'s args."""
+    return Path(args["model_repository"]) / str(args["model_version"])
+
+
+def run_batched(
+    requests: Sequence,
+    read: Callable[[object], dict[str, np.ndarray]],
+    run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+) -> list:
+    """Read each request's feed, run all valid ones as one batch, split outputs.
+
+    Requests whose inputs break a rule get their own error response; requests
+    whose non-batch dims differ from the first valid one run separately."""
+    from facetron.serving.triton_utils import error_response, pb
+
+    pb_utils = pb()
+    responses: list = [None] * len(requests)
+    groups: dict[tuple, list[tuple[int, dict]]] = {}
+    for i, request in enumerate(requests):
+        try:
+            feed = read(request)
+            key = tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(feed.items()))
+            groups.setdefault(key, []).append((i, feed))
+        except Exception as exc:  # noqa: BLE001
+            responses[i] = error_response(exc)
+    for members in groups.values():
+        try:
+            feed = {k: np.concatenate([f[k] for _, f in members]) for k in members[0][1]}
+            out = run(feed)
+            start = 0
+            for i, f in members:
+                n = next(iter(f.values())).shape[0]
+                responses[i] = pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(k, np.ascontiguousarray(v[start : start + n])) for k, v in out.items()]
+                )
+                start += n
+        except Exception as exc:  # noqa: BLE001
+            for i, _ in members:
+                responses[i] = error_response(exc)
+    return responses
+
+
+def require(arr: np.ndarray | None, name: str, dtype, ndim: int) -> np.ndarray:
+    if arr is None:
+        raise InvalidInputError(name, "is required")
+    if arr.dtype != np.dtype(dtype):
+        raise InvalidInputError(name, f"expected dtype {np.dtype(dtype)}, got {arr.dtype}")
+    if arr.ndim != ndim:
+        raise InvalidInputError(name, f"expected {ndim} dimensions, got shape {list(arr.shape)}")
+    return arr

@@ -1,0 +1,41 @@
+"""Triton python-backend (BLS) model: portraits for a user.
+
+tokenizer -> text_encoder -> denoising loop over the runtime-LoRA unet ->
+vae_decoder (+ vae_encoder and face_detector in template mode), all BLS
+calls to models of the same server. See facetron.serving.generator."""
+
+from pathlib import Path
+
+from facetron.serving.generator import bls_nets, build_job, read_model_info, read_portrait_inputs, run_job
+from facetron.serving.ort_net import version_dir
+from facetron.serving.triton_utils import bls_infer, handle_each, model_parameters, pb
+from facetron.users import UserRegistry, default_root
+
+DETECTOR_OUTPUTS = ["boxes", "scores", "landmarks", "num_faces"]
+
+
+def _detect(images):
+    return bls_infer("face_detector", {"images": images}, DETECTOR_OUTPUTS)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.params = model_parameters(args)
+        self.info, self.scheduler_config = read_model_info(version_dir(args))
+        self.registry = UserRegistry(Path(self.params.get("users_dir") or default_root()))
+        self.logger = pb().Logger
+
+    def _generate(self, request):
+        job = build_job(
+            read_portrait_inputs(request),
+            self.info,
+            self.registry,
+            max_images=int(self.params.get("max_images") or 16),
+            default_steps=int(self.params.get("default_steps") or 25),
+            default_guidance=float(self.params.get("default_guidance") or 7.0),
+        )
+        nets = bls_nets(self.info, job.user_id, job.style)
+        return {"images": run_job(job, nets, self.scheduler_config, _detect)}
+
+    def execute(self, requests):
+        return handle_each(requests, self._generate, self.logger)

@@ -1,0 +1,200 @@
+"""portrait_generator and portrait served by the real tritonserver (tiny
+default model): determinism, runtime-LoRA == merged-mode per user (also with
+users interleaved), template mode end to end, and bad input over gRPC."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from facetron.errors import InvalidInputError, NotFoundError
+from facetron.users import UserRegistry
+
+pytestmark = pytest.mark.triton
+
+SIZE, STEPS = 128, 4
+W_FACE = 0.9  # the unet model's w_face parameter
+
+
+@pytest.fixture(scope="module")
+def base():
+    from facetron.diffusion.base_model import load_base_model
+
+    return load_base_model()
+
+
+@pytest.fixture(scope="module")
+def users(users_dir: Path, base, tmp_path_factory) -> dict[str, Path]:
+    """Two registered users with their own (random, non-zero) LoRAs; the
+    identity and template face come from the shipped demo photos."""
+    from facetron.export.lora_files import write_random_lora
+    from facetron.faces.attributes import UserAttributes
+    from facetron.training.demo_photos import make_demo_photos
+    from facetron.training.preprocess import PrepareConfig, prepare_photos
+
+    work = tmp_path_factory.mktemp("portrait_users")
+    prepared = prepare_photos(make_demo_photos(work / "photos"), work / "prep", PrepareConfig(resolution=SIZE),
+                              UserAttributes({"gender": "woman"}), progress=False)
+    registry = UserRegistry(users_dir)
+    loras = {}
+    for seed, user in enumerate(("astro", "astro-twin"), start=1):
+        registry.save_reference_embedding(user, prepared.reference_embedding)
+        for name in ("template.png", "template.json"):
+            shutil.copyfile(work / "prep" / name, registry.user_dir(user) / name)
+        lora = write_random_lora(work / f"{user}.safetensors", base.unet, rank=4, alpha=4, seed=seed, std=0.3)
+        registry.install_lora(user, lora)
+        loras[user] = lora
+    return loras
+
+
+def _req(**kw) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in kw.items():
+        if isinstance(v, str):
+            out[k] = np.array([v.encode()], dtype=object)
+        elif isinstance(v, np.ndarray):
+            out[k] = v
+        elif k == "seed":
+            out[k] = np.array([v], np.int64)
+        elif isinstance(v, float):
+            out[k] = np.array([v], np.float32)
+        else:
+            out[k] = np.array([v], np.int32)
+    return out
+
+
+def _generate(client, **kw) -> np.ndarray:
+    kw.setdefault("steps", STEPS)
+    return client.infer("portrait_generator", _req(**kw), ["images"])["images"]
+
+
+def _merged_reference(base, full_repository: Path, users_dir: Path, user: str, lora: Path, seed: int, n: int):
+    """Merged mode, in-process: the user's LoRA fused into the UNet (torch), the
+    same prompt resolution and sampler, text encoder / VAE from the repo's ONNX."""
+    import onnxruntime as ort
+
+    from facetron.diffusion.clip_tokenizer import ClipTokenizer
+    from facetron.export.merge import merge_loras
+    from facetron.export.onnx_export import graph_module
+    from facetron.serving.generator import build_job, read_model_info
+    from facetron.serving.portrait import DiffusionNets, generate
+
+    info, sched = read_model_info(full_repository / "portrait_generator" / "1")
+    job = build_job({"user_id": user, "num_images": n, "seed": seed, "steps": STEPS}, info, UserRegistry(users_dir))
+    unet, _ = merge_loras(base, lora, w_face=W_FACE)
+    unet_graph = graph_module("unet", unet=unet)
+    sess = {m: ort.InferenceSession(str(full_repository / m / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+            for m in ("text_encoder", "vae_decoder")}
+
+    def unet_fn(s, t, h):
+        with torch.no_grad():
+            return unet_graph(torch.from_numpy(s), torch.from_numpy(t), torch.from_numpy(h)).numpy()
+
+    nets = DiffusionNets(
+        tokenize=ClipTokenizer(),
+        text_encode=lambda ids: sess["text_encoder"].run(None, {"input_ids": ids})[0],
+        unet=unet_fn,
+        vae_decode=lambda lat: sess["vae_decoder"].run(None, {"latent": lat})[0],
+        latent_channels=4,
+        latent_factor=8,
+    )
+    return generate(nets, sched, job.prompt, job.negative_prompt, job.request)
+
+
+def test_generator_is_deterministic(client, users) -> None:
+    a = _generate(client, user_id="astro", num_images=2, seed=7)
+    b = _generate(client, user_id="astro", num_images=2, seed=7)
+    c = _generate(client, user_id="astro", num_images=1, seed=8)
+    assert a.shape == (2, SIZE, SIZE, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    # image i uses seed + i: the second image of seed 7 is the first of seed 8
+    np.testing.assert_array_equal(a[1], c[0])
+
+
+def test_lora_changes_the_output(client, users) -> None:
+    base_img = _generate(client, num_images=1, seed=3)
+    user_img = _generate(client, user_id="astro", num_images=1, seed=3)
+    assert np.abs(base_img.astype(int) - user_img).mean() > 1.0
+
+
+def test_runtime_lora_equals_merged_mode_with_users_interleaved(client, users, base, full_repository, users_dir) -> None:
+    """Requests of two users run concurrently through the one runtime-LoRA
+    UNet (they can share batches); each equals its own merged-mode output.
+    Tolerance: 2/255 per pixel (ORT vs torch fp32 over 4 steps + uint8 rounding)."""
+    jobs = [("astro", 11), ("astro-twin", 11), ("astro", 12), ("astro-twin", 12)]
+    with ThreadPoolExecutor(4) as pool:
+        served = list(pool.map(lambda j: _generate(client, user_id=j[0], num_images=1, seed=j[1]), jobs))
+    refs = {}
+    for (user, seed), got in zip(jobs, served):
+        if (user, seed) not in refs:
+            refs[(user, seed)] = _merged_reference(base, full_repository, users_dir, user, users[user], seed, 1)
+        diff = np.abs(got.astype(int) - refs[(user, seed)].astype(int))
+        assert diff.max() <= 2, (user, seed, diff.max())
+    # and the two users really differ
+    assert np.abs(served[0].astype(int) - served[1]).mean() > 1.0
+
+
+def test_portrait_template_mode_end_to_end(client, users) -> None:
+    from facetron.faces.detector import FaceDetector
+    from facetron.training.demo_templates import demo_templates
+
+    name, template = demo_templates(FaceDetector(), size=SIZE, count=1)[0]
+    out = client.infer(
+        "portrait",
+        _req(user_id="astro", template=template, num_images=3, top_k=2, seed=5, steps=STEPS),
+        ["images", "similarity", "rank", "selected", "report"],
+    )
+    report = json.loads(out["report"][0])
+    assert report["mode"] == "template" and report["smoke_model"] and report["candidates"] == 3
+    assert all(report["fused"])
+    kept = out["rank"] >= 0
+    assert kept.sum() >= 1 and np.all(out["similarity"][kept] > 0.9)  # the user's fused face is found and matched
+    assert out["images"].shape == (min(2, int(kept.sum())), SIZE, SIZE, 3)
+    assert np.all(np.isnan(out["similarity"][~kept]))
+    order = out["selected"]
+    assert list(out["rank"][order]) == list(range(len(order)))
+    assert {"generate_ms", "fuse_ms", "select_ms"} <= set(report["timings_ms"])
+
+
+@pytest.mark.parametrize(
+    "model, inputs, error, match",
+    [
+        ("portrait_generator", dict(num_images=np.array([2], np.int64)), InvalidInputError, "num_images"),
+        ("portrait_generator", dict(prompt="   "), InvalidInputError, "prompt: is empty"),
+        ("portrait_generator", dict(steps=0), InvalidInputError, "steps: must be 1..150"),
+        ("portrait_generator", dict(steps=10000), InvalidInputError, "steps: must be 1..150"),
+        ("portrait_generator", dict(height=100), InvalidInputError, "height: must be a multiple of 8"),
+        ("portrait_generator", dict(num_images=17), InvalidInputError, "num_images: must be 1..16"),
+        ("portrait_generator", dict(guidance=float("nan")), InvalidInputError, "guidance"),
+        ("portrait_generator", dict(style="cubism"), InvalidInputError, "unknown style 'cubism'"),
+        ("portrait_generator", dict(scheduler="magic"), InvalidInputError, "scheduler"),
+        ("portrait_generator", dict(template=np.zeros((8, 8, 3), np.uint8)), InvalidInputError, "template: is 8x8"),
+        ("portrait_generator", dict(template=np.full((64, 64, 3), 90, np.uint8)), InvalidInputError,
+         "template: no face found"),
+        ("portrait_generator", dict(template=np.zeros((64, 64, 4), np.uint8)), InvalidInputError, "template"),
+        ("portrait_generator", dict(user_id="nobody"), NotFoundError, "unknown user 'nobody'"),
+        ("portrait_generator", dict(user_id="../etc"), InvalidInputError, "not a valid user id"),
+        ("portrait", dict(num_images=1), InvalidInputError, "user_id: is required"),
+        ("portrait", dict(user_id="a/b"), InvalidInputError, "not a valid user id"),
+        ("portrait", dict(user_id="nobody"), NotFoundError, "unknown user 'nobody'"),
+    ],
+)
+def test_bad_input_over_grpc(client, users, model, inputs, error, match) -> None:
+    inputs = dict(inputs)
+    inputs.setdefault("steps", 1)
+    with pytest.raises(error, match=match):
+        client.infer(model, _req(**inputs), ["images"])
+    assert client.model_ready(model) and client.is_ready()
+
+
+def test_user_without_lora_is_not_found(client, users, users_dir) -> None:
+    registry = UserRegistry(users_dir)
+    registry.save_reference_embedding("no-lora", np.ones((1, 128), np.float32))
+    with pytest.raises(NotFoundError, match="no trained LoRA for user 'no-lora'"):
+        _generate(client, user_id="no-lora", num_images=1, steps=1)
