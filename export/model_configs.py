@@ -191,8 +191,10 @@ DIFFUSION_MODELS: tuple[ModelDef, ...] = (
         max_batch_size=32,
         queue_delay_us=1000,
         parameters={"lora_cache_mb": "512", "users_dir": "", "w_face": "0.9", "w_style": "0.25"},
-        cpu=Serving(artifact="model.onnx", parameters={"intra_op_threads": "2"}),
-        gpu=None,  # gpu: a refit-enabled TensorRT engine per merged user (export.trt) — see README
+        cpu=Serving(artifact="model.onnx", parameters={"intra_op_threads": "2", "providers": "cpu"}),
+        # gpu: the same LoRA-bank python model, ONNX Runtime on its CUDA provider (merged
+        # mode's analogue there is a refit-enabled TensorRT engine: export/trt.py)
+        gpu=Serving(kind="KIND_GPU", artifact="model.onnx", parameters={"intra_op_threads": "0", "providers": "cuda"}),
     ),
     ModelDef(
         name="vae_decoder",

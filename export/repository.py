@@ -112,7 +112,7 @@ def _write_model(
         if not src.is_file():
             raise InvalidInputError(model.name, f"python model source {src} is missing")
         shutil.copyfile(src, version / "model.py")
-    if model.name in _NET_ARTIFACTS and diffusion is not None and target == "cpu":
+    if model.name in _NET_ARTIFACTS and diffusion is not None:
         diffusion.copy_net(model.name, version)
     elif serving.artifact:
         ARTIFACT_BUILDERS[model.name](version / serving.artifact)
@@ -147,7 +147,7 @@ def assemble_repository(
     except OSError as exc:
         raise InvalidInputError(str(out), f"cannot create the output folder ({exc.strerror})") from None
     with atomic_dir(out) as tmp:
-        if diffusion is not None and target == "cpu":
+        if diffusion is not None:
             diffusion.export(tmp / ".export")
         for model in chosen:
             _write_model(model, target, tmp, diffusion, Path(users_dir).resolve() if users_dir else None)

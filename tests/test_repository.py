@@ -46,7 +46,9 @@ def test_nets_batch_set_models_do_not() -> None:
 
 @pytest.fixture(scope="module")
 def gpu_repo(tmp_path_factory) -> Path:
-    return assemble_repository("gpu", tmp_path_factory.mktemp("gpu") / "model_repository")
+    from facetron.export.repository import DiffusionSource
+
+    return assemble_repository("gpu", tmp_path_factory.mktemp("gpu") / "model_repository", diffusion=DiffusionSource())
 
 
 def test_gpu_repository_uses_native_backends(gpu_repo: Path) -> None:
@@ -55,16 +57,19 @@ def test_gpu_repository_uses_native_backends(gpu_repo: Path) -> None:
     assert emb.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
     det = _parse((gpu_repo / "face_detector" / "config.pbtxt").read_text())
     assert det.backend == "python" and det.parameters["nets"].string_value == "bls"
-    for net in ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "face_embedder"):
+    for net in ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "face_embedder", "text_encoder", "vae_decoder", "unet"):
         assert (gpu_repo / net / "1" / "model.onnx").is_file(), net
+    unet = _parse((gpu_repo / "unet" / "config.pbtxt").read_text())
+    assert unet.parameters["providers"].string_value == "cuda"
 
 
 def test_gpu_onnx_artifacts_match_their_configs(gpu_repo: Path) -> None:
     """Names, dtypes and ranks of each ONNX graph equal its config's contract."""
     import onnxruntime as ort
 
-    for name in ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "face_embedder"):
+    for name in ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "face_embedder", "text_encoder", "vae_decoder", "vae_encoder"):
         cfg = _parse((gpu_repo / name / "config.pbtxt").read_text())
+        assert cfg.platform == "onnxruntime_onnx", name
         sess = ort.InferenceSession(str(gpu_repo / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
         batch = 1 if cfg.max_batch_size > 0 else 0
         for spec, ios in ((cfg.input, sess.get_inputs()), (cfg.output, sess.get_outputs())):

@@ -63,7 +63,32 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     t.add_argument("--models", default=None, help="comma-separated subset (default: all in the export)")
     t.add_argument("--print-commands", action="store_true", help="only print the equivalent trtexec lines")
     t.set_defaults(func=run_trt)
+
+    r = nested.add_parser("repository", help="assemble a servable Triton model repository (cpu | gpu)")
+    r.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
+    r.add_argument("--out", type=Path, default=Path("build/model_repository"))
+    r.add_argument("--base-model", type=Path, default=None,
+                   help="SD-1.5-layout folder for the diffusion models (default: the tiny embedded smoke model)")
+    r.add_argument("--faces-only", action="store_true", help="tokenizer + face models only (no diffusion export)")
+    r.add_argument("--lora-rank", type=int, default=16, help="rank of the runtime-LoRA UNet (face + style ranks)")
+    r.add_argument("--users-dir", type=Path, default=None,
+                   help="user registry the served models read (default: FACETRON_USERS_DIR at serve time, "
+                        "else build/users)")
+    r.set_defaults(func=run_repository)
     return nested
+
+
+def run_repository(args: argparse.Namespace) -> int:
+    from facetron.export.model_configs import models_for
+    from facetron.export.repository import DiffusionSource, assemble_repository
+
+    diffusion = None if args.faces_only else DiffusionSource(base_model=args.base_model, lora_rank=args.lora_rank)
+    out = assemble_repository(args.target, args.out, diffusion=diffusion, users_dir=args.users_dir)
+    names = [m.name for m in models_for(args.target, diffusion=diffusion is not None)]
+    print(f"[export] {args.target} repository with {len(names)} models -> {out}: {', '.join(names)}")
+    if args.target == "gpu":
+        print("[export] note: the gpu target is written for the NGC tritonserver container; it was not served here")
+    return 0
 
 
 def add_subcommand(name: str, **kwargs) -> argparse.ArgumentParser:

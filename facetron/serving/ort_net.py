@@ -12,9 +12,18 @@ import numpy as np
 from facetron.errors import FacetronError, InvalidInputError
 
 
-def open_session(path: Path, threads: int | None = None):
-    """A CPU ONNX Runtime session (no idle-thread spinning: cores are shared)."""
+def open_session(path: Path, threads: int | None = None, providers: str = "cpu"):
+    """An ONNX Runtime session (no idle-thread spinning: cores are shared).
+
+    ``providers="cuda"`` asks for the CUDA provider first (gpu target) and
+    fails clearly where onnxruntime has none."""
     import onnxruntime as ort
+
+    chain = ["CPUExecutionProvider"]
+    if providers == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise FacetronError(f"{path}: the CUDA execution provider is not available in this onnxruntime")
+        chain = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
     if not path.is_file():
         raise FacetronError(f"ONNX file {path} is missing: assemble the repository with `facetron export repository`")
@@ -23,7 +32,7 @@ def open_session(path: Path, threads: int | None = None):
     if threads:
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), sess_options=opts, providers=chain)
 
 
 def version_dir(args: dict) -> Path:

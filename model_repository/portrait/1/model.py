@@ -21,11 +21,7 @@ def _generate(inputs):
 
 
 def _detect(images):
-    return bls_infer("face_detector", images_input(images), DETECTOR_OUTPUTS)
-
-
-def images_input(images):
-    return {"images": np.ascontiguousarray(images)}
+    return bls_infer("face_detector", {"images": np.ascontiguousarray(images)}, DETECTOR_OUTPUTS)
 
 
 def _select(images, user_id, top_k):

@@ -38,7 +38,7 @@ class TritonPythonModel:
         params = model_parameters(args)
         folder = version_dir(args)
         threads = int(params.get("intra_op_threads") or 0) or None
-        self.session = open_session(folder / "model.onnx", threads)
+        self.session = open_session(folder / "model.onnx", threads, params.get("providers") or "cpu")
         manifest = json.loads((folder / "lora_manifest.json").read_text())
         users = params.get("users_dir") or str(default_root())
         self.bank = LoraBank(
