@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all serve lint duplicates clean
+.PHONY: setup demo test test-all serve lint duplicates clean bench bench-full
 
 setup:
 	@./scripts/setup.sh
@@ -22,6 +22,15 @@ test-all: setup
 
 serve: setup
 	$(VENV)/bin/facetron serve
+
+# latency benchmarks -> benchmarks/results/<date>-<machine>-all.{json,md,png} (~3-5 min on 2 cores)
+BENCH_ARGS ?=
+bench: setup
+	$(VENV)/bin/facetron bench all $(BENCH_ARGS)
+
+# + SD-1.5 shapes (random weights): ORT vs torch for a few UNet steps (several minutes more)
+bench-full: setup
+	$(VENV)/bin/facetron bench all --full $(BENCH_ARGS)
 
 duplicates:
 	duplicates facetron training export client benchmarks tests

@@ -52,6 +52,8 @@ def measure(model_name: str = "unet", spec: str = "tiny", repeats: int = 5, *, b
                                                             "text_encoder": base.text_encoder})
         export_s = time.perf_counter() - t0
         opts = ort.SessionOptions()
+        # idle ORT threads must not spin: they would slow the torch call timed next
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
         t0 = time.perf_counter()

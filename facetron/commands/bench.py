@@ -1,9 +1,19 @@
-"""``facetron bench``: latency benchmarks (results in benchmarks/results/)."""
+"""``facetron bench``: latency benchmarks (results in benchmarks/results/).
+
+* ``all``   — the suite (pairs + load sweeps + stage breakdown), ``--full`` adds SD-1.5 shapes
+* ``pairs`` — only the side-by-side pairs
+* ``load``  — only the load sweeps (own server, or ``--url`` of a running one)
+* ``faces`` — the face-path benchmark (embedder vs dlib-bin, pipeline, Triton vs in-process)
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
+from pathlib import Path
+
+from facetron.errors import InvalidInputError
 
 
 def _faces(args: argparse.Namespace) -> int:
@@ -14,9 +24,98 @@ def _faces(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_summary(result: dict) -> int:
+    from facetron.benchmarks.suite import headline
+
+    suite = result.get("suite", {})
+    print(f"\nwall time: {result['wall_s']} s (load average {suite.get('loadavg_start')} -> {suite.get('loadavg_end')})")
+    for label, ratio, detail in headline(result):
+        print(f"  {label:<52} {ratio!s:>7}  {detail}")
+    for case, rows in (result.get("load") or {}).items():
+        for r in rows:
+            print(f"  load {case:<28} c={r['concurrency']:<3} p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
+                  f"{r['throughput_rps']} req/s  errors {r['errors']}/{r['requests']}")
+    portrait = result.get("portrait")
+    if portrait:
+        print(f"  portrait: {portrait['status']}" + (f" ({portrait['reason']})" if portrait.get("reason") else ""))
+    for f in result.get("files", []):
+        print(f"  wrote {f}")
+    errors = result.get("errors") or {}
+    for key, msg in errors.items():
+        print(f"  FAILED {key}: {msg}")
+    return 1 if errors else 0
+
+
+def _suite(parts: tuple[str, ...], name: str):
+    def run(args: argparse.Namespace) -> int:
+        from facetron.benchmarks.suite import run_suite
+
+        result = run_suite(full=getattr(args, "full", False), quick=args.quick, parts=parts, name=name,
+                           out_dir=args.out)
+        return _print_summary(result)
+
+    return run
+
+
+def _concurrency(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise InvalidInputError("--concurrency", f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise InvalidInputError("--concurrency", f"every level must be >= 1, got {text!r}")
+    return values
+
+
+def _load(args: argparse.Namespace) -> int:
+    from facetron.benchmarks.load import preset
+    from facetron.benchmarks.suite import Settings, loadavg, run_sweeps, run_suite, write_report
+
+    if args.url is None:
+        if args.model or args.concurrency or args.per_worker:
+            raise InvalidInputError("--model/--concurrency/--per-worker", "need --url (the suite's own server "
+                                    "runs the default cases: omit them, or start a server and pass --url)")
+        return _print_summary(run_suite(quick=args.quick, parts=("load",), name="load", out_dir=args.out))
+    settings = Settings.for_mode(args.quick)
+    if args.per_worker:
+        settings.per_worker = {m: args.per_worker for m in (args.model or ["tokenizer"])}
+    conc = _concurrency(args.concurrency) if args.concurrency else settings.concurrency
+    cases = [preset(m) for m in (args.model or ["tokenizer", "face_detector", "face_select"])]
+    t0 = time.perf_counter()
+    result: dict = {"suite": {"mode": "load", "url": args.url, "parts": ["load"], "loadavg_start": loadavg()},
+                    "pairs": {}}
+    run_sweeps(args.url, cases, settings, result, concurrency=conc)
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    result["suite"]["loadavg_end"] = loadavg()
+    result["files"] = [str(p) for p in write_report(result, "load", args.out)]
+    return _print_summary(result)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="latency benchmarks (JSON + Markdown + PNG in benchmarks/results/)")
     bsub = p.add_subparsers(dest="bench_command", required=True, metavar="SUITE")
     f = bsub.add_parser("faces", help="embedder vs dlib-bin, face pipeline throughput, Triton vs in-process")
     f.add_argument("--repeats", type=int, default=20)
     f.set_defaults(func=_faces)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--quick", action="store_true", help="fewer repeats and concurrency levels (~1-2 min)")
+        q.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
+
+    a = bsub.add_parser("all", help="the suite: pairs + load sweeps + stage breakdown (default ~3-5 min)")
+    a.add_argument("--full", action="store_true", help="also SD-1.5 shapes (random weights), several minutes more")
+    common(a)
+    a.set_defaults(func=_suite(("pairs", "load"), "all"))
+    pr = bsub.add_parser("pairs", help="side-by-side pairs only (ORT vs torch, runtime LoRA vs merged, Triton vs "
+                                       "in-process, embedder vs dlib-bin)")
+    pr.add_argument("--full", action="store_true", help="also ORT vs torch with SD-1.5 shapes")
+    common(pr)
+    pr.set_defaults(func=_suite(("pairs",), "pairs"))
+    ld = bsub.add_parser("load", help="concurrency sweeps over gRPC + stage breakdown")
+    ld.add_argument("--url", default=None, help="HOST:PORT of a running Triton (default: start one on 127.0.0.1)")
+    ld.add_argument("--model", action="append", help="with --url: model to load-test (repeatable; presets: "
+                                                     "tokenizer, face_detector, face_embedder, face_select, portrait)")
+    ld.add_argument("--concurrency", default=None, help="with --url: levels, e.g. 1,2,4,8,16")
+    ld.add_argument("--per-worker", type=int, default=None, help="with --url: requests per concurrent worker")
+    common(ld)
+    ld.set_defaults(func=_load)

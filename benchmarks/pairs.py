@@ -1,0 +1,209 @@
+"""Side-by-side pairs, each timed interleaved (A B A B …) in one run.
+
+* :func:`ort_vs_torch` — ONNX Runtime vs torch eager per diffusion net
+  (``export.bench_ort_vs_torch.measure``), tiny spec; SD-1.5 shapes with
+  ``full``.
+* :func:`runtime_lora_vs_merged` — one runtime-LoRA UNet graph (LoRA tensors
+  as inputs) vs merged per-user UNets, in ONNX Runtime, for 1 user and for 8
+  users taking turns. Merged with 8 users is measured twice: all sessions
+  resident (memory × users) and one session at a time, loaded on every user
+  change (the "reload" of serving mode 1).
+* :func:`triton_vs_inprocess` — the same model and inputs through a real
+  Triton server over gRPC vs called in this process.
+* :func:`embedder_vs_dlib` — ``benchmarks.faces.bench_embedder`` (ONNX
+  embedder vs torch vs dlib-bin).
+
+Ratios are what to read: on 2 shared cores absolute times drift between
+runs, the alternation makes both sides of a pair see the same drift.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from facetron.benchmarks.timing import interleaved, summarize
+
+DIFFUSION_NETS = ("text_encoder", "unet", "vae_decoder")
+
+
+def _p50(stats: dict) -> float:
+    return float(stats["p50_ms"])
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+# ----------------------------------------------------------------------------- ORT vs torch
+
+
+def ort_vs_torch(spec: str = "tiny", repeats: int = 5, models: Sequence[str] = DIFFUSION_NETS,
+                 work_dir: Path | None = None) -> dict[str, dict]:
+    """``measure`` for each net: ``ort_over_torch`` < 1 means ONNX Runtime is faster."""
+    from facetron.export.bench_ort_vs_torch import measure
+
+    out = {}
+    for name in models:
+        r = measure(name, spec=spec, repeats=repeats, work_dir=work_dir)
+        out[name] = {k: r[k] for k in ("model", "spec", "batch", "latent", "repeats", "torch_ms", "ort_ms",
+                                       "ort_over_torch", "max_abs_diff", "export_s", "session_s")}
+        out[name]["torch_over_ort"] = round(r["torch_ms"] / r["ort_ms"], 3) if r["ort_ms"] else None
+    return out
+
+
+# ----------------------------------------------------------------------------- runtime LoRA vs merged
+
+
+def _ort_session(path: Path):
+    """A CPU session whose threads do not spin after a run: with several sessions
+    taking turns, spinning pools of idle sessions would steal the 2 cores."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+class _Cycle:
+    """Round-robin over users: each call of ``next()`` gives the next user index."""
+
+    def __init__(self, n: int):
+        self.n, self.i = n, -1
+
+    def next(self) -> int:
+        self.i = (self.i + 1) % self.n
+        return self.i
+
+
+def runtime_lora_vs_merged(users: int = 8, repeats: int = 16, rank: int = 16, lora_rank: int = 4,
+                           work_dir: Path | None = None) -> dict:
+    """Runtime-LoRA UNet vs merged UNets (tiny model, batch 2 = one guidance step).
+
+    ``rank``: the runtime graph's LoRA rank (the served repository's default
+    is 16: face + style LoRA); each synthetic user's LoRA has ``lora_rank``
+    and is zero-padded to it, as in serving."""
+    from facetron.diffusion.base_model import load_base_model
+    from facetron.export.lora_files import write_random_lora
+    from facetron.export.merge import merge_loras
+    from facetron.export.onnx_export import ModelDims, example_inputs, export_model, model_io
+    from facetron.export.runtime_lora import export_runtime_lora_unet, lora_inputs_for, read_lora_manifest
+    from facetron.export.runtime_lora import stack_lora_inputs
+
+    base = load_base_model()
+    dims = ModelDims.of(base)
+    feed = example_inputs(model_io("unet", dims)[0], dims, batch=2, seed=0)
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="facetron-bench-lora-") as tmp:
+        tmp = Path(tmp)
+        loras = [write_random_lora(tmp / f"user{u}.safetensors", base.unet, rank=lora_rank, alpha=8.0,
+                                   seed=1000 + u, std=0.05) for u in range(users)]
+        rt_path = export_runtime_lora_unet(base.unet, tmp / "runtime", dims=dims, rank=rank)
+        manifest = read_lora_manifest(rt_path.parent)
+        lora_in = [lora_inputs_for(lora, manifest, batch=2) for lora in loras]
+        merged_paths = [export_model("unet", tmp / f"merged{u}", unet=merge_loras(base, lora, w_face=1.0)[0], dims=dims)
+                        for u, lora in enumerate(loras)]
+        merged_bytes = sum(f.stat().st_size for f in merged_paths[0].parent.iterdir())
+        runtime = _ort_session(rt_path)
+        resident = [_ort_session(p) for p in merged_paths]
+        got = runtime.run(None, {**feed, **lora_in[0]})[0]
+        ref = resident[0].run(None, feed)[0]
+        mixed = {**{k: np.concatenate([v] * users) for k, v in feed.items()}, **stack_lora_inputs(lora_in)}
+
+        rt_cycle, res_cycle, load_cycle = _Cycle(users), _Cycle(users), _Cycle(users)
+        loaded: dict = {}
+
+        def merged_reload() -> None:
+            """Serving mode 1 with one model slot: load the next user's UNet, then run it."""
+            loaded.clear()  # drop the previous user's session first (one resident at a time)
+            sess = _ort_session(merged_paths[load_cycle.next()])
+            loaded["s"] = sess
+            sess.run(None, feed)
+
+        calls: dict[str, Callable[[], object]] = {
+            "runtime_1user": lambda: runtime.run(None, {**feed, **lora_in[0]}),
+            "merged_1user": lambda: resident[0].run(None, feed),
+            f"runtime_{users}users": lambda: runtime.run(None, {**feed, **lora_in[rt_cycle.next()]}),
+            f"merged_{users}users_resident": lambda: resident[res_cycle.next()].run(None, feed),
+            f"merged_{users}users_reload": merged_reload,
+            f"runtime_{users}users_one_batch": lambda: runtime.run(None, mixed),
+            "session_load": lambda: _ort_session(merged_paths[0]),
+        }
+        samples = interleaved(calls, repeats=repeats, warmup=1)
+    samples[f"runtime_{users}users_one_batch"] = samples[f"runtime_{users}users_one_batch"] / users  # per user
+    stats = {k: summarize(v) for k, v in samples.items()}
+    p = {k: _p50(v) for k, v in stats.items()}
+    return {
+        "model": "tiny UNet, batch 2 (one guidance step), ONNX Runtime CPU",
+        "users": users, "runtime_rank": rank, "user_lora_rank": lora_rank, "repeats": repeats,
+        "calls_ms": stats,
+        "runtime_over_merged_1user": _ratio(p["runtime_1user"], p["merged_1user"]),
+        f"runtime_over_merged_{users}users_resident": _ratio(p[f"runtime_{users}users"],
+                                                             p[f"merged_{users}users_resident"]),
+        f"runtime_over_merged_{users}users_reload": _ratio(p[f"runtime_{users}users"],
+                                                           p[f"merged_{users}users_reload"]),
+        "one_batch_per_user_over_runtime_call": _ratio(p[f"runtime_{users}users_one_batch"], p[f"runtime_{users}users"]),
+        "reload_ms_per_user_change": round(p[f"merged_{users}users_reload"] - p[f"merged_{users}users_resident"], 3),
+        "session_load_ms": p["session_load"],
+        "merged_model_mb_per_user": round(merged_bytes / 2**20, 2),
+        "max_abs_diff_runtime_vs_merged": float(np.abs(got.astype(np.float64) - ref).max()),
+        "goal": "runtime LoRA <= 1.10x merged",
+        "notes": f"{users} users: runtime = next user's LoRA tensors as inputs (no reload); merged_resident = "
+                 f"{users} sessions kept loaded; merged_reload = one session, re-created on each user change; "
+                 f"one_batch = all {users} users' requests in one batch, time per user",
+    }
+
+
+# ----------------------------------------------------------------------------- Triton vs in-process
+
+
+def triton_vs_inprocess(url: str, repeats: int = 10, select_candidates: int = 2) -> dict[str, dict]:
+    """Same model, same inputs: ``FacetronClient.infer`` over gRPC vs the in-process call.
+
+    The in-process side runs the code the python-backend model runs (same
+    ONNX nets); ``overhead_ms`` = p50 Triton - p50 in-process. The server is
+    a separate process with its own threads, so a negative overhead can
+    happen for CPU-heavy models: read it as "no measurable overhead"."""
+    from facetron.benchmarks.load import preset
+    from facetron.client import FacetronClient
+    from facetron.diffusion.clip_tokenizer import ClipTokenizer
+    from facetron.faces.detector import FaceDetector
+    from facetron.faces.embedder import FaceEmbedder
+    from facetron.serving.faces import pack_detections, select_portraits
+
+    tok, det, emb = ClipTokenizer(), FaceDetector(), FaceEmbedder()
+    detect = lambda x: pack_detections(det.detect_batch(list(x)))  # noqa: E731
+    cases = {name: preset(name, candidates=select_candidates)
+             for name in ("tokenizer", "face_embedder", "face_detector", "face_select")}
+    prompts = [p.decode() for p in cases["tokenizer"].inputs["prompt"]]
+    chips, photo = cases["face_embedder"].inputs["faces"], cases["face_detector"].inputs["images"]
+    sel = cases["face_select"].inputs
+    local = {
+        "tokenizer": lambda: tok(prompts),
+        "face_embedder": lambda: emb.embed(chips),
+        "face_detector": lambda: detect(photo),
+        "face_select": lambda: select_portraits(sel["images"], sel["reference_embedding"], 0, detect, emb.embed),
+    }
+    out = {}
+    with FacetronClient(url, timeout_s=120) as client:
+        for name, case in cases.items():
+            remote = lambda c=case: client.infer(c.model, dict(c.inputs), list(c.outputs))  # noqa: E731
+            s = interleaved({"triton": remote, "inprocess": local[name]}, repeats=repeats, warmup=2)
+            t, i = summarize(s["triton"]), summarize(s["inprocess"])
+            out[case.name] = {"triton": t, "inprocess": i, "overhead_ms": round(t["p50_ms"] - i["p50_ms"], 3),
+                              "triton_over_inprocess": _ratio(t["p50_ms"], i["p50_ms"])}
+    return out
+
+
+# ----------------------------------------------------------------------------- embedder vs dlib-bin
+
+
+def embedder_vs_dlib(repeats: int = 5) -> dict:
+    """``benchmarks.faces.bench_embedder``: per-face ms of ONNX (b1, b16), torch, dlib-bin."""
+    from facetron.benchmarks.faces import bench_embedder
+    from facetron.faces.detector import FaceDetector
+    from facetron.faces.embedder import FaceEmbedder
+
+    return bench_embedder(FaceDetector(), FaceEmbedder(), repeats)
