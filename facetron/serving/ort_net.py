@@ -86,3 +86,27 @@ def require(arr: np.ndarray | None, name: str, dtype, ndim: int) -> np.ndarray:
     if arr.ndim != ndim:
         raise InvalidInputError(name, f"expected {ndim} dimensions, got shape {list(arr.shape)}")
     return arr
+
+
+def single_net_model(input_name: str, dtype, ndim: int, output_name: str) -> type:
+    """A TritonPythonModel class for a one-input, one-output ONNX net in its
+    version folder (``model.onnx``), with dynamic-batch concatenation."""
+    from facetron.serving.triton_utils import model_parameters, pb
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            params = model_parameters(args)
+            threads = int(params.get("intra_op_threads") or 0) or None
+            self.session = open_session(version_dir(args) / "model.onnx", threads, params.get("providers") or "cpu")
+
+        def _read(self, request):
+            t = pb().get_input_tensor_by_name(request, input_name)
+            return {input_name: require(t.as_numpy() if t is not None else None, input_name, dtype, ndim)}
+
+        def _run(self, feed):
+            return {output_name: self.session.run([output_name], feed)[0]}
+
+        def execute(self, requests):
+            return run_batched(requests, self._read, self._run)
+
+    return TritonPythonModel
