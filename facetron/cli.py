@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "facetron.commands.bench",
     "facetron.commands.train",
     "facetron.commands.export",
+    "facetron.commands.generate",
 )
 
 EXIT_ERROR = 2

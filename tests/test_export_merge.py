@@ -288,7 +288,8 @@ def test_export_parser_has_nested_steps():
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
-    extra = add_subcommand("repository", help="added by another part")
+    extra = add_subcommand("extra-step", help="added by another part")
     extra.set_defaults(func=lambda a: 0)
-    args = parser.parse_args(["export", "repository"])
-    assert args.export_command == "repository"
+    args = parser.parse_args(["export", "extra-step"])
+    assert args.export_command == "extra-step"
+    assert parser.parse_args(["export", "repository", "--target", "gpu"]).target == "gpu"

@@ -1,0 +1,174 @@
+"""``facetron generate``: portraits of a user from running Triton servers.
+
+One ``portrait`` call through a :class:`~facetron.client.pool.ServerPool`
+(``--server h:p[,h:p]``: round-robin + failover). Writes into ``--out``:
+
+* ``portrait_00.png`` ... — the returned (top-k) images, best first;
+* ``grid.png`` — the same images in a grid labelled with rank + similarity;
+* ``result.json`` — request, per-candidate scores/ranks, selection, the
+  server's report, client timings, servers used (written last).
+
+Every file is written atomically. Errors (bad argument, unknown user or
+model, no server reachable) are one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from facetron.client.grpc_client import DEFAULT_URL, RetryPolicy, portrait_request
+from facetron.errors import FacetronError, InvalidInputError
+
+# library argument -> CLI flag, so errors name what the user typed
+FLAGS = {
+    "user_id": "--user",
+    "num_images": "--num",
+    "top_k": "--top-k",
+    "steps": "--steps",
+    "guidance": "--guidance",
+    "seed": "--seed",
+    "height": "--height",
+    "width": "--width",
+    "template": "--template",
+    "strength": "--strength",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate ranked portraits of a user (gRPC portrait call, failover over servers)",
+        description="One portrait call over gRPC (round-robin + failover over --server). Writes the "
+        "returned images best first (portrait_NN.png), grid.png (rank + similarity) and result.json into --out.",
+    )
+    p.add_argument("--user", required=True, help="registered user id")
+    p.add_argument("--style", default=None, help="style name (server's style registry)")
+    p.add_argument("--prompt", default=None, help="prompt text (default: the style's / server's)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--num", type=int, default=4, help="candidates to generate (default 4)")
+    p.add_argument("--top-k", type=int, default=None, help="images to return and write (default: server's)")
+    p.add_argument("--server", default=DEFAULT_URL, help="host:port[,host:port] of Triton gRPC endpoints")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=None, help="candidate i uses seed + i (default: server's)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: server's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: model's)")
+    p.add_argument("--width", type=int, default=None, help="pixels, multiple of 8 (default: model's)")
+    p.add_argument("--scheduler", default=None, help="sampler name (server's list)")
+    p.add_argument("--template", type=Path, default=None, help="template photo (template mode)")
+    p.add_argument("--strength", type=float, default=None, help="template mode: 0 < strength <= 1")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per attempt (default 600)")
+    p.add_argument("--retries", type=int, default=3, help="rounds over the servers on UNAVAILABLE (default 3)")
+    p.set_defaults(func=run)
+
+
+def _renamed(err: InvalidInputError) -> InvalidInputError:
+    return InvalidInputError(FLAGS.get(err.input_name, err.input_name), err.rule)
+
+
+def _request(args: argparse.Namespace, template: np.ndarray | None) -> dict[str, Any]:
+    """The portrait keyword arguments, validated before any connection."""
+    kwargs = dict(
+        user_id=args.user,
+        style=args.style,
+        prompt=args.prompt,
+        num_images=args.num,
+        top_k=args.top_k,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        template=template,
+        strength=args.strength,
+        negative_prompt=args.negative_prompt,
+        scheduler=args.scheduler,
+    )
+    try:
+        portrait_request(**kwargs)
+    except InvalidInputError as err:
+        raise _renamed(err) from None
+    return kwargs
+
+
+def _make_out(out: Path, create: bool) -> None:
+    """Check ``--out`` before the call; create it only once there is something to write."""
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError("--out", f"{out} exists and is not a folder")
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidInputError("--out", f"cannot create {out}: {exc.strerror or exc}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from facetron.client.grid import draw_grid, rank_labels
+    from facetron.client.pool import ServerPool, parse_servers
+    from facetron.atomic import atomic_write_json
+    from facetron.imageio import load_image, save_image
+
+    servers = parse_servers(args.server, "--server")
+    if args.timeout <= 0:
+        raise InvalidInputError("--timeout", f"must be > 0 seconds, got {args.timeout}")
+    if args.retries < 1:
+        raise InvalidInputError("--retries", f"must be >= 1, got {args.retries}")
+    template = load_image(args.template, "--template") if args.template is not None else None
+    kwargs = _request(args, template)
+    _make_out(args.out, create=False)
+
+    t0 = time.perf_counter()
+    with ServerPool(servers, timeout_s=args.timeout, retry=RetryPolicy(attempts=args.retries)) as pool:
+        try:
+            result = pool.portrait(**kwargs)
+        except InvalidInputError as err:  # the server's rule: name the flag when it is one
+            raise _renamed(err) from None
+        used = pool.servers_used()
+    total_s = time.perf_counter() - t0
+
+    _make_out(args.out, create=True)
+    files = []
+    try:
+        for pos, image in enumerate(result.images):
+            name = f"portrait_{pos:02d}.png"
+            save_image(args.out / name, np.ascontiguousarray(image))
+            files.append(name)
+        if len(result.images):
+            grid = draw_grid(list(result.images), rank_labels(result.similarity, result.rank, result.selected))
+            save_image(args.out / "grid.png", grid)
+        candidates = result.candidates()
+        for row in candidates:
+            row["file"] = files[row["position"]] if row["position"] is not None else None
+        atomic_write_json(
+            args.out / "result.json",
+            {
+                "user_id": args.user,
+                "request": {k: v for k, v in kwargs.items() if k != "template" and v is not None}
+                | ({"template": str(args.template)} if args.template else {}),
+                "candidates": candidates,
+                "selected": [int(i) for i in result.selected],
+                "files": files,
+                "grid": "grid.png" if files else None,
+                "report": result.report,
+                "client": {**result.timing, "command_total_s": round(total_s, 4)},
+                "servers": servers,
+                "servers_used": used,
+            },
+        )
+    except OSError as exc:
+        raise FacetronError(f"writing {args.out}: {exc.strerror or exc}") from None
+
+    best = next((c["similarity"] for c in candidates if c["rank"] == 0), None)
+    print(
+        f"wrote {len(files)} of {len(candidates)} portraits to {args.out} "
+        f"(best similarity {best if best is not None else 'n/a'}; server {result.server}; "
+        f"{result.timing['client_total_s']:.1f} s)"
+    )
+    if result.report.get("smoke_model"):
+        print(f"note: {result.report.get('provenance', 'tiny smoke model: these pictures are not portraits')}")
+    return 0
