@@ -31,7 +31,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -573,12 +573,23 @@ class ClientAPI:
         *,
         fuse: bool | None = None,
         timeout_s: float | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> PortraitResult:
-        """Portraits of ``user_id``, best first (the one call a client makes)."""
+        """Portraits of ``user_id``, best first (the one call a client makes).
+
+        With ``on_progress(done, total)`` the call goes over a gRPC stream to
+        the decoupled ``portrait_stream`` model, which reports every denoising
+        step (one server: no retries mid-stream)."""
         inputs = portrait_request(
             user_id, style, prompt, num_images, top_k, steps, guidance, seed, height, width, template, strength,
             negative_prompt, scheduler, fuse,
         )
+        if on_progress is not None and hasattr(self, "url"):
+            from facetron.client.stream import stream_portrait
+
+            t0 = time.perf_counter()
+            out = stream_portrait(self.url, inputs, on_progress, timeout_s or 600.0)
+            return portrait_result(out, CallInfo(server=self.url, attempts=1, elapsed_s=time.perf_counter() - t0))
         out, info = self.infer_with_info("portrait", inputs, PORTRAIT_OUTPUTS, timeout_s=timeout_s)
         return portrait_result(out, info)
 

@@ -56,6 +56,7 @@ class ModelDef:
     parameters: dict[str, str] = field(default_factory=dict)
     cpu: Serving | None = Serving()
     gpu: Serving | None = Serving()
+    decoupled: bool = False  # streams several responses per request
 
     def serving(self, target: Target) -> Serving | None:
         return self.cpu if target == "cpu" else self.gpu
@@ -242,6 +243,22 @@ DIFFUSION_MODELS: tuple[ModelDef, ...] = (
         ),
         parameters={"users_dir": ""},
     ),
+    ModelDef(
+        name="portrait_stream",
+        doc="portrait with progress (decoupled, over a gRPC stream): one response per denoising\n"
+        "step with progress = [done, total], then the final response with portrait's outputs.",
+        inputs=_PORTRAIT_INPUTS + (T("top_k", "INT32", (1,), optional=True), T("fuse", "BOOL", (1,), optional=True)),
+        outputs=(
+            T("progress", "INT32", (2,)),
+            T("images", "UINT8", (-1, -1, -1, 3)),
+            T("similarity", "FP32", (-1,)),
+            T("rank", "INT32", (-1,)),
+            T("selected", "INT32", (-1,)),
+            T("report", "STRING", (1,)),
+        ),
+        parameters={"users_dir": "", "max_images": "16", "default_steps": "25", "default_guidance": "7.0"},
+        decoupled=True,
+    ),
 )
 
 ALL_MODELS = MODELS + DIFFUSION_MODELS
@@ -280,6 +297,8 @@ def to_proto(model: ModelDef, target: Target, parameters: dict[str, str] | None 
     group.kind = pb.ModelInstanceGroup.Kind.Value(serving.kind)
     if model.queue_delay_us is not None:
         cfg.dynamic_batching.max_queue_delay_microseconds = model.queue_delay_us
+    if model.decoupled:
+        cfg.model_transaction_policy.decoupled = True
     if serving.trt_accelerator:
         acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add()
         acc.name = "tensorrt"

@@ -7,6 +7,8 @@ NOT_FOUND over gRPC.
 
 from __future__ import annotations
 
+import re
+
 
 class FacetronError(Exception):
     """Base class: a user-facing error with a one-line message."""
@@ -48,3 +50,32 @@ class ServerError(FacetronError, RuntimeError):
     """tritonserver could not be started, or failed while running."""
 
     status = "UNAVAILABLE"
+
+
+# Errors that cross a BLS hop or a decoupled stream lose their gRPC status in
+# Triton's python backend (2.51); facetron's models append it to the message.
+_STATUS_TAG = re.compile(r" \[status: ([A-Z_]+)\]$")
+
+
+def tag_status(message: str, status: str) -> str:
+    """``message [status: NOT_FOUND]`` (idempotent)."""
+    return message if _STATUS_TAG.search(message) else f"{message} [status: {status}]"
+
+
+def split_status(message: str) -> tuple[str | None, str]:
+    """(status or None, message without the tag)."""
+    m = _STATUS_TAG.search(message)
+    return (m.group(1), message[: m.start()]) if m else (None, message)
+
+
+def error_for_status(status: str | None, message: str) -> "FacetronError":
+    """The facetron error class for a status name."""
+    if status == "INVALID_ARGUMENT":
+        return InvalidInputError.from_message(message)
+    if status == "NOT_FOUND":
+        return NotFoundError(message)
+    if status == "UNAVAILABLE":
+        return ServerError(message)
+    err = FacetronError(message)
+    err.status = status or "INTERNAL"
+    return err

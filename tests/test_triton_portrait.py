@@ -198,3 +198,39 @@ def test_user_without_lora_is_not_found(client, users, users_dir) -> None:
     registry.save_reference_embedding("no-lora", np.ones((1, 128), np.float32))
     with pytest.raises(NotFoundError, match="no trained LoRA for user 'no-lora'"):
         _generate(client, user_id="no-lora", num_images=1, steps=1)
+
+
+def test_portrait_stream_reports_each_step(client, users, triton, tmp_path) -> None:
+    """The decoupled portrait_stream model streams progress, then the same
+    answer as portrait; the CLI's --progress path uses it."""
+    from facetron.client import FacetronClient
+    from facetron.faces.detector import FaceDetector
+    from facetron.training.demo_templates import demo_templates
+
+    _, template = demo_templates(FaceDetector(), size=SIZE, count=1)[0]
+    seen: list[tuple[int, int]] = []
+    with FacetronClient(triton.grpc_url, timeout_s=300) as c:
+        streamed = c.portrait("astro", template=template, num_images=2, top_k=1, seed=5, steps=3,
+                              on_progress=lambda d, t: seen.append((d, t)))
+        plain = c.portrait("astro", template=template, num_images=2, top_k=1, seed=5, steps=3)
+    assert seen and seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    np.testing.assert_array_equal(streamed.images, plain.images)
+    np.testing.assert_array_equal(streamed.rank, plain.rank)
+    with FacetronClient(triton.grpc_url, timeout_s=60) as c, pytest.raises(NotFoundError, match="unknown user"):
+        c.portrait("nobody", num_images=1, steps=1, on_progress=lambda d, t: None)
+
+    import subprocess
+    import sys
+
+    from facetron.imageio import save_image
+
+    save_image(tmp_path / "template.png", template)
+    proc = subprocess.run(
+        [sys.executable, "-m", "facetron.cli", "generate", "--user", "astro", "--num", "2", "--top-k", "1",
+         "--steps", "2", "--template", str(tmp_path / "template.png"), "--server", triton.grpc_url,
+         "--out", str(tmp_path / "out"), "--progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert len(result["candidates"]) == 2

@@ -64,6 +64,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strength", type=float, default=None, help="template mode: 0 < strength <= 1")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per attempt (default 600)")
     p.add_argument("--retries", type=int, default=3, help="rounds over the servers on UNAVAILABLE (default 3)")
+    p.add_argument("--progress", action="store_true",
+                   help="stream step progress (portrait_stream model; uses the first server, no failover)")
     p.set_defaults(func=run)
 
 
@@ -107,6 +109,30 @@ def _make_out(out: Path, create: bool) -> None:
             raise InvalidInputError("--out", f"cannot create {out}: {exc.strerror or exc}") from None
 
 
+def _streamed(server: str, kwargs: dict, timeout_s: float):
+    """One call over a gRPC stream with a tqdm bar of denoising steps (first server only)."""
+    from tqdm import tqdm
+
+    from facetron.client import FacetronClient
+
+    bar = tqdm(desc="denoising", unit="step", leave=False)
+
+    def on_progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        with FacetronClient(server, timeout_s=timeout_s) as client:
+            try:
+                result = client.portrait(**kwargs, on_progress=on_progress, timeout_s=timeout_s)
+            except InvalidInputError as err:
+                raise _renamed(err) from None
+    finally:
+        bar.close()
+    return result, [server]
+
+
 def run(args: argparse.Namespace) -> int:
     from facetron.client.grid import draw_grid, rank_labels
     from facetron.client.pool import ServerPool, parse_servers
@@ -123,12 +149,15 @@ def run(args: argparse.Namespace) -> int:
     _make_out(args.out, create=False)
 
     t0 = time.perf_counter()
-    with ServerPool(servers, timeout_s=args.timeout, retry=RetryPolicy(attempts=args.retries)) as pool:
-        try:
-            result = pool.portrait(**kwargs)
-        except InvalidInputError as err:  # the server's rule: name the flag when it is one
-            raise _renamed(err) from None
-        used = pool.servers_used()
+    if args.progress:
+        result, used = _streamed(servers[0], kwargs, args.timeout)
+    else:
+        with ServerPool(servers, timeout_s=args.timeout, retry=RetryPolicy(attempts=args.retries)) as pool:
+            try:
+                result = pool.portrait(**kwargs)
+            except InvalidInputError as err:  # the server's rule: name the flag when it is one
+                raise _renamed(err) from None
+            used = pool.servers_used()
     total_s = time.perf_counter() - t0
 
     _make_out(args.out, create=True)

@@ -136,24 +136,53 @@ def build_job(values: dict, info: dict, registry: UserRegistry, max_images: int 
     return PortraitJob(prompt, negative, user_id, style_name, req, template)
 
 
-def read_portrait_inputs(request) -> dict:
-    """The optional portrait inputs of a Triton request as plain Python values."""
-    from facetron.serving.triton_utils import get_input, get_scalar, get_string
+PORTRAIT_INPUT_NAMES = ("prompt", "negative_prompt", "style", "user_id", "num_images", "seed", "steps", "guidance",
+                       "height", "width", "scheduler", "template", "strength")
+_STRINGS = ("prompt", "negative_prompt", "style", "user_id", "scheduler")
+_SCALARS = (("num_images", np.int32), ("steps", np.int32), ("height", np.int32), ("width", np.int32),
+            ("seed", np.int64), ("guidance", np.float32), ("strength", np.float32))
 
+
+def portrait_values(arrays: dict[str, np.ndarray]) -> dict:
+    """The portrait inputs (tensors by name, any subset) as plain Python values."""
     values: dict = {}
-    for name in ("prompt", "negative_prompt", "style", "user_id", "scheduler"):
-        values[name] = get_string(request, name, required=False)
-    for name, dtype in (("num_images", np.int32), ("steps", np.int32), ("height", np.int32), ("width", np.int32),
-                        ("seed", np.int64), ("guidance", np.float32), ("strength", np.float32)):
-        arr = get_input(request, name, required=False)
+    for name in _STRINGS:
+        arr = arrays.get(name)
+        if arr is not None:
+            if arr.size != 1:
+                raise InvalidInputError(name, f"expected exactly one string, got shape {list(arr.shape)}")
+            item = arr.reshape(-1)[0]
+            try:
+                values[name] = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+            except UnicodeDecodeError:
+                raise InvalidInputError(name, "is not valid UTF-8") from None
+    for name, dtype in _SCALARS:
+        arr = arrays.get(name)
         if arr is not None:
             if arr.dtype != np.dtype(dtype):
                 raise InvalidInputError(name, f"expected dtype {np.dtype(dtype)}, got {arr.dtype}")
             if arr.size != 1:
                 raise InvalidInputError(name, f"expected one value, got shape {list(arr.shape)}")
             values[name] = arr.reshape(-1)[0].item()
-    values["template"] = get_input(request, "template", required=False)
+    values["template"] = arrays.get("template")
     return values
+
+
+def request_arrays(request, names) -> dict[str, np.ndarray]:
+    """The named inputs present in a Triton request, as numpy."""
+    from facetron.serving.triton_utils import pb
+
+    out = {}
+    for name in names:
+        t = pb().get_input_tensor_by_name(request, name)
+        if t is not None:
+            out[name] = t.as_numpy()
+    return out
+
+
+def read_portrait_inputs(request) -> dict:
+    """The optional portrait inputs of a Triton request as plain Python values."""
+    return portrait_values(request_arrays(request, PORTRAIT_INPUT_NAMES))
 
 
 def main_face(dets: dict[str, np.ndarray], index: int, shape: tuple[int, int]) -> int | None:

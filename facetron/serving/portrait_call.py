@@ -16,12 +16,10 @@ import numpy as np
 
 from facetron.errors import InvalidInputError
 from facetron.imageio import load_image
+from facetron.serving.generator import PORTRAIT_INPUT_NAMES as GENERATOR_INPUTS
 from facetron.serving.generator import main_face, template_landmarks
 from facetron.serving.portrait import TEMPLATE_FUSE_SCALE, fit_template, fuse_user_face
 from facetron.users import UserRegistry, validate_user_id
-
-GENERATOR_INPUTS = ("prompt", "negative_prompt", "style", "user_id", "num_images", "seed", "steps", "guidance",
-                    "height", "width", "scheduler", "template", "strength")
 
 
 def user_template(registry: UserRegistry, user_id: str) -> tuple[np.ndarray, np.ndarray] | None:

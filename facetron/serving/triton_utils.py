@@ -9,13 +9,12 @@ same batch still succeed, and the server stays READY.
 from __future__ import annotations
 
 import json
-import re
 import traceback
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from facetron.errors import FacetronError, InvalidInputError, NotFoundError
+from facetron.errors import FacetronError, InvalidInputError, NotFoundError, split_status, tag_status
 
 
 def pb():
@@ -32,20 +31,6 @@ def _code(status: str):
         "UNAVAILABLE": err.UNAVAILABLE,
         "FAILED_PRECONDITION": err.INTERNAL,
     }.get(status, err.INTERNAL)
-
-
-_STATUS_TAG = re.compile(r" \[status: ([A-Z_]+)\]$")
-
-
-def tag_status(message: str, status: str) -> str:
-    """``message [status: NOT_FOUND]`` (see :func:`bls_infer` for why)."""
-    return message if _STATUS_TAG.search(message) else f"{message} [status: {status}]"
-
-
-def split_status(message: str) -> tuple[str | None, str]:
-    """(status, message without the tag)."""
-    m = _STATUS_TAG.search(message)
-    return (m.group(1), message[: m.start()]) if m else (None, message)
 
 
 def error_response(exc: BaseException):

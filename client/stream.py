@@ -1,0 +1,73 @@
+"""Streamed ``portrait`` calls: progress per denoising step over a gRPC
+bidirectional stream to the decoupled ``portrait_stream`` model."""
+
+from __future__ import annotations
+
+import queue
+import time
+from typing import Callable, Mapping
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from facetron.errors import ServerError, error_for_status, split_status
+
+STREAM_MODEL = "portrait_stream"
+FINAL_OUTPUTS = ("images", "similarity", "rank", "selected", "report")
+
+ProgressFn = Callable[[int, int], None]
+
+
+def stream_portrait(
+    url: str,
+    inputs: Mapping[str, np.ndarray],
+    on_progress: ProgressFn | None = None,
+    timeout_s: float = 600.0,
+) -> dict[str, np.ndarray]:
+    """Send one portrait request on a stream; call ``on_progress(done, total)``
+    for each step; return the final response's outputs."""
+    from facetron.client.grpc_client import translate_error
+
+    events: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url=url)
+    try:
+        client.start_stream(callback=lambda result, error: events.put((result, error)),
+                            stream_timeout=timeout_s)
+        tensors = []
+        for name, array in inputs.items():
+            dtype = "BYTES" if array.dtype == object else grpcclient.np_to_triton_dtype(array.dtype)
+            t = grpcclient.InferInput(name, list(array.shape), dtype)
+            t.set_data_from_numpy(array)
+            tensors.append(t)
+        outputs = [grpcclient.InferRequestedOutput(n) for n in ("progress",) + FINAL_OUTPUTS]
+        client.async_stream_infer(STREAM_MODEL, tensors, outputs=outputs)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServerError(f"{url}: no final {STREAM_MODEL} response within {timeout_s:g} s")
+            try:
+                result, error = events.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if error is not None:
+                message = error.message() if isinstance(error, InferenceServerException) else str(error)
+                status, message = split_status(message or str(error))
+                if status is not None:  # stream errors carry no gRPC status; the model tagged it
+                    raise error_for_status(status, message) from None
+                if isinstance(error, InferenceServerException):
+                    raise translate_error(error, url, timeout_s) from None
+                raise ServerError(f"{url}: {error}")
+            response = result.get_response()
+            names = {o.name for o in response.outputs}
+            if "report" in names:
+                return {n: result.as_numpy(n) for n in FINAL_OUTPUTS}
+            if "progress" in names and on_progress is not None:
+                done, total = (int(v) for v in result.as_numpy("progress").reshape(-1)[:2])
+                on_progress(done, total)
+    finally:
+        try:
+            client.stop_stream()
+        finally:
+            client.close()
