@@ -114,3 +114,10 @@ def test_quick_suite_writes_results(tmp_path) -> None:
     assert not result.get("errors"), result.get("errors")
     assert result["portrait"]["status"] in ("served", "not served yet")
     assert all(p.exists() for p in map(__import__("pathlib").Path, result["files"]))
+
+
+def test_training_benchmark_measures_steps() -> None:
+    from facetron.benchmarks.training import measure
+
+    row = measure(None, 3, 64)
+    assert row["steps"] == 3 and row["steps_per_s"] > 0 and row["first_step_s"] is not None

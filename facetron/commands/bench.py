@@ -91,12 +91,22 @@ def _load(args: argparse.Namespace) -> int:
     return _print_summary(result)
 
 
+def _training(args: argparse.Namespace) -> int:
+    from facetron.benchmarks.training import run
+
+    print(json.dumps(run(full=args.full), indent=2))
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="latency benchmarks (JSON + Markdown + PNG in benchmarks/results/)")
     bsub = p.add_subparsers(dest="bench_command", required=True, metavar="SUITE")
     f = bsub.add_parser("faces", help="embedder vs dlib-bin, face pipeline throughput, Triton vs in-process")
     f.add_argument("--repeats", type=int, default=20)
     f.set_defaults(func=_faces)
+    t = bsub.add_parser("training", help="LoRA training steps/s (tiny; --full adds SD-1.5 shapes, minutes)")
+    t.add_argument("--full", action="store_true")
+    t.set_defaults(func=_training)
 
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("--quick", action="store_true", help="fewer repeats and concurrency levels (~1-2 min)")
