@@ -36,13 +36,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _tritonservers() -> set[int]:
-    """PIDs of tritonserver processes whose parent is this test process tree."""
+def _tritonservers(repo: Path) -> set[int]:
+    """PIDs of live tritonserver processes serving ``repo`` (other test runs on
+    the machine may have servers of their own)."""
     out = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "comm").read_text().strip() == "tritonserver":
+                if (entry / "comm").read_text().strip() != "tritonserver":
+                    continue
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+                if f"--model-repository={Path(repo).resolve()}" in cmdline and _alive(int(entry.name)):
                     out.add(int(entry.name))
             except OSError:
                 pass
@@ -93,15 +97,15 @@ def test_empty_repository_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_model_that_fails_to_load_names_model_and_cause(tmp_path: Path) -> None:
-    before = _tritonservers()
-    server = TritonServer(_repo_with_failing_model(tmp_path), log_path=tmp_path / "log.txt")
+    repo = _repo_with_failing_model(tmp_path)
+    server = TritonServer(repo, log_path=tmp_path / "log.txt")
     with pytest.raises(ServerError) as info:
         server.start()
     message = str(info.value)
     assert "'broken_model' failed to load" in message
     assert "weights file /nonexistent/unet.onnx is missing" in message
     time.sleep(0.5)
-    assert _tritonservers() - before == set(), "a tritonserver process was left behind"
+    assert _tritonservers(repo) == set(), "a tritonserver process was left behind"
 
 
 def test_busy_port_is_a_clear_error(model_repository: Path) -> None:
@@ -161,7 +165,6 @@ def test_server_dies_with_a_crashed_caller(model_repository: Path, tmp_path: Pat
 
 
 def test_cli_serve_broken_repo_one_line_nonzero_no_orphan(tmp_path: Path) -> None:
-    before = _tritonservers()
     repo = _repo_with_failing_model(tmp_path)
     proc = subprocess.run(
         FACETRON + ["serve", "--repo", str(repo), "--log", str(tmp_path / "log.txt")],
@@ -174,7 +177,7 @@ def test_cli_serve_broken_repo_one_line_nonzero_no_orphan(tmp_path: Path) -> Non
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("facetron serve: error:") and "'broken_model' failed to load" in lines[0]
     time.sleep(0.5)
-    assert _tritonservers() - before == set()
+    assert _tritonservers(repo) == set()
 
 
 def test_cli_serve_missing_repo(tmp_path: Path) -> None:
