@@ -225,7 +225,8 @@ DIFFUSION_MODELS: tuple[ModelDef, ...] = (
         "for a fixed seed (image i uses seed + i).",
         inputs=_PORTRAIT_INPUTS,
         outputs=(T("images", "UINT8", (-1, -1, -1, 3)),),
-        parameters={"users_dir": "", "max_images": "16", "default_steps": "25", "default_guidance": "7.0"},
+        parameters={"users_dir": "", "max_images": "16", "default_steps": "25", "default_guidance": "7.0",
+                    "identity_mode": "runtime_lora"},
     ),
     ModelDef(
         name="portrait",
@@ -256,10 +257,28 @@ DIFFUSION_MODELS: tuple[ModelDef, ...] = (
             T("selected", "INT32", (-1,)),
             T("report", "STRING", (1,)),
         ),
-        parameters={"users_dir": "", "max_images": "16", "default_steps": "25", "default_guidance": "7.0"},
+        parameters={"users_dir": "", "max_images": "16", "default_steps": "25", "default_guidance": "7.0",
+                    "identity_mode": "runtime_lora"},
         decoupled=True,
     ),
 )
+
+MERGED_UNET_PREFIX = "unet_user_"
+
+
+def merged_unet_def(user_id: str) -> ModelDef:
+    """Serving mode 1: one user's merged UNet, a model of its own (code: unet_merged)."""
+    return ModelDef(
+        name=f"{MERGED_UNET_PREFIX}{user_id}",
+        doc=f"Merged UNet of user {user_id!r} (face + style LoRA fused; serving mode 1).",
+        inputs=(T("sample", "FP32", (-1, -1, -1)), T("timestep", "FP32", (1,)), T("encoder_hidden_states", "FP32", (77, -1))),
+        outputs=(T("noise_pred", "FP32", (-1, -1, -1)),),
+        max_batch_size=32,
+        queue_delay_us=1000,
+        cpu=Serving(artifact="model.onnx", parameters={"intra_op_threads": "2", "providers": "cpu"}),
+        gpu=Serving(kind="KIND_GPU", artifact="model.onnx", parameters={"intra_op_threads": "0", "providers": "cuda"}),
+    )
+
 
 ALL_MODELS = MODELS + DIFFUSION_MODELS
 BY_NAME = {m.name: m for m in ALL_MODELS}

@@ -97,15 +97,16 @@ class DiffusionSource:
 
 
 _NET_ARTIFACTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+IDENTITY_MODES = ("runtime_lora", "merged")
 
 
 def _write_model(
-    model: ModelDef, target: Target, dest: Path, diffusion: DiffusionSource | None = None, users_dir: Path | None = None
+    model: ModelDef, target: Target, dest: Path, diffusion: DiffusionSource | None = None,
+    overrides: dict[str, str] | None = None,
 ) -> None:
     serving = model.serving(target)
     version = dest / model.name / "1"
     version.mkdir(parents=True)
-    overrides = {"users_dir": str(users_dir)} if users_dir is not None else None
     (dest / model.name / "config.pbtxt").write_text(render(model, target, overrides))
     if serving.backend == "python":
         src = SOURCE_REPOSITORY / model.name / "1" / "model.py"
@@ -126,6 +127,7 @@ def assemble_repository(
     models: Iterable[str] | None = None,
     diffusion: DiffusionSource | None = None,
     users_dir: str | Path | None = None,
+    identity_mode: str = "runtime_lora",
 ) -> Path:
     """Write the repository for ``target`` into ``out`` (replacing it atomically).
 
@@ -134,6 +136,11 @@ def assemble_repository(
     from ``diffusion.base_model`` into the version folders)."""
     if target not in TARGETS:
         raise InvalidInputError("--target", f"expected one of {', '.join(TARGETS)}, got {target!r}")
+    if identity_mode not in IDENTITY_MODES:
+        raise InvalidInputError("--identity-mode", f"expected one of {', '.join(IDENTITY_MODES)}, got {identity_mode!r}")
+    overrides = {"identity_mode": identity_mode}
+    if users_dir:
+        overrides["users_dir"] = str(Path(users_dir).resolve())
     chosen = models_for(target, diffusion=diffusion is not None)
     if models is not None:
         wanted = set(models)
@@ -150,7 +157,7 @@ def assemble_repository(
         if diffusion is not None:
             diffusion.export(tmp / ".export")
         for model in chosen:
-            _write_model(model, target, tmp, diffusion, Path(users_dir).resolve() if users_dir else None)
+            _write_model(model, target, tmp, diffusion, overrides)
         shutil.rmtree(tmp / ".export", ignore_errors=True)
     return out
 
@@ -163,3 +170,48 @@ def write_source_configs(root: Path = SOURCE_REPOSITORY) -> list[Path]:
         path.write_text(render(model, "cpu"))
         written.append(path)
     return written
+
+
+def add_merged_user(
+    repo: str | Path,
+    user_id: str,
+    users_dir: str | Path,
+    base_model: str | Path | None = None,
+    style_lora: str | Path | None = None,
+    w_face: float = 0.9,
+    w_style: float = 0.25,
+    target: Target = "cpu",
+) -> Path:
+    """Serving mode 1: write ``unet_user_<id>`` (the user's LoRA fused into the
+    UNet, exported to ONNX) into an assembled repository, atomically, without
+    touching the other models. A server in explicit model-control mode loads
+    it on the user's first request."""
+    import tempfile
+
+    from facetron.diffusion.base_model import load_base_model
+    from facetron.errors import NotFoundError
+    from facetron.export.merge import merge_loras
+    from facetron.export.model_configs import merged_unet_def
+    from facetron.export.onnx_export import ModelDims, export_model
+    from facetron.users import UserRegistry
+
+    repo = Path(repo)
+    if not (repo / "portrait_generator" / "config.pbtxt").is_file():
+        raise InvalidInputError(str(repo), "is not an assembled facetron repository with the diffusion models")
+    registry = UserRegistry(Path(users_dir))
+    lora = registry.user_dir(user_id) / "lora.safetensors"
+    if not lora.is_file():
+        raise NotFoundError(f"--user: no trained LoRA for user {user_id!r} in {registry.root}")
+    base = load_base_model(base_model)
+    unet, _ = merge_loras(base, lora, style_lora, w_face=w_face, w_style=w_style)
+    model = merged_unet_def(user_id)
+    with tempfile.TemporaryDirectory() as work, atomic_dir(repo / model.name) as tmp:
+        export_model("unet", work, unet=unet, dims=ModelDims.of(base))
+        version = tmp / "1"
+        version.mkdir()
+        for f in (Path(work) / "unet").iterdir():
+            if f.suffix in (".onnx", ".data", ".json"):
+                shutil.copyfile(f, version / f.name)
+        shutil.copyfile(SOURCE_REPOSITORY / "unet_merged" / "1" / "model.py", version / "model.py")
+        (tmp / "config.pbtxt").write_text(render(model, target))
+    return repo / model.name

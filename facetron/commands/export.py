@@ -74,8 +74,33 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     r.add_argument("--users-dir", type=Path, default=None,
                    help="user registry the served models read (default: FACETRON_USERS_DIR at serve time, "
                         "else build/users)")
+    r.add_argument("--identity-mode", choices=("runtime_lora", "merged"), default="runtime_lora",
+                   help="runtime_lora: one UNet + LoRA bank (scalable default); merged: one UNet per user "
+                        "(add users with `export add-user`; serve with --model-control explicit)")
     r.set_defaults(func=run_repository)
+
+    u = nested.add_parser("add-user", help="merged mode: add a user's merged UNet to an assembled repository")
+    u.add_argument("--repo", type=Path, required=True)
+    u.add_argument("--user", required=True)
+    u.add_argument("--users-dir", type=Path, default=None, help="user registry (default: FACETRON_USERS_DIR or build/users)")
+    u.add_argument("--base-model", type=Path, default=None)
+    u.add_argument("--style-lora", type=Path, default=None)
+    u.add_argument("--w-face", type=float, default=0.9)
+    u.add_argument("--w-style", type=float, default=0.25)
+    u.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
+    u.set_defaults(func=run_add_user)
     return nested
+
+
+def run_add_user(args: argparse.Namespace) -> int:
+    from facetron.export.repository import add_merged_user
+    from facetron.users import default_root, validate_user_id
+
+    user = validate_user_id(args.user, "--user")
+    path = add_merged_user(args.repo, user, args.users_dir or default_root(), args.base_model, args.style_lora,
+                           args.w_face, args.w_style, args.target)
+    print(f"[export] merged UNet of {user!r} -> {path} (a server with explicit model control loads it on first use)")
+    return 0
 
 
 def run_repository(args: argparse.Namespace) -> int:
@@ -83,7 +108,8 @@ def run_repository(args: argparse.Namespace) -> int:
     from facetron.export.repository import DiffusionSource, assemble_repository
 
     diffusion = None if args.faces_only else DiffusionSource(base_model=args.base_model, lora_rank=args.lora_rank)
-    out = assemble_repository(args.target, args.out, diffusion=diffusion, users_dir=args.users_dir)
+    out = assemble_repository(args.target, args.out, diffusion=diffusion, users_dir=args.users_dir,
+                              identity_mode=args.identity_mode)
     names = [m.name for m in models_for(args.target, diffusion=diffusion is not None)]
     print(f"[export] {args.target} repository with {len(names)} models -> {out}: {', '.join(names)}")
     if args.target == "gpu":

@@ -46,18 +46,49 @@ def _bls_chunked(model: str, name: str, x: np.ndarray, out: str, max_batch: int,
     return np.concatenate(parts)
 
 
-def bls_nets(info: dict, user_id: str, style: str) -> DiffusionNets:
-    """The diffusion nets as BLS calls to the models of the same server."""
+def ensure_merged_unet(user_id: str, repository: Path) -> str:
+    """Serving mode 1: the user's merged UNet model, loaded on first use
+    (the server runs with explicit model control). A model that is not in
+    the repository is refused before asking the server: python backend 2.51
+    aborts the whole server when a BLS load_model of a missing model fails."""
+    from facetron.export.model_configs import MERGED_UNET_PREFIX
+    from facetron.serving.triton_utils import pb
+
+    name = f"{MERGED_UNET_PREFIX}{user_id}"
+    if not (Path(repository) / name / "config.pbtxt").is_file():
+        raise NotFoundError(
+            f"user_id: no merged UNet for user {user_id!r} in this repository "
+            f"(`facetron export add-user --user {user_id}`)"
+        )
+    pb_utils = pb()
+    if not pb_utils.is_model_ready(model_name=name):
+        try:
+            pb_utils.load_model(model_name=name)
+        except Exception as exc:  # noqa: BLE001 - the server's reason, named
+            raise NotFoundError(
+                f"user_id: no merged UNet for user {user_id!r} in this repository "
+                f"(`facetron export add-user --user {user_id}`): {exc}"
+            ) from None
+    return name
+
+
+def bls_nets(info: dict, user_id: str, style: str, identity_mode: str = "runtime_lora",
+             repository: Path | None = None) -> DiffusionNets:
+    """The diffusion nets as BLS calls to the models of the same server.
+
+    ``identity_mode``: ``runtime_lora`` (one ``unet``, the user's LoRA from its
+    bank) or ``merged`` (the user's own ``unet_user_<id>`` model)."""
     from facetron.serving.triton_utils import bls_infer
+
+    merged = ensure_merged_unet(user_id, repository) if identity_mode == "merged" and user_id else None
 
     def unet(sample: np.ndarray, t: np.ndarray, hidden: np.ndarray) -> np.ndarray:
         n = len(sample)
-        extra = {
-            "timestep": t.reshape(n, 1).astype(np.float32),
-            "encoder_hidden_states": hidden,
-            "user_id": np.array([[user_id.encode()]] * n, dtype=object),
-            "style": np.array([[style.encode()]] * n, dtype=object),
-        }
+        extra = {"timestep": t.reshape(n, 1).astype(np.float32), "encoder_hidden_states": hidden}
+        if merged is not None:
+            return _bls_chunked(merged, "sample", sample, "noise_pred", 32, extra)
+        extra["user_id"] = np.array([[user_id.encode()]] * n, dtype=object)
+        extra["style"] = np.array([[style.encode()]] * n, dtype=object)
         return _bls_chunked("unet", "sample", sample, "noise_pred", 32, extra)
 
     return DiffusionNets(

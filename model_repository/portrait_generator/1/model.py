@@ -21,6 +21,7 @@ def _detect(images):
 class TritonPythonModel:
     def initialize(self, args):
         self.params = model_parameters(args)
+        self.repository = Path(args["model_repository"]).parent
         self.info, self.scheduler_config = read_model_info(version_dir(args))
         self.registry = UserRegistry(Path(self.params.get("users_dir") or default_root()))
         self.logger = pb().Logger
@@ -34,7 +35,8 @@ class TritonPythonModel:
             default_steps=int(self.params.get("default_steps") or 25),
             default_guidance=float(self.params.get("default_guidance") or 7.0),
         )
-        nets = bls_nets(self.info, job.user_id, job.style)
+        nets = bls_nets(self.info, job.user_id, job.style, self.params.get("identity_mode") or "runtime_lora",
+                        self.repository)
         return {"images": run_job(job, nets, self.scheduler_config, _detect)}
 
     def execute(self, requests):

@@ -41,7 +41,8 @@ def _select(images, user_id, top_k):
 class TritonPythonModel:
     def initialize(self, args):
         self.params = model_parameters(args)
-        gen = Path(args["model_repository"]).parent / "portrait_generator" / "1"
+        self.repository = Path(args["model_repository"]).parent
+        gen = self.repository / "portrait_generator" / "1"
         self.info = json.loads((gen / "model_info.json").read_text())
         self.scheduler_config = json.loads((gen / "scheduler_config.json").read_text())
         self.registry = UserRegistry(Path(self.params.get("users_dir") or default_root()))
@@ -64,7 +65,8 @@ class TritonPythonModel:
                     default_steps=int(self.params.get("default_steps") or 25),
                     default_guidance=float(self.params.get("default_guidance") or 7.0),
                 )
-                nets = bls_nets(self.info, job.user_id, job.style)
+                nets = bls_nets(self.info, job.user_id, job.style, self.params.get("identity_mode") or "runtime_lora",
+                        self.repository)
                 return run_job(job, nets, self.scheduler_config, _detect, progress=progress)
 
             out = run_portrait(arrays, self.registry, generate, _detect, _select, self.info)

@@ -1,0 +1,74 @@
+"""Serving mode 1 (merged): a user's merged UNet added to an assembled
+repository without rebuilding the rest, loaded on the user's first request by
+a server in explicit model-control mode; its portraits equal the runtime-LoRA
+mode's (the session server) within tolerance."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facetron.errors import NotFoundError
+from facetron.export.model_configs import models_for
+from facetron.users import UserRegistry
+
+pytestmark = pytest.mark.triton
+
+REQUEST = {"num_images": np.array([1], np.int32), "steps": np.array([3], np.int32), "seed": np.array([21], np.int64)}
+
+
+@pytest.fixture(scope="module")
+def merged_server(tmp_path_factory, users_dir: Path):
+    from facetron.diffusion.base_model import load_base_model
+    from facetron.export.lora_files import write_random_lora
+    from facetron.export.repository import DiffusionSource, add_merged_user, assemble_repository
+    from facetron.triton_server import TritonServer
+
+    registry = UserRegistry(users_dir)
+    registry.save_reference_embedding("merged-user", np.ones((1, 128), np.float32))
+    work = tmp_path_factory.mktemp("merged")
+    lora = write_random_lora(work / "m.safetensors", load_base_model().unet, rank=4, alpha=4, seed=33, std=0.3)
+    registry.install_lora("merged-user", lora)
+    repo = assemble_repository("cpu", work / "repo", diffusion=DiffusionSource(), users_dir=users_dir,
+                               identity_mode="merged")
+    added = add_merged_user(repo, "merged-user", users_dir)
+    names = [m.name for m in models_for("cpu", diffusion=True)]
+    server = TritonServer(repo, log_path=work / "log.txt", model_control_mode="explicit", load_models=names)
+    server.start()
+    yield server, added
+    server.stop()
+
+
+def test_merged_user_is_loaded_on_first_use_and_matches_runtime_lora(merged_server, client) -> None:
+    from facetron.client import FacetronClient
+
+    server, added = merged_server
+    assert (added / "1" / "model.onnx").is_file() and (added / "config.pbtxt").is_file()
+    user = {"user_id": np.array([b"merged-user"], dtype=object)}
+    with FacetronClient(server.grpc_url, timeout_s=300) as merged_client:
+        assert not merged_client.model_ready("unet_user_merged-user")
+        merged = merged_client.infer("portrait_generator", {**REQUEST, **user}, ["images"])["images"]
+        assert merged_client.model_ready("unet_user_merged-user")
+    runtime = client.infer("portrait_generator", {**REQUEST, **user}, ["images"])["images"]  # session server: mode 2
+    assert np.abs(merged.astype(int) - runtime.astype(int)).max() <= 2
+
+
+def test_merged_mode_unknown_merge_is_not_found(merged_server, users_dir: Path) -> None:
+    """A registered user without a merged UNet in the repository: NOT_FOUND, named."""
+    from facetron.client import FacetronClient
+
+    UserRegistry(users_dir).save_reference_embedding("astro-nomerge", np.ones((1, 128), np.float32))
+
+    server, _ = merged_server
+    with FacetronClient(server.grpc_url, timeout_s=120) as c, pytest.raises(NotFoundError, match="no merged UNet"):
+        c.infer("portrait_generator", {**REQUEST, "user_id": np.array([b"astro-nomerge"], dtype=object)}, ["images"])
+
+
+def test_add_user_needs_a_lora(tmp_path: Path, users_dir: Path, full_repository: Path) -> None:
+    from facetron.export.repository import add_merged_user
+
+    with pytest.raises(NotFoundError, match="no trained LoRA"):
+        add_merged_user(full_repository, "nobody-here", users_dir)
