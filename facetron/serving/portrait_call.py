@@ -22,6 +22,28 @@ from facetron.serving.portrait import TEMPLATE_FUSE_SCALE, fit_template, fuse_us
 from facetron.users import UserRegistry, validate_user_id
 
 
+DETECTOR_OUTPUTS = ["boxes", "scores", "landmarks", "num_faces"]
+
+
+def bls_detect(images: np.ndarray) -> dict[str, np.ndarray]:
+    """face_detector over BLS (inside Triton)."""
+    from facetron.serving.triton_utils import bls_infer
+
+    return bls_infer("face_detector", {"images": np.ascontiguousarray(images)}, DETECTOR_OUTPUTS)
+
+
+def bls_select(images: np.ndarray, user_id: str, top_k: int) -> dict[str, np.ndarray]:
+    """face_select over BLS (inside Triton), ranking against a registered user."""
+    from facetron.serving.triton_utils import bls_infer
+
+    inputs = {
+        "images": np.ascontiguousarray(images),
+        "user_id": np.array([user_id.encode()], dtype=object),
+        "top_k": np.array([top_k], np.int32),
+    }
+    return bls_infer("face_select", inputs, ["images", "similarity", "rank", "selected"])
+
+
 def user_template(registry: UserRegistry, user_id: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(template face image, its 5 landmarks) written by `train prepare`, if any."""
     udir = registry.user_dir(user_id)

@@ -8,15 +8,9 @@ from pathlib import Path
 
 from facetron.serving.generator import bls_nets, build_job, read_model_info, read_portrait_inputs, run_job
 from facetron.serving.ort_net import version_dir
-from facetron.serving.triton_utils import bls_infer, handle_each, model_parameters, pb
+from facetron.serving.portrait_call import bls_detect
+from facetron.serving.triton_utils import handle_each, model_parameters, pb
 from facetron.users import UserRegistry, default_root
-
-DETECTOR_OUTPUTS = ["boxes", "scores", "landmarks", "num_faces"]
-
-
-def _detect(images):
-    return bls_infer("face_detector", {"images": images}, DETECTOR_OUTPUTS)
-
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -37,7 +31,7 @@ class TritonPythonModel:
         )
         nets = bls_nets(self.info, job.user_id, job.style, self.params.get("identity_mode") or "runtime_lora",
                         self.repository)
-        return {"images": run_job(job, nets, self.scheduler_config, _detect)}
+        return {"images": run_job(job, nets, self.scheduler_config, bls_detect)}
 
     def execute(self, requests):
         return handle_each(requests, self._generate, self.logger)

@@ -18,25 +18,9 @@ from facetron.serving.generator import (
     request_arrays,
     run_job,
 )
-from facetron.serving.portrait_call import run_portrait
-from facetron.serving.triton_utils import bls_infer, error_response, model_parameters, pb
+from facetron.serving.portrait_call import bls_detect, bls_select, run_portrait
+from facetron.serving.triton_utils import error_response, model_parameters, pb
 from facetron.users import UserRegistry, default_root
-
-DETECTOR_OUTPUTS = ["boxes", "scores", "landmarks", "num_faces"]
-
-
-def _detect(images):
-    return bls_infer("face_detector", {"images": np.ascontiguousarray(images)}, DETECTOR_OUTPUTS)
-
-
-def _select(images, user_id, top_k):
-    inputs = {
-        "images": np.ascontiguousarray(images),
-        "user_id": np.array([user_id.encode()], dtype=object),
-        "top_k": np.array([top_k], np.int32),
-    }
-    return bls_infer("face_select", inputs, ["images", "similarity", "rank", "selected"])
-
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -67,9 +51,9 @@ class TritonPythonModel:
                 )
                 nets = bls_nets(self.info, job.user_id, job.style, self.params.get("identity_mode") or "runtime_lora",
                         self.repository)
-                return run_job(job, nets, self.scheduler_config, _detect, progress=progress)
+                return run_job(job, nets, self.scheduler_config, bls_detect, progress=progress)
 
-            out = run_portrait(arrays, self.registry, generate, _detect, _select, self.info)
+            out = run_portrait(arrays, self.registry, generate, bls_detect, bls_select, self.info)
             tensors = [pb_utils.Tensor(k, v) for k, v in out.items()]
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=final)
         except Exception as exc:  # noqa: BLE001 - every error must reach the client
