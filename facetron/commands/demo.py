@@ -71,19 +71,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _grid(images: list[np.ndarray], labels: list[str], cols: int) -> np.ndarray:
-    import cv2
-
-    h, w = images[0].shape[:2]
-    rows = (len(images) + cols - 1) // cols
-    grid = np.full((rows * (h + 22), cols * w, 3), 255, np.uint8)
-    for n, (img, text) in enumerate(zip(images, labels)):
-        y, x = (n // cols) * (h + 22), (n % cols) * w
-        grid[y : y + h, x : x + w] = cv2.resize(img, (w, h))
-        cv2.putText(grid, text[:40], (x + 4, y + h + 15), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
-    return grid
-
-
 def run(args: argparse.Namespace) -> int:
     from facetron.client import FacetronClient
     from facetron.export.repository import DiffusionSource, assemble_repository
@@ -181,7 +168,10 @@ def run(args: argparse.Namespace) -> int:
         with timer.stage("stop_triton"):
             server.stop()
     if returned:
-        save_image(out / "grid.png", _grid([r[0] for r in returned], [r[1] for r in returned], cols=args.top_k * 2))
+        from facetron.client.grid import draw_grid
+
+        grid = draw_grid([r[0] for r in returned], [r[1] for r in returned], cols=args.top_k * 2, cell=args.size)
+        save_image(out / "grid.png", grid)
     report["portraits"] = calls
     report["templates"] = TEMPLATE_SOURCE
     report["server_log"] = str(out / "tritonserver.log")

@@ -6,10 +6,9 @@ optional template mode (FaceChain's "inpaint a template photo": the
 template is VAE-encoded, noised to ``strength``, denoised, and only the
 template's face region is taken from the generated image).
 
-``postprocess`` is portrait's second half: fuse the user's template face
-into each candidate (classical, pluggable), then rank with face_select's
-logic. The nets are passed in as callables: BLS calls inside Triton,
-ONNX Runtime sessions in-process.
+``fuse_user_face`` is the fusion step of portrait's second half (see
+:mod:`facetron.serving.portrait_call`). The nets are passed in as
+callables: BLS calls inside Triton, ONNX Runtime sessions in-process.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import numpy as np
 from facetron.diffusion.sampler import GenerationRequest, ProgressFn, denoise
 from facetron.errors import InvalidInputError
 from facetron.faces.retouch import FUSERS, face_ellipse_mask
-from facetron.faces.select import SelectRules, Selection
 
 
 TEMPLATE_REGION_SCALE = 1.15  # the re-generated face region of a template (x face size)
@@ -129,27 +127,3 @@ def fuse_user_face(
             out[i] = fuse(images[i], target, user_face, user_landmarks, scale=scale)
             fused[i] = True
     return out, fused
-
-
-def postprocess(
-    images: np.ndarray,
-    reference: np.ndarray,
-    top_k: int,
-    detect: Callable[[np.ndarray], dict[str, np.ndarray]],
-    embed: Callable[[np.ndarray], np.ndarray],
-    user_face: Optional[np.ndarray] = None,
-    user_landmarks: Optional[np.ndarray] = None,
-    rules: SelectRules = SelectRules(),
-) -> tuple[np.ndarray, Selection]:
-    """Fuse (when the user's template face is given) then rank by identity."""
-    from facetron.serving.faces import select_portraits
-
-    if user_face is not None and user_landmarks is not None:
-        from facetron.serving.generator import main_face
-
-        dets = detect(images)
-        picks = [main_face(dets, i, images.shape[1:3]) for i in range(len(images))]
-        targets = [None if j is None else dets["landmarks"][i, j] for i, j in enumerate(picks)]
-        images, _ = fuse_user_face(images, targets, user_face, user_landmarks)
-    selection, _ = select_portraits(images, reference, top_k, detect, embed, rules)
-    return images, selection
