@@ -70,20 +70,22 @@ class UserRegistry:
         np.save(buf, emb, allow_pickle=False)
         return atomic_write_bytes(self.user_dir(user_id) / EMBEDDING_FILE, buf.getvalue())
 
-    def install_lora(self, user_id: str, lora: Path, sidecar: Path | None = None) -> Path:
-        """Copy a trained LoRA (+ its JSON sidecar) into the user's folder, atomically."""
+    def install_file(self, user_id: str, src: Path, name: str) -> Path:
+        """Copy ``src`` into the user's folder as ``name``, atomically."""
         import shutil
 
-        udir = self.user_dir(user_id)
-        udir.mkdir(parents=True, exist_ok=True)
-        pairs = [(Path(lora), udir / "lora.safetensors")]
+        dst = self.user_dir(user_id) / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dst)
+        return dst
+
+    def install_lora(self, user_id: str, lora: Path, sidecar: Path | None = None) -> Path:
+        """Copy a trained LoRA (+ its JSON sidecar) into the user's folder, atomically."""
         if sidecar is not None and Path(sidecar).is_file():
-            pairs.append((Path(sidecar), udir / "lora.json"))
-        for src, dst in pairs:
-            tmp = dst.with_name(f".{dst.name}.tmp")
-            shutil.copyfile(src, tmp)
-            tmp.replace(dst)
-        return udir / "lora.safetensors"
+            self.install_file(user_id, Path(sidecar), "lora.json")
+        return self.install_file(user_id, Path(lora), "lora.safetensors")
 
     def save_user_info(self, user_id: str, info: dict) -> Path:
         """``user.json``: what captions/prompts say about the user (e.g. subject words)."""

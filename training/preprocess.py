@@ -95,6 +95,7 @@ class PrepareResult:
     dataset_dir: Path
     photos: list[PhotoResult]
     reference_embedding: np.ndarray
+    subject: str = "a person"  # subject_for() of the first kept photo's attributes
 
     @property
     def kept(self) -> list[PhotoResult]:
@@ -126,19 +127,23 @@ def _nearest_to_centre(boxes: np.ndarray, size: int) -> int:
     return int(np.argmin(np.linalg.norm(centres - size / 2, axis=1)))
 
 
-def caption_for(attrs: dict[str, str], trigger: str) -> str:
-    """FaceChain-style caption: ``a photo of <tok>, a handsome man, 30-39 years old``."""
-    parts = [f"a photo of {trigger}"]
+def subject_for(attrs: dict[str, str]) -> str:
+    """What captions and prompts say about the person: ``a handsome man, 30-39 years old``."""
     gender = (attrs.get("gender") or "").lower()
     noun = {"man": "a handsome man", "male": "a handsome man", "woman": "a beautiful woman",
             "female": "a beautiful woman"}.get(gender, f"a {gender}" if gender else "a person")
-    parts.append(noun)
+    parts = [noun]
     if attrs.get("age"):
         age = attrs["age"]
         parts.append(f"{age} years old" if age[0].isdigit() and "s" not in age else f"in their {age}")
     for key in sorted(set(attrs) - {"gender", "age", "source", "race"}):
         parts.append(attrs[key])
     return ", ".join(parts)
+
+
+def caption_for(attrs: dict[str, str], trigger: str) -> str:
+    """FaceChain-style caption: ``a photo of <tok>, a handsome man, 30-39 years old``."""
+    return f"a photo of {trigger}, {subject_for(attrs)}"
 
 
 class Preprocessor:
@@ -214,8 +219,9 @@ class Preprocessor:
         d = np.stack([r.descriptor for r in still])
         return reference_embedding(d / np.linalg.norm(d, axis=1, keepdims=True))
 
-    def finish(self, kept: list[PhotoResult]) -> None:
-        """Steps 6-7: retouch and caption the kept crops (in place)."""
+    def finish(self, kept: list[PhotoResult]) -> str:
+        """Steps 6-7: retouch and caption the kept crops (in place); returns the
+        subject words of the first kept photo (for prompts)."""
         c = self.config
         for r in kept:
             if c.white_background:
@@ -225,6 +231,7 @@ class Preprocessor:
         attrs = self.attributes.predict([r.crop for r in kept])
         for r, a in zip(kept, attrs):
             r.caption = caption_for(a, c.trigger_token)
+        return subject_for(attrs[0])
 
 
 def contact_sheet(photos_dir: Path, results: list[PhotoResult], thumb: int = 160) -> np.ndarray:
@@ -286,7 +293,7 @@ def prepare_photos(
         raise TooFewPhotosError(
             str(photos_dir), f"{len(kept)} usable photo(s), at least {config.min_photos} needed — {listing}"
         )
-    pre.finish(kept)
+    subject = pre.finish(kept)
     best = max(kept, key=lambda r: (r.quality or {}).get("sharpness", 0) * (r.quality or {}).get("score", 0))
     with atomic_dir(out_dir) as tmp:
         from facetron.training.dataset import write_dataset
@@ -310,4 +317,13 @@ def prepare_photos(
                 "photos": [r.as_dict() for r in results],
             },
         )
-    return PrepareResult(out_dir, out_dir / "dataset", results, reference)
+    return PrepareResult(out_dir, out_dir / "dataset", results, reference, subject)
+
+
+def register_user(registry, user_id: str, result: PrepareResult, trigger_token: str = DEFAULT_TRIGGER_TOKEN) -> None:
+    """Put a prepared user into the registry: reference embedding, template
+    face (fusion source), and ``user.json`` (subject words, trigger token)."""
+    registry.save_reference_embedding(user_id, result.reference_embedding)
+    for name in ("template.png", "template.json"):
+        registry.install_file(user_id, result.out_dir / name, name)
+    registry.save_user_info(user_id, {"subject": result.subject, "trigger_token": trigger_token})

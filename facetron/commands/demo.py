@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from facetron.training.demo_photos import make_demo_photos
     from facetron.training.demo_templates import TEMPLATE_SOURCE, demo_templates
     from facetron.training.lora_config import LoraTrainConfig
-    from facetron.training.preprocess import PrepareConfig, caption_for, prepare_photos
+    from facetron.training.preprocess import PrepareConfig, prepare_photos, register_user
     from facetron.training.train_lora import train_lora
     from facetron.triton_server import TritonServer
     from facetron.users import UserRegistry, validate_user_id
@@ -106,11 +106,7 @@ def run(args: argparse.Namespace) -> int:
         resolution = load_base_model(base_path).resolution
         attrs = UserAttributes(parse_attr_flags(args.attr or ["gender=woman"]))
         prepared = prepare_photos(photos, build / "prepared", PrepareConfig(resolution=resolution), attrs, progress=True)
-        registry.save_reference_embedding(user, prepared.reference_embedding)
-        for name in ("template.png", "template.json"):
-            shutil.copyfile(build / "prepared" / name, registry.user_dir(user) / name)
-        subject = caption_for(attrs.predict([prepared.kept[0].crop])[0], "").split(", ", 1)[-1]
-        registry.save_user_info(user, {"subject": subject})
+        register_user(registry, user, prepared)
         shutil.copyfile(build / "prepared" / "contact_sheet.png", out / "contact_sheet.png")
         report["prepare"] = {
             "photos": str(photos),

@@ -56,10 +56,9 @@ def add_prepare_parser(stages: argparse._SubParsersAction) -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     import json
-    import shutil
 
     from facetron.faces.attributes import FairFaceAttributes, UserAttributes, parse_attr_flags
-    from facetron.training.preprocess import PrepareConfig, prepare_photos
+    from facetron.training.preprocess import PrepareConfig, prepare_photos, register_user
     from facetron.users import UserRegistry, default_root, validate_user_id
 
     user = validate_user_id(args.user, "--user")
@@ -85,15 +84,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     out = args.out or REPO_ROOT / "build" / "prepared" / user
     result = prepare_photos(args.photos, out, config, attributes, progress=not args.no_progress)
     registry = UserRegistry(args.users_dir or default_root())
-    registry.save_reference_embedding(user, result.reference_embedding)
-    from facetron.training.preprocess import caption_for
-
-    subject = caption_for(attributes.predict([result.kept[0].crop])[0], "").split(", ", 1)[-1]
-    registry.save_user_info(user, {"subject": subject, "trigger_token": args.trigger_token})
-    for name in ("template.png", "template.json"):
-        tmp = registry.user_dir(user) / f".{name}.tmp"
-        shutil.copyfile(out / name, tmp)
-        tmp.replace(registry.user_dir(user) / name)
+    register_user(registry, user, result, args.trigger_token)
     kept = len(result.kept)
     print(f"prepared {kept}/{len(result.photos)} photos of {user!r} at {resolution}px -> {out}")
     for p in result.photos:
