@@ -110,3 +110,18 @@ def single_net_model(input_name: str, dtype, ndim: int, output_name: str) -> typ
             return run_batched(requests, self._read, self._run)
 
     return TritonPythonModel
+
+
+def unet_feed(request) -> dict[str, np.ndarray]:
+    """``sample``, ``timestep`` (one per item, [N,1] on the wire -> [N]) and
+    ``encoder_hidden_states`` of a UNet request, checked."""
+    from facetron.serving.triton_utils import pb
+
+    get = pb().get_input_tensor_by_name
+    sample = require(get(request, "sample").as_numpy(), "sample", np.float32, 4)
+    n = sample.shape[0]
+    t = get(request, "timestep").as_numpy()
+    if t.dtype != np.float32 or t.size != n:
+        raise InvalidInputError("timestep", f"expected FP32 with one value per batch item ({n}), got {t.dtype} {list(t.shape)}")
+    hidden = require(get(request, "encoder_hidden_states").as_numpy(), "encoder_hidden_states", np.float32, 3)
+    return {"sample": sample, "timestep": t.reshape(n), "encoder_hidden_states": hidden}

@@ -8,12 +8,9 @@ user needs a model reload."""
 import json
 from pathlib import Path
 
-import numpy as np
-
 from facetron.diffusion.styles import STYLES
-from facetron.errors import InvalidInputError
 from facetron.serving.lora_bank import LoraBank
-from facetron.serving.ort_net import open_session, require, run_batched, version_dir
+from facetron.serving.ort_net import open_session, run_batched, unet_feed, version_dir
 from facetron.serving.triton_utils import model_parameters, pb
 from facetron.users import UserRegistry, default_root
 
@@ -50,15 +47,9 @@ class TritonPythonModel:
         )
 
     def _read(self, request):
-        get = pb().get_input_tensor_by_name
-        sample = require(get(request, "sample").as_numpy(), "sample", np.float32, 4)
-        n = sample.shape[0]
-        t = get(request, "timestep").as_numpy()
-        if t.dtype != np.float32 or t.size != n:
-            raise InvalidInputError("timestep", f"expected FP32 with one value per batch item ({n}), got {t.dtype} {list(t.shape)}")
-        hidden = require(get(request, "encoder_hidden_states").as_numpy(), "encoder_hidden_states", np.float32, 3)
+        feed = unet_feed(request)
+        n = feed["sample"].shape[0]
         users, styles = _strings(request, "user_id", n), _strings(request, "style", n)
-        feed = {"sample": sample, "timestep": t.reshape(n), "encoder_hidden_states": hidden}
         feed.update(self.bank.batch(list(zip(users, styles))))
         return feed
 
