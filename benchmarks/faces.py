@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from facetron.assets import asset_path
+from facetron.faces.crop import square_crop
 from facetron.benchmarks.report import markdown_table, write_result
 from facetron.benchmarks.timing import interleaved, summarize
 from facetron.imageio import load_image
@@ -30,11 +31,7 @@ def _real_faces(detector):
 
 
 def _square_512(image: np.ndarray, box: np.ndarray) -> np.ndarray:
-    x1, y1, x2, y2 = box
-    cx, cy, side = (x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, y2 - y1) * 3
-    s = 512 / side
-    m = np.array([[s, 0, 256 - cx * s], [0, s, 256 - cy * s]])
-    return cv2.warpAffine(image, m, (512, 512), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_CONSTANT, borderValue=(128,) * 3)
+    return square_crop(image, box, 512, 3.0, border_value=128, interpolation=cv2.INTER_AREA)
 
 
 def bench_embedder(detector, embedder, repeats: int) -> dict:

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 
 from facetron.assets import asset_path
+from facetron.faces import crop
 from facetron.imageio import load_image
 
 
@@ -18,8 +19,5 @@ def photo(name: str) -> np.ndarray:
 
 
 def square_crop(image: np.ndarray, box: np.ndarray, margin: float = 1.0, size: int = 256) -> np.ndarray:
-    """A square crop around ``box`` (x1,y1,x2,y2), ``margin`` × box side on each side, resized."""
-    x1, y1, x2, y2 = box
-    cx, cy, side = (x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, y2 - y1) * (1 + 2 * margin)
-    m = np.array([[size / side, 0, size / 2 - cx * size / side], [0, size / side, size / 2 - cy * size / side]])
-    return cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_CONSTANT, borderValue=(128, 128, 128))
+    """A square crop around ``box`` (x1,y1,x2,y2), ``margin`` × box side on each side, gray outside."""
+    return crop.square_crop(image, box, size, 1 + 2 * margin, border_value=128, interpolation=cv2.INTER_AREA)

@@ -39,6 +39,7 @@ from facetron.atomic import atomic_dir, atomic_write_bytes, atomic_write_json
 from facetron.errors import InvalidInputError
 from facetron.faces.alignment import align_faces, roll_angle
 from facetron.faces.attributes import AttributeProvider, UserAttributes
+from facetron.faces.crop import square_crop
 from facetron.faces.consistency import dominant_face, identity_outliers, reference_embedding
 from facetron.faces.quality import QualityThresholds, face_quality
 from facetron.faces.retouch import smooth_skin, white_background
@@ -109,17 +110,6 @@ def rotate_upright(image: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray
     m = cv2.getRotationMatrix2D((float(eyes[0]), float(eyes[1])), roll, 1.0)
     h, w = image.shape[:2]
     return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE), roll
-
-
-def square_crop(image: np.ndarray, box: np.ndarray, size: int, scale: float, shift: float) -> np.ndarray:
-    """A ``size``² crop centred on the face box (shifted up), side = scale x box side."""
-    x1, y1, x2, y2 = [float(v) for v in box]
-    side = max(x2 - x1, y2 - y1) * scale
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2 - shift * (y2 - y1)
-    s = size / side
-    m = np.array([[s, 0, size / 2 - cx * s], [0, s, size / 2 - cy * s]])
-    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC
-    return cv2.warpAffine(image, m, (size, size), flags=interp, borderMode=cv2.BORDER_REPLICATE)
 
 
 def _nearest_to_centre(boxes: np.ndarray, size: int) -> int:
