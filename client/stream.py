@@ -27,21 +27,15 @@ def stream_portrait(
 ) -> dict[str, np.ndarray]:
     """Send one portrait request on a stream; call ``on_progress(done, total)``
     for each step; return the final response's outputs."""
-    from facetron.client.grpc_client import translate_error
+    from facetron.client.grpc_client import infer_inputs, requested_outputs, translate_error
 
     events: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url=url)
     try:
         client.start_stream(callback=lambda result, error: events.put((result, error)),
                             stream_timeout=timeout_s)
-        tensors = []
-        for name, array in inputs.items():
-            dtype = "BYTES" if array.dtype == object else grpcclient.np_to_triton_dtype(array.dtype)
-            t = grpcclient.InferInput(name, list(array.shape), dtype)
-            t.set_data_from_numpy(array)
-            tensors.append(t)
-        outputs = [grpcclient.InferRequestedOutput(n) for n in ("progress",) + FINAL_OUTPUTS]
-        client.async_stream_infer(STREAM_MODEL, tensors, outputs=outputs)
+        client.async_stream_infer(STREAM_MODEL, infer_inputs(inputs),
+                                  outputs=requested_outputs(("progress",) + FINAL_OUTPUTS))
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
