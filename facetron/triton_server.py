@@ -259,7 +259,7 @@ class TritonServer:
         if libdir and ldlib and (Path(libdir) / ldlib).exists():
             libs.insert(0, libdir)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
-        env.setdefault("OMP_NUM_THREADS", env.get("OMP_NUM_THREADS", "1"))
+        env.setdefault("OMP_NUM_THREADS", "1")
         return env
 
     def start(self) -> "TritonServer":
