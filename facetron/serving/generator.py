@@ -176,25 +176,11 @@ _SCALARS = (("num_images", np.int32), ("steps", np.int32), ("height", np.int32),
 
 def portrait_values(arrays: dict[str, np.ndarray]) -> dict:
     """The portrait inputs (tensors by name, any subset) as plain Python values."""
-    values: dict = {}
-    for name in _STRINGS:
-        arr = arrays.get(name)
-        if arr is not None:
-            if arr.size != 1:
-                raise InvalidInputError(name, f"expected exactly one string, got shape {list(arr.shape)}")
-            item = arr.reshape(-1)[0]
-            try:
-                values[name] = item.decode("utf-8") if isinstance(item, bytes) else str(item)
-            except UnicodeDecodeError:
-                raise InvalidInputError(name, "is not valid UTF-8") from None
-    for name, dtype in _SCALARS:
-        arr = arrays.get(name)
-        if arr is not None:
-            if arr.dtype != np.dtype(dtype):
-                raise InvalidInputError(name, f"expected dtype {np.dtype(dtype)}, got {arr.dtype}")
-            if arr.size != 1:
-                raise InvalidInputError(name, f"expected one value, got shape {list(arr.shape)}")
-            values[name] = arr.reshape(-1)[0].item()
+    from facetron.serving.triton_utils import one_scalar, one_string
+
+    values: dict = {name: one_string(arrays[name], name) for name in _STRINGS if arrays.get(name) is not None}
+    values.update({name: one_scalar(arrays[name], name, dtype) for name, dtype in _SCALARS
+                   if arrays.get(name) is not None})
     values["template"] = arrays.get("template")
     return values
 

@@ -75,11 +75,8 @@ def get_input(request, name: str, dtype: np.dtype | type | None = None, ndim: in
     return arr
 
 
-def get_string(request, name: str, required: bool = True) -> str | None:
-    """A one-element BYTES input decoded as UTF-8."""
-    arr = get_input(request, name, required=required)
-    if arr is None:
-        return None
+def one_string(arr: np.ndarray, name: str) -> str:
+    """The single UTF-8 string of a one-element BYTES tensor."""
     if arr.size != 1:
         raise InvalidInputError(name, f"expected exactly one string, got shape {list(arr.shape)}")
     item = arr.reshape(-1)[0]
@@ -89,14 +86,25 @@ def get_string(request, name: str, required: bool = True) -> str | None:
         raise InvalidInputError(name, "is not valid UTF-8") from None
 
 
-def get_scalar(request, name: str, dtype, default=None):
-    """A one-element numeric input, or ``default`` when absent."""
-    arr = get_input(request, name, dtype=dtype, required=default is None)
-    if arr is None:
-        return default
+def one_scalar(arr: np.ndarray, name: str, dtype):
+    """The single value of a one-element numeric tensor of ``dtype``."""
+    if arr.dtype != np.dtype(dtype):
+        raise InvalidInputError(name, f"expected dtype {np.dtype(dtype)}, got {arr.dtype}")
     if arr.size != 1:
         raise InvalidInputError(name, f"expected one value, got shape {list(arr.shape)}")
     return arr.reshape(-1)[0].item()
+
+
+def get_string(request, name: str, required: bool = True) -> str | None:
+    """A one-element BYTES input decoded as UTF-8."""
+    arr = get_input(request, name, required=required)
+    return None if arr is None else one_string(arr, name)
+
+
+def get_scalar(request, name: str, dtype, default=None):
+    """A one-element numeric input, or ``default`` when absent."""
+    arr = get_input(request, name, required=default is None)
+    return default if arr is None else one_scalar(arr, name, dtype)
 
 
 def model_parameters(args: dict) -> dict[str, str]:
