@@ -93,7 +93,8 @@ def bench_pipeline(detector, embedder, repeats: int) -> dict:
 def bench_triton(detector, embedder, repeats: int) -> dict:
     from facetron.client import FacetronClient
     from facetron.faces.alignment import align_faces
-    from facetron.serving.faces import pack_detections, select_portraits
+    from facetron.serving.face_detector import pack_detections
+    from facetron.serving.face_select import select_portraits
     from facetron.triton_server import TritonServer
 
     faces = _real_faces(detector)

@@ -1,7 +1,7 @@
 """Side-by-side pairs, each timed interleaved (A B A B …) in one run.
 
 * :func:`ort_vs_torch` — ONNX Runtime vs torch eager per diffusion net
-  (``export.bench_ort_vs_torch.measure``), tiny spec; SD-1.5 shapes with
+  (``benchmarks.ort_vs_torch.measure``), tiny spec; SD-1.5 shapes with
   ``full``.
 * :func:`runtime_lora_vs_merged` — one runtime-LoRA UNet graph (LoRA tensors
   as inputs) vs merged per-user UNets, in ONNX Runtime, for 1 user and for 8
@@ -44,7 +44,7 @@ def _ratio(a: float, b: float) -> float | None:
 def ort_vs_torch(spec: str = "tiny", repeats: int = 5, models: Sequence[str] = DIFFUSION_NETS,
                  work_dir: Path | None = None) -> dict[str, dict]:
     """``measure`` for each net: ``ort_over_torch`` < 1 means ONNX Runtime is faster."""
-    from facetron.export.bench_ort_vs_torch import measure
+    from facetron.benchmarks.ort_vs_torch import measure
 
     out = {}
     for name in models:
@@ -87,11 +87,12 @@ def runtime_lora_vs_merged(users: int = 8, repeats: int = 16, rank: int = 16, lo
     is 16: face + style LoRA); each synthetic user's LoRA has ``lora_rank``
     and is zero-padded to it, as in serving."""
     from facetron.diffusion.base_model import load_base_model
-    from facetron.export.lora_files import write_random_lora
+    from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora_manifest, stack_lora_inputs
     from facetron.export.merge import merge_loras
-    from facetron.export.onnx_export import ModelDims, example_inputs, export_model, model_io
-    from facetron.export.runtime_lora import export_runtime_lora_unet, lora_inputs_for, read_lora_manifest
-    from facetron.export.runtime_lora import stack_lora_inputs
+    from facetron.export.onnx_export import export_model
+    from facetron.export.onnx_graph import ModelDims, example_inputs, model_io
+    from facetron.export.runtime_lora import export_runtime_lora_unet
+    from facetron.training.random_lora import write_random_lora
 
     base = load_base_model()
     dims = ModelDims.of(base)
@@ -171,7 +172,8 @@ def triton_vs_inprocess(url: str, repeats: int = 10, select_candidates: int = 2)
     from facetron.diffusion.clip_tokenizer import ClipTokenizer
     from facetron.faces.detector import FaceDetector
     from facetron.faces.embedder import FaceEmbedder
-    from facetron.serving.faces import pack_detections, select_portraits
+    from facetron.serving.face_detector import pack_detections
+    from facetron.serving.face_select import select_portraits
 
     tok, det, emb = ClipTokenizer(), FaceDetector(), FaceEmbedder()
     detect = lambda x: pack_detections(det.detect_batch(list(x)))  # noqa: E731

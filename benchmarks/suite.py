@@ -77,7 +77,7 @@ def ensure_bench_user(users_dir: Path, user_id: str = BENCH_USER) -> None:
     import numpy as np
 
     from facetron.diffusion.base_model import load_base_model
-    from facetron.export.lora_files import write_random_lora
+    from facetron.training.random_lora import write_random_lora
     from facetron.users import UserRegistry
 
     registry = UserRegistry(users_dir)

@@ -14,6 +14,9 @@ client's methods (``infer``, ``tokenize``, ``select``, ``portrait`` ...).
 * Bounds: ``retry.attempts`` rounds over the servers, with backoff between
   rounds; then a ServerError naming every server and its last error.
 
+The decisions are :class:`~facetron.client.failover.FailoverPlan`'s, shared
+by both pools; each pool only sleeps, probes and calls.
+
 The per-server clients do not retry themselves (the pool does), and their
 gRPC reconnect backoff is capped at the cool-down so a server that comes
 back is reachable when its probe is due.
@@ -22,118 +25,35 @@ back is reachable when its probe is due.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from facetron.client.aio_client import AsyncClientAPI, AsyncFacetronClient
-from facetron.client.grpc_client import (
-    NO_RETRY,
-    CallInfo,
-    ClientAPI,
-    ClientStats,
-    FacetronClient,
-    RetryPolicy,
-    check_url,
-    is_unavailable,
-)
-from facetron.errors import FacetronError, InvalidInputError, ServerError
+from facetron.client.aio_client import AsyncFacetronClient
+from facetron.client.api import AsyncClientAPI, ClientAPI
+from facetron.client.connection import parse_servers
+from facetron.client.failover import Balancer, FailoverPlan, ServerState
+from facetron.client.grpc_client import FacetronClient
+from facetron.client.retry import NO_RETRY, CallInfo, ClientStats, RetryPolicy
+from facetron.errors import FacetronError
 
-
-def parse_servers(servers: str | Sequence[str], name: str = "servers") -> list[str]:
-    """``"h:p,h:p"`` or a list of ``host:port`` -> validated, de-duplicated list."""
-    items = servers.split(",") if isinstance(servers, str) else list(servers)
-    urls: list[str] = []
-    for item in items:
-        if str(item).strip():
-            url = check_url(item, name)
-            if url not in urls:
-                urls.append(url)
-    if not urls:
-        raise InvalidInputError(name, "give at least one host:port")
-    return urls
-
-
-@dataclass
-class ServerState:
-    url: str
-    healthy: bool = True
-    probe_at: float = 0.0  # monotonic time an unhealthy server may be probed again
-    served: int = 0  # calls this server answered
-    failures: int = 0  # UNAVAILABLE answers / failed probes
-    last_error: str = ""
-
-
-class Balancer:
-    """Round-robin order over healthy servers, with cool-down and probes (thread-safe)."""
-
-    def __init__(self, urls: Sequence[str], cooldown_s: float):
-        self.states = [ServerState(u) for u in urls]
-        self.cooldown_s = cooldown_s
-        self._rr = itertools.count()
-        self._lock = threading.Lock()
-
-    def plan(self) -> list[tuple[ServerState, bool]]:
-        """Servers to try for one call, in order, each with "probe first?".
-
-        Unhealthy servers whose cool-down ended come first, claimed by this
-        caller (others see the next cool-down), so they are re-probed even
-        while the healthy ones answer everything."""
-        with self._lock:
-            now = time.monotonic()
-            start = next(self._rr) % len(self.states)
-            rotated = self.states[start:] + self.states[:start]
-            probes = []
-            for s in rotated:
-                if not s.healthy and now >= s.probe_at:
-                    s.probe_at = now + self.cooldown_s
-                    probes.append((s, True))
-            plan = probes + [(s, False) for s in rotated if s.healthy]
-            return plan or [(s, False) for s in rotated]
-
-    def down(self, state: ServerState, reason: str) -> None:
-        with self._lock:
-            state.healthy = False
-            state.probe_at = time.monotonic() + self.cooldown_s
-            state.failures += 1
-            state.last_error = reason
-
-    def up(self, state: ServerState) -> None:
-        with self._lock:
-            state.healthy = True
-
-    def served(self, state: ServerState) -> None:
-        with self._lock:
-            state.healthy = True
-            state.served += 1
-
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        with self._lock:
-            return {
-                s.url: {"served": s.served, "failures": s.failures, "healthy": s.healthy, "last_error": s.last_error}
-                for s in self.states
-            }
-
-
-def _no_server(urls: Sequence[str], errors: dict[str, str], tries: int) -> ServerError:
-    detail = "; ".join(errors.get(u, f"{u}: not tried") for u in urls)
-    err = ServerError(f"no server could serve the call ({tries} tries over {len(urls)} servers): {detail}")
-    err.status = "UNAVAILABLE"
-    return err
+__all__ = ["AsyncServerPool", "Balancer", "ServerPool", "ServerState", "parse_servers"]
 
 
 class _PoolBase:
+    """Settings, health and per-server clients (of type ``_client_type``) of a pool."""
+
+    _client_type: Any = None
+
     def __init__(
         self,
         servers: str | Sequence[str],
-        timeout_s: float,
-        retry: RetryPolicy | None,
-        cooldown_s: float,
-        probe_timeout_s: float,
+        timeout_s: float = 60.0,
+        retry: RetryPolicy | None = None,
+        *,
+        cooldown_s: float = 2.0,
+        probe_timeout_s: float = 1.0,
     ):
         self.urls = parse_servers(servers)
         self.timeout_s = timeout_s
@@ -142,6 +62,8 @@ class _PoolBase:
         self.probe_timeout_s = probe_timeout_s
         self.balancer = Balancer(self.urls, cooldown_s)
         self.stats = ClientStats()
+        backoff_ms = int(cooldown_s * 1000)
+        self.clients = {u: self._client_type(u, timeout_s, NO_RETRY, reconnect_backoff_ms=backoff_ms) for u in self.urls}
 
     def server_stats(self) -> dict[str, dict[str, Any]]:
         """Per server: calls served, failures, health, last error."""
@@ -154,18 +76,7 @@ class _PoolBase:
 class ServerPool(_PoolBase, ClientAPI):
     """Thread-safe client over several servers (see the module doc)."""
 
-    def __init__(
-        self,
-        servers: str | Sequence[str],
-        timeout_s: float = 60.0,
-        retry: RetryPolicy | None = None,
-        *,
-        cooldown_s: float = 2.0,
-        probe_timeout_s: float = 1.0,
-    ):
-        super().__init__(servers, timeout_s, retry, cooldown_s, probe_timeout_s)
-        backoff_ms = int(cooldown_s * 1000)
-        self.clients = {u: FacetronClient(u, timeout_s, NO_RETRY, reconnect_backoff_ms=backoff_ms) for u in self.urls}
+    _client_type = FacetronClient
 
     def close(self) -> None:
         for c in self.clients.values():
@@ -184,6 +95,7 @@ class ServerPool(_PoolBase, ClientAPI):
     def model_ready(self, model: str, timeout_s: float | None = None) -> bool:
         return any(c.model_ready(model, timeout_s or self.probe_timeout_s) for c in self.clients.values())
 
+    # twin: pool.AsyncServerPool.infer_with_info
     def infer_with_info(
         self,
         model: str,
@@ -194,52 +106,31 @@ class ServerPool(_PoolBase, ClientAPI):
         use_shm: bool = False,
         shm_output_bytes: int | Mapping[str, int] | None = None,
     ) -> tuple[dict[str, np.ndarray], CallInfo]:
-        start, tries, errors = time.perf_counter(), 0, {}
-        for round_ in range(self.retry.attempts):
-            if round_:
-                time.sleep(self.retry.delay(round_ - 1))
-            for state, probe in self.balancer.plan():
-                client = self.clients[state.url]
-                if probe:
-                    if not client.is_ready(self.probe_timeout_s):
-                        self.balancer.down(state, "not ready when probed")
-                        continue
-                    self.balancer.up(state)
-                tries += 1
-                self.stats.add(attempts=1)
-                try:
-                    out, _ = client.infer_with_info(
-                        model, inputs, outputs, timeout_s=timeout_s, use_shm=use_shm, shm_output_bytes=shm_output_bytes
-                    )
-                except FacetronError as err:
-                    if not is_unavailable(err):
-                        self.stats.add(calls=1, failures=1)
-                        raise
-                    self.balancer.down(state, str(err))
-                    errors[state.url] = str(err)
+        """One call: servers tried as the failover plan says; the outputs and how it went."""
+        plan = FailoverPlan(self.retry, self.balancer, self.stats)
+        for step in plan:
+            if step.wait_s:
+                time.sleep(step.wait_s)
+                continue
+            client = self.clients[step.url]
+            if step.probe and not plan.probed(step, client.is_ready(self.probe_timeout_s)):
+                continue
+            try:
+                out, _ = client.infer_with_info(
+                    model, inputs, outputs, timeout_s=timeout_s, use_shm=use_shm, shm_output_bytes=shm_output_bytes
+                )
+            except FacetronError as err:
+                if plan.fails_over(step, err):
                     continue
-                self.balancer.served(state)
-                self.stats.add(calls=1)
-                return out, CallInfo(state.url, tries, time.perf_counter() - start)
-        self.stats.add(calls=1, failures=1)
-        raise _no_server(self.urls, errors, tries)
+                raise
+            return out, plan.served(step)
+        raise plan.exhausted()
 
 
 class AsyncServerPool(_PoolBase, AsyncClientAPI):
     """asyncio client over several servers (see the module doc); one event loop."""
 
-    def __init__(
-        self,
-        servers: str | Sequence[str],
-        timeout_s: float = 60.0,
-        retry: RetryPolicy | None = None,
-        *,
-        cooldown_s: float = 2.0,
-        probe_timeout_s: float = 1.0,
-    ):
-        super().__init__(servers, timeout_s, retry, cooldown_s, probe_timeout_s)
-        backoff_ms = int(cooldown_s * 1000)
-        self.clients = {u: AsyncFacetronClient(u, timeout_s, NO_RETRY, reconnect_backoff_ms=backoff_ms) for u in self.urls}
+    _client_type = AsyncFacetronClient
 
     async def close(self) -> None:
         for c in self.clients.values():
@@ -259,6 +150,7 @@ class AsyncServerPool(_PoolBase, AsyncClientAPI):
         answers = await asyncio.gather(*(c.model_ready(model, timeout_s or self.probe_timeout_s) for c in self.clients.values()))
         return any(answers)
 
+    # twin: pool.ServerPool.infer_with_info
     async def infer_with_info(
         self,
         model: str,
@@ -269,32 +161,21 @@ class AsyncServerPool(_PoolBase, AsyncClientAPI):
         use_shm: bool = False,
         shm_output_bytes: int | Mapping[str, int] | None = None,
     ) -> tuple[dict[str, np.ndarray], CallInfo]:
-        start, tries, errors = time.perf_counter(), 0, {}
-        for round_ in range(self.retry.attempts):
-            if round_:
-                await asyncio.sleep(self.retry.delay(round_ - 1))
-            for state, probe in self.balancer.plan():
-                client = self.clients[state.url]
-                if probe:
-                    if not await client.is_ready(self.probe_timeout_s):
-                        self.balancer.down(state, "not ready when probed")
-                        continue
-                    self.balancer.up(state)
-                tries += 1
-                self.stats.add(attempts=1)
-                try:
-                    out, _ = await client.infer_with_info(
-                        model, inputs, outputs, timeout_s=timeout_s, use_shm=use_shm, shm_output_bytes=shm_output_bytes
-                    )
-                except FacetronError as err:
-                    if not is_unavailable(err):
-                        self.stats.add(calls=1, failures=1)
-                        raise
-                    self.balancer.down(state, str(err))
-                    errors[state.url] = str(err)
+        plan = FailoverPlan(self.retry, self.balancer, self.stats)
+        for step in plan:
+            if step.wait_s:
+                await asyncio.sleep(step.wait_s)
+                continue
+            client = self.clients[step.url]
+            if step.probe and not plan.probed(step, await client.is_ready(self.probe_timeout_s)):
+                continue
+            try:
+                out, _ = await client.infer_with_info(
+                    model, inputs, outputs, timeout_s=timeout_s, use_shm=use_shm, shm_output_bytes=shm_output_bytes
+                )
+            except FacetronError as err:
+                if plan.fails_over(step, err):
                     continue
-                self.balancer.served(state)
-                self.stats.add(calls=1)
-                return out, CallInfo(state.url, tries, time.perf_counter() - start)
-        self.stats.add(calls=1, failures=1)
-        raise _no_server(self.urls, errors, tries)
+                raise
+            return out, plan.served(step)
+        raise plan.exhausted()

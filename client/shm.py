@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 import weakref
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
@@ -33,7 +33,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor, triton_to_np_dtype
 
-from facetron.client.grpc_client import as_wire_array, triton_dtype
+from facetron.client.connection import require_local
+from facetron.client.tensors import as_wire_array, triton_dtype
 from facetron.errors import InvalidInputError, ServerError
 
 # tritonclient's shared_memory keeps a module-level dict of handles: guard it.
@@ -150,6 +151,21 @@ class ShmTensors:
         self.close()
 
 
+def shm_tensors(
+    url: str,
+    inputs: Mapping[str, np.ndarray],
+    outputs: Sequence[str],
+    use_shm: bool,
+    output_bytes: int | Mapping[str, int] | None = None,
+) -> AbstractContextManager[ShmTensors | None]:
+    """The regions of one call when ``use_shm`` (``url`` must be a loopback
+    address), else nothing; closed when the ``with`` block ends."""
+    if not use_shm:
+        return nullcontext()
+    require_local(url)
+    return ShmTensors(inputs, outputs, output_bytes)
+
+
 @atexit.register
 def _close_all() -> None:
     for tensors in list(_LIVE):
@@ -165,6 +181,7 @@ def _in_use(exc: InferenceServerException) -> bool:
     return "currently in use" in (exc.message() or "")
 
 
+# twin: shm.unregister_async
 def unregister(client: grpcclient.InferenceServerClient, names: Iterable[str], timeout_s: float | None) -> list[str]:
     """Unregister ``names`` from the server; return those it still refused."""
     left = []
@@ -184,6 +201,7 @@ def unregister(client: grpcclient.InferenceServerClient, names: Iterable[str], t
     return left
 
 
+# twin: shm.unregister
 async def unregister_async(client: Any, names: Iterable[str], timeout_s: float | None) -> list[str]:
     """:func:`unregister` for ``tritonclient.grpc.aio`` clients."""
     left = []
@@ -203,6 +221,7 @@ async def unregister_async(client: Any, names: Iterable[str], timeout_s: float |
     return left
 
 
+# twin: shm.registered_async
 @contextmanager
 def registered(
     client: grpcclient.InferenceServerClient, tensors: ShmTensors, timeout_s: float | None, pending: set[str]
@@ -224,6 +243,7 @@ def registered(
         pending.update(unregister(client, done, timeout_s))
 
 
+# twin: shm.registered
 @asynccontextmanager
 async def registered_async(client: Any, tensors: ShmTensors, timeout_s: float | None, pending: set[str]) -> AsyncIterator[None]:
     """:func:`registered` for ``tritonclient.grpc.aio`` clients."""

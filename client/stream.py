@@ -11,10 +11,14 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from facetron.errors import ServerError, error_for_status, split_status
+from facetron.client.errors import translate_error
+from facetron.client.tensors import infer_inputs, requested_outputs
+from facetron.contract import PORTRAIT_OUTPUTS, PORTRAIT_STREAM
+from facetron.errors import ServerError
 
-STREAM_MODEL = "portrait_stream"
-FINAL_OUTPUTS = ("images", "similarity", "rank", "selected", "report")
+STREAM_MODEL = PORTRAIT_STREAM.name
+FINAL_OUTPUTS = PORTRAIT_OUTPUTS
+PROGRESS = "progress"  # [done, total] in every response before the final one
 
 ProgressFn = Callable[[int, int], None]
 
@@ -26,16 +30,17 @@ def stream_portrait(
     timeout_s: float = 600.0,
 ) -> dict[str, np.ndarray]:
     """Send one portrait request on a stream; call ``on_progress(done, total)``
-    for each step; return the final response's outputs."""
-    from facetron.client.grpc_client import infer_inputs, requested_outputs, translate_error
+    for each step; return the final response's outputs.
 
+    Stream errors carry no gRPC status; the model tags the message with it
+    (``[status: X]``), which :func:`~facetron.client.errors.translate_error` reads."""
     events: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url=url)
     try:
         client.start_stream(callback=lambda result, error: events.put((result, error)),
                             stream_timeout=timeout_s)
         client.async_stream_infer(STREAM_MODEL, infer_inputs(inputs),
-                                  outputs=requested_outputs(("progress",) + FINAL_OUTPUTS))
+                                  outputs=requested_outputs((PROGRESS,) + FINAL_OUTPUTS))
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
@@ -46,10 +51,6 @@ def stream_portrait(
             except queue.Empty:
                 continue
             if error is not None:
-                message = error.message() if isinstance(error, InferenceServerException) else str(error)
-                status, message = split_status(message or str(error))
-                if status is not None:  # stream errors carry no gRPC status; the model tagged it
-                    raise error_for_status(status, message) from None
                 if isinstance(error, InferenceServerException):
                     raise translate_error(error, url, timeout_s) from None
                 raise ServerError(f"{url}: {error}")
@@ -57,8 +58,8 @@ def stream_portrait(
             names = {o.name for o in response.outputs}
             if "report" in names:
                 return {n: result.as_numpy(n) for n in FINAL_OUTPUTS}
-            if "progress" in names and on_progress is not None:
-                done, total = (int(v) for v in result.as_numpy("progress").reshape(-1)[:2])
+            if PROGRESS in names and on_progress is not None:
+                done, total = (int(v) for v in result.as_numpy(PROGRESS).reshape(-1)[:2])
                 on_progress(done, total)
     finally:
         try:

@@ -17,48 +17,48 @@ Every layer ends up as a :class:`LoraLayer` keyed by (component, module
 path), e.g. ``("unet", "down_blocks.0.attentions.0.transformer_blocks.0.
 attn1.to_q")``, so the merge and the runtime-LoRA inputs read one shape of
 data whatever the file looked like.
+
+The server reads LoRA files without torch, with the numpy reader of
+:mod:`facetron.diffusion.lora_inputs`, which accepts only facetron's canonical
+layout (what ``facetron train`` writes); the LoRA rules (alpha, scale,
+unsupported adapters) are that module's, so both readers agree.
+:func:`convert_lora_file` rewrites any file this module reads in that layout.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
+import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_safetensors
 
+from facetron.atomic import atomic_write_bytes
+from facetron.diffusion.lora_inputs import (COMPONENTS, KOHYA_PREFIXES, METADATA_KEY, LoraArrays, check_pair,
+                                            component_metadata, few, layer_alpha, read_adapter_metadata,
+                                            reject_unsupported)
 from facetron.errors import InvalidInputError, NotFoundError
 
-COMPONENTS = ("unet", "text_encoder")
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-METADATA_KEY = "lora_adapter_metadata"
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
 
 
 @dataclass(frozen=True)
-class LoraLayer:
-    """One adapted layer: ``delta W = scale * B @ A`` (reshaped to the weight)."""
+class LoraLayer(LoraArrays):
+    """One adapted layer as torch tensors: ``delta W = scale * B @ A`` (reshaped to the weight).
 
-    component: str  # "unet" | "text_encoder"
-    module: str  # module path inside that component
+    Fields, ``rank`` and ``scale`` (peft's alpha / r, alpha / sqrt(r) for
+    rsLoRA) are those of the numpy reader's :class:`LoraArrays`."""
+
     down: torch.Tensor  # A: [r, in] (linear) or [r, in, kh, kw] (conv)
     up: torch.Tensor  # B: [out, r] or [out, r, 1, 1]
-    alpha: float
-    rslora: bool = False
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def scale(self) -> float:
-        """peft's ``scaling``: alpha / r (alpha / sqrt(r) for rsLoRA)."""
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     @property
     def in_features(self) -> int:
@@ -110,8 +110,6 @@ class LoraFile:
 
 def load_lora(path: str | Path) -> LoraFile:
     """Read and normalise a LoRA ``.safetensors`` file (diffusers, peft or kohya keys)."""
-    from safetensors import safe_open
-
     path = Path(path)
     label = f"LoRA file {path}"
     if not path.is_file():
@@ -134,7 +132,7 @@ def parse_lora_state_dict(state: Mapping[str, torch.Tensor], metadata: Mapping[s
     state = dict(state)
     if not state:
         raise InvalidInputError(label, "holds no tensors")
-    _reject_unsupported(state, label)
+    reject_unsupported(state, label)
     if all(k.startswith(KOHYA_PREFIXES) for k in state):
         fmt = "kohya"
         state, network_alphas = _convert_kohya(state, label)
@@ -142,7 +140,7 @@ def parse_lora_state_dict(state: Mapping[str, torch.Tensor], metadata: Mapping[s
     else:
         fmt = "diffusers" if any(k.startswith(tuple(f"{c}." for c in COMPONENTS)) for k in state) else "peft"
         network_alphas = {}
-        adapter_meta = _adapter_metadata(metadata, label)
+        adapter_meta = read_adapter_metadata(metadata, label)
         if fmt == "peft":  # bare peft keys (get_peft_model_state_dict of a UNet): no component prefix
             state = {f"unet.{k}": v for k, v in state.items()}
             adapter_meta = {(k if k.startswith("unet.") else f"unet.{k}"): v for k, v in adapter_meta.items()}
@@ -158,20 +156,8 @@ def parse_lora_state_dict(state: Mapping[str, torch.Tensor], metadata: Mapping[s
                 lora.layers[(comp, layer.module)] = layer
     if leftover:
         raise InvalidInputError(label, f"{len(leftover)} keys belong to no SD-1.5 component (unet, text_encoder), "
-                                       f"e.g. {_few(leftover)}")
+                                       f"e.g. {few(leftover)}")
     return lora
-
-
-def _reject_unsupported(state: Mapping[str, torch.Tensor], label: str) -> None:
-    checks = {
-        "DoRA (dora_scale / lora_magnitude_vector)": ("dora_scale", "lora_magnitude_vector"),
-        "LoKr/LoHa (lokr_/hada_)": (".lokr_", ".hada_", "lokr_w", "hada_w"),
-        "LoRA bias (lora_B.bias)": ("lora_B.bias", "lora.up.bias", "lora_up.bias"),
-    }
-    for what, needles in checks.items():
-        hits = [k for k in state if any(n in k for n in needles)]
-        if hits:
-            raise InvalidInputError(label, f"{what} layers are not supported, e.g. {_few(hits)}")
 
 
 def _convert_kohya(state: dict, label: str) -> tuple[dict, dict]:
@@ -185,19 +171,6 @@ def _convert_kohya(state: dict, label: str) -> tuple[dict, dict]:
     except ValueError as exc:
         raise InvalidInputError(label, f"kohya keys could not be converted: {str(exc).strip()[:300]}") from None
     return converted, dict(alphas or {})
-
-
-def _adapter_metadata(metadata: Mapping[str, str] | None, label: str) -> dict:
-    raw = (metadata or {}).get(METADATA_KEY)
-    if not raw:
-        return {}
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(label, f"header '{METADATA_KEY}' is not JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise InvalidInputError(label, f"header '{METADATA_KEY}' is not a JSON object")
-    return meta
 
 
 def _to_peft_names(comp: str, keys: Iterable[str]) -> dict[str, str]:
@@ -230,9 +203,9 @@ def _component_layers(comp: str, sub: dict, network_alphas: dict, adapter_meta: 
         else:
             odd.append(f"{comp}.{old}")
     if odd:
-        raise InvalidInputError(label, f"{len(odd)} keys are neither LoRA down (A) nor up (B) weights, e.g. {_few(odd)}")
+        raise InvalidInputError(label, f"{len(odd)} keys are neither LoRA down (A) nor up (B) weights, e.g. {few(odd)}")
 
-    meta = {k[len(comp) + 1:]: v for k, v in adapter_meta.items() if k.startswith(f"{comp}.")}
+    meta = component_metadata(adapter_meta, comp)
     rslora = bool(meta.get("use_rslora", False))
     layers = []
     for module, kinds in pairs.items():
@@ -240,31 +213,16 @@ def _component_layers(comp: str, sub: dict, network_alphas: dict, adapter_meta: 
             missing = "up (B)" if "B" not in kinds else "down (A)"
             raise InvalidInputError(label, f"layer {comp}.{module} has no {missing} weight")
         down, up = sub[kinds["A"]], sub[kinds["B"]]
-        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0] \
-                or (up.ndim == 4 and tuple(up.shape[2:]) != (1, 1)):
-            raise InvalidInputError(label, f"layer {comp}.{module}: down {tuple(down.shape)} and up {tuple(up.shape)} "
-                                           "do not form a LoRA pair")
+        check_pair(down.shape, up.shape, f"{comp}.{module}", label)
         if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
             raise InvalidInputError(label, f"layer {comp}.{module} holds NaN or inf values")
-        rank = int(down.shape[0])
         alpha_key = f"{comp}.{kinds['A']}.alpha"
         if alpha_key in network_alphas:  # kohya: per-module alpha
             alpha = float(network_alphas[alpha_key])
-        elif meta:
-            alpha = float(_pattern_value(meta.get("alpha_pattern") or {}, module, meta.get("lora_alpha", rank)))
-        else:  # no alpha anywhere: diffusers/peft convention is scale 1
-            alpha = float(rank)
+        else:  # alpha_pattern / lora_alpha; without metadata scale 1 (alpha = rank), as diffusers does
+            alpha = layer_alpha(meta, module, int(down.shape[0]))
         layers.append(LoraLayer(comp, module, down, up, alpha, rslora))
     return layers
-
-
-def _pattern_value(patterns: Mapping[str, object], module: str, default: object) -> object:
-    """peft's alpha_pattern lookup: a key matches a module name or its dotted tail."""
-    for key, value in patterns.items():
-        pat = key[1:] if key.startswith("^") else rf"(.*\.)?{key}"
-        if re.fullmatch(pat, module):
-            return value
-    return default
 
 
 # ----------------------------------------------------------------------------- matching a base
@@ -312,7 +270,7 @@ def check_lora_matches(lora: LoraFile, components: Mapping[str, torch.nn.Module 
         if unmatched:
             raise InvalidInputError(
                 label, f"{len(unmatched)} of {len(layers)} {comp} layers match no layer of the base model's {comp}, "
-                       f"e.g. {_few(unmatched)} (a LoRA for another architecture?)")
+                       f"e.g. {few(unmatched)} (a LoRA for another architecture?)")
         for name, module in modules.items():  # network order: report the first mismatch
             layer = layers.get(name)
             if layer is None:
@@ -328,12 +286,6 @@ def check_lora_matches(lora: LoraFile, components: Mapping[str, torch.nn.Module 
     return lora
 
 
-def _few(names: Iterable[str], n: int = 3) -> str:
-    names = sorted(names)
-    more = f" (+{len(names) - n} more)" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -342,41 +294,39 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------- random LoRAs (tests, benchmarks)
-
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# ----------------------------------------------------------------------------- writing the canonical layout
 
 
-def write_random_lora(path: str | Path, unet: torch.nn.Module, *, rank: int = 4, alpha: float = 32.0, seed: int = 0,
-                      std: float = 0.01, target_modules: Iterable[str] = UNET_TARGETS,
-                      text_encoder: torch.nn.Module | None = None, te_rank: int = 4, te_alpha: float = 8.0,
-                      te_target_modules: Iterable[str] = TEXT_ENCODER_TARGETS) -> Path:
-    """Write a LoRA file with seeded random A **and B**, through the trainer's own writer.
+def write_canonical_lora(lora: LoraFile, path: str | os.PathLike) -> Path:
+    """Write ``lora`` in facetron's canonical layout (float32), atomically.
 
-    peft's ``gaussian`` init leaves B at zero (the LoRA would do nothing), so
-    both matrices are redrawn from ``seed``: A ~ N(0, 1/r), B ~ N(0, std²).
-    The modules are copied, never modified. For tests and benchmarks (many
-    synthetic users): in format the file is a trained one."""
-    import copy
+    Keys ``<component>.<module>.lora_A.weight`` / ``.lora_B.weight``; each
+    layer's alpha and rank are kept in the ``lora_adapter_metadata`` header
+    (``lora_alpha``/``r`` plus ``alpha_pattern``/``rank_pattern`` for the
+    layers that differ), so :func:`facetron.diffusion.lora_inputs.read_lora`
+    and :func:`load_lora` give the same layers and scales as ``lora``."""
+    state, meta = {}, {}
+    for comp in lora.components:
+        layers = lora.component(comp)
+        for module, layer in layers.items():
+            state[f"{comp}.{module}{_A_SUFFIX}"] = layer.down.float().contiguous()
+            state[f"{comp}.{module}{_B_SUFFIX}"] = layer.up.float().contiguous()
+        meta.update({f"{comp}.{k}": v for k, v in _adapter_config(layers).items()})
+    data = save_safetensors(state, metadata={METADATA_KEY: json.dumps(meta), "format": "pt"})
+    return atomic_write_bytes(path, data)
 
-    from peft import LoraConfig, inject_adapter_in_model
 
-    from facetron.training.train_lora import write_lora_file
+def convert_lora_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Read any LoRA file :func:`load_lora` accepts (kohya, old diffusers, peft) and write it canonically."""
+    return write_canonical_lora(load_lora(src), dst)
 
-    gen = torch.Generator().manual_seed(seed)
-    unet = copy.deepcopy(unet)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules)))
-    te, te_config = None, None
-    if text_encoder is not None:
-        te_config = LoraConfig(r=te_rank, lora_alpha=te_alpha, init_lora_weights="gaussian",
-                               target_modules=list(te_target_modules))
-        te = inject_adapter_in_model(te_config, copy.deepcopy(text_encoder))
-    with torch.no_grad():
-        for module, r in ((unet, rank), (te, te_rank)):
-            for name, p in (module.named_parameters() if module is not None else ()):
-                if "lora_A" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(r))
-                elif "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return write_lora_file(Path(path), unet, text_encoder=te, text_encoder_config=te_config)
+
+def _adapter_config(layers: Mapping[str, LoraLayer]) -> dict:
+    """peft config entries for one component: the common rank/alpha, patterns (exact names) for the rest."""
+    rank = Counter(layer.rank for layer in layers.values()).most_common(1)[0][0]
+    alpha = Counter(layer.alpha for layer in layers.values()).most_common(1)[0][0]
+    exact = {module: "^" + re.escape(module) for module in layers}
+    return {"r": rank, "lora_alpha": alpha, "use_rslora": any(layer.rslora for layer in layers.values()),
+            "rank_pattern": {exact[m]: layer.rank for m, layer in layers.items() if layer.rank != rank},
+            "alpha_pattern": {exact[m]: layer.alpha for m, layer in layers.items() if layer.alpha != alpha},
+            "target_modules": sorted(layers)}

@@ -19,7 +19,6 @@ directly avoids peft wrapper layers and works for kohya files too.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import shutil
 from pathlib import Path
@@ -27,7 +26,9 @@ from typing import Sequence
 
 import torch
 
-from facetron.atomic import atomic_dir, atomic_write_json
+from facetron.atomic import atomic_dir, atomic_write_json, check_replaceable
+from facetron.diffusion.base_model import SMOKE_MARKER, model_hash
+from facetron.diffusion.lora_inputs import check_weight
 from facetron.errors import InvalidInputError
 from facetron.export.lora_files import LoraFile, check_lora_matches, load_lora
 
@@ -37,17 +38,6 @@ LoraSource = str | os.PathLike | LoraFile
 
 def as_lora(source: LoraSource) -> LoraFile:
     return source if isinstance(source, LoraFile) else load_lora(source)
-
-
-def check_weight(name: str, value: float) -> float:
-    """``value`` as a finite float, else InvalidInputError naming ``name``."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise InvalidInputError(name, f"must be a number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise InvalidInputError(name, f"must be finite, got {value!r}")
-    return value
 
 
 def lora_plan(face_lora: LoraSource, style_lora: LoraSource | None = None, w_face: float = 0.9,
@@ -87,7 +77,6 @@ def merge_loras(base_model, face_lora: LoraSource, style_lora: LoraSource | None
 
 def merge_provenance(base_model, plan: Sequence[tuple[LoraFile, float]], roles: Sequence[str] = ("face", "style")) -> dict:
     """What went into a merge: base model path + hash, each LoRA with its weight."""
-    from facetron.diffusion.base_model import model_hash
 
     return {
         "base_model": {"path": str(Path(base_model.path).resolve()), "model_hash": model_hash(base_model.path),
@@ -109,7 +98,7 @@ def ensure_writable_dir(path: str | os.PathLike, name: str = "--out") -> Path:
         raise InvalidInputError(f"{name} {path}", "exists and is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InvalidInputError(f"{name} {path}", f"folder {parent} is not writable")
-    return path
+    return check_replaceable(path, name)
 
 
 def save_merged(base_model, unet: torch.nn.Module, text_encoder: torch.nn.Module, out_dir: str | os.PathLike,
@@ -120,7 +109,6 @@ def save_merged(base_model, unet: torch.nn.Module, text_encoder: torch.nn.Module
     ``tokenizer/``, ``scheduler/``, ``model_index.json`` (and the smoke-model
     marker) are copied from the base folder. ``facetron_merge.json`` records
     the provenance. Nothing appears under ``out_dir`` unless all of it was written."""
-    from facetron.diffusion.base_model import SMOKE_MARKER
 
     out = ensure_writable_dir(out_dir)
     base = Path(base_model.path)

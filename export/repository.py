@@ -16,10 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from facetron.atomic import atomic_dir
-from facetron.errors import InvalidInputError
-from facetron.export.model_configs import TARGETS, ModelDef, Target, models_for, render
+from facetron.atomic import atomic_dir, atomic_write_json
+from facetron.contract import IDENTITY_MODES
+from facetron.diffusion.base_model import load_base_model, model_hash
+from facetron.errors import InvalidInputError, NotFoundError
+from facetron.export.merge import merge_loras
+from facetron.export.model_configs import ModelDef, Target, TARGETS, merged_unet_def, models_for, render
+from facetron.export.onnx_export import ModelDims, export_model, export_onnx
+from facetron.faces.detector import mtcnn_onnx_paths
+from facetron.faces.embedder import embedder_onnx_path
 from facetron.paths import REPO_ROOT
+from facetron.users import UserRegistry
 
 SOURCE_REPOSITORY = REPO_ROOT / "model_repository"
 
@@ -30,16 +37,12 @@ def _copy_from(path_fn: Callable[[], Path]) -> Callable[[Path], None]:
 
 def _mtcnn(name: str) -> Callable[[Path], None]:
     def build(dest: Path) -> None:
-        from facetron.faces.detector import mtcnn_onnx_paths
-
         shutil.copyfile(mtcnn_onnx_paths()[name], dest)
 
     return build
 
 
 def _embedder(dest: Path) -> None:
-    from facetron.faces.embedder import embedder_onnx_path
-
     shutil.copyfile(embedder_onnx_path(), dest)
 
 
@@ -64,8 +67,6 @@ class DiffusionSource:
 
     def export(self, work: Path) -> None:
         """Export the nets once into ``work`` (text encoder, VAE, runtime-LoRA UNet)."""
-        from facetron.diffusion.base_model import load_base_model, model_hash
-        from facetron.export.onnx_export import export_onnx
 
         base = load_base_model(self.base_model)
         export_onnx(base, work, models=("text_encoder", "vae_decoder", "vae_encoder"), runtime_lora_rank=self.lora_rank)
@@ -90,14 +91,11 @@ class DiffusionSource:
                 shutil.copyfile(f, version / f.name)
 
     def write_generator_files(self, version: Path) -> None:
-        from facetron.atomic import atomic_write_json
-
         atomic_write_json(version / "model_info.json", self._info)
         atomic_write_json(version / "scheduler_config.json", self._scheduler)
 
 
 _NET_ARTIFACTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-IDENTITY_MODES = ("runtime_lora", "merged")
 
 
 def _write_model(
@@ -109,7 +107,7 @@ def _write_model(
     version.mkdir(parents=True)
     (dest / model.name / "config.pbtxt").write_text(render(model, target, overrides))
     if serving.backend == "python":
-        src = SOURCE_REPOSITORY / model.name / "1" / "model.py"
+        src = SOURCE_REPOSITORY / (model.source or model.name) / "1" / "model.py"
         if not src.is_file():
             raise InvalidInputError(model.name, f"python model source {src} is missing")
         shutil.copyfile(src, version / "model.py")
@@ -188,20 +186,15 @@ def add_merged_user(
     it on the user's first request."""
     import tempfile
 
-    from facetron.diffusion.base_model import load_base_model
-    from facetron.errors import NotFoundError
-    from facetron.export.merge import merge_loras
-    from facetron.export.model_configs import merged_unet_def
-    from facetron.export.onnx_export import ModelDims, export_model
-    from facetron.users import UserRegistry
 
     repo = Path(repo)
     if not (repo / "portrait_generator" / "config.pbtxt").is_file():
         raise InvalidInputError(str(repo), "is not an assembled facetron repository with the diffusion models")
     registry = UserRegistry(Path(users_dir))
-    lora = registry.user_dir(user_id) / "lora.safetensors"
-    if not lora.is_file():
-        raise NotFoundError(f"--user: no trained LoRA for user {user_id!r} in {registry.root}")
+    try:
+        lora = registry.lora_path(user_id)
+    except NotFoundError:
+        raise NotFoundError(f"--user: no trained LoRA for user {user_id!r} in {registry.root}") from None
     base = load_base_model(base_model)
     unet, _ = merge_loras(base, lora, style_lora, w_face=w_face, w_style=w_style)
     model = merged_unet_def(user_id)
@@ -212,6 +205,6 @@ def add_merged_user(
         for f in (Path(work) / "unet").iterdir():
             if f.suffix in (".onnx", ".data", ".json"):
                 shutil.copyfile(f, version / f.name)
-        shutil.copyfile(SOURCE_REPOSITORY / "unet_merged" / "1" / "model.py", version / "model.py")
+        shutil.copyfile(SOURCE_REPOSITORY / (model.source or model.name) / "1" / "model.py", version / "model.py")
         (tmp / "config.pbtxt").write_text(render(model, target))
     return repo / model.name

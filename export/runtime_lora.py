@@ -14,36 +14,28 @@ is exact (zero rows/columns add nothing). A face LoRA and a style LoRA are
 concatenated along the rank axis, their ``w · alpha / r`` folded into ``B``
 — also exact. ``lora_manifest.json`` maps ``i`` to the module name and shapes.
 Input names are lower_snake_case, as the repository contract wants.
+
+This module holds the torch side only (the graph and its export). The names,
+the manifest reader and the inputs for a user's LoRA files are numpy code in
+:mod:`facetron.diffusion.lora_inputs`, which the server imports.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping
 
-import numpy as np
 import torch
 
+from facetron.diffusion.lora_inputs import MANIFEST_FILE, SCALE_INPUT, a_name, b_name
 from facetron.errors import InvalidInputError
-from facetron.export.lora_files import LoraFile
-from facetron.export.onnx_export import (DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, ModelDims, TensorSpec,
-                                         example_inputs, export_graph, model_io)
+from facetron.export.onnx_graph import (DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, ModelDims, TensorSpec, example_inputs,
+                                        export_graph, model_io)
 
 MODEL_NAME = "unet_lora"
-MANIFEST_FILE = "lora_manifest.json"
-SCALE_INPUT = "lora_scale"
 TARGET_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def a_name(i: int) -> str:
-    return f"lora_a_{i}"
-
-
-def b_name(i: int) -> str:
-    return f"lora_b_{i}"
 
 
 def runtime_lora_targets(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
@@ -119,6 +111,7 @@ def build_manifest(unet: torch.nn.Module, rank: int) -> dict:
 
 
 def runtime_lora_io(dims: ModelDims, manifest: Mapping) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(inputs, outputs) of the graph: the UNet's, then ``lora_scale`` and each layer's A, B."""
     inputs, outputs = model_io("unet", dims)
     inputs = [*inputs, TensorSpec(SCALE_INPUT, "FP32", ("N",))]
     for layer in manifest["layers"]:
@@ -141,83 +134,3 @@ def export_runtime_lora_unet(unet: torch.nn.Module, out_dir: str | os.PathLike, 
             "notes": "runtime LoRA: see lora_manifest.json; timestep FP32 [N]"}
     return export_graph(module, inputs, outputs, example, Path(out_dir) / MODEL_NAME, opset=opset, info=info,
                         external_threshold=external_threshold, extra_files={MANIFEST_FILE: manifest})
-
-
-def read_lora_manifest(model_dir: str | os.PathLike) -> dict:
-    path = Path(model_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise InvalidInputError(f"runtime-LoRA folder {Path(model_dir)}", f"has no {MANIFEST_FILE}")
-    return json.loads(path.read_text())
-
-
-# ----------------------------------------------------------------------------- inputs for a user
-
-
-def lora_inputs_for(lora_state_dict: LoraFile | str | os.PathLike, manifest: Mapping, weight: float = 1.0, *,
-                    extra: Iterable[tuple[LoraFile | str | os.PathLike, float]] = (), batch: int = 1,
-                    scale: float = 1.0) -> dict[str, np.ndarray]:
-    """Graph inputs (``lora_a_<i>``, ``lora_b_<i>``, ``lora_scale``) for one user's LoRA.
-
-    ``lora_state_dict``: a :class:`LoraFile` (or its path). ``weight`` is the
-    LoRA's strength (w_face); ``extra`` adds more LoRAs, e.g.
-    ``[(style, w_style)]``. Each LoRA's ``weight · alpha / r`` is folded into B
-    and the ranks are stacked, so the graph output equals the merged UNet's.
-    Every array has leading batch dimension ``batch`` (the same user repeated;
-    use :func:`stack_lora_inputs` to mix users in one batch)."""
-    from facetron.export.merge import as_lora, check_weight
-
-    plan = [(as_lora(lora_state_dict), check_weight("weight", weight))]
-    plan += [(as_lora(src), check_weight("weight", w)) for src, w in extra]
-    rank = int(manifest["rank"])
-    by_module = {layer["module"]: layer for layer in manifest["layers"]}
-    a = {layer["index"]: np.zeros((rank, layer["in_features"]), np.float32) for layer in manifest["layers"]}
-    b = {layer["index"]: np.zeros((layer["out_features"], rank), np.float32) for layer in manifest["layers"]}
-    used = {i: 0 for i in a}
-    for lora, w in plan:
-        label = f"LoRA file {lora.source}"
-        others = [f"{c}.{m}" for (c, m) in lora.layers if c != "unet" or m not in by_module]
-        if others:
-            shown = ", ".join(sorted(others)[:3]) + (f" (+{len(others) - 3} more)" if len(others) > 3 else "")
-            raise InvalidInputError(label, f"adapts {len(others)} layers the runtime-LoRA UNet has no inputs for "
-                                           f"(it covers the UNet's attention q/k/v/out), e.g. {shown}: use merged mode")
-        for (_, module), layer in lora.layers.items():
-            spec = by_module[module]
-            i = spec["index"]
-            if layer.delta_shape != (spec["out_features"], spec["in_features"]):
-                raise InvalidInputError(label, f"shape mismatch at unet.{module}: the LoRA gives {layer.delta_shape}, "
-                                               f"the graph expects {(spec['out_features'], spec['in_features'])}")
-            r0, r1 = used[i], used[i] + layer.rank
-            if r1 > rank:
-                raise InvalidInputError(label, f"layer unet.{module} needs rank {r1} (all LoRAs together), "
-                                               f"the graph was exported with rank {rank}")
-            a[i][r0:r1] = layer.down.float().numpy()
-            b[i][:, r0:r1] = layer.up.float().numpy() * (w * layer.scale)
-            used[i] = r1
-    return _batched(a, b, manifest, batch, scale)
-
-
-def zero_lora_inputs(manifest: Mapping, batch: int = 1) -> dict[str, np.ndarray]:
-    """All-zero LoRA inputs: the graph then computes the base UNet exactly."""
-    rank = int(manifest["rank"])
-    a = {l["index"]: np.zeros((rank, l["in_features"]), np.float32) for l in manifest["layers"]}
-    b = {l["index"]: np.zeros((l["out_features"], rank), np.float32) for l in manifest["layers"]}
-    return _batched(a, b, manifest, batch, 1.0)
-
-
-def _batched(a: dict, b: dict, manifest: Mapping, batch: int, scale: float) -> dict[str, np.ndarray]:
-    if not isinstance(batch, int) or batch < 1:
-        raise InvalidInputError("batch", f"must be an integer >= 1, got {batch!r}")
-    out = {SCALE_INPUT: np.full((batch,), scale, np.float32)}
-    for layer in manifest["layers"]:
-        i = layer["index"]
-        out[layer["a"]] = np.ascontiguousarray(np.broadcast_to(a[i], (batch, *a[i].shape)))
-        out[layer["b"]] = np.ascontiguousarray(np.broadcast_to(b[i], (batch, *b[i].shape)))
-    return out
-
-
-def stack_lora_inputs(per_request: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Concatenate several requests' LoRA inputs along the batch axis (mixed-user batch)."""
-    if not per_request:
-        raise InvalidInputError("per_request", "needs at least one set of inputs")
-    keys = list(per_request[0])
-    return {k: np.concatenate([np.asarray(r[k]) for r in per_request], axis=0) for k in keys}

@@ -25,7 +25,7 @@ from typing import Sequence
 
 from facetron.atomic import atomic_write_bytes
 from facetron.errors import FacetronError, InvalidInputError
-from facetron.export.onnx_export import MODEL_FILE, TensorSpec, read_io
+from facetron.export.onnx_graph import MODEL_FILE, TensorSpec, read_io
 
 ENGINE_FILE = "model.plan"
 REFIT_MODELS = ("unet", "unet_lora")

@@ -25,8 +25,13 @@ import numpy as np
 import torch
 
 from facetron.atomic import atomic_write_json
+from facetron.diffusion.base_model import load_base_model
+from facetron.diffusion.lora_inputs import read_lora_manifest
 from facetron.errors import InvalidInputError
-from facetron.export.onnx_export import MODEL_FILE, ModelDims, example_inputs, graph_module, read_io, read_manifest
+from facetron.export.merge import merge_loras
+from facetron.export.onnx_export import graph_module, read_manifest
+from facetron.export.onnx_graph import MODEL_FILE, ModelDims, example_inputs, read_io
+from facetron.export.runtime_lora import RuntimeLoraUNet
 
 REPORT_FILE = "validation.json"
 # (atol, rtol) per model for fp32 weights; fp16 weights get FP16_TOLERANCES.
@@ -66,8 +71,6 @@ def compare(ort_out: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> d
 
 def _torch_module(name: str, base_model, unet, text_encoder, model_dir: Path) -> torch.nn.Module:
     if name == "unet_lora":
-        from facetron.export.runtime_lora import RuntimeLoraUNet, read_lora_manifest
-
         manifest = read_lora_manifest(model_dir)
         module = RuntimeLoraUNet(base_model.unet)
         if module.modules_ != [layer["module"] for layer in manifest["layers"]]:
@@ -113,7 +116,6 @@ def load_sources(onnx_dir: str | os.PathLike, base_model_dir: str | os.PathLike 
     """(base_model, unet, text_encoder) the export was made from, per its manifest.
 
     A LoRA merge recorded there is redone from the recorded files and weights."""
-    from facetron.diffusion.base_model import load_base_model
 
     source = read_manifest(onnx_dir).get("source") or {}
     path = base_model_dir or (source.get("base_model") or {}).get("path")
@@ -121,7 +123,6 @@ def load_sources(onnx_dir: str | os.PathLike, base_model_dir: str | os.PathLike 
     loras = source.get("loras") or []
     if not loras:
         return base, None, None
-    from facetron.export.merge import merge_loras
 
     by_role = {entry.get("role"): entry for entry in loras}
     face, style = by_role.get("face"), by_role.get("style")

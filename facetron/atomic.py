@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from facetron.errors import InvalidInputError
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
@@ -42,19 +44,46 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+#: Written into every folder :func:`atomic_dir` builds: facetron replaces a
+#: folder only if it finds this marker (it made the folder) or the folder is empty.
+ARTIFACT_MARKER = ".facetron-artifact"
+
+
+def check_replaceable(path: str | os.PathLike, name: str | None = None) -> Path:
+    """``path`` if facetron may build a folder there: absent, empty, or a
+    folder facetron made (it holds :data:`ARTIFACT_MARKER`). Anything else is
+    refused before any work, naming the path, so a user's files are never
+    deleted or overwritten."""
+    path = Path(path)
+    label = f"{name} {path}" if name else str(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise InvalidInputError(label, "exists and is not a folder facetron made; choose a new or empty folder")
+    if path.is_dir() and not (path / ARTIFACT_MARKER).is_file() and any(path.iterdir()):
+        raise InvalidInputError(
+            label, f"holds files facetron did not make (no {ARTIFACT_MARKER} marker): facetron never replaces "
+                   "such a folder; choose a new or empty folder (nothing was changed)")
+    return path
+
+
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, name: str | None = None) -> Iterator[Path]:
     """Build a folder under a temp name; on success replace ``path`` with it.
 
-    On error the temp folder is removed and ``path`` is left as it was."""
-    path = Path(path)
+    ``path`` must be absent, empty or a folder facetron made (see
+    :func:`check_replaceable`; checked before the caller's work starts). The
+    old folder stays in place until the new one is complete, then is swapped
+    out by renames and removed. On error the temp folder is removed and
+    ``path`` is left as it was."""
+    path = check_replaceable(path, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        (tmp / ARTIFACT_MARKER).write_text("made by facetron; this folder may be replaced by facetron\n")
         yield tmp
+        check_replaceable(path, name)  # nothing foreign appeared while we worked
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:

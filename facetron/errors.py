@@ -68,14 +68,28 @@ def split_status(message: str) -> tuple[str | None, str]:
     return (m.group(1), message[: m.start()]) if m else (None, message)
 
 
+#: The one status <-> error mapping: gRPC status name -> (facetron error class,
+#: Triton python-backend ``TritonError`` code name). Statuses not listed are
+#: plain FacetronErrors answered as INTERNAL.
+STATUS_TABLE: dict[str, tuple[type[FacetronError], str]] = {
+    "INVALID_ARGUMENT": (InvalidInputError, "INVALID_ARG"),
+    "NOT_FOUND": (NotFoundError, "NOT_FOUND"),
+    "UNAVAILABLE": (ServerError, "UNAVAILABLE"),
+}
+
+
+def triton_code_name(status: str | None) -> str:
+    """The ``pb_utils.TritonError`` code name that answers ``status``."""
+    return STATUS_TABLE[status][1] if status in STATUS_TABLE else "INTERNAL"
+
+
 def error_for_status(status: str | None, message: str) -> "FacetronError":
-    """The facetron error class for a status name."""
+    """The facetron error for a status name and a server's message
+    (``"name: rule"`` for INVALID_ARGUMENT)."""
     if status == "INVALID_ARGUMENT":
         return InvalidInputError.from_message(message)
-    if status == "NOT_FOUND":
-        return NotFoundError(message)
-    if status == "UNAVAILABLE":
-        return ServerError(message)
+    if status in STATUS_TABLE:
+        return STATUS_TABLE[status][0](message)
     err = FacetronError(message)
     err.status = status or "INTERNAL"
     return err

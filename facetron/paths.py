@@ -6,6 +6,10 @@ import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Everything facetron builds in a checkout (repositories, users, prepared
+#: photos) lives under one root, so every command agrees from any directory.
+BUILD_DIR = Path(os.environ.get("FACETRON_BUILD_DIR") or REPO_ROOT / "build")
+DEFAULT_REPOSITORY = BUILD_DIR / "model_repository"
 
 
 def cache_dir(*parts: str) -> Path:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from facetron.errors import ServerError
+from facetron.paths import cache_dir
 
 LOOPBACK = "127.0.0.1"
 
@@ -91,7 +92,6 @@ def prepare_backend_dir(install: TritonInstall, dest: Path | None = None) -> Pat
     Triton looks up the stub next to ``libtriton_python.so``; the wheel keeps
     them apart, so they are copied into one folder (once per version)."""
     if dest is None:
-        from facetron.paths import cache_dir
 
         py = f"{sys.version_info.major}{sys.version_info.minor}"
         dest = cache_dir("triton-backends", f"pytriton-{install.version}-py{py}")

@@ -149,7 +149,7 @@ def test_unreachable_server_is_retried_then_named() -> None:
 def test_client_side_checks_name_the_argument() -> None:
     with pytest.raises(InvalidInputError, match="top_k: must be in 0..num_images"):
         portrait_request("demo", num_images=2, top_k=3)
-    with pytest.raises(InvalidInputError, match="height: must be a positive multiple of 8"):
+    with pytest.raises(InvalidInputError, match="height: must be a multiple of 8 in 32..2048"):
         portrait_request("demo", height=100)
     with pytest.raises(InvalidInputError, match="user_id: '../x' is not a valid user id"):
         portrait_request("../x")

@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from facetron.diffusion.base_model import load_base_model
 from facetron.errors import InvalidInputError, NotFoundError
-from facetron.export.lora_files import load_lora, parse_lora_state_dict, write_random_lora
+from facetron.export.lora_files import load_lora, parse_lora_state_dict
 from facetron.export.merge import merge_loras, save_merged
+from facetron.training.random_lora import write_random_lora
 
 FACE_R, FACE_ALPHA = 4, 8.0  # scale 2
 STYLE_R, STYLE_ALPHA = 2, 1.0  # scale 0.5
@@ -284,7 +285,7 @@ def test_cli_missing_lora_is_one_clear_line(tmp_path, monkeypatch, capsys):
 
 
 def test_export_parser_has_nested_steps():
-    from facetron.commands.export import add_parser, add_subcommand
+    from facetron.cli.export import add_parser, add_subcommand
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))

@@ -14,10 +14,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from facetron.atomic import ARTIFACT_MARKER
 from facetron.diffusion.base_model import load_base_model
 from facetron.errors import InvalidInputError
-from facetron.export.onnx_export import (DATA_FILE, MANIFEST_FILE, MODEL_FILE, ModelDims, example_inputs, export_model,
-                                         export_onnx, graph_module, model_io)
+from facetron.export.onnx_export import MANIFEST_FILE, export_model, export_onnx, graph_module
+from facetron.export.onnx_graph import DATA_FILE, MODEL_FILE, ModelDims, example_inputs, model_io
 from facetron.export.validate import REPORT_FILE, TOLERANCES, validate_export
 
 ORT_DTYPES = {"FP32": "tensor(float)", "INT32": "tensor(int32)", "UINT8": "tensor(uint8)"}
@@ -122,7 +123,7 @@ def test_external_data_single_file(base, tmp_path):
     path = export_model("text_encoder", tmp_path, text_encoder=base.text_encoder, dims=ModelDims.of(base),
                         external_threshold=0)
     files = sorted(p.name for p in path.parent.iterdir())
-    assert files == ["io.json", MODEL_FILE, DATA_FILE]
+    assert files == [ARTIFACT_MARKER, "io.json", MODEL_FILE, DATA_FILE]
     assert path.stat().st_size < (path.parent / DATA_FILE).stat().st_size
     feed = {"input_ids": np.full((1, 77), 49407, np.int32)}
     with torch.no_grad():
@@ -144,7 +145,7 @@ def test_fp16_weights_keep_fp32_io(base, tmp_path):
 
 
 def test_interrupted_export_leaves_nothing(base, tmp_path, monkeypatch):
-    import facetron.export.onnx_export as ox
+    import facetron.export.onnx_graph as ox
 
     def crash(model, path, external):
         Path(path).write_bytes(b"half-written")
@@ -171,7 +172,7 @@ def test_unknown_model_and_low_opset_are_named(base, tmp_path):
 
 def test_cli_onnx_with_lora_then_validate(base, tmp_path, monkeypatch, capsys):
     import facetron.cli as cli
-    from facetron.export.lora_files import write_random_lora
+    from facetron.training.random_lora import write_random_lora
 
     lora = write_random_lora(tmp_path / "face.safetensors", base.unet, rank=4, alpha=8, seed=5, std=0.1)
     out = tmp_path / "onnx"
@@ -202,7 +203,7 @@ def test_sd15_unet_export_uses_one_external_data_file(tmp_path):
     path = export_model("unet", tmp_path, unet=unet, dims=dims, batch=1)
     try:
         files = sorted(p.name for p in path.parent.iterdir())
-        assert files == ["io.json", MODEL_FILE, DATA_FILE]
+        assert files == [ARTIFACT_MARKER, "io.json", MODEL_FILE, DATA_FILE]
         assert (path.parent / DATA_FILE).stat().st_size > 2**31
         assert json.loads((path.parent / "io.json").read_text())["external_data"] == DATA_FILE
         inputs, _ = model_io("unet", dims)

@@ -15,12 +15,15 @@ import onnxruntime as ort
 import pytest
 
 from facetron.diffusion.base_model import load_base_model
+from facetron.diffusion.lora_inputs import (MANIFEST_FILE, SCALE_INPUT, lora_inputs_for, read_lora_manifest,
+                                            stack_lora_inputs, zero_lora_inputs)
 from facetron.errors import InvalidInputError
-from facetron.export.lora_files import load_lora, write_random_lora
+from facetron.export.lora_files import load_lora
 from facetron.export.merge import merge_loras
-from facetron.export.onnx_export import ModelDims, export_model
-from facetron.export.runtime_lora import (MANIFEST_FILE, SCALE_INPUT, export_runtime_lora_unet, lora_inputs_for,
-                                          read_lora_manifest, stack_lora_inputs, zero_lora_inputs)
+from facetron.export.onnx_export import export_model
+from facetron.export.onnx_graph import ModelDims
+from facetron.export.runtime_lora import export_runtime_lora_unet
+from facetron.training.random_lora import write_random_lora
 
 RANK = 8
 W_FACE, W_STYLE = 0.9, 0.25

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from facetron.export.onnx_export import IO_FILE, MODEL_FILE, ModelDims, model_io
+from facetron.export.onnx_graph import IO_FILE, MODEL_FILE, ModelDims, model_io
 from facetron.export.trt import (ENGINE_FILE, ProfileSizes, TensorRTUnavailable, build_engine, import_tensorrt,
                                  profile_shapes, refit_engine, tensorrt_unavailable_reason, trtexec_commands)
 
@@ -93,9 +93,9 @@ def tiny_unet_exports(tmp_path_factory):
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU")
     from facetron.diffusion.base_model import load_base_model
-    from facetron.export.lora_files import write_random_lora
     from facetron.export.merge import merge_loras
     from facetron.export.onnx_export import export_model
+    from facetron.training.random_lora import write_random_lora
 
     base = load_base_model()
     d = tmp_path_factory.mktemp("trt")
@@ -108,7 +108,7 @@ def tiny_unet_exports(tmp_path_factory):
 
 
 def test_build_refittable_unet_and_refit(tiny_unet_exports):
-    from facetron.export.onnx_export import read_io
+    from facetron.export.onnx_graph import read_io
 
     d, plain, merged = tiny_unet_exports
     inputs, _, _ = read_io(plain.parent)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facetron.atomic import atomic_dir, atomic_write_json
+from facetron.atomic import ARTIFACT_MARKER, atomic_dir, atomic_write_json
 from facetron.errors import InvalidInputError
 from facetron.imageio import check_rgb_array, list_images, load_image, save_image
 
@@ -91,3 +91,34 @@ def test_atomic_dir_leaves_nothing_on_error(tmp_path: Path) -> None:
     with atomic_dir(target) as tmp:
         atomic_write_json(tmp / "x.json", {"a": 1})
     assert (target / "x.json").is_file()
+
+
+def test_atomic_dir_never_replaces_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    """A user's folder (a sentinel file, no marker) is refused before any work and left intact."""
+    target = tmp_path / "photos"
+    target.mkdir()
+    (target / "me.jpg").write_bytes(b"precious")
+    worked = []
+    with pytest.raises(InvalidInputError, match="holds files facetron did not make"):
+        with atomic_dir(target, "--out"):
+            worked.append(True)
+    assert not worked and (target / "me.jpg").read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InvalidInputError, match="not a folder"):
+        with atomic_dir(tmp_path / "file"):
+            pass
+
+
+def test_atomic_dir_replaces_its_own_folder_and_an_empty_one(tmp_path: Path) -> None:
+    target = tmp_path / "repo"
+    for value in (1, 2):
+        with atomic_dir(target) as tmp:
+            atomic_write_json(tmp / "x.json", {"a": value})
+        assert (target / ARTIFACT_MARKER).is_file() and (target / "x.json").read_text().count(str(value))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_dir(empty) as tmp:
+        atomic_write_json(tmp / "x.json", {})
+    assert (empty / "x.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "repo"]  # no temp or old folders left

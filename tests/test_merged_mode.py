@@ -23,7 +23,7 @@ REQUEST = {"num_images": np.array([1], np.int32), "steps": np.array([3], np.int3
 @pytest.fixture(scope="module")
 def merged_server(tmp_path_factory, users_dir: Path):
     from facetron.diffusion.base_model import load_base_model
-    from facetron.export.lora_files import write_random_lora
+    from facetron.training.random_lora import write_random_lora
     from facetron.export.repository import DiffusionSource, add_merged_user, assemble_repository
     from facetron.triton_server import TritonServer
 

@@ -10,6 +10,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from facetron import contract
 from facetron.errors import InvalidInputError
 from facetron.export import repository
 from facetron.export.model_configs import MODELS, TARGETS, models_for, render
@@ -35,8 +36,8 @@ def test_checked_in_configs_match_the_source() -> None:
         checked_in = (SOURCE_REPOSITORY / model.name / "config.pbtxt").read_text()
         assert checked_in == render(model, "cpu"), f"{model.name}: run write_source_configs()"
     names = {p.name for p in SOURCE_REPOSITORY.iterdir() if p.is_dir()}
-    # unet_merged is the code of every per-user merged UNet (serving mode 1), not a model of its own
-    assert names == {m.name for m in models_for("cpu", diffusion=True)} | {"unet_merged"}
+    # unet_user is the code of every per-user merged UNet (serving mode 1), not a model of its own
+    assert names == {m.name for m in models_for("cpu", diffusion=True)} | {contract.MERGED_UNET_SOURCE}
 
 
 def test_nets_batch_set_models_do_not() -> None:
@@ -134,3 +135,23 @@ def test_interrupted_build_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(RuntimeError):
         assemble_repository("gpu", tmp_path / "model_repository")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["export", "repository", "--faces-only", "--out", "{dir}"],
+    ["train", "prepare", "{dir}", "--user", "someone", "--out", "{dir}"],
+    ["train", "prepare", "{dir}", "--user", "someone", "--out", "{dir}/prepared"],
+])
+def test_out_with_foreign_files_is_refused_and_left_intact(tmp_path: Path, capsys, argv) -> None:
+    """`--out` pointing at a user's folder: a clear error, the files intact."""
+    from facetron.cli import main
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "sentinel.txt").write_text("keep me")
+    code = main([a.format(dir=folder) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and ("did not make" in err or "never writes into its input" in err) and str(folder) in err, err
+    assert [p.name for p in folder.iterdir()] == ["sentinel.txt"]
+    assert (folder / "sentinel.txt").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]

@@ -227,7 +227,7 @@ def test_text_encoder_lora_is_trained_and_saved(dataset: Path, tmp_path: Path) -
 def test_cli_train_lora(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import argparse
 
-    from facetron.commands import train as train_cmd
+    from facetron.cli import train as train_cmd
 
     parser = argparse.ArgumentParser(prog="facetron")
     train_cmd.add_parser(parser.add_subparsers(dest="command", required=True))

@@ -33,7 +33,7 @@ def base():
 def users(users_dir: Path, base, tmp_path_factory) -> dict[str, Path]:
     """Two registered users with their own (random, non-zero) LoRAs; the
     identity and template face come from the shipped demo photos."""
-    from facetron.export.lora_files import write_random_lora
+    from facetron.training.random_lora import write_random_lora
     from facetron.faces.attributes import UserAttributes
     from facetron.training.demo_photos import make_demo_photos
     from facetron.training.preprocess import PrepareConfig, prepare_photos
@@ -82,8 +82,8 @@ def _merged_reference(base, full_repository: Path, users_dir: Path, user: str, l
     from facetron.diffusion.clip_tokenizer import ClipTokenizer
     from facetron.export.merge import merge_loras
     from facetron.export.onnx_export import graph_module
-    from facetron.serving.generator import build_job, read_model_info
-    from facetron.serving.portrait import DiffusionNets, generate
+    from facetron.diffusion.nets import DiffusionNets
+    from facetron.serving.generation import build_job, generate, read_model_info
 
     info, sched = read_model_info(full_repository / "portrait_generator" / "1")
     job = build_job({"user_id": user, "num_images": n, "seed": seed, "steps": STEPS}, info, UserRegistry(users_dir))
@@ -160,6 +160,34 @@ def test_portrait_template_mode_end_to_end(client, users) -> None:
     order = out["selected"]
     assert list(out["rank"][order]) == list(range(len(order)))
     assert {"generate_ms", "fuse_ms", "select_ms"} <= set(report["timings_ms"])
+
+
+def _detector_counts(triton) -> tuple[int, int]:
+    """(requests, images) face_detector has served so far (Triton's own statistics)."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(triton.grpc_url) as raw:
+        stats = raw.get_inference_statistics("face_detector", as_json=True)["model_stats"][0]
+    return int(stats["inference_stats"]["success"].get("count", 0)), int(stats.get("inference_count", 0))
+
+
+def test_portrait_detects_the_template_once(client, users, triton) -> None:
+    """One template-mode portrait call: the template is fitted and detected once
+    (1 image), the candidates once for ranking (N images): two detector requests.
+    (The template's landmarks also place the fusion: no second detection.)"""
+    from facetron.faces.detector import FaceDetector
+    from facetron.training.demo_templates import demo_templates
+
+    _, template = demo_templates(FaceDetector(), size=SIZE, count=1)[0]
+    n = 3
+    requests0, images0 = _detector_counts(triton)
+    client.infer("portrait", _req(user_id="astro", template=template, num_images=n, seed=5, steps=1), ["report"])
+    requests1, images1 = _detector_counts(triton)
+    assert (requests1 - requests0, images1 - images0) == (2, 1 + n)
+    # the generator alone: the template only
+    client.infer("portrait_generator", _req(user_id="astro", template=template, num_images=n, steps=1), ["images"])
+    requests2, images2 = _detector_counts(triton)
+    assert (requests2 - requests1, images2 - images1) == (1, 1)
 
 
 @pytest.mark.parametrize(

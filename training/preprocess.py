@@ -35,12 +35,14 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from facetron.atomic import atomic_dir, atomic_write_bytes, atomic_write_json
+from facetron.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, check_replaceable
 from facetron.errors import InvalidInputError
 from facetron.faces.alignment import align_faces, roll_angle
 from facetron.faces.attributes import AttributeProvider, UserAttributes
-from facetron.faces.crop import square_crop
 from facetron.faces.consistency import dominant_face, identity_outliers, reference_embedding
+from facetron.faces.crop import square_crop
+from facetron.faces.detector import FaceDetector
+from facetron.faces.embedder import FaceEmbedder
 from facetron.faces.quality import QualityThresholds, face_quality
 from facetron.faces.retouch import smooth_skin, white_background
 from facetron.imageio import IMAGE_SUFFIXES, load_image, save_image
@@ -140,9 +142,6 @@ class Preprocessor:
     """Runs the per-photo rules with one detector and embedder."""
 
     def __init__(self, config: PrepareConfig = PrepareConfig(), attributes: AttributeProvider | None = None):
-        from facetron.faces.detector import FaceDetector
-        from facetron.faces.embedder import FaceEmbedder
-
         self.config = config
         self.detector = FaceDetector()
         self.embedder = FaceEmbedder()
@@ -261,6 +260,16 @@ def _photo_files(photos_dir: Path) -> list[Path]:
     return files
 
 
+def check_out_dir(photos_dir: Path, out_dir: Path) -> None:
+    """The output folder is neither the input folder nor inside it, and holds
+    nothing facetron did not make (checked before any work)."""
+    src, dst = photos_dir.resolve(), out_dir.resolve()
+    if dst == src or src in dst.parents:
+        raise InvalidInputError(f"--out {out_dir}", f"is inside the photo folder {photos_dir}: facetron never writes "
+                                                    "into its input; choose a folder elsewhere")
+    check_replaceable(out_dir, "--out")
+
+
 def prepare_photos(
     photos_dir: str | Path,
     out_dir: str | Path,
@@ -273,6 +282,7 @@ def prepare_photos(
     from tqdm import tqdm
 
     photos_dir, out_dir = Path(photos_dir), Path(out_dir)
+    check_out_dir(photos_dir, out_dir)
     files = _photo_files(photos_dir)
     pre = Preprocessor(config, attributes)
     results = [pre.photo(f) for f in tqdm(files, desc="prepare photos", unit="photo", disable=not progress)]
@@ -313,7 +323,5 @@ def prepare_photos(
 def register_user(registry, user_id: str, result: PrepareResult, trigger_token: str = DEFAULT_TRIGGER_TOKEN) -> None:
     """Put a prepared user into the registry: reference embedding, template
     face (fusion source), and ``user.json`` (subject words, trigger token)."""
-    registry.save_reference_embedding(user_id, result.reference_embedding)
-    for name in ("template.png", "template.json"):
-        registry.install_file(user_id, result.out_dir / name, name)
-    registry.save_user_info(user_id, {"subject": result.subject, "trigger_token": trigger_token})
+    registry.register(user_id, result.reference_embedding, result.out_dir / "template.png",
+                      result.out_dir / "template.json", {"subject": result.subject, "trigger_token": trigger_token})

@@ -47,8 +47,9 @@ import torch.nn.functional as F
 
 from facetron import __version__
 from facetron.atomic import atomic_dir, atomic_write_json
+from facetron.diffusion.base_model import load_base_model, model_hash
 from facetron.errors import InvalidInputError
-from facetron.training.dataset import METADATA_FILE, CaptionedImages, Row, flip_decision, read_metadata
+from facetron.training.dataset import CaptionedImages, METADATA_FILE, Row, flip_decision, read_metadata
 from facetron.training.lora_config import LoraTrainConfig
 from facetron.users import validate_user_id
 
@@ -359,7 +360,6 @@ def train_lora(
     from peft import inject_adapter_in_model
     from tqdm.auto import tqdm
 
-    from facetron.diffusion.base_model import load_base_model, model_hash
 
     base = load_base_model(base_model)
     accelerator = _make_accelerator(device, config.mixed_precision)

@@ -21,8 +21,9 @@ import torch
 
 from facetron.atomic import atomic_dir, atomic_write_json
 from facetron.diffusion.clip_tokenizer import write_tokenizer_files
-from facetron.diffusion.model_spec import SD15_SCHEDULER, TINY, TINY_SEED, ModelSpec
+from facetron.diffusion.model_spec import ModelSpec, SD15_SCHEDULER, TINY, TINY_SEED
 from facetron.errors import InvalidInputError, NotFoundError
+from facetron.paths import cache_dir
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SMOKE_MARKER = "facetron_smoke_model.json"
@@ -101,7 +102,6 @@ def write_base_model(spec: ModelSpec, out_dir: str | Path, seed: int = TINY_SEED
 
 def ensure_tiny_model() -> Path:
     """Path of the embedded tiny default, written into the cache on first use."""
-    from facetron.paths import cache_dir
 
     path = cache_dir("models") / f"{TINY.name}-seed{TINY_SEED}"
     if not (path / SMOKE_MARKER).is_file():

@@ -18,7 +18,10 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+from facetron import contract
+from facetron.contract import SCHEDULERS
 from facetron.errors import InvalidInputError
 
 UNetFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # sample, timestep [B] f32, hidden -> noise
@@ -26,14 +29,10 @@ DecodeFn = Callable[[np.ndarray], np.ndarray]  # latent (scaled) -> uint8 [N,H,W
 EncodeFn = Callable[[np.ndarray], np.ndarray]  # uint8 [N,H,W,3] -> latent (scaled)
 ProgressFn = Callable[[int, int], None]  # (step done, total)
 
-SCHEDULERS = ("dpmsolver", "euler", "ddim")
-MAX_STEPS = 150
 
 
 def make_scheduler(name: str, config: dict):
     """A diffusers scheduler from the base model's scheduler config."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
     classes = {"dpmsolver": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}
     if name not in classes:
         raise InvalidInputError("scheduler", f"expected one of {', '.join(SCHEDULERS)}, got {name!r}")
@@ -42,29 +41,21 @@ def make_scheduler(name: str, config: dict):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    num_images: int = 1
-    steps: int = 25
-    guidance: float = 7.0
+    num_images: int = contract.DEFAULT_NUM_IMAGES
+    steps: int = contract.DEFAULT_STEPS
+    guidance: float = contract.DEFAULT_GUIDANCE
     seed: int = 0
     height: int = 512
     width: int = 512
-    scheduler: str = "dpmsolver"
-    strength: float = 0.6  # template mode: how much of the template is re-generated (0..1]
+    scheduler: str = contract.DEFAULT_SCHEDULER
+    strength: float = contract.DEFAULT_STRENGTH  # template mode: how much of the template is re-generated (0..1]
 
-    def validate(self, latent_factor: int, max_images: int = 16) -> None:
-        if not 1 <= self.num_images <= max_images:
-            raise InvalidInputError("num_images", f"must be 1..{max_images}, got {self.num_images}")
-        if not 1 <= self.steps <= MAX_STEPS:
-            raise InvalidInputError("steps", f"must be 1..{MAX_STEPS}, got {self.steps}")
-        if not (0.0 <= self.guidance <= 30.0) or not np.isfinite(self.guidance):
-            raise InvalidInputError("guidance", f"must be in 0..30, got {self.guidance}")
-        for name, v in (("height", self.height), ("width", self.width)):
-            if v % latent_factor or not (latent_factor * 4 <= v <= 2048):
-                raise InvalidInputError(name, f"must be a multiple of {latent_factor} in {latent_factor * 4}..2048, got {v}")
-        if not 0.0 < self.strength <= 1.0:
-            raise InvalidInputError("strength", f"must be in (0, 1], got {self.strength}")
-        if self.scheduler not in SCHEDULERS:
-            raise InvalidInputError("scheduler", f"expected one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+    def validate(self, latent_factor: int = contract.LATENT_FACTOR, max_images: int = contract.MAX_IMAGES) -> None:
+        """The contract's generation rules (facetron.contract.check_generation).
+        Callers validate once; the loop below trusts a validated request."""
+        contract.check_generation(num_images=self.num_images, steps=self.steps, guidance=self.guidance,
+                                  height=self.height, width=self.width, strength=self.strength,
+                                  scheduler=self.scheduler, latent_factor=latent_factor, max_images=max_images)
 
 
 def initial_noise(seed: int, count: int, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -89,7 +80,6 @@ def denoise(
     ``cond``/``uncond`` are [1, 77, D] text embeddings (broadcast to N).
     With ``init_latents`` [1 or N, C, h, w] (template mode), the loop starts
     from the template noised to ``strength`` instead of pure noise."""
-    req.validate(latent_factor)
     n = req.num_images
     h, w = req.height // latent_factor, req.width // latent_factor
     scheduler = make_scheduler(req.scheduler, scheduler_config)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from facetron.atomic import atomic_write_bytes
 from facetron.errors import InvalidInputError, NotFoundError
 
 FAIRFACE_RACES = ("White", "Black", "Latino_Hispanic", "East Asian", "Southeast Asian", "Indian", "Middle Eastern")
@@ -162,7 +163,6 @@ class FairFaceAttributes:
 
 def export_fairface_onnx(model: FairFaceResNet34, path: str | Path, opset: int = 17) -> Path:
     """Export the head to ONNX (input ``faces`` float32 [N,3,224,224] -> ``logits``)."""
-    from facetron.atomic import atomic_write_bytes
 
     import io
 

@@ -17,6 +17,7 @@ from typing import Literal
 
 import numpy as np
 
+from facetron.assets import asset_path
 from facetron.errors import InvalidInputError
 from facetron.faces.alignment import CHIP_SIZE
 from facetron.paths import cache_dir
@@ -48,7 +49,6 @@ def embedder_onnx_path(dat_path: str | os.PathLike | None = None, net=None) -> P
     Exported atomically on the first call; ``net`` (a loaded ``DlibResNet`` for
     the same ``.dat``) saves parsing the file again.
     """
-    from facetron.assets import asset_path
 
     dat = Path(dat_path) if dat_path is not None else asset_path("dlib_resnet")
     out = cache_dir("onnx") / f"dlib_resnet_v1_{_dat_digest(dat)[:16]}.onnx"

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from facetron.assets import asset_path
 from facetron.faces.dlib_dat import (
     ANET_EMBED_DIM,
     ANET_INPUT_SIZE,
@@ -184,7 +185,6 @@ def load_dlib_resnet(path: str | os.PathLike | None = None,
                      config: DlibResNetConfig | None = None) -> DlibResNet:
     """Build :class:`DlibResNet` in eval mode with weights read from dlib's ``.dat``."""
     if path is None:
-        from facetron.assets import asset_path
 
         path = asset_path("dlib_resnet")
     cfg = config or DlibResNetConfig()

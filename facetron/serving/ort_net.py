@@ -1,6 +1,9 @@
-"""One ONNX Runtime session for a python-backend net model, with request
-batching: the requests of a dynamic batch are concatenated along the batch
-axis, run once, and split back."""
+"""ONNX nets served by python-backend models: ``text_encoder``,
+``vae_decoder``, ``vae_encoder`` and each merged ``unet_user_<id>``.
+
+One ONNX Runtime session per model, with request batching: the requests of
+a dynamic batch are concatenated along the batch axis, run once, and split
+back. (The runtime-LoRA ``unet`` adds its LoRA bank: :mod:`.unet`.)"""
 
 from __future__ import annotations
 
@@ -8,23 +11,26 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import onnxruntime as ort
 
+from facetron import contract
+from facetron.contract import ModelContract, NetParams
 from facetron.errors import FacetronError, InvalidInputError
+from facetron.serving.backend import error_response, pb, read_params, response, version_dir
+
+_NP_DTYPES = {"FP32": np.float32, "INT32": np.int32, "UINT8": np.uint8}
 
 
-def open_session(path: Path, threads: int | None = None, providers: str = "cpu"):
+def open_session(path: Path, threads: int | None = None, providers: str = "cpu") -> ort.InferenceSession:
     """An ONNX Runtime session (no idle-thread spinning: cores are shared).
 
     ``providers="cuda"`` asks for the CUDA provider first (gpu target) and
     fails clearly where onnxruntime has none."""
-    import onnxruntime as ort
-
     chain = ["CPUExecutionProvider"]
     if providers == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise FacetronError(f"{path}: the CUDA execution provider is not available in this onnxruntime")
         chain = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-
     if not path.is_file():
         raise FacetronError(f"ONNX file {path} is missing: assemble the repository with `facetron export repository`")
     opts = ort.SessionOptions()
@@ -35,9 +41,10 @@ def open_session(path: Path, threads: int | None = None, providers: str = "cpu")
     return ort.InferenceSession(str(path), sess_options=opts, providers=chain)
 
 
-def version_dir(args: dict) -> Path:
-    """The model's version folder (where its artifacts live) from initialize()'s args."""
-    return Path(args["model_repository"]) / str(args["model_version"])
+def net_session(args: dict) -> ort.InferenceSession:
+    """The session of a net model's ``model.onnx``, configured by its NetParams."""
+    params = read_params(args, NetParams)
+    return open_session(version_dir(args) / "model.onnx", params.intra_op_threads or None, params.providers)
 
 
 def run_batched(
@@ -49,9 +56,6 @@ def run_batched(
 
     Requests whose inputs break a rule get their own error response; requests
     whose non-batch dims differ from the first valid one run separately."""
-    from facetron.serving.triton_utils import error_response, pb
-
-    pb_utils = pb()
     responses: list = [None] * len(requests)
     groups: dict[tuple, list[tuple[int, dict]]] = {}
     for i, request in enumerate(requests):
@@ -68,9 +72,7 @@ def run_batched(
             start = 0
             for i, f in members:
                 n = next(iter(f.values())).shape[0]
-                responses[i] = pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(k, np.ascontiguousarray(v[start : start + n])) for k, v in out.items()]
-                )
+                responses[i] = response({k: v[start : start + n] for k, v in out.items()})
                 start += n
         except Exception as exc:  # noqa: BLE001
             for i, _ in members:
@@ -88,40 +90,71 @@ def require(arr: np.ndarray | None, name: str, dtype, ndim: int) -> np.ndarray:
     return arr
 
 
-def single_net_model(input_name: str, dtype, ndim: int, output_name: str) -> type:
-    """A TritonPythonModel class for a one-input, one-output ONNX net in its
-    version folder (``model.onnx``), with dynamic-batch concatenation."""
-    from facetron.serving.triton_utils import model_parameters, pb
+def _tensor(request, name: str) -> np.ndarray | None:
+    t = pb().get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy()
 
-    class TritonPythonModel:
+
+def net_model(c: ModelContract) -> type:
+    """A python-backend model class for a one-input, one-output ONNX net of
+    contract ``c`` (``model.onnx`` in its version folder)."""
+    (inp,), (out,) = c.inputs, c.outputs
+    dtype, ndim = _NP_DTYPES[inp.dtype], len(inp.dims) + 1
+
+    class NetModel:
+        __doc__ = f"The ``{c.name}`` model: {c.doc.splitlines()[0]}"
+
         def initialize(self, args):
-            params = model_parameters(args)
-            threads = int(params.get("intra_op_threads") or 0) or None
-            self.session = open_session(version_dir(args) / "model.onnx", threads, params.get("providers") or "cpu")
+            self.session = net_session(args)
 
         def _read(self, request):
-            t = pb().get_input_tensor_by_name(request, input_name)
-            return {input_name: require(t.as_numpy() if t is not None else None, input_name, dtype, ndim)}
+            return {inp.name: require(_tensor(request, inp.name), inp.name, dtype, ndim)}
 
         def _run(self, feed):
-            return {output_name: self.session.run([output_name], feed)[0]}
+            return {out.name: self.session.run([out.name], feed)[0]}
 
         def execute(self, requests):
             return run_batched(requests, self._read, self._run)
 
-    return TritonPythonModel
+        def finalize(self):
+            self.session = None
+
+    NetModel.__name__ = NetModel.__qualname__ = "".join(p.title() for p in c.name.split("_")) + "Model"
+    return NetModel
+
+
+TextEncoderModel = net_model(contract.TEXT_ENCODER)
+VaeDecoderModel = net_model(contract.VAE_DECODER)
+VaeEncoderModel = net_model(contract.VAE_ENCODER)
 
 
 def unet_feed(request) -> dict[str, np.ndarray]:
     """``sample``, ``timestep`` (one per item, [N,1] on the wire -> [N]) and
     ``encoder_hidden_states`` of a UNet request, checked."""
-    from facetron.serving.triton_utils import pb
-
-    get = pb().get_input_tensor_by_name
-    sample = require(get(request, "sample").as_numpy(), "sample", np.float32, 4)
+    sample = require(_tensor(request, "sample"), "sample", np.float32, 4)
     n = sample.shape[0]
-    t = get(request, "timestep").as_numpy()
-    if t.dtype != np.float32 or t.size != n:
-        raise InvalidInputError("timestep", f"expected FP32 with one value per batch item ({n}), got {t.dtype} {list(t.shape)}")
-    hidden = require(get(request, "encoder_hidden_states").as_numpy(), "encoder_hidden_states", np.float32, 3)
+    t = _tensor(request, "timestep")
+    if t is None or t.dtype != np.float32 or t.size != n:
+        got = "nothing" if t is None else f"{t.dtype} {list(t.shape)}"
+        raise InvalidInputError("timestep", f"expected FP32 with one value per batch item ({n}), got {got}")
+    hidden = require(_tensor(request, "encoder_hidden_states"), "encoder_hidden_states", np.float32, 3)
     return {"sample": sample, "timestep": t.reshape(n), "encoder_hidden_states": hidden}
+
+
+class UnetUserModel:
+    """One user's merged UNet (serving mode 1, ``unet_user_<id>``): FaceChain's
+    way, the user's face (+ style) LoRA fused into the weights, one model per
+    user, loaded on demand with explicit model control. The scalable default
+    is the runtime-LoRA ``unet``; this mode suits few users."""
+
+    def initialize(self, args):
+        self.session = net_session(args)
+
+    def _run(self, feed):
+        return {"noise_pred": self.session.run(["noise_pred"], feed)[0]}
+
+    def execute(self, requests):
+        return run_batched(requests, unet_feed, self._run)
+
+    def finalize(self):
+        self.session = None

@@ -1,111 +1,47 @@
-"""Portrait generation and post-processing, shared by Triton and in-process.
+"""The ``portrait`` model: the one call a client makes, on one in-process path.
 
-``generate`` is portrait_generator's logic: tokenize -> text encoder ->
-denoising loop (:mod:`facetron.diffusion.sampler`) -> VAE decoder, with
-optional template mode (FaceChain's "inpaint a template photo": the
-template is VAE-encoded, noised to ``strength``, denoised, and only the
-template's face region is taken from the generated image).
-
-``fuse_user_face`` is the fusion step of portrait's second half (see
-:mod:`facetron.serving.portrait_call`). The nets are passed in as
-callables: BLS calls inside Triton, ONNX Runtime sessions in-process.
+A request is parsed and validated once, its template fitted and its face
+found once; then: generate (nets over BLS) -> fuse the user's template face
+(classical, pluggable) -> rank by identity (face_detector + face_embedder
+over BLS) -> answer with a report saying which parts of the pictures came
+from which model and how long each stage took. ``portrait_stream`` runs the
+same path with a progress callback.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
-import cv2
 import numpy as np
 
-from facetron.diffusion.sampler import GenerationRequest, ProgressFn, denoise
+from facetron import contract
+from facetron.contract import FaceSelectParams
+from facetron.diffusion.sampler import ProgressFn
 from facetron.errors import InvalidInputError
-from facetron.faces.retouch import FUSERS, face_ellipse_mask
+from facetron.faces.retouch import FUSERS
+from facetron.serving import bls
+from facetron.serving.backend import handle_each, one_scalar, pb, request_arrays
+from facetron.serving.face_select import select_portraits, select_rules, selection_outputs
+from facetron.serving.portrait_generator import ServedGenerator
+from facetron.serving.template import TEMPLATE_FUSE_SCALE, PreparedTemplate, main_face
+from facetron.users import validate_user_id
+
+FACE_FUSE_SCALE = 0.95  # text-to-image mode: fusion covers the generated face
 
 
-TEMPLATE_REGION_SCALE = 1.15  # the re-generated face region of a template (x face size)
-TEMPLATE_FUSE_SCALE = 1.25  # fusion covers it, so the template's own pixels form the blend boundary
+@dataclass(frozen=True)
+class PortraitOptions:
+    top_k: int = 0  # 0 = all candidates
+    fuse: bool = True
 
 
-@dataclass
-class DiffusionNets:
-    """Callables with the Triton contracts (numpy in, numpy out)."""
-
-    tokenize: Callable[[list[str]], np.ndarray]  # -> int32 [N,77]
-    text_encode: Callable[[np.ndarray], np.ndarray]  # int32 [N,77] -> f32 [N,77,C]
-    unet: Callable[..., np.ndarray]  # (sample, timestep, hidden) -> noise_pred
-    vae_decode: Callable[[np.ndarray], np.ndarray]  # latent -> uint8 [N,H,W,3]
-    vae_encode: Optional[Callable[[np.ndarray], np.ndarray]] = None  # uint8 [N,H,W,3] -> latent
-    latent_channels: int = 4
-    latent_factor: int = 8
-
-
-def fit_template(template: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Centre-crop the template to the target aspect and resize to (height, width)."""
-    h, w = template.shape[:2]
-    target = width / height
-    if w / h > target:
-        nw = int(round(h * target))
-        x0 = (w - nw) // 2
-        template = template[:, x0 : x0 + nw]
-    else:
-        nh = int(round(w / target))
-        y0 = (h - nh) // 2
-        template = template[y0 : y0 + nh]
-    interp = cv2.INTER_AREA if template.shape[0] > height else cv2.INTER_CUBIC
-    return cv2.resize(template, (width, height), interpolation=interp)
-
-
-def face_region_mask(shape: tuple[int, int], landmarks: np.ndarray, feather: int = 9) -> np.ndarray:
-    """float32 [H,W,1] in 0..1: the template's face (ellipse), feathered."""
-    mask = face_ellipse_mask(shape, landmarks, scale=TEMPLATE_REGION_SCALE).astype(np.float32) / 255.0
-    k = max(3, feather | 1)
-    return cv2.GaussianBlur(mask, (k, k), 0)[..., None]
-
-
-def generate(
-    nets: DiffusionNets,
-    scheduler_config: dict,
-    prompt: str,
-    negative_prompt: str,
-    req: GenerationRequest,
-    unet_extra: Optional[dict[str, np.ndarray]] = None,
-    template: Optional[np.ndarray] = None,
-    template_face: Optional[np.ndarray] = None,
-    progress: Optional[ProgressFn] = None,
-) -> np.ndarray:
-    """Images uint8 [N, H, W, 3].
-
-    ``unet_extra``: extra UNet inputs per call (runtime-LoRA tensors).
-    ``template`` (uint8 [h,w,3]) turns on template mode; ``template_face``
-    (its 5 landmarks after :func:`fit_template`) limits the generated part to
-    the face region, else the whole template is re-generated."""
-    if not prompt.strip():
-        raise InvalidInputError("prompt", "is empty")
-    req.validate(nets.latent_factor)
-    ids = nets.tokenize([prompt, negative_prompt])
-    hidden = nets.text_encode(ids)
-    cond, uncond = hidden[:1], hidden[1:2]
-    extra = unet_extra or {}
-
-    def unet(sample: np.ndarray, t: np.ndarray, h: np.ndarray) -> np.ndarray:
-        return nets.unet(sample, t, h, **extra) if extra else nets.unet(sample, t, h)
-
-    init = None
-    fitted = None
-    if template is not None:
-        if nets.vae_encode is None:
-            raise InvalidInputError("template", "template mode needs the vae_encoder model, which is not deployed")
-        fitted = fit_template(template, req.height, req.width)
-        init = nets.vae_encode(fitted[None])
-    latents = denoise(unet, scheduler_config, cond, uncond, req, nets.latent_channels, nets.latent_factor,
-                      init_latents=init, progress=progress)
-    images = nets.vae_decode(latents)
-    if fitted is not None and template_face is not None:
-        mask = face_region_mask(fitted.shape, template_face)
-        images = (fitted[None] * (1 - mask) + images * mask + 0.5).clip(0, 255).astype(np.uint8)
-    return images
+def portrait_options(arrays: dict[str, np.ndarray]) -> PortraitOptions:
+    top_k = one_scalar(arrays["top_k"], "top_k", np.int32) if "top_k" in arrays else 0
+    fuse = one_scalar(arrays["fuse"], "fuse", np.bool_) if "fuse" in arrays else True
+    return PortraitOptions(int(top_k), bool(fuse))
 
 
 def fuse_user_face(
@@ -114,7 +50,7 @@ def fuse_user_face(
     user_face: np.ndarray,
     user_landmarks: np.ndarray,
     fuser: str = "poisson",
-    scale: float = 0.95,
+    scale: float = FACE_FUSE_SCALE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fuse the user's template face onto ``targets[i]`` (5 landmarks, or None
     to leave image i unchanged) — FaceChain's face fusion. Returns (images,
@@ -127,3 +63,87 @@ def fuse_user_face(
             out[i] = fuse(images[i], target, user_face, user_landmarks, scale=scale)
             fused[i] = True
     return out, fused
+
+
+def fusion_targets(images: np.ndarray, template: Optional[PreparedTemplate]) -> tuple[list, float]:
+    """Where to fuse in each image: the template's face (template mode, already
+    found) or each generated image's main face (one face_detector call)."""
+    if template is not None:
+        return [template.landmarks] * len(images), TEMPLATE_FUSE_SCALE
+    dets = bls.detect(images)
+    picks = [main_face(dets, i, images.shape[1:3]) for i in range(len(images))]
+    return [None if j is None else dets["landmarks"][i, j] for i, j in enumerate(picks)], FACE_FUSE_SCALE
+
+
+def provenance(smoke: bool) -> str:
+    if smoke:
+        return ("generated pixels come from the tiny smoke model (random weights + a LoRA trained for minutes): "
+                "they are not portraits; the visible face is the user's template face fused in classically, "
+                "and ranking uses the real face detector and embedder")
+    return "generated by the base model with the user's LoRA; face fused classically; ranked by the face embedder"
+
+
+def run_portrait(arrays: dict[str, np.ndarray], generator: ServedGenerator,
+                 progress: Optional[ProgressFn] = None) -> dict[str, np.ndarray]:
+    """``arrays``: the request's tensors by name. Returns the portrait outputs."""
+    # 1. parse and validate once
+    if arrays.get("user_id") is None:
+        raise InvalidInputError("user_id", "is required: portraits are ranked by the user's identity")
+    options = portrait_options(arrays)
+    job = generator.job(arrays)
+    user_id = validate_user_id(job.user_id)
+    reference = generator.registry.reference_embedding(user_id)
+    timings: dict[str, float] = {}
+
+    # 2. generate (the template fitted and its face found once)
+    t0 = time.perf_counter()
+    template = generator.template(job)
+    images = generator.images(job, template, progress)
+    timings["generate_ms"] = (time.perf_counter() - t0) * 1e3
+
+    # 3. fuse the user's face
+    t0 = time.perf_counter()
+    fused = np.zeros(len(images), bool)
+    user_face = generator.registry.template(user_id) if options.fuse else None
+    if user_face is not None:
+        targets, scale = fusion_targets(images, template)
+        images, fused = fuse_user_face(images, targets, user_face[0], user_face[1], scale=scale)
+    timings["fuse_ms"] = (time.perf_counter() - t0) * 1e3
+
+    # 4. rank by identity
+    t0 = time.perf_counter()
+    selection, _ = select_portraits(images, reference, options.top_k, bls.detect, bls.embed,
+                                    select_rules(FaceSelectParams()))
+    timings["select_ms"] = (time.perf_counter() - t0) * 1e3
+
+    # 5. answer
+    smoke = bool(generator.info.get("is_smoke_model"))
+    report = {
+        "user_id": user_id,
+        "candidates": int(len(images)),
+        "returned": int(len(selection.order)),
+        "fused": fused.tolist(),
+        "timings_ms": {k: round(v, 1) for k, v in timings.items()},
+        "base_model": generator.info.get("name"),
+        "smoke_model": smoke,
+        "provenance": provenance(smoke),
+        "mode": "template" if template is not None else "text-to-image",
+    }
+    out = selection_outputs(images, selection)
+    out["report"] = np.array([json.dumps(report).encode()], dtype=object)
+    return out
+
+
+class PortraitModel:
+    def initialize(self, args):
+        self.generator = ServedGenerator.from_args(args)
+        self.logger = pb().Logger
+
+    def _portrait(self, request):
+        return run_portrait(request_arrays(request, contract.PORTRAIT_INPUT_NAMES), self.generator)
+
+    def execute(self, requests):
+        return handle_each(requests, self._portrait, self.logger)
+
+    def finalize(self):
+        self.generator = None

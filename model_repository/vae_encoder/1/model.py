@@ -1,7 +1,3 @@
-"""Triton python-backend model: images UINT8[N,H,W,3] -> scaled latent mean (ONNX Runtime)."""
+"""Triton python-backend model `vae_encoder`: see facetron.serving.ort_net."""
 
-import numpy as np
-
-from facetron.serving.ort_net import single_net_model
-
-TritonPythonModel = single_net_model("images", np.uint8, 4, "latent")
+from facetron.serving.ort_net import VaeEncoderModel as TritonPythonModel  # noqa: F401

@@ -18,7 +18,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from facetron.export.onnx_export import MODEL_FILE, ModelDims, example_inputs, export_model, graph_module, model_io
+from facetron.export.onnx_export import export_model, graph_module
+from facetron.export.onnx_graph import MODEL_FILE, ModelDims, example_inputs, model_io
 
 
 def _nets(spec_name: str):

@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 
 from facetron.errors import ServerError
-from facetron.paths import REPO_ROOT
+from facetron.paths import DEFAULT_REPOSITORY
 from facetron.triton_server import LOOPBACK, TritonServer
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start tritonserver on a model repository (127.0.0.1)")
-    p.add_argument("--repo", type=Path, default=REPO_ROOT / "build" / "model_repository",
+    p.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY,
                    help="an assembled model repository (`facetron export repository`; default: %(default)s)")
     p.add_argument("--host", default=LOOPBACK, help="bind address (loopback unless FACETRON_ALLOW_PUBLIC_BIND=1)")
     p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: a free one)")

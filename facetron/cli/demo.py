@@ -30,7 +30,7 @@ import numpy as np
 from facetron import __version__
 from facetron.atomic import atomic_write_json
 from facetron.imageio import load_image, save_image
-from facetron.paths import REPO_ROOT
+from facetron.paths import BUILD_DIR, REPO_ROOT
 
 DEMO_USER = "astronaut"
 
@@ -55,7 +55,7 @@ class StageTimer:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the main job end to end (photos -> LoRA -> Triton -> ranked portraits)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "demo", help="output folder")
-    p.add_argument("--build", type=Path, default=REPO_ROOT / "build" / "demo",
+    p.add_argument("--build", type=Path, default=BUILD_DIR / "demo",
                    help="work folder (prepared data, LoRA, users, model repository)")
     p.add_argument("--photos", type=Path, default=None,
                    help="folder of photos of one person (default: the shipped demo set)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from facetron.paths import REPO_ROOT
+from facetron.paths import BUILD_DIR, REPO_ROOT
 
 DEFAULT_LORA_DIR = REPO_ROOT / "loras"
 
@@ -81,7 +81,7 @@ def run_prepare(args: argparse.Namespace) -> int:
             resolution = int(cfg["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     config = PrepareConfig(resolution=resolution, min_photos=args.min_photos, white_background=args.white_background,
                            smooth_skin=args.smooth_skin, trigger_token=args.trigger_token)
-    out = args.out or REPO_ROOT / "build" / "prepared" / user
+    out = args.out or BUILD_DIR / "prepared" / user
     result = prepare_photos(args.photos, out, config, attributes, progress=not args.no_progress)
     registry = UserRegistry(args.users_dir or default_root())
     register_user(registry, user, result, args.trigger_token)

@@ -1,31 +1,22 @@
 """``facetron`` console command: one entry point, subcommands per part.
 
-Each subcommand lives in the module that does the work and registers itself
-through ``add_parser(subparsers)``; this file only wires them together and
-turns facetron errors into one clear line and a non-zero exit.
+Each subcommand group is a module of :mod:`facetron.cli` that registers
+itself through ``add_parser(subparsers)``; this file only wires them
+together and turns facetron errors into one clear line and a non-zero exit.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from typing import Sequence
 
+from facetron.cli import assets, bench, demo, export, faces, generate, serve, tokenize, train
 from facetron.errors import FacetronError
 
-# (module, description) — each module defines add_parser(subparsers).
-COMMAND_MODULES: tuple[str, ...] = (
-    "facetron.commands.serve",
-    "facetron.commands.tokenize",
-    "facetron.commands.demo",
-    "facetron.commands.assets",
-    "facetron.commands.faces",
-    "facetron.commands.bench",
-    "facetron.commands.train",
-    "facetron.commands.export",
-    "facetron.commands.generate",
-)
+# Each module defines add_parser(subparsers); heavy parts (torch, diffusers)
+# are imported inside the command functions so `facetron --help` stays fast.
+COMMAND_MODULES = (serve, tokenize, demo, assets, faces, bench, train, export, generate)
 
 EXIT_ERROR = 2
 
@@ -36,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Personalized portraits (FaceChain recipe) served by NVIDIA Triton.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_parser(sub)
+    for module in COMMAND_MODULES:
+        module.add_parser(sub)
     return parser
 
 
@@ -53,6 +44,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"facetron {args.command}: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

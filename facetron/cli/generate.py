@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from facetron.client.grpc_client import DEFAULT_URL, RetryPolicy, portrait_request
+from facetron.contract import CLIENT_NUM_IMAGES, SCHEDULERS
 from facetron.errors import FacetronError, InvalidInputError
 
 # library argument -> CLI flag, so errors name what the user typed
@@ -50,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--style", default=None, help="style name (server's style registry)")
     p.add_argument("--prompt", default=None, help="prompt text (default: the style's / server's)")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--num", type=int, default=4, help="candidates to generate (default 4)")
+    p.add_argument("--num", type=int, default=CLIENT_NUM_IMAGES, help=f"candidates to generate (default {CLIENT_NUM_IMAGES})")
     p.add_argument("--top-k", type=int, default=None, help="images to return and write (default: server's)")
     p.add_argument("--server", default=DEFAULT_URL, help="host:port[,host:port] of Triton gRPC endpoints")
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -59,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: model's)")
     p.add_argument("--width", type=int, default=None, help="pixels, multiple of 8 (default: model's)")
-    p.add_argument("--scheduler", default=None, help="sampler name (server's list)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="sampler (default: the server's)")
     p.add_argument("--template", type=Path, default=None, help="template photo (template mode)")
     p.add_argument("--strength", type=float, default=None, help="template mode: 0 < strength <= 1")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per attempt (default 600)")

@@ -14,6 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from facetron.contract import IDENTITY_MODES
+from facetron.export.model_configs import TARGETS
+from facetron.paths import DEFAULT_REPOSITORY
+
 EXPORT_SUBPARSERS: list[argparse._SubParsersAction] = []
 
 
@@ -65,8 +69,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     t.set_defaults(func=run_trt)
 
     r = nested.add_parser("repository", help="assemble a servable Triton model repository (cpu | gpu)")
-    r.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
-    r.add_argument("--out", type=Path, default=Path("build/model_repository"))
+    r.add_argument("--target", choices=TARGETS, default="cpu")
+    r.add_argument("--out", type=Path, default=DEFAULT_REPOSITORY)
     r.add_argument("--base-model", type=Path, default=None,
                    help="SD-1.5-layout folder for the diffusion models (default: the tiny embedded smoke model)")
     r.add_argument("--faces-only", action="store_true", help="tokenizer + face models only (no diffusion export)")
@@ -74,7 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     r.add_argument("--users-dir", type=Path, default=None,
                    help="user registry the served models read (default: FACETRON_USERS_DIR at serve time, "
                         "else build/users)")
-    r.add_argument("--identity-mode", choices=("runtime_lora", "merged"), default="runtime_lora",
+    r.add_argument("--identity-mode", choices=IDENTITY_MODES, default=IDENTITY_MODES[0],
                    help="runtime_lora: one UNet + LoRA bank (scalable default); merged: one UNet per user "
                         "(add users with `export add-user`; serve with --model-control explicit)")
     r.set_defaults(func=run_repository)
@@ -87,7 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     u.add_argument("--style-lora", type=Path, default=None)
     u.add_argument("--w-face", type=float, default=0.9)
     u.add_argument("--w-style", type=float, default=0.25)
-    u.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
+    u.add_argument("--target", choices=TARGETS, default="cpu")
     u.set_defaults(func=run_add_user)
     return nested
 
@@ -120,7 +124,7 @@ def run_repository(args: argparse.Namespace) -> int:
 def add_subcommand(name: str, **kwargs) -> argparse.ArgumentParser:
     """For other parts: add ``facetron export <name>`` after :func:`add_parser` ran."""
     if not EXPORT_SUBPARSERS:
-        raise RuntimeError("facetron.commands.export.add_parser has not been called")
+        raise RuntimeError("facetron.cli.export.add_parser has not been called")
     return EXPORT_SUBPARSERS[-1].add_parser(name, **kwargs)
 
 

@@ -1,24 +1,28 @@
-"""A bounded LRU bank of users' runtime-LoRA tensors (serving mode 2).
+"""The ``unet`` model: the runtime-LoRA UNet (serving mode 2) and its LoRA bank.
 
-The runtime-LoRA UNet takes each batch item's LoRA as inputs; this bank
-turns (user_id, style) into those tensors once and keeps them, so a request
-for any user needs no model reload and requests of different users share a
-batch. Memory is bounded in bytes; the least recently used entries go first.
+Each batch item names its user (``user_id``; empty = base model) and style;
+a bounded LRU bank turns (user_id, style) into the runtime-LoRA graph's
+LoRA inputs once and keeps them, so a request for any user needs no model
+reload and requests of different users share a batch. Memory is bounded in
+bytes; the least recently used entries go first. Nothing here imports
+torch: LoRA files are read with numpy (:mod:`facetron.diffusion.lora_inputs`).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from facetron.errors import NotFoundError
-from facetron.users import UserRegistry, validate_user_id
-
-LORA_FILE = "lora.safetensors"
+from facetron.contract import UnetParams
+from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora_manifest, zero_lora_inputs
+from facetron.diffusion.styles import STYLES
+from facetron.errors import InvalidInputError
+from facetron.serving.backend import decode_utf8, pb, read_params, version_dir
+from facetron.serving.ort_net import open_session, run_batched, unet_feed
+from facetron.users import UserRegistry, registry_at, validate_user_id
 
 
 class LoraBank:
@@ -41,22 +45,14 @@ class LoraBank:
         self.loads = 0  # how many times a LoRA file was read (cache misses)
         self._last_batch: tuple[tuple[tuple[str, str], ...], dict[str, np.ndarray]] | None = None
 
-    def lora_path(self, user_id: str) -> Path:
-        path = self.registry.user_dir(validate_user_id(user_id)) / LORA_FILE
-        if not path.is_file():
-            raise NotFoundError(f"user_id: no trained LoRA for user {user_id!r} ({LORA_FILE} missing in {self.registry.root})")
-        return path
-
     def _build(self, user_id: str, style: str) -> dict[str, np.ndarray]:
-        from facetron.export.runtime_lora import lora_inputs_for, zero_lora_inputs
-
         style_path, w_style = self.style_lora(style) if style else (None, 0.0)
         if not user_id:
             if style_path is None:
                 return {k: v[0] for k, v in zero_lora_inputs(self.manifest).items()}
             return {k: v[0] for k, v in lora_inputs_for(style_path, self.manifest, w_style).items()}
         extra = [(style_path, w_style)] if style_path else []
-        inputs = lora_inputs_for(self.lora_path(user_id), self.manifest, self.w_face, extra=extra)
+        inputs = lora_inputs_for(self.registry.lora_path(validate_user_id(user_id)), self.manifest, self.w_face, extra=extra)
         return {k: v[0] for k, v in inputs.items()}
 
     def get(self, user_id: str, style: str = "") -> dict[str, np.ndarray]:
@@ -95,3 +91,50 @@ class LoraBank:
     @property
     def size_bytes(self) -> int:
         return self._bytes
+
+
+def style_lora(name: str) -> tuple[str | None, float]:
+    """(style LoRA path or None, its weight) of a known style."""
+    style = STYLES.get(name)
+    return (style.lora, style.lora_weight) if style and style.lora else (None, 0.0)
+
+
+def item_strings(request, name: str, n: int) -> list[str]:
+    """A per-item BYTES input ([N,1]) as N strings; absent = N empty strings."""
+    t = pb().get_input_tensor_by_name(request, name)
+    if t is None:
+        return [""] * n
+    arr = t.as_numpy().reshape(-1)
+    if arr.shape[0] != n:
+        raise InvalidInputError(name, f"expected one value per batch item ({n}), got {arr.shape[0]}")
+    return [decode_utf8(x, name) for x in arr]
+
+
+class UnetModel:
+    def initialize(self, args):
+        params = read_params(args, UnetParams)
+        folder = version_dir(args)
+        self.session = open_session(folder / "model.onnx", params.intra_op_threads or None, params.providers)
+        self.bank = LoraBank(
+            read_lora_manifest(folder),
+            registry_at(params.users_dir),
+            style_lora,
+            w_face=params.w_face,
+            max_bytes=int(params.lora_cache_mb * (1 << 20)),
+        )
+
+    def _read(self, request):
+        feed = unet_feed(request)
+        n = feed["sample"].shape[0]
+        users, styles = item_strings(request, "user_id", n), item_strings(request, "style", n)
+        feed.update(self.bank.batch(list(zip(users, styles))))
+        return feed
+
+    def _run(self, feed):
+        return {"noise_pred": self.session.run(["noise_pred"], feed)[0]}
+
+    def execute(self, requests):
+        return run_batched(requests, self._read, self._run)
+
+    def finalize(self):
+        self.session = self.bank = None

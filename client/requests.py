@@ -1,0 +1,302 @@
+"""The served models' requests and results, written once for every front end.
+
+* request builders (:func:`select_request`, :func:`portrait_request`) check
+  what a client can check with the server's own rules
+  (:mod:`facetron.contract`) and name the argument on error;
+* result types (:class:`Detections`, :class:`SelectResult`,
+  :class:`PortraitResult`) and their readers;
+* operations: each model method of the clients as an :class:`Operation` —
+  the requests to send, in order, and how to read their answers into the
+  method's result. The threaded and the asyncio front ends
+  (:mod:`facetron.client.api`) only execute them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar
+
+import numpy as np
+
+from facetron.client.retry import CallInfo
+from facetron.client.tensors import bytes_tensor, number, rgb_images, scalar
+from facetron.contract import (
+    CLIENT_NUM_IMAGES,
+    DEFAULT_GUIDANCE,
+    DEFAULT_NUM_IMAGES,
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+    DETECTOR_OUTPUTS,
+    FACE_DETECTOR,
+    FACE_EMBEDDER,
+    FACE_NET_MAX_BATCH,
+    FACE_SELECT,
+    MAX_IMAGES,
+    MAX_SEED,
+    MAX_SIDE,
+    PORTRAIT,
+    PORTRAIT_OUTPUTS,
+    SCALAR_INPUTS,
+    SELECT_OUTPUTS,
+    TOKENIZER,
+    check_generation,
+    validate_user_id,
+)
+from facetron.errors import InvalidInputError
+
+R = TypeVar("R")
+
+# --- operations ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    """One inference request of an operation."""
+
+    model: str
+    inputs: Mapping[str, np.ndarray]
+    outputs: tuple[str, ...]
+    use_shm: bool = False
+
+
+#: a call's answer: the outputs by name, and how the call went
+Answer = tuple[dict[str, np.ndarray], CallInfo]
+
+
+@dataclass(frozen=True)
+class Operation(Generic[R]):
+    """A model method without its transport: ``calls`` to make in order, and
+    ``read`` turning their answers (same order) into the method's result."""
+
+    calls: tuple[Call, ...]
+    read: Callable[[list[Answer]], R]
+
+
+def tokenize_op(prompts: Sequence[str] | str) -> Operation[np.ndarray]:
+    """CLIP token ids ``int32 [N, 77]`` of ``prompts``."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    call = Call(TOKENIZER.name, {"prompt": bytes_tensor(prompts)}, ("input_ids",))
+    return Operation((call,), lambda answers: answers[0][0]["input_ids"])
+
+
+def detect_op(images: np.ndarray, use_shm: bool = False) -> Operation[Detections]:
+    """Faces in RGB uint8 images (batches above the model's limit are split)."""
+    images = rgb_images(images, "images")
+    calls = tuple(Call(FACE_DETECTOR.name, {"images": b}, DETECTOR_OUTPUTS, use_shm) for b in batches(images))
+    return Operation(calls, lambda answers: merge_detections([out for out, _ in answers]))
+
+
+def embed_op(faces: np.ndarray) -> Operation[np.ndarray]:
+    """Embeddings ``float32 [N, 128]`` of aligned chips (split like :func:`detect_op`)."""
+    faces = rgb_images(faces, "faces")
+    calls = tuple(Call(FACE_EMBEDDER.name, {"faces": b}, ("embeddings",)) for b in batches(faces))
+    return Operation(calls, lambda answers: np.concatenate([out["embeddings"] for out, _ in answers]))
+
+
+def select_op(
+    images: np.ndarray, reference_embedding: np.ndarray | None, user_id: str | None, top_k: int
+) -> Operation[SelectResult]:
+    call = Call(FACE_SELECT.name, select_request(images, reference_embedding, user_id, top_k), SELECT_OUTPUTS)
+    return Operation((call,), lambda answers: select_result(answers[0][0]))
+
+
+def portrait_op(inputs: Mapping[str, np.ndarray]) -> Operation[PortraitResult]:
+    """The ``portrait`` call with ``inputs`` from :func:`portrait_request`."""
+    call = Call(PORTRAIT.name, inputs, PORTRAIT_OUTPUTS)
+    return Operation((call,), lambda answers: portrait_result(*answers[0]))
+
+
+# --- face models -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Detections:
+    """face_detector output for N images, padded to the largest face count K."""
+
+    boxes: np.ndarray  # float32 [N, K, 4] x1, y1, x2, y2 (px)
+    scores: np.ndarray  # float32 [N, K]
+    landmarks: np.ndarray  # float32 [N, K, 5, 2]
+    num_faces: np.ndarray  # int32 [N]
+
+    def __len__(self) -> int:
+        return len(self.num_faces)
+
+    def image(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(boxes, scores, landmarks) of image ``i`` without padding rows."""
+        k = int(self.num_faces[i])
+        return self.boxes[i, :k], self.scores[i, :k], self.landmarks[i, :k]
+
+
+def merge_detections(parts: Sequence[Mapping[str, np.ndarray]]) -> Detections:
+    """Concatenate face_detector answers of sub-batches (re-padding K)."""
+    k = max([p["boxes"].shape[1] for p in parts] + [0])
+
+    def pad(a: np.ndarray) -> np.ndarray:
+        widths = [(0, 0), (0, k - a.shape[1])] + [(0, 0)] * (a.ndim - 2)
+        return np.pad(a, widths)
+
+    return Detections(
+        boxes=np.concatenate([pad(p["boxes"]) for p in parts]),
+        scores=np.concatenate([pad(p["scores"]) for p in parts]),
+        landmarks=np.concatenate([pad(p["landmarks"]) for p in parts]),
+        num_faces=np.concatenate([p["num_faces"].reshape(-1) for p in parts]).astype(np.int32),
+    )
+
+
+def batches(array: np.ndarray, size: int = FACE_NET_MAX_BATCH) -> list[np.ndarray]:
+    return [array[i : i + size] for i in range(0, len(array), size)]
+
+
+@dataclass(frozen=True)
+class SelectResult:
+    """face_select output. ``similarity``/``rank`` are per input candidate
+    (rank 0 = best; -1 and NaN = filtered out); ``images`` are the kept
+    candidates best first, ``selected`` their input indices."""
+
+    images: np.ndarray
+    similarity: np.ndarray
+    rank: np.ndarray
+    selected: np.ndarray
+
+
+def select_request(
+    images: np.ndarray,
+    reference_embedding: np.ndarray | None = None,
+    user_id: str | None = None,
+    top_k: int = 0,
+) -> dict[str, np.ndarray]:
+    """face_select inputs (exactly one of reference_embedding / user_id)."""
+    if (reference_embedding is None) == (user_id is None):
+        raise InvalidInputError("reference_embedding", "give exactly one of reference_embedding or user_id")
+    if number(top_k, int, "top_k") < 0:
+        raise InvalidInputError("top_k", f"must be >= 0 (0 = all), got {top_k}")
+    inputs = {"images": rgb_images(images, "images"), "top_k": scalar(top_k, np.int32, "top_k")}
+    if reference_embedding is not None:
+        inputs["reference_embedding"] = np.asarray(reference_embedding, np.float32).reshape(1, -1)
+    else:
+        inputs["user_id"] = bytes_tensor([validate_user_id(str(user_id))])
+    return inputs
+
+
+def select_result(out: Mapping[str, np.ndarray]) -> SelectResult:
+    return SelectResult(out["images"], out["similarity"].reshape(-1), out["rank"].reshape(-1), out["selected"].reshape(-1))
+
+
+# --- portrait --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PortraitResult:
+    """A ``portrait`` answer.
+
+    ``images`` are the kept candidates best first (top_k); ``similarity`` and
+    ``rank`` are per generated candidate (rank -1 / NaN = filtered out);
+    ``selected`` are the candidate indices of ``images``; ``report`` is the
+    server's JSON report (stage timings, which model made what); ``timing``
+    is measured here (wall time of the call incl. retries, attempts, server).
+    """
+
+    images: np.ndarray
+    similarity: np.ndarray
+    rank: np.ndarray
+    selected: np.ndarray
+    report: dict[str, Any]
+    timing: dict[str, Any]
+
+    @property
+    def server(self) -> str:
+        return str(self.timing.get("server", ""))
+
+    def candidates(self) -> list[dict[str, Any]]:
+        """One JSON-ready row per generated candidate."""
+        chosen = {int(c): i for i, c in enumerate(self.selected)}
+        return [
+            {
+                "index": i,
+                "similarity": None if not math.isfinite(float(s)) else round(float(s), 6),
+                "rank": int(r),
+                "selected": i in chosen,
+                "position": chosen.get(i),
+            }
+            for i, (s, r) in enumerate(zip(self.similarity.tolist(), self.rank.tolist()))
+        ]
+
+
+# Values the server fills in for inputs a request leaves out, for checking the
+# given ones with check_generation (any side in range stands for the model's).
+_SERVER_FILLS = dict(
+    num_images=DEFAULT_NUM_IMAGES, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, height=MAX_SIDE, width=MAX_SIDE,
+    strength=DEFAULT_STRENGTH, scheduler=DEFAULT_SCHEDULER,
+)
+
+
+def portrait_request(
+    user_id: str,
+    style: str | None = None,
+    prompt: str | None = None,
+    num_images: int = CLIENT_NUM_IMAGES,
+    top_k: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    template: np.ndarray | None = None,
+    strength: float | None = None,
+    negative_prompt: str | None = None,
+    scheduler: str | None = None,
+    fuse: bool | None = None,
+) -> dict[str, np.ndarray]:
+    """``portrait`` inputs; ``None`` leaves an optional input to the server's
+    default. The values given are checked with the server's rules
+    (:func:`facetron.contract.check_generation`), errors naming the argument."""
+    texts = {"user_id": validate_user_id(str(user_id))}
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt), ("style", style), ("scheduler", scheduler)):
+        if text is not None:
+            texts[name] = str(text)
+    values: dict[str, Any] = {}
+    for name, value, kind in (
+        ("num_images", num_images, int), ("top_k", top_k, int), ("steps", steps, int), ("guidance", guidance, float),
+        ("seed", seed, int), ("height", height, int), ("width", width, int), ("strength", strength, float),
+    ):
+        if value is not None:
+            values[name] = number(value, kind, name)
+    rules = {name: values.get(name, texts.get(name, fill)) for name, fill in _SERVER_FILLS.items()}
+    check_generation(**rules, max_images=MAX_IMAGES)
+    if "top_k" in values and not 0 <= values["top_k"] <= rules["num_images"]:
+        raise InvalidInputError("top_k", f"must be in 0..num_images ({rules['num_images']}), got {top_k}")
+    if "seed" in values and not 0 <= values["seed"] <= MAX_SEED:
+        raise InvalidInputError("seed", f"must be in 0..{MAX_SEED}, got {seed}")
+    if strength is not None and template is None:
+        raise InvalidInputError("strength", "only applies with a template")
+    inputs = {name: bytes_tensor([text]) for name, text in texts.items()}
+    inputs.update({name: scalar(value, SCALAR_INPUTS[name], name) for name, value in values.items()})
+    if template is not None:
+        inputs["template"] = rgb_images(template, "template", ndim=3)
+    if fuse is not None:
+        inputs["fuse"] = np.array([bool(fuse)], dtype=SCALAR_INPUTS["fuse"])
+    return inputs
+
+
+def portrait_result(out: Mapping[str, np.ndarray], info: CallInfo) -> PortraitResult:
+    raw = out["report"].reshape(-1)
+    text = raw[0] if raw.size else b"{}"
+    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+    try:
+        report = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        report = {"raw": text}
+    if not isinstance(report, dict):
+        report = {"value": report}
+    return PortraitResult(
+        images=out["images"],
+        similarity=out["similarity"].reshape(-1),
+        rank=out["rank"].reshape(-1),
+        selected=out["selected"].reshape(-1),
+        report=report,
+        timing={"server": info.server, "attempts": info.attempts, "client_total_s": round(info.elapsed_s, 4)},
+    )

@@ -1,1 +1,0 @@
-"""Subcommands of the ``facetron`` CLI (one module each)."""

@@ -1,0 +1,427 @@
+"""The served contract, in one place: model names, tensors, request limits,
+defaults and each served model's parameters.
+
+Everyone reads it: the Triton models (``facetron.serving``), the config
+renderer (``facetron.export.model_configs`` adds only per-target serving
+details), the client, the CLI and the demo. Change a name, a limit or a
+default here and every side follows; a test keeps the checked-in configs
+equal to what this module renders.
+
+Conventions (docs/ARCHITECTURE.md): tensor names are lower_snake_case;
+images cross the wire as ``UINT8 [N,H,W,3]`` RGB; embeddings are ``FP32
+[N,128]`` L2-normalised. ``dims`` exclude the batch dimension when a model
+batches (``max_batch_size > 0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+from facetron.errors import InvalidInputError
+
+# --- tensors ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class T:
+    """A tensor of a model's contract (dims exclude the batch dim when batching)."""
+
+    name: str
+    dtype: str  # Triton type without TYPE_: UINT8, FP32, INT32, INT64, STRING, BOOL
+    dims: tuple[int, ...]
+    optional: bool = False
+
+
+# --- limits and defaults (one place; the client checks the same rules early) -----------
+
+TOKENS = 77  # CLIP context length (SD-1.5)
+EMBEDDING_DIM = 128  # face_embedder output
+CHIP_SIZE = 150  # aligned face chip side (dlib's layout)
+FACE_NET_MAX_BATCH = 64  # face_detector / face_embedder max_batch_size
+MAX_CANDIDATES = 64  # face_select: images per candidate set
+MIN_CANDIDATE_SIDE = 16  # face_select: smallest candidate image side (px)
+MAX_PROMPTS = 256  # tokenizer: prompts per request
+MAX_PROMPT_BYTES = 16384  # tokenizer: bytes per prompt
+MAX_IMAGES = 16  # portrait: images per request
+MAX_STEPS = 150
+MAX_GUIDANCE = 30.0
+MAX_SIDE = 2048  # height / width (px)
+MIN_TEMPLATE_SIDE = 32
+SCHEDULERS = ("dpmsolver", "euler", "ddim")
+DEFAULT_SCHEDULER = "dpmsolver"
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 7.0
+DEFAULT_STRENGTH = 0.6  # template mode: share of the template re-generated
+DEFAULT_NUM_IMAGES = 1  # server side; the client asks for 4 candidates by default
+CLIENT_NUM_IMAGES = 4
+LATENT_FACTOR = 8  # SD-1.5 VAE: pixels per latent cell
+MAX_SEED = 2**63 - 1
+IDENTITY_MODES = ("runtime_lora", "merged")
+
+#: Serving mode 1: one user's merged UNet is the model ``unet_user_<id>``
+#: (its code is the source folder ``model_repository/unet_user``).
+MERGED_UNET_PREFIX = "unet_user_"
+MERGED_UNET_SOURCE = "unet_user"
+
+
+USER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def validate_user_id(user_id: object, name: str = "user_id") -> str:
+    """``user_id`` if it is 1-64 characters of [A-Za-z0-9_-] starting
+    alphanumeric, matched in full (no trailing newline), else InvalidInputError.
+    Ids come from requests: they are checked before any path is built."""
+    if not isinstance(user_id, str) or not USER_ID_PATTERN.fullmatch(user_id):
+        raise InvalidInputError(
+            name, f"{user_id!r} is not a valid user id (1-64 characters from A-Z a-z 0-9 _ -, starting alphanumeric)"
+        )
+    return user_id
+
+
+def merged_unet_name(user_id: str) -> str:
+    return f"{MERGED_UNET_PREFIX}{validate_user_id(user_id)}"
+
+
+def check_generation(
+    *,
+    num_images: int,
+    steps: int,
+    guidance: float,
+    height: int,
+    width: int,
+    strength: float,
+    scheduler: str,
+    latent_factor: int = LATENT_FACTOR,
+    max_images: int = MAX_IMAGES,
+) -> None:
+    """The rules of a generation request, each error naming its input."""
+    if not 1 <= num_images <= max_images:
+        raise InvalidInputError("num_images", f"must be 1..{max_images}, got {num_images}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise InvalidInputError("steps", f"must be 1..{MAX_STEPS}, got {steps}")
+    if not math.isfinite(guidance) or not 0.0 <= guidance <= MAX_GUIDANCE:
+        raise InvalidInputError("guidance", f"must be in 0..{MAX_GUIDANCE:g}, got {guidance}")
+    for name, v in (("height", height), ("width", width)):
+        if v % latent_factor or not latent_factor * 4 <= v <= MAX_SIDE:
+            raise InvalidInputError(name, f"must be a multiple of {latent_factor} in {latent_factor * 4}..{MAX_SIDE}, got {v}")
+    if not 0.0 < strength <= 1.0:
+        raise InvalidInputError("strength", f"must be in (0, 1], got {strength}")
+    if scheduler not in SCHEDULERS:
+        raise InvalidInputError("scheduler", f"expected one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+
+
+# --- model parameters (config.pbtxt ``parameters``, typed) ------------------------------
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Base of each served model's parameters: typed fields with defaults,
+    rendered into ``config.pbtxt`` as strings and read back in ``initialize``."""
+
+    @classmethod
+    def from_config(cls, raw: Mapping[str, str]) -> "ModelParams":
+        """From ``config.pbtxt`` strings (absent or empty = the default)."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            text = raw.get(f.name, "")
+            if text == "":
+                continue
+            kind = type(f.default)
+            try:
+                values[f.name] = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
+            except ValueError:
+                raise InvalidInputError(f"parameter {f.name}", f"expected {kind.__name__}, got {text!r}") from None
+        return cls(**values)
+
+    def to_config(self) -> dict[str, str]:
+        return {f.name: _param_text(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _param_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class NoParams(ModelParams):
+    pass
+
+
+@dataclass(frozen=True)
+class NetParams(ModelParams):
+    """An ONNX net in a python model: threads and execution provider."""
+
+    intra_op_threads: int = 2  # 0 = ONNX Runtime's default
+    providers: str = "cpu"  # "cpu" | "cuda"
+
+
+@dataclass(frozen=True)
+class FaceDetectorParams(ModelParams):
+    min_face_size: float = 20.0
+    nets: str = "onnxruntime"  # "onnxruntime" (in-process) | "bls" (mtcnn_* models)
+    intra_op_threads: int = 2
+
+
+@dataclass(frozen=True)
+class FaceEmbedderParams(ModelParams):
+    intra_op_threads: int = 2
+
+
+@dataclass(frozen=True)
+class FaceSelectParams(ModelParams):
+    min_face_frac: float = 0.08
+    max_face_frac: float = 0.95
+    min_score: float = 0.9
+    users_dir: str = ""  # "" = the default registry root
+
+
+@dataclass(frozen=True)
+class UnetParams(ModelParams):
+    intra_op_threads: int = 2
+    providers: str = "cpu"
+    users_dir: str = ""
+    lora_cache_mb: float = 512.0
+    w_face: float = 0.9
+    w_style: float = 0.25
+
+
+@dataclass(frozen=True)
+class GeneratorParams(ModelParams):
+    """portrait_generator, portrait and portrait_stream: the generation path."""
+
+    users_dir: str = ""
+    max_images: int = MAX_IMAGES
+    default_steps: int = DEFAULT_STEPS
+    default_guidance: float = DEFAULT_GUIDANCE
+    identity_mode: str = "runtime_lora"  # IDENTITY_MODES
+
+
+# --- models ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """What a client sees of one served model."""
+
+    name: str
+    doc: str
+    inputs: tuple[T, ...]
+    outputs: tuple[T, ...]
+    max_batch_size: int = 0
+    decoupled: bool = False
+    params: type[ModelParams] = NoParams
+
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+
+GENERATION_INPUTS: tuple[T, ...] = (
+    T("prompt", "STRING", (1,), optional=True),
+    T("negative_prompt", "STRING", (1,), optional=True),
+    T("style", "STRING", (1,), optional=True),
+    T("user_id", "STRING", (1,), optional=True),
+    T("num_images", "INT32", (1,), optional=True),
+    T("seed", "INT64", (1,), optional=True),
+    T("steps", "INT32", (1,), optional=True),
+    T("guidance", "FP32", (1,), optional=True),
+    T("height", "INT32", (1,), optional=True),
+    T("width", "INT32", (1,), optional=True),
+    T("scheduler", "STRING", (1,), optional=True),
+    T("template", "UINT8", (-1, -1, 3), optional=True),
+    T("strength", "FP32", (1,), optional=True),
+)
+PORTRAIT_EXTRA_INPUTS: tuple[T, ...] = (
+    T("top_k", "INT32", (1,), optional=True),
+    T("fuse", "BOOL", (1,), optional=True),
+)
+SELECT_OUTPUT_TENSORS: tuple[T, ...] = (
+    T("images", "UINT8", (-1, -1, -1, 3)),
+    T("similarity", "FP32", (-1,)),
+    T("rank", "INT32", (-1,)),
+    T("selected", "INT32", (-1,)),
+)
+PORTRAIT_OUTPUT_TENSORS = SELECT_OUTPUT_TENSORS + (T("report", "STRING", (1,)),)
+UNET_CORE_INPUTS: tuple[T, ...] = (
+    T("sample", "FP32", (-1, -1, -1)),
+    T("timestep", "FP32", (1,)),
+    T("encoder_hidden_states", "FP32", (TOKENS, -1)),
+)
+UNET_OUTPUTS: tuple[T, ...] = (T("noise_pred", "FP32", (-1, -1, -1)),)
+
+TOKENIZER = ModelContract(
+    name="tokenizer",
+    doc="CLIP BPE tokenizer (SD-1.5 convention: BOS, <=75 tokens, EOS, EOS padding).\n"
+    "One request carries N prompts; cheap, so no dynamic batching.",
+    inputs=(T("prompt", "STRING", (-1,)),),
+    outputs=(T("input_ids", "INT32", (-1, TOKENS)),),
+)
+FACE_DETECTOR = ModelContract(
+    name="face_detector",
+    doc="MTCNN face detector. Per image: boxes [K,4] (x1,y1,x2,y2 px), scores [K],\n"
+    "landmarks [K,5,2] (left eye, right eye, nose, mouth left, mouth right), padded\n"
+    "to the request's largest K; num_faces says how many rows are real.\n"
+    "cpu: P/R/O-net in ONNX Runtime in-process; gpu: nets are mtcnn_* models (BLS).",
+    inputs=(T("images", "UINT8", (-1, -1, 3)),),
+    outputs=(
+        T("boxes", "FP32", (-1, 4)),
+        T("scores", "FP32", (-1,)),
+        T("landmarks", "FP32", (-1, 5, 2)),
+        T("num_faces", "INT32", (1,)),
+    ),
+    max_batch_size=FACE_NET_MAX_BATCH,
+    params=FaceDetectorParams,
+)
+FACE_EMBEDDER = ModelContract(
+    name="face_embedder",
+    doc="dlib ResNet (ported): aligned 150x150 chips -> 128-D. embeddings: L2-normalised\n"
+    "(cosine similarity); descriptors: dlib's raw vectors (distance < 0.6 = same person).",
+    inputs=(T("faces", "UINT8", (CHIP_SIZE, CHIP_SIZE, 3)),),
+    outputs=(T("embeddings", "FP32", (EMBEDDING_DIM,)), T("descriptors", "FP32", (EMBEDDING_DIM,))),
+    max_batch_size=FACE_NET_MAX_BATCH,
+    params=FaceEmbedderParams,
+)
+FACE_SELECT = ModelContract(
+    name="face_select",
+    doc="Rank candidate portraits by identity (BLS over face_detector + face_embedder).\n"
+    "One candidate set per request. Reference: reference_embedding FP32[1,128] or\n"
+    "user_id (user registry). Outputs: images = top_k survivors best first;\n"
+    "similarity/rank per input candidate (rank 0 = best; -1 and NaN = filtered: not\n"
+    "exactly one face within size bounds); selected = input indices of the images.",
+    inputs=(
+        T("images", "UINT8", (-1, -1, -1, 3)),
+        T("reference_embedding", "FP32", (1, EMBEDDING_DIM), optional=True),
+        T("user_id", "STRING", (1,), optional=True),
+        T("top_k", "INT32", (1,), optional=True),
+    ),
+    outputs=SELECT_OUTPUT_TENSORS,
+    params=FaceSelectParams,
+)
+
+
+def _mtcnn(name: str, inputs: tuple[T, ...], outputs: tuple[T, ...]) -> ModelContract:
+    return ModelContract(
+        name=f"mtcnn_{name}",
+        doc=f"MTCNN {name.upper()} (GPU target: called by face_detector's cascade over BLS).",
+        inputs=inputs,
+        outputs=outputs,
+    )
+
+
+MTCNN_PNET = _mtcnn("pnet", (T("images", "FP32", (-1, 3, -1, -1)),),
+                    (T("offsets", "FP32", (-1, 4, -1, -1)), T("probs", "FP32", (-1, 2, -1, -1))))
+MTCNN_RNET = _mtcnn("rnet", (T("images", "FP32", (-1, 3, 24, 24)),),
+                    (T("offsets", "FP32", (-1, 4)), T("probs", "FP32", (-1, 2))))
+MTCNN_ONET = _mtcnn("onet", (T("images", "FP32", (-1, 3, 48, 48)),),
+                    (T("offsets", "FP32", (-1, 4)), T("landmarks", "FP32", (-1, 10)), T("probs", "FP32", (-1, 2))))
+
+TEXT_ENCODER = ModelContract(
+    name="text_encoder",
+    doc="CLIP text encoder: token ids -> last_hidden_state [77, C].",
+    inputs=(T("input_ids", "INT32", (TOKENS,)),),
+    outputs=(T("last_hidden_state", "FP32", (TOKENS, -1)),),
+    max_batch_size=16,
+    params=NetParams,
+)
+UNET = ModelContract(
+    name="unet",
+    doc="Runtime-LoRA UNet: noise prediction for each batch item with that item's user's\n"
+    "LoRA (user_id; empty = base model) and style LoRA (style), from an LRU bank.",
+    inputs=UNET_CORE_INPUTS + (T("user_id", "STRING", (1,), optional=True), T("style", "STRING", (1,), optional=True)),
+    outputs=UNET_OUTPUTS,
+    max_batch_size=32,
+    params=UnetParams,
+)
+VAE_DECODER = ModelContract(
+    name="vae_decoder",
+    doc="VAE decoder: scaled latent [4, h, w] -> RGB image UINT8 [8h, 8w, 3].",
+    inputs=(T("latent", "FP32", (-1, -1, -1)),),
+    outputs=(T("images", "UINT8", (-1, -1, 3)),),
+    max_batch_size=8,
+    params=NetParams,
+)
+VAE_ENCODER = ModelContract(
+    name="vae_encoder",
+    doc="VAE encoder (template mode): RGB image UINT8 [H, W, 3] -> scaled latent mean.",
+    inputs=(T("images", "UINT8", (-1, -1, 3)),),
+    outputs=(T("latent", "FP32", (-1, -1, -1)),),
+    max_batch_size=8,
+    params=NetParams,
+)
+PORTRAIT_GENERATOR = ModelContract(
+    name="portrait_generator",
+    doc="Portraits for a user (BLS): tokenizer -> text_encoder -> denoising loop over unet\n"
+    "(DPM-Solver multistep default; euler, ddim) -> vae_decoder. Template mode with\n"
+    "template (+ strength): the template's face region is re-generated. Deterministic\n"
+    "for a fixed seed (image i uses seed + i).",
+    inputs=GENERATION_INPUTS,
+    outputs=(T("images", "UINT8", (-1, -1, -1, 3)),),
+    params=GeneratorParams,
+)
+PORTRAIT = ModelContract(
+    name="portrait",
+    doc="The one call a client makes: generate (in-process, nets over BLS) -> fuse the\n"
+    "user's template face (classical, pluggable) -> rank (face_detector + face_embedder).\n"
+    "images = top_k best first; similarity / rank per generated candidate (rank -1, NaN =\n"
+    "filtered); report = JSON (stage timings, which parts came from the tiny smoke model).",
+    inputs=GENERATION_INPUTS + PORTRAIT_EXTRA_INPUTS,
+    outputs=PORTRAIT_OUTPUT_TENSORS,
+    params=GeneratorParams,
+)
+PORTRAIT_STREAM = ModelContract(
+    name="portrait_stream",
+    doc="portrait with progress (decoupled, over a gRPC stream): one response per denoising\n"
+    "step with progress = [done, total], then the final response with portrait's outputs.",
+    inputs=GENERATION_INPUTS + PORTRAIT_EXTRA_INPUTS,
+    outputs=(T("progress", "INT32", (2,)),) + PORTRAIT_OUTPUT_TENSORS,
+    decoupled=True,
+    params=GeneratorParams,
+)
+
+
+def merged_unet(user_id: str) -> ModelContract:
+    """Serving mode 1: one user's merged UNet, a model of its own."""
+    return ModelContract(
+        name=merged_unet_name(user_id),
+        doc=f"Merged UNet of user {user_id!r} (face + style LoRA fused; serving mode 1).",
+        inputs=UNET_CORE_INPUTS,
+        outputs=UNET_OUTPUTS,
+        max_batch_size=32,
+        params=NetParams,
+    )
+
+
+CONTRACTS: tuple[ModelContract, ...] = (
+    TOKENIZER, FACE_DETECTOR, MTCNN_PNET, MTCNN_RNET, MTCNN_ONET, FACE_EMBEDDER, FACE_SELECT,
+    TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, PORTRAIT_GENERATOR, PORTRAIT, PORTRAIT_STREAM,
+)
+BY_NAME: dict[str, ModelContract] = {c.name: c for c in CONTRACTS}
+
+# Names the client and the BLS callers use (one spelling, from the tables above).
+DETECTOR_OUTPUTS = FACE_DETECTOR.output_names()
+EMBEDDER_OUTPUTS = FACE_EMBEDDER.output_names()
+SELECT_OUTPUTS = FACE_SELECT.output_names()
+PORTRAIT_OUTPUTS = PORTRAIT.output_names()
+GENERATION_INPUT_NAMES = tuple(t.name for t in GENERATION_INPUTS)
+PORTRAIT_INPUT_NAMES = PORTRAIT.input_names()
+GENERATION_STRINGS = ("prompt", "negative_prompt", "style", "user_id", "scheduler")
+
+
+def _wire_dtype(dtype: str) -> str:
+    return {"INT32": "int32", "INT64": "int64", "FP32": "float32", "BOOL": "bool", "UINT8": "uint8"}[dtype]
+
+
+#: one-value numeric generation inputs and their numpy dtype names
+SCALAR_INPUTS: dict[str, str] = {
+    t.name: _wire_dtype(t.dtype) for t in GENERATION_INPUTS + PORTRAIT_EXTRA_INPUTS
+    if t.dtype not in ("STRING", "UINT8") and t.dims == (1,)
+}

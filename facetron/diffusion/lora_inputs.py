@@ -1,0 +1,412 @@
+"""LoRA files -> the runtime-LoRA UNet's inputs, in numpy (what the served ``unet`` model needs).
+
+The runtime-LoRA graph (exported by :mod:`facetron.export.runtime_lora`)
+adapts every attention projection as ``y = W x + lora_scale[n] * B_i[n] @
+(A_i[n] @ x)``; ``lora_manifest.json`` beside it maps index ``i`` to the
+module and its shapes. This module holds everything that turns a user's
+LoRA file(s) into those inputs without torch, diffusers or peft:
+
+* the tensor names (:func:`a_name`, :func:`b_name`, :data:`SCALE_INPUT`) and
+  :func:`read_lora_manifest`;
+* :func:`read_lora`, a numpy reader for facetron's **canonical LoRA layout**
+  — what ``facetron train`` writes through diffusers'
+  ``StableDiffusionPipeline.save_lora_weights`` (see :data:`CANONICAL_SUFFIXES`)
+  with peft's adapter config in the ``lora_adapter_metadata`` header. Other
+  layouts (kohya, old diffusers attention processors, peft model keys) are
+  refused with a one-line error saying how to convert them; the torch
+  reader :func:`facetron.export.lora_files.load_lora` reads them all;
+* :func:`lora_inputs_for`, :func:`zero_lora_inputs`, :func:`stack_lora_inputs`;
+* the LoRA rules the torch reader shares (:func:`lora_scale`,
+  :func:`layer_alpha`, :func:`read_adapter_metadata`,
+  :func:`reject_unsupported`, :func:`check_weight`), so both readers give the
+  same numbers and the same errors.
+
+Padding a smaller rank with zeros and stacking a face and a style LoRA along
+the rank axis, each LoRA's ``weight · scale`` folded into ``B``, are exact:
+the graph's output equals the merged UNet's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Protocol, Sequence
+
+import numpy as np
+from safetensors import safe_open
+
+from facetron.errors import InvalidInputError, NotFoundError
+
+MANIFEST_FILE = "lora_manifest.json"
+SCALE_INPUT = "lora_scale"
+METADATA_KEY = "lora_adapter_metadata"
+COMPONENTS = ("unet", "text_encoder")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# (down/A suffix, up/B suffix) per component, as save_lora_weights writes peft layers: diffusers renames
+# the UNet's to_q/to_k/to_v/to_out.0 to ``.lora.down`` and the text encoder's q/k/v/out_proj to
+# ``.lora_linear_layer.down``; any other adapted module keeps peft's ``.lora_A``.
+CANONICAL_SUFFIXES: dict[str, tuple[tuple[str, str], ...]] = {
+    "unet": ((".lora.down.weight", ".lora.up.weight"), (".lora_A.weight", ".lora_B.weight")),
+    "text_encoder": ((".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
+                     (".lora_A.weight", ".lora_B.weight")),
+}
+CONVERT_HINT = ("convert it once with facetron.export.lora_files.convert_lora_file(src, dst) (torch; reads kohya, "
+                "old diffusers and peft files), or use merged mode")
+
+
+def a_name(i: int) -> str:
+    """Graph input holding layer ``i``'s A (down) matrices, ``FP32[N, R, in]``."""
+    return f"lora_a_{i}"
+
+
+def b_name(i: int) -> str:
+    """Graph input holding layer ``i``'s B (up) matrices, ``FP32[N, out, R]``."""
+    return f"lora_b_{i}"
+
+
+def read_lora_manifest(model_dir: str | os.PathLike) -> dict:
+    """``lora_manifest.json`` of an exported runtime-LoRA model folder."""
+    path = Path(model_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise InvalidInputError(f"runtime-LoRA folder {Path(model_dir)}", f"has no {MANIFEST_FILE}")
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- LoRA rules (shared with export)
+
+
+def check_weight(name: str, value: float) -> float:
+    """``value`` as a finite float, else InvalidInputError naming ``name``."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(name, f"must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise InvalidInputError(name, f"must be finite, got {value!r}")
+    return value
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """peft's ``scaling``: alpha / r (alpha / sqrt(r) for rsLoRA)."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def few(names: Iterable[str], n: int = 3) -> str:
+    """The first ``n`` of ``names`` (sorted) for an error message, with how many more there are."""
+    names = sorted(names)
+    more = f" (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def reject_unsupported(keys: Iterable[str], label: str) -> None:
+    """Raise for adapter kinds that are not a plain ``B @ A`` LoRA (DoRA, LoKr/LoHa, LoRA bias)."""
+    keys = list(keys)
+    checks = {
+        "DoRA (dora_scale / lora_magnitude_vector)": ("dora_scale", "lora_magnitude_vector"),
+        "LoKr/LoHa (lokr_/hada_)": (".lokr_", ".hada_", "lokr_w", "hada_w"),
+        "LoRA bias (lora_B.bias)": ("lora_B.bias", "lora.up.bias", "lora_up.bias"),
+    }
+    for what, needles in checks.items():
+        hits = [k for k in keys if any(n in k for n in needles)]
+        if hits:
+            raise InvalidInputError(label, f"{what} layers are not supported, e.g. {few(hits)}")
+
+
+def read_adapter_metadata(metadata: Mapping[str, str] | None, label: str) -> dict:
+    """The peft config JSON under the ``lora_adapter_metadata`` header ({} when absent)."""
+    raw = (metadata or {}).get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(label, f"header '{METADATA_KEY}' is not JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise InvalidInputError(label, f"header '{METADATA_KEY}' is not a JSON object")
+    return meta
+
+
+def component_metadata(adapter_meta: Mapping[str, Any], comp: str) -> dict:
+    """The ``<comp>.``-prefixed entries of the adapter metadata, prefix removed."""
+    return {k[len(comp) + 1:]: v for k, v in adapter_meta.items() if k.startswith(f"{comp}.")}
+
+
+def layer_alpha(meta: Mapping[str, Any], module: str, rank: int) -> float:
+    """A layer's alpha: ``alpha_pattern`` match, else ``lora_alpha``; ``rank`` (scale 1) without metadata."""
+    if not meta:  # no alpha anywhere: diffusers/peft convention is scale 1
+        return float(rank)
+    return float(_pattern_value(meta.get("alpha_pattern") or {}, module, meta.get("lora_alpha", rank)))
+
+
+def _pattern_value(patterns: Mapping[str, object], module: str, default: object) -> object:
+    """peft's alpha_pattern lookup: a key matches a module name or its dotted tail."""
+    for key, value in patterns.items():
+        pat = key[1:] if key.startswith("^") else rf"(.*\.)?{key}"
+        if re.fullmatch(pat, module):
+            return value
+    return default
+
+
+def check_pair(down_shape: Sequence[int], up_shape: Sequence[int], name: str, label: str) -> None:
+    """Raise unless down [r, in(, kh, kw)] and up [out, r(, 1, 1)] form one LoRA layer."""
+    down_shape, up_shape = tuple(down_shape), tuple(up_shape)
+    if len(down_shape) not in (2, 4) or len(up_shape) != len(down_shape) or up_shape[1] != down_shape[0] \
+            or (len(up_shape) == 4 and up_shape[2:] != (1, 1)):
+        raise InvalidInputError(label, f"layer {name}: down {down_shape} and up {up_shape} do not form a LoRA pair")
+
+
+# ----------------------------------------------------------------------------- the numpy reader
+
+
+@dataclass(frozen=True)
+class LoraArrays:
+    """One adapted layer: ``delta W = scale * B @ A``; float32 numpy arrays from :func:`read_lora`.
+
+    export's torch reader extends it (``facetron.export.lora_files.LoraLayer``,
+    the same fields holding tensors), so both share ``rank`` and ``scale``."""
+
+    component: str  # "unet" | "text_encoder"
+    module: str  # module path inside that component (peft's name)
+    down: np.ndarray  # A: [r, in] (linear) or [r, in, kh, kw] (conv)
+    up: np.ndarray  # B: [out, r] or [out, r, 1, 1]
+    alpha: float
+    rslora: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        """peft's ``scaling`` (see :func:`lora_scale`)."""
+        return lora_scale(self.alpha, self.rank, self.rslora)
+
+
+@dataclass
+class LoraFileArrays:
+    """All layers of one canonical LoRA file, keyed by (component, module)."""
+
+    source: str
+    layers: dict[tuple[str, str], LoraArrays] = field(default_factory=dict)
+
+
+class LoraLayerLike(Protocol):
+    """What :func:`lora_inputs_for` reads of a layer (:class:`LoraArrays`, or export's torch ``LoraLayer``)."""
+
+    down: Any  # array-like; objects with ``.numpy()`` (tensors) are converted through it
+    up: Any
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def scale(self) -> float: ...
+
+
+class LoraLike(Protocol):
+    """A loaded LoRA: ``source`` (for messages) and ``layers`` keyed by (component, module)."""
+
+    source: str
+    layers: Mapping[tuple[str, str], LoraLayerLike]
+
+
+def read_lora(path: str | os.PathLike) -> LoraFileArrays:
+    """Read a LoRA ``.safetensors`` file in facetron's canonical layout into float32 arrays."""
+    path = Path(path)
+    label = f"LoRA file {path}"
+    if not path.is_file():
+        raise NotFoundError(f"{label}: no such file")
+    try:
+        with safe_open(str(path), framework="np") as fh:
+            metadata = dict(fh.metadata() or {})
+            keys = list(fh.keys())
+            dtypes = {k: fh.get_slice(k).get_dtype() for k in keys}
+            state = {k: fh.get_tensor(k) for k in keys if dtypes[k] != "BF16"}
+    except Exception as exc:  # safetensors raises several types for corrupt headers/bodies
+        raise InvalidInputError(label, f"not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    state.update({k: _read_bf16(path, k) for k in keys if dtypes[k] == "BF16"})
+    return parse_lora_arrays({k: state[k] for k in keys}, metadata, source=str(path))
+
+
+def parse_lora_arrays(state: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None,
+                      source: str = "<state dict>") -> LoraFileArrays:
+    """Check and pair the tensors of a canonical-layout LoRA state dict (see :func:`read_lora`)."""
+    label = f"LoRA file {source}"
+    if not state:
+        raise InvalidInputError(label, "holds no tensors")
+    reject_unsupported(state, label)
+    adapter_meta = read_adapter_metadata(metadata, label)
+    pairs = _canonical_pairs(state, label)
+    lora = LoraFileArrays(source=source)
+    for (comp, module), (down_key, up_key) in pairs.items():
+        meta = component_metadata(adapter_meta, comp)
+        down, up = (np.asarray(state[k], dtype=np.float32) for k in (down_key, up_key))
+        check_pair(down.shape, up.shape, f"{comp}.{module}", label)
+        if not (np.isfinite(down).all() and np.isfinite(up).all()):
+            raise InvalidInputError(label, f"layer {comp}.{module} holds NaN or inf values")
+        alpha = layer_alpha(meta, module, int(down.shape[0]))
+        lora.layers[(comp, module)] = LoraArrays(comp, module, down, up, alpha, bool(meta.get("use_rslora", False)))
+    return lora
+
+
+def _canonical_pairs(keys: Iterable[str], label: str) -> dict[tuple[str, str], tuple[str, str]]:
+    """(component, module) -> (down key, up key); raises for keys outside the canonical layout."""
+    found: dict[tuple[str, str], dict[str, str]] = {}
+    foreign = []
+    for key in keys:
+        hit = _split_key(key)
+        if hit is None:
+            foreign.append(key)
+            continue
+        comp, module, kind = hit
+        found.setdefault((comp, module), {})[kind] = key
+    if foreign:
+        raise InvalidInputError(label, f"is not in facetron's canonical LoRA layout (keys as 'facetron train' "
+                                       f"writes them: unet.<module>.lora.down.weight / .lora_A.weight): it has "
+                                       f"{_layout_of(foreign)}, e.g. {few(foreign)}; {CONVERT_HINT}")
+    pairs = {}
+    for (comp, module), kinds in found.items():
+        if set(kinds) != {"A", "B"}:
+            missing = "up (B)" if "B" not in kinds else "down (A)"
+            raise InvalidInputError(label, f"layer {comp}.{module} has no {missing} weight")
+        pairs[(comp, module)] = (kinds["A"], kinds["B"])
+    return pairs
+
+
+def _split_key(key: str) -> tuple[str, str, str] | None:
+    """``unet.<module>.lora.down.weight`` -> ("unet", module, "A"); None outside the canonical layout."""
+    for comp, suffixes in CANONICAL_SUFFIXES.items():
+        if not key.startswith(comp + "."):
+            continue
+        for down, up in suffixes:
+            for suffix, kind in ((down, "A"), (up, "B")):
+                module = key[len(comp) + 1: -len(suffix)] if key.endswith(suffix) else ""
+                if module:
+                    return comp, module, kind
+    return None
+
+
+_FOREIGN_LAYOUTS = (
+    ("kohya keys (lora_unet_... / lora_te_...)", lambda k: k.startswith(KOHYA_PREFIXES)),
+    ("peft model keys (base_model.model....)", lambda k: k.startswith("base_model.model.")),
+    ("old diffusers attention-processor keys (..._lora.down.weight)", lambda k: "_lora.down." in k or "_lora.up." in k),
+    ("keys without a unet. / text_encoder. prefix", lambda k: not k.startswith(tuple(f"{c}." for c in COMPONENTS))),
+)
+
+
+def _layout_of(keys: Sequence[str]) -> str:
+    """What the non-canonical keys look like, for the error message."""
+    for what, test in _FOREIGN_LAYOUTS:
+        if any(test(k) for k in keys):
+            return what
+    return f"{len(keys)} keys that are neither LoRA down (A) nor up (B) weights"
+
+
+def _read_bf16(path: Path, key: str) -> np.ndarray:
+    """A bfloat16 tensor as float32 (exact: bf16 is the top half of an fp32); numpy has no bf16 type."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        entry = json.loads(fh.read(size))[key]
+        start, end = entry["data_offsets"]
+        fh.seek(8 + size + start)
+        raw = np.frombuffer(fh.read(end - start), dtype="<u2")
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(entry["shape"])
+
+
+# ----------------------------------------------------------------------------- inputs for a user
+
+
+def lora_inputs_for(lora: LoraLike | str | os.PathLike, manifest: Mapping, weight: float = 1.0, *,
+                    extra: Iterable[tuple[LoraLike | str | os.PathLike, float]] = (), batch: int = 1,
+                    scale: float = 1.0) -> dict[str, np.ndarray]:
+    """Graph inputs (``lora_a_<i>``, ``lora_b_<i>``, ``lora_scale``) for one user's LoRA.
+
+    ``lora``: a path (read with :func:`read_lora`) or a loaded LoRA
+    (:class:`LoraLike`, e.g. export's torch ``LoraFile``). ``weight`` is the
+    LoRA's strength (w_face); ``extra`` adds more LoRAs, e.g.
+    ``[(style, w_style)]``. Each LoRA's ``weight · scale`` is folded into B
+    and the ranks are stacked, so the graph output equals the merged UNet's.
+    Every array has leading batch dimension ``batch`` (the same user repeated;
+    use :func:`stack_lora_inputs` to mix users in one batch)."""
+    plan = [(_loaded(lora), check_weight("weight", weight))]
+    plan += [(_loaded(src), check_weight("weight", w)) for src, w in extra]
+    rank = int(manifest["rank"])
+    a, b = _zeros(manifest)
+    used = {i: 0 for i in a}
+    by_module = {layer["module"]: layer for layer in manifest["layers"]}
+    for loaded, w in plan:
+        _fill(loaded, w, by_module, rank, a, b, used)
+    return _batched(a, b, manifest, batch, scale)
+
+
+def zero_lora_inputs(manifest: Mapping, batch: int = 1) -> dict[str, np.ndarray]:
+    """All-zero LoRA inputs: the graph then computes the base UNet exactly."""
+    a, b = _zeros(manifest)
+    return _batched(a, b, manifest, batch, 1.0)
+
+
+def stack_lora_inputs(per_request: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate several requests' LoRA inputs along the batch axis (mixed-user batch)."""
+    if not per_request:
+        raise InvalidInputError("per_request", "needs at least one set of inputs")
+    keys = list(per_request[0])
+    return {k: np.concatenate([np.asarray(r[k]) for r in per_request], axis=0) for k in keys}
+
+
+def _loaded(source: LoraLike | str | os.PathLike) -> LoraLike:
+    return read_lora(source) if isinstance(source, (str, os.PathLike)) else source
+
+
+def _zeros(manifest: Mapping) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Per layer index: A [R, in] and B [out, R], all zero."""
+    rank = int(manifest["rank"])
+    a = {layer["index"]: np.zeros((rank, layer["in_features"]), np.float32) for layer in manifest["layers"]}
+    b = {layer["index"]: np.zeros((layer["out_features"], rank), np.float32) for layer in manifest["layers"]}
+    return a, b
+
+
+def _fill(lora: LoraLike, w: float, by_module: Mapping[str, Mapping], rank: int, a: dict, b: dict,
+          used: dict[int, int]) -> None:
+    """Write ``lora``'s A and ``w · scale · B`` into the next free rank rows/columns of every layer it adapts."""
+    label = f"LoRA file {lora.source}"
+    others = [f"{c}.{m}" for (c, m) in lora.layers if c != "unet" or m not in by_module]
+    if others:
+        raise InvalidInputError(label, f"adapts {len(others)} layers the runtime-LoRA UNet has no inputs for "
+                                       f"(it covers the UNet's attention q/k/v/out), e.g. {few(others)}: use merged mode")
+    for (_, module), layer in lora.layers.items():
+        spec = by_module[module]
+        i = spec["index"]
+        down, up = _float32(layer.down), _float32(layer.up)
+        delta_shape = (up.shape[0], *down.shape[1:])
+        if delta_shape != (spec["out_features"], spec["in_features"]):
+            raise InvalidInputError(label, f"shape mismatch at unet.{module}: the LoRA gives {delta_shape}, "
+                                           f"the graph expects {(spec['out_features'], spec['in_features'])}")
+        r0, r1 = used[i], used[i] + layer.rank
+        if r1 > rank:
+            raise InvalidInputError(label, f"layer unet.{module} needs rank {r1} (all LoRAs together), "
+                                           f"the graph was exported with rank {rank}")
+        a[i][r0:r1] = down
+        b[i][:, r0:r1] = up * (w * layer.scale)
+        used[i] = r1
+
+
+def _float32(x: Any) -> np.ndarray:
+    """``x`` as a float32 array; tensors (objects with ``.numpy()``) are widened with ``.float()`` first."""
+    if hasattr(x, "numpy"):
+        x = x.float().numpy() if hasattr(x, "float") else x.numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def _batched(a: dict, b: dict, manifest: Mapping, batch: int, scale: float) -> dict[str, np.ndarray]:
+    if not isinstance(batch, int) or batch < 1:
+        raise InvalidInputError("batch", f"must be an integer >= 1, got {batch!r}")
+    out = {SCALE_INPUT: np.full((batch,), scale, np.float32)}
+    for layer in manifest["layers"]:
+        i = layer["index"]
+        out[layer["a"]] = np.ascontiguousarray(np.broadcast_to(a[i], (batch, *a[i].shape)))
+        out[layer["b"]] = np.ascontiguousarray(np.broadcast_to(b[i], (batch, *b[i].shape)))
+    return out

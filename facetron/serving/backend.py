@@ -1,0 +1,189 @@
+"""Helpers for python-backend models: typed inputs, clear errors, BLS calls.
+
+Every request is handled on its own: a :class:`FacetronError` becomes an
+error response with the matching gRPC status (the one mapping in
+:mod:`facetron.errors`) and the message naming the input and the rule;
+other requests of the same batch still succeed, and the server stays READY.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, TypeVar
+
+import numpy as np
+
+from facetron.contract import ModelParams
+from facetron.errors import FacetronError, InvalidInputError, error_for_status, split_status, tag_status, triton_code_name
+
+try:  # only inside the python backend's stub; in-process callers never reach pb()
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # pragma: no cover - outside Triton
+    pb_utils = None
+
+P = TypeVar("P", bound=ModelParams)
+
+
+def pb():
+    if pb_utils is None:
+        raise FacetronError("triton_python_backend_utils is only available inside Triton's python backend")
+    return pb_utils
+
+
+# --- lifecycle --------------------------------------------------------------------------
+
+
+def read_params(args: dict, cls: type[P]) -> P:
+    """The model's typed parameters (facetron.contract) from initialize()'s args."""
+    config = json.loads(args["model_config"])
+    raw = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    return cls.from_config(raw)
+
+
+def is_decoupled(args: dict) -> bool:
+    return bool(pb().using_decoupled_model_transaction_policy(json.loads(args["model_config"])))
+
+
+def version_dir(args: dict) -> Path:
+    """The model's version folder (where its artifacts live) from initialize()'s args."""
+    return Path(args["model_repository"]) / str(args["model_version"])
+
+
+def repository_dir(args: dict) -> Path:
+    """The model repository the model was loaded from."""
+    return Path(args["model_repository"]).parent
+
+
+# --- responses --------------------------------------------------------------------------
+
+
+def error_response(exc: BaseException):
+    """An InferenceResponse carrying ``exc`` as a Triton error."""
+    p = pb()
+    if isinstance(exc, FacetronError):
+        code = getattr(p.TritonError, triton_code_name(exc.status))
+        error = p.TritonError(tag_status(str(exc), exc.status), code)
+    else:
+        error = p.TritonError(f"internal error: {type(exc).__name__}: {exc}", p.TritonError.INTERNAL)
+    return p.InferenceResponse(output_tensors=[], error=error)
+
+
+def response(outputs: Mapping[str, np.ndarray]):
+    p = pb()
+    return p.InferenceResponse(output_tensors=[p.Tensor(k, np.ascontiguousarray(v)) for k, v in outputs.items()])
+
+
+def handle_each(requests: Iterable[Any], fn: Callable[[Any], Mapping[str, np.ndarray]], logger=None) -> list:
+    """Run ``fn(request) -> {output name: array}`` per request, errors isolated."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(response(fn(request)))
+        except Exception as exc:  # noqa: BLE001 - every error must become a response
+            if not isinstance(exc, FacetronError) and logger is not None:
+                logger.log_error(traceback.format_exc())
+            responses.append(error_response(exc))
+    return responses
+
+
+# --- inputs -----------------------------------------------------------------------------
+
+
+def get_input(request, name: str, dtype: np.dtype | type | None = None, ndim: int | None = None, required: bool = True):
+    """The named input as numpy, checked for dtype and rank; None if optional and absent."""
+    tensor = pb().get_input_tensor_by_name(request, name)
+    if tensor is None:
+        if required:
+            raise InvalidInputError(name, "is required")
+        return None
+    arr = tensor.as_numpy()
+    if dtype is not None and arr.dtype != np.dtype(dtype):
+        raise InvalidInputError(name, f"expected dtype {np.dtype(dtype)}, got {arr.dtype}")
+    if ndim is not None and arr.ndim != ndim:
+        raise InvalidInputError(name, f"expected {ndim} dimensions, got shape {list(arr.shape)}")
+    return arr
+
+
+def request_arrays(request, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """The named inputs present in a Triton request, as numpy."""
+    out = {}
+    for name in names:
+        t = pb().get_input_tensor_by_name(request, name)
+        if t is not None:
+            out[name] = t.as_numpy()
+    return out
+
+
+def decode_utf8(item: Any, name: str) -> str:
+    """One BYTES element as text; InvalidInputError naming ``name`` if not UTF-8."""
+    if not isinstance(item, bytes):
+        return str(item)
+    try:
+        return item.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(name, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def one_string(arr: np.ndarray, name: str) -> str:
+    """The single UTF-8 string of a one-element BYTES tensor."""
+    if arr.size != 1:
+        raise InvalidInputError(name, f"expected exactly one string, got shape {list(arr.shape)}")
+    return decode_utf8(arr.reshape(-1)[0], name)
+
+
+def one_scalar(arr: np.ndarray, name: str, dtype):
+    """The single value of a one-element numeric tensor of ``dtype``."""
+    if arr.dtype != np.dtype(dtype):
+        raise InvalidInputError(name, f"expected dtype {np.dtype(dtype)}, got {arr.dtype}")
+    if arr.size != 1:
+        raise InvalidInputError(name, f"expected one value, got shape {list(arr.shape)}")
+    return arr.reshape(-1)[0].item()
+
+
+def get_string(request, name: str, required: bool = True) -> str | None:
+    """A one-element BYTES input decoded as UTF-8."""
+    arr = get_input(request, name, required=required)
+    return None if arr is None else one_string(arr, name)
+
+
+def get_scalar(request, name: str, dtype, default=None):
+    """A one-element numeric input, or ``default`` when absent."""
+    arr = get_input(request, name, required=default is None)
+    return default if arr is None else one_scalar(arr, name, dtype)
+
+
+# --- BLS --------------------------------------------------------------------------------
+
+
+def bls_infer(model: str, inputs: Mapping[str, np.ndarray], outputs: Iterable[str]) -> dict[str, np.ndarray]:
+    """Call another model of the same server (BLS); raise its error as a facetron error.
+
+    BLS responses lose the callee's error code (always INTERNAL in python
+    backend 2.51), so the status travels in the message tag: a bad input
+    stays INVALID_ARGUMENT and an unknown user NOT_FOUND, however many
+    models deep it was found."""
+    p = pb()
+    names = list(outputs)
+    request = p.InferenceRequest(
+        model_name=model,
+        inputs=[p.Tensor(k, np.ascontiguousarray(v)) for k, v in inputs.items()],
+        requested_output_names=names,
+    )
+    answer = request.exec()
+    if answer.has_error():
+        status, message = split_status(answer.error().message())
+        if status is None:
+            raise FacetronError(f"{model}: {message}")
+        raise error_for_status(status, message)
+    return {name: p.get_output_tensor_by_name(answer, name).as_numpy() for name in names}
+
+
+def bls_chunked(model: str, inputs: Mapping[str, np.ndarray], output: str, max_batch: int) -> np.ndarray:
+    """``bls_infer`` over batch chunks of at most ``max_batch`` items, concatenated."""
+    n = len(next(iter(inputs.values())))
+    parts = []
+    for s in range(0, n, max_batch):
+        parts.append(bls_infer(model, {k: v[s : s + max_batch] for k, v in inputs.items()}, [output])[output])
+    return np.concatenate(parts)

@@ -1,0 +1,72 @@
+"""The ``portrait_generator`` model: images for a user, no fusion, no ranking.
+
+tokenizer -> text_encoder -> denoising loop over the runtime-LoRA unet (or
+the user's merged ``unet_user_<id>``) -> vae_decoder, plus vae_encoder and
+face_detector in template mode: all BLS calls to models of the same server,
+driven by :mod:`facetron.serving.generation`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from facetron import contract
+from facetron.contract import GeneratorParams
+from facetron.diffusion.sampler import ProgressFn
+from facetron.serving import bls
+from facetron.serving.backend import handle_each, pb, read_params, repository_dir, request_arrays
+from facetron.serving.generation import GenerationJob, build_job, generate, generation_values, read_model_info
+from facetron.serving.template import PreparedTemplate, prepare_template
+from facetron.users import UserRegistry, registry_at
+
+
+@dataclass
+class ServedGenerator:
+    """What the generation path needs inside Triton, read once in ``initialize``."""
+
+    params: GeneratorParams
+    repository: Path
+    info: dict
+    scheduler_config: dict
+    registry: UserRegistry
+
+    @classmethod
+    def from_args(cls, args: dict) -> "ServedGenerator":
+        params = read_params(args, GeneratorParams)
+        repository = repository_dir(args)
+        info, scheduler_config = read_model_info(repository / contract.PORTRAIT_GENERATOR.name / "1")
+        return cls(params, repository, info, scheduler_config, registry_at(params.users_dir))
+
+    def job(self, arrays: dict[str, np.ndarray]) -> GenerationJob:
+        return build_job(generation_values(arrays), self.info, self.registry, self.params)
+
+    def template(self, job: GenerationJob) -> Optional[PreparedTemplate]:
+        """The job's template, fitted and its face found (one face_detector call)."""
+        if job.template is None:
+            return None
+        return prepare_template(job.template, job.request.height, job.request.width, bls.detect)
+
+    def images(self, job: GenerationJob, template: Optional[PreparedTemplate],
+               progress: Optional[ProgressFn] = None) -> np.ndarray:
+        nets = bls.diffusion_nets(self.info, job.user_id, job.style, self.params.identity_mode, self.repository)
+        return generate(nets, self.scheduler_config, job.prompt, job.negative_prompt, job.request,
+                        template=template, progress=progress)
+
+
+class PortraitGeneratorModel:
+    def initialize(self, args):
+        self.generator = ServedGenerator.from_args(args)
+        self.logger = pb().Logger
+
+    def _generate(self, request):
+        job = self.generator.job(request_arrays(request, contract.GENERATION_INPUT_NAMES))
+        return {"images": self.generator.images(job, self.generator.template(job))}
+
+    def execute(self, requests):
+        return handle_each(requests, self._generate, self.logger)
+
+    def finalize(self):
+        self.generator = None

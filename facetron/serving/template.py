@@ -1,0 +1,82 @@
+"""The template photo of template mode: fitted to the output size and its
+subject's face found once per request; the generator re-generates that face
+region and the fusion step uses the same landmarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from facetron import contract
+from facetron.errors import InvalidInputError
+from facetron.faces.retouch import face_ellipse_mask
+
+TEMPLATE_REGION_SCALE = 1.15  # the re-generated face region of a template (x face size)
+TEMPLATE_FUSE_SCALE = 1.25  # fusion covers it, so the template's own pixels form the blend boundary
+
+
+@dataclass(frozen=True)
+class PreparedTemplate:
+    image: np.ndarray  # uint8 [H, W, 3], fitted to the request's height x width
+    landmarks: np.ndarray  # float32 [5, 2]: the subject's face in ``image``
+
+
+def check_template(template: np.ndarray, name: str = "template") -> np.ndarray:
+    if template.dtype != np.uint8 or template.ndim != 3 or template.shape[2] != 3:
+        raise InvalidInputError(name, f"expected UINT8 [H, W, 3], got {template.dtype} {list(template.shape)}")
+    if min(template.shape[:2]) < contract.MIN_TEMPLATE_SIDE:
+        raise InvalidInputError(name, f"is {template.shape[1]}x{template.shape[0]}; "
+                                      f"at least {contract.MIN_TEMPLATE_SIDE} px a side")
+    return template
+
+
+def fit_template(template: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centre-crop the template to the target aspect and resize to (height, width)."""
+    h, w = template.shape[:2]
+    target = width / height
+    if w / h > target:
+        nw = int(round(h * target))
+        x0 = (w - nw) // 2
+        template = template[:, x0 : x0 + nw]
+    else:
+        nh = int(round(w / target))
+        y0 = (h - nh) // 2
+        template = template[y0 : y0 + nh]
+    interp = cv2.INTER_AREA if template.shape[0] > height else cv2.INTER_CUBIC
+    return cv2.resize(template, (width, height), interpolation=interp)
+
+
+def main_face(dets: dict[str, np.ndarray], index: int, shape: tuple[int, int]) -> int | None:
+    """The subject's face in image ``index``: among faces at least a quarter the
+    area of the largest, the one nearest the image centre (templates often
+    show neighbours' partial faces at the edges)."""
+    k = int(dets["num_faces"].reshape(-1)[index])
+    if k == 0:
+        return None
+    boxes = dets["boxes"][index, :k]
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    big = np.flatnonzero(areas >= 0.25 * areas.max())
+    centres = (boxes[big, :2] + boxes[big, 2:]) / 2
+    dist = np.linalg.norm(centres - np.array([shape[1] / 2, shape[0] / 2]), axis=1)
+    return int(big[np.argmin(dist)])
+
+
+def prepare_template(template: np.ndarray, height: int, width: int,
+                     detect: Callable[[np.ndarray], dict[str, np.ndarray]]) -> PreparedTemplate:
+    """Fit the template and find its subject's face (one detector call)."""
+    fitted = fit_template(template, height, width)
+    dets = detect(fitted[None])
+    j = main_face(dets, 0, fitted.shape[:2])
+    if j is None:
+        raise InvalidInputError("template", "no face found: template mode needs a photo with a face")
+    return PreparedTemplate(fitted, np.asarray(dets["landmarks"][0, j], np.float32))
+
+
+def face_region_mask(shape: tuple[int, ...], landmarks: np.ndarray, feather: int = 9) -> np.ndarray:
+    """float32 [H,W,1] in 0..1: the template's face (ellipse), feathered."""
+    mask = face_ellipse_mask(shape, landmarks, scale=TEMPLATE_REGION_SCALE).astype(np.float32) / 255.0
+    k = max(3, feather | 1)
+    return cv2.GaussianBlur(mask, (k, k), 0)[..., None]
