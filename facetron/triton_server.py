@@ -31,7 +31,7 @@ import urllib.request
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from facetron.errors import ServerError
 from facetron.paths import cache_dir
@@ -379,17 +379,3 @@ class TritonServer:
 def start_server(model_repository: str | Path, **kwargs: object) -> TritonServer:
     """Start a server and return it once ready (caller stops it)."""
     return TritonServer(Path(model_repository), **kwargs).start()  # type: ignore[arg-type]
-
-
-def server_processes(pid: int) -> Iterable[int]:
-    """PIDs in process group ``pid`` (server + python stubs); for tests."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if os.getpgid(int(entry.name)) == pid:
-                out.append(int(entry.name))
-        except (ProcessLookupError, PermissionError):
-            continue
-    return out

@@ -20,7 +20,8 @@ import pytest
 from face_photos import photo, square_crop
 from facetron.client import AsyncServerPool, FacetronClient, RetryPolicy, ServerPool
 from facetron.faces.alignment import align_faces
-from facetron.triton_server import TritonServer, free_port, server_processes
+from facetron.triton_server import TritonServer, free_port
+from processes import server_processes
 
 pytestmark = pytest.mark.triton
 

@@ -17,7 +17,8 @@ import pytest
 
 from facetron.errors import ServerError
 from facetron.paths import REPO_ROOT
-from facetron.triton_server import TritonServer, check_repository, explain_log, server_processes
+from facetron.triton_server import TritonServer, check_repository, explain_log
+from processes import server_processes
 
 pytestmark = pytest.mark.triton
 
