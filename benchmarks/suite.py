@@ -33,6 +33,7 @@ from facetron.benchmarks import pairs as P
 from facetron.benchmarks.load import CONCURRENCY, LoadCase, preset, run_load, sweep
 from facetron.benchmarks.machine import machine_info
 from facetron.benchmarks.report import markdown_table, result_stem, write_result
+from facetron.benchmarks.server_metrics import MetricsDelta
 from facetron.benchmarks.triton_stats import STAGES, StatsDelta
 from facetron.paths import REPO_ROOT
 
@@ -81,8 +82,7 @@ def ensure_bench_user(users_dir: Path, user_id: str = BENCH_USER) -> None:
     from facetron.users import UserRegistry
 
     registry = UserRegistry(users_dir)
-    udir = registry.user_dir(user_id)
-    if registry.exists(user_id) and (udir / "lora.safetensors").is_file():
+    if registry.exists(user_id) and (registry.files(user_id) / "lora.safetensors").is_file():
         return
     emb = np.random.default_rng(7).standard_normal((1, 128)).astype(np.float32)
     registry.save_reference_embedding(user_id, emb)
@@ -129,7 +129,7 @@ def bench_server(build_dir: Path = BUILD_DIR, diffusion: bool = True) -> Iterato
         with grpcclient.InferenceServerClient(server.grpc_url) as client:
             for m in rest:
                 try:
-                    client.load_model(m)
+                    client.load_model(m, headers=server.admin_headers)
                 except InferenceServerException as exc:
                     info["load_errors"][m] = (exc.message() or str(exc)).splitlines()[0][:400]
             info["served"] = [m for m in present if client.is_model_ready(m)]
@@ -169,24 +169,29 @@ def load_cases(settings: Settings) -> list[LoadCase]:
 
 
 def run_sweeps(url: str, cases: list[LoadCase], settings: Settings, result: dict,
-               concurrency: tuple[int, ...] | None = None) -> None:
-    """Load sweep per case, each inside a statistics window (its stage breakdown)."""
+               concurrency: tuple[int, ...] | None = None, metrics_url: str | None = None) -> None:
+    """Load sweep per case, each inside a statistics window (its stage breakdown)
+    and, with ``metrics_url``, a scrape of Triton's /metrics before and after."""
     from facetron.client import FacetronClient
 
     with FacetronClient(url) as client:
         for case in cases:
             def one(case: LoadCase = case) -> None:
                 run_load(url, case, 1, requests=1, warmup=0)  # cold start (sessions, caches) stays out of the stats
-                with StatsDelta(client) as stats:
+                scraped = MetricsDelta(metrics_url) if metrics_url else contextlib.nullcontext()
+                with scraped, StatsDelta(client) as stats:
                     rows = sweep(url, case, concurrency or settings.concurrency,
                                  per_worker=settings.per_worker.get(case.model, 4))
                 result.setdefault("load", {})[case.name] = rows
                 result.setdefault("stages", {})[case.name] = stats.result
+                if metrics_url:
+                    result.setdefault("server_metrics", {})[case.name] = (
+                        scraped.result if scraped.error is None else {"error": scraped.error})
 
             _guard(result, f"load:{case.name}", one)
 
 
-def run_portrait(url: str, settings: Settings, result: dict, info: dict) -> None:
+def run_portrait(url: str, settings: Settings, result: dict, info: dict, metrics_url: str | None = None) -> None:
     """Portrait sweep + stage breakdown when ``portrait`` is ready, else say why not."""
     from facetron.client import FacetronClient
 
@@ -198,7 +203,7 @@ def run_portrait(url: str, settings: Settings, result: dict, info: dict) -> None
             result["portrait"] = {"status": "not served yet", "reason": reason}
             return
         case = preset("portrait", steps=settings.portrait_steps, user_id=BENCH_USER)
-        run_sweeps(url, [case], settings, result, concurrency=settings.portrait_concurrency)
+        run_sweeps(url, [case], settings, result, concurrency=settings.portrait_concurrency, metrics_url=metrics_url)
         entry: dict = {"status": "served", "case": case.name, "stages": result.get("stages", {}).get(case.name)}
         try:
             out = client.infer(case.model, dict(case.inputs), ["report"])
@@ -231,13 +236,14 @@ def run_suite(full: bool = False, quick: bool = False, parts: tuple[str, ...] = 
     def served() -> None:
         with bench_server(build_dir) as (server, info):
             result["server"] = info
+            metrics_url = f"{server.host}:{server.metrics_port}"
             if "pairs" in parts:
                 result["pairs"]["triton_vs_inprocess"] = _guard(
                     result, "pairs:triton_vs_inprocess",
                     lambda: P.triton_vs_inprocess(server.grpc_url, s.triton_repeats, s.select_candidates))
             if "load" in parts:
-                run_sweeps(server.grpc_url, load_cases(s), s, result)
-                _guard(result, "portrait", lambda: run_portrait(server.grpc_url, s, result, info))
+                run_sweeps(server.grpc_url, load_cases(s), s, result, metrics_url=metrics_url)
+                _guard(result, "portrait", lambda: run_portrait(server.grpc_url, s, result, info, metrics_url))
 
     _guard(result, "server", served)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -315,6 +321,7 @@ def render_markdown(result: dict, machine: dict, figures: dict[str, str]) -> str
     if stage_rows:
         md.append("## Stage breakdown (Triton statistics, ms per request, server side)\n\n" + markdown_table(
             stage_rows, ["case", "model", "requests", "failed", "executions", "avg_batch", *STAGES, "total_ms"]))
+    md.extend(render_server_metrics(result.get("server_metrics") or {}))
     portrait = result.get("portrait") or {"status": "not measured"}
     md.append(f"## Portrait\n\nportrait: {portrait['status']}"
               + (f" ({portrait['reason']})" if portrait.get("reason") else "") + "\n")
@@ -329,6 +336,44 @@ def render_markdown(result: dict, machine: dict, figures: dict[str, str]) -> str
     errors = result.get("errors") or {}
     md.append("## Errors\n\n" + ("".join(f"- {k}: {v}\n" for k, v in errors.items()) if errors else "none\n"))
     return "\n".join(md)
+
+
+def render_server_metrics(scraped: dict[str, dict]) -> list[str]:
+    """Markdown of the /metrics scrapes: facetron's per-stage metrics and Triton's per-model ones, per case."""
+    if not scraped:
+        return []
+    md = ["## Server metrics (/metrics scraped before and after each sweep)\n\n"
+          "`facetron_*` come from inside the python models (facetron.serving.metrics): ms per denoising step, "
+          "per portrait stage, LoRA-bank hits/misses, candidates filtered. `nv_inference_*` are Triton's own per "
+          "model (request = queue + compute + overhead), beside the statistics API's breakdown above.\n"]
+    stage_rows, model_rows, other = [], [], []
+    for case, fig in scraped.items():
+        if fig.get("error"):
+            other.append(f"- {case}: {fig['error']}")
+            continue
+        step = fig.get("denoise_step")
+        if step:
+            stage_rows.append({"case": case, "stage": "denoise step", "calls": step["steps"],
+                               "ms_per_call": step["mean_ms"], "detail": f"p50≈{step['p50_ms_approx']} ms, "
+                                                                         f"p90≈{step['p90_ms_approx']} ms"})
+        for stage, row in (fig.get("stages") or {}).items():
+            stage_rows.append({"case": case, "stage": stage, **row, "detail": ""})
+        for model, row in (fig.get("triton_models") or {}).items():
+            model_rows.append({"case": case, "model": model, **row})
+        for key in ("lora_bank", "candidates", "merged_models_loaded"):
+            if key in fig:
+                other.append(f"- {case}: {key} {json.dumps(fig[key])}")
+    if stage_rows:
+        md.append(markdown_table(stage_rows, ["case", "stage", "calls", "ms_per_call", "detail"]))
+    elif any(not f.get("error") for f in scraped.values()):
+        md.append("No `facetron_*` samples in these runs (the serving modules record them once "
+                  "facetron.serving.metrics is wired in; see the module's doc).\n")
+    if model_rows:
+        md.append(markdown_table(model_rows, ["case", "model", "requests", "request_ms", "queue_ms",
+                                              "compute_infer_ms"]))
+    if other:
+        md.append("\n".join(other) + "\n")
+    return md
 
 
 def write_report(result: dict, name: str = "all", out_dir: Path | None = None) -> list[Path]:

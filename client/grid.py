@@ -1,7 +1,9 @@
 """Contact sheets: images in a grid with a text label under each (cv2, numpy).
 
-Used by ``facetron generate`` (grid.png of the returned portraits with rank
-and similarity) and by the benchmarks.
+Used by ``facetron generate`` and ``facetron demo`` (grid.png of the returned
+portraits with rank and both similarities: the generated face's and the
+returned picture's), ``facetron evaluate`` and the benchmarks. A label may
+hold several lines (``\n``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ def _fit(image: np.ndarray, cell: int) -> np.ndarray:
 
 
 def _label(text: str, width: int, height: int) -> np.ndarray:
+    lines = text.split("\n")
+    if len(lines) > 1:
+        step = height // len(lines)
+        return np.concatenate([_label(line, width, step) for line in lines]
+                              + [np.full((height - step * len(lines), width, 3), BACKGROUND, np.uint8)])
     band = np.full((height, width, 3), BACKGROUND, np.uint8)
     font = cv2.FONT_HERSHEY_SIMPLEX
     scale = height / 40.0
@@ -63,7 +70,8 @@ def draw_grid(
             raise InvalidInputError(f"images[{i}]", f"expected RGB uint8 [H, W, 3], got {im.dtype} {list(im.shape)}")
     cols = max(1, min(cols or math.ceil(math.sqrt(len(images))), len(images)))
     rows = math.ceil(len(images) / cols)
-    band = max(16, cell // 8) if labels is not None else 0
+    lines = max((str(t).count("\n") + 1 for t in labels), default=1) if labels is not None else 0
+    band = max(16, cell // 8) * lines
     ch, cw = cell + band, cell
     sheet = np.full((rows * ch + (rows + 1) * pad, cols * cw + (cols + 1) * pad, 3), BACKGROUND, np.uint8)
     for i, im in enumerate(images):
@@ -81,4 +89,25 @@ def rank_labels(similarity: Sequence[float], rank: Sequence[int], indices: Seque
     for i in indices:
         s, r = float(similarity[i]), int(rank[i])
         out.append(f"#{r}  sim {s:.3f}" if r >= 0 and math.isfinite(s) else f"cand {i}: filtered")
+    return out
+
+
+def _sim(value: float) -> str:
+    return f"{value:.3f}" if math.isfinite(value) else "no face"
+
+
+def similarity_labels(generated: Sequence[float], final: Sequence[float], rank: Sequence[int],
+                      indices: Sequence[int], ranked_by: str = "generated", prefix: Sequence[str] | None = None) -> list[str]:
+    """Two lines per candidate ``indices[k]``: "[prefix ]#rank", then both
+    similarities, the one that ranked marked with ``*``:
+    "gen 0.712*  final 0.845" ("no face" where none was found)."""
+    out = []
+    for k, i in enumerate(indices):
+        r = int(rank[i])
+        g, f = _sim(float(generated[i])), _sim(float(final[i]))
+        g, f = (g + "*", f) if ranked_by == "generated" else (g, f + "*")
+        head = f"#{r}" if r >= 0 else f"cand {i}: filtered"
+        if prefix is not None:
+            head = f"{prefix[k]} {head}"
+        out.append(f"{head}\ngen {g}  final {f}")
     return out

@@ -42,6 +42,7 @@ from facetron.contract import (
     SCALAR_INPUTS,
     SELECT_OUTPUTS,
     TOKENIZER,
+    check_fusion_strength,
     check_generation,
     validate_user_id,
 )
@@ -193,11 +194,14 @@ def select_result(out: Mapping[str, np.ndarray]) -> SelectResult:
 class PortraitResult:
     """A ``portrait`` answer.
 
-    ``images`` are the kept candidates best first (top_k); ``similarity`` and
-    ``rank`` are per generated candidate (rank -1 / NaN = filtered out);
-    ``selected`` are the candidate indices of ``images``; ``report`` is the
-    server's JSON report (stage timings, which model made what); ``timing``
-    is measured here (wall time of the call incl. retries, attempts, server).
+    ``images`` are the kept candidates best first (top_k); per generated
+    candidate: ``similarity_generated`` (its generated face, before fusion),
+    ``similarity_final`` (the returned picture, after fusion), ``similarity``
+    (the one that ranked: ``report["ranked_by"]``) and ``rank`` (-1 / NaN =
+    filtered out); ``selected`` are the candidate indices of ``images``;
+    ``report`` is the server's JSON report (ranking, fusion, seed, stage
+    timings, which model made what); ``timing`` is measured here (wall time
+    of the call incl. retries, attempts, server).
     """
 
     images: np.ndarray
@@ -206,24 +210,41 @@ class PortraitResult:
     selected: np.ndarray
     report: dict[str, Any]
     timing: dict[str, Any]
+    similarity_generated: np.ndarray | None = None
+    similarity_final: np.ndarray | None = None
 
     @property
     def server(self) -> str:
         return str(self.timing.get("server", ""))
 
+    @property
+    def ranked_by(self) -> str:
+        """Which similarity ranked: ``generated`` or ``final`` (the server's report)."""
+        return str(self.report.get("ranked_by", "generated"))
+
     def candidates(self) -> list[dict[str, Any]]:
         """One JSON-ready row per generated candidate."""
         chosen = {int(c): i for i, c in enumerate(self.selected)}
+        n = len(self.rank)
+        gen = self.similarity_generated if self.similarity_generated is not None else np.full(n, np.nan)
+        final = self.similarity_final if self.similarity_final is not None else np.full(n, np.nan)
         return [
             {
                 "index": i,
-                "similarity": None if not math.isfinite(float(s)) else round(float(s), 6),
+                "similarity": _json_float(s),
+                "similarity_generated": _json_float(g),
+                "similarity_final": _json_float(f),
                 "rank": int(r),
                 "selected": i in chosen,
                 "position": chosen.get(i),
             }
-            for i, (s, r) in enumerate(zip(self.similarity.tolist(), self.rank.tolist()))
+            for i, (s, g, f, r) in enumerate(zip(self.similarity.tolist(), gen.tolist(), final.tolist(),
+                                                 self.rank.tolist()))
         ]
+
+
+def _json_float(value: float) -> float | None:
+    return None if not math.isfinite(float(value)) else round(float(value), 6)
 
 
 # Values the server fills in for inputs a request leaves out, for checking the
@@ -250,10 +271,12 @@ def portrait_request(
     negative_prompt: str | None = None,
     scheduler: str | None = None,
     fuse: bool | None = None,
+    fusion_strength: float | None = None,
 ) -> dict[str, np.ndarray]:
     """``portrait`` inputs; ``None`` leaves an optional input to the server's
     default. The values given are checked with the server's rules
-    (:func:`facetron.contract.check_generation`), errors naming the argument."""
+    (:func:`facetron.contract.check_generation`), errors naming the argument.
+    ``fusion_strength`` in [0, 1] (0 = no fusion; ``fuse=False`` is the same)."""
     texts = {"user_id": validate_user_id(str(user_id))}
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt), ("style", style), ("scheduler", scheduler)):
         if text is not None:
@@ -262,6 +285,7 @@ def portrait_request(
     for name, value, kind in (
         ("num_images", num_images, int), ("top_k", top_k, int), ("steps", steps, int), ("guidance", guidance, float),
         ("seed", seed, int), ("height", height, int), ("width", width, int), ("strength", strength, float),
+        ("fusion_strength", fusion_strength, float),
     ):
         if value is not None:
             values[name] = number(value, kind, name)
@@ -273,6 +297,11 @@ def portrait_request(
         raise InvalidInputError("seed", f"must be in 0..{MAX_SEED}, got {seed}")
     if strength is not None and template is None:
         raise InvalidInputError("strength", "only applies with a template")
+    if "fusion_strength" in values:
+        check_fusion_strength(values["fusion_strength"])
+        if fuse is False and values["fusion_strength"] > 0:
+            raise InvalidInputError("fuse", f"false turns fusion off, but fusion_strength is {fusion_strength:g}: "
+                                            "give one of them (fusion_strength 0 == fuse false)")
     inputs = {name: bytes_tensor([text]) for name, text in texts.items()}
     inputs.update({name: scalar(value, SCALAR_INPUTS[name], name) for name, value in values.items()})
     if template is not None:
@@ -299,4 +328,6 @@ def portrait_result(out: Mapping[str, np.ndarray], info: CallInfo) -> PortraitRe
         selected=out["selected"].reshape(-1),
         report=report,
         timing={"server": info.server, "attempts": info.attempts, "client_total_s": round(info.elapsed_s, 4)},
+        similarity_generated=out["similarity_generated"].reshape(-1) if "similarity_generated" in out else None,
+        similarity_final=out["similarity_final"].reshape(-1) if "similarity_final" in out else None,
     )

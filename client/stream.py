@@ -37,10 +37,15 @@ def stream_portrait(
     events: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url=url)
     try:
-        client.start_stream(callback=lambda result, error: events.put((result, error)),
-                            stream_timeout=timeout_s)
-        client.async_stream_infer(STREAM_MODEL, infer_inputs(inputs),
-                                  outputs=requested_outputs((PROGRESS,) + FINAL_OUTPUTS))
+        try:
+            client.start_stream(callback=lambda result, error: events.put((result, error)),
+                                stream_timeout=timeout_s)
+            client.async_stream_infer(STREAM_MODEL, infer_inputs(inputs),
+                                      outputs=requested_outputs((PROGRESS,) + FINAL_OUTPUTS))
+        except InferenceServerException as exc:  # e.g. "the stream is no longer in valid state": server down
+            err = ServerError(f"{url}: cannot stream to {STREAM_MODEL}: {exc.message() or exc}")
+            err.status = "UNAVAILABLE"
+            raise err from None
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()

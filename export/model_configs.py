@@ -7,10 +7,14 @@ dynamic-batching delay, parameter overrides):
 
 * ``cpu`` — this machine: the python backend only; the nets run in ONNX
   Runtime inside python models (exported to facetron's cache on first use).
-* ``gpu`` — the NGC ``tritonserver`` container: nets on native backends
-  (``onnxruntime_onnx`` here; ``tensorrt_plan`` where engines were built),
-  python models only for glue (cascade, BLS). Written and validated here,
-  not served here (no GPU, no native backends in the pip tritonserver).
+* ``gpu`` — the NGC ``tritonserver`` container: nets on native backends,
+  python models only for glue (cascade, BLS). The text encoder and the VAEs
+  are ``tensorrt_plan`` models where TensorRT imports at assembly
+  (:func:`with_tensorrt_plan`, engines built by ``export/trt.py``), else
+  ``onnxruntime_onnx`` with ORT's TensorRT accelerator (fp16, its engines
+  cached under :data:`TRT_ENGINE_CACHE_ROOT`); the runtime-LoRA UNet is a
+  python model on ORT's CUDA provider. Written and validated here, not
+  served here (no GPU, no native backends in the pip tritonserver).
 
 ``render(model, target)`` gives the ``config.pbtxt`` text, built as Triton's
 own protobuf (``ModelConfig``) so it always parses.
@@ -18,6 +22,7 @@ own protobuf (``ModelConfig``) so it always parses.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -41,11 +46,27 @@ class Serving:
 
 
 @dataclass(frozen=True)
+class QueuePolicy:
+    """Triton's default queue policy: a bounded queue whose requests give up
+    after ``timeout_s`` (clients may ask for less) with a clear UNAVAILABLE,
+    instead of piling up without limit."""
+
+    max_queue_size: int
+    timeout_s: float
+
+
+NET_QUEUE = QueuePolicy(max_queue_size=256, timeout_s=300.0)  # one request per denoising step per caller
+FACE_QUEUE = QueuePolicy(max_queue_size=256, timeout_s=60.0)
+CALL_QUEUE = QueuePolicy(max_queue_size=32, timeout_s=600.0)  # whole generations: few, long
+
+
+@dataclass(frozen=True)
 class ModelDef:
     """A served model: its contract (facetron.contract) + how each target serves it."""
 
     contract: ModelContract
-    queue_delay_us: int | None = None  # dynamic batching when set
+    queue_delay_us: int | None = None  # dynamic batching (for models with max_batch_size > 0)
+    queue: QueuePolicy = CALL_QUEUE
     cpu: Serving | None = Serving()
     gpu: Serving | None = Serving()
     source: str | None = None  # python model code folder in model_repository/ (default: the name)
@@ -67,20 +88,26 @@ class ModelDef:
 
 
 def _mtcnn_net(c: ModelContract) -> ModelDef:
-    return ModelDef(c, cpu=None, gpu=Serving(backend="onnxruntime", kind="KIND_GPU", artifact="model.onnx"))
+    return ModelDef(c, queue=FACE_QUEUE, cpu=None, gpu=Serving(backend="onnxruntime", kind="KIND_GPU", artifact="model.onnx"))
 
 
 _ORT_GPU = Serving(backend="onnxruntime", kind="KIND_GPU", artifact="model.onnx", trt_accelerator=True)
+_TRT_GPU = Serving(backend="tensorrt", kind="KIND_GPU", artifact="model.plan")
+#: gpu target, ORT's TensorRT accelerator: engines cached per model under this folder (mount a volume
+#: there to keep them across restarts; without a cache every server rebuilds them at first load)
+TRT_ENGINE_CACHE_ROOT = "/tmp/facetron/trt-engines"
+#: gpu target: the nets written as ``tensorrt_plan`` models where TensorRT imports at assembly
+TENSORRT_NETS = ("text_encoder", "vae_decoder", "vae_encoder")
 _ORT_CPU = Serving(artifact="model.onnx")
 
 MODELS: tuple[ModelDef, ...] = (
-    ModelDef(contract.TOKENIZER),
-    ModelDef(contract.FACE_DETECTOR, queue_delay_us=2000, gpu=Serving(parameters={"nets": "bls"})),
+    ModelDef(contract.TOKENIZER, queue=FACE_QUEUE),
+    ModelDef(contract.FACE_DETECTOR, queue_delay_us=2000, queue=FACE_QUEUE, gpu=Serving(parameters={"nets": "bls"})),
     _mtcnn_net(contract.MTCNN_PNET),
     _mtcnn_net(contract.MTCNN_RNET),
     _mtcnn_net(contract.MTCNN_ONET),
-    ModelDef(contract.FACE_EMBEDDER, queue_delay_us=2000, gpu=_ORT_GPU),
-    ModelDef(contract.FACE_SELECT),
+    ModelDef(contract.FACE_EMBEDDER, queue_delay_us=2000, queue=FACE_QUEUE, gpu=_ORT_GPU),
+    ModelDef(contract.FACE_SELECT, queue=FACE_QUEUE),
 )
 
 
@@ -91,24 +118,35 @@ MODELS: tuple[ModelDef, ...] = (
 # on cpu its python model keeps a bounded LRU bank of users' LoRA tensors and
 # applies each batch item's user, so requests of different users share a
 # batch and no user needs a reload (ARCHITECTURE.md, serving mode 2).
+_CALLERS = Serving(count=2)
 _UNET_GPU = Serving(kind="KIND_GPU", artifact="model.onnx", parameters={"intra_op_threads": "0", "providers": "cuda"})
 
 DIFFUSION_MODELS: tuple[ModelDef, ...] = (
-    ModelDef(contract.TEXT_ENCODER, queue_delay_us=1000, cpu=_ORT_CPU, gpu=_ORT_GPU),
+    ModelDef(contract.TEXT_ENCODER, queue_delay_us=1000, queue=NET_QUEUE, cpu=_ORT_CPU, gpu=_ORT_GPU),
     # gpu: the same LoRA-bank python model, ONNX Runtime on its CUDA provider (merged
     # mode's analogue there is a refit-enabled TensorRT engine: export/trt.py)
-    ModelDef(contract.UNET, queue_delay_us=1000, cpu=_ORT_CPU, gpu=_UNET_GPU),
-    ModelDef(contract.VAE_DECODER, queue_delay_us=1000, cpu=_ORT_CPU, gpu=_ORT_GPU),
-    ModelDef(contract.VAE_ENCODER, queue_delay_us=1000, cpu=_ORT_CPU, gpu=_ORT_GPU),
-    ModelDef(contract.PORTRAIT_GENERATOR),
-    ModelDef(contract.PORTRAIT),
-    ModelDef(contract.PORTRAIT_STREAM),
+    # the UNet waits up to 3 ms for other callers' steps, so concurrent generations
+    # (of any users) share its batches; callers run 2 instances so they can overlap
+    ModelDef(contract.UNET, queue_delay_us=3000, queue=NET_QUEUE, cpu=_ORT_CPU, gpu=_UNET_GPU),
+    ModelDef(contract.VAE_DECODER, queue_delay_us=1000, queue=NET_QUEUE, cpu=_ORT_CPU, gpu=_ORT_GPU),
+    ModelDef(contract.VAE_ENCODER, queue_delay_us=1000, queue=NET_QUEUE, cpu=_ORT_CPU, gpu=_ORT_GPU),
+    ModelDef(contract.PORTRAIT_GENERATOR, cpu=_CALLERS, gpu=_CALLERS),
+    ModelDef(contract.PORTRAIT, cpu=_CALLERS, gpu=_CALLERS),
+    ModelDef(contract.PORTRAIT_STREAM),  # one instance; its requests run on a bounded set of threads
 )
+
+
+def with_tensorrt_plan(model: ModelDef) -> ModelDef:
+    """``model`` (one of :data:`TENSORRT_NETS`) served on the gpu target as a
+    TensorRT plan (``model.plan`` built from its ONNX by ``export/trt.py``)."""
+    if model.name not in TENSORRT_NETS:
+        raise ValueError(f"model {model.name!r} has no TensorRT plan variant (those are {', '.join(TENSORRT_NETS)})")
+    return dataclasses.replace(model, gpu=_TRT_GPU)
 
 
 def merged_unet_def(user_id: str) -> ModelDef:
     """Serving mode 1: one user's merged UNet, a model of its own (code: model_repository/unet_user)."""
-    return ModelDef(contract.merged_unet(user_id), queue_delay_us=1000, cpu=_ORT_CPU, gpu=_UNET_GPU,
+    return ModelDef(contract.merged_unet(user_id), queue_delay_us=1000, queue=NET_QUEUE, cpu=_ORT_CPU, gpu=_UNET_GPU,
                     source=contract.MERGED_UNET_SOURCE)
 
 
@@ -148,6 +186,11 @@ def to_proto(model: ModelDef, target: Target, parameters: dict[str, str] | None 
     group.kind = pb.ModelInstanceGroup.Kind.Value(serving.kind)
     if model.queue_delay_us is not None:
         cfg.dynamic_batching.max_queue_delay_microseconds = model.queue_delay_us
+    policy = cfg.dynamic_batching.default_queue_policy
+    policy.timeout_action = pb.ModelQueuePolicy.TimeoutAction.REJECT
+    policy.default_timeout_microseconds = int(model.queue.timeout_s * 1e6)
+    policy.allow_timeout_override = True
+    policy.max_queue_size = model.queue.max_queue_size
     if model.decoupled:
         cfg.model_transaction_policy.decoupled = True
     if serving.trt_accelerator:
@@ -155,6 +198,8 @@ def to_proto(model: ModelDef, target: Target, parameters: dict[str, str] | None 
         acc.name = "tensorrt"
         acc.parameters["precision_mode"] = "FP16"
         acc.parameters["max_workspace_size_bytes"] = str(1 << 30)
+        acc.parameters["trt_engine_cache_enable"] = "1"
+        acc.parameters["trt_engine_cache_path"] = f"{TRT_ENGINE_CACHE_ROOT}/{model.name}"
     # python models read the contract's typed parameters; native backends only their own
     params = {**model.parameters, **serving.parameters} if serving.backend == "python" else dict(serving.parameters)
     params.update({k: v for k, v in (parameters or {}).items() if k in params})

@@ -12,23 +12,38 @@ half-written repository.
 from __future__ import annotations
 
 import shutil
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
 
 from facetron.atomic import atomic_dir, atomic_write_json
-from facetron.contract import IDENTITY_MODES
+from facetron.contract import DEFAULT_NET_RUNTIME, DEFAULT_STYLE_WEIGHT, IDENTITY_MODES, NET_RUNTIMES, NetParams
 from facetron.diffusion.base_model import load_base_model, model_hash
 from facetron.errors import InvalidInputError, NotFoundError
-from facetron.export.merge import merge_loras
-from facetron.export.model_configs import ModelDef, Target, TARGETS, merged_unet_def, models_for, render
+from facetron.export.lora_files import load_lora
+from facetron.export.merge import MERGE_INFO, lora_plan, merge_loras, merge_provenance
+from facetron.export.model_configs import (TENSORRT_NETS, TRT_ENGINE_CACHE_ROOT, ModelDef, Target, TARGETS,
+                                           merged_unet_def, models_for, render, with_tensorrt_plan)
 from facetron.export.onnx_export import ModelDims, export_model, export_onnx
+from facetron.export.onnx_graph import example_inputs, read_io
 from facetron.faces.detector import mtcnn_onnx_paths
 from facetron.faces.embedder import embedder_onnx_path
 from facetron.paths import REPO_ROOT
+from facetron.serving.runtimes import open_runtime
+from facetron.styles import styles_for
 from facetron.users import UserRegistry
 
 SOURCE_REPOSITORY = REPO_ROOT / "model_repository"
+#: ``--cpu-runtime``: one runtime for every net, or ``auto`` (measured per net at assembly)
+CPU_RUNTIME_CHOICES = ("auto",) + NET_RUNTIMES
+#: beside the models' folders: each net's runtime, and for ``auto`` the numbers it was chosen by
+RUNTIME_CHOICE_FILE = "runtime_choice.json"
+#: ``auto`` keeps ONNX Runtime (the validated default) unless another runtime is at least this much faster
+AUTO_MARGIN = 0.95
 
 
 def _copy_from(path_fn: Callable[[], Path]) -> Callable[[Path], None]:
@@ -62,6 +77,8 @@ class DiffusionSource:
     base_model: Path | None = None
     lora_rank: int = 16  # runtime-LoRA rank (face + style LoRA ranks must fit)
     _exported: Path | None = None
+    _dims: ModelDims | None = None
+    _vocab: int = 49408
     _info: dict | None = None
     _scheduler: dict | None = None
 
@@ -71,6 +88,8 @@ class DiffusionSource:
         base = load_base_model(self.base_model)
         export_onnx(base, work, models=("text_encoder", "vae_decoder", "vae_encoder"), runtime_lora_rank=self.lora_rank)
         self._exported = work
+        self._dims = ModelDims.of(base)
+        self._vocab = int(base.text_encoder.config.vocab_size)
         self._scheduler = dict(base.scheduler.config)
         self._info = {
             "name": base.path.name,
@@ -94,6 +113,118 @@ class DiffusionSource:
         atomic_write_json(version / "model_info.json", self._info)
         atomic_write_json(version / "scheduler_config.json", self._scheduler)
 
+    def build_plan(self, model: ModelDef, version: Path) -> Path:
+        """gpu target where TensorRT imports: ``model.plan`` (fp16) of net ``model``
+        from its ONNX export, one optimization profile over batch 1..max_batch_size
+        and every side a request may ask for (tuned at native), recorded with the TensorRT version and GPU
+        it was built for (``trt_build.json``: a plan runs only there)."""
+        from facetron.contract import MAX_SIDE_FACTOR, MIN_LATENT_SIDE
+        from facetron.export.trt import ENGINE_FILE, ProfileSizes, build_engine, import_tensorrt, profile_shapes
+
+        trt = import_tensorrt()
+        native, factor = self._info["resolution"], self._info["latent_factor"]
+        # every side a request may ask for (contract: MIN_LATENT_SIDE cells .. max_side_factor x native), tuned at native
+        sizes = ProfileSizes(batch=(1, min(2, model.max_batch_size), model.max_batch_size),
+                             image=(MIN_LATENT_SIDE * factor, native, int(MAX_SIDE_FACTOR * native) // factor * factor),
+                             latent_factor=factor)
+        inputs, _, _ = read_io(self._exported / model.name)
+        shapes = profile_shapes(inputs, sizes)
+        plan = build_engine(self._exported / model.name / "model.onnx", version / ENGINE_FILE, shapes, fp16=True)
+        gpu = None
+        try:
+            import torch
+
+            gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        except Exception:  # noqa: BLE001 - the record is informative
+            pass
+        atomic_write_json(version / "trt_build.json", {"tensorrt": trt.__version__, "gpu": gpu, "fp16": True,
+                                                       "profile": {k: [list(x) for x in v] for k, v in shapes.items()}})
+        return plan
+
+    def served_feed(self, name: str, seed: int = 0) -> dict[str, np.ndarray]:
+        """Seeded inputs of net ``name`` at the shapes a native-size generation
+        sends it: the UNet and text encoder a guidance pair (batch 2, the UNet
+        with non-zero LoRA inputs), each VAE one image."""
+        from facetron.diffusion.lora_inputs import read_lora_manifest
+
+        folder = self._exported / ("unet_lora" if name == "unet" else name)
+        inputs, _, _ = read_io(folder)
+        batch = 2 if name in ("unet", "text_encoder") else 1
+        feed = example_inputs(inputs, self._dims, batch=batch, seed=seed, vocab=self._vocab)
+        if name == "unet":
+            rng = np.random.default_rng(seed + 1)
+            manifest = read_lora_manifest(folder)
+            for layer in manifest["layers"]:
+                for key, dims in (("a", layer["a_dims"]), ("b", layer["b_dims"])):
+                    shape = [batch] + [int(d) for d in dims[1:]]
+                    feed[layer[key]] = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+            feed[manifest["scale_input"]] = np.ones(batch, np.float32)
+        return feed
+
+    def choose_runtimes(self, threads: int | None = None, repeats: int = 3, budget_s: float = 0.3,
+                        nets: Iterable[str] = ("text_encoder", "unet", "vae_decoder", "vae_encoder")) -> dict:
+        """``auto``: per net, each runtime a few interleaved calls at the served
+        shapes (:meth:`served_feed`) with the served thread count (``repeats``
+        calls at least, up to 20 while within ``budget_s`` each); a runtime is
+        eligible when its outputs equal ONNX Runtime's within the export
+        validation tolerance (:data:`facetron.export.validate.TOLERANCES`), and
+        ONNX Runtime stays unless an eligible one is at least
+        ``1 - AUTO_MARGIN`` faster (p50). Returns the report written to
+        :data:`RUNTIME_CHOICE_FILE`."""
+        from facetron.export.validate import TOLERANCES, compare
+
+        threads = threads if threads is not None else NetParams().intra_op_threads
+        report: dict = {}
+        for name in nets:
+            folder = self._exported / ("unet_lora" if name == "unet" else name)
+            path = folder / "model.onnx"
+            feed = self.served_feed(name)
+            atol, rtol = TOLERANCES["unet_lora" if name == "unet" else name]
+            entry: dict = {"shapes": {k: list(v.shape) for k, v in feed.items() if not k.startswith("lora_")},
+                           "threads": threads, "runtimes": {}}
+            nets_open: dict = {}
+            for runtime in NET_RUNTIMES:
+                t0 = time.perf_counter()
+                try:
+                    nets_open[runtime] = open_runtime(path, runtime, threads, fallback=False)
+                except Exception as exc:  # noqa: BLE001 - a runtime that cannot compile the net is not eligible
+                    entry["runtimes"][runtime] = {"eligible": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                    continue
+                entry["runtimes"][runtime] = {"open_s": round(time.perf_counter() - t0, 3)}
+            outputs, first = {}, []
+            for r, net in nets_open.items():  # also the warm-up call
+                t0 = time.perf_counter()
+                outputs[r] = net.run(None, feed)
+                first.append(time.perf_counter() - t0)
+            # a few calls each, more for fast nets (about budget_s per net and runtime, repeats..20)
+            n = max(repeats, min(20, int(budget_s / max(max(first, default=1.0), 1e-4))))
+            samples = {r: [] for r in nets_open}
+            for _ in range(n):
+                for r, net in nets_open.items():
+                    t0 = time.perf_counter()
+                    net.run(None, feed)
+                    samples[r].append(time.perf_counter() - t0)
+            entry["repeats"] = n
+            ref = outputs.get(DEFAULT_NET_RUNTIME)
+            for r in nets_open:
+                ms = float(np.median(samples[r]) * 1e3)
+                stats = compare(outputs[r][0], ref[0], atol, rtol) if ref is not None else {"pass": True}
+                entry["runtimes"][r].update({"p50_ms": round(ms, 3), "eligible": bool(stats["pass"]),
+                                             "max_abs_vs_onnxruntime": stats.get("max_abs"),
+                                             "atol": atol, "rtol": rtol})
+            eligible = {r: v["p50_ms"] for r, v in entry["runtimes"].items() if v.get("eligible")}
+            choice = DEFAULT_NET_RUNTIME if DEFAULT_NET_RUNTIME in eligible else min(eligible, key=eligible.get)
+            best = min(eligible, key=eligible.get)
+            if best != choice and eligible[best] <= AUTO_MARGIN * eligible[choice]:
+                choice = best
+            entry["choice"] = choice
+            entry["reason"] = "; ".join(
+                f"{r} {v['p50_ms']:.2f} ms" + ("" if v.get("eligible") else " (not eligible)") if "p50_ms" in v
+                else f"{r}: {v.get('error')}" for r, v in entry["runtimes"].items())
+            report[name] = entry
+            print(f"[export] runtime of {name}: {choice} ({entry['reason']})", flush=True)
+        return report
+
 
 _NET_ARTIFACTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
@@ -111,12 +242,29 @@ def _write_model(
         if not src.is_file():
             raise InvalidInputError(model.name, f"python model source {src} is missing")
         shutil.copyfile(src, version / "model.py")
-    if model.name in _NET_ARTIFACTS and diffusion is not None:
+    if serving.backend == "tensorrt":
+        diffusion.build_plan(model, version)
+    elif model.name in _NET_ARTIFACTS and diffusion is not None:
         diffusion.copy_net(model.name, version)
     elif serving.artifact:
         ARTIFACT_BUILDERS[model.name](version / serving.artifact)
     if model.name == "portrait_generator" and diffusion is not None:
         diffusion.write_generator_files(version)
+
+
+def _net_runtimes(cpu_runtime: str | Mapping[str, str]) -> dict[str, str] | None:
+    """{net: runtime} of a fixed ``cpu_runtime`` (None for ``auto``), each checked."""
+    if isinstance(cpu_runtime, str):
+        if cpu_runtime not in CPU_RUNTIME_CHOICES:
+            raise InvalidInputError("--cpu-runtime", f"expected one of {', '.join(CPU_RUNTIME_CHOICES)}, "
+                                                     f"got {cpu_runtime!r}")
+        return None if cpu_runtime == "auto" else {net: cpu_runtime for net in _NET_ARTIFACTS}
+    unknown = set(cpu_runtime) - set(_NET_ARTIFACTS)
+    bad = {k: v for k, v in cpu_runtime.items() if v not in NET_RUNTIMES}
+    if unknown or bad:
+        raise InvalidInputError("--cpu-runtime", f"per net: nets {', '.join(_NET_ARTIFACTS)}, runtimes "
+                                                 f"{', '.join(NET_RUNTIMES)}; got {dict(cpu_runtime)!r}")
+    return {net: cpu_runtime.get(net, DEFAULT_NET_RUNTIME) for net in _NET_ARTIFACTS}
 
 
 def assemble_repository(
@@ -126,16 +274,31 @@ def assemble_repository(
     diffusion: DiffusionSource | None = None,
     users_dir: str | Path | None = None,
     identity_mode: str = "runtime_lora",
+    cpu_runtime: str | Mapping[str, str] = DEFAULT_NET_RUNTIME,
 ) -> Path:
     """Write the repository for ``target`` into ``out`` (replacing it atomically).
 
     Without ``diffusion`` only the face stack + tokenizer are written; with it
     the diffusion models and the portrait models too (cpu target: exported
-    from ``diffusion.base_model`` into the version folders)."""
+    from ``diffusion.base_model`` into the version folders).
+
+    ``cpu_runtime`` (cpu target): the runtime of the nets (``text_encoder``,
+    ``unet``, ``vae_*``): ``onnxruntime`` | ``openvino`` for all, a
+    ``{net: runtime}`` mapping, or ``auto`` — measured per net on this machine
+    (:meth:`DiffusionSource.choose_runtimes`). The choice (and for ``auto``
+    its numbers) goes into :data:`RUNTIME_CHOICE_FILE` at the repository
+    root and into each net's ``runtime`` parameter."""
     if target not in TARGETS:
         raise InvalidInputError("--target", f"expected one of {', '.join(TARGETS)}, got {target!r}")
     if identity_mode not in IDENTITY_MODES:
         raise InvalidInputError("--identity-mode", f"expected one of {', '.join(IDENTITY_MODES)}, got {identity_mode!r}")
+    net_runtimes = _net_runtimes(cpu_runtime)  # None = auto
+    auto = net_runtimes is None
+    if target != "cpu":
+        if net_runtimes != {net: DEFAULT_NET_RUNTIME for net in _NET_ARTIFACTS}:
+            raise InvalidInputError("--cpu-runtime", f"applies to the cpu target only (the {target} target's nets "
+                                                     "run on its native backends)")
+        net_runtimes = None  # the gpu configs keep their own parameters
     overrides = {"identity_mode": identity_mode}
     if users_dir:
         overrides["users_dir"] = str(Path(users_dir).resolve())
@@ -151,11 +314,40 @@ def assemble_repository(
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InvalidInputError(str(out), f"cannot create the output folder ({exc.strerror})") from None
+    tensorrt = False  # gpu target: the nets of TENSORRT_NETS as TensorRT plans where TensorRT imports here
+    if target == "gpu" and diffusion is not None and any(m.name in TENSORRT_NETS for m in chosen):
+        from facetron.export.trt import tensorrt_unavailable_reason
+
+        reason = tensorrt_unavailable_reason()
+        tensorrt = reason is None
+        print(f"[export] gpu target: {', '.join(TENSORRT_NETS)} as " + (
+            "tensorrt_plan models (fp16 engines built now, for this TensorRT and GPU)" if tensorrt else
+            f"onnxruntime_onnx models with ORT's TensorRT accelerator (engines built at first load, cached under "
+            f"{TRT_ENGINE_CACHE_ROOT}): {reason}"), flush=True)
     with atomic_dir(out) as tmp:
+        measured = None
         if diffusion is not None:
             diffusion.export(tmp / ".export")
+            if auto:
+                measured = diffusion.choose_runtimes()
+                net_runtimes = {net: measured[net]["choice"] for net in _NET_ARTIFACTS}
         for model in chosen:
-            _write_model(model, target, tmp, diffusion, overrides)
+            if tensorrt and model.name in TENSORRT_NETS:
+                model = with_tensorrt_plan(model)
+            model_overrides = dict(overrides)
+            if net_runtimes is not None and model.name in net_runtimes:
+                model_overrides["runtime"] = net_runtimes[model.name]
+            _write_model(model, target, tmp, diffusion, model_overrides)
+        if diffusion is not None and target == "cpu":
+            atomic_write_json(tmp / RUNTIME_CHOICE_FILE, {
+                "mode": "auto" if measured is not None else "fixed",
+                "runtimes": net_runtimes,
+                "rule": (f"per net, at the served shapes: the fastest runtime (p50 of interleaved calls) whose "
+                         f"outputs equal onnxruntime's within the export validation tolerance; onnxruntime "
+                         f"unless another is at least {round((1 - AUTO_MARGIN) * 100)}% faster")
+                if measured is not None else "given by --cpu-runtime",
+                "measurements": measured,
+            })
         shutil.rmtree(tmp / ".export", ignore_errors=True)
     return out
 
@@ -177,27 +369,47 @@ def add_merged_user(
     base_model: str | Path | None = None,
     style_lora: str | Path | None = None,
     w_face: float = 0.9,
-    w_style: float = 0.25,
+    w_style: float = DEFAULT_STYLE_WEIGHT,
     target: Target = "cpu",
+    *,
+    style: str | None = None,
 ) -> Path:
     """Serving mode 1: write ``unet_user_<id>`` (the user's LoRA fused into the
     UNet, exported to ONNX) into an assembled repository, atomically, without
     touching the other models. A server in explicit model-control mode loads
-    it on the user's first request."""
-    import tempfile
+    it on the user's first request.
 
-
+    ``style``: a style of the registry beside ``users_dir``
+    (:mod:`facetron.styles`) whose LoRA is fused too, at the style's weight
+    (``w_style`` when it gives none) — the runtime bank's face + style sum.
+    ``style_lora``: a LoRA file instead (weight ``w_style``). The merged model
+    records what went in (``1/facetron_merge.json``). A user LoRA with
+    text-encoder layers is refused: the served ``text_encoder`` is shared by
+    every user, so fusing only the UNet part would drop them silently."""
+    # 1. check the inputs before any work
     repo = Path(repo)
     if not (repo / "portrait_generator" / "config.pbtxt").is_file():
         raise InvalidInputError(str(repo), "is not an assembled facetron repository with the diffusion models")
+    if style is not None and style_lora is not None:
+        raise InvalidInputError("--style", "give a style name or a style LoRA file, not both")
     registry = UserRegistry(Path(users_dir))
     try:
         lora = registry.lora_path(user_id)
     except NotFoundError:
         raise NotFoundError(f"--user: no trained LoRA for user {user_id!r} in {registry.root}") from None
+    face = load_lora(lora)
+    if "text_encoder" in face.components:
+        raise InvalidInputError("--user", f"user {user_id!r}'s LoRA ({lora}) adapts {len(face.component('text_encoder'))} "
+                                          "text-encoder layers; facetron serves one text encoder for every user, so "
+                                          "they cannot be served (retrain without a text-encoder LoRA)")
+    if style is not None:  # unknown: InvalidInputError naming the style; a style without a LoRA fuses nothing
+        style_lora, w_style = styles_for(registry.root).lora(style, w_style)
+    # 2. fuse, export and install under a temp name (renamed into place when complete)
     base = load_base_model(base_model)
-    unet, _ = merge_loras(base, lora, style_lora, w_face=w_face, w_style=w_style)
+    plan = lora_plan(face, style_lora, w_face, w_style)
+    unet, _ = merge_loras(base, *[lora for lora, _ in plan], w_face=w_face, w_style=w_style)
     model = merged_unet_def(user_id)
+    provenance = dict(merge_provenance(base, plan), user_id=user_id, style=style)
     with tempfile.TemporaryDirectory() as work, atomic_dir(repo / model.name) as tmp:
         export_model("unet", work, unet=unet, dims=ModelDims.of(base))
         version = tmp / "1"
@@ -205,6 +417,7 @@ def add_merged_user(
         for f in (Path(work) / "unet").iterdir():
             if f.suffix in (".onnx", ".data", ".json"):
                 shutil.copyfile(f, version / f.name)
+        atomic_write_json(version / MERGE_INFO, provenance)
         shutil.copyfile(SOURCE_REPOSITORY / (model.source or model.name) / "1" / "model.py", version / "model.py")
         (tmp / "config.pbtxt").write_text(render(model, target))
     return repo / model.name

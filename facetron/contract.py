@@ -39,6 +39,8 @@ class T:
 # --- limits and defaults (one place; the client checks the same rules early) -----------
 
 TOKENS = 77  # CLIP context length (SD-1.5)
+VOCAB_SIZE = 49408  # CLIP BPE vocabulary: token ids are 0..VOCAB_SIZE-1
+MIN_LATENT_SIDE = 4  # UNet sample / latent: smallest side in latent cells (32 px)
 EMBEDDING_DIM = 128  # face_embedder output
 CHIP_SIZE = 150  # aligned face chip side (dlib's layout)
 FACE_NET_MAX_BATCH = 64  # face_detector / face_embedder max_batch_size
@@ -51,16 +53,35 @@ MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_SIDE = 2048  # height / width (px)
 MIN_TEMPLATE_SIDE = 32
+MAX_TEMPLATE_SIDE = 4096  # template photos: larger sides are refused (copied at every hop)
+MAX_IMAGE_SIDE = 4096  # face_detector / face_select images
+MIN_DETECT_SIDE = 12  # MTCNN's smallest input side (P-net's 12x12 window)
+MAX_SIDE_FACTOR = 2.0  # height/width at most this x the base model's native resolution
+MAX_WORK = 400.0  # num_images x steps x (height x width / native^2): "native image-steps" per request
+UNET_MAX_BATCH_CELLS = 8 * 64 * 64  # latent cells per UNet call (8 items at SD-1.5's 64x64)
 SCHEDULERS = ("dpmsolver", "euler", "ddim")
 DEFAULT_SCHEDULER = "dpmsolver"
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.0
 DEFAULT_STRENGTH = 0.6  # template mode: share of the template re-generated
+DEFAULT_FUSION_STRENGTH = 0.5  # portrait: weight of the user's photo in the face blend (0 = no fusion, 1 = full)
 DEFAULT_NUM_IMAGES = 1  # server side; the client asks for 4 candidates by default
 CLIENT_NUM_IMAGES = 4
 LATENT_FACTOR = 8  # SD-1.5 VAE: pixels per latent cell
 MAX_SEED = 2**63 - 1
+BLS_TIMEOUT_S = 300.0  # a model's call to another model of the same server gives up after this in its queue
 IDENTITY_MODES = ("runtime_lora", "merged")
+#: Runtimes of a served net on the cpu target (facetron.serving.runtimes); the
+#: ``runtime`` parameter of NetParams / UnetParams ("openvino" falls back to
+#: ONNX Runtime, with a log line, where OpenVINO cannot run the net).
+NET_RUNTIMES = ("onnxruntime", "openvino")
+DEFAULT_NET_RUNTIME = "onnxruntime"
+#: Styles (facetron.styles): a name like a user id; a style LoRA's weight in 0..MAX_STYLE_WEIGHT
+#: (FaceChain blends styles at 0.25-0.5; above 2 a LoRA overwhelms the base model);
+#: DEFAULT_STYLE_WEIGHT is the unet model's w_style, used when a style gives none.
+STYLE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+MAX_STYLE_WEIGHT = 2.0
+DEFAULT_STYLE_WEIGHT = 0.25
 
 #: Serving mode 1: one user's merged UNet is the model ``unet_user_<id>``
 #: (its code is the source folder ``model_repository/unet_user``).
@@ -80,6 +101,32 @@ def validate_user_id(user_id: object, name: str = "user_id") -> str:
             name, f"{user_id!r} is not a valid user id (1-64 characters from A-Z a-z 0-9 _ -, starting alphanumeric)"
         )
     return user_id
+
+
+def check_seed(seed: int, name: str = "seed") -> int:
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidInputError(name, f"must be in 0..{MAX_SEED}, got {seed}")
+    return seed
+
+
+def check_budget(*, num_images: int, steps: int, height: int, width: int, native: int,
+                 max_side_factor: float = MAX_SIDE_FACTOR, max_work: float = MAX_WORK) -> None:
+    """A request's size and compute budget against the base model's native
+    resolution (a 4x-native request would need ~16x the attention memory)."""
+    limit = min(MAX_SIDE, int(max_side_factor * native) // LATENT_FACTOR * LATENT_FACTOR)
+    for name, v in (("height", height), ("width", width)):
+        if v > limit:
+            raise InvalidInputError(name, f"{v} px is over this server's limit of {limit} px "
+                                          f"({max_side_factor:g} x the base model's native {native} px)")
+    work = num_images * steps * height * width / float(native * native)
+    if work > max_work:
+        raise InvalidInputError("num_images", f"num_images x steps x (height x width / {native}^2) = {work:g} is over "
+                                              f"this server's compute budget of {max_work:g} per request")
+
+
+def unet_chunk(height_cells: int, width_cells: int, max_batch: int) -> int:
+    """Items per UNet call so one call stays within UNET_MAX_BATCH_CELLS latent cells."""
+    return max(1, min(max_batch, UNET_MAX_BATCH_CELLS // max(1, height_cells * width_cells)))
 
 
 def merged_unet_name(user_id: str) -> str:
@@ -112,6 +159,14 @@ def check_generation(
         raise InvalidInputError("strength", f"must be in (0, 1], got {strength}")
     if scheduler not in SCHEDULERS:
         raise InvalidInputError("scheduler", f"expected one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+
+
+def check_fusion_strength(value: float, name: str = "fusion_strength") -> float:
+    """``fusion_strength`` in [0, 1] (0 = no fusion), else InvalidInputError."""
+    s = float(value)
+    if not (math.isfinite(s) and 0.0 <= s <= 1.0):
+        raise InvalidInputError(name, f"must be in [0, 1] (0 = no fusion), got {value}")
+    return s
 
 
 # --- model parameters (config.pbtxt ``parameters``, typed) ------------------------------
@@ -160,6 +215,7 @@ class NetParams(ModelParams):
 
     intra_op_threads: int = 2  # 0 = ONNX Runtime's default
     providers: str = "cpu"  # "cpu" | "cuda"
+    runtime: str = DEFAULT_NET_RUNTIME  # NET_RUNTIMES
 
 
 @dataclass(frozen=True)
@@ -186,10 +242,11 @@ class FaceSelectParams(ModelParams):
 class UnetParams(ModelParams):
     intra_op_threads: int = 2
     providers: str = "cpu"
+    runtime: str = DEFAULT_NET_RUNTIME  # NET_RUNTIMES
     users_dir: str = ""
     lora_cache_mb: float = 512.0
     w_face: float = 0.9
-    w_style: float = 0.25
+    w_style: float = DEFAULT_STYLE_WEIGHT  # a style LoRA's weight when its style gives none
 
 
 @dataclass(frozen=True)
@@ -201,9 +258,19 @@ class GeneratorParams(ModelParams):
     default_steps: int = DEFAULT_STEPS
     default_guidance: float = DEFAULT_GUIDANCE
     identity_mode: str = "runtime_lora"  # IDENTITY_MODES
+    max_side_factor: float = MAX_SIDE_FACTOR
+    max_work: float = MAX_WORK
+    max_merged_models: int = 4  # merged mode: unet_user_* models loaded at once per instance (LRU)
 
 
 # --- models ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamParams(GeneratorParams):
+    """portrait_stream: the generation path + a bound on streams in flight."""
+
+    max_streams: int = 4  # more get UNAVAILABLE at once (each stream is a generation running)
 
 
 @dataclass(frozen=True)
@@ -242,7 +309,8 @@ GENERATION_INPUTS: tuple[T, ...] = (
 )
 PORTRAIT_EXTRA_INPUTS: tuple[T, ...] = (
     T("top_k", "INT32", (1,), optional=True),
-    T("fuse", "BOOL", (1,), optional=True),
+    T("fuse", "BOOL", (1,), optional=True),  # false == fusion_strength 0
+    T("fusion_strength", "FP32", (1,), optional=True),  # [0, 1], default DEFAULT_FUSION_STRENGTH
 )
 SELECT_OUTPUT_TENSORS: tuple[T, ...] = (
     T("images", "UINT8", (-1, -1, -1, 3)),
@@ -250,7 +318,12 @@ SELECT_OUTPUT_TENSORS: tuple[T, ...] = (
     T("rank", "INT32", (-1,)),
     T("selected", "INT32", (-1,)),
 )
-PORTRAIT_OUTPUT_TENSORS = SELECT_OUTPUT_TENSORS + (T("report", "STRING", (1,)),)
+# portrait: ``similarity`` is the one that ranked (report["ranked_by"]); both kinds per candidate
+PORTRAIT_OUTPUT_TENSORS = SELECT_OUTPUT_TENSORS + (
+    T("similarity_generated", "FP32", (-1,)),  # the generated (pre-fusion) face vs the user's reference
+    T("similarity_final", "FP32", (-1,)),  # the returned picture (after fusion) vs the user's reference
+    T("report", "STRING", (1,)),
+)
 UNET_CORE_INPUTS: tuple[T, ...] = (
     T("sample", "FP32", (-1, -1, -1)),
     T("timestep", "FP32", (1,)),
@@ -369,10 +442,12 @@ PORTRAIT_GENERATOR = ModelContract(
 )
 PORTRAIT = ModelContract(
     name="portrait",
-    doc="The one call a client makes: generate (in-process, nets over BLS) -> fuse the\n"
-    "user's template face (classical, pluggable) -> rank (face_detector + face_embedder).\n"
-    "images = top_k best first; similarity / rank per generated candidate (rank -1, NaN =\n"
-    "filtered); report = JSON (stage timings, which parts came from the tiny smoke model).",
+    doc="The one call a client makes: generate (in-process, nets over BLS) -> rank the\n"
+    "generated faces (face_detector + face_embedder) -> blend the user's best photo into\n"
+    "each face (fusion_strength in [0,1], 0 = off; fuse=false == 0) -> score the results.\n"
+    "images = top_k best first; per candidate similarity_generated (pre-fusion),\n"
+    "similarity_final (returned picture), similarity = the one that ranked, rank (-1, NaN =\n"
+    "filtered); report = JSON (ranked_by, seed, stage timings, provenance).",
     inputs=GENERATION_INPUTS + PORTRAIT_EXTRA_INPUTS,
     outputs=PORTRAIT_OUTPUT_TENSORS,
     params=GeneratorParams,
@@ -384,7 +459,7 @@ PORTRAIT_STREAM = ModelContract(
     inputs=GENERATION_INPUTS + PORTRAIT_EXTRA_INPUTS,
     outputs=(T("progress", "INT32", (2,)),) + PORTRAIT_OUTPUT_TENSORS,
     decoupled=True,
-    params=GeneratorParams,
+    params=StreamParams,
 )
 
 

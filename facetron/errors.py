@@ -52,6 +52,12 @@ class ServerError(FacetronError, RuntimeError):
     status = "UNAVAILABLE"
 
 
+class CancelledError(FacetronError):
+    """The client gave up on a request (the server stops its work between steps)."""
+
+    status = "CANCELLED"
+
+
 # Errors that cross a BLS hop or a decoupled stream lose their gRPC status in
 # Triton's python backend (2.51); facetron's models append it to the message.
 _STATUS_TAG = re.compile(r" \[status: ([A-Z_]+)\]$")
@@ -75,6 +81,7 @@ STATUS_TABLE: dict[str, tuple[type[FacetronError], str]] = {
     "INVALID_ARGUMENT": (InvalidInputError, "INVALID_ARG"),
     "NOT_FOUND": (NotFoundError, "NOT_FOUND"),
     "UNAVAILABLE": (ServerError, "UNAVAILABLE"),
+    "CANCELLED": (CancelledError, "CANCELLED"),
 }
 
 

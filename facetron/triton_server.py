@@ -18,6 +18,7 @@ import atexit
 import ctypes
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -186,6 +187,65 @@ def explain_log(text: str) -> str | None:
 
 _LIVE: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
 
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX_RE = re.compile(r"facetron-(\d+)-[0-9a-f]{8}-")
+ADMIN_HEADER = "facetron-admin-key"
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"  # Triton prefixes restricted gRPC headers
+
+
+def new_shm_prefix() -> str:
+    """``facetron-<launcher pid>-<random>-``: regions of a launcher that died are orphans."""
+    return f"facetron-{os.getpid()}-{secrets.token_hex(4)}-"
+
+
+def regions(prefix: str = "facetron-") -> list[Path]:
+    return sorted(SHM_DIR.glob(f"{prefix}*")) if SHM_DIR.is_dir() else []
+
+
+def remove_regions(prefix: str) -> list[Path]:
+    """Remove this server's python-backend shared-memory regions (after it stopped)."""
+    gone = []
+    for path in regions(prefix):
+        try:
+            path.unlink()
+            gone.append(path)
+        except OSError:
+            pass
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphaned_regions() -> list[Path]:
+    """Regions left by servers whose launcher process is gone (e.g. SIGKILLed)."""
+    gone = []
+    for path in regions():
+        m = SHM_PREFIX_RE.match(path.name)
+        if m and not _alive(int(m.group(1))):
+            gone += remove_regions(m.group(0))
+    return gone
+
+
+def _wait_group_gone(pgid: int, timeout_s: float = 10.0) -> None:
+    """Poll until no process of the group is left (the stubs exit after the server)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        time.sleep(0.05)
+
 
 @atexit.register
 def _stop_all() -> None:
@@ -213,6 +273,10 @@ class TritonServer:
     extra_args: Sequence[str] = ()
     env: dict[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 120.0
+    #: python-backend shared-memory regions of this server are /dev/shm/<shm_prefix>*
+    shm_prefix: str = field(default_factory=lambda: new_shm_prefix())
+    #: explicit model control: the repository and shared-memory APIs need this header
+    admin_key: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
 
     @property
@@ -241,8 +305,20 @@ class TritonServer:
             f"--log-verbose={self.log_verbose}",
             "--exit-timeout-secs=10",
         ]
+        cmd += [f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
+        if self.model_control_mode == "explicit":
+            # load/unload and shared-memory registration only for callers with the key
+            # (python models' BLS load_model is in-process and unaffected)
+            restricted = f"model-repository,shared-memory:{ADMIN_HEADER}={self.admin_key}"
+            cmd += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
         cmd += [f"--load-model={m}" for m in self.load_models]
         return cmd + list(self.extra_args)
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """gRPC metadata for the restricted APIs (explicit model control); over
+        HTTP the header is ``ADMIN_HEADER`` itself."""
+        return {GRPC_ADMIN_HEADER: self.admin_key}
 
     def _environment(self, install: TritonInstall) -> dict[str, str]:
         env = dict(os.environ)
@@ -265,6 +341,7 @@ class TritonServer:
     def start(self) -> "TritonServer":
         if self.process is not None:
             return self
+        remove_orphaned_regions()
         self.model_repository = Path(self.model_repository).resolve()
         if self.model_control_mode != "explicit" or self.load_models:
             check_repository(self.model_repository)
@@ -366,6 +443,8 @@ class TritonServer:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        _wait_group_gone(proc.pid)
+        remove_regions(self.shm_prefix)
         self.process = None
         _LIVE.discard(self)
 

@@ -1,15 +1,25 @@
 """User registry: user id -> reference embedding, template face, LoRA.
 
 The registry owns its folder layout: every other module asks it for a
-user's files instead of building paths. Layout under the registry root
-(one folder per user)::
+user's files instead of building paths. A user's files change as one unit:
+each change writes a complete new version folder beside the current one
+and then switches the ``current`` link with one atomic rename, so a reader
+never sees a half-registered user (a template without its trigger word, a
+LoRA without its sidecar). Layout under the registry root::
 
-    <root>/<user_id>/user.json                 # subject words, trigger token
-    <root>/<user_id>/reference_embedding.npy   # float32 [1,128], L2-normalised
-    <root>/<user_id>/template.png              # best-quality face photo (fusion source)
-    <root>/<user_id>/template.json             # its 5 landmarks
-    <root>/<user_id>/lora.safetensors          # identity LoRA (diffusers/peft format)
-    <root>/<user_id>/lora.json                 # the LoRA's sidecar (trigger token, training)
+    <root>/<user_id>/current -> v000003         # the served version (a symlink)
+    <root>/<user_id>/v000003/user.json          # subject words, trigger token
+    <root>/<user_id>/v000003/reference_embedding.npy   # float32 [1,128], L2-normalised
+    <root>/<user_id>/v000003/template.png       # best-quality face photo (fusion source)
+    <root>/<user_id>/v000003/template.json      # its 5 landmarks
+    <root>/<user_id>/v000003/lora.safetensors   # identity LoRA (diffusers/peft format)
+    <root>/<user_id>/v000003/lora.json          # the LoRA's sidecar (trigger token, training)
+
+The version (``v000003``) keys every cache of a user's state (the runtime
+LoRA bank), so a retrained user is served on the next request and a deleted
+one is gone. Writers of one user are serialised by a lock file; the two
+newest versions are kept so a request that resolved the previous one can
+finish reading it.
 
 User ids come from requests: they are validated against a strict pattern
 before any path is built from them, so ``../`` and friends never reach the
@@ -18,16 +28,22 @@ file system.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
+import re
 import shutil
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Mapping
 
 import numpy as np
 
-from facetron.atomic import atomic_write_bytes, atomic_write_json
 from facetron.contract import USER_ID_PATTERN, validate_user_id
 from facetron.errors import NotFoundError
 from facetron.imageio import load_image
@@ -41,6 +57,14 @@ LORA_FILE = "lora.safetensors"
 LORA_INFO_FILE = "lora.json"
 DEFAULT_TRIGGER = "<facetron-user>"
 DEFAULT_SUBJECT = "a person"
+CURRENT = "current"
+LOCK_FILE = ".lock"
+KEEP_VERSIONS = 2
+VERSION_GRACE_S = 300.0  # an older version stays this long, for requests that resolved it before a switch
+_VERSION = re.compile(r"v(\d{6})")
+
+#: what a change installs: file name -> bytes, or a path to copy
+Changes = Mapping[str, "bytes | Path"]
 
 
 def default_root() -> Path:
@@ -53,98 +77,214 @@ def registry_at(users_dir: str | os.PathLike | None) -> "UserRegistry":
     return UserRegistry(Path(users_dir) if users_dir else default_root())
 
 
+def embedding_bytes(embedding: np.ndarray) -> bytes:
+    """A reference embedding as .npy bytes, float32 [1, D], L2-normalised."""
+    emb = np.asarray(embedding, dtype=np.float32).reshape(1, -1)
+    emb = emb / max(float(np.linalg.norm(emb)), 1e-12)
+    buf = io.BytesIO()
+    np.save(buf, emb, allow_pickle=False)
+    return buf.getvalue()
+
+
 @dataclass(frozen=True)
 class UserRegistry:
     root: Path
 
+    # --- layout -------------------------------------------------------------------------
+
     def user_dir(self, user_id: str) -> Path:
+        """The user's folder (its versions live inside; read files through :meth:`files`)."""
         return Path(self.root) / validate_user_id(user_id)
 
+    def version(self, user_id: str) -> str | None:
+        """The served version's name (``v000003``), None for an unknown user."""
+        link = self.user_dir(user_id) / CURRENT
+        try:
+            name = os.readlink(link)
+        except OSError:
+            return None
+        return name if _VERSION.fullmatch(name) and (link.parent / name).is_dir() else None
+
+    def files(self, user_id: str) -> Path | None:
+        """The served version's folder (all of one user's files come from one version)."""
+        v = self.version(user_id)
+        return None if v is None else self.user_dir(user_id) / v
+
     def exists(self, user_id: str) -> bool:
-        return (self.user_dir(user_id) / EMBEDDING_FILE).is_file()
+        d = self.files(user_id)
+        return d is not None and (d / EMBEDDING_FILE).is_file()
+
+    def users(self) -> list[str]:
+        root = Path(self.root)
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if USER_ID_PATTERN.fullmatch(p.name) and self.exists(p.name))
+
+    # --- changes: one new version per change ----------------------------------------------
+
+    @contextmanager
+    def _locked(self, user_id: str) -> Iterator[Path]:
+        udir = self.user_dir(user_id)
+        udir.mkdir(parents=True, exist_ok=True)
+        with open(udir / LOCK_FILE, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield udir
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def update(self, user_id: str, changes: Changes) -> str:
+        """Install ``changes`` (file name -> bytes or a path to copy) as a new
+        version holding the current files plus the changes; switch to it
+        atomically. Returns the new version's name."""
+        with self._locked(user_id) as udir:
+            current = self.files(user_id)
+            work = Path(tempfile.mkdtemp(prefix=".new-", dir=udir))
+            try:
+                if current is not None:
+                    for f in current.iterdir():
+                        if f.is_file() and f.name not in changes:
+                            _link_or_copy(f, work / f.name)
+                for name, value in changes.items():
+                    if "/" in name or name.startswith("."):
+                        raise ValueError(f"not a plain file name: {name!r}")
+                    if isinstance(value, (bytes, bytearray)):
+                        (work / name).write_bytes(value)
+                    else:
+                        shutil.copyfile(value, work / name)
+                    os.chmod(work / name, 0o644)
+                os.chmod(work, 0o755)
+                version = self._next_version(udir)
+                os.rename(work, udir / version)
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
+            link = udir / f".{CURRENT}-{uuid.uuid4().hex}"
+            os.symlink(version, link)
+            os.replace(link, udir / CURRENT)
+            self._drop_old_versions(udir, keep=version)
+            return version
+
+    @staticmethod
+    def _next_version(udir: Path) -> str:
+        numbers = [int(m.group(1)) for p in udir.iterdir() if (m := _VERSION.fullmatch(p.name))]
+        return f"v{max(numbers, default=0) + 1:06d}"
+
+    @staticmethod
+    def _drop_old_versions(udir: Path, keep: str) -> None:
+        """Remove versions older than the newest KEEP_VERSIONS once they were
+        replaced more than VERSION_GRACE_S ago (readers resolve a version, then read it)."""
+        versions = sorted(p.name for p in udir.iterdir() if _VERSION.fullmatch(p.name))
+        now = time.time()
+        for older, newer in zip(versions[:-KEEP_VERSIONS], versions[1:]):
+            if older != keep and now - (udir / newer).stat().st_mtime > VERSION_GRACE_S:
+                shutil.rmtree(udir / older, ignore_errors=True)
+
+    def delete(self, user_id: str) -> bool:
+        """Remove a user and all its versions (False if there was none)."""
+        udir = self.user_dir(user_id)
+        if not udir.is_dir():
+            return False
+        with self._locked(user_id):
+            gone = Path(tempfile.mkdtemp(prefix=f".deleted-{user_id}-", dir=self.root))
+            os.replace(udir, gone / user_id)
+        shutil.rmtree(gone, ignore_errors=True)
+        return True
+
+    def save_reference_embedding(self, user_id: str, embedding: np.ndarray) -> str:
+        return self.update(user_id, {EMBEDDING_FILE: embedding_bytes(embedding)})
+
+    def install_file(self, user_id: str, src: Path, name: str) -> str:
+        """Copy ``src`` into the user's files as ``name`` (a new version)."""
+        return self.update(user_id, {name: Path(src)})
+
+    def install_lora(self, user_id: str, lora: Path, sidecar: Path | None = None) -> str:
+        """A trained LoRA (+ its JSON sidecar) as one new version."""
+        changes: dict[str, bytes | Path] = {LORA_FILE: Path(lora)}
+        if sidecar is not None and Path(sidecar).is_file():
+            changes[LORA_INFO_FILE] = Path(sidecar)
+        return self.update(user_id, changes)
+
+    def save_user_info(self, user_id: str, info: dict) -> str:
+        """``user.json``: what captions/prompts say about the user (e.g. subject words)."""
+        return self.update(user_id, {USER_INFO_FILE: _json_bytes(info)})
+
+    def register(self, user_id: str, reference_embedding: np.ndarray, template_image: Path,
+                 template_landmarks: Path, info: dict) -> str:
+        """Put a prepared user into the registry as one version: reference
+        embedding, template face (fusion source) and ``user.json``."""
+        return self.update(user_id, {
+            EMBEDDING_FILE: embedding_bytes(reference_embedding),
+            TEMPLATE_IMAGE: Path(template_image),
+            TEMPLATE_LANDMARKS: Path(template_landmarks),
+            USER_INFO_FILE: _json_bytes(info),
+        })
+
+    # --- what the serving side reads ------------------------------------------------------
+
+    def require(self, user_id: str) -> Path:
+        """The served version's folder; NotFoundError naming the registry for an unknown user."""
+        d = self.files(user_id)
+        if d is None or not (d / EMBEDDING_FILE).is_file():
+            raise NotFoundError(f"user_id: unknown user {user_id!r} (not registered in {self.root})")
+        return d
 
     def reference_embedding(self, user_id: str) -> np.ndarray:
         """float32 [1, D] L2-normalised; NotFoundError for an unknown user."""
-        path = self.user_dir(user_id) / EMBEDDING_FILE
-        if not path.is_file():
-            raise NotFoundError(f"user_id: unknown user {user_id!r} (no {EMBEDDING_FILE} in {self.root})")
-        emb = np.load(path, allow_pickle=False).astype(np.float32).reshape(1, -1)
+        emb = np.load(self.require(user_id) / EMBEDDING_FILE, allow_pickle=False).astype(np.float32).reshape(1, -1)
         return emb / max(float(np.linalg.norm(emb)), 1e-12)
-
-    def save_reference_embedding(self, user_id: str, embedding: np.ndarray) -> Path:
-        emb = np.asarray(embedding, dtype=np.float32).reshape(1, -1)
-        emb = emb / max(float(np.linalg.norm(emb)), 1e-12)
-        buf = io.BytesIO()
-        np.save(buf, emb, allow_pickle=False)
-        return atomic_write_bytes(self.user_dir(user_id) / EMBEDDING_FILE, buf.getvalue())
-
-    def install_file(self, user_id: str, src: Path, name: str) -> Path:
-        """Copy ``src`` into the user's folder as ``name``, atomically."""
-        dst = self.user_dir(user_id) / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dst)
-        return dst
-
-    def install_lora(self, user_id: str, lora: Path, sidecar: Path | None = None) -> Path:
-        """Copy a trained LoRA (+ its JSON sidecar) into the user's folder, atomically."""
-        if sidecar is not None and Path(sidecar).is_file():
-            self.install_file(user_id, Path(sidecar), LORA_INFO_FILE)
-        return self.install_file(user_id, Path(lora), LORA_FILE)
-
-    def save_user_info(self, user_id: str, info: dict) -> Path:
-        """``user.json``: what captions/prompts say about the user (e.g. subject words)."""
-        return atomic_write_json(self.user_dir(user_id) / USER_INFO_FILE, info)
-
-    def register(self, user_id: str, reference_embedding: np.ndarray, template_image: Path,
-                 template_landmarks: Path, info: dict) -> None:
-        """Put a prepared user into the registry: reference embedding, template
-        face (fusion source) and ``user.json`` (subject words, trigger token)."""
-        self.save_reference_embedding(user_id, reference_embedding)
-        self.install_file(user_id, Path(template_image), TEMPLATE_IMAGE)
-        self.install_file(user_id, Path(template_landmarks), TEMPLATE_LANDMARKS)
-        self.save_user_info(user_id, info)
-
-    # --- what the serving side reads ------------------------------------------------
-
-    def require(self, user_id: str) -> Path:
-        """The user's folder; NotFoundError naming the registry for an unknown user."""
-        if not self.exists(user_id):
-            raise NotFoundError(f"user_id: unknown user {user_id!r} (not registered in {self.root})")
-        return self.user_dir(user_id)
 
     def identity_text(self, user_id: str) -> tuple[str, str]:
         """(trigger token, subject words) for prompts; ('' = base model) gives generic words."""
         if not user_id:
             return DEFAULT_SUBJECT, DEFAULT_SUBJECT
-        udir = self.require(user_id)
+        d = self.require(user_id)
         trigger, subject = DEFAULT_TRIGGER, DEFAULT_SUBJECT
         for name in (LORA_INFO_FILE, USER_INFO_FILE):
-            path = udir / name
-            if path.is_file():
-                meta = json.loads(path.read_text())
+            if (d / name).is_file():
+                meta = json.loads((d / name).read_text())
                 trigger = meta.get("trigger_token", trigger)
                 subject = meta.get("subject", subject)
         return trigger, subject
 
     def template(self, user_id: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(template face image, its 5 landmarks) written at registration, if any."""
-        udir = self.user_dir(user_id)
-        img, meta = udir / TEMPLATE_IMAGE, udir / TEMPLATE_LANDMARKS
-        if not (img.is_file() and meta.is_file()):
+        d = self.files(user_id)
+        if d is None or not ((d / TEMPLATE_IMAGE).is_file() and (d / TEMPLATE_LANDMARKS).is_file()):
             return None
-        return load_image(img), np.asarray(json.loads(meta.read_text())["landmarks"], np.float32)
+        landmarks = json.loads((d / TEMPLATE_LANDMARKS).read_text())["landmarks"]
+        return load_image(d / TEMPLATE_IMAGE), np.asarray(landmarks, np.float32)
 
     def lora_path(self, user_id: str) -> Path:
-        """The user's trained LoRA file; NotFoundError when there is none."""
-        path = self.user_dir(user_id) / LORA_FILE
-        if not path.is_file():
+        """The served version's LoRA file; NotFoundError when there is none."""
+        d = self.files(user_id)
+        if d is None or not (d / LORA_FILE).is_file():
             raise NotFoundError(f"user_id: no trained LoRA for user {user_id!r} ({LORA_FILE} missing in {self.root})")
-        return path
+        return d / LORA_FILE
 
-    def users(self) -> list[str]:
-        root = Path(self.root)
-        if not root.is_dir():
-            return []
-        return sorted(p.name for p in root.iterdir() if USER_ID_PATTERN.fullmatch(p.name) and (p / EMBEDDING_FILE).is_file())
+    def describe(self, user_id: str) -> dict:
+        """What `facetron users show` prints: version, files and their sizes, identity text."""
+        d = self.require(user_id)
+        trigger, subject = self.identity_text(user_id)
+        return {
+            "user_id": user_id,
+            "version": d.name,
+            "folder": str(d),
+            "files": {f.name: f.stat().st_size for f in sorted(d.iterdir()) if f.is_file()},
+            "trigger_token": trigger,
+            "subject": subject,
+            "has_lora": (d / LORA_FILE).is_file(),
+            "has_template": (d / TEMPLATE_IMAGE).is_file(),
+        }
+
+
+def _json_bytes(obj: dict) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Carry an unchanged file into the new version (hard link: no copy of a large LoRA)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

@@ -9,13 +9,23 @@ need exported ONNX artifacts): the face stack + tokenizer, and the diffusion
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
+# No test writes outside its temp dirs: facetron's default build root and user
+# registry point into a session sandbox (set before facetron is imported).
+_SANDBOX = Path(tempfile.mkdtemp(prefix="facetron-tests-"))
+atexit.register(shutil.rmtree, _SANDBOX, True)
+os.environ["FACETRON_BUILD_DIR"] = str(_SANDBOX / "build")
+os.environ["FACETRON_USERS_DIR"] = str(_SANDBOX / "users")
 
-from facetron.triton_server import TritonServer
+import pytest  # noqa: E402
+
+from facetron.triton_server import TritonServer  # noqa: E402
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # tests' own helper modules (face_photos)

@@ -18,8 +18,10 @@ PACKAGE_DIRS = {
     "export": "facetron.export",
     "client": "facetron.client",
     "benchmarks": "facetron.benchmarks",
+    "web": "facetron.web",
 }
-PARTS = ("facetron.cli", "facetron.training", "facetron.export", "facetron.client", "facetron.benchmarks")
+PARTS = ("facetron.cli", "facetron.training", "facetron.export", "facetron.client", "facetron.benchmarks",
+         "facetron.web")
 #: heavy frameworks the runtime-LoRA ``unet`` model must not load at request time
 TORCH_STACK = ("torch", "diffusers", "peft", "transformers", "accelerate")
 
@@ -40,7 +42,7 @@ def module_sources(root: Path = ROOT) -> dict[str, str]:
         for path in sorted(base.rglob("*.py")):
             rel = path.relative_to(base).with_suffix("")
             parts = [p for p in rel.parts if p != "__init__"]
-            if folder == "facetron" and parts and parts[0] in ("training", "export", "client", "benchmarks"):
+            if folder == "facetron" and parts and parts[0] in ("training", "export", "client", "benchmarks", "web"):
                 continue  # not a real folder of the facetron package
             out[".".join([name, *parts])] = path.read_text()
     return out
@@ -112,10 +114,13 @@ ALLOWED = {
     "facetron.training": set(),
     "facetron.export": {"facetron.training"},
     "facetron.benchmarks": {"facetron.training", "facetron.export", "facetron.client"},
+    "facetron.web": {"facetron.client"},
     "facetron.cli": set(PARTS),
 }
 #: the client uses only these core modules (no torch, no model code)
 CLIENT_CORE = {"facetron", "facetron.contract", "facetron.errors"}
+#: the web app: the client's core modules + image io (uploads checked with prepare's rules); no model code
+WEB_CORE = CLIENT_CORE | {"facetron.imageio"}
 
 
 def layer_violations(imports: list[Import]) -> list[str]:
@@ -128,6 +133,8 @@ def layer_violations(imports: list[Import]) -> list[str]:
             bad.append(f"{where}: {src} may not import {dst}")
         if src == "facetron.client" and dst == "core" and imp.target not in CLIENT_CORE:
             bad.append(f"{where}: the client imports only {sorted(CLIENT_CORE)} from core")
+        if src == "facetron.web" and dst == "core" and imp.target not in WEB_CORE:
+            bad.append(f"{where}: the web app imports only {sorted(WEB_CORE)} from core")
     return bad
 
 

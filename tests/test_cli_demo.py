@@ -29,6 +29,9 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert report["smoke_model"] is True and "not portraits" in report["note"]
     call = report["portraits"][0]
     assert call["server"]["mode"] == "template" and len(call["selected"]) == 1
+    # the tiny model makes no face: nothing generated to rank, the fused pictures rank and the report says so
+    assert call["similarity_generated"] == [None, None] and all(s is not None for s in call["similarity_final"])
+    assert call["ranked_by"] == "final" and call["server"]["fusion"]["fused"] == [True, True]
     assert {"prepare", "train_lora", "export_repository", "start_triton", "portraits_grpc", "total"} <= set(
         report["timings_s"]
     )

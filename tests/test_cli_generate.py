@@ -40,6 +40,7 @@ def _error_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
         (["--steps", "0"], "--steps: must be 1..150, got 0"),
         (["--guidance", "nan"], "--guidance: must be in 0..30, got nan"),
         (["--strength", "0.5"], "--strength: only applies with a template"),
+        (["--fusion-strength", "1.5"], "--fusion-strength: must be in [0, 1] (0 = no fusion), got 1.5"),
         (["--user", "../etc"], "--user: '../etc' is not a valid user id"),
         (["--server", "nohost"], "--server: 'nohost' is not host:port"),
         (["--server", "127.0.0.1:1,"], None),  # trailing comma is fine: one server (then unreachable)
@@ -118,7 +119,7 @@ def test_generate_end_to_end(
     from facetron.users import UserRegistry
 
     registry = UserRegistry(users_dir)
-    if not (registry.exists("demo") and (registry.user_dir("demo") / "lora.safetensors").is_file()):
+    if not (registry.exists("demo") and (registry.files("demo") / "lora.safetensors").is_file()):
         # no trained "demo" user in this session: Tom Hanks' face + a random LoRA (tiny model)
         from facetron.diffusion.base_model import load_base_model
         from facetron.training.random_lora import write_random_lora
@@ -127,27 +128,32 @@ def test_generate_end_to_end(
         boxes, _, marks = client.detect(tom).image(0)
         registry.save_reference_embedding("demo", client.embed(align_faces(tom, marks[:1])))
         template = square_crop(tom, boxes[0], 0.6, 256)  # the face fused into each candidate
-        save_image(registry.user_dir("demo") / "template.png", template)
+        save_image(tmp_path / "template.png", template)
         landmarks = client.detect(template).image(0)[2][0]
-        (registry.user_dir("demo") / "template.json").write_text(json.dumps({"landmarks": landmarks.tolist()}))
+        (tmp_path / "template.json").write_text(json.dumps({"landmarks": landmarks.tolist()}))
+        registry.update("demo", {"template.png": tmp_path / "template.png", "template.json": tmp_path / "template.json"})
         lora = write_random_lora(tmp_path / "demo.safetensors", load_base_model().unet, rank=4, alpha=4, seed=3, std=0.3)
         registry.install_lora("demo", lora)
     # template mode: the user's face is fused where the template photo has its face
     template = photo("astronaut")
     save_image(tmp_path / "template.png", template)
-    result = client.portrait("demo", num_images=2, top_k=1, steps=2, seed=7, height=128, width=128, template=template, strength=0.6)
+    result = client.portrait("demo", num_images=2, top_k=1, steps=2, seed=7, height=128, width=128, template=template,
+                             strength=0.6, fusion_strength=0.8)
     assert result.images.shape == (1, 128, 128, 3), "the fused template face survives selection"
-    assert result.similarity.shape == result.rank.shape == (2,)
+    assert result.similarity.shape == result.rank.shape == result.similarity_generated.shape == (2,)
+    assert result.similarity_final.shape == (2,) and result.ranked_by == result.report["ranked_by"]
     assert isinstance(result.report, dict) and result.timing["server"] == triton.grpc_url
 
     out = tmp_path / "gen"
     argv = ["generate", "--user", "demo", "--num", "2", "--top-k", "1", "--steps", "2", "--seed", "7",
             "--height", "128", "--width", "128", "--template", str(tmp_path / "template.png"), "--strength", "0.6",
-            "--server", triton.grpc_url, "--out", str(out)]
+            "--fusion-strength", "0.8", "--server", triton.grpc_url, "--out", str(out)]
     assert facetron(argv, monkeypatch) == 0, capsys.readouterr().err
     doc = json.loads((out / "result.json").read_text())
     assert len(doc["candidates"]) == 2 and doc["servers_used"] == [triton.grpc_url]
-    assert {"similarity", "rank", "selected", "file"} <= set(doc["candidates"][0])
+    assert {"similarity", "similarity_generated", "similarity_final", "rank", "selected", "file"} <= set(doc["candidates"][0])
+    assert doc["ranked_by"] in ("generated", "final") and doc["seed"] == 7
+    assert doc["report"]["fusion"]["strength"] == pytest.approx(0.8)
     assert doc["files"] == ["portrait_00.png"] and doc["selected"] == result.selected.tolist()
     np.testing.assert_array_equal(load_image(out / "portrait_00.png"), result.images[0])  # same seed, same picture
     assert load_image(out / "grid.png").shape[2] == 3

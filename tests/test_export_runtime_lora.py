@@ -131,7 +131,7 @@ def test_too_large_rank_is_named(setup, base, tmp_path):
 def test_layers_outside_attention_are_named(setup, base, tmp_path):
     odd = write_random_lora(tmp_path / "te.safetensors", base.unet, rank=2, alpha=2, seed=4, std=0.1,
                             text_encoder=base.text_encoder)
-    with pytest.raises(InvalidInputError, match=r"adapts 8 layers the runtime-LoRA UNet has no inputs for.*merged mode"):
+    with pytest.raises(InvalidInputError, match=r"adapts 8 text-encoder layers.*cannot be served"):
         lora_inputs_for(odd, setup["manifest"])
     conv = write_random_lora(tmp_path / "proj.safetensors", base.unet, rank=2, alpha=2, seed=5, std=0.1,
                              target_modules=("to_q", "proj_in"))

@@ -1,4 +1,5 @@
-"""Quality gate, identity consistency, attributes interface, classical retouch."""
+"""Quality gate, identity consistency, attributes interface, classical retouch
+(face fusion: tests/test_fusion.py; the upload filter on real photos: tests/test_upload_filter.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from facetron.faces.attributes import (
 )
 from facetron.faces.consistency import dominant_face, identity_outliers, reference_embedding
 from facetron.faces.quality import QualityThresholds, face_quality
-from facetron.faces.retouch import face_ellipse_mask, fuse_face, smooth_skin, white_background
+from facetron.faces.retouch import face_ellipse_mask, smooth_skin, white_background
 
 LM = np.array([[40, 50], [80, 50], [60, 72], [45, 92], [75, 92]], np.float32)  # a 128x128 face
 
@@ -141,14 +142,3 @@ def test_white_background() -> None:
     out = white_background(img, LM + 64)
     assert (out[-5:, :5] == 255).all() and (out[:5, -5:] == 255).all()
     assert np.array_equal(out[140, 124], img[140, 124])  # face centre kept
-
-
-def test_fuse_face_places_source_face_on_target() -> None:
-    target = np.full((256, 256, 3), 90, np.uint8)
-    source = _textured(5, 128)
-    tgt_lm = LM * 1.5 + 30
-    fused = fuse_face(target, tgt_lm, source, LM)
-    mask = face_ellipse_mask(target.shape, tgt_lm, scale=0.8)
-    inside = fused[mask > 0].astype(np.float32)
-    assert inside.std() > 20, "the source's texture should appear inside the face region"
-    assert (fused[:10, :10] == 90).all(), "outside the face the target is unchanged"

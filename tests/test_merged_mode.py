@@ -5,6 +5,7 @@ mode's (the session server) within tolerance."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -35,6 +36,15 @@ def merged_server(tmp_path_factory, users_dir: Path):
     repo = assemble_repository("cpu", work / "repo", diffusion=DiffusionSource(), users_dir=users_dir,
                                identity_mode="merged")
     added = add_merged_user(repo, "merged-user", users_dir)
+    for i in range(3):  # three more merged users for the LRU test
+        user = f"merged-lru-{i}"
+        registry.save_reference_embedding(user, np.ones((1, 128), np.float32))
+        registry.install_lora(user, write_random_lora(work / f"{user}.safetensors", load_base_model().unet, rank=4,
+                                                      alpha=4, seed=40 + i, std=0.3))
+        add_merged_user(repo, user, users_dir)
+    cfg = repo / "portrait_generator" / "config.pbtxt"  # one merged UNet per generator instance (2 instances)
+    cfg.write_text(re.sub(r'(key: "max_merged_models"\s*value \{\s*string_value: )"\d+"', r'\1"1"', cfg.read_text()))
+    assert 'string_value: "1"' in cfg.read_text()
     names = [m.name for m in models_for("cpu", diffusion=True)]
     server = TritonServer(repo, log_path=work / "log.txt", model_control_mode="explicit", load_models=names)
     server.start()
@@ -54,6 +64,20 @@ def test_merged_user_is_loaded_on_first_use_and_matches_runtime_lora(merged_serv
         assert merged_client.model_ready("unet_user_merged-user")
     runtime = client.infer("portrait_generator", {**REQUEST, **user}, ["images"])["images"]  # session server: mode 2
     assert np.abs(merged.astype(int) - runtime.astype(int)).max() <= 2
+
+
+def test_merged_models_are_unloaded_least_recently_used_first(merged_server) -> None:
+    """max_merged_models=1 per generator instance (2 instances): after three users in
+    turn at most two merged UNets are loaded, and every user is still served."""
+    from facetron.client import FacetronClient
+
+    server, _ = merged_server
+    users = [f"merged-lru-{i}" for i in range(3)]
+    with FacetronClient(server.grpc_url, timeout_s=300) as c:
+        for user in users + users[:1]:
+            c.infer("portrait_generator", {**REQUEST, "user_id": np.array([user.encode()], dtype=object)}, ["images"])
+        loaded = [u for u in users + ["merged-user"] if c.model_ready(f"unet_user_{u}")]
+    assert 1 <= len(loaded) <= 2, loaded
 
 
 def test_merged_mode_unknown_merge_is_not_found(merged_server, users_dir: Path) -> None:

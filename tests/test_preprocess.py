@@ -134,7 +134,7 @@ def test_cli_prepare_registers_the_user(demo, tmp_path: Path) -> None:
     from facetron.users import UserRegistry
 
     assert UserRegistry(users).reference_embedding("astro-1").shape == (1, 128)
-    assert (users / "astro-1" / "template.png").is_file()
+    assert UserRegistry(users).template("astro-1") is not None
     bad = subprocess.run(
         [sys.executable, "-m", "facetron.cli", "train", "prepare", str(photos), "--user", "../x"],
         capture_output=True, text=True, timeout=120,

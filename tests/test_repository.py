@@ -3,6 +3,7 @@ server, gpu target configs parse and match their ONNX artifacts."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,10 @@ def test_every_config_parses(target: str) -> None:
     for model in models_for(target, diffusion=True):
         cfg = _parse(render(model, target))
         assert cfg.name == model.name
-        assert (cfg.max_batch_size > 0) == (cfg.HasField("dynamic_batching")) or model.name == "face_select"
+        # every model has a bounded queue; the batching nets also wait a moment to batch
+        policy = cfg.dynamic_batching.default_queue_policy
+        assert policy.max_queue_size > 0 and policy.default_timeout_microseconds > 0, model.name
+        assert (cfg.max_batch_size > 0) == (cfg.dynamic_batching.max_queue_delay_microseconds > 0), model.name
 
 
 def test_checked_in_configs_match_the_source() -> None:
@@ -71,16 +75,56 @@ def test_gpu_onnx_artifacts_match_their_configs(gpu_repo: Path) -> None:
 
     for name in ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "face_embedder", "text_encoder", "vae_decoder", "vae_encoder"):
         cfg = _parse((gpu_repo / name / "config.pbtxt").read_text())
+        if cfg.platform == "tensorrt_plan":  # TensorRT imported at assembly: test_gpu_tensorrt_plan_entries
+            continue
         assert cfg.platform == "onnxruntime_onnx", name
-        sess = ort.InferenceSession(str(gpu_repo / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-        batch = 1 if cfg.max_batch_size > 0 else 0
-        for spec, ios in ((cfg.input, sess.get_inputs()), (cfg.output, sess.get_outputs())):
-            by_name = {io.name: io for io in ios}
-            assert set(by_name) == {t.name for t in spec}, name
-            for t in spec:
-                io = by_name[t.name]
-                assert "TYPE_" + _ORT_TYPES[io.type] == model_config_pb2.DataType.Name(t.data_type), (name, t.name)
-                assert len(io.shape) == len(t.dims) + batch, (name, t.name, io.shape, list(t.dims))
+        _check_config_against_onnx(name, cfg, gpu_repo / name / "1" / "model.onnx")
+
+
+def _check_config_against_onnx(name: str, cfg, onnx_path: Path) -> None:
+    """Input/output names, dtypes and ranks of ``cfg`` == the ONNX graph's."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    batch = 1 if cfg.max_batch_size > 0 else 0
+    for spec, ios in ((cfg.input, sess.get_inputs()), (cfg.output, sess.get_outputs())):
+        by_name = {io.name: io for io in ios}
+        assert set(by_name) == {t.name for t in spec}, name
+        for t in spec:
+            io = by_name[t.name]
+            assert "TYPE_" + _ORT_TYPES[io.type] == model_config_pb2.DataType.Name(t.data_type), (name, t.name)
+            assert len(io.shape) == len(t.dims) + batch, (name, t.name, io.shape, list(t.dims))
+
+
+def test_gpu_tensorrt_plan_entries(gpu_repo: Path) -> None:
+    """The text encoder and VAEs as ``tensorrt_plan`` models: written where
+    TensorRT imports at assembly (a built ``model.plan`` + its build record),
+    else the ORT variant with the TensorRT accelerator and an engine cache.
+    Either way the plan configs are valid Triton configs whose tensors equal
+    the ONNX graphs the plans are built from (structural check here)."""
+    from facetron.export.model_configs import BY_NAME, TENSORRT_NETS, TRT_ENGINE_CACHE_ROOT, with_tensorrt_plan
+    from facetron.export.trt import tensorrt_unavailable_reason
+
+    for name in TENSORRT_NETS:
+        plan_cfg = _parse(render(with_tensorrt_plan(BY_NAME[name]), "gpu"))
+        assert plan_cfg.platform == "tensorrt_plan" and plan_cfg.default_model_filename == "model.plan", name
+        assert plan_cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+        assert plan_cfg.max_batch_size == BY_NAME[name].max_batch_size and not plan_cfg.parameters
+        served = _parse((gpu_repo / name / "config.pbtxt").read_text())
+        if tensorrt_unavailable_reason() is None:
+            assert served == plan_cfg, name
+            assert (gpu_repo / name / "1" / "model.plan").stat().st_size > 0
+            assert json.loads((gpu_repo / name / "1" / "trt_build.json").read_text())["tensorrt"]
+            continue
+        assert served.platform == "onnxruntime_onnx", name
+        (acc,) = served.optimization.execution_accelerators.gpu_execution_accelerator
+        assert acc.name == "tensorrt" and acc.parameters["precision_mode"] == "FP16"
+        assert acc.parameters["trt_engine_cache_enable"] == "1"
+        assert acc.parameters["trt_engine_cache_path"] == f"{TRT_ENGINE_CACHE_ROOT}/{name}"
+        # the plan config against the ONNX graph a plan would be built from
+        _check_config_against_onnx(name, plan_cfg, gpu_repo / name / "1" / "model.onnx")
+    with pytest.raises(ValueError, match="no TensorRT plan variant"):
+        with_tensorrt_plan(BY_NAME["unet"])
 
 
 @pytest.mark.triton

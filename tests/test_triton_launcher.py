@@ -17,7 +17,8 @@ import pytest
 
 from facetron.errors import ServerError
 from facetron.paths import REPO_ROOT
-from facetron.triton_server import TritonServer, check_repository, explain_log
+from facetron.triton_server import (SHM_DIR, TritonServer, check_repository, explain_log, regions,
+                                     remove_orphaned_regions)
 from processes import server_processes
 
 pytestmark = pytest.mark.triton
@@ -37,6 +38,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _gone(pids, timeout_s: float = 15.0) -> bool:
+    """Poll until none of ``pids`` is alive (no fixed sleeps)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not any(_alive(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def _tritonservers(repo: Path) -> set[int]:
     """PIDs of live tritonserver processes serving ``repo`` (other test runs on
     the machine may have servers of their own)."""
@@ -52,6 +63,16 @@ def _tritonservers(repo: Path) -> set[int]:
             except OSError:
                 pass
     return out
+
+
+def _none_left(repo: Path, timeout_s: float = 15.0) -> bool:
+    """Poll until no tritonserver serves ``repo`` (no fixed sleeps)."""
+    deadline = time.monotonic() + timeout_s
+    while _tritonservers(repo):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _repo_with_failing_model(root: Path) -> Path:
@@ -105,8 +126,7 @@ def test_model_that_fails_to_load_names_model_and_cause(tmp_path: Path) -> None:
     message = str(info.value)
     assert "'broken_model' failed to load" in message
     assert "weights file /nonexistent/unet.onnx is missing" in message
-    time.sleep(0.5)
-    assert _tritonservers(repo) == set(), "a tritonserver process was left behind"
+    assert _none_left(repo), "a tritonserver process was left behind"
 
 
 def test_busy_port_is_a_clear_error(model_repository: Path) -> None:
@@ -137,8 +157,57 @@ def test_stop_leaves_no_process(model_repository: Path, tmp_path: Path) -> None:
     group = list(server_processes(pid))
     assert pid in group and len(group) >= 2, "expected server + python stub"
     server.stop()
-    time.sleep(0.3)
-    assert not any(_alive(p) for p in group)
+    assert _gone(group)
+    assert regions(server.shm_prefix) == []
+
+
+def test_kill_9_leaves_no_process_and_no_shared_memory(model_repository: Path, tmp_path: Path) -> None:
+    """SIGKILL of the server mid-run (no graceful shutdown): the launcher's
+    cleanup removes the stubs and this server's python-backend regions."""
+    server = TritonServer(model_repository, log_path=tmp_path / "log.txt").start()
+    group = list(server_processes(server.process.pid))
+    assert regions(server.shm_prefix), "the python backend should hold regions under this server's prefix"
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.stop()
+    assert _gone(group)
+    assert regions(server.shm_prefix) == []
+
+
+def test_orphaned_regions_of_a_dead_launcher_are_removed(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = SHM_DIR / f"facetron-{dead.pid}-0badc0de-region_1"
+    mine = SHM_DIR / f"facetron-{os.getpid()}-0badc0de-region_1"
+    orphan.write_bytes(b"x")
+    mine.write_bytes(b"x")
+    try:
+        removed = remove_orphaned_regions()
+        assert orphan in removed and not orphan.exists() and mine.exists()
+    finally:
+        orphan.unlink(missing_ok=True)
+        mine.unlink(missing_ok=True)
+
+
+def test_explicit_control_restricts_repository_and_shared_memory_apis(model_repository: Path, tmp_path: Path) -> None:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    server = TritonServer(model_repository, log_path=tmp_path / "log.txt", model_control_mode="explicit",
+                          load_models=["tokenizer"]).start()
+    try:
+        with grpcclient.InferenceServerClient(server.grpc_url) as raw:
+            for call in (lambda **kw: raw.unload_model("tokenizer", **kw),
+                         lambda **kw: raw.get_model_repository_index(**kw),
+                         lambda **kw: raw.get_system_shared_memory_status(**kw)):
+                with pytest.raises(InferenceServerException, match="restricted|not allowed|header"):
+                    call()
+            assert raw.is_model_ready("tokenizer")
+            raw.get_model_repository_index(headers=server.admin_headers)
+            raw.unload_model("tokenizer", headers=server.admin_headers)
+            raw.load_model("tokenizer", headers=server.admin_headers)
+            assert raw.is_model_ready("tokenizer")
+    finally:
+        server.stop()
 
 
 def test_server_dies_with_a_crashed_caller(model_repository: Path, tmp_path: Path) -> None:
@@ -159,10 +228,9 @@ def test_server_dies_with_a_crashed_caller(model_repository: Path, tmp_path: Pat
     finally:
         caller.send_signal(signal.SIGKILL)
         caller.wait()
-    deadline = time.time() + 15
-    while time.time() < deadline and _alive(pid):
-        time.sleep(0.2)
-    assert not _alive(pid), "tritonserver outlived its crashed caller"
+    assert _gone([pid]), "tritonserver outlived its crashed caller"
+    remove_orphaned_regions()  # what the next launcher does at start
+    assert regions(f"facetron-{caller.pid}-") == []
 
 
 def test_cli_serve_broken_repo_one_line_nonzero_no_orphan(tmp_path: Path) -> None:
@@ -177,8 +245,7 @@ def test_cli_serve_broken_repo_one_line_nonzero_no_orphan(tmp_path: Path) -> Non
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("facetron serve: error:") and "'broken_model' failed to load" in lines[0]
-    time.sleep(0.5)
-    assert _tritonservers(repo) == set()
+    assert _none_left(repo)
 
 
 def test_cli_serve_missing_repo(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ users interleaved), template mode end to end, and bad input over gRPC."""
 from __future__ import annotations
 
 import json
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,8 +44,7 @@ def users(users_dir: Path, base, tmp_path_factory) -> dict[str, Path]:
     loras = {}
     for seed, user in enumerate(("astro", "astro-twin"), start=1):
         registry.save_reference_embedding(user, prepared.reference_embedding)
-        for name in ("template.png", "template.json"):
-            shutil.copyfile(work / "prep" / name, registry.user_dir(user) / name)
+        registry.update(user, {name: work / "prep" / name for name in ("template.png", "template.json")})
         lora = write_random_lora(work / f"{user}.safetensors", base.unet, rank=4, alpha=4, seed=seed, std=0.3)
         registry.install_lora(user, lora)
         loras[user] = lora
@@ -141,6 +139,10 @@ def test_runtime_lora_equals_merged_mode_with_users_interleaved(client, users, b
 
 
 def test_portrait_template_mode_end_to_end(client, users) -> None:
+    """The tiny smoke model re-generates the template's face region as noise:
+    no generated face, so similarity_generated is NaN everywhere and the
+    server ranks by the fused pictures (similarity_final) — and says so."""
+    from facetron.contract import PORTRAIT_OUTPUTS
     from facetron.faces.detector import FaceDetector
     from facetron.training.demo_templates import demo_templates
 
@@ -148,18 +150,50 @@ def test_portrait_template_mode_end_to_end(client, users) -> None:
     out = client.infer(
         "portrait",
         _req(user_id="astro", template=template, num_images=3, top_k=2, seed=5, steps=STEPS),
-        ["images", "similarity", "rank", "selected", "report"],
+        list(PORTRAIT_OUTPUTS),
     )
     report = json.loads(out["report"][0])
     assert report["mode"] == "template" and report["smoke_model"] and report["candidates"] == 3
-    assert all(report["fused"])
+    assert report["fusion"]["fused"] == [True] * 3 and report["fusion"]["strength"] == 0.5
+    assert report["seed"] == 5 and report["seed_source"] == "request"
+    assert np.all(np.isnan(out["similarity_generated"]))
+    assert report["ranked_by"] == "final" and "no generated candidate" in report["ranked_by_reason"]
+    np.testing.assert_array_equal(out["similarity"], out["similarity_final"])
     kept = out["rank"] >= 0
-    assert kept.sum() >= 1 and np.all(out["similarity"][kept] > 0.9)  # the user's fused face is found and matched
-    assert out["images"].shape == (min(2, int(kept.sum())), SIZE, SIZE, 3)
-    assert np.all(np.isnan(out["similarity"][~kept]))
+    assert kept.all() and np.all(np.isfinite(out["similarity_final"]))
+    assert out["images"].shape == (2, SIZE, SIZE, 3)
     order = out["selected"]
     assert list(out["rank"][order]) == list(range(len(order)))
-    assert {"generate_ms", "fuse_ms", "select_ms"} <= set(report["timings_ms"])
+    assert {"generate_ms", "select_ms", "fuse_ms", "score_ms"} <= set(report["timings_ms"])
+
+
+def test_portrait_fusion_strength_and_seed(client, users) -> None:
+    """fusion_strength 0 == fuse false: the generated pictures come back as
+    made (none holds a face on the tiny model, so none is ranked); a request
+    without a seed gets a random one, in the report, that repeats the call."""
+    from facetron.faces.detector import FaceDetector
+    from facetron.training.demo_templates import demo_templates
+
+    _, template = demo_templates(FaceDetector(), size=SIZE, count=1)[0]
+    outputs = ["images", "rank", "similarity_final", "report"]
+    off = client.infer("portrait", _req(user_id="astro", template=template, num_images=2, seed=5, steps=2,
+                                        fuse=np.array([False])), outputs)
+    zero = client.infer("portrait", _req(user_id="astro", template=template, num_images=2, seed=5, steps=2,
+                                         fusion_strength=0.0), outputs)
+    for out in (off, zero):
+        report = json.loads(out["report"][0])
+        assert report["fusion"]["fused"] == [False, False] and report["ranked_by"] == "generated"
+        assert (out["rank"] == -1).all() and out["images"].shape[0] == 0
+    generated = _generate(client, user_id="astro", template=template, num_images=2, seed=5, steps=2)
+    full = client.infer("portrait", _req(user_id="astro", template=template, num_images=2, seed=5, steps=2,
+                                         fusion_strength=1.0, top_k=2), ["images", "selected", "report"])
+    assert np.abs(full["images"].astype(int) - generated[full["selected"]]).mean() > 1.0  # the user's face blended in
+    first = json.loads(client.infer("portrait", _req(user_id="astro", num_images=1, steps=1), ["report"])["report"][0])
+    second = json.loads(client.infer("portrait", _req(user_id="astro", num_images=1, steps=1), ["report"])["report"][0])
+    assert first["seed_source"].startswith("random") and first["seed"] != second["seed"]
+    a = _generate(client, user_id="astro", num_images=1, steps=1, seed=first["seed"])
+    b = _generate(client, user_id="astro", num_images=1, steps=1, seed=first["seed"])
+    np.testing.assert_array_equal(a, b)
 
 
 def _detector_counts(triton) -> tuple[int, int]:
@@ -211,6 +245,10 @@ def test_portrait_detects_the_template_once(client, users, triton) -> None:
         ("portrait", dict(num_images=1), InvalidInputError, "user_id: is required"),
         ("portrait", dict(user_id="a/b"), InvalidInputError, "not a valid user id"),
         ("portrait", dict(user_id="nobody"), NotFoundError, "unknown user 'nobody'"),
+        ("portrait", dict(user_id="astro", fusion_strength=1.5), InvalidInputError,
+         r"fusion_strength: must be in \[0, 1\]"),
+        ("portrait", dict(user_id="astro", fusion_strength=0.5, fuse=np.array([False])), InvalidInputError,
+         "fuse: false turns fusion off"),
     ],
 )
 def test_bad_input_over_grpc(client, users, model, inputs, error, match) -> None:

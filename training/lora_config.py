@@ -51,6 +51,7 @@ class LoraTrainConfig:
     seed: int = 42
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    identity_snapshots: int = 0  # N >= 1: keep the LoRA at N evenly spaced steps (candidates for selection by identity)
     mixed_precision: str = "no"
     resolution: int | None = None
     random_flip: bool = True
@@ -71,6 +72,9 @@ class LoraTrainConfig:
                 raise InvalidInputError(name, f"must be an integer >= 1, got {value!r}")
         if not isinstance(self.text_encoder_rank, int) or self.text_encoder_rank < 0:
             raise InvalidInputError("text_encoder_rank", f"must be an integer >= 0, got {self.text_encoder_rank!r}")
+        if not isinstance(self.identity_snapshots, int) or self.identity_snapshots < 0:
+            raise InvalidInputError("identity_snapshots",
+                                    f"must be an integer >= 0 (0 = off), got {self.identity_snapshots!r}")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise InvalidInputError("steps", f"must be an integer >= 1 or None, got {self.steps!r}")
         for name in ("alpha", "text_encoder_alpha", "learning_rate"):
@@ -97,6 +101,17 @@ class LoraTrainConfig:
         if self.steps is not None:
             return self.steps
         return max(1, min(STEPS_PER_PHOTO * num_photos, MAX_AUTO_STEPS))
+
+    def snapshot_steps(self, total_steps: int) -> list[int]:
+        """The steps whose LoRA is kept as a candidate: ``identity_snapshots``
+        evenly spaced steps ending at the last (empty when off)."""
+        n = self.identity_snapshots
+        if n == 0:
+            return []
+        if n > total_steps:
+            raise InvalidInputError("identity_snapshots", f"{n} candidates need at least {n} training steps, "
+                                                          f"got {total_steps}")
+        return sorted({max(1, round(total_steps * k / n)) for k in range(1, n + 1)})
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -126,6 +141,6 @@ class LoraTrainConfig:
     def fingerprint(self) -> dict[str, Any]:
         """Fields that must match for a checkpoint to be resumed (not cadence/notes)."""
         d = self.to_dict()
-        for k in ("checkpoint_every", "keep_checkpoints", "extra"):
+        for k in ("checkpoint_every", "keep_checkpoints", "identity_snapshots", "extra"):
             d.pop(k)
         return d

@@ -11,9 +11,10 @@ it with a reason:
    face and resize it to the training resolution;
 4. quality gate (detector score, face size, blur, exposure);
 then across the set:
-5. identity consistency: drop faces far from the set's identity (mean-cosine
-   outliers beyond k sigma, and dlib's 0.6 distance rule to the set's
-   robust centre);
+5. identity consistency: drop faces far from the set's identity
+   (:mod:`facetron.faces.consistency`: leave-one-out cosine scores with a
+   median/MAD threshold, and dlib's 0.6 same-person rule against the other
+   photos and against the set's robust centre) — works for 3-5 photos;
 6. optional retouch (white background, skin smoothing);
 7. captions: trigger token + attributes (from the attribute head if weights
    are given, else from the user's ``--attr`` flags, else none).
@@ -21,7 +22,9 @@ then across the set:
 The output folder is written atomically and holds ``dataset/`` (images +
 ``metadata.jsonl``, what ``train lora`` reads), ``reference_embedding.npy``
 (mean of kept faces, L2-normalised), ``template.png`` + ``template.json``
-(the best-quality face, the fusion source), ``report.json`` and
+(the fusion source: the kept photo with the best quality score
+(:func:`fusion_source_score`), cropped at ``fusion_source_side`` px from
+the upright photo, not the training crop), ``report.json`` and
 ``contact_sheet.png`` (what was kept and why each photo was dropped).
 """
 
@@ -63,8 +66,10 @@ class PrepareConfig:
     min_photos: int = 3
     dominant_ratio: float = 4.0
     quality: QualityThresholds = field(default_factory=QualityThresholds)
-    consistency_k: float = 2.0
+    consistency_k: float = 3.0  # robust sigmas below the median leave-one-out score = a stranger
+    consistency_min_sigma: float = 0.02  # floor of the robust sigma (cosine units: genuine photos' spread)
     identity_distance: float = DLIB_RULE
+    fusion_source_side: int = 512  # the fusion source (template.png) crop side, px
     white_background: bool = False
     smooth_skin: bool = False
     trigger_token: str = DEFAULT_TRIGGER_TOKEN
@@ -82,14 +87,17 @@ class PhotoResult:
     crop: np.ndarray | None = field(default=None, repr=False)
     landmarks: np.ndarray | None = field(default=None, repr=False)  # in crop coordinates
     descriptor: np.ndarray | None = field(default=None, repr=False)
+    source: np.ndarray | None = field(default=None, repr=False)  # fusion-source crop (fusion_source_side px)
+    source_landmarks: np.ndarray | None = field(default=None, repr=False)  # in source coordinates
+    source_score: float | None = None  # fusion_source_score: which kept photo becomes template.png
 
     def drop(self, reason: str) -> "PhotoResult":
         self.kept, self.reason = False, reason
         return self
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("crop", "landmarks", "descriptor")}
-        return d
+        hidden = ("crop", "landmarks", "descriptor", "source", "source_landmarks")
+        return {k: v for k, v in asdict(self).items() if k not in hidden}
 
 
 @dataclass
@@ -103,6 +111,40 @@ class PrepareResult:
     @property
     def kept(self) -> list[PhotoResult]:
         return [p for p in self.photos if p.kept]
+
+
+def crop_points(points: np.ndarray, box: np.ndarray, size: int, scale: float, shift: float) -> np.ndarray:
+    """``points`` (x, y) of the photo in the coordinates of
+    ``square_crop(photo, box, size, scale, shift)`` (the same geometry)."""
+    x1, y1, x2, y2 = [float(v) for v in box]
+    s = size / (max(x2 - x1, y2 - y1) * scale)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2 - shift * (y2 - y1)
+    return ((np.asarray(points, np.float64) - [cx, cy]) * s + size / 2).astype(np.float32)
+
+
+def frontalness(landmarks: np.ndarray) -> float:
+    """1 for a frontal face, falling to 0 as the nose moves sideways from the
+    eyes' midpoint by 0.35 eye distances (about 35-40 degrees of yaw)."""
+    lm = np.asarray(landmarks, np.float64).reshape(5, 2)
+    eye_dist = max(float(np.linalg.norm(lm[1] - lm[0])), 1e-6)
+    return float(np.clip(1.0 - abs(lm[2, 0] - lm[:2, 0].mean()) / (0.35 * eye_dist), 0.0, 1.0))
+
+
+def fusion_source_score(quality: dict, landmarks: np.ndarray, best_sharpness: float) -> float:
+    """How good a kept photo is as the fusion source (FaceChain uses its best
+    photo by a learned face-quality score; this is the classical stand-in),
+    in 0..1, the product of:
+
+    * detector confidence;
+    * frontalness (:func:`frontalness`): a frontal face warps onto any pose;
+    * resolution: face box side / 256 px, capped at 1 (enough for 512² portraits);
+    * sharpness relative to the sharpest kept photo (variance of Laplacian);
+    * exposure: 1 at mid-grey mean luma, 0.5 at the quality gate's limits.
+    """
+    exposure = 1.0 - 0.5 * min(1.0, abs(quality["brightness"] - 128.0) / 88.0)
+    resolution = min(1.0, quality["face_px"] / 256.0)
+    sharp = min(1.0, quality["sharpness"] / max(best_sharpness, 1e-6))
+    return float(quality["score"] * frontalness(landmarks) * resolution * sharp * exposure)
 
 
 def rotate_upright(image: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, float]:
@@ -180,6 +222,10 @@ class Preprocessor:
         if failures:
             return res.drop("quality: " + "; ".join(failures))
         res.crop, res.landmarks = crop, det3.landmarks[i]
+        # the fusion source: the same framing at fusion_source_side px, from the upright photo's own pixels
+        res.source = square_crop(upright, det2.boxes[j], c.fusion_source_side, c.crop_scale, c.face_centre_shift)
+        res.source_landmarks = crop_points(det2.landmarks[j], det2.boxes[j], c.fusion_source_side, c.crop_scale,
+                                           c.face_centre_shift)
         res.descriptor = self.embedder.descriptors(align_faces(crop, det3.landmarks[i : i + 1]))[0]
         res.kept = True
         return res
@@ -191,12 +237,13 @@ class Preprocessor:
             return None
         desc = np.stack([r.descriptor for r in kept])
         emb = desc / np.linalg.norm(desc, axis=1, keepdims=True)
-        outliers = identity_outliers(emb, k=self.config.consistency_k)
+        outliers = identity_outliers(emb, k=self.config.consistency_k, min_sigma=self.config.consistency_min_sigma,
+                                     descriptors=desc, same_person=self.config.identity_distance)
         centre = np.median(desc[outliers.keep], axis=0) if outliers.keep.any() else np.median(desc, axis=0)
-        for r, ok, score in zip(kept, outliers.keep, outliers.scores):
+        for r, ok, reason in zip(kept, outliers.keep, outliers.reasons):
             r.identity_distance = round(float(np.linalg.norm(r.descriptor - centre)), 4)
             if not ok:
-                r.drop(f"identity: mean cosine {score:.3f} to the others is below the set's {outliers.threshold:.3f}")
+                r.drop(reason)
             elif r.identity_distance >= self.config.identity_distance:
                 r.drop(
                     f"identity: distance {r.identity_distance:.2f} to the set's face >= {self.config.identity_distance}"
@@ -294,7 +341,11 @@ def prepare_photos(
             str(photos_dir), f"{len(kept)} usable photo(s), at least {config.min_photos} needed — {listing}"
         )
     subject = pre.finish(kept)
-    best = max(kept, key=lambda r: (r.quality or {}).get("sharpness", 0) * (r.quality or {}).get("score", 0))
+    # the fusion source: the kept photo with the best quality score
+    sharpest = max(r.quality["sharpness"] for r in kept)
+    for r in kept:
+        r.source_score = round(fusion_source_score(r.quality, r.source_landmarks, sharpest), 4)
+    best = max(kept, key=lambda r: r.source_score)
     with atomic_dir(out_dir) as tmp:
         from facetron.training.dataset import write_dataset
 
@@ -302,8 +353,11 @@ def prepare_photos(
         buf = io.BytesIO()
         np.save(buf, reference.astype(np.float32), allow_pickle=False)
         atomic_write_bytes(tmp / "reference_embedding.npy", buf.getvalue())
-        save_image(tmp / "template.png", best.crop)
-        atomic_write_json(tmp / "template.json", {"file": best.file, "landmarks": best.landmarks})
+        save_image(tmp / "template.png", best.source)
+        atomic_write_json(tmp / "template.json", {
+            "file": best.file, "landmarks": best.source_landmarks, "quality_score": best.source_score,
+            "chosen_by": "fusion_source_score: detector score x frontalness x resolution x sharpness x exposure",
+        })
         save_image(tmp / "contact_sheet.png", contact_sheet(photos_dir, results))
         atomic_write_json(
             tmp / "report.json",
@@ -313,6 +367,7 @@ def prepare_photos(
                 "kept": len(kept),
                 "dropped": len(results) - len(kept),
                 "template": best.file,
+                "fusion_source_scores": {r.file: r.source_score for r in kept},
                 "attributes_source": type(pre.attributes).__name__,
                 "photos": [r.as_dict() for r in results],
             },

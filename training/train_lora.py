@@ -9,7 +9,11 @@ loss and writes:
   ``StableDiffusionPipeline.load_lora_weights``;
 * ``loras/alice.json`` — base model + hash, hyper-parameters, loss summary;
 * while running, ``loras/alice.ckpt/step-NNNNNN/`` checkpoints (removed once
-  the output is written).
+  the output is written);
+* with ``identity_snapshots = N`` (``train lora --select-by-identity N``),
+  ``loras/alice.candidates/step-NNNNNN.safetensors``: the LoRA at N evenly
+  spaced steps (the last is the final one), kept for
+  :mod:`facetron.training.identity_select` to choose from by identity.
 
 Design choices that make kill + resume equal a straight run bit for bit:
 
@@ -32,8 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
-import re
 import shutil
 import tempfile
 import time
@@ -46,15 +48,15 @@ import torch
 import torch.nn.functional as F
 
 from facetron import __version__
-from facetron.atomic import atomic_dir, atomic_write_json
+from facetron.atomic import atomic_write_json
 from facetron.diffusion.base_model import load_base_model, model_hash
 from facetron.errors import InvalidInputError
 from facetron.training.dataset import CaptionedImages, METADATA_FILE, Row, flip_decision, read_metadata
+from facetron.training.checkpoints import (LORA_SUFFIX, checkpoint_dirs, load_checkpoint, newest_checkpoint,
+                                            save_checkpoint, snapshot_files)
 from facetron.training.lora_config import LoraTrainConfig
 from facetron.users import validate_user_id
 
-CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
-LORA_SUFFIX = ".safetensors"
 
 StepCallback = Callable[[int, float], None]
 
@@ -73,6 +75,7 @@ class TrainResult:
     metadata: dict = field(default_factory=dict, repr=False)
     unet: torch.nn.Module | None = field(default=None, repr=False)  # the trained peft-adapted UNet
     text_encoder: torch.nn.Module | None = field(default=None, repr=False)
+    snapshots: list[tuple[int, Path]] = field(default_factory=list)  # (step, LoRA file): identity candidates
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class OutputPaths:
     lora: Path
     metadata: Path
     checkpoints: Path
+    snapshots: Path
 
     @classmethod
     def for_user(cls, out_path: str | os.PathLike, user_id: str) -> "OutputPaths":
@@ -88,7 +92,8 @@ class OutputPaths:
         lora = out if out.suffix == LORA_SUFFIX else out / f"{user_id}{LORA_SUFFIX}"
         if lora.exists() and not lora.is_file():
             raise InvalidInputError(f"out {lora}", "exists and is not a file")
-        return cls(lora=lora, metadata=lora.with_suffix(".json"), checkpoints=lora.with_name(f"{lora.stem}.ckpt"))
+        return cls(lora=lora, metadata=lora.with_suffix(".json"), checkpoints=lora.with_name(f"{lora.stem}.ckpt"),
+                   snapshots=lora.with_name(f"{lora.stem}.candidates"))
 
 
 # --------------------------------------------------------------------------- randomness
@@ -112,90 +117,6 @@ def sample_indices(seed: int, step: int, rank: int, batch_size: int, world: int,
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, _ORDER, epoch)))
         out.append((int(perm[pos]), epoch))
     return out
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and (p / "state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def newest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """Newest complete ``step-NNNNNN`` folder under ``root`` (None if there is none)."""
-    found = _checkpoint_dirs(Path(root))
-    return found[-1][1] if found else None
-
-
-def _trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{name}": p.detach().to("cpu", torch.float32).contiguous()
-            for prefix, m in modules.items() for name, p in m.named_parameters() if p.requires_grad}
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-
-
-def save_checkpoint(root: Path, step: int, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler,
-                    state: dict, keep: int) -> Path:
-    """Write ``root/step-NNNNNN/`` atomically, then drop all but the ``keep`` newest."""
-    from safetensors.torch import save_file
-
-    path = root / f"step-{step:06d}"
-    with atomic_dir(path) as tmp:
-        save_file(_trainable_state(modules), str(tmp / "lora_params.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
-        atomic_write_json(tmp / "state.json", dict(state, step=step))
-    for _, old in _checkpoint_dirs(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG states in place; return ``state.json``."""
-    from safetensors.torch import load_file
-
-    saved = load_file(str(path / "lora_params.safetensors"))
-    params = {f"{prefix}.{name}": p for prefix, m in modules.items() for name, p in m.named_parameters()
-              if p.requires_grad}
-    if set(saved) != set(params):
-        missing, extra = sorted(set(params) - set(saved))[:3], sorted(set(saved) - set(params))[:3]
-        raise InvalidInputError(f"checkpoint {path}",
-                                f"LoRA parameters do not match (missing {missing}, extra {extra})")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name].to(p.device, p.dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", map_location="cpu", weights_only=True))
-    _set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
-    return json.loads((path / "state.json").read_text())
 
 
 # --------------------------------------------------------------------------- helpers
@@ -345,6 +266,7 @@ def train_lora(
     paths = OutputPaths.for_user(out_path, user_id)
     dataset_dir = Path(dataset_dir)
     rows = read_metadata(dataset_dir)  # every dataset error surfaces before anything is written
+    snapshot_at = set(config.snapshot_steps(config.resolve_steps(len(rows))))  # checked before any work
     ref_path = None
     if reference_embedding is not None:
         ref_path = Path(reference_embedding)
@@ -352,8 +274,11 @@ def train_lora(
             raise InvalidInputError("reference_embedding", f"{ref_path} is not a file")
         ref_path = ref_path.resolve()
     checkpoint = newest_checkpoint(paths.checkpoints) if resume else None
-    if not resume and _checkpoint_dirs(paths.checkpoints):
+    if not resume and checkpoint_dirs(paths.checkpoints):
         raise InvalidInputError(f"out {paths.lora}", f"{paths.checkpoints} holds checkpoints of an earlier run: "
+                                                     "pass --resume to continue it, or delete that folder")
+    if not resume and snapshot_files(paths.snapshots):
+        raise InvalidInputError(f"out {paths.lora}", f"{paths.snapshots} holds identity candidates of an earlier run: "
                                                      "pass --resume to continue it, or delete that folder")
 
     from diffusers.optimization import get_scheduler
@@ -473,6 +398,9 @@ def train_lora(
                                      "sampler": "per-step torch.Generator seeded from (seed, step, rank)"},
                                     config.keep_checkpoints)
                 accelerator.wait_for_everyone()
+            if done in snapshot_at and accelerator.is_main_process:
+                path = paths.snapshots / f"step-{done:06d}{LORA_SUFFIX}"
+                write_lora_file(path, unwrapped["unet"], unwrapped.get("text_encoder"), te_config)
             if callback is not None:
                 callback(done, loss_value)
     loop_seconds = time.perf_counter() - t_loop
@@ -499,4 +427,5 @@ def train_lora(
     return TrainResult(lora_path=paths.lora, metadata_path=paths.metadata, steps=total_steps, losses=losses,
                        resumed_from=resumed_from, seconds=seconds,
                        steps_per_second=steps_run / loop_seconds if loop_seconds > 0 else 0.0,
-                       metadata=metadata, unet=unet_out, text_encoder=te_out)
+                       metadata=metadata, unet=unet_out, text_encoder=te_out,
+                       snapshots=snapshot_files(paths.snapshots) if snapshot_at else [])

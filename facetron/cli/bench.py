@@ -3,7 +3,9 @@
 * ``all``   — the suite (pairs + load sweeps + stage breakdown), ``--full`` adds SD-1.5 shapes
 * ``pairs`` — only the side-by-side pairs
 * ``load``  — only the load sweeps (own server, or ``--url`` of a running one)
+* ``soak``  — many clients for a minute: unexpected errors and server memory growth
 * ``faces`` — the face-path benchmark (embedder vs dlib-bin, pipeline, Triton vs in-process)
+* ``runtimes`` — per diffusion net: torch eager vs ONNX Runtime vs OpenVINO fp32 / int8 weights (``--full``: SD-1.5)
 """
 
 from __future__ import annotations
@@ -91,6 +93,32 @@ def _load(args: argparse.Namespace) -> int:
     return _print_summary(result)
 
 
+def _soak(args: argparse.Namespace) -> int:
+    from facetron.benchmarks.soak import run_soak
+
+    result, path = run_soak(clients=args.clients, seconds=args.seconds, warmup_s=args.warmup)
+    print(json.dumps({k: result[k] for k in ("calls", "errors", "unexpected_errors", "rss_growth_after_warmup")},
+                     indent=2))
+    print(f"wrote {path} (+ .md, .png)")
+    return 1 if result["unexpected_errors"] else 0
+
+
+def _runtimes(args: argparse.Namespace) -> int:
+    from facetron.benchmarks.runtimes import run
+
+    nets = [n.strip() for n in args.nets.split(",") if n.strip()] if args.nets else None
+    result = run(full=args.full, repeats=args.repeats, nets=nets, out_dir=args.out)
+    print(f"CPU: {result['cpu']['model']} ({', '.join(result['cpu']['kernel_flags'])})")
+    for name, r in result["nets"].items():
+        for variant, e in r["variants"].items():
+            print(f"  {name:<13} {variant:<22} " + (f"ERROR {e['error']}" if "error" in e else
+                  f"{e.get('ms', float('nan')):>10.3f} ms  x torch {e.get('over_torch', 1.0)!s:<6} "
+                  f"max abs {e.get('max_abs', 0):.3g}  rel L2 {e.get('rel_l2', 0):.3g}"))
+    for f in result.get("files", []):
+        print(f"  wrote {f}")
+    return 0
+
+
 def _training(args: argparse.Namespace) -> int:
     from facetron.benchmarks.training import run
 
@@ -104,6 +132,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     f = bsub.add_parser("faces", help="embedder vs dlib-bin, face pipeline throughput, Triton vs in-process")
     f.add_argument("--repeats", type=int, default=20)
     f.set_defaults(func=_faces)
+    s = bsub.add_parser("soak", help="C clients x S seconds of mixed portrait/face_select/face_detector calls "
+                                     "(some cancelled): unexpected errors and server RSS growth")
+    s.add_argument("--clients", type=int, default=16)
+    s.add_argument("--seconds", type=float, default=60.0)
+    s.add_argument("--warmup", type=float, default=10.0, help="seconds before the RSS baseline")
+    s.set_defaults(func=_soak)
+    rt = bsub.add_parser("runtimes", help="per diffusion net: torch eager, ONNX Runtime, OpenVINO fp32 (dynamic, "
+                                          "static) and int8 weights: ms/call and deviation from torch (tiny; "
+                                          "--full: SD-1.5 shapes, minutes and ~15 GB)")
+    rt.add_argument("--full", action="store_true", help="SD-1.5 shapes (random weights); run it alone on the machine")
+    rt.add_argument("--repeats", type=int, default=None, help="interleaved calls per variant (default 20; 3 with --full)")
+    rt.add_argument("--nets", default=None, help="comma-separated subset of text_encoder,unet,unet_lora,vae_decoder,"
+                                                 "vae_encoder")
+    rt.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
+    rt.set_defaults(func=_runtimes)
     t = bsub.add_parser("training", help="LoRA training steps/s (tiny; --full adds SD-1.5 shapes, minutes)")
     t.add_argument("--full", action="store_true")
     t.set_defaults(func=_training)

@@ -7,11 +7,15 @@ calls over gRPC in template mode -> ranked portraits, a grid PNG and a
 report in ``outputs/demo/`` -> server stopped.
 
 The tiny default generator has random weights: its own pixels are not
-portraits. Template mode on real template photos shows what facetron does:
-the template's face region is generated, the user's face is fused in, and
-face_select ranks the candidates. ``report.json`` says which parts came
-from the tiny model. With ``--base-model`` pointing at a real SD-1.5
-folder the same command makes real portraits.
+portraits and hold no face. Template mode on real template photos shows
+what facetron does: the template's face region is generated, the generated
+faces are ranked (none on the tiny model: the server then ranks by the
+fused pictures and says so), and the user's best photo is blended into each
+face at ``--fusion-strength``. The grid shows both similarities under each
+picture (the generated face's and the returned picture's; ``*`` marks the
+one that ranked); ``report.json`` says which parts came from the tiny
+model. With ``--base-model`` pointing at a real SD-1.5 folder the same
+command makes real portraits.
 """
 
 from __future__ import annotations
@@ -68,11 +72,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--size", type=int, default=256, help="portrait side in px")
+    p.add_argument("--fusion-strength", type=float, default=None,
+                   help="blend of the user's best photo into each face, 0..1 (default: the server's)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from facetron.client import FacetronClient
+    from facetron.client.grid import draw_grid, similarity_labels
+    from facetron.contract import PORTRAIT_OUTPUTS, check_fusion_strength
     from facetron.export.repository import DiffusionSource, assemble_repository
     from facetron.faces.attributes import UserAttributes, parse_attr_flags
     from facetron.faces.detector import FaceDetector
@@ -85,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     from facetron.users import UserRegistry, validate_user_id
 
     user = validate_user_id(args.user, "--user")
+    if args.fusion_strength is not None:
+        check_fusion_strength(args.fusion_strength, "--fusion-strength")
     out, build = args.out, args.build
     out.mkdir(parents=True, exist_ok=True)
     build.mkdir(parents=True, exist_ok=True)
@@ -126,36 +136,44 @@ def run(args: argparse.Namespace) -> int:
     with timer.stage("start_triton"):
         server = TritonServer(repo, log_path=out / "tritonserver.log").start()
     calls = []
-    returned: list[tuple[np.ndarray, str]] = []
+    returned: list[tuple[np.ndarray, str]] = []  # (picture, grid label)
     try:
         templates = demo_templates(FaceDetector(), size=args.size, count=args.templates)
         with timer.stage("portraits_grpc"), FacetronClient(server.grpc_url, timeout_s=1800) as client:
             for n, (name, template) in enumerate(templates):
                 t0 = time.perf_counter()
-                res = client.infer(
-                    "portrait",
-                    {
-                        "user_id": np.array([user.encode()], dtype=object),
-                        "template": template,
-                        "num_images": np.array([args.num], np.int32),
-                        "top_k": np.array([args.top_k], np.int32),
-                        "steps": np.array([args.steps], np.int32),
-                        "seed": np.array([1000 * n], np.int64),
-                        "height": np.array([args.size], np.int32),
-                        "width": np.array([args.size], np.int32),
-                    },
-                    ["images", "similarity", "rank", "selected", "report"],
-                )
+                inputs = {
+                    "user_id": np.array([user.encode()], dtype=object),
+                    "template": template,
+                    "num_images": np.array([args.num], np.int32),
+                    "top_k": np.array([args.top_k], np.int32),
+                    "steps": np.array([args.steps], np.int32),
+                    "seed": np.array([1000 * n], np.int64),
+                    "height": np.array([args.size], np.int32),
+                    "width": np.array([args.size], np.int32),
+                }
+                if args.fusion_strength is not None:
+                    inputs["fusion_strength"] = np.array([args.fusion_strength], np.float32)
+                res = client.infer("portrait", inputs, list(PORTRAIT_OUTPUTS))
                 server_report = json.loads(res["report"][0])
                 save_image(out / "templates" / f"{name}.png", template)
-                for r, idx in enumerate(res["selected"]):
+                labels = similarity_labels(res["similarity_generated"], res["similarity_final"], res["rank"],
+                                           res["selected"], server_report["ranked_by"], [name] * len(res["selected"]))
+                for r, label in enumerate(labels):
                     path = out / "portraits" / f"{name}_rank{r}.png"
                     save_image(path, res["images"][r])
-                    returned.append((res["images"][r], f"{name} #{r} sim {res['similarity'][idx]:.3f}"))
+                    returned.append((res["images"][r], label))
+
+                def rounded(values: np.ndarray) -> list:
+                    return [None if np.isnan(v) else round(float(v), 4) for v in values]
+
                 calls.append({
                     "template": name,
                     "seconds": round(time.perf_counter() - t0, 2),
-                    "similarity": [None if np.isnan(s) else round(float(s), 4) for s in res["similarity"]],
+                    "ranked_by": server_report["ranked_by"],
+                    "similarity": rounded(res["similarity"]),
+                    "similarity_generated": rounded(res["similarity_generated"]),
+                    "similarity_final": rounded(res["similarity_final"]),
                     "rank": res["rank"].tolist(),
                     "selected": res["selected"].tolist(),
                     "server": server_report,
@@ -164,8 +182,6 @@ def run(args: argparse.Namespace) -> int:
         with timer.stage("stop_triton"):
             server.stop()
     if returned:
-        from facetron.client.grid import draw_grid
-
         grid = draw_grid([r[0] for r in returned], [r[1] for r in returned], cols=args.top_k * 2, cell=args.size)
         save_image(out / "grid.png", grid)
     report["portraits"] = calls
@@ -177,6 +193,6 @@ def run(args: argparse.Namespace) -> int:
     path = atomic_write_json(out / "report.json", report)
     print(f"[demo] {len(returned)} portraits in {out / 'portraits'}; grid {out / 'grid.png'}; report {path}")
     if report["smoke_model"]:
-        print("[demo] note: tiny smoke model — the faces you see are the user's face fused into template photos; "
-              "the generated pixels are not portraits (see report.json)")
+        print("[demo] note: tiny smoke model — its pixels are not portraits and hold no face; the faces you see are "
+              "the user's best photo blended into the template's face region (see report.json)")
     return 0

@@ -12,9 +12,10 @@ Other parts add sibling subcommands through :func:`add_subcommand`.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from facetron.contract import IDENTITY_MODES
+from facetron.contract import DEFAULT_NET_RUNTIME, IDENTITY_MODES, NET_RUNTIMES
 from facetron.export.model_configs import TARGETS
 from facetron.paths import DEFAULT_REPOSITORY
 
@@ -81,6 +82,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     r.add_argument("--identity-mode", choices=IDENTITY_MODES, default=IDENTITY_MODES[0],
                    help="runtime_lora: one UNet + LoRA bank (scalable default); merged: one UNet per user "
                         "(add users with `export add-user`; serve with --model-control explicit)")
+    r.add_argument("--cpu-runtime", choices=("auto",) + NET_RUNTIMES, default=DEFAULT_NET_RUNTIME,
+                   help="cpu target: runtime of text_encoder/unet/vae_* (default onnxruntime); auto = measure "
+                        "each net briefly on this machine at the served shapes and keep the fastest within the "
+                        "validation tolerance (written to runtime_choice.json in the repository)")
     r.set_defaults(func=run_repository)
 
     u = nested.add_parser("add-user", help="merged mode: add a user's merged UNet to an assembled repository")
@@ -88,7 +93,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     u.add_argument("--user", required=True)
     u.add_argument("--users-dir", type=Path, default=None, help="user registry (default: FACETRON_USERS_DIR or build/users)")
     u.add_argument("--base-model", type=Path, default=None)
-    u.add_argument("--style-lora", type=Path, default=None)
+    u.add_argument("--style", default=None, help="a registered style whose LoRA is fused too (`facetron styles list`)")
+    u.add_argument("--style-lora", type=Path, default=None, help="or: a style LoRA file fused at --w-style")
     u.add_argument("--w-face", type=float, default=0.9)
     u.add_argument("--w-style", type=float, default=0.25)
     u.add_argument("--target", choices=TARGETS, default="cpu")
@@ -102,20 +108,25 @@ def run_add_user(args: argparse.Namespace) -> int:
 
     user = validate_user_id(args.user, "--user")
     path = add_merged_user(args.repo, user, args.users_dir or default_root(), args.base_model, args.style_lora,
-                           args.w_face, args.w_style, args.target)
+                           args.w_face, args.w_style, args.target, style=args.style)
     print(f"[export] merged UNet of {user!r} -> {path} (a server with explicit model control loads it on first use)")
     return 0
 
 
 def run_repository(args: argparse.Namespace) -> int:
     from facetron.export.model_configs import models_for
-    from facetron.export.repository import DiffusionSource, assemble_repository
+    from facetron.export.repository import RUNTIME_CHOICE_FILE, DiffusionSource, assemble_repository
 
     diffusion = None if args.faces_only else DiffusionSource(base_model=args.base_model, lora_rank=args.lora_rank)
     out = assemble_repository(args.target, args.out, diffusion=diffusion, users_dir=args.users_dir,
-                              identity_mode=args.identity_mode)
+                              identity_mode=args.identity_mode, cpu_runtime=args.cpu_runtime)
     names = [m.name for m in models_for(args.target, diffusion=diffusion is not None)]
     print(f"[export] {args.target} repository with {len(names)} models -> {out}: {', '.join(names)}")
+    choice = out / RUNTIME_CHOICE_FILE
+    if choice.is_file():
+        runtimes = json.loads(choice.read_text())["runtimes"]
+        print(f"[export] net runtimes ({args.cpu_runtime}): " + ", ".join(f"{k}={v}" for k, v in runtimes.items())
+              + f" (see {choice})")
     if args.target == "gpu":
         print("[export] note: the gpu target is written for the NGC tritonserver container; it was not served here")
     return 0

@@ -4,9 +4,12 @@ One ``portrait`` call through a :class:`~facetron.client.pool.ServerPool`
 (``--server h:p[,h:p]``: round-robin + failover). Writes into ``--out``:
 
 * ``portrait_00.png`` ... — the returned (top-k) images, best first;
-* ``grid.png`` — the same images in a grid labelled with rank + similarity;
+* ``grid.png`` — the same images in a grid labelled with rank and both
+  similarities (the generated face's, which ranks, and the returned
+  picture's after fusion);
 * ``result.json`` — request, per-candidate scores/ranks, selection, the
-  server's report, client timings, servers used (written last).
+  server's report (which similarity ranked, fusion, the seed used), client
+  timings, servers used (written last).
 
 Every file is written atomically. Errors (bad argument, unknown user or
 model, no server reachable) are one line and exit 2.
@@ -22,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from facetron.client.grpc_client import DEFAULT_URL, RetryPolicy, portrait_request
-from facetron.contract import CLIENT_NUM_IMAGES, SCHEDULERS
+from facetron.contract import CLIENT_NUM_IMAGES, DEFAULT_FUSION_STRENGTH, SCHEDULERS
 from facetron.errors import FacetronError, InvalidInputError
 
 # library argument -> CLI flag, so errors name what the user typed
@@ -37,6 +40,7 @@ FLAGS = {
     "width": "--width",
     "template": "--template",
     "strength": "--strength",
+    "fusion_strength": "--fusion-strength",
 }
 
 
@@ -63,6 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="sampler (default: the server's)")
     p.add_argument("--template", type=Path, default=None, help="template photo (template mode)")
     p.add_argument("--strength", type=float, default=None, help="template mode: 0 < strength <= 1")
+    p.add_argument("--fusion-strength", type=float, default=None,
+                   help=f"blend of the user's best photo into each generated face, 0..1 (0 = no fusion; "
+                        f"default: the server's, {DEFAULT_FUSION_STRENGTH:g})")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per attempt (default 600)")
     p.add_argument("--retries", type=int, default=3, help="rounds over the servers on UNAVAILABLE (default 3)")
     p.add_argument("--progress", action="store_true",
@@ -91,6 +98,7 @@ def _request(args: argparse.Namespace, template: np.ndarray | None) -> dict[str,
         strength=args.strength,
         negative_prompt=args.negative_prompt,
         scheduler=args.scheduler,
+        fusion_strength=args.fusion_strength,
     )
     try:
         portrait_request(**kwargs)
@@ -135,7 +143,7 @@ def _streamed(server: str, kwargs: dict, timeout_s: float):
 
 
 def run(args: argparse.Namespace) -> int:
-    from facetron.client.grid import draw_grid, rank_labels
+    from facetron.client.grid import draw_grid, similarity_labels
     from facetron.client.pool import ServerPool, parse_servers
     from facetron.atomic import atomic_write_json
     from facetron.imageio import load_image, save_image
@@ -169,7 +177,10 @@ def run(args: argparse.Namespace) -> int:
             save_image(args.out / name, np.ascontiguousarray(image))
             files.append(name)
         if len(result.images):
-            grid = draw_grid(list(result.images), rank_labels(result.similarity, result.rank, result.selected))
+            generated = result.similarity_generated if result.similarity_generated is not None else result.similarity
+            final = result.similarity_final if result.similarity_final is not None else result.similarity
+            labels = similarity_labels(generated, final, result.rank, result.selected, result.ranked_by)
+            grid = draw_grid(list(result.images), labels)
             save_image(args.out / "grid.png", grid)
         candidates = result.candidates()
         for row in candidates:
@@ -180,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
                 "user_id": args.user,
                 "request": {k: v for k, v in kwargs.items() if k != "template" and v is not None}
                 | ({"template": str(args.template)} if args.template else {}),
+                "ranked_by": result.ranked_by,
+                "seed": result.report.get("seed"),
                 "candidates": candidates,
                 "selected": [int(i) for i in result.selected],
                 "files": files,
@@ -193,10 +206,12 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise FacetronError(f"writing {args.out}: {exc.strerror or exc}") from None
 
-    best = next((c["similarity"] for c in candidates if c["rank"] == 0), None)
+    best = next((c for c in candidates if c["rank"] == 0), None)
+    scores = (f"best: generated {best['similarity_generated']}, final {best['similarity_final']}, "
+              f"ranked by {result.ranked_by}" if best else "no candidate passed the face checks")
     print(
         f"wrote {len(files)} of {len(candidates)} portraits to {args.out} "
-        f"(best similarity {best if best is not None else 'n/a'}; server {result.server}; "
+        f"({scores}; seed {result.report.get('seed')}; server {result.server}; "
         f"{result.timing['client_total_s']:.1f} s)"
     )
     if result.report.get("smoke_model"):

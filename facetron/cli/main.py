@@ -11,12 +11,13 @@ import argparse
 import sys
 from typing import Sequence
 
-from facetron.cli import assets, bench, demo, export, faces, generate, serve, tokenize, train
+from facetron.cli import assets, bench, demo, export, faces, generate, serve, tokenize, train, users, web
+from facetron.cli import evaluate, styles
 from facetron.errors import FacetronError
 
 # Each module defines add_parser(subparsers); heavy parts (torch, diffusers)
 # are imported inside the command functions so `facetron --help` stays fast.
-COMMAND_MODULES = (serve, tokenize, demo, assets, faces, bench, train, export, generate)
+COMMAND_MODULES = (serve, tokenize, demo, assets, faces, bench, train, export, generate, users, web, styles, evaluate)
 
 EXIT_ERROR = 2
 

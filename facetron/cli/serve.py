@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import time
 from pathlib import Path
 
 from facetron.errors import ServerError
-from facetron.paths import DEFAULT_REPOSITORY
-from facetron.triton_server import LOOPBACK, TritonServer
+from facetron.paths import BUILD_DIR, DEFAULT_REPOSITORY
+from facetron.triton_server import ADMIN_HEADER, GRPC_ADMIN_HEADER, LOOPBACK, TritonServer
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +25,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--load-model", action="append", default=[], help="with explicit control: model to load")
     p.add_argument("--log", type=Path, default=None, help="server log file (default: a temp file)")
     p.add_argument("--startup-timeout", type=float, default=120.0)
+    p.add_argument("--admin-key-file", type=Path, default=BUILD_DIR / "admin-key",
+                   help="explicit control: where the key for the restricted repository and shared-memory "
+                        "APIs is written (mode 0600; default: %(default)s); $FACETRON_ADMIN_KEY sets the key")
     p.set_defaults(func=run)
+
+
+def write_admin_key(path: Path, key: str) -> None:
+    """The key for the restricted APIs, readable by this user only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    os.chmod(path, 0o600)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         log_path=args.log,
         startup_timeout_s=args.startup_timeout,
     )
+    if os.environ.get("FACETRON_ADMIN_KEY"):
+        server.admin_key = os.environ["FACETRON_ADMIN_KEY"]
     stop = {"now": False}
 
     def _handle(signum: int, _frame: object) -> None:
@@ -52,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
             f"metrics {server.host}:{server.metrics_port}  log {server.log_path}",
             flush=True,
         )
+        if args.model_control == "explicit":
+            write_admin_key(args.admin_key_file, server.admin_key)
+            print(f"model-repository and shared-memory APIs need the key in {args.admin_key_file}: "
+                  f"gRPC metadata {GRPC_ADMIN_HEADER}, HTTP header {ADMIN_HEADER}", flush=True)
         while not stop["now"]:
             if not server.is_running():
                 raise ServerError(f"tritonserver exited unexpectedly (log: {server.log_path})")

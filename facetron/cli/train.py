@@ -129,34 +129,104 @@ def add_lora_parser(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--users-dir", type=Path, default=None, help="user registry (default: FACETRON_USERS_DIR or build/users)")
     p.add_argument("--no-register", action="store_true", help="do not install the LoRA into the user registry")
+    p.add_argument("--select-by-identity", type=int, default=None, metavar="N",
+                   help="keep the LoRA at N evenly spaced steps, render fixed pre-fusion samples with each, score "
+                        "them against the user's reference embedding (--reference-embedding, else the registry's) "
+                        "and install the best; writes identity_selection.json/.md/.png beside the LoRA")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_lora)
+
+
+def _selection_reference(args: argparse.Namespace, registry):
+    """The reference embedding identity selection scores against (checked before training)."""
+    import numpy as np
+
+    from facetron.errors import InvalidInputError
+
+    if args.reference_embedding is not None:
+        if not Path(args.reference_embedding).is_file():
+            raise InvalidInputError("--reference-embedding", f"{args.reference_embedding} is not a file")
+        return np.load(args.reference_embedding, allow_pickle=False).astype(np.float32).reshape(1, -1)
+    if not registry.exists(args.user):
+        raise InvalidInputError("--select-by-identity", f"needs the user's reference embedding: pass "
+                                                        f"--reference-embedding FILE, or register {args.user!r} first "
+                                                        "(facetron train prepare)")
+    return registry.reference_embedding(args.user)
 
 
 def run_lora(args: argparse.Namespace) -> int:
     from facetron.training.lora_config import LoraTrainConfig
     from facetron.training.train_lora import train_lora
+    from facetron.users import UserRegistry, default_root, validate_user_id
 
+    validate_user_id(args.user, "--user")
+    registry = UserRegistry(args.users_dir or default_root())
+    reference = None
+    if args.select_by_identity is not None:
+        from facetron.training.identity_select import check_candidates_count
+
+        check_candidates_count(args.select_by_identity)
+        reference = _selection_reference(args, registry)
     config = LoraTrainConfig(
         rank=args.rank, alpha=args.alpha, text_encoder_rank=args.text_encoder_rank, learning_rate=args.lr,
         steps=args.steps, batch_size=args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every,
         mixed_precision=args.mixed_precision, trigger_token=args.trigger_token,
+        identity_snapshots=args.select_by_identity or 0,
     )
-    result = train_lora(
-        args.dataset, args.out, user_id=args.user, base_model=args.base_model, config=config, resume=args.resume,
-        device=args.device, progress=not args.no_progress, reference_embedding=args.reference_embedding,
-    )
+    from facetron.errors import InvalidInputError
+
+    try:
+        result = train_lora(
+            args.dataset, args.out, user_id=args.user, base_model=args.base_model, config=config, resume=args.resume,
+            device=args.device, progress=not args.no_progress, reference_embedding=args.reference_embedding,
+        )
+    except InvalidInputError as err:  # name the flag the user typed
+        if err.input_name == "identity_snapshots":
+            raise InvalidInputError("--select-by-identity", err.rule) from None
+        raise
     loss = result.metadata["loss"]
     print(f"[train] {result.steps} steps ({result.steps_per_second:.2f} steps/s this run); "
           f"loss (moving avg, window {loss['window']}) {loss['first']:.4f} -> {loss['last']:.4f}")
     if result.metadata.get("smoke_model"):
         print("[train] note: trained on the tiny embedded smoke model; its pictures are not portraits")
+    if reference is not None:
+        _select(args, result, reference, registry)
     print(f"[train] LoRA: {result.lora_path}")
     print(f"[train] metadata: {result.metadata_path}")
     if not args.no_register:
-        from facetron.users import UserRegistry, default_root
-
-        registry = UserRegistry(args.users_dir or default_root())
         registry.install_lora(args.user, result.lora_path, result.metadata_path)
         print(f"[train] registered the LoRA for {args.user!r} in {registry.root} (served by the runtime-LoRA unet)")
     return 0
+
+
+def _select(args: argparse.Namespace, result, reference, registry) -> None:
+    """--select-by-identity: score the kept candidates, make the best the output LoRA."""
+    from facetron.client.grid import draw_grid
+    from facetron.diffusion.base_model import load_base_model
+    from facetron.faces.detector import FaceDetector
+    from facetron.faces.embedder import FaceEmbedder
+    from facetron.serving.face_detector import pack_detections
+    from facetron.training.identity_select import (
+        SampleSpec, install_selection, lora_renderer, select_by_identity, write_selection,
+    )
+    from facetron.users import DEFAULT_SUBJECT
+
+    base = load_base_model(args.base_model)
+    subject = registry.identity_text(args.user)[1] if registry.exists(args.user) else DEFAULT_SUBJECT
+    spec = SampleSpec()
+    detector, embedder = FaceDetector(), FaceEmbedder()
+    print(f"[train] choosing among {len(result.snapshots)} checkpoints by identity "
+          f"({len(spec.styles)} prompts x {spec.seeds} seeds each, pre-fusion) ...", flush=True)
+    selection = select_by_identity(
+        result.snapshots, reference, lora_renderer(base, spec, args.trigger_token, subject),
+        lambda images: pack_detections(detector.detect_batch(list(images))), embedder.embed, spec,
+        smoke_model=base.is_smoke_model,
+    )
+    files = write_selection(selection, result.lora_path.parent, draw_grid)
+    install_selection(selection, result.lora_path, result.metadata_path)
+    for i, row in enumerate(selection.rows):
+        mean = "-" if row.mean_similarity is None else f"{row.mean_similarity:.4f}"
+        print(f"[train]   step {row.step:>6}: one face {row.one_face}/{row.samples}, mean similarity {mean}, "
+              f"score {row.score:.4f}{'  <- selected' if i == selection.best else ''}")
+    print(f"[train] note: {selection.note()}")
+    print(f"[train] identity table: {files['json']} / {files['markdown']}; samples: {files.get('contact_sheet')}")

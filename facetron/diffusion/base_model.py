@@ -7,23 +7,31 @@ A base model is a folder in diffusers layout::
 ``load_base_model(DIR)`` loads one and names the part that is missing or
 broken. ``ensure_tiny_model()`` writes the embedded default (built from a
 fixed seed, so every machine gets the same weights) into the cache once.
-No weights are ever downloaded.
+No weights are ever downloaded: ``HF_HUB_OFFLINE=1`` is set before the
+Hugging Face libraries load (unless the environment already says otherwise)
+and every ``from_pretrained`` reads a local folder (``local_files_only=True``);
+a path that is not a local diffusers folder is refused before any load.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
-from pathlib import Path
+import os
 
-import torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read by huggingface_hub at import: set before diffusers loads
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from facetron.atomic import atomic_dir, atomic_write_json
-from facetron.diffusion.clip_tokenizer import write_tokenizer_files
-from facetron.diffusion.model_spec import ModelSpec, SD15_SCHEDULER, TINY, TINY_SEED
-from facetron.errors import InvalidInputError, NotFoundError
-from facetron.paths import cache_dir
+import hashlib  # noqa: E402
+import json  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from facetron.atomic import atomic_dir, atomic_write_json  # noqa: E402
+from facetron.diffusion.clip_tokenizer import write_tokenizer_files  # noqa: E402
+from facetron.diffusion.model_spec import ModelSpec, SD15_SCHEDULER, TINY, TINY_SEED  # noqa: E402
+from facetron.errors import InvalidInputError, NotFoundError  # noqa: E402
+from facetron.paths import cache_dir  # noqa: E402
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SMOKE_MARKER = "facetron_smoke_model.json"
@@ -113,7 +121,11 @@ def check_layout(path: str | Path) -> Path:
     """Raise naming the missing part if ``path`` is not a diffusers SD folder."""
     path = Path(path)
     if not path.is_dir():
-        raise NotFoundError(f"--base-model {path}: no such folder")
+        hub_like = not path.is_absolute() and len(path.parts) == 2 and not str(path).startswith(".")
+        hint = (f" ({str(path)!r} looks like a model-hub id: facetron never downloads; give the local "
+                "diffusers folder, e.g. --base-model /models/stable-diffusion-v1-5)") if hub_like else \
+            " (a local diffusers folder is expected: unet/ vae/ text_encoder/ tokenizer/ scheduler/)"
+        raise NotFoundError(f"--base-model {path}: no such folder{hint}")
     for part in PARTS:
         sub = path / part
         if not sub.is_dir():
@@ -133,12 +145,13 @@ def load_base_model(path: str | Path | None = None, dtype: torch.dtype = torch.f
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = check_layout(path if path is not None else ensure_tiny_model())
+    local = {"local_files_only": True}  # never the network, whatever the environment says
     loaders = {
-        "unet": lambda: UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype),
-        "vae": lambda: AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype),
-        "text_encoder": lambda: CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype),
-        "tokenizer": lambda: CLIPTokenizer.from_pretrained(path / "tokenizer"),
-        "scheduler": lambda: DDPMScheduler.from_pretrained(path / "scheduler"),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, **local),
+        "vae": lambda: AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, **local),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, **local),
+        "tokenizer": lambda: CLIPTokenizer.from_pretrained(path / "tokenizer", **local),
+        "scheduler": lambda: DDPMScheduler.from_pretrained(path / "scheduler", **local),
     }
     parts = {}
     for name, load in loaders.items():

@@ -373,6 +373,11 @@ def _fill(lora: LoraLike, w: float, by_module: Mapping[str, Mapping], rank: int,
           used: dict[int, int]) -> None:
     """Write ``lora``'s A and ``w · scale · B`` into the next free rank rows/columns of every layer it adapts."""
     label = f"LoRA file {lora.source}"
+    te = [f"{c}.{m}" for (c, m) in lora.layers if c == "text_encoder"]
+    if te:  # refused, never dropped: the served text encoder is one for every user (runtime and merged mode)
+        raise InvalidInputError(label, f"adapts {len(te)} text-encoder layers (e.g. {few(te)}); facetron serves "
+                                       "one text encoder for every user, so text-encoder LoRAs cannot be served "
+                                       "(retrain without a text-encoder LoRA)")
     others = [f"{c}.{m}" for (c, m) in lora.layers if c != "unet" or m not in by_module]
     if others:
         raise InvalidInputError(label, f"adapts {len(others)} layers the runtime-LoRA UNet has no inputs for "

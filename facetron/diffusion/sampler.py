@@ -9,6 +9,18 @@ free guidance runs unconditional + conditional in one UNet batch.
 Determinism: image ``i`` of a request starts from noise drawn with seed
 ``seed + i`` (torch's CPU generator, like diffusers), so a fixed seed gives
 the same images whatever the batch size or runtime.
+
+Equal to diffusers (``tests/test_diffusers_parity.py``): text-to-image is
+``StableDiffusionPipeline`` with ``latents`` = :func:`initial_noise`
+(or, equivalently, ``generator=[torch.Generator().manual_seed(seed + i)
+for i in range(n)]``); template mode is ``StableDiffusionImg2ImgPipeline``
+with the same noise, the start step of its ``get_timesteps``
+(:func:`start_step`) and, as ``image``, the template's latent. One
+deliberate difference: facetron's ``vae_encoder`` returns the **mean** of
+the VAE's latent distribution (deterministic, one served net), where
+diffusers' img2img *samples* it with the request's generator; the parity
+test passes that mean to diffusers as a 4-channel ``image`` (which its
+``prepare_latents`` takes as latents as they are).
 """
 
 from __future__ import annotations
@@ -31,12 +43,26 @@ ProgressFn = Callable[[int, int], None]  # (step done, total)
 
 
 
+SCHEDULER_CLASSES = {"dpmsolver": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}
+#: What facetron sets over the base model's scheduler config, per scheduler.
+#: ``dpmsolver`` (the default) is DPM-Solver++ 2M with Karras sigmas: the
+#: multistep solver FaceChain samples with, on the Karras noise schedule that
+#: keeps its quality at 20-25 steps (contract.DEFAULT_STEPS) instead of 40.
+SCHEDULER_SETTINGS: dict[str, dict] = {
+    "dpmsolver": {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    "euler": {},
+    "ddim": {},
+}
+
+
 def make_scheduler(name: str, config: dict):
-    """A diffusers scheduler from the base model's scheduler config."""
-    classes = {"dpmsolver": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}
-    if name not in classes:
+    """A diffusers scheduler: the base model's scheduler config with
+    :data:`SCHEDULER_SETTINGS` of ``name`` over it (diffusers pipelines given
+    ``SCHEDULER_CLASSES[name].from_config(config, **SCHEDULER_SETTINGS[name])``
+    sample the same, tests/test_diffusers_parity.py)."""
+    if name not in SCHEDULER_CLASSES:
         raise InvalidInputError("scheduler", f"expected one of {', '.join(SCHEDULERS)}, got {name!r}")
-    return classes[name].from_config(config)
+    return SCHEDULER_CLASSES[name].from_config(config, **SCHEDULER_SETTINGS[name])
 
 
 @dataclass(frozen=True)
@@ -64,6 +90,31 @@ def initial_noise(seed: int, count: int, shape: tuple[int, int, int]) -> torch.T
     return torch.cat(out)
 
 
+def wire_strength(strength: float) -> float:
+    """``strength`` as the client meant it: a value that is exactly an FP32
+    (what the ``strength`` input carries on the wire) is read as the shortest
+    decimal that rounds to that FP32 (``0.7f`` = 0.699999988... -> 0.7);
+    any other float is kept. diffusers, given the Python float the client
+    typed, computes ``int(10 * 0.7) = 7``; the raw FP32 would give
+    ``int(6.99999988) = 6``, one denoising step fewer."""
+    strength = float(strength)
+    as_fp32 = np.float32(strength)
+    return float(repr(as_fp32)) if float(as_fp32) == strength else strength
+
+
+def start_step(steps: int, strength: float) -> int:
+    """Template mode's first step, diffusers' ``StableDiffusionImg2ImgPipeline.
+    get_timesteps`` rule: ``init_timestep = min(int(steps * strength), steps)``,
+    ``t_start = max(steps - init_timestep, 0)`` — truncation, no epsilon, as
+    diffusers does (strength read by :func:`wire_strength`). The loop then
+    runs ``steps - t_start = int(steps * strength)`` steps. Where that is 0
+    (``steps * strength < 1``) diffusers has no timestep left and fails;
+    facetron runs the last step instead."""
+    init_timestep = min(int(steps * wire_strength(strength)), steps)
+    t_start = max(steps - init_timestep, 0)
+    return min(t_start, steps - 1)
+
+
 def denoise(
     unet: UNetFn,
     scheduler_config: dict,
@@ -78,8 +129,10 @@ def denoise(
     """Run the scheduler loop; returns final latents (scaled) [N, C, h, w].
 
     ``cond``/``uncond`` are [1, 77, D] text embeddings (broadcast to N).
-    With ``init_latents`` [1 or N, C, h, w] (template mode), the loop starts
-    from the template noised to ``strength`` instead of pure noise."""
+    With ``init_latents`` [1 or N, C, h, w] (template mode: the template's
+    VAE latent *mean* x scaling factor, see the module docstring), the loop
+    starts from the template noised to the timestep of :func:`start_step`
+    instead of pure noise, as diffusers' img2img does."""
     n = req.num_images
     h, w = req.height // latent_factor, req.width // latent_factor
     scheduler = make_scheduler(req.scheduler, scheduler_config)
@@ -93,7 +146,7 @@ def denoise(
         if init.shape[1:] != (latent_channels, h, w):
             raise InvalidInputError("template", f"latent shape {list(init.shape[1:])} does not match {[latent_channels, h, w]}")
         init = init.expand(n, -1, -1, -1) if init.shape[0] == 1 else init
-        start = max(0, min(req.steps - int(round(req.steps * req.strength)), req.steps - 1))
+        start = start_step(req.steps, req.strength)
         timesteps = timesteps[start * scheduler.order :]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start * scheduler.order)

@@ -1,9 +1,9 @@
-"""Classical head mask, skin smoothing, white background and face fusion.
+"""Classical head mask, skin smoothing and white background.
 
-FaceChain uses learned models here (face parsing, skin retouching, face
-fusion). facetron ships classical versions behind small interfaces
-(:class:`Retoucher`, :class:`FaceFuser`) so a learned model can replace each
-one: register it in :data:`RETOUCHERS` / :data:`FUSERS`.
+FaceChain uses learned models here (face parsing, skin retouching). facetron
+ships classical versions behind a small interface (:class:`Retoucher`) so a
+learned model can replace each one: register it in :data:`RETOUCHERS`. Face
+fusion lives in :mod:`facetron.faces.fusion`.
 
 Landmarks are MTCNN's 5 points: left eye, right eye, nose, mouth left,
 mouth right, as (x, y) pixels.
@@ -16,7 +16,6 @@ from typing import Callable, Protocol
 import cv2
 import numpy as np
 
-from facetron.faces.alignment_math import similarity_transform
 
 
 def face_ellipse_mask(shape: tuple[int, int], landmarks: np.ndarray, scale: float = 1.0) -> np.ndarray:
@@ -69,48 +68,8 @@ def white_background(image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def fuse_face(
-    target: np.ndarray,
-    target_landmarks: np.ndarray,
-    source: np.ndarray,
-    source_landmarks: np.ndarray,
-    scale: float = 0.95,
-) -> np.ndarray:
-    """Warp the source face onto the target's landmarks and Poisson-blend it
-    inside a face ellipse (``scale`` x the face's size).
-
-    FaceChain fuses the user's template face into generated portraits; this
-    is the classical version (similarity warp + ``cv2.seamlessClone``)."""
-    tgt = np.asarray(target_landmarks, dtype=np.float64).reshape(5, 2)
-    src = np.asarray(source_landmarks, dtype=np.float64).reshape(5, 2)
-    matrix = similarity_transform(src, tgt)
-    h, w = target.shape[:2]
-    warped = cv2.warpAffine(source, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-    mask = face_ellipse_mask(target.shape, tgt, scale=scale)
-    # the warped source must cover the mask: restrict to the warped source's valid area
-    valid = cv2.warpAffine(np.full(source.shape[:2], 255, np.uint8), matrix, (w, h), flags=cv2.INTER_NEAREST)
-    mask = cv2.bitwise_and(mask, valid)
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return target.copy()
-    x1, x2, y1, y2 = xs.min(), xs.max(), ys.min(), ys.max()
-    if x1 <= 0 or y1 <= 0 or x2 >= w - 1 or y2 >= h - 1:
-        # seamlessClone needs the mask strictly inside the image: feathered alpha blend
-        alpha = _feather(mask, 15)
-        out = target.astype(np.float32) * (1 - alpha) + warped.astype(np.float32) * alpha
-        return np.clip(out + 0.5, 0, 255).astype(np.uint8)
-    centre = (int((x1 + x2 + 1) // 2), int((y1 + y2 + 1) // 2))
-    return cv2.seamlessClone(warped, target, mask, centre, cv2.NORMAL_CLONE)
-
-
 class Retoucher(Protocol):
     def __call__(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray: ...
-
-
-class FaceFuser(Protocol):
-    def __call__(
-        self, target: np.ndarray, target_landmarks: np.ndarray, source: np.ndarray, source_landmarks: np.ndarray
-    ) -> np.ndarray: ...
 
 
 RETOUCHERS: dict[str, Callable[..., np.ndarray]] = {
@@ -118,4 +77,3 @@ RETOUCHERS: dict[str, Callable[..., np.ndarray]] = {
     "smooth_skin": smooth_skin,
     "white_background": white_background,
 }
-FUSERS: dict[str, Callable[..., np.ndarray]] = {"poisson": fuse_face}

@@ -27,6 +27,7 @@ class Selection:
     rank: np.ndarray  # int32 [N], -1 where filtered
     order: np.ndarray  # int32 [k]: candidate indices, best first (top-k)
     reasons: list[str] = field(default_factory=list)  # per candidate: "" or why it was filtered
+    face: np.ndarray | None = None  # int32 [N]: the detection row of each kept candidate's face, -1 where filtered
 
 
 def face_filter(
@@ -78,9 +79,17 @@ def rank_by_identity(embeddings: np.ndarray, reference: np.ndarray, keep: np.nda
     sim = np.full(n, np.nan, dtype=np.float32)
     if keep.any():
         sim[keep] = (np.asarray(embeddings, dtype=np.float32)[keep] @ ref.T)[:, 0]
+    return rank_by_similarity(sim, keep, top_k)
+
+
+def rank_by_similarity(similarity: np.ndarray, keep: np.ndarray, top_k: int) -> Selection:
+    """Rank the kept candidates by ``similarity`` [N] (NaN where not kept);
+    ties keep the input order."""
+    keep = np.asarray(keep, bool)
+    sim = np.where(keep, np.asarray(similarity, np.float32), np.float32(np.nan)).astype(np.float32)
     kept = np.flatnonzero(keep)
     ordered = kept[np.argsort(-sim[kept], kind="stable")]
-    rank = np.full(n, -1, dtype=np.int32)
+    rank = np.full(len(keep), -1, dtype=np.int32)
     rank[ordered] = np.arange(len(ordered), dtype=np.int32)
     k = len(ordered) if top_k <= 0 else min(top_k, len(ordered))
     return Selection(similarity=sim, rank=rank, order=ordered[:k].astype(np.int32))

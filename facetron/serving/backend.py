@@ -15,8 +15,9 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import numpy as np
 
-from facetron.contract import ModelParams
-from facetron.errors import FacetronError, InvalidInputError, error_for_status, split_status, tag_status, triton_code_name
+from facetron.contract import BLS_TIMEOUT_S, ModelParams
+from facetron.errors import (CancelledError, FacetronError, InvalidInputError, error_for_status, split_status,
+                             tag_status, triton_code_name)
 
 try:  # only inside the python backend's stub; in-process callers never reach pb()
     import triton_python_backend_utils as pb_utils
@@ -63,7 +64,7 @@ def error_response(exc: BaseException):
     """An InferenceResponse carrying ``exc`` as a Triton error."""
     p = pb()
     if isinstance(exc, FacetronError):
-        code = getattr(p.TritonError, triton_code_name(exc.status))
+        code = getattr(p.TritonError, triton_code_name(exc.status), p.TritonError.INTERNAL)
         error = p.TritonError(tag_status(str(exc), exc.status), code)
     else:
         error = p.TritonError(f"internal error: {type(exc).__name__}: {exc}", p.TritonError.INTERNAL)
@@ -157,7 +158,19 @@ def get_scalar(request, name: str, dtype, default=None):
 # --- BLS --------------------------------------------------------------------------------
 
 
-def bls_infer(model: str, inputs: Mapping[str, np.ndarray], outputs: Iterable[str]) -> dict[str, np.ndarray]:
+def cancel_check(request, what: str = "request") -> Callable[[int, int], None]:
+    """A progress callback that stops the work when the client has cancelled
+    (checked between denoising steps: a client that gave up frees the server)."""
+
+    def check(done: int, total: int) -> None:
+        if request.is_cancelled():
+            raise CancelledError(f"{what}: cancelled by the client after step {done} of {total}")
+
+    return check
+
+
+def bls_infer(model: str, inputs: Mapping[str, np.ndarray], outputs: Iterable[str],
+              timeout_s: float = BLS_TIMEOUT_S) -> dict[str, np.ndarray]:
     """Call another model of the same server (BLS); raise its error as a facetron error.
 
     BLS responses lose the callee's error code (always INTERNAL in python
@@ -170,6 +183,7 @@ def bls_infer(model: str, inputs: Mapping[str, np.ndarray], outputs: Iterable[st
         model_name=model,
         inputs=[p.Tensor(k, np.ascontiguousarray(v)) for k, v in inputs.items()],
         requested_output_names=names,
+        timeout=int(timeout_s * 1e6),  # microseconds in the callee's queue (its queue policy allows overrides)
     )
     answer = request.exec()
     if answer.has_error():

@@ -7,12 +7,15 @@ models), so the composing logic runs unchanged in tests and benchmarks and
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from facetron import contract
-from facetron.errors import NotFoundError
+from facetron.errors import FacetronError, NotFoundError
+from facetron.serving import metrics
 from facetron.serving.backend import bls_chunked, bls_infer, pb
 from facetron.diffusion.nets import DiffusionNets
 
@@ -25,6 +28,33 @@ def detect(images: np.ndarray) -> dict[str, np.ndarray]:
 def embed(chips: np.ndarray) -> np.ndarray:
     """face_embedder: aligned chips [M,150,150,3] -> L2-normalised embeddings [M,128]."""
     return bls_chunked(contract.FACE_EMBEDDER.name, {"faces": chips}, "embeddings", contract.FACE_NET_MAX_BATCH)
+
+
+class MergedModels:
+    """The merged ``unet_user_<id>`` models this process loaded, least recently
+    used first: loading one more than ``max_loaded`` unloads the oldest (each
+    is a whole UNet: ~1.7 GB at SD-1.5 shapes). Another process may unload a
+    model this one still uses; its next call then reloads it (``diffusion_nets``)."""
+
+    def __init__(self, max_loaded: int):
+        self.max_loaded = max(1, max_loaded)
+        self.loaded: OrderedDict[str, None] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def use(self, user_id: str, repository: Path) -> str:
+        name = ensure_merged_unet(user_id, repository)
+        with self.lock:
+            self.loaded[name] = None
+            self.loaded.move_to_end(name)
+            stale = list(self.loaded)[: max(0, len(self.loaded) - self.max_loaded)]
+            for old in stale:
+                del self.loaded[old]
+        for old in stale:
+            try:
+                pb().unload_model(model_name=old)
+            except Exception:  # noqa: BLE001 - already gone: nothing to free
+                pass
+        return name
 
 
 def ensure_merged_unet(user_id: str, repository: Path) -> str:
@@ -40,24 +70,32 @@ def ensure_merged_unet(user_id: str, repository: Path) -> str:
     if not pb().is_model_ready(model_name=name):
         try:
             pb().load_model(model_name=name)
+            metrics.current().merged_model_loaded()
         except Exception as exc:  # noqa: BLE001 - the server's reason, named
             raise NotFoundError(f"{missing}: {exc}") from None
     return name
 
 
-def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, repository: Path) -> DiffusionNets:
+def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, repository: Path,
+                   merged_models: MergedModels | None = None) -> DiffusionNets:
     """The diffusion nets as BLS calls to the models of the same server.
 
     ``identity_mode``: ``runtime_lora`` (one ``unet``, the user's LoRA from its
-    bank) or ``merged`` (the user's own ``unet_user_<id>`` model)."""
-    merged = ensure_merged_unet(user_id, repository) if identity_mode == "merged" and user_id else None
-    unet_batch = contract.UNET.max_batch_size
-
+    bank) or ``merged`` (the user's own ``unet_user_<id>`` model, loaded
+    through ``merged_models``)."""
+    merged = None
+    if identity_mode == "merged" and user_id:
+        merged_models = merged_models or MergedModels(contract.GeneratorParams().max_merged_models)
+        merged = merged_models.use(user_id, repository)
     def unet(sample: np.ndarray, t: np.ndarray, hidden: np.ndarray) -> np.ndarray:
         n = len(sample)
+        unet_batch = contract.unet_chunk(sample.shape[2], sample.shape[3], contract.UNET.max_batch_size)
         inputs = {"sample": sample, "timestep": t.reshape(n, 1).astype(np.float32), "encoder_hidden_states": hidden}
         if merged is not None:
-            return bls_chunked(merged, inputs, "noise_pred", unet_batch)
+            try:
+                return bls_chunked(merged, inputs, "noise_pred", unet_batch)
+            except FacetronError:  # unloaded by another instance's LRU meanwhile: load again, once
+                return bls_chunked(merged_models.use(user_id, repository), inputs, "noise_pred", unet_batch)
         inputs["user_id"] = np.array([[user_id.encode()]] * n, dtype=object)
         inputs["style"] = np.array([[style.encode()]] * n, dtype=object)
         return bls_chunked(contract.UNET.name, inputs, "noise_pred", unet_batch)

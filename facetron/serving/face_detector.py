@@ -11,6 +11,7 @@ import numpy as np
 
 from facetron import contract
 from facetron.contract import FaceDetectorParams
+from facetron.errors import InvalidInputError
 from facetron.faces.detector import DetectorConfig, FaceDetector
 from facetron.serving.backend import bls_infer, get_input, handle_each, pb, read_params
 
@@ -32,6 +33,16 @@ def pack_detections(dets: list) -> dict[str, np.ndarray]:
         m = len(d)
         boxes[i, :m], scores[i, :m], marks[i, :m], counts[i, 0] = d.boxes, d.scores, d.landmarks, m
     return {"boxes": boxes, "scores": scores, "landmarks": marks, "num_faces": counts}
+
+
+def check_detect_images(images: np.ndarray, name: str = "images") -> np.ndarray:
+    """RGB images whose sides MTCNN can scan (P-net's 12 px window) and that stay bounded."""
+    h, w = images.shape[1:3]
+    if images.shape[-1] != 3:
+        raise InvalidInputError(name, f"expected RGB [N, H, W, 3], got shape {list(images.shape)}")
+    if min(h, w) < contract.MIN_DETECT_SIDE or max(h, w) > contract.MAX_IMAGE_SIDE:
+        raise InvalidInputError(name, f"sides must be {contract.MIN_DETECT_SIDE}..{contract.MAX_IMAGE_SIDE} px, got {w}x{h}")
+    return images
 
 
 def _bls_net(net: str):
@@ -57,7 +68,7 @@ class FaceDetectorModel:
         self.logger = pb().Logger
 
     def _detect(self, request):
-        images = get_input(request, "images", dtype=np.uint8, ndim=4)
+        images = check_detect_images(get_input(request, "images", dtype=np.uint8, ndim=4))
         return pack_detections(self.detector.detect_batch(list(images)))
 
     def execute(self, requests):

@@ -17,6 +17,7 @@ from facetron.contract import FaceSelectParams
 from facetron.errors import InvalidInputError
 from facetron.faces.alignment import align_faces
 from facetron.faces.select import SelectRules, Selection, face_filter, rank_by_identity
+from facetron.serving import metrics
 from facetron.serving import bls
 from facetron.serving.backend import get_input, get_scalar, get_string, handle_each, pb, read_params
 from facetron.users import registry_at, validate_user_id
@@ -71,13 +72,14 @@ def select_portraits(
         raise InvalidInputError("top_k", f"must be >= 0 (0 = all), got {top_k}")
     dets = detect(images)
     keep, reasons, face = face_filter(dets["num_faces"].reshape(-1), dets["boxes"], dets["scores"], images.shape[1:3], rules)
+    metrics.current().candidates(reasons)
     embeddings = np.zeros((len(images), contract.EMBEDDING_DIM), np.float32)
     if keep.any():
         idx = np.flatnonzero(keep)
         chips = np.concatenate([align_faces(images[i], dets["landmarks"][i, face[i] : face[i] + 1]) for i in idx])
         embeddings[idx] = embed(chips)
     selection = rank_by_identity(embeddings, reference, keep, top_k)
-    selection.reasons = reasons
+    selection.reasons, selection.face = reasons, face
     return selection, dets
 
 
@@ -97,6 +99,7 @@ class FaceSelectModel:
         self.rules = select_rules(params)
         self.users = registry_at(params.users_dir)
         self.logger = pb().Logger
+        metrics.install(args["model_name"])
 
     def _reference(self, request):
         ref = get_input(request, "reference_embedding", required=False)
@@ -121,3 +124,4 @@ class FaceSelectModel:
 
     def finalize(self):
         self.users = None
+        metrics.uninstall()

@@ -23,10 +23,12 @@ from facetron import contract
 from facetron.contract import GeneratorParams
 from facetron.diffusion.nets import DiffusionNets
 from facetron.diffusion.sampler import GenerationRequest, ProgressFn, denoise
-from facetron.diffusion.styles import DEFAULT_STYLE, get_style, style_prompt
+from facetron.diffusion.styles import DEFAULT_STYLE, style_prompt
 from facetron.errors import InvalidInputError
+from facetron.serving import metrics
 from facetron.serving.backend import one_scalar, one_string
 from facetron.serving.template import PreparedTemplate, check_template, face_region_mask
+from facetron.styles import StyleRegistry, styles_for
 from facetron.users import UserRegistry, validate_user_id
 
 MODEL_INFO = "model_info.json"
@@ -69,13 +71,14 @@ def _prompt(values: dict, style, trigger: str, subject: str) -> str:
     return prompt.replace("{trigger}", trigger)
 
 
-def build_job(values: dict, info: dict, registry: UserRegistry, params: GeneratorParams = GeneratorParams()) -> GenerationJob:
+def build_job(values: dict, info: dict, registry: UserRegistry, params: GeneratorParams = GeneratorParams(),
+              styles: StyleRegistry | None = None) -> GenerationJob:
     """Resolve defaults and validate everything a client sent, once (errors name the input)."""
     user_id = values.get("user_id") or ""
     if user_id:
         validate_user_id(user_id)
     style_name = values.get("style") or DEFAULT_STYLE
-    style = get_style(style_name)
+    style = (styles or styles_for(registry.root)).get(style_name)  # built-in or installed; unknown: INVALID_ARGUMENT
     trigger, subject = registry.identity_text(user_id)
     prompt = _prompt(values, style, trigger, subject)
     negative = values.get("negative_prompt")
@@ -92,13 +95,17 @@ def build_job(values: dict, info: dict, registry: UserRegistry, params: Generato
         num_images=int(given("num_images", contract.DEFAULT_NUM_IMAGES)),
         steps=int(given("steps", params.default_steps)),
         guidance=float(given("guidance", params.default_guidance)),
-        seed=int(values.get("seed") or 0),
+        # no seed given: a fresh random one (OS entropy), returned in portrait's report so the call can be repeated
+        seed=(contract.check_seed(int(values["seed"])) if values.get("seed") is not None
+              else int(np.random.SeedSequence().entropy % 2**31)),
         height=int(values.get("height") or res),
         width=int(values.get("width") or res),
         scheduler=values.get("scheduler") or contract.DEFAULT_SCHEDULER,
         strength=float(given("strength", contract.DEFAULT_STRENGTH)),
     )
     req.validate(int(info["latent_factor"]), params.max_images)
+    contract.check_budget(num_images=req.num_images, steps=req.steps, height=req.height, width=req.width, native=res,
+                          max_side_factor=params.max_side_factor, max_work=params.max_work)
     return GenerationJob(prompt, negative, user_id, style_name, req, template)
 
 
@@ -125,7 +132,8 @@ def generate(
     extra = unet_extra or {}
 
     def unet(sample: np.ndarray, t: np.ndarray, h: np.ndarray) -> np.ndarray:
-        return nets.unet(sample, t, h, **extra) if extra else nets.unet(sample, t, h)
+        with metrics.current().timed_step():
+            return nets.unet(sample, t, h, **extra) if extra else nets.unet(sample, t, h)
 
     # 2. template mode: start from the template's latent
     init = None

@@ -1,7 +1,8 @@
 """ONNX nets served by python-backend models: ``text_encoder``,
 ``vae_decoder``, ``vae_encoder`` and each merged ``unet_user_<id>``.
 
-One ONNX Runtime session per model, with request batching: the requests of
+One runtime per model (ONNX Runtime by default, or OpenVINO: the
+``runtime`` parameter, :mod:`.runtimes`), with request batching: the requests of
 a dynamic batch are concatenated along the batch axis, run once, and split
 back. (The runtime-LoRA ``unet`` adds its LoRA bank: :mod:`.unet`.)"""
 
@@ -17,6 +18,7 @@ from facetron import contract
 from facetron.contract import ModelContract, NetParams
 from facetron.errors import FacetronError, InvalidInputError
 from facetron.serving.backend import error_response, pb, read_params, response, version_dir
+from facetron.serving.runtimes import open_runtime, ort_session
 
 _NP_DTYPES = {"FP32": np.float32, "INT32": np.int32, "UINT8": np.uint8}
 
@@ -26,25 +28,17 @@ def open_session(path: Path, threads: int | None = None, providers: str = "cpu")
 
     ``providers="cuda"`` asks for the CUDA provider first (gpu target) and
     fails clearly where onnxruntime has none."""
-    chain = ["CPUExecutionProvider"]
-    if providers == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise FacetronError(f"{path}: the CUDA execution provider is not available in this onnxruntime")
-        chain = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if not path.is_file():
         raise FacetronError(f"ONNX file {path} is missing: assemble the repository with `facetron export repository`")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=chain)
+    return ort_session(path, threads, providers)
 
 
-def net_session(args: dict) -> ort.InferenceSession:
-    """The session of a net model's ``model.onnx``, configured by its NetParams."""
+def net_session(args: dict):
+    """The runtime of a net model's ``model.onnx``, configured by its NetParams
+    (``runtime``: ONNX Runtime or OpenVINO, :func:`facetron.serving.runtimes.open_runtime`)."""
     params = read_params(args, NetParams)
-    return open_session(version_dir(args) / "model.onnx", params.intra_op_threads or None, params.providers)
+    return open_runtime(version_dir(args) / "model.onnx", params.runtime, params.intra_op_threads or None,
+                        params.providers)
 
 
 def run_batched(
@@ -90,6 +84,58 @@ def require(arr: np.ndarray | None, name: str, dtype, ndim: int) -> np.ndarray:
     return arr
 
 
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
+               "tensor(int64)": np.int64}
+
+
+def check_feed(feed: dict[str, np.ndarray], session) -> dict[str, np.ndarray]:
+    """What the graph itself needs beyond the config: dtype, rank and every
+    fixed dimension (channels, hidden size) of each input the session takes
+    (an ONNX Runtime session or any runtime of :mod:`.runtimes`)."""
+    for spec in session.get_inputs():
+        arr = feed.get(spec.name)
+        if arr is None:
+            continue
+        want = _ORT_DTYPES.get(spec.type)
+        if want is not None and arr.dtype != np.dtype(want):
+            raise InvalidInputError(spec.name, f"expected dtype {np.dtype(want)}, got {arr.dtype}")
+        if arr.ndim != len(spec.shape):
+            raise InvalidInputError(spec.name, f"expected {len(spec.shape)} dimensions, got shape {list(arr.shape)}")
+        for axis, (dim, got) in enumerate(zip(spec.shape, arr.shape)):
+            if isinstance(dim, int) and dim != got:
+                raise InvalidInputError(spec.name, f"dimension {axis} must be {dim} for this model, got shape "
+                                                   f"{list(arr.shape)}")
+    return feed
+
+
+def check_finite(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InvalidInputError(name, "holds NaN or infinite values")
+    return arr
+
+
+def check_min_side(arr: np.ndarray, name: str, minimum: int, axes: tuple[int, int], multiple: int = 1) -> np.ndarray:
+    h, w = arr.shape[axes[0]], arr.shape[axes[1]]
+    if min(h, w) < minimum or h % multiple or w % multiple:
+        rule = f"at least {minimum}" + (f" and a multiple of {multiple}" if multiple > 1 else "")
+        raise InvalidInputError(name, f"sides must be {rule}, got {w}x{h}")
+    return arr
+
+
+def check_token_ids(ids: np.ndarray, name: str = "input_ids") -> np.ndarray:
+    if ids.size and (ids.min() < 0 or ids.max() >= contract.VOCAB_SIZE):
+        raise InvalidInputError(name, f"token ids must be in 0..{contract.VOCAB_SIZE - 1}, got {ids.min()}..{ids.max()}")
+    return ids
+
+
+#: per net: the value checks its graph needs (shapes are checked by check_feed)
+NET_CHECKS = {
+    "text_encoder": check_token_ids,
+    "vae_decoder": lambda a, n: check_min_side(check_finite(a, n), n, 1, (2, 3)),
+    "vae_encoder": lambda a, n: check_min_side(a, n, 4 * contract.LATENT_FACTOR, (1, 2), contract.LATENT_FACTOR),
+}
+
+
 def _tensor(request, name: str) -> np.ndarray | None:
     t = pb().get_input_tensor_by_name(request, name)
     return None if t is None else t.as_numpy()
@@ -100,6 +146,7 @@ def net_model(c: ModelContract) -> type:
     contract ``c`` (``model.onnx`` in its version folder)."""
     (inp,), (out,) = c.inputs, c.outputs
     dtype, ndim = _NP_DTYPES[inp.dtype], len(inp.dims) + 1
+    check = NET_CHECKS.get(c.name, lambda a, n: a)
 
     class NetModel:
         __doc__ = f"The ``{c.name}`` model: {c.doc.splitlines()[0]}"
@@ -108,7 +155,8 @@ def net_model(c: ModelContract) -> type:
             self.session = net_session(args)
 
         def _read(self, request):
-            return {inp.name: require(_tensor(request, inp.name), inp.name, dtype, ndim)}
+            arr = check(require(_tensor(request, inp.name), inp.name, dtype, ndim), inp.name)
+            return check_feed({inp.name: arr}, self.session)
 
         def _run(self, feed):
             return {out.name: self.session.run([out.name], feed)[0]}
@@ -138,6 +186,11 @@ def unet_feed(request) -> dict[str, np.ndarray]:
         got = "nothing" if t is None else f"{t.dtype} {list(t.shape)}"
         raise InvalidInputError("timestep", f"expected FP32 with one value per batch item ({n}), got {got}")
     hidden = require(_tensor(request, "encoder_hidden_states"), "encoder_hidden_states", np.float32, 3)
+    if hidden.shape[0] != n:
+        raise InvalidInputError("encoder_hidden_states", f"expected one row per batch item ({n}), got {hidden.shape[0]}")
+    check_min_side(sample, "sample", contract.MIN_LATENT_SIDE, (2, 3))
+    for name, arr in (("sample", sample), ("timestep", t), ("encoder_hidden_states", hidden)):
+        check_finite(arr, name)
     return {"sample": sample, "timestep": t.reshape(n), "encoder_hidden_states": hidden}
 
 
@@ -153,8 +206,11 @@ class UnetUserModel:
     def _run(self, feed):
         return {"noise_pred": self.session.run(["noise_pred"], feed)[0]}
 
+    def _read(self, request):
+        return check_feed(unet_feed(request), self.session)
+
     def execute(self, requests):
-        return run_batched(requests, unet_feed, self._run)
+        return run_batched(requests, self._read, self._run)
 
     def finalize(self):
         self.session = None

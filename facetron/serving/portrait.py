@@ -1,11 +1,23 @@
 """The ``portrait`` model: the one call a client makes, on one in-process path.
 
 A request is parsed and validated once, its template fitted and its face
-found once; then: generate (nets over BLS) -> fuse the user's template face
-(classical, pluggable) -> rank by identity (face_detector + face_embedder
-over BLS) -> answer with a report saying which parts of the pictures came
-from which model and how long each stage took. ``portrait_stream`` runs the
-same path with a progress callback.
+found once; then:
+
+1. generate (nets over BLS);
+2. rank what was generated: ``face_select``'s rules on the pre-fusion
+   candidates (face_detector + face_embedder over BLS) give each
+   candidate's ``similarity_generated``;
+3. fuse: the user's best photo (the registry's template, chosen by quality
+   at registration) is blended into each candidate's generated face with
+   ``fusion_strength`` (:mod:`facetron.faces.fusion`; 0 = no fusion);
+4. score the returned pictures: ``similarity_final``, the fused face aligned
+   at the landmarks it was fused at (no second detection);
+5. answer: ``similarity`` is the one that ranked — the generated one; only
+   when no generated candidate holds a face (the tiny smoke model never
+   makes one) and fusion put one there, the final one, and the report says
+   so (``ranked_by``, ``ranked_by_reason``).
+
+``portrait_stream`` runs the same path with a progress callback.
 """
 
 from __future__ import annotations
@@ -18,74 +30,141 @@ from typing import Optional
 import numpy as np
 
 from facetron import contract
-from facetron.contract import FaceSelectParams
+from facetron.contract import FaceSelectParams, check_fusion_strength
 from facetron.diffusion.sampler import ProgressFn
 from facetron.errors import InvalidInputError
-from facetron.faces.retouch import FUSERS
+from facetron.faces.alignment import align_faces
+from facetron.faces.fusion import FUSERS
+from facetron.faces.select import Selection, rank_by_identity, rank_by_similarity
+from facetron.serving import metrics
 from facetron.serving import bls
-from facetron.serving.backend import handle_each, one_scalar, pb, request_arrays
-from facetron.serving.face_select import select_portraits, select_rules, selection_outputs
+from facetron.serving.backend import cancel_check, handle_each, one_scalar, pb, request_arrays
+from facetron.serving.face_select import DetectFn, EmbedFn, select_portraits, select_rules
 from facetron.serving.portrait_generator import ServedGenerator
-from facetron.serving.template import TEMPLATE_FUSE_SCALE, PreparedTemplate, main_face
+from facetron.serving.template import PreparedTemplate, main_face
 from facetron.users import validate_user_id
 
-FACE_FUSE_SCALE = 0.95  # text-to-image mode: fusion covers the generated face
+FUSER = "blend"
 
 
 @dataclass(frozen=True)
 class PortraitOptions:
     top_k: int = 0  # 0 = all candidates
-    fuse: bool = True
+    fusion_strength: float = contract.DEFAULT_FUSION_STRENGTH
 
 
 def portrait_options(arrays: dict[str, np.ndarray]) -> PortraitOptions:
-    top_k = one_scalar(arrays["top_k"], "top_k", np.int32) if "top_k" in arrays else 0
-    fuse = one_scalar(arrays["fuse"], "fuse", np.bool_) if "fuse" in arrays else True
-    return PortraitOptions(int(top_k), bool(fuse))
+    """top_k, and the fusion strength from ``fusion_strength`` / ``fuse``
+    (``fuse=false`` is strength 0; with a strength > 0 it is a contradiction)."""
+    top_k = one_scalar(arrays["top_k"], "top_k", np.int32) if arrays.get("top_k") is not None else 0
+    fuse = one_scalar(arrays["fuse"], "fuse", np.bool_) if arrays.get("fuse") is not None else None
+    strength = (one_scalar(arrays["fusion_strength"], "fusion_strength", np.float32)
+                if arrays.get("fusion_strength") is not None else None)
+    if strength is not None:
+        strength = check_fusion_strength(strength)
+    if fuse is False:
+        if strength:
+            raise InvalidInputError("fuse", f"false turns fusion off, but fusion_strength is {strength:g}: "
+                                            "send one of them (fusion_strength 0 == fuse false)")
+        strength = 0.0
+    return PortraitOptions(int(top_k), contract.DEFAULT_FUSION_STRENGTH if strength is None else float(strength))
 
 
-def fuse_user_face(
-    images: np.ndarray,
-    targets: list[Optional[np.ndarray]],
-    user_face: np.ndarray,
-    user_landmarks: np.ndarray,
-    fuser: str = "poisson",
-    scale: float = FACE_FUSE_SCALE,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Fuse the user's template face onto ``targets[i]`` (5 landmarks, or None
-    to leave image i unchanged) — FaceChain's face fusion. Returns (images,
-    fused mask bool [N])."""
+def at_template_face(landmarks: np.ndarray, template: PreparedTemplate) -> bool:
+    """Is a face found in a generated picture the one the template asked for
+    (its eyes within one eye distance of the template face's), not a bystander?"""
+    there = template.landmarks
+    return bool(np.linalg.norm(landmarks[:2].mean(0) - there[:2].mean(0)) <= np.linalg.norm(there[1] - there[0]))
+
+
+def template_ranking(ranking: Selection, dets: dict[str, np.ndarray], template: PreparedTemplate) -> Selection:
+    """Template mode: a candidate whose one face is not where the template's
+    face was is filtered like one without a face (its score is a bystander's)."""
+    keep = ranking.rank >= 0
+    reasons = list(ranking.reasons)
+    for i in np.flatnonzero(keep):
+        if not at_template_face(dets["landmarks"][i, ranking.face[i]], template):
+            keep[i] = False
+            reasons[i] = "the face found is not where the template's face was (a bystander)"
+    out = rank_by_similarity(ranking.similarity, keep, 0)
+    out.reasons, out.face = reasons, np.where(keep, ranking.face, -1).astype(np.int32)
+    return out
+
+
+def fusion_targets(dets: dict[str, np.ndarray], ranking: Selection, shape: tuple[int, int],
+                   template: Optional[PreparedTemplate]) -> tuple[list[Optional[np.ndarray]], list[Optional[str]]]:
+    """Where to fuse in each candidate: its generated face (the one ranking
+    scored; else its main detected face), or in template mode the template's
+    face (the region the generator re-made) when no face was found there;
+    None = nowhere. In template mode a detected face counts only where the
+    template's face was (not a bystander at the edge of the photo)."""
+    landmarks: list[Optional[np.ndarray]] = []
+    kinds: list[Optional[str]] = []
+    for i in range(len(ranking.rank)):
+        j = int(ranking.face[i]) if ranking.face is not None and ranking.face[i] >= 0 else main_face(dets, i, shape)
+        if j is not None and template is not None and not at_template_face(dets["landmarks"][i, j], template):
+            j = None
+        if j is not None:
+            landmarks.append(np.asarray(dets["landmarks"][i, j], np.float32))
+            kinds.append("generated face")
+        elif template is not None:
+            landmarks.append(template.landmarks)
+            kinds.append("template face (no face found in the generated picture)")
+        else:
+            landmarks.append(None)
+            kinds.append(None)
+    return landmarks, kinds
+
+
+def fuse_candidates(images: np.ndarray, targets: list[Optional[np.ndarray]], source: np.ndarray,
+                    source_landmarks: np.ndarray, strength: float, fuser: str = FUSER) -> tuple[np.ndarray, np.ndarray]:
+    """Blend the user's photo into ``images[i]`` at ``targets[i]`` (5 landmarks;
+    None leaves image i as generated). Returns (images, fused bool [N])."""
     fuse = FUSERS[fuser]
     out = images.copy()
     fused = np.zeros(len(images), bool)
+    if strength <= 0:
+        return out, fused
     for i, target in enumerate(targets):
         if target is not None:
-            out[i] = fuse(images[i], target, user_face, user_landmarks, scale=scale)
+            out[i] = fuse(images[i], target, source, source_landmarks, strength).image
             fused[i] = True
     return out, fused
 
 
-def fusion_targets(images: np.ndarray, template: Optional[PreparedTemplate]) -> tuple[list, float]:
-    """Where to fuse in each image: the template's face (template mode, already
-    found) or each generated image's main face (one face_detector call)."""
-    if template is not None:
-        return [template.landmarks] * len(images), TEMPLATE_FUSE_SCALE
-    dets = bls.detect(images)
-    picks = [main_face(dets, i, images.shape[1:3]) for i in range(len(images))]
-    return [None if j is None else dets["landmarks"][i, j] for i, j in enumerate(picks)], FACE_FUSE_SCALE
+def similarity_at(images: np.ndarray, landmarks: list[Optional[np.ndarray]], which: np.ndarray,
+                  reference: np.ndarray, embed: EmbedFn) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings [N,128], cosine similarity [N]) of ``images[i]``'s face aligned
+    at ``landmarks[i]`` for the candidates in ``which`` (NaN / zeros elsewhere)."""
+    n = len(images)
+    emb = np.zeros((n, contract.EMBEDDING_DIM), np.float32)
+    sim = np.full(n, np.nan, np.float32)
+    idx = np.flatnonzero(which)
+    if len(idx):
+        chips = np.concatenate([align_faces(images[i], landmarks[i][None]) for i in idx])
+        emb[idx] = embed(chips)
+        ref = reference.reshape(1, -1) / max(float(np.linalg.norm(reference)), 1e-12)
+        sim[idx] = (emb[idx] @ ref.T)[:, 0]
+    return emb, sim
 
 
-def provenance(smoke: bool) -> str:
+def provenance(smoke: bool, ranked_by: str, strength: float) -> str:
+    fusion = (f"the user's best photo blended into each generated face at fusion_strength {strength:g}"
+              if strength > 0 else "no fusion (fusion_strength 0)")
     if smoke:
         return ("generated pixels come from the tiny smoke model (random weights + a LoRA trained for minutes): "
-                "they are not portraits; the visible face is the user's template face fused in classically, "
-                "and ranking uses the real face detector and embedder")
-    return "generated by the base model with the user's LoRA; face fused classically; ranked by the face embedder"
+                "they are not portraits and hold no face of their own, so similarity_generated is NaN; "
+                f"what you see of a face is {fusion}; ranked by similarity_{ranked_by} "
+                "(the real face detector and embedder)")
+    return (f"generated by the base model with the user's LoRA; ranked by similarity_{ranked_by}; "
+            f"{fusion}")
 
 
 def run_portrait(arrays: dict[str, np.ndarray], generator: ServedGenerator,
-                 progress: Optional[ProgressFn] = None) -> dict[str, np.ndarray]:
-    """``arrays``: the request's tensors by name. Returns the portrait outputs."""
+                 progress: Optional[ProgressFn] = None, *,
+                 detect: DetectFn = bls.detect, embed: EmbedFn = bls.embed) -> dict[str, np.ndarray]:
+    """``arrays``: the request's tensors by name. Returns the portrait outputs.
+    ``detect`` / ``embed``: the face models (BLS calls inside Triton)."""
     # 1. parse and validate once
     if arrays.get("user_id") is None:
         raise InvalidInputError("user_id", "is required: portraits are ranked by the user's identity")
@@ -98,52 +177,94 @@ def run_portrait(arrays: dict[str, np.ndarray], generator: ServedGenerator,
     # 2. generate (the template fitted and its face found once)
     t0 = time.perf_counter()
     template = generator.template(job)
-    images = generator.images(job, template, progress)
+    generated = generator.images(job, template, progress)
     timings["generate_ms"] = (time.perf_counter() - t0) * 1e3
 
-    # 3. fuse the user's face
+    # 3. rank what was generated (before any fusion)
     t0 = time.perf_counter()
-    fused = np.zeros(len(images), bool)
-    user_face = generator.registry.template(user_id) if options.fuse else None
-    if user_face is not None:
-        targets, scale = fusion_targets(images, template)
-        images, fused = fuse_user_face(images, targets, user_face[0], user_face[1], scale=scale)
-    timings["fuse_ms"] = (time.perf_counter() - t0) * 1e3
-
-    # 4. rank by identity
-    t0 = time.perf_counter()
-    selection, _ = select_portraits(images, reference, options.top_k, bls.detect, bls.embed,
-                                    select_rules(FaceSelectParams()))
+    ranking, dets = select_portraits(generated, reference, 0, detect, embed, select_rules(FaceSelectParams()))
+    if template is not None:
+        ranking = template_ranking(ranking, dets, template)
     timings["select_ms"] = (time.perf_counter() - t0) * 1e3
 
-    # 5. answer
+    # 4. fuse the user's best photo into each generated face
+    t0 = time.perf_counter()
+    source = generator.registry.template(user_id) if options.fusion_strength > 0 else None
+    targets, target_kinds = fusion_targets(dets, ranking, generated.shape[1:3], template)
+    if source is not None:
+        images, fused = fuse_candidates(generated, targets, source[0], source[1], options.fusion_strength)
+    else:
+        images, fused = generated, np.zeros(len(generated), bool)
+    timings["fuse_ms"] = (time.perf_counter() - t0) * 1e3
+
+    # 5. score the returned pictures (fused ones at the landmarks they were fused at)
+    t0 = time.perf_counter()
+    final_emb, sim_final = similarity_at(images, targets, fused, reference, embed)
+    sim_generated = ranking.similarity
+    sim_final = np.where(fused, sim_final, sim_generated).astype(np.float32)
+    timings["score_ms"] = (time.perf_counter() - t0) * 1e3
+    for name, ms in timings.items():
+        metrics.current().stage(name.removesuffix("_ms"), ms / 1e3)
+
+    # 6. the ranking that orders the answer
+    if len(ranking.order) or not fused.any():
+        ranked_by, reason, chosen = "generated", "the generated (pre-fusion) faces, as face_select ranks them", ranking
+    else:
+        ranked_by = "final"
+        reason = ("no generated candidate held exactly one face within size bounds "
+                  f"({'; '.join(sorted(set(r for r in ranking.reasons if r)))}): ranked by the fused pictures, "
+                  "which measures the user's photo, not the generator")
+        chosen = rank_by_identity(final_emb, reference, fused, 0)
+    order = chosen.order if options.top_k <= 0 else chosen.order[: options.top_k]
+
+    # 7. answer
     smoke = bool(generator.info.get("is_smoke_model"))
     report = {
         "user_id": user_id,
         "candidates": int(len(images)),
-        "returned": int(len(selection.order)),
-        "fused": fused.tolist(),
+        "returned": int(len(order)),
+        "ranked_by": ranked_by,
+        "ranked_by_reason": reason,
+        "seed": int(job.request.seed),
+        "seed_source": "request" if arrays.get("seed") is not None else "random (repeat the call with this seed)",
+        "fusion": {
+            "strength": options.fusion_strength,
+            "fuser": FUSER,
+            "source": "the user's best photo by quality (registry template)" if source is not None else None,
+            "fused": fused.tolist(),
+            "at": [k if f else None for k, f in zip(target_kinds, fused)],
+        },
+        "filtered": [r or None for r in ranking.reasons],
         "timings_ms": {k: round(v, 1) for k, v in timings.items()},
         "base_model": generator.info.get("name"),
         "smoke_model": smoke,
-        "provenance": provenance(smoke),
+        "provenance": provenance(smoke, ranked_by, options.fusion_strength if source is not None else 0.0),
         "mode": "template" if template is not None else "text-to-image",
     }
-    out = selection_outputs(images, selection)
-    out["report"] = np.array([json.dumps(report).encode()], dtype=object)
-    return out
+    return {
+        "images": np.ascontiguousarray(images[order]),
+        "similarity": chosen.similarity.astype(np.float32),
+        "rank": chosen.rank.astype(np.int32),
+        "selected": order.astype(np.int32),
+        "similarity_generated": sim_generated.astype(np.float32),
+        "similarity_final": sim_final,
+        "report": np.array([json.dumps(report).encode()], dtype=object),
+    }
 
 
 class PortraitModel:
     def initialize(self, args):
         self.generator = ServedGenerator.from_args(args)
         self.logger = pb().Logger
+        metrics.install(args["model_name"])
 
     def _portrait(self, request):
-        return run_portrait(request_arrays(request, contract.PORTRAIT_INPUT_NAMES), self.generator)
+        progress = cancel_check(request, contract.PORTRAIT.name)  # stop between steps when the client gave up
+        return run_portrait(request_arrays(request, contract.PORTRAIT_INPUT_NAMES), self.generator, progress)
 
     def execute(self, requests):
         return handle_each(requests, self._portrait, self.logger)
 
     def finalize(self):
         self.generator = None
+        metrics.uninstall()

@@ -16,8 +16,9 @@ import numpy as np
 from facetron import contract
 from facetron.contract import GeneratorParams
 from facetron.diffusion.sampler import ProgressFn
+from facetron.serving import metrics
 from facetron.serving import bls
-from facetron.serving.backend import handle_each, pb, read_params, repository_dir, request_arrays
+from facetron.serving.backend import cancel_check, handle_each, pb, read_params, repository_dir, request_arrays
 from facetron.serving.generation import GenerationJob, build_job, generate, generation_values, read_model_info
 from facetron.serving.template import PreparedTemplate, prepare_template
 from facetron.users import UserRegistry, registry_at
@@ -32,13 +33,15 @@ class ServedGenerator:
     info: dict
     scheduler_config: dict
     registry: UserRegistry
+    merged: bls.MergedModels
 
     @classmethod
-    def from_args(cls, args: dict) -> "ServedGenerator":
-        params = read_params(args, GeneratorParams)
+    def from_args(cls, args: dict, params_class: type[GeneratorParams] = GeneratorParams) -> "ServedGenerator":
+        params = read_params(args, params_class)
         repository = repository_dir(args)
         info, scheduler_config = read_model_info(repository / contract.PORTRAIT_GENERATOR.name / "1")
-        return cls(params, repository, info, scheduler_config, registry_at(params.users_dir))
+        return cls(params, repository, info, scheduler_config, registry_at(params.users_dir),
+                   bls.MergedModels(params.max_merged_models))
 
     def job(self, arrays: dict[str, np.ndarray]) -> GenerationJob:
         return build_job(generation_values(arrays), self.info, self.registry, self.params)
@@ -51,7 +54,8 @@ class ServedGenerator:
 
     def images(self, job: GenerationJob, template: Optional[PreparedTemplate],
                progress: Optional[ProgressFn] = None) -> np.ndarray:
-        nets = bls.diffusion_nets(self.info, job.user_id, job.style, self.params.identity_mode, self.repository)
+        nets = bls.diffusion_nets(self.info, job.user_id, job.style, self.params.identity_mode, self.repository,
+                                  self.merged)
         return generate(nets, self.scheduler_config, job.prompt, job.negative_prompt, job.request,
                         template=template, progress=progress)
 
@@ -60,13 +64,16 @@ class PortraitGeneratorModel:
     def initialize(self, args):
         self.generator = ServedGenerator.from_args(args)
         self.logger = pb().Logger
+        metrics.install(args["model_name"])
 
     def _generate(self, request):
         job = self.generator.job(request_arrays(request, contract.GENERATION_INPUT_NAMES))
-        return {"images": self.generator.images(job, self.generator.template(job))}
+        progress = cancel_check(request, contract.PORTRAIT_GENERATOR.name)
+        return {"images": self.generator.images(job, self.generator.template(job), progress)}
 
     def execute(self, requests):
         return handle_each(requests, self._generate, self.logger)
 
     def finalize(self):
         self.generator = None
+        metrics.uninstall()

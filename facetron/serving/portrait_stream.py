@@ -4,7 +4,10 @@ Runs portrait's path (:func:`facetron.serving.portrait.run_portrait`) and
 streams ``progress = [done, total]`` after every denoising step, then one
 final response with portrait's outputs. Lifecycle as in Triton's decoupled
 example: the transaction policy is checked in ``initialize``, in-flight
-requests are counted under a lock, and ``finalize`` waits for them."""
+requests are counted under a lock (at most ``max_streams``: more are
+answered UNAVAILABLE at once, never queued on unbounded threads), a stream
+whose client cancelled stops between denoising steps, and ``finalize``
+waits for the streams still running."""
 
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ import time
 import numpy as np
 
 from facetron import contract
-from facetron.errors import FacetronError
-from facetron.serving.backend import error_response, is_decoupled, pb, request_arrays, response
+from facetron.contract import StreamParams
+from facetron.errors import FacetronError, ServerError
+from facetron.serving import metrics
+from facetron.serving.backend import cancel_check, error_response, is_decoupled, pb, request_arrays, response
 from facetron.serving.portrait import run_portrait
 from facetron.serving.portrait_generator import ServedGenerator
 
@@ -27,17 +32,20 @@ class PortraitStreamModel:
         if not is_decoupled(args):
             raise FacetronError(f"{args['model_name']}: needs a decoupled model transaction policy "
                                 "(model_transaction_policy {{ decoupled: true }})")
-        self.generator = ServedGenerator.from_args(args)
+        self.generator = ServedGenerator.from_args(args, StreamParams)
+        self.max_streams = max(1, self.generator.params.max_streams)
         self.logger = pb().Logger
         self.inflight = 0
         self.lock = threading.Lock()
+        metrics.install(args["model_name"])
 
-    def _run(self, request):
-        p = pb()
-        sender = request.get_response_sender()
-        final = p.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    def _run(self, request, sender):
+        final = pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
+            cancelled = cancel_check(request, contract.PORTRAIT_STREAM.name)
+
             def progress(done: int, total: int) -> None:
+                cancelled(done, total)
                 sender.send(response({"progress": np.array([done, total], np.int32)}))
 
             out = run_portrait(request_arrays(request, contract.PORTRAIT_INPUT_NAMES), self.generator, progress)
@@ -49,18 +57,26 @@ class PortraitStreamModel:
                 self.inflight -= 1
 
     def execute(self, requests):
-        # each request runs on its own thread: a long generation must not block the next request's start
+        # each admitted request runs on its own thread (a long generation must not
+        # block the next request's start); at most max_streams run at once
+        final = pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for request in requests:
+            sender = request.get_response_sender()
             with self.lock:
-                self.inflight += 1
-            threading.Thread(target=self._run, args=(request,), daemon=True).start()
+                admitted = self.inflight < self.max_streams
+                self.inflight += admitted
+            if not admitted:
+                busy = ServerError(f"{contract.PORTRAIT_STREAM.name}: {self.max_streams} streams already running "
+                                   "(this server's limit); retry later or use another server")
+                sender.send(error_response(busy), flags=final)
+                continue
+            threading.Thread(target=self._run, args=(request, sender), daemon=True).start()
         return None
 
     def finalize(self):
         deadline = time.monotonic() + FINALIZE_WAIT_S
-        while time.monotonic() < deadline:
-            with self.lock:
-                if self.inflight == 0:
-                    return
+        while self.inflight and time.monotonic() < deadline:
             time.sleep(0.1)
-        self.logger.log_warn(f"portrait_stream: finalize gave up waiting for {self.inflight} request(s)")
+        if self.inflight:
+            self.logger.log_warn(f"portrait_stream: finalize gave up waiting for {self.inflight} request(s)")
+        metrics.uninstall()

@@ -1,6 +1,7 @@
 """The template photo of template mode: fitted to the output size and its
 subject's face found once per request; the generator re-generates that face
-region and the fusion step uses the same landmarks."""
+region, and ``portrait`` counts a generated face only where it was (and
+fuses there when the generator made none)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from facetron.errors import InvalidInputError
 from facetron.faces.retouch import face_ellipse_mask
 
 TEMPLATE_REGION_SCALE = 1.15  # the re-generated face region of a template (x face size)
-TEMPLATE_FUSE_SCALE = 1.25  # fusion covers it, so the template's own pixels form the blend boundary
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,9 @@ def check_template(template: np.ndarray, name: str = "template") -> np.ndarray:
     if min(template.shape[:2]) < contract.MIN_TEMPLATE_SIDE:
         raise InvalidInputError(name, f"is {template.shape[1]}x{template.shape[0]}; "
                                       f"at least {contract.MIN_TEMPLATE_SIDE} px a side")
+    if max(template.shape[:2]) > contract.MAX_TEMPLATE_SIDE:
+        raise InvalidInputError(name, f"is {template.shape[1]}x{template.shape[0]}; "
+                                      f"at most {contract.MAX_TEMPLATE_SIDE} px a side (resize it first)")
     return template
 
 

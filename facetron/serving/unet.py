@@ -2,7 +2,9 @@
 
 Each batch item names its user (``user_id``; empty = base model) and style;
 a bounded LRU bank turns (user_id, style) into the runtime-LoRA graph's
-LoRA inputs once and keeps them, so a request for any user needs no model
+LoRA inputs once — the user's face LoRA at ``w_face`` plus the style's LoRA
+from the style registry (:mod:`facetron.styles`) at the style's weight, else
+``w_style`` — and keeps them, so a request for any user needs no model
 reload and requests of different users share a batch. Memory is bounded in
 bytes; the least recently used entries go first. Nothing here imports
 torch: LoRA files are read with numpy (:mod:`facetron.diffusion.lora_inputs`).
@@ -12,17 +14,24 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from facetron.contract import UnetParams
+from facetron.contract import DEFAULT_STYLE_WEIGHT, UnetParams
 from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora_manifest, zero_lora_inputs
-from facetron.diffusion.styles import STYLES
-from facetron.errors import InvalidInputError
+from facetron.errors import InvalidInputError, NotFoundError
+from facetron.serving import metrics
 from facetron.serving.backend import decode_utf8, pb, read_params, version_dir
-from facetron.serving.ort_net import open_session, run_batched, unet_feed
+from facetron.serving.ort_net import check_feed, run_batched, unet_feed
+from facetron.serving.runtimes import open_runtime
+from facetron.styles import StyleRegistry, styles_for
 from facetron.users import UserRegistry, registry_at, validate_user_id
+
+
+Key = tuple[str, str, str, str]  # (user_id, user version, style, style install id)
 
 
 class LoraBank:
@@ -30,60 +39,98 @@ class LoraBank:
         self,
         manifest: dict,
         registry: UserRegistry,
-        style_lora: Callable[[str], tuple[str | None, float]],
+        style_lora: Callable[[str], tuple[Path | None, float]],
         w_face: float = 0.9,
         max_bytes: int = 512 << 20,
+        style_version: Callable[[str], str] = lambda name: "",
     ):
         self.manifest = manifest
+        self.style_version = style_version
         self.registry = registry
         self.style_lora = style_lora
         self.w_face = w_face
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[str, str], dict[str, np.ndarray]] = OrderedDict()
+        self._entries: OrderedDict[Key, dict[str, np.ndarray]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.loads = 0  # how many times a LoRA file was read (cache misses)
-        self._last_batch: tuple[tuple[tuple[str, str], ...], dict[str, np.ndarray]] | None = None
+        self.hits = 0
+        self.evictions = 0
+        self._last_batch: tuple[tuple[Key, ...], dict[str, np.ndarray]] | None = None
 
     def _build(self, user_id: str, style: str) -> dict[str, np.ndarray]:
+        """One item's inputs: the user's face LoRA at ``w_face`` and the style's
+        LoRA at its weight, stacked along the rank axis (each ``w · scale``
+        folded into B: exactly the merged UNet's ``W + w_face·ΔW_face +
+        w_style·ΔW_style``, diffusers' ``set_adapters([face, style], [w_face, w_style])``)."""
+        plan: list[tuple[Path, float]] = []
+        if user_id:
+            plan.append((self.registry.lora_path(validate_user_id(user_id)), self.w_face))
         style_path, w_style = self.style_lora(style) if style else (None, 0.0)
+        if style_path is not None:
+            plan.append((style_path, w_style))
+        if not plan:
+            return {k: v[0] for k, v in zero_lora_inputs(self.manifest).items()}
+        (first, weight), extra = plan[0], plan[1:]
+        return {k: v[0] for k, v in lora_inputs_for(first, self.manifest, weight, extra=extra).items()}
+
+    def _key(self, user_id: str, style: str) -> Key:
+        """(user, the user's served version, style, the style's install id): a
+        retrained user or a reinstalled style has a new version, so the next
+        request misses and reads the new LoRA."""
+        style_id = self.style_version(style) if style else ""
         if not user_id:
-            if style_path is None:
-                return {k: v[0] for k, v in zero_lora_inputs(self.manifest).items()}
-            return {k: v[0] for k, v in lora_inputs_for(style_path, self.manifest, w_style).items()}
-        extra = [(style_path, w_style)] if style_path else []
-        inputs = lora_inputs_for(self.registry.lora_path(validate_user_id(user_id)), self.manifest, self.w_face, extra=extra)
-        return {k: v[0] for k, v in inputs.items()}
+            return "", "", style, style_id
+        version = self.registry.version(validate_user_id(user_id))
+        if version is None:
+            raise NotFoundError(f"user_id: unknown user {user_id!r} (not registered in {self.registry.root})")
+        return user_id, version, style, style_id
 
     def get(self, user_id: str, style: str = "") -> dict[str, np.ndarray]:
         """Per-item tensors (no batch axis) for ``user_id`` ('' = base model) and ``style``."""
-        key = (user_id, style)
+        return self._get(self._key(user_id, style))
+
+    def _get(self, key: Key) -> dict[str, np.ndarray]:
+        user_id, version, style, style_id = key
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
+                self.hits += 1
+                metrics.current().lora_lookup(hit=True)
                 return self._entries[key]
         entry = self._build(user_id, style)
         size = sum(v.nbytes for v in entry.values())
         with self._lock:
             self.loads += 1
+            metrics.current().lora_lookup(hit=False)
+            for stale in [k for k in self._entries if (k[0] == user_id and k[1] != version)
+                          or (k[2] == style and k[3] != style_id)]:
+                self._drop(stale)  # an older version of this user or style is never served again
             self._entries[key] = entry
             self._bytes += size
             while self._bytes > self.max_bytes and len(self._entries) > 1:
-                _, old = self._entries.popitem(last=False)
-                self._bytes -= sum(v.nbytes for v in old.values())
+                self._drop(next(iter(self._entries)))
+            metrics.current().lora_bank_size(self._bytes, len(self._entries))
         return entry
 
+    def _drop(self, key: Key) -> None:
+        old = self._entries.pop(key)
+        self._bytes -= sum(v.nbytes for v in old.values())
+        self.evictions += 1
+        metrics.current().lora_evicted()
+
     def batch(self, keys: list[tuple[str, str]]) -> dict[str, np.ndarray]:
-        """Stacked inputs for a batch whose item i belongs to keys[i].
+        """Stacked inputs for a batch whose item i belongs to keys[i] = (user, style).
 
         A denoising loop sends the same users every step: the last stacked
-        batch is reused while the keys repeat (at SD-1.5 shapes a stack is
-        ~20 MB per item, copied again on every step otherwise)."""
-        key = tuple(keys)
+        batch is reused while the (user, version, style) keys repeat (at
+        SD-1.5 shapes a stack is ~20 MB per item, copied again on every step
+        otherwise)."""
+        key = tuple(self._key(u, s) for u, s in keys)
         last = self._last_batch
         if last is not None and last[0] == key:
             return last[1]
-        entries = [self.get(u, s) for u, s in keys]
+        entries = [self._get(k) for k in key]
         stacked = {k: np.stack([e[k] for e in entries]) for k in entries[0]}
         self._last_batch = (key, stacked)
         return stacked
@@ -93,10 +140,12 @@ class LoraBank:
         return self._bytes
 
 
-def style_lora(name: str) -> tuple[str | None, float]:
-    """(style LoRA path or None, its weight) of a known style."""
-    style = STYLES.get(name)
-    return (style.lora, style.lora_weight) if style and style.lora else (None, 0.0)
+def style_lora(name: str, styles: StyleRegistry | None = None,
+               w_style: float = DEFAULT_STYLE_WEIGHT) -> tuple[Path | None, float]:
+    """(style LoRA file or None, its weight) of style ``name`` in ``styles``
+    (None = the default style registry); ``w_style`` is the weight of a style
+    that gives none. An unknown style is InvalidInputError naming ``style``."""
+    return (styles or styles_for()).lora(name, w_style)
 
 
 def item_strings(request, name: str, n: int) -> list[str]:
@@ -114,17 +163,23 @@ class UnetModel:
     def initialize(self, args):
         params = read_params(args, UnetParams)
         folder = version_dir(args)
-        self.session = open_session(folder / "model.onnx", params.intra_op_threads or None, params.providers)
+        # ONNX Runtime or OpenVINO (params.runtime): the LoRA tensors are plain graph inputs in both
+        self.session = open_runtime(folder / "model.onnx", params.runtime, params.intra_op_threads or None,
+                                    params.providers)
+        registry = registry_at(params.users_dir)
+        styles = styles_for(registry.root)
         self.bank = LoraBank(
             read_lora_manifest(folder),
-            registry_at(params.users_dir),
-            style_lora,
+            registry,
+            partial(style_lora, styles=styles, w_style=params.w_style),
             w_face=params.w_face,
             max_bytes=int(params.lora_cache_mb * (1 << 20)),
+            style_version=styles.version,
         )
+        metrics.install(args["model_name"])
 
     def _read(self, request):
-        feed = unet_feed(request)
+        feed = check_feed(unet_feed(request), self.session)
         n = feed["sample"].shape[0]
         users, styles = item_strings(request, "user_id", n), item_strings(request, "style", n)
         feed.update(self.bank.batch(list(zip(users, styles))))
@@ -138,3 +193,4 @@ class UnetModel:
 
     def finalize(self):
         self.session = self.bank = None
+        metrics.uninstall()

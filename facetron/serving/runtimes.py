@@ -1,0 +1,289 @@
+"""The runtimes a served ONNX net can run in: ONNX Runtime or OpenVINO.
+
+:func:`open_runtime` gives one object per net whatever the runtime, shaped
+like an ONNX Runtime session where the serving code touches it:
+
+* ``run(output_names, feed) -> [arrays]`` (``output_names`` None = all),
+* ``get_inputs()`` -> specs with ``name``, ``type`` (``"tensor(float)"``...)
+  and ``shape`` (an int per fixed dimension, a str or None where dynamic):
+  what :func:`facetron.serving.ort_net.check_feed` reads,
+* ``runtime``: the runtime that actually runs the net (after any fallback).
+
+OpenVINO reads the same ONNX file (no separate IR): the runtime-LoRA UNet's
+LoRA tensors stay plain graph inputs, so one compiled graph serves every
+user as in ONNX Runtime. Its CPU settings are explicit:
+``INFERENCE_PRECISION_HINT=f32`` (its default on CPUs with bf16 but without
+AMX is bf16: slower and less exact there, docs/ENVIRONMENT.md), the
+``LATENCY`` hint, ``INFERENCE_NUM_THREADS`` = the model's
+``intra_op_threads`` (else ``$OMP_NUM_THREADS``), no CPU pinning (the cores
+are shared with the other models) and a compiled-model cache under
+``facetron.paths.cache_dir("openvino")``. Shapes stay dynamic unless
+``shapes`` fixes them (a static graph per served resolution is a speed
+option, measured in ``benchmarks/runtimes.py``).
+
+A net that OpenVINO cannot read, compile or run falls back to ONNX Runtime
+with one log line naming the net and the reason: a served model never dies
+for want of OpenVINO.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from facetron.contract import DEFAULT_NET_RUNTIME as DEFAULT_RUNTIME
+from facetron.contract import NET_RUNTIMES as RUNTIMES
+from facetron.errors import FacetronError, InvalidInputError
+from facetron.paths import cache_dir
+LOG = logging.getLogger("facetron.runtimes")
+
+# OpenVINO element types -> ONNX Runtime's type strings (what check_feed compares)
+_OV_TYPES = {"f32": "tensor(float)", "i32": "tensor(int32)", "u8": "tensor(uint8)", "i64": "tensor(int64)",
+             "f16": "tensor(float16)", "boolean": "tensor(bool)"}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input, as ONNX Runtime's ``NodeArg`` shows it."""
+
+    name: str
+    type: str
+    shape: tuple
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:400]
+
+
+def check_runtime(runtime: str, name: str = "runtime") -> str:
+    if runtime not in RUNTIMES:
+        raise InvalidInputError(name, f"expected one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    return runtime
+
+
+def resolve_threads(threads: int | None) -> int | None:
+    """``threads`` when given (> 0), else ``$OMP_NUM_THREADS`` when it is a positive int, else None (the runtime's default)."""
+    if threads:
+        return int(threads)
+    try:
+        env = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return env if env > 0 else None
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime
+
+
+def ort_session(path: Path, threads: int | None = None, providers: str = "cpu"):
+    """An ONNX Runtime session (no idle-thread spinning: cores are shared).
+
+    ``providers="cuda"`` asks for the CUDA provider first (gpu target) and
+    fails clearly where onnxruntime has none."""
+    import onnxruntime as ort
+
+    chain = ["CPUExecutionProvider"]
+    if providers == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise FacetronError(f"{path}: the CUDA execution provider is not available in this onnxruntime")
+        chain = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=opts, providers=chain)
+
+
+class OrtRuntime:
+    """A net in an ONNX Runtime session."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int | None = None, providers: str = "cpu"):
+        self.path = Path(path)
+        self.session = ort_session(self.path, threads, providers)
+
+    def get_inputs(self):
+        return self.session.get_inputs()
+
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def run(self, output_names: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None if output_names is None else list(output_names), feed)
+
+
+# ----------------------------------------------------------------------------- OpenVINO
+
+
+def openvino_config(threads: int | None = None, precision: str = "f32", hint: str = "LATENCY",
+                    cache: Path | None = None) -> dict[str, object]:
+    """The CPU plugin properties facetron compiles with (see the module doc)."""
+    config: dict[str, object] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint,
+                                 "ENABLE_CPU_PINNING": False}
+    n = resolve_threads(threads)
+    if n:
+        config["INFERENCE_NUM_THREADS"] = n
+    if cache is not None:
+        config["CACHE_DIR"] = str(cache)
+    return config
+
+
+def openvino_model(path: Path, shapes: dict[str, Sequence[int]] | None = None):
+    """``ov.Model`` read from the ONNX file (external data found beside it), reshaped to ``shapes`` if given."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(path))
+    if shapes:
+        model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
+    return model
+
+
+def _onnx_output_name(port) -> str:
+    """The ONNX output name of a compiled model's output port (its Result node
+    is named ``<name>/sink_port_<i>``; the port's names include ``<name>``)."""
+    names = port.get_names()
+    base = re.sub(r"/sink_port_\d+$", "", port.get_node().get_friendly_name())
+    return base if base in names else port.get_any_name()
+
+
+class OpenVinoRuntime:
+    """A net compiled by OpenVINO for the CPU.
+
+    ``model``: an ``ov.Model`` to compile instead of reading ``path`` (e.g.
+    one with compressed weights); ``cache``: the compiled-model cache folder
+    (None = no cache). One infer request, serialised by a lock (a python
+    model instance runs one batch at a time)."""
+
+    runtime = "openvino"
+
+    def __init__(self, path: Path, threads: int | None = None, *, shapes: dict[str, Sequence[int]] | None = None,
+                 precision: str = "f32", hint: str = "LATENCY", cache: Path | None = None, model=None):
+        import openvino as ov
+
+        self.path = Path(path)
+        core = ov.Core()
+        if model is None:
+            model = openvino_model(self.path, shapes)
+        elif shapes:
+            model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
+        self.config = openvino_config(threads, precision, hint, cache)
+        self.compiled = core.compile_model(model, "CPU", self.config)
+        self._request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()
+        self._inputs = [self._spec(p) for p in self.compiled.inputs]
+        self._outputs = {_onnx_output_name(p): p for p in self.compiled.outputs}
+
+    @staticmethod
+    def _spec(port) -> InputSpec:
+        shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+        ov_type = port.get_element_type().get_type_name()
+        # a port has several tensor names; the Parameter node keeps the ONNX input's name
+        return InputSpec(port.get_node().get_friendly_name(), _OV_TYPES.get(ov_type, f"tensor({ov_type})"), shape)
+
+    def get_inputs(self) -> list[InputSpec]:
+        return list(self._inputs)
+
+    def output_names(self) -> list[str]:
+        return list(self._outputs)
+
+    def run(self, output_names: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        names = list(self._outputs) if output_names is None else list(output_names)
+        feed = {k: np.ascontiguousarray(v) for k, v in feed.items()}
+        for spec in self._inputs:  # OpenVINO would reinterpret a wrong rank silently: refuse like ONNX Runtime
+            arr = feed.get(spec.name)
+            if arr is None:
+                raise ValueError(f"input {spec.name!r} is missing from the feed")
+            if arr.ndim != len(spec.shape) or any(d is not None and d != g for d, g in zip(spec.shape, arr.shape)):
+                raise ValueError(f"input {spec.name!r}: shape {list(arr.shape)} does not fit {list(spec.shape)}")
+        with self._lock:
+            result = self._request.infer(feed)  # outputs copied out of the request (share_outputs=False)
+            return [np.asarray(result[self._outputs[n]]) for n in names]
+
+
+class FallbackRuntime:
+    """OpenVINO first. When it fails to run a feed that ONNX Runtime runs, the
+    net moves to ONNX Runtime for good (one log line); when ONNX Runtime fails
+    on that feed too, the feed was bad: its error is raised, OpenVINO stays."""
+
+    def __init__(self, primary: OpenVinoRuntime, fallback):
+        self._primary, self._fallback_factory, self._fallback = primary, fallback, None
+        self.path = primary.path
+
+    @property
+    def runtime(self) -> str:
+        return self._active.runtime
+
+    @property
+    def _active(self):
+        return self._fallback or self._primary
+
+    def get_inputs(self):
+        return self._active.get_inputs()
+
+    def output_names(self) -> list[str]:
+        return self._active.output_names()
+
+    def run(self, output_names, feed):
+        if self._fallback is not None:
+            return self._fallback.run(output_names, feed)
+        try:
+            return self._primary.run(output_names, feed)
+        except Exception as exc:  # noqa: BLE001 - any OpenVINO failure: try ONNX Runtime on the same feed
+            reason = _one_line(exc)
+        fallback = self._fallback_factory()
+        out = fallback.run(output_names, feed)  # raises (OpenVINO kept) when the feed itself is bad
+        LOG.warning("[facetron] %s: OpenVINO failed to run this net (%s); running it in ONNX Runtime from now on",
+                    self.path, reason)
+        self._fallback, self._primary = fallback, None
+        return out
+
+
+def open_runtime(path: str | os.PathLike, runtime: str = DEFAULT_RUNTIME, threads: int | None = None,
+                 providers: str = "cpu", *, shapes: dict[str, Sequence[int]] | None = None,
+                 cache: Path | None | bool = True, fallback: bool = True):
+    """The net of ONNX file ``path`` in ``runtime`` ("onnxruntime" | "openvino").
+
+    ``threads``: intra-op threads (None/0 = ``$OMP_NUM_THREADS`` for OpenVINO,
+    the runtime's default for ONNX Runtime); ``providers``: ONNX Runtime's
+    ``cpu`` | ``cuda`` (OpenVINO is a CPU runtime here: with ``cuda`` the net
+    runs in ONNX Runtime); ``shapes``: static input shapes for OpenVINO;
+    ``cache``: OpenVINO's compiled-model cache folder (True = facetron's
+    cache, False/None = none). With ``fallback`` a net that OpenVINO cannot
+    load, compile or run is served by ONNX Runtime (one log line)."""
+    path = Path(path)
+    check_runtime(runtime)
+    if not path.is_file():
+        raise FacetronError(f"ONNX file {path} is missing: assemble the repository with `facetron export repository`")
+    ort_threads = threads or None
+    if runtime == "onnxruntime":
+        return OrtRuntime(path, ort_threads, providers)
+    if providers != "cpu":
+        LOG.warning("[facetron] %s: OpenVINO is a CPU runtime here and providers=%r; running this net in ONNX Runtime",
+                    path, providers)
+        return OrtRuntime(path, ort_threads, providers)
+    try:
+        cache_path = cache_dir("openvino") if cache is True else (cache or None)
+    except OSError as exc:
+        LOG.warning("[facetron] %s: no OpenVINO compiled-model cache (%s); compiling without one", path, _one_line(exc))
+        cache_path = None
+    try:
+        primary = OpenVinoRuntime(path, threads, shapes=shapes, cache=cache_path)
+    except Exception as exc:  # noqa: BLE001 - import, read or compile failure
+        if not fallback:
+            raise
+        LOG.warning("[facetron] %s: OpenVINO could not load or compile this net (%s); running it in ONNX Runtime",
+                    path, _one_line(exc))
+        return OrtRuntime(path, ort_threads, providers)
+    if not fallback:
+        return primary
+    return FallbackRuntime(primary, lambda: OrtRuntime(path, ort_threads, providers))

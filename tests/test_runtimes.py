@@ -1,0 +1,258 @@
+"""Every runtime of a served net gives ONNX Runtime's outputs (tiny model).
+
+OpenVINO (``facetron.serving.runtimes``) runs the same ONNX files as ONNX
+Runtime; per net its outputs must equal ONNX Runtime's within the export
+validation tolerance (``export/validate.py``: ONNX Runtime is the runtime
+validated against torch there): text encoder, VAE decoder / encoder, and the
+runtime-LoRA UNet fed a real (non-zero) LoRA through the numpy reader the
+served ``unet`` uses. Also: the fallback to ONNX Runtime (one log line,
+never a dead model), the input metadata ``check_feed`` reads, the thread
+rule, ``--cpu-runtime`` at assembly (fixed and ``auto``), and one served
+check: a repository whose nets run in OpenVINO serves ``portrait_generator``
+images within 2/255 of the same generation in ONNX Runtime.
+
+Timings are never asserted here (benchmarks/runtimes.py reports them)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facetron.diffusion.base_model import load_base_model
+from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora_manifest
+from facetron.errors import FacetronError, InvalidInputError
+from facetron.export.onnx_export import export_onnx
+from facetron.export.onnx_graph import ModelDims, example_inputs, read_io
+from facetron.export.validate import TOLERANCES, compare
+from facetron.serving import runtimes
+from facetron.serving.ort_net import check_feed
+from facetron.serving.runtimes import OpenVinoRuntime, open_runtime, openvino_config, resolve_threads
+
+pytest.importorskip("openvino")
+
+NETS = ("text_encoder", "vae_decoder", "vae_encoder", "unet_lora")
+W_FACE = 0.9
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base_model()
+
+
+@pytest.fixture(scope="module")
+def exported(base, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runtimes") / "onnx"
+    export_onnx(base, out, models=("text_encoder", "vae_decoder", "vae_encoder"), runtime_lora_rank=8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def face_lora(base, tmp_path_factory) -> Path:
+    from facetron.training.random_lora import write_random_lora
+
+    return write_random_lora(tmp_path_factory.mktemp("lora") / "face.safetensors", base.unet, rank=4, alpha=8,
+                             seed=11, std=0.1)
+
+
+def _feed(name: str, exported: Path, base, face_lora: Path, batch: int = 2, latent: int | None = None) -> dict:
+    inputs, _, _ = read_io(exported / name)
+    feed = example_inputs(inputs, ModelDims.of(base), batch=batch, latent=latent, seed=3,
+                          vocab=int(base.text_encoder.config.vocab_size))
+    if name == "unet_lora":
+        lora = lora_inputs_for(face_lora, read_lora_manifest(exported / name), W_FACE, batch=batch)
+        assert any(np.abs(v).max() > 0 for k, v in lora.items() if k.startswith("lora_b_")), "the LoRA must be real"
+        feed.update(lora)
+    return feed
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_openvino_equals_onnxruntime(name, exported, base, face_lora) -> None:
+    path = exported / name / "model.onnx"
+    ort_net = open_runtime(path, "onnxruntime", 1)
+    ov_net = open_runtime(path, "openvino", 1, fallback=False, cache=False)
+    assert ov_net.runtime == "openvino" and ort_net.runtime == "onnxruntime"
+    # the metadata check_feed reads: same names, types and fixed dims as ONNX Runtime's
+    assert [(i.name, i.type) for i in ov_net.get_inputs()] == [(i.name, i.type) for i in ort_net.get_inputs()]
+    for a, b in zip(ov_net.get_inputs(), ort_net.get_inputs()):
+        assert [d if isinstance(d, int) else None for d in a.shape] == \
+               [d if isinstance(d, int) else None for d in b.shape], a.name
+    assert ov_net.output_names() == ort_net.output_names()
+    atol, rtol = TOLERANCES[name]
+    for batch, latent in ((2, None), (1, 8)):  # dynamic shapes: the served batch and a smaller latent
+        feed = _feed(name, exported, base, face_lora, batch, latent)
+        ref, got = ort_net.run(None, feed)[0], ov_net.run(None, feed)[0]
+        stats = compare(got, ref, atol, rtol)
+        assert got.dtype == ref.dtype and stats["pass"], (name, batch, latent, stats)
+
+
+def test_openvino_static_shapes_equal_dynamic(exported, base, face_lora) -> None:
+    feed = _feed("unet_lora", exported, base, face_lora)
+    path = exported / "unet_lora" / "model.onnx"
+    static = OpenVinoRuntime(path, 1, shapes={k: v.shape for k, v in feed.items()})
+    assert static.get_inputs()[0].shape == (2, 4, 16, 16)
+    ref = open_runtime(path, "onnxruntime", 1).run(["noise_pred"], feed)[0]
+    assert compare(static.run(["noise_pred"], feed)[0], ref, *TOLERANCES["unet_lora"])["pass"]
+
+
+def test_check_feed_reads_openvino_metadata(exported, base, face_lora) -> None:
+    net = open_runtime(exported / "unet_lora" / "model.onnx", "openvino", 1, fallback=False, cache=False)
+    feed = _feed("unet_lora", exported, base, face_lora)
+    check_feed(feed, net)
+    bad = dict(feed, sample=np.zeros((2, 3, 16, 16), np.float32))
+    with pytest.raises(InvalidInputError, match="sample: dimension 1 must be 4"):
+        check_feed(bad, net)
+    with pytest.raises(InvalidInputError, match="encoder_hidden_states: expected dtype float32"):
+        check_feed(dict(feed, encoder_hidden_states=feed["encoder_hidden_states"].astype(np.float64)), net)
+
+
+def test_compile_failure_falls_back_with_one_line(exported, monkeypatch, caplog) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("Exception from src/plugins/intel_cpu: no kernel\nsecond line")
+
+    monkeypatch.setattr(runtimes, "OpenVinoRuntime", broken)
+    with caplog.at_level(logging.WARNING, logger="facetron.runtimes"):
+        net = open_runtime(exported / "vae_decoder" / "model.onnx", "openvino", 1)
+    assert net.runtime == "onnxruntime"
+    (record,) = [r for r in caplog.records if r.name == "facetron.runtimes"]
+    msg = record.getMessage()
+    assert "\n" not in msg and "OpenVINO could not load or compile" in msg and "vae_decoder" in msg
+    assert "no kernel second line" in msg and "ONNX Runtime" in msg
+    with pytest.raises(RuntimeError, match="no kernel"):
+        open_runtime(exported / "vae_decoder" / "model.onnx", "openvino", 1, fallback=False)
+
+
+def test_run_failure_moves_to_onnxruntime_for_good(exported, base, face_lora, caplog) -> None:
+    net = open_runtime(exported / "text_encoder" / "model.onnx", "openvino", 1, cache=False)
+    feed = _feed("text_encoder", exported, base, face_lora)
+    ref = net.run(None, feed)[0]
+    # a feed that no runtime accepts: its error is raised, OpenVINO stays
+    with pytest.raises(Exception):
+        net.run(None, {"input_ids": np.zeros((2, 5, 5), np.int32)})
+    assert net.runtime == "openvino"
+
+    def broken(*args):
+        raise RuntimeError("infer request failed")
+
+    net._primary.run = broken
+    with caplog.at_level(logging.WARNING, logger="facetron.runtimes"):
+        got = net.run(None, feed)[0]
+    assert net.runtime == "onnxruntime"
+    assert any("OpenVINO failed to run this net (RuntimeError: infer request failed)" in r.getMessage()
+               for r in caplog.records)
+    assert compare(got, ref, *TOLERANCES["text_encoder"])["pass"]
+
+
+def test_runtime_rules(exported, monkeypatch) -> None:
+    with pytest.raises(InvalidInputError, match="runtime: expected one of onnxruntime, openvino, got 'tvm'"):
+        open_runtime(exported / "vae_decoder" / "model.onnx", "tvm")
+    with pytest.raises(FacetronError, match="is missing"):
+        open_runtime(exported / "nothing" / "model.onnx", "openvino")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert resolve_threads(None) == 3 and resolve_threads(0) == 3 and resolve_threads(2) == 2
+    cfg = openvino_config(None, cache=Path("/tmp/x"))
+    assert cfg["INFERENCE_NUM_THREADS"] == 3 and cfg["INFERENCE_PRECISION_HINT"] == "f32"
+    assert cfg["PERFORMANCE_HINT"] == "LATENCY" and cfg["CACHE_DIR"] == "/tmp/x"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert "INFERENCE_NUM_THREADS" not in openvino_config(None)
+    net = open_runtime(exported / "vae_decoder" / "model.onnx", "openvino", 1, fallback=False, cache=False)
+    assert "float32" in str(net.compiled.get_property("INFERENCE_PRECISION_HINT"))  # not the bf16 default
+    assert int(net.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+
+
+def test_repository_records_the_runtimes(tmp_path) -> None:
+    from facetron.export.repository import DiffusionSource, assemble_repository
+
+    with pytest.raises(InvalidInputError, match="--cpu-runtime"):
+        assemble_repository("cpu", tmp_path / "r0", cpu_runtime="tvm")
+    with pytest.raises(InvalidInputError, match="--cpu-runtime: applies to the cpu target only"):
+        assemble_repository("gpu", tmp_path / "r0", cpu_runtime="openvino")
+    nets = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    repo = assemble_repository("cpu", tmp_path / "auto", models=nets, diffusion=DiffusionSource(lora_rank=8),
+                               cpu_runtime="auto")
+    choice = json.loads((repo / "runtime_choice.json").read_text())
+    assert choice["mode"] == "auto" and set(choice["runtimes"]) == set(nets)
+    for net in nets:
+        entry = choice["measurements"][net]
+        assert entry["choice"] == choice["runtimes"][net] and entry["reason"]
+        assert entry["runtimes"]["onnxruntime"]["p50_ms"] > 0 and entry["runtimes"]["openvino"]["eligible"]
+        assert entry["runtimes"]["openvino"]["max_abs_vs_onnxruntime"] is not None
+        config = (repo / net / "config.pbtxt").read_text()
+        assert f'key: "runtime"\n  value {{\n    string_value: "{choice["runtimes"][net]}"' in config
+
+
+@pytest.mark.triton
+def test_served_openvino_equals_onnxruntime(base, face_lora, tmp_path) -> None:
+    """portrait_generator over a repository whose nets (runtime-LoRA UNet
+    included) run in OpenVINO == the same generation with ONNX Runtime nets
+    in-process, within 2/255 per pixel (fp32 in both, ~1e-6 apart per call)."""
+    from facetron.client import FacetronClient
+    from facetron.diffusion.clip_tokenizer import ClipTokenizer
+    from facetron.diffusion.nets import DiffusionNets
+    from facetron.export.repository import DiffusionSource, assemble_repository
+    from facetron.serving.generation import build_job, generate, read_model_info
+    from facetron.triton_server import TritonServer
+    from facetron.users import UserRegistry
+
+    users = tmp_path / "users"
+    registry = UserRegistry(users)
+    emb = np.random.default_rng(0).standard_normal(128).astype(np.float32)
+    registry.save_reference_embedding("ov-user", emb / np.linalg.norm(emb))
+    registry.install_lora("ov-user", face_lora)
+    models = ["tokenizer", "text_encoder", "unet", "vae_decoder", "vae_encoder", "portrait_generator"]
+    repo = assemble_repository("cpu", tmp_path / "repo", models=models, diffusion=DiffusionSource(lora_rank=8),
+                               users_dir=users, cpu_runtime="openvino")
+    assert json.loads((repo / "runtime_choice.json").read_text())["runtimes"]["unet"] == "openvino"
+    request = {"user_id": "ov-user", "num_images": 2, "seed": 5, "steps": 4}
+    server = TritonServer(repo, log_path=tmp_path / "tritonserver.log", env={"FACETRON_USERS_DIR": str(users)})
+    server.start()
+    try:
+        with FacetronClient(server.grpc_url, timeout_s=120) as client:
+            wire = {"user_id": np.array([b"ov-user"], dtype=object), "num_images": np.array([2], np.int32),
+                    "seed": np.array([5], np.int64), "steps": np.array([4], np.int32)}
+            served = client.infer("portrait_generator", wire, ["images"])["images"]
+    finally:
+        server.stop()
+    log = (tmp_path / "tritonserver.log").read_text(errors="replace")
+    assert "OpenVINO could not" not in log and "OpenVINO failed" not in log
+
+    info, sched = read_model_info(repo / "portrait_generator" / "1")
+    job = build_job(request, info, UserRegistry(users))
+    net = {m: open_runtime(repo / m / "1" / "model.onnx", "onnxruntime", 1) for m in ("text_encoder", "unet",
+                                                                                        "vae_decoder")}
+    manifest = read_lora_manifest(repo / "unet" / "1")
+
+    def unet_fn(s, t, h):
+        lora = lora_inputs_for(face_lora, manifest, W_FACE, batch=s.shape[0])
+        return net["unet"].run(None, {"sample": s, "timestep": t, "encoder_hidden_states": h, **lora})[0]
+
+    nets = DiffusionNets(tokenize=ClipTokenizer(),
+                         text_encode=lambda ids: net["text_encoder"].run(None, {"input_ids": ids})[0],
+                         unet=unet_fn, vae_decode=lambda lat: net["vae_decoder"].run(None, {"latent": lat})[0],
+                         latent_channels=4, latent_factor=8)
+    ref = generate(nets, sched, job.prompt, job.negative_prompt, job.request)
+    assert served.shape == ref.shape == (2, 128, 128, 3)
+    diff = np.abs(served.astype(int) - ref.astype(int))
+    assert diff.max() <= 2 and diff.mean() <= 0.05, (diff.max(), diff.mean())
+
+
+def test_runtimes_benchmark_smoke(tmp_path) -> None:
+    """benchmarks/runtimes.py on the tiny text encoder: every variant runs and
+    reports ms and its deviation from torch; the --full grouping (torch as each
+    group's anchor, static OpenVINO variants) runs too. No timing is asserted."""
+    pytest.importorskip("nncf")
+    from facetron.benchmarks.runtimes import FULL_GROUPS, VARIANTS, measure_net, run
+
+    result = run(nets=["text_encoder"], repeats=2, out_dir=tmp_path)
+    variants = result["nets"]["text_encoder"]["variants"]
+    assert set(variants) == set(VARIANTS) and result["cpu"]["flags"]
+    for name, entry in variants.items():
+        assert "error" not in entry and entry["ms"] > 0 and entry["rel_l2"] is not None, (name, entry)
+    assert variants["openvino_fp32"]["rel_l2"] < 1e-5 and variants["onnxruntime"]["rel_l2"] < 1e-5
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md", ".png"]
+    grouped = measure_net("text_encoder", repeats=1, groups=FULL_GROUPS)
+    assert set(grouped["variants"]) == {v for g in FULL_GROUPS for v in g}
+    assert all("error" not in e and e["ms"] > 0 for e in grouped["variants"].values())

@@ -1,0 +1,117 @@
+"""A real browser on the web app: headless Chromium (Debian's ``chromium`` +
+``chromium-driver``, installed by scripts/setup.sh where apt is available)
+loads the page served by ``facetron web``, runs one generation on the tiny
+model against the session's tritonserver (1 image, 2 steps) and saves a
+screenshot (PNG) in the test's tmp folder; set FACETRON_SCREENSHOT_DIR to
+keep a copy (the README's docs/web_app.png was taken this way).
+
+Without a browser the test is skipped on a developer machine and FAILS in
+CI (``CI=true``): the browser is part of the environment setup installs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from web_fixtures import register_ready_user, start_web, stop_web
+
+pytestmark = pytest.mark.triton
+
+USER = "browser-user"
+STEPS, NUM_IMAGES, SEED = 2, 1, 5
+
+
+def _browser_paths() -> tuple[str, str]:
+    """(chromium, chromedriver) or skip/fail with the reason."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    missing = [n for n, p in (("chromium", chromium), ("chromedriver (chromium-driver)", driver)) if not p]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium Python package")
+    if missing:
+        reason = f"no headless browser: {', '.join(missing)} not installed (scripts/setup.sh installs them)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI: {reason}")
+        pytest.skip(reason)
+    return chromium, driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_path = _browser_paths()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1700", "--no-first-run", "--disable-extensions", "--disable-background-networking"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def web(triton, users_dir: Path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("web_browser")
+    register_ready_user(users_dir, USER, root / "user")
+    proc, url = start_web(triton.grpc_url, users_dir, root / "work", root / "web.log", "--steps", str(STEPS))
+    yield url
+    stop_web(proc)
+
+
+def _set_number(driver, elem_id: str, value: int) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(value), Keys.TAB)
+
+
+def test_browser_generates_one_portrait(browser, web, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    t0 = time.perf_counter()
+    browser.get(web)
+    wait = WebDriverWait(browser, 60)
+    wait.until(EC.text_to_be_present_in_element((By.ID, "server-status"), "ready"))
+    user = browser.find_element(By.CSS_SELECTOR, "#user-id textarea, #user-id input")
+    user.send_keys(USER)
+    tab = next(b for b in browser.find_elements(By.CSS_SELECTOR, "button[role='tab']") if "generate" in b.text)
+    tab.click()
+    wait.until(EC.element_to_be_clickable((By.ID, "generate-btn")))
+    _set_number(browser, "num-images", NUM_IMAGES)
+    _set_number(browser, "steps", STEPS)
+    _set_number(browser, "seed", SEED)
+    from facetron.assets import asset_path  # template mode: the tiny model makes no faces of its own
+
+    browser.find_element(By.CSS_SELECTOR, "#template input[type='file']").send_keys(str(asset_path("photo_astronaut")))
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#template img")))
+    browser.find_element(By.ID, "generate-btn").click()
+    WebDriverWait(browser, 240).until(
+        EC.presence_of_element_located((By.CSS_SELECTOR, "#gallery img")),
+        message=f"no portrait in the gallery; status: {browser.find_element(By.ID, 'generate-status').text!r}")
+    WebDriverWait(browser, 30).until(EC.text_to_be_present_in_element((By.ID, "generate-status"), "portrait(s)"))
+    status = browser.find_element(By.ID, "generate-status").text
+    assert "1 portrait(s) of 1 candidate(s)" in status, status
+    gallery_text = browser.find_element(By.ID, "gallery").text
+    assert f"seed {SEED}" in gallery_text and "similarity" in gallery_text, gallery_text
+    time.sleep(0.5)  # let the gallery image paint before the screenshot
+    shot = tmp_path / "web_app.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    keep = os.environ.get("FACETRON_SCREENSHOT_DIR")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, Path(keep) / "web_app.png")
+    print(f"browser check: {time.perf_counter() - t0:.1f} s, screenshot {shot}")

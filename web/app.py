@@ -1,0 +1,363 @@
+"""The facetron web app (Gradio): photos -> prepare -> train -> style -> generate -> gallery.
+
+It talks to Triton only through :mod:`facetron.client` (the ``portrait`` call
+over the decoupled ``portrait_stream`` model, one progress report per
+denoising step). Preparing and training run as subprocesses of the
+``facetron train`` CLI (:mod:`facetron.web.stages`): no model code is loaded
+into this process.
+
+Every step is one handler: it checks its inputs first and raises one clear
+message (a Gradio error toast naming the input and the rule) without
+touching what the page already shows, so a bad upload, an unknown user or a
+server that is down loses nothing: the uploads stay in the upload box, the
+last gallery stays on the page, the last good photo set stays on disk.
+Long steps are generators: they stream progress (a progress bar and a status
+line) while the work runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # never phone home
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+
+from facetron.client import FacetronClient  # noqa: E402
+from facetron.client.requests import portrait_request  # noqa: E402
+from facetron.contract import (  # noqa: E402
+    CLIENT_NUM_IMAGES,
+    DEFAULT_GUIDANCE,
+    DEFAULT_SCHEDULER,
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_SEED,
+    MAX_STEPS,
+    PORTRAIT_STREAM,
+    SCHEDULERS,
+    validate_user_id,
+)
+from facetron.errors import FacetronError, InvalidInputError, NotFoundError, ServerError  # noqa: E402
+from facetron.web import photos as P  # noqa: E402
+from facetron.web import results as R  # noqa: E402
+from facetron.web import stages as S  # noqa: E402
+
+DEFAULT_WEB_STEPS = 20
+DEFAULT_TRAIN_STEPS = 300
+REPORT_COLUMNS = ["photo", "kept", "reason"]
+#: system fonts only: the page loads nothing from outside this machine
+THEME_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
+MONO_FONTS = ("ui-monospace", "monospace")
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """What the app serves against: one Triton gRPC endpoint, the user registry
+    that server reads (training writes into it), and a working folder."""
+
+    server: str
+    work_dir: Path
+    users_dir: Optional[Path] = None  # None: the CLI's default (FACETRON_USERS_DIR or build/users)
+    base_model: Optional[Path] = None  # None: the tiny embedded model (what the default server runs)
+    styles: tuple[str, ...] = ("studio",)
+    default_style: str = "studio"
+    default_steps: int = DEFAULT_WEB_STEPS
+    default_train_steps: int = DEFAULT_TRAIN_STEPS
+    timeout_s: float = 600.0
+    stage_env: dict[str, str] = field(default_factory=dict)  # extra environment of the training subprocesses
+
+    def user_dir(self, user_id: str) -> Path:
+        return Path(self.work_dir) / "users" / validate_user_id(user_id)
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def _user(user_id: str) -> str:
+    text = (user_id or "").strip()
+    if not text:
+        raise InvalidInputError("user id", "is empty: type the user's id (letters, digits, _ and -)")
+    return validate_user_id(text, "user id")
+
+
+def _message(exc: BaseException, server: str) -> str:
+    """One line for the page: the input and the rule, or what is wrong with the server."""
+    if isinstance(exc, ServerError):
+        return (f"The Triton server at {server} did not answer: {exc}. "
+                "Start it (facetron serve) or check --server; nothing on this page was lost.")
+    if isinstance(exc, NotFoundError):
+        return f"Not found: {exc}"
+    if isinstance(exc, InvalidInputError):
+        return f"{exc.input_name}: {exc.rule}"
+    return str(exc)
+
+
+def _parse_attrs(text: str) -> list[str]:
+    attrs = [a.strip() for a in (text or "").replace(";", ",").split(",") if a.strip()]
+    for a in attrs:
+        key, sep, value = a.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise InvalidInputError("attributes", f"{a!r} is not key=value (e.g. gender=woman, age=30s)")
+    return attrs
+
+
+def run_with_progress(work: Callable[[Callable[..., None]], Any]) -> Iterator[tuple[str, Any]]:
+    """Run ``work(report)`` in a thread; yield ("progress", (done, total, label))
+    for each report and finally ("done", result); re-raise the work's error."""
+    events: queue.Queue = queue.Queue()
+
+    def report(done: int, total: int, label: str = "") -> None:
+        events.put(("progress", (int(done), int(total), label)))
+
+    def target() -> None:
+        try:
+            events.put(("done", work(report)))
+        except BaseException as exc:  # handed to the page's thread
+            events.put(("error", exc))
+
+    threading.Thread(target=target, daemon=True).start()
+    while True:
+        kind, value = events.get()
+        if kind == "error":
+            raise value
+        yield kind, value
+        if kind == "done":
+            return
+
+
+def _bar(progress: gr.Progress, done: int, total: int, label: str, unit: str) -> str:
+    if total > 0:
+        progress((done, total), desc=label, unit=unit)
+    return f"{label}: {done}/{total} {unit}" if total > 0 else label
+
+
+# --- the steps --------------------------------------------------------------------------
+
+
+class WebApp:
+    """The handlers behind the page (plain methods, also callable from tests)."""
+
+    def __init__(self, config: WebConfig):
+        self.config = config
+
+    # 0. server status
+    def check_server(self, timeout_s: float = 5.0) -> None:
+        """Raise ServerError unless the server is up and ``portrait_stream`` is ready."""
+        with FacetronClient(self.config.server, timeout_s=timeout_s) as client:
+            if not client.is_ready(timeout_s=timeout_s):
+                raise ServerError("not reachable or not ready (no answer to a health check)")
+            if not client.model_ready(PORTRAIT_STREAM.name, timeout_s=timeout_s):
+                raise ServerError(f"the {PORTRAIT_STREAM.name!r} model is not ready on it")
+
+    def server_status(self) -> str:
+        try:
+            self.check_server()
+        except FacetronError as exc:
+            return (f"**Server {self.config.server}: {exc}.** Generation fails until it is up; "
+                    "preparing and training still work.")
+        return f"Server {self.config.server}: ready."
+
+    # 1-2. photos -> prepare report + contact sheet
+    def prepare(self, user_id: str, files: Optional[Sequence[Any]], attributes: str,
+                progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
+        try:
+            user = _user(user_id)
+            attrs = _parse_attrs(attributes)
+            checked = P.check_uploads(files)
+            P.require_photos(checked)
+        except FacetronError as exc:
+            raise gr.Error(_message(exc, self.config.server)) from None
+        udir = self.config.user_dir(user)
+        skipped = "".join(f"\n- skipped {name}: {why}" for name, why in checked.rejected)
+        yield (f"Preparing {len(checked.photos)} photo(s) of **{user}**…{skipped}", gr.skip(), gr.skip())
+        photos_dir = P.stage_photos(checked.photos, udir / "photos")
+        args = S.prepare_args(photos_dir, user, udir / "prepared", self.config.users_dir, self.config.base_model,
+                              attrs, min_photos=None)
+        last = (0, 0)
+        try:
+            for kind, value in run_with_progress(
+                    lambda report: S.run_stage(args, report, env=self.config.stage_env)):
+                if kind == "progress":
+                    last = value[:2]
+                    yield (_bar(progress, value[0], value[1], "detect, align, check", "photos") + skipped,
+                           gr.skip(), gr.skip())
+                else:
+                    result = value
+        except FacetronError as exc:
+            raise gr.Error(f"Preparing the photos failed: {_message(exc, self.config.server)}") from None
+        report = json.loads((udir / "prepared" / "report.json").read_text())
+        rows = [[p["file"], "kept" if p["kept"] else "dropped", p.get("reason") or ""] for p in report["photos"]]
+        status = (f"Prepared **{user}**: kept {report['kept']} of {len(rows)} photo(s) "
+                  f"({result.seconds:.0f} s; progress {last[0]}/{last[1]} photos); the user is registered. "
+                  f"Next: train.{skipped}")
+        yield (status, str(udir / "prepared" / "contact_sheet.png"), rows)
+
+    # 3. training with a live progress bar
+    def train(self, user_id: str, steps: Optional[float], progress: gr.Progress = gr.Progress()) -> Iterator[str]:
+        try:
+            user = _user(user_id)
+            n = int(steps) if steps else None
+            if n is not None and n < 1:
+                raise InvalidInputError("training steps", f"must be >= 1, got {n}")
+        except FacetronError as exc:
+            raise gr.Error(_message(exc, self.config.server)) from None
+        prepared = self.config.user_dir(user) / "prepared"
+        if not (prepared / "dataset").is_dir():
+            raise gr.Error(f"user id: no prepared photos of {user!r} here: upload photos and press Prepare first")
+        args = S.lora_args(prepared / "dataset", user, self.config.user_dir(user) / "lora", self.config.users_dir,
+                           self.config.base_model, n, prepared / "reference_embedding.npy")
+        yield f"Starting training of **{user}** (loading the base model)…"
+        last = (0, 0)
+        try:
+            for kind, value in run_with_progress(
+                    lambda report: S.run_stage(args, report, env=self.config.stage_env)):
+                if kind == "progress":
+                    last = value[:2]
+                    yield _bar(progress, value[0], value[1], "training the identity LoRA", "steps")
+                else:
+                    result = value
+        except FacetronError as exc:
+            raise gr.Error(f"Training failed: {_message(exc, self.config.server)}") from None
+        summary = next((ln.split("] ", 1)[1] for ln in result.stdout if ln.startswith("[train]") and "steps" in ln), "")
+        yield (f"Trained **{user}** in {result.seconds:.0f} s ({summary}; progress {last[0]}/{last[1]} steps). "
+               "The LoRA is installed in the user "
+               "registry: the server uses it from the next request, no reload. Next: pick a style and generate.")
+
+    # 4-5. style and options -> generation with per-step progress -> gallery
+    def generate(self, user_id: str, style: str, prompt: str, num_images: float, top_k: float, steps: float,
+                 guidance: float, seed: float, scheduler: str, template: Optional[np.ndarray] = None,
+                 progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
+        try:
+            user = _user(user_id)
+            seed_value = int(seed) if seed is not None and int(seed) >= 0 else random.randint(0, 2**31 - 1)
+            request = dict(user_id=user, style=style or None, prompt=(prompt or "").strip() or None,
+                           num_images=int(num_images), top_k=int(top_k) if top_k else None, steps=int(steps),
+                           guidance=float(guidance), seed=seed_value, scheduler=scheduler or None,
+                           template=None if template is None else np.ascontiguousarray(template[..., :3], np.uint8))
+            portrait_request(**request)  # the client's own checks, before any call
+        except FacetronError as exc:
+            raise gr.Error(_message(exc, self.config.server)) from None
+        skip = (gr.skip(), gr.skip(), gr.skip())
+        yield (*skip, f"Generating {request['num_images']} candidate(s) for **{user}** (seed {seed_value})…")
+
+        def call(report: Callable[..., None]):
+            with FacetronClient(self.config.server, timeout_s=self.config.timeout_s) as client:
+                return client.portrait(**request, on_progress=lambda d, t: report(d, t, "denoising"),
+                                       timeout_s=self.config.timeout_s)
+
+        last = (0, 0)
+        try:
+            self.check_server()
+            for kind, value in run_with_progress(call):
+                if kind == "progress":
+                    last = value[:2]
+                    yield (*skip, _bar(progress, value[0], value[1], "denoising", "steps"))
+                else:
+                    answer = value
+        except FacetronError as exc:
+            raise gr.Error(_message(exc, self.config.server)) from None
+        except Exception as exc:  # a transport failure the client did not translate: still one clear line
+            raise gr.Error(_message(ServerError(f"{type(exc).__name__}: {exc}"), self.config.server)) from None
+        saved = {k: v for k, v in request.items() if v is not None and k != "template"}
+        if template is not None:
+            saved["template"] = f"uploaded image {template.shape[1]}x{template.shape[0]}"
+        run = R.save_run(Path(self.config.work_dir) / "portraits", user, answer, saved, seed_value)
+        gallery = [(str(p), c) for p, c in zip(run.images, run.captions)]
+        summary = run.summary + f" Denoising progress streamed: {last[0]}/{last[1]} steps."
+        if not gallery:
+            summary += (" No candidate passed the face check (exactly one clear face): see the table. "
+                        + ("Try another seed or more candidates." if template is not None else
+                           "Add a template photo (its face region is generated and the user's face fused in)."))
+        yield gallery, run.rows, str(run.zip_path), summary
+
+
+# --- the page ---------------------------------------------------------------------------
+
+
+def build_app(config: WebConfig) -> gr.Blocks:
+    """The Gradio page over :class:`WebApp`'s handlers (api names: prepare, train, generate, status)."""
+    web = WebApp(config)
+    styles = list(config.styles) or [config.default_style]
+    with gr.Blocks(title="facetron portraits", analytics_enabled=False) as app:
+        gr.Markdown("# facetron — personalized portraits\n"
+                    "Upload photos of one person, check what was kept, train their identity LoRA, pick a style "
+                    "and generate. Portraits come from the Triton server over gRPC; training runs the "
+                    "`facetron train` commands on this machine.")
+        status = gr.Markdown(elem_id="server-status")
+        user = gr.Textbox(label="User id", placeholder="alice", elem_id="user-id", max_lines=1)
+        with gr.Tab("1 · Photos", elem_id="tab-photos"):
+            with gr.Row():
+                files = gr.File(label="Photos of one person (3 or more; JPEG, PNG, …)", file_count="multiple",
+                                elem_id="photos")
+                attrs = gr.Textbox(label="Attributes for captions (optional)", placeholder="gender=woman, age=30s",
+                                   elem_id="attributes", max_lines=1)
+            prepare_btn = gr.Button("Prepare photos", variant="primary", elem_id="prepare-btn")
+            prepare_status = gr.Markdown(elem_id="prepare-status")
+            with gr.Row():
+                sheet = gr.Image(label="Contact sheet (kept / dropped and why)", type="filepath", elem_id="contact-sheet")
+                report = gr.Dataframe(headers=REPORT_COLUMNS, label="Prepare report", interactive=False,
+                                      elem_id="prepare-report")
+        with gr.Tab("2 · Train", elem_id="tab-train"):
+            train_steps = gr.Number(label="Training steps", value=config.default_train_steps, precision=0,
+                                    minimum=1, elem_id="train-steps")
+            train_btn = gr.Button("Train identity LoRA", variant="primary", elem_id="train-btn")
+            train_status = gr.Markdown(elem_id="train-status")
+        with gr.Tab("3 · Style and generate", elem_id="tab-generate"):
+            with gr.Row():
+                style = gr.Dropdown(styles, value=config.default_style if config.default_style in styles else styles[0],
+                                    label="Style", allow_custom_value=True, elem_id="style")
+                scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Sampler", elem_id="scheduler")
+            with gr.Row():
+                prompt = gr.Textbox(label="Prompt (optional; {trigger} = the user; empty = the style's)",
+                                    elem_id="prompt", scale=3)
+                template = gr.Image(label="Template photo (optional): its face region is generated, the rest kept",
+                                    type="numpy", image_mode="RGB", sources=["upload"], elem_id="template",
+                                    height=160, scale=1)
+            with gr.Row():
+                num_images = gr.Number(label="Candidates", value=CLIENT_NUM_IMAGES, precision=0, minimum=1,
+                                       maximum=MAX_IMAGES, elem_id="num-images")
+                top_k = gr.Number(label="Keep best (0 = all)", value=0, precision=0, minimum=0, maximum=MAX_IMAGES,
+                                  elem_id="top-k")
+                steps = gr.Number(label="Denoising steps", value=config.default_steps, precision=0, minimum=1,
+                                  maximum=MAX_STEPS, elem_id="steps")
+                guidance = gr.Number(label="Guidance", value=DEFAULT_GUIDANCE, minimum=0, maximum=MAX_GUIDANCE,
+                                     elem_id="guidance")
+                seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED,
+                                 elem_id="seed")
+            generate_btn = gr.Button("Generate portraits", variant="primary", elem_id="generate-btn")
+            generate_status = gr.Markdown(elem_id="generate-status")
+            gallery = gr.Gallery(label="Portraits, best first (similarity to the user, seed)", columns=4,
+                                 height=360, object_fit="contain", preview=False, elem_id="gallery")
+            table = gr.Dataframe(headers=R.TABLE_COLUMNS, label="Every candidate", interactive=False,
+                                 elem_id="candidates")
+            download = gr.File(label="Download (PNGs + result.json)", elem_id="download")
+
+        app.load(web.server_status, None, status, api_name="status")
+        prepare_btn.click(web.prepare, [user, files, attrs], [prepare_status, sheet, report], api_name="prepare")
+        train_btn.click(web.train, [user, train_steps], train_status, api_name="train")
+        generate_btn.click(web.generate, [user, style, prompt, num_images, top_k, steps, guidance, seed, scheduler,
+                                          template],
+                           [gallery, table, download, generate_status], api_name="generate")
+    app.queue(default_concurrency_limit=1)  # one training or generation at a time on this machine
+    return app
+
+
+def theme() -> gr.themes.Base:
+    return gr.themes.Default(font=list(THEME_FONTS), font_mono=list(MONO_FONTS))
+
+
+def launch(config: WebConfig, host: str = "127.0.0.1", port: Optional[int] = None, block: bool = True):
+    """Serve the page on ``host:port`` (loopback by default). Returns the app."""
+    app = build_app(config)
+    app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, quiet=True,
+               show_error=True, ssr_mode=False, theme=theme(), allowed_paths=[str(Path(config.work_dir).resolve())],
+               footer_links=["api"], run_history=False)
+    return app

@@ -1,0 +1,175 @@
+"""The training stages the web app runs, as subprocesses of the ``facetron`` CLI.
+
+Preparing photos and training a LoRA are not served over gRPC: they run
+``facetron train prepare`` / ``facetron train lora`` in a child process, so
+no model code (torch, diffusers, the face models) is ever loaded into the
+web process. The child's progress bars (tqdm on stderr: ``desc: 45%|...|
+9/20 [...]``) are parsed as they arrive and reported as ``(done, total,
+label)``; the child's one-line error (``facetron train: error: ...``) becomes
+a :class:`StageError` with that text.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from facetron.errors import FacetronError
+
+StageProgress = Callable[[int, int, str], None]  # (done, total, label)
+
+# tqdm's default bar: "<desc>: <pct>%|<bar>| <n>/<total> [<elapsed><<remaining>, <rate>]"
+_TQDM = re.compile(r"(?:(?P<desc>[^\r\n|:]*):\s*)?\s*(?P<pct>\d+)%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)")
+_ERROR = re.compile(r"^facetron [\w ]+: error: (?P<message>.+)$")
+_TAIL_LINES = 40
+
+
+class StageError(FacetronError):
+    """A training stage failed; the message is the CLI's own one-line reason."""
+
+
+@dataclass(frozen=True)
+class ProgressLine:
+    done: int
+    total: int
+    label: str
+
+
+def parse_progress(text: str) -> Optional[ProgressLine]:
+    """The last tqdm state in ``text`` (one or more ``\\r``-separated updates), or None."""
+    found = None
+    for m in _TQDM.finditer(text):
+        found = m
+    if found is None:
+        return None
+    return ProgressLine(int(found["n"]), int(found["total"]), (found["desc"] or "").strip())
+
+
+def cli_error(lines: Sequence[str]) -> Optional[str]:
+    """The CLI's own error line (``facetron <command>: error: <reason>``), if any."""
+    for line in reversed(lines):
+        m = _ERROR.match(line.strip())
+        if m:
+            return m["message"]
+    return None
+
+
+@dataclass
+class StageResult:
+    """What a finished stage printed (stdout lines, the tail of stderr) and how long it took."""
+
+    command: list[str]
+    stdout: list[str]
+    stderr_tail: list[str]
+    seconds: float
+    last_progress: Optional[ProgressLine] = None
+    updates: int = field(default=0)
+
+
+def cli_command(args: Sequence[str]) -> list[str]:
+    """``facetron ARGS`` run with this interpreter (``python -m facetron.cli``)."""
+    return [sys.executable, "-m", "facetron.cli", *map(str, args)]
+
+
+def _pump(stream, on_chunk: Callable[[str], None]) -> None:
+    """Read a text stream in small pieces (tqdm ends its updates with ``\\r``, not ``\\n``)."""
+    while True:
+        chunk = stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096)
+        if not chunk:
+            return
+        on_chunk(chunk.decode("utf-8", "replace") if isinstance(chunk, bytes) else chunk)
+
+
+def run_stage(args: Sequence[str], on_progress: Optional[StageProgress] = None, *, timeout_s: float = 3600.0,
+              env: Optional[dict[str, str]] = None, cwd: Optional[Path] = None) -> StageResult:
+    """Run ``facetron ARGS`` to the end, reporting its progress bars; raise
+    :class:`StageError` (the CLI's reason) when it fails or runs past ``timeout_s``."""
+    command = cli_command(args)
+    child_env = {**os.environ, **(env or {})}
+    child_env.setdefault("TQDM_MININTERVAL", "0.2")  # a few updates per second are plenty
+    child_env["PYTHONUNBUFFERED"] = "1"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env=child_env, cwd=cwd)
+    stdout_parts: list[str] = []
+    err_lines: list[str] = []
+    pending = {"text": ""}
+    state: dict = {"last": None, "updates": 0}
+    lock = threading.Lock()
+
+    def on_err(chunk: str) -> None:
+        with lock:
+            text = pending["text"] + chunk
+            pieces = re.split(r"[\r\n]", text)
+            pending["text"] = pieces.pop()  # an unfinished piece waits for its end
+            for piece in pieces:
+                if not piece.strip():
+                    continue
+                line = parse_progress(piece)
+                if line is not None:
+                    state["last"], state["updates"] = line, state["updates"] + 1
+                    if on_progress is not None:
+                        on_progress(line.done, line.total, line.label)
+                else:
+                    err_lines.append(piece)
+                    del err_lines[:-_TAIL_LINES]
+
+    readers = [threading.Thread(target=_pump, args=(proc.stdout, stdout_parts.append), daemon=True),
+               threading.Thread(target=_pump, args=(proc.stderr, on_err), daemon=True)]
+    for r in readers:
+        r.start()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise StageError(f"`facetron {' '.join(map(str, args[:2]))}` ran past {timeout_s:g} s and was stopped") from None
+    finally:
+        for r in readers:
+            r.join(timeout=5)
+    if pending["text"].strip():
+        err_lines.append(pending["text"])
+    stdout = "".join(stdout_parts).splitlines()
+    result = StageResult(command, stdout, err_lines, time.perf_counter() - t0, state["last"], state["updates"])
+    if proc.returncode != 0:
+        reason = cli_error(err_lines) or (err_lines[-1].strip() if err_lines else f"exit code {proc.returncode}")
+        raise StageError(reason)
+    return result
+
+
+# --- the two stages -------------------------------------------------------------------
+
+
+def prepare_args(photos: Path, user_id: str, out: Path, users_dir: Optional[Path], base_model: Optional[Path],
+                 attrs: Sequence[str] = (), min_photos: Optional[int] = None) -> list[str]:
+    args = ["train", "prepare", str(photos), "--user", user_id, "--out", str(out)]
+    if users_dir is not None:
+        args += ["--users-dir", str(users_dir)]
+    if base_model is not None:
+        args += ["--base-model", str(base_model)]
+    for a in attrs:
+        args += ["--attr", a]
+    if min_photos is not None:
+        args += ["--min-photos", str(min_photos)]
+    return args
+
+
+def lora_args(dataset: Path, user_id: str, out: Path, users_dir: Optional[Path], base_model: Optional[Path],
+              steps: Optional[int], reference_embedding: Optional[Path] = None) -> list[str]:
+    args = ["train", "lora", str(dataset), "--user", user_id, "--out", str(out)]
+    if users_dir is not None:
+        args += ["--users-dir", str(users_dir)]
+    if base_model is not None:
+        args += ["--base-model", str(base_model)]
+    if steps is not None:
+        args += ["--steps", str(int(steps))]
+    if reference_embedding is not None and reference_embedding.is_file():
+        args += ["--reference-embedding", str(reference_embedding)]
+    return args
