@@ -393,6 +393,7 @@ def add_merged_user(
     if style is not None and style_lora is not None:
         raise InvalidInputError("--style", "give a style name or a style LoRA file, not both")
     registry = UserRegistry(Path(users_dir))
+    user_version = registry.version(user_id)
     try:
         lora = registry.lora_path(user_id)
     except NotFoundError:
@@ -409,7 +410,7 @@ def add_merged_user(
     plan = lora_plan(face, style_lora, w_face, w_style)
     unet, _ = merge_loras(base, *[lora for lora, _ in plan], w_face=w_face, w_style=w_style)
     model = merged_unet_def(user_id)
-    provenance = dict(merge_provenance(base, plan), user_id=user_id, style=style)
+    provenance = dict(merge_provenance(base, plan), user_id=user_id, style=style, user_version=user_version)
     with tempfile.TemporaryDirectory() as work, atomic_dir(repo / model.name) as tmp:
         export_model("unet", work, unet=unet, dims=ModelDims.of(base))
         version = tmp / "1"

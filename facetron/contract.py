@@ -87,6 +87,7 @@ DEFAULT_STYLE_WEIGHT = 0.25
 #: (its code is the source folder ``model_repository/unet_user``).
 MERGED_UNET_PREFIX = "unet_user_"
 MERGED_UNET_SOURCE = "unet_user"
+MERGE_INFO = "facetron_merge.json"  # what went into a merge (+ the user's registry version), in its version folder
 
 
 USER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")

@@ -80,6 +80,21 @@ def test_merged_models_are_unloaded_least_recently_used_first(merged_server) -> 
     assert 1 <= len(loaded) <= 2, loaded
 
 
+def test_a_retrained_user_is_not_served_from_a_stale_merge(merged_server, users_dir: Path, tmp_path: Path) -> None:
+    """Merged mode: after a retrain the old merge would show the old identity: NOT_FOUND, named, until add-user."""
+    from facetron.client import FacetronClient
+    from facetron.diffusion.base_model import load_base_model
+    from facetron.training.random_lora import write_random_lora
+
+    server, _ = merged_server
+    user = "merged-lru-2"
+    registry = UserRegistry(users_dir)
+    registry.install_lora(user, write_random_lora(tmp_path / "new.safetensors", load_base_model().unet, rank=4,
+                                                  alpha=4, seed=77, std=0.3))
+    with FacetronClient(server.grpc_url, timeout_s=120) as c, pytest.raises(NotFoundError, match="built from its version"):
+        c.infer("portrait_generator", {**REQUEST, "user_id": np.array([user.encode()], dtype=object)}, ["images"])
+
+
 def test_merged_mode_unknown_merge_is_not_found(merged_server, users_dir: Path) -> None:
     """A registered user without a merged UNet in the repository: NOT_FOUND, named."""
     from facetron.client import FacetronClient

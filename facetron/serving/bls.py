@@ -7,6 +7,7 @@ models), so the composing logic runs unchanged in tests and benchmarks and
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -41,8 +42,8 @@ class MergedModels:
         self.loaded: OrderedDict[str, None] = OrderedDict()
         self.lock = threading.Lock()
 
-    def use(self, user_id: str, repository: Path) -> str:
-        name = ensure_merged_unet(user_id, repository)
+    def use(self, user_id: str, repository: Path, user_version: str | None = None) -> str:
+        name = ensure_merged_unet(user_id, repository, user_version)
         with self.lock:
             self.loaded[name] = None
             self.loaded.move_to_end(name)
@@ -57,16 +58,23 @@ class MergedModels:
         return name
 
 
-def ensure_merged_unet(user_id: str, repository: Path) -> str:
+def ensure_merged_unet(user_id: str, repository: Path, user_version: str | None = None) -> str:
     """Serving mode 1: the user's merged UNet model, loaded on first use
     (the server runs with explicit model control). A model that is not in
     the repository is refused before asking the server: python backend 2.51
-    aborts the whole server when a BLS load_model of a missing model fails."""
+    aborts the whole server when a BLS load_model of a missing model fails.
+    A merge built from another version of the user (retrained since) is
+    refused too: serving it would show the old identity."""
     name = contract.merged_unet_name(user_id)
     missing = (f"user_id: no merged UNet for user {user_id!r} in this repository "
                f"(`facetron export add-user --user {user_id}`)")
     if not (Path(repository) / name / "config.pbtxt").is_file():
         raise NotFoundError(missing)
+    info = Path(repository) / name / "1" / contract.MERGE_INFO
+    built_from = json.loads(info.read_text()).get("user_version") if info.is_file() else None
+    if user_version is not None and built_from is not None and built_from != user_version:
+        raise NotFoundError(f"user_id: the merged UNet of user {user_id!r} was built from its version {built_from}; "
+                            f"the user is now at {user_version} (`facetron export add-user --user {user_id}`)")
     if not pb().is_model_ready(model_name=name):
         try:
             pb().load_model(model_name=name)
@@ -77,7 +85,7 @@ def ensure_merged_unet(user_id: str, repository: Path) -> str:
 
 
 def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, repository: Path,
-                   merged_models: MergedModels | None = None) -> DiffusionNets:
+                   merged_models: MergedModels | None = None, user_version: str | None = None) -> DiffusionNets:
     """The diffusion nets as BLS calls to the models of the same server.
 
     ``identity_mode``: ``runtime_lora`` (one ``unet``, the user's LoRA from its
@@ -86,7 +94,7 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
     merged = None
     if identity_mode == "merged" and user_id:
         merged_models = merged_models or MergedModels(contract.GeneratorParams().max_merged_models)
-        merged = merged_models.use(user_id, repository)
+        merged = merged_models.use(user_id, repository, user_version)
     def unet(sample: np.ndarray, t: np.ndarray, hidden: np.ndarray) -> np.ndarray:
         n = len(sample)
         unet_batch = contract.unet_chunk(sample.shape[2], sample.shape[3], contract.UNET.max_batch_size)

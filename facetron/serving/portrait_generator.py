@@ -54,8 +54,9 @@ class ServedGenerator:
 
     def images(self, job: GenerationJob, template: Optional[PreparedTemplate],
                progress: Optional[ProgressFn] = None) -> np.ndarray:
+        version = self.registry.version(job.user_id) if job.user_id else None
         nets = bls.diffusion_nets(self.info, job.user_id, job.style, self.params.identity_mode, self.repository,
-                                  self.merged)
+                                  self.merged, version)
         return generate(nets, self.scheduler_config, job.prompt, job.negative_prompt, job.request,
                         template=template, progress=progress)
 
