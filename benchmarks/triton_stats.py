@@ -17,6 +17,8 @@ compare with the client latency of the same run to see them.
 
 from __future__ import annotations
 
+import time
+
 from typing import Mapping
 
 Snapshot = dict[str, dict[str, int]]
@@ -94,4 +96,19 @@ class StatsDelta:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.result = breakdown(self._before, snapshot(self.client))
+        self.result = breakdown(self._before, settled_snapshot(self.client))
+
+
+def settled_snapshot(client, timeout_s: float = 2.0, interval_s: float = 0.05):
+    """A snapshot taken once two reads in a row agree: Triton updates a model's
+    statistics just after it answers, so a read right after the last response
+    can miss that request (or a BLS child's)."""
+    previous = snapshot(client)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(interval_s)
+        current = snapshot(client)
+        if current == previous:
+            return current
+        previous = current
+    return previous

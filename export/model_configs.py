@@ -97,7 +97,8 @@ _TRT_GPU = Serving(backend="tensorrt", kind="KIND_GPU", artifact="model.plan")
 #: there to keep them across restarts; without a cache every server rebuilds them at first load)
 TRT_ENGINE_CACHE_ROOT = "/tmp/facetron/trt-engines"
 #: gpu target: the nets written as ``tensorrt_plan`` models where TensorRT imports at assembly
-TENSORRT_NETS = ("text_encoder", "vae_decoder", "vae_encoder")
+#: (not the text encoder: it is the runtime-LoRA graph with its LoRA bank, a python model like the unet)
+TENSORRT_NETS = ("vae_decoder", "vae_encoder")
 _ORT_CPU = Serving(artifact="model.onnx")
 
 MODELS: tuple[ModelDef, ...] = (
@@ -122,7 +123,9 @@ _CALLERS = Serving(count=2)
 _UNET_GPU = Serving(kind="KIND_GPU", artifact="model.onnx", parameters={"intra_op_threads": "0", "providers": "cuda"})
 
 DIFFUSION_MODELS: tuple[ModelDef, ...] = (
-    ModelDef(contract.TEXT_ENCODER, queue_delay_us=1000, queue=NET_QUEUE, cpu=_ORT_CPU, gpu=_ORT_GPU),
+    # the runtime-LoRA text encoder: the unet's LoRA bank design (per-item user's text-encoder LoRA);
+    # gpu: the same python model on ONNX Runtime's CUDA provider
+    ModelDef(contract.TEXT_ENCODER, queue_delay_us=1000, queue=NET_QUEUE, cpu=_ORT_CPU, gpu=_UNET_GPU),
     # gpu: the same LoRA-bank python model, ONNX Runtime on its CUDA provider (merged
     # mode's analogue there is a refit-enabled TensorRT engine: export/trt.py)
     # the UNet waits up to 3 ms for other callers' steps, so concurrent generations

@@ -30,6 +30,7 @@ from facetron.export.model_configs import (TENSORRT_NETS, TRT_ENGINE_CACHE_ROOT,
                                            merged_unet_def, models_for, render, with_tensorrt_plan)
 from facetron.export.onnx_export import ModelDims, export_model, export_onnx
 from facetron.export.onnx_graph import example_inputs, read_io
+from facetron.export.runtime_lora import TEXT_ENCODER_TARGET_SUFFIXES, export_runtime_lora_text_encoder
 from facetron.faces.detector import mtcnn_onnx_paths
 from facetron.faces.embedder import embedder_onnx_path
 from facetron.paths import REPO_ROOT
@@ -76,6 +77,7 @@ class DiffusionSource:
 
     base_model: Path | None = None
     lora_rank: int = 16  # runtime-LoRA rank (face + style LoRA ranks must fit)
+    text_encoder_lora_rank: int = 32  # the runtime-LoRA text encoder's (FaceChain's text-encoder LoRA rank)
     _exported: Path | None = None
     _dims: ModelDims | None = None
     _vocab: int = 49408
@@ -83,10 +85,12 @@ class DiffusionSource:
     _scheduler: dict | None = None
 
     def export(self, work: Path) -> None:
-        """Export the nets once into ``work`` (text encoder, VAE, runtime-LoRA UNet)."""
+        """Export the nets once into ``work`` (runtime-LoRA text encoder, VAE, runtime-LoRA UNet)."""
 
         base = load_base_model(self.base_model)
-        export_onnx(base, work, models=("text_encoder", "vae_decoder", "vae_encoder"), runtime_lora_rank=self.lora_rank)
+        export_onnx(base, work, models=("vae_decoder", "vae_encoder"), runtime_lora_rank=self.lora_rank)
+        export_runtime_lora_text_encoder(base.text_encoder, work, dims=ModelDims.of(base),
+                                         rank=self.text_encoder_lora_rank)
         self._exported = work
         self._dims = ModelDims.of(base)
         self._vocab = int(base.text_encoder.config.vocab_size)
@@ -101,10 +105,15 @@ class DiffusionSource:
             "latent_factor": base.latent_factor,
             "text_hidden": int(base.text_encoder.config.hidden_size),
             "lora_rank": self.lora_rank,
+            "text_encoder_lora_rank": self.text_encoder_lora_rank,
         }
 
+    def net_folder(self, name: str) -> Path:
+        """The exported folder of served net ``name`` (``unet`` and ``text_encoder`` are the runtime-LoRA graphs)."""
+        return self._exported / _EXPORTED.get(name, name)
+
     def copy_net(self, name: str, version: Path) -> None:
-        src = self._exported / ("unet_lora" if name == "unet" else name)
+        src = self.net_folder(name)
         for f in src.iterdir():
             if f.suffix in (".onnx", ".data", ".json"):
                 shutil.copyfile(f, version / f.name)
@@ -147,11 +156,11 @@ class DiffusionSource:
         with non-zero LoRA inputs), each VAE one image."""
         from facetron.diffusion.lora_inputs import read_lora_manifest
 
-        folder = self._exported / ("unet_lora" if name == "unet" else name)
+        folder = self.net_folder(name)
         inputs, _, _ = read_io(folder)
         batch = 2 if name in ("unet", "text_encoder") else 1
         feed = example_inputs(inputs, self._dims, batch=batch, seed=seed, vocab=self._vocab)
-        if name == "unet":
+        if name in _EXPORTED:
             rng = np.random.default_rng(seed + 1)
             manifest = read_lora_manifest(folder)
             for layer in manifest["layers"]:
@@ -176,8 +185,7 @@ class DiffusionSource:
         threads = threads if threads is not None else NetParams().intra_op_threads
         report: dict = {}
         for name in nets:
-            folder = self._exported / ("unet_lora" if name == "unet" else name)
-            path = folder / "model.onnx"
+            path = self.net_folder(name) / "model.onnx"
             feed = self.served_feed(name)
             atol, rtol = TOLERANCES["unet_lora" if name == "unet" else name]
             entry: dict = {"shapes": {k: list(v.shape) for k, v in feed.items() if not k.startswith("lora_")},
@@ -186,7 +194,9 @@ class DiffusionSource:
             for runtime in NET_RUNTIMES:
                 t0 = time.perf_counter()
                 try:
-                    nets_open[runtime] = open_runtime(path, runtime, threads, fallback=False)
+                    # as served: the runtime-LoRA unet keeps its repeated LoRA arrays bound (reuse_inputs)
+                    nets_open[runtime] = open_runtime(path, runtime, threads, fallback=False,
+                                                      reuse_inputs=name == "unet")
                 except Exception as exc:  # noqa: BLE001 - a runtime that cannot compile the net is not eligible
                     entry["runtimes"][runtime] = {"eligible": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
                     continue
@@ -199,10 +209,13 @@ class DiffusionSource:
             # a few calls each, more for fast nets (about budget_s per net and runtime, repeats..20)
             n = max(repeats, min(20, int(budget_s / max(max(first, default=1.0), 1e-4))))
             samples = {r: [] for r in nets_open}
-            for _ in range(n):
+            # the LoRA arrays repeat (the same objects, as the bank hands them), the other inputs are new
+            # array objects every call, as in a denoising loop
+            feeds = [feed, {k: v if k.startswith("lora_") else v.copy() for k, v in feed.items()}]
+            for i in range(n):
                 for r, net in nets_open.items():
                     t0 = time.perf_counter()
-                    net.run(None, feed)
+                    net.run(None, feeds[i % 2])
                     samples[r].append(time.perf_counter() - t0)
             entry["repeats"] = n
             ref = outputs.get(DEFAULT_NET_RUNTIME)
@@ -227,6 +240,8 @@ class DiffusionSource:
 
 
 _NET_ARTIFACTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+#: served net -> its exported folder, where they differ (the runtime-LoRA graphs)
+_EXPORTED = {"unet": "unet_lora", "text_encoder": "text_encoder_lora"}
 
 
 def _write_model(
@@ -383,9 +398,12 @@ def add_merged_user(
     (:mod:`facetron.styles`) whose LoRA is fused too, at the style's weight
     (``w_style`` when it gives none) — the runtime bank's face + style sum.
     ``style_lora``: a LoRA file instead (weight ``w_style``). The merged model
-    records what went in (``1/facetron_merge.json``). A user LoRA with
-    text-encoder layers is refused: the served ``text_encoder`` is shared by
-    every user, so fusing only the UNet part would drop them silently."""
+    records what went in (``1/facetron_merge.json``). A user LoRA's
+    text-encoder layers are not fused here: the served ``text_encoder`` is the
+    runtime-LoRA text encoder in both modes, and applies them per request from
+    the user registry (``user_id``, sent by ``portrait_generator`` in merged
+    mode too) — equal to a fused text encoder (tests/test_diffusers_parity.py)
+    without a second per-user model to load."""
     # 1. check the inputs before any work
     repo = Path(repo)
     if not (repo / "portrait_generator" / "config.pbtxt").is_file():
@@ -399,10 +417,12 @@ def add_merged_user(
     except NotFoundError:
         raise NotFoundError(f"--user: no trained LoRA for user {user_id!r} in {registry.root}") from None
     face = load_lora(lora)
-    if "text_encoder" in face.components:
-        raise InvalidInputError("--user", f"user {user_id!r}'s LoRA ({lora}) adapts {len(face.component('text_encoder'))} "
-                                          "text-encoder layers; facetron serves one text encoder for every user, so "
-                                          "they cannot be served (retrain without a text-encoder LoRA)")
+    te_layers = len(face.component("text_encoder"))
+    unserved = [m for m in face.component("text_encoder") if m.rsplit(".", 1)[-1] not in TEXT_ENCODER_TARGET_SUFFIXES]
+    if unserved:  # the runtime-LoRA text encoder serves them in both modes: refuse what it has no inputs for
+        raise InvalidInputError("--user", f"user {user_id!r}'s LoRA ({lora}) adapts {len(unserved)} text-encoder layers "
+                                          f"the runtime-LoRA text encoder has no inputs for (it covers "
+                                          f"{'/'.join(TEXT_ENCODER_TARGET_SUFFIXES)}), e.g. {sorted(unserved)[0]}")
     if style is not None:  # unknown: InvalidInputError naming the style; a style without a LoRA fuses nothing
         style_lora, w_style = styles_for(registry.root).lora(style, w_style)
     # 2. fuse, export and install under a temp name (renamed into place when complete)
@@ -410,7 +430,10 @@ def add_merged_user(
     plan = lora_plan(face, style_lora, w_face, w_style)
     unet, _ = merge_loras(base, *[lora for lora, _ in plan], w_face=w_face, w_style=w_style)
     model = merged_unet_def(user_id)
-    provenance = dict(merge_provenance(base, plan), user_id=user_id, style=style, user_version=user_version)
+    provenance = dict(merge_provenance(base, plan), user_id=user_id, style=style, user_version=user_version,
+                      text_encoder=(f"{te_layers} text-encoder LoRA layers served by the runtime-LoRA text_encoder "
+                                    f"(user_id), not fused here") if te_layers else "base (the LoRA has no "
+                                                                                     "text-encoder layers)")
     with tempfile.TemporaryDirectory() as work, atomic_dir(repo / model.name) as tmp:
         export_model("unet", work, unet=unet, dims=ModelDims.of(base))
         version = tmp / "1"

@@ -251,6 +251,19 @@ class UnetParams(ModelParams):
 
 
 @dataclass(frozen=True)
+class TextEncoderParams(ModelParams):
+    """The runtime-LoRA text encoder: its runtime and its LoRA bank (the face
+    LoRA's text-encoder layers at ``w_face``, as the UNet's; keep both equal)."""
+
+    intra_op_threads: int = 2
+    providers: str = "cpu"
+    runtime: str = DEFAULT_NET_RUNTIME  # NET_RUNTIMES
+    users_dir: str = ""
+    lora_cache_mb: float = 64.0
+    w_face: float = 0.9
+
+
+@dataclass(frozen=True)
 class GeneratorParams(ModelParams):
     """portrait_generator, portrait and portrait_stream: the generation path."""
 
@@ -400,11 +413,12 @@ MTCNN_ONET = _mtcnn("onet", (T("images", "FP32", (-1, 3, 48, 48)),),
 
 TEXT_ENCODER = ModelContract(
     name="text_encoder",
-    doc="CLIP text encoder: token ids -> last_hidden_state [77, C].",
-    inputs=(T("input_ids", "INT32", (TOKENS,)),),
+    doc="Runtime-LoRA CLIP text encoder: token ids -> last_hidden_state [77, C], each batch\n"
+    "item with its user's text-encoder LoRA (user_id; empty or no such layers = base model).",
+    inputs=(T("input_ids", "INT32", (TOKENS,)), T("user_id", "STRING", (1,), optional=True)),
     outputs=(T("last_hidden_state", "FP32", (TOKENS, -1)),),
     max_batch_size=16,
-    params=NetParams,
+    params=TextEncoderParams,
 )
 UNET = ModelContract(
     name="unet",

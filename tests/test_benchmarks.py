@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +86,26 @@ def test_bench_cli_parses_suite_options() -> None:
     assert callable(build_parser().parse_args(["bench", "faces"]).func)
     args = build_parser().parse_args(["bench", "load", "--url", "127.0.0.1:1", "--model", "tokenizer"])
     assert args.model == ["tokenizer"]
+
+
+def test_runtime_lora_benchmark_smoke(tmp_path) -> None:
+    """``facetron bench lora`` (benchmarks/pairs.py): every call runs, each runtime-LoRA
+    variant equals the merged UNet within the export tolerance, files are written.
+    No timing is asserted."""
+    from facetron.benchmarks.pairs import write_runtime_lora
+    from facetron.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "lora", "--users", "2", "--repeats", "2"])
+    assert args.users == 2 and args.repeats == 2 and callable(args.func)
+    r = write_runtime_lora(users=2, repeats=2, out_dir=tmp_path)
+    assert not r["errors"], r["errors"]
+    assert {"runtime_1user", "merged_1user", "runtime_1user_resident", "runtime_1user_openvino",
+            "merged_1user_openvino", "runtime_1user_after_reload", "merged_2users_reload"} <= set(r["calls_ms"])
+    assert all(v < 1e-4 for v in r["max_abs_diff_vs_merged_ort"].values()), r["max_abs_diff_vs_merged_ort"]
+    assert r["runtime_over_merged_1user"] > 0 and r["runtime_openvino_over_merged_openvino_1user"] > 0
+    json_path, md_path, png_path = map(Path, r["files"])
+    assert json.loads(json_path.read_text())["benchmark"] == "runtime-lora"
+    assert "runtime_over_merged_1user" in md_path.read_text() and png_path.read_bytes()[:8] == PNG_MAGIC
 
 
 def test_gpu_script_runs_on_cpu_tiny(tmp_path) -> None:

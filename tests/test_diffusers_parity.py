@@ -44,6 +44,8 @@ from facetron.diffusion.nets import DiffusionNets
 from facetron.diffusion.sampler import SCHEDULER_SETTINGS, GenerationRequest, denoise, start_step
 from facetron.export.merge import merge_loras
 from facetron.export.onnx_export import export_onnx, graph_module
+from facetron.export.onnx_graph import ModelDims
+from facetron.export.runtime_lora import export_runtime_lora_text_encoder
 from facetron.serving.generation import generate
 from facetron.training.random_lora import write_random_lora
 
@@ -86,25 +88,35 @@ def _session(path: Path) -> ort.InferenceSession:
 def onnx(base, tmp_path_factory) -> dict:
     """The served nets, exported as the repository assembler exports them."""
     out = tmp_path_factory.mktemp("parity_onnx")
-    export_onnx(base, out, models=("text_encoder", "vae_decoder", "vae_encoder"), runtime_lora_rank=RANK)
-    sessions = {m: _session(out / m / "model.onnx") for m in ("text_encoder", "vae_decoder", "vae_encoder", "unet_lora")}
-    return {"sessions": sessions, "manifest": read_lora_manifest(out / "unet_lora")}
+    export_onnx(base, out, models=("vae_decoder", "vae_encoder"), runtime_lora_rank=RANK)
+    export_runtime_lora_text_encoder(base.text_encoder, out, dims=ModelDims.of(base), rank=RANK)
+    sessions = {m: _session(out / m / "model.onnx")
+                for m in ("text_encoder_lora", "vae_decoder", "vae_encoder", "unet_lora")}
+    return {"sessions": sessions, "manifest": read_lora_manifest(out / "unet_lora"),
+            "te_manifest": read_lora_manifest(out / "text_encoder_lora")}
 
 
-def runtime_nets(base, onnx: dict, lora: dict[str, np.ndarray] | None = None, text_encode=None) -> DiffusionNets:
-    """facetron's in-process nets: ORT sessions; the runtime-LoRA UNet fed one
-    item's LoRA inputs (``lora``: batch 1; None = zero LoRA = base model) per batch item."""
+def runtime_nets(base, onnx: dict, lora: dict[str, np.ndarray] | None = None, text_encode=None,
+                 te_lora: dict[str, np.ndarray] | None = None) -> DiffusionNets:
+    """facetron's in-process nets: ORT sessions; the runtime-LoRA UNet and text
+    encoder (the served ones) fed one item's LoRA inputs (``lora`` / ``te_lora``:
+    batch 1; None = zero LoRA = base model) per batch item."""
     s = onnx["sessions"]
     per_item = lora if lora is not None else zero_lora_inputs(onnx["manifest"])
+    te_item = te_lora if te_lora is not None else zero_lora_inputs(onnx["te_manifest"])
 
     def unet(sample, t, hidden):
         n = len(sample)
         feed = {k: np.repeat(v, n, axis=0) for k, v in per_item.items()}
         return s["unet_lora"].run(None, {"sample": sample, "timestep": t, "encoder_hidden_states": hidden, **feed})[0]
 
+    def te(ids):
+        feed = {k: np.repeat(v, len(ids), axis=0) for k, v in te_item.items()}
+        return s["text_encoder_lora"].run(None, {"input_ids": ids, **feed})[0]
+
     return DiffusionNets(
         tokenize=ClipTokenizer(),
-        text_encode=text_encode or (lambda ids: s["text_encoder"].run(None, {"input_ids": ids})[0]),
+        text_encode=text_encode or te,
         unet=unet,
         vae_decode=lambda lat: s["vae_decoder"].run(None, {"latent": lat})[0],
         vae_encode=lambda img: s["vae_encoder"].run(None, {"images": img})[0],
@@ -280,20 +292,28 @@ def test_face_and_style_lora_equal_diffusers_set_adapters(base, onnx, loras, lor
         assert_differs(runtime, diffusers_images(diffusers_pipe(base), scheduler), "the LoRAs")
 
 
-@pytest.mark.parametrize("scheduler", ["dpmsolver", "ddim"])
-def test_text_encoder_lora_merged_equals_diffusers(base, onnx, loras, scheduler) -> None:
-    """A face LoRA with text-encoder layers (+ style): merge_loras fuses the text
-    encoder too, equal to diffusers' load_lora_weights (which loads both parts).
-    The runtime-LoRA bank refuses such a LoRA by name (it is never dropped
-    silently; tests/test_export_runtime_lora.py, and over gRPC below)."""
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_text_encoder_lora_runtime_and_merged_equal_diffusers(base, onnx, loras, scheduler) -> None:
+    """A face LoRA with text-encoder layers (+ style), diffusers' load_lora_weights
+    loading both parts: runtime mode (both runtime-LoRA graphs, each fed its part
+    of the LoRA), merged mode as served (the UNet fused by merge_loras, the text
+    side the runtime-LoRA text encoder) and a fully fused pair all equal it."""
     paths = [(loras["face_te"], W_FACE), (loras["style"], W_STYLE)]
     want = diffusers_images(diffusers_pipe(base, paths), scheduler)
+    sched = dict(base.scheduler.config)
+    unet_in = lora_inputs_for(loras["face_te"], onnx["manifest"], W_FACE, extra=[(loras["style"], W_STYLE)])
+    te_in = lora_inputs_for(loras["face_te"], onnx["te_manifest"], W_FACE)
+    runtime = generate(runtime_nets(base, onnx, unet_in, te_lora=te_in), sched, PROMPT, NEGATIVE, request(scheduler))
+    assert_close(runtime, want, f"runtime face(+text encoder)+style {scheduler}")
     unet, te = merge_loras(base, loras["face_te"], loras["style"], w_face=W_FACE, w_style=W_STYLE)
-    got = generate(merged_nets(base, onnx, unet, te), dict(base.scheduler.config), PROMPT, NEGATIVE, request(scheduler))
-    assert_close(got, want, f"merged face(+text encoder)+style {scheduler}")
-    unet_only = generate(merged_nets(base, onnx, unet, base.text_encoder), dict(base.scheduler.config), PROMPT, NEGATIVE,
-                         request(scheduler))
-    assert_differs(got, unet_only, "the text-encoder LoRA")
+    served_merged = merged_nets(base, onnx, unet, te)
+    served_merged.text_encode = runtime_nets(base, onnx, te_lora=te_in).text_encode
+    merged = generate(served_merged, sched, PROMPT, NEGATIVE, request(scheduler))
+    assert_close(merged, want, f"merged UNet + runtime text encoder, face(+text encoder)+style {scheduler}")
+    fused = generate(merged_nets(base, onnx, unet, te), sched, PROMPT, NEGATIVE, request(scheduler))
+    assert_close(fused, want, f"merged UNet + fused text encoder {scheduler}")
+    unet_only = generate(runtime_nets(base, onnx, unet_in), sched, PROMPT, NEGATIVE, request(scheduler))
+    assert_differs(runtime, unet_only, "the text-encoder LoRA")
 
 
 # ----------------------------------------------------------------------------- served by Triton
@@ -326,14 +346,20 @@ def test_served_user_and_style_lora_equal_diffusers(base, loras, lora_pipe, clie
 
 
 @pytest.mark.triton
-def test_served_text_encoder_lora_is_refused_by_name(loras, client, users_dir) -> None:
-    """A user whose LoRA has text-encoder layers: INVALID_ARGUMENT naming them, not a silent UNet-only portrait."""
-    from facetron.errors import InvalidInputError
+def test_served_text_encoder_lora_equals_diffusers(base, loras, client, users_dir) -> None:
+    """A user whose LoRA has text-encoder layers, through portrait_generator (runtime
+    mode: the text_encoder's bank and the unet's bank each read their part of the
+    user's LoRA) equals diffusers' load_lora_weights of the whole file."""
     from facetron.users import UserRegistry
 
     registry = UserRegistry(users_dir)
     registry.save_reference_embedding("parity-te-user", np.ones((1, 128), np.float32))
     registry.install_lora("parity-te-user", loras["face_te"])
-    request = {"user_id": np.array([b"parity-te-user"], dtype=object), "steps": np.array([1], np.int32)}
-    with pytest.raises(InvalidInputError, match="adapts 8 text-encoder layers.*cannot be served"):
-        client.infer("portrait_generator", request, ["images"])
+    scheduler = "dpmsolver"
+    inputs = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "user_id": "parity-te-user", "scheduler": scheduler}
+    request = {k: np.array([v.encode()], dtype=object) for k, v in inputs.items()}
+    request.update(num_images=np.array([N], np.int32), steps=np.array([STEPS], np.int32),
+                   seed=np.array([SEED], np.int64), guidance=np.array([GUIDANCE], np.float32))
+    served = client.infer("portrait_generator", request, ["images"])["images"]
+    want = diffusers_images(diffusers_pipe(base, [(loras["face_te"], W_FACE)]), scheduler)
+    assert_close(served, want, f"served user LoRA with text-encoder layers {scheduler}")

@@ -129,10 +129,6 @@ def test_too_large_rank_is_named(setup, base, tmp_path):
 
 
 def test_layers_outside_attention_are_named(setup, base, tmp_path):
-    odd = write_random_lora(tmp_path / "te.safetensors", base.unet, rank=2, alpha=2, seed=4, std=0.1,
-                            text_encoder=base.text_encoder)
-    with pytest.raises(InvalidInputError, match=r"adapts 8 text-encoder layers.*cannot be served"):
-        lora_inputs_for(odd, setup["manifest"])
     conv = write_random_lora(tmp_path / "proj.safetensors", base.unet, rank=2, alpha=2, seed=5, std=0.1,
                              target_modules=("to_q", "proj_in"))
     with pytest.raises(InvalidInputError, match=r"proj_in"):
@@ -144,3 +140,73 @@ def test_validate_runtime_lora_graph(setup, base):
 
     entry = validate_model("unet_lora", setup["runtime"].parent, base)
     assert entry["pass"], entry
+
+
+# ----------------------------------------------------------------------------- the runtime-LoRA text encoder
+# Tolerance: runtime vs the fused (merge_loras) text encoder <= 1e-4 max abs (fp32 order of operations, as the
+# UNet's); zero LoRA vs the plain text-encoder graph <= 1e-5.
+
+
+@pytest.fixture(scope="module")
+def te_setup(base, tmp_path_factory):
+    from facetron.export.runtime_lora import export_runtime_lora_text_encoder
+
+    d = tmp_path_factory.mktemp("runtime_lora_te")
+    dims = ModelDims.of(base)
+    face_te = write_random_lora(d / "face_te.safetensors", base.unet, rank=4, alpha=8, seed=21, std=0.1,
+                                text_encoder=base.text_encoder, te_rank=4, te_alpha=4)
+    runtime = export_runtime_lora_text_encoder(base.text_encoder, d / "rt", dims=dims, rank=RANK)
+    plain = export_model("text_encoder", d / "base", text_encoder=base.text_encoder, dims=dims)
+    _, merged_te = merge_loras(base, face_te, w_face=W_FACE)
+    merged = export_model("text_encoder", d / "merged", text_encoder=merged_te, dims=dims)
+    return {"face_te": face_te, "runtime": runtime, "base": plain, "merged": merged,
+            "manifest": read_lora_manifest(runtime.parent)}
+
+
+def te_ids(batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 1000, (batch, 77)).astype(np.int32)
+
+
+def test_text_encoder_manifest_covers_self_attention(te_setup, base):
+    m = te_setup["manifest"]
+    assert m["component"] == "text_encoder" and m["rank"] == RANK
+    modules = [layer["module"] for layer in m["layers"]]
+    layers = base.text_encoder.config.num_hidden_layers
+    assert len(modules) == 4 * layers and all(re.search(r"self_attn\.(q|k|v|out)_proj$", x) for x in modules)
+
+
+def test_runtime_text_encoder_equals_fused_and_zero_equals_base(te_setup):
+    ids = te_ids(2)
+    m = te_setup["manifest"]
+    got = run(te_setup["runtime"], {"input_ids": ids, **lora_inputs_for(te_setup["face_te"], m, W_FACE, batch=2)})
+    want = run(te_setup["merged"], {"input_ids": ids})
+    base_out = run(te_setup["base"], {"input_ids": ids})
+    assert np.abs(got - want).max() <= MERGED_TOL
+    assert np.abs(got - base_out).max() > 1e-2  # the LoRA changes the hidden states
+    zero = run(te_setup["runtime"], {"input_ids": ids, **zero_lora_inputs(m, batch=2)})
+    print(f"text encoder: runtime vs fused max abs {np.abs(got - want).max():.2g}, "
+          f"zero LoRA vs base {np.abs(zero - base_out).max():.2g}, LoRA effect {np.abs(got - base_out).max():.2g}")
+    assert np.abs(zero - base_out).max() <= BASE_TOL
+    # mixed batch: item 0 the user's LoRA, item 1 the base encoder
+    mixed = stack_lora_inputs([lora_inputs_for(te_setup["face_te"], m, W_FACE), zero_lora_inputs(m)])
+    out = run(te_setup["runtime"], {"input_ids": ids, **mixed})
+    assert np.abs(out[0] - want[0]).max() <= MERGED_TOL and np.abs(out[1] - base_out[1]).max() <= BASE_TOL
+
+
+def test_each_graph_takes_its_components_layers(setup, te_setup, base, tmp_path):
+    """A LoRA with UNet and text-encoder layers: the UNet's inputs equal those of its UNet part alone;
+    a UNet-only LoRA gives the text encoder all-zero inputs (the exact base encoder)."""
+    face_te = te_setup["face_te"]
+    unet_only = write_random_lora(tmp_path / "u.safetensors", base.unet, rank=4, alpha=8, seed=21, std=0.1)
+    both, alone = lora_inputs_for(face_te, setup["manifest"]), lora_inputs_for(unet_only, setup["manifest"])
+    for k in both:
+        np.testing.assert_array_equal(both[k], alone[k])
+    te_zero = lora_inputs_for(unet_only, te_setup["manifest"])
+    assert all(not v.any() for k, v in te_zero.items() if k != SCALE_INPUT)
+
+
+def test_text_encoder_layers_the_graph_lacks_are_named(te_setup, base, tmp_path):
+    mlp = write_random_lora(tmp_path / "te_mlp.safetensors", base.unet, rank=2, alpha=2, seed=6, std=0.1,
+                            text_encoder=base.text_encoder, te_target_modules=("q_proj", "fc1"))
+    with pytest.raises(InvalidInputError, match=r"te_mlp.safetensors.*runtime-LoRA text encoder has no inputs.*fc1"):
+        lora_inputs_for(mlp, te_setup["manifest"])

@@ -45,11 +45,13 @@ def test_no_import_cycles(imports) -> None:
     assert g.cycles(imports) == [], "import cycles (deferred imports count)"
 
 
-def test_runtime_lora_unet_loads_no_torch(imports) -> None:
-    loaded = g.closure("facetron.serving.unet", imports)
+@pytest.mark.parametrize("module", ["facetron.serving.unet", "facetron.serving.text_encoder"])
+def test_runtime_lora_nets_load_no_torch(imports, module) -> None:
+    """The runtime-LoRA ``unet`` and ``text_encoder`` models (LoRA files read with numpy)."""
+    loaded = g.closure(module, imports)
     heavy = [(i.source, i.target) for i in imports if i.source in loaded and i.target in g.TORCH_STACK]
     assert heavy == []
-    code = "import sys, facetron.serving.unet; print(sorted(m for m in sys.modules if m.split('.')[0] in %r))"
+    code = f"import sys, {module}; " + "print(sorted(m for m in sys.modules if m.split('.')[0] in %r))"
     out = subprocess.run([sys.executable, "-c", code % (g.TORCH_STACK,)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -93,3 +93,33 @@ def test_a_user_without_a_lora_is_not_found(tmp_path, manifest) -> None:
     reg.save_reference_embedding("cid", np.ones((1, 128), np.float32))
     with pytest.raises(NotFoundError, match="no trained LoRA for user 'cid'"):
         _bank(reg, manifest).get("cid")
+
+
+def test_the_text_encoder_bank_is_the_same_class_over_its_manifest(tmp_path, unet) -> None:
+    """The served text_encoder's bank: one LoraBank over the text encoder's manifest;
+    a user's entry holds the text-encoder layers of their LoRA (at w_face), a user
+    whose LoRA has none gets all-zero inputs (the exact base encoder); the registry
+    version is in the key, as for the UNet."""
+    from facetron.diffusion.base_model import load_base_model
+
+    te = load_base_model().text_encoder
+    te_manifest = build_manifest(te, rank=8, component="text_encoder")
+    reg = UserRegistry(tmp_path / "users")
+    reg.save_reference_embedding("tea", np.ones((1, 128), np.float32))
+    with_te = write_random_lora(tmp_path / "tea.safetensors", unet, rank=4, alpha=4, seed=7, std=0.3,
+                                text_encoder=te)
+    reg.install_lora("tea", with_te)
+    _user(reg, unet, tmp_path, "plain", 8)
+    bank = LoraBank(te_manifest, reg, w_face=0.9)
+    assert bank.component == "text_encoder" and _bank(reg, build_manifest(unet, rank=8)).component == "unet"
+    stacked = bank.batch([("tea", ""), ("plain", ""), ("", "")])
+    want = lora_inputs_for(with_te, te_manifest, 0.9)
+    for name, value in want.items():
+        np.testing.assert_array_equal(stacked[name][0], value[0])
+    assert any(stacked[k][0].any() for k in stacked if k.startswith("lora_b_"))
+    for item in (1, 2):
+        assert all(not stacked[k][item].any() for k in stacked if k != "lora_scale")
+    assert (bank.loads, bank.hits) == (3, 0)
+    reg.install_lora("tea", write_random_lora(tmp_path / "tea2.safetensors", unet, rank=4, alpha=4, seed=9, std=0.3))
+    retrained = bank.get("tea")  # retrained without a text-encoder LoRA: the base encoder on the next request
+    assert all(not v.any() for k, v in retrained.items() if k != "lora_scale") and bank.evictions == 1

@@ -36,6 +36,13 @@ def merged_server(tmp_path_factory, users_dir: Path):
     repo = assemble_repository("cpu", work / "repo", diffusion=DiffusionSource(), users_dir=users_dir,
                                identity_mode="merged")
     added = add_merged_user(repo, "merged-user", users_dir)
+    # a user whose LoRA has text-encoder layers: the UNet part fused, the text side the runtime-LoRA text_encoder
+    base = load_base_model()
+    registry.save_reference_embedding("merged-te-user", np.ones((1, 128), np.float32))
+    registry.install_lora("merged-te-user", write_random_lora(work / "te.safetensors", base.unet, rank=4, alpha=8,
+                                                              seed=34, std=0.1, text_encoder=base.text_encoder,
+                                                              te_rank=4, te_alpha=4))
+    add_merged_user(repo, "merged-te-user", users_dir)
     for i in range(3):  # three more merged users for the LRU test
         user = f"merged-lru-{i}"
         registry.save_reference_embedding(user, np.ones((1, 128), np.float32))
@@ -62,6 +69,24 @@ def test_merged_user_is_loaded_on_first_use_and_matches_runtime_lora(merged_serv
         assert not merged_client.model_ready("unet_user_merged-user")
         merged = merged_client.infer("portrait_generator", {**REQUEST, **user}, ["images"])["images"]
         assert merged_client.model_ready("unet_user_merged-user")
+    runtime = client.infer("portrait_generator", {**REQUEST, **user}, ["images"])["images"]  # session server: mode 2
+    assert np.abs(merged.astype(int) - runtime.astype(int)).max() <= 2
+
+
+def test_merged_user_with_a_text_encoder_lora_matches_runtime_lora(merged_server, client) -> None:
+    """Merged mode serves a text-encoder LoRA (the runtime-LoRA text_encoder, user_id
+    sent in merged mode too) equal to runtime mode (equal to diffusers' load_lora_weights:
+    tests/test_diffusers_parity.py)."""
+    import json
+
+    from facetron.client import FacetronClient
+
+    server, added = merged_server
+    info = json.loads((added.parent / "unet_user_merged-te-user" / "1" / "facetron_merge.json").read_text())
+    assert "runtime-LoRA text_encoder" in info["text_encoder"]
+    user = {"user_id": np.array([b"merged-te-user"], dtype=object)}
+    with FacetronClient(server.grpc_url, timeout_s=300) as merged_client:
+        merged = merged_client.infer("portrait_generator", {**REQUEST, **user}, ["images"])["images"]
     runtime = client.infer("portrait_generator", {**REQUEST, **user}, ["images"])["images"]  # session server: mode 2
     assert np.abs(merged.astype(int) - runtime.astype(int)).max() <= 2
 

@@ -65,15 +65,16 @@ def test_gpu_repository_uses_native_backends(gpu_repo: Path) -> None:
     assert det.backend == "python" and det.parameters["nets"].string_value == "bls"
     for net in ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "face_embedder", "text_encoder", "vae_decoder", "unet"):
         assert (gpu_repo / net / "1" / "model.onnx").is_file(), net
-    unet = _parse((gpu_repo / "unet" / "config.pbtxt").read_text())
-    assert unet.parameters["providers"].string_value == "cuda"
+    for name in ("unet", "text_encoder"):  # the runtime-LoRA nets: their LoRA bank's python model on CUDA
+        cfg = _parse((gpu_repo / name / "config.pbtxt").read_text())
+        assert cfg.backend == "python" and cfg.parameters["providers"].string_value == "cuda", name
 
 
 def test_gpu_onnx_artifacts_match_their_configs(gpu_repo: Path) -> None:
     """Names, dtypes and ranks of each ONNX graph equal its config's contract."""
     import onnxruntime as ort
 
-    for name in ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "face_embedder", "text_encoder", "vae_decoder", "vae_encoder"):
+    for name in ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "face_embedder", "vae_decoder", "vae_encoder"):
         cfg = _parse((gpu_repo / name / "config.pbtxt").read_text())
         if cfg.platform == "tensorrt_plan":  # TensorRT imported at assembly: test_gpu_tensorrt_plan_entries
             continue
@@ -97,7 +98,7 @@ def _check_config_against_onnx(name: str, cfg, onnx_path: Path) -> None:
 
 
 def test_gpu_tensorrt_plan_entries(gpu_repo: Path) -> None:
-    """The text encoder and VAEs as ``tensorrt_plan`` models: written where
+    """The VAEs as ``tensorrt_plan`` models: written where
     TensorRT imports at assembly (a built ``model.plan`` + its build record),
     else the ORT variant with the TensorRT accelerator and an engine cache.
     Either way the plan configs are valid Triton configs whose tensors equal

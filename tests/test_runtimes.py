@@ -98,6 +98,59 @@ def test_openvino_static_shapes_equal_dynamic(exported, base, face_lora) -> None
     assert compare(static.run(["noise_pred"], feed)[0], ref, *TOLERANCES["unet_lora"])["pass"]
 
 
+def test_openvino_static_graph_per_feed_shape(exported, base, face_lora) -> None:
+    """Served default: one static graph per feed shape set, compiled on first use, an LRU of
+    ``static_shapes``; every shape's output equals ONNX Runtime's within the validation tolerance."""
+    path = exported / "unet_lora" / "model.onnx"
+    ort_net = open_runtime(path, "onnxruntime", 1)
+    net = open_runtime(path, "openvino", 1, fallback=False, cache=False, static_shapes=2)
+    assert net.static_shapes == 2 and net.compiles == 0
+    assert net.get_inputs()[0].shape == (None, 4, None, None)  # the spec check_feed reads stays dynamic
+    feeds = [_feed("unet_lora", exported, base, face_lora, b, latent) for b, latent in ((2, None), (1, 8), (2, 8))]
+    for i, feed in enumerate(feeds + [feeds[2], feeds[1], feeds[0]]):
+        got, ref = net.run(["noise_pred"], feed)[0], ort_net.run(["noise_pred"], feed)[0]
+        assert compare(got, ref, *TOLERANCES["unet_lora"])["pass"], i
+    # compiled: shapes 0, 1, 2 (evicts 0), 2 and 1 hit, 0 again (evicts 2)
+    assert net.compiles == 4
+    assert [s["sample"] for s in net.compiled_shapes] == [(1, 4, 8, 8), (2, 4, 16, 16)]
+    with pytest.raises(ValueError, match="does not fit"):  # a wrong rank is refused before any compile
+        net.run(None, {**feeds[0], "sample": feeds[0]["sample"][0]})
+    assert net.compiles == 4
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_reused_inputs_give_the_plain_outputs(runtime, exported, base, face_lora) -> None:
+    """``reuse_inputs`` (the served ``unet``): an array object seen in the previous call stays
+    bound; outputs equal a plain call's bit for bit whether the LoRA arrays are the same
+    objects, new objects, or the same objects changed in place (the binding shares memory)."""
+    path = exported / "unet_lora" / "model.onnx"
+    plain = open_runtime(path, runtime, 1, fallback=False, cache=False)
+    reused = open_runtime(path, runtime, 1, fallback=False, cache=False, reuse_inputs=True)
+    one, two = (_feed("unet_lora", exported, base, face_lora, 2) for _ in range(2))  # equal values, other objects
+    lora = {k: v for k, v in one.items() if k.startswith("lora_")}
+    rng = np.random.default_rng(5)
+    outs = []
+    for step in range(4):  # a denoising loop: new UNet inputs every step
+        unet_in = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in one.items()
+                   if not k.startswith("lora_") and k != "timestep"}
+        unet_in["timestep"] = one["timestep"] + step
+        if step == 2:
+            lora["lora_b_0"] *= 2.0  # in place: the same object, new values
+        if step == 3:
+            lora = {k: v.copy() for k, v in lora.items()}  # new objects, same values
+        feed = {**unet_in, **lora}
+        want = plain.run(["noise_pred"], feed)[0]
+        outs.append(reused.run(["noise_pred"], feed)[0])
+        assert np.array_equal(outs[-1], want), step
+    other_feed = {**feed, **{k: v for k, v in two.items() if k.startswith("lora_")}}  # the undoubled LoRA again
+    other = reused.run(["noise_pred"], other_feed)[0]
+    assert np.array_equal(other, plain.run(["noise_pred"], other_feed)[0]) and not np.array_equal(other, outs[-1])
+    missing = dict(feed)
+    del missing["lora_a_0"]
+    with pytest.raises(Exception, match="lora_a_0"):  # nothing stale stays bound
+        reused.run(["noise_pred"], missing)
+
+
 def test_check_feed_reads_openvino_metadata(exported, base, face_lora) -> None:
     net = open_runtime(exported / "unet_lora" / "model.onnx", "openvino", 1, fallback=False, cache=False)
     feed = _feed("unet_lora", exported, base, face_lora)
@@ -158,9 +211,16 @@ def test_runtime_rules(exported, monkeypatch) -> None:
     assert cfg["PERFORMANCE_HINT"] == "LATENCY" and cfg["CACHE_DIR"] == "/tmp/x"
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert "INFERENCE_NUM_THREADS" not in openvino_config(None)
-    net = open_runtime(exported / "vae_decoder" / "model.onnx", "openvino", 1, fallback=False, cache=False)
-    assert "float32" in str(net.compiled.get_property("INFERENCE_PRECISION_HINT"))  # not the bf16 default
-    assert int(net.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+    for static in (0, 2):  # one dynamic graph, or static graphs compiled per feed shape (the served default)
+        net = open_runtime(exported / "vae_decoder" / "model.onnx", "openvino", 1, fallback=False, cache=False,
+                           static_shapes=static)
+        if static:
+            assert net.compiled is None  # nothing compiled before the first feed
+            net.run(None, {"latent": np.zeros((1, 4, 8, 8), np.float32)})
+        assert "float32" in str(net.compiled.get_property("INFERENCE_PRECISION_HINT"))  # not the bf16 default
+        assert int(net.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+    with pytest.raises(InvalidInputError, match="static_shapes"):
+        OpenVinoRuntime(exported / "vae_decoder" / "model.onnx", 1, static_shapes=-1)
 
 
 def test_repository_records_the_runtimes(tmp_path) -> None:
@@ -229,8 +289,13 @@ def test_served_openvino_equals_onnxruntime(base, face_lora, tmp_path) -> None:
         lora = lora_inputs_for(face_lora, manifest, W_FACE, batch=s.shape[0])
         return net["unet"].run(None, {"sample": s, "timestep": t, "encoder_hidden_states": h, **lora})[0]
 
-    nets = DiffusionNets(tokenize=ClipTokenizer(),
-                         text_encode=lambda ids: net["text_encoder"].run(None, {"input_ids": ids})[0],
+    te_manifest = read_lora_manifest(repo / "text_encoder" / "1")  # the runtime-LoRA text encoder
+
+    def te_fn(ids):
+        lora = lora_inputs_for(face_lora, te_manifest, W_FACE, batch=ids.shape[0])
+        return net["text_encoder"].run(None, {"input_ids": ids, **lora})[0]
+
+    nets = DiffusionNets(tokenize=ClipTokenizer(), text_encode=te_fn,
                          unet=unet_fn, vae_decode=lambda lat: net["vae_decoder"].run(None, {"latent": lat})[0],
                          latent_channels=4, latent_factor=8)
     ref = generate(nets, sched, job.prompt, job.negative_prompt, job.request)

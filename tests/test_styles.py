@@ -266,17 +266,22 @@ def test_merged_user_fuses_the_style_equal_to_diffusers(tmp_path, base, loras) -
     assert diff <= 1e-4  # fp32 (W + ΣwBA)x in ORT vs peft's Wx + Σw·B(Ax) in torch
 
 
-def test_merged_user_refuses_text_encoder_layers_and_unknown_styles(tmp_path, loras) -> None:
+def test_merged_user_refuses_unserved_text_encoder_layers_and_unknown_styles(tmp_path, base, loras) -> None:
+    """Text-encoder q/k/v/out layers are served (by the runtime-LoRA text encoder, also in
+    merged mode); others (here the MLP's fc1) are refused by name before any work."""
     from facetron.export.repository import add_merged_user
 
     repo = tmp_path / "repo"
     (repo / "portrait_generator").mkdir(parents=True)
     (repo / "portrait_generator" / "config.pbtxt").write_text('name: "portrait_generator"\n')
     users = UserRegistry(tmp_path / "users")
-    for user, lora in (("te-user", loras["with_te"]), ("ok-user", loras["face"])):
+    mlp = write_random_lora(tmp_path / "te_mlp.safetensors", base.unet, rank=2, alpha=2, seed=6, std=0.1,
+                            text_encoder=base.text_encoder, te_target_modules=("q_proj", "fc1"))
+    for user, lora in (("te-user", mlp), ("ok-user", loras["face"])):
         users.save_reference_embedding(user, np.ones((1, 128), np.float32))
         users.install_lora(user, lora)
-    with pytest.raises(InvalidInputError, match="--user: user 'te-user'.* adapts 8 text-encoder layers"):
+    with pytest.raises(InvalidInputError, match="--user: user 'te-user'.* adapts 2 text-encoder layers the "
+                                                "runtime-LoRA text encoder has no inputs for.*fc1"):
         add_merged_user(repo, "te-user", users.root)
     with pytest.raises(InvalidInputError, match="style: unknown style 'cubism'"):
         add_merged_user(repo, "ok-user", users.root, style="cubism")

@@ -45,7 +45,7 @@ def _unet_counts(triton) -> tuple[int, int]:
     return int(stats["inference_stats"]["success"].get("count", 0)), int(stats.get("execution_count", 0))
 
 
-def _generate(client, user: str, seed: int) -> np.ndarray:
+def _generate(client, user: str, seed: int, model: str = "portrait_generator") -> np.ndarray:
     inputs = {
         "user_id": np.array([user.encode()], dtype=object),
         "num_images": np.array([1], np.int32),
@@ -54,12 +54,15 @@ def _generate(client, user: str, seed: int) -> np.ndarray:
         "height": np.array([SIZE], np.int32),
         "width": np.array([SIZE], np.int32),
     }
-    return client.infer("portrait_generator", inputs, ["images"])["images"]
+    return client.infer(model, inputs, ["images"])["images"]
 
 
 def test_users_share_unet_batches(client, triton, two_users) -> None:
+    """Four generation loops at once (portrait_generator and portrait run 2
+    instances each): while the one UNet instance runs a step, the other loops'
+    steps queue, so its next execution takes several users' items together."""
     requests0, executions0 = _unet_counts(triton)
-    jobs = [(two_users[i % 2], 20 + i) for i in range(4)]
+    jobs = [(two_users[i % 2], 20 + i, ("portrait_generator", "portrait")[i // 2]) for i in range(4)]
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda j: _generate(client, *j), jobs))
     requests1, executions1 = _unet_counts(triton)

@@ -78,6 +78,7 @@ def _merged_reference(base, full_repository: Path, users_dir: Path, user: str, l
     import onnxruntime as ort
 
     from facetron.diffusion.clip_tokenizer import ClipTokenizer
+    from facetron.diffusion.lora_inputs import read_lora_manifest, zero_lora_inputs
     from facetron.export.merge import merge_loras
     from facetron.export.onnx_export import graph_module
     from facetron.diffusion.nets import DiffusionNets
@@ -94,9 +95,16 @@ def _merged_reference(base, full_repository: Path, users_dir: Path, user: str, l
         with torch.no_grad():
             return unet_graph(torch.from_numpy(s), torch.from_numpy(t), torch.from_numpy(h)).numpy()
 
+    # the served text encoder is the runtime-LoRA graph; this user's LoRA has no text-encoder layers: zero inputs
+    te_zero = zero_lora_inputs(read_lora_manifest(full_repository / "text_encoder" / "1"))
+
+    def text_encode(ids):
+        return sess["text_encoder"].run(None, {"input_ids": ids, **{k: np.repeat(v, len(ids), 0)
+                                                                    for k, v in te_zero.items()}})[0]
+
     nets = DiffusionNets(
         tokenize=ClipTokenizer(),
-        text_encode=lambda ids: sess["text_encoder"].run(None, {"input_ids": ids})[0],
+        text_encode=text_encode,
         unet=unet_fn,
         vae_decode=lambda lat: sess["vae_decoder"].run(None, {"latent": lat})[0],
         latent_channels=4,

@@ -2,6 +2,7 @@
 
 * ``all``   — the suite (pairs + load sweeps + stage breakdown), ``--full`` adds SD-1.5 shapes
 * ``pairs`` — only the side-by-side pairs
+* ``lora``  — the runtime-LoRA vs merged UNet pair alone (tiny, under a minute)
 * ``load``  — only the load sweeps (own server, or ``--url`` of a running one)
 * ``soak``  — many clients for a minute: unexpected errors and server memory growth
 * ``faces`` — the face-path benchmark (embedder vs dlib-bin, pipeline, Triton vs in-process)
@@ -119,6 +120,18 @@ def _runtimes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lora(args: argparse.Namespace) -> int:
+    from facetron.benchmarks.pairs import write_runtime_lora
+
+    r = write_runtime_lora(users=args.users, repeats=args.repeats, out_dir=args.out)
+    for k, v in r.items():
+        if "_over_" in k:
+            print(f"  {k:<48} {v}")
+    for f in r["files"]:
+        print(f"  wrote {f}")
+    return 1 if r["errors"] else 0
+
+
 def _training(args: argparse.Namespace) -> int:
     from facetron.benchmarks.training import run
 
@@ -147,6 +160,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                  "vae_encoder")
     rt.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
     rt.set_defaults(func=_runtimes)
+    lo = bsub.add_parser("lora", help="runtime-LoRA UNet vs merged UNets alone (ORT; 1 user also in the served "
+                                      "OpenVINO runtime), tiny model, under a minute")
+    lo.add_argument("--users", type=int, default=8)
+    lo.add_argument("--repeats", type=int, default=30, help="interleaved calls per variant")
+    lo.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
+    lo.set_defaults(func=_lora)
     t = bsub.add_parser("training", help="LoRA training steps/s (tiny; --full adds SD-1.5 shapes, minutes)")
     t.add_argument("--full", action="store_true")
     t.set_defaults(func=_training)

@@ -1,4 +1,9 @@
-"""LoRA files -> the runtime-LoRA UNet's inputs, in numpy (what the served ``unet`` model needs).
+"""LoRA files -> the runtime-LoRA UNet's and text encoder's inputs, in numpy
+(what the served ``unet`` and ``text_encoder`` models need).
+
+Each manifest names its ``component`` ("unet" | "text_encoder"); a graph's
+inputs hold that component's layers of a LoRA and ignore the other's (the
+other graph takes them).
 
 The runtime-LoRA graph (exported by :mod:`facetron.export.runtime_lora`)
 adapts every attention projection as ``y = W x + lora_scale[n] * B_i[n] @
@@ -339,8 +344,22 @@ def lora_inputs_for(lora: LoraLike | str | os.PathLike, manifest: Mapping, weigh
     used = {i: 0 for i in a}
     by_module = {layer["module"]: layer for layer in manifest["layers"]}
     for loaded, w in plan:
-        _fill(loaded, w, by_module, rank, a, b, used)
+        _fill(loaded, w, by_module, rank, a, b, used, manifest_component(manifest))
     return _batched(a, b, manifest, batch, scale)
+
+
+#: what each component's runtime-LoRA graph is called in messages
+COVERS = {"unet": "UNet", "text_encoder": "text encoder"}
+
+
+def manifest_component(manifest: Mapping) -> str:
+    """The component a runtime-LoRA manifest's graph adapts ("unet" for manifests written before the key existed)."""
+    return str(manifest.get("component", "unet"))
+
+
+def has_layers(lora: LoraLike | str | os.PathLike, component: str) -> bool:
+    """Whether ``lora`` adapts any layer of ``component``."""
+    return any(c == component for c, _ in _loaded(lora).layers)
 
 
 def zero_lora_inputs(manifest: Mapping, batch: int = 1) -> dict[str, np.ndarray]:
@@ -370,29 +389,30 @@ def _zeros(manifest: Mapping) -> tuple[dict[int, np.ndarray], dict[int, np.ndarr
 
 
 def _fill(lora: LoraLike, w: float, by_module: Mapping[str, Mapping], rank: int, a: dict, b: dict,
-          used: dict[int, int]) -> None:
+          used: dict[int, int], comp: str = "unet") -> None:
     """Write ``lora``'s A and ``w · scale · B`` into the next free rank rows/columns of every layer it adapts."""
     label = f"LoRA file {lora.source}"
-    te = [f"{c}.{m}" for (c, m) in lora.layers if c == "text_encoder"]
-    if te:  # refused, never dropped: the served text encoder is one for every user (runtime and merged mode)
-        raise InvalidInputError(label, f"adapts {len(te)} text-encoder layers (e.g. {few(te)}); facetron serves "
-                                       "one text encoder for every user, so text-encoder LoRAs cannot be served "
-                                       "(retrain without a text-encoder LoRA)")
-    others = [f"{c}.{m}" for (c, m) in lora.layers if c != "unet" or m not in by_module]
+    # the other component's layers are that component's graph's inputs (the served unet and text_encoder
+    # each take their part of a user's LoRA); a layer of this component the graph has no inputs for is refused
+    others = [f"{c}.{m}" for (c, m) in lora.layers if c not in COMPONENTS or (c == comp and m not in by_module)]
     if others:
-        raise InvalidInputError(label, f"adapts {len(others)} layers the runtime-LoRA UNet has no inputs for "
-                                       f"(it covers the UNet's attention q/k/v/out), e.g. {few(others)}: use merged mode")
-    for (_, module), layer in lora.layers.items():
+        what = COVERS.get(comp, comp)
+        raise InvalidInputError(label, f"adapts {len(others)} layers the runtime-LoRA {what} has no inputs for "
+                                       f"(it covers the attention q/k/v/out projections), e.g. {few(others)}"
+                                       + (": use merged mode" if comp == "unet" else ""))
+    for (c, module), layer in lora.layers.items():
+        if c != comp:
+            continue
         spec = by_module[module]
         i = spec["index"]
         down, up = _float32(layer.down), _float32(layer.up)
         delta_shape = (up.shape[0], *down.shape[1:])
         if delta_shape != (spec["out_features"], spec["in_features"]):
-            raise InvalidInputError(label, f"shape mismatch at unet.{module}: the LoRA gives {delta_shape}, "
+            raise InvalidInputError(label, f"shape mismatch at {comp}.{module}: the LoRA gives {delta_shape}, "
                                            f"the graph expects {(spec['out_features'], spec['in_features'])}")
         r0, r1 = used[i], used[i] + layer.rank
         if r1 > rank:
-            raise InvalidInputError(label, f"layer unet.{module} needs rank {r1} (all LoRAs together), "
+            raise InvalidInputError(label, f"layer {comp}.{module} needs rank {r1} (all LoRAs together), "
                                            f"the graph was exported with rank {rank}")
         a[i][r0:r1] = down
         b[i][:, r0:r1] = up * (w * layer.scale)

@@ -90,7 +90,9 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
 
     ``identity_mode``: ``runtime_lora`` (one ``unet``, the user's LoRA from its
     bank) or ``merged`` (the user's own ``unet_user_<id>`` model, loaded
-    through ``merged_models``)."""
+    through ``merged_models``). The text side is the runtime-LoRA
+    ``text_encoder`` in both modes: each row carries ``user_id``, and the
+    user's text-encoder LoRA layers (if any; none = the base encoder) apply."""
     merged = None
     if identity_mode == "merged" and user_id:
         merged_models = merged_models or MergedModels(contract.GeneratorParams().max_merged_models)
@@ -108,14 +110,17 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
         inputs["style"] = np.array([[style.encode()]] * n, dtype=object)
         return bls_chunked(contract.UNET.name, inputs, "noise_pred", unet_batch)
 
+    def text_encode(ids: np.ndarray) -> np.ndarray:
+        inputs = {"input_ids": ids, "user_id": np.array([[user_id.encode()]] * len(ids), dtype=object)}
+        return bls_chunked(contract.TEXT_ENCODER.name, inputs, "last_hidden_state", contract.TEXT_ENCODER.max_batch_size)
+
     def tokenize(texts: list[str]) -> np.ndarray:
         prompts = np.array([t.encode() for t in texts], dtype=object)
         return bls_infer(contract.TOKENIZER.name, {"prompt": prompts}, ["input_ids"])["input_ids"]
 
     return DiffusionNets(
         tokenize=tokenize,
-        text_encode=lambda ids: bls_chunked(contract.TEXT_ENCODER.name, {"input_ids": ids}, "last_hidden_state",
-                                            contract.TEXT_ENCODER.max_batch_size),
+        text_encode=text_encode,
         unet=unet,
         vae_decode=lambda latent: bls_chunked(contract.VAE_DECODER.name, {"latent": latent}, "images",
                                               contract.VAE_DECODER.max_batch_size),

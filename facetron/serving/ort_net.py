@@ -1,10 +1,11 @@
-"""ONNX nets served by python-backend models: ``text_encoder``,
-``vae_decoder``, ``vae_encoder`` and each merged ``unet_user_<id>``.
+"""ONNX nets served by python-backend models: ``vae_decoder``,
+``vae_encoder`` and each merged ``unet_user_<id>``.
 
 One runtime per model (ONNX Runtime by default, or OpenVINO: the
 ``runtime`` parameter, :mod:`.runtimes`), with request batching: the requests of
 a dynamic batch are concatenated along the batch axis, run once, and split
-back. (The runtime-LoRA ``unet`` adds its LoRA bank: :mod:`.unet`.)"""
+back. (The runtime-LoRA ``unet`` and ``text_encoder`` add their LoRA bank:
+:mod:`.unet`, :mod:`.text_encoder`.)"""
 
 from __future__ import annotations
 
@@ -171,7 +172,6 @@ def net_model(c: ModelContract) -> type:
     return NetModel
 
 
-TextEncoderModel = net_model(contract.TEXT_ENCODER)
 VaeDecoderModel = net_model(contract.VAE_DECODER)
 VaeEncoderModel = net_model(contract.VAE_ENCODER)
 

@@ -17,9 +17,12 @@ AMX is bf16: slower and less exact there, docs/ENVIRONMENT.md), the
 ``LATENCY`` hint, ``INFERENCE_NUM_THREADS`` = the model's
 ``intra_op_threads`` (else ``$OMP_NUM_THREADS``), no CPU pinning (the cores
 are shared with the other models) and a compiled-model cache under
-``facetron.paths.cache_dir("openvino")``. Shapes stay dynamic unless
-``shapes`` fixes them (a static graph per served resolution is a speed
-option, measured in ``benchmarks/runtimes.py``).
+``facetron.paths.cache_dir("openvino")``. Served nets run static graphs:
+one compiled per distinct set of feed shapes (resolution, batch size) on
+first use, the last :data:`STATIC_SHAPE_GRAPHS` kept (an LRU); static graphs
+are faster than one dynamic graph (``openvino_fp32_static`` vs
+``openvino_fp32`` in ``benchmarks/runtimes.py``). ``static_shapes=0`` keeps
+one dynamic graph; ``shapes`` fixes the shapes once.
 
 A net that OpenVINO cannot read, compile or run falls back to ONNX Runtime
 with one log line naming the net and the reason: a served model never dies
@@ -32,6 +35,7 @@ import logging
 import os
 import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -43,6 +47,11 @@ from facetron.contract import NET_RUNTIMES as RUNTIMES
 from facetron.errors import FacetronError, InvalidInputError
 from facetron.paths import cache_dir
 LOG = logging.getLogger("facetron.runtimes")
+#: OpenVINO: static graphs (one per feed shape set: resolution x batch size) a served net keeps compiled.
+#: Each holds its own compiled weights (~3-4 GiB for an SD-1.5 UNet in fp32): keep it small. The batch size
+#: is part of the key (a batch-dynamic graph lost most of the static gain on the tiny UNet: 9.3 vs 6.6 ms), so
+#: a dynamic batcher that forms many batch sizes recompiles on LRU misses (from the on-disk cache when set).
+STATIC_SHAPE_GRAPHS = 2
 
 # OpenVINO element types -> ONNX Runtime's type strings (what check_feed compares)
 _OV_TYPES = {"f32": "tensor(float)", "i32": "tensor(int32)", "u8": "tensor(uint8)", "i64": "tensor(int64)",
@@ -104,13 +113,18 @@ def ort_session(path: Path, threads: int | None = None, providers: str = "cpu"):
 
 
 class OrtRuntime:
-    """A net in an ONNX Runtime session."""
+    """A net in an ONNX Runtime session (``reuse_inputs``: see :func:`open_runtime`)."""
 
     runtime = "onnxruntime"
 
-    def __init__(self, path: Path, threads: int | None = None, providers: str = "cpu"):
+    def __init__(self, path: Path, threads: int | None = None, providers: str = "cpu", *,
+                 reuse_inputs: bool = False):
         self.path = Path(path)
         self.session = ort_session(self.path, threads, providers)
+        self.reuse_inputs = reuse_inputs
+        self._binding = self.session.io_binding() if reuse_inputs else None
+        self._bound: dict[str, tuple[np.ndarray, object]] = {}  # name -> (the caller's array, its OrtValue)
+        self._lock = threading.Lock()
 
     def get_inputs(self):
         return self.session.get_inputs()
@@ -119,7 +133,27 @@ class OrtRuntime:
         return [o.name for o in self.session.get_outputs()]
 
     def run(self, output_names: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None if output_names is None else list(output_names), feed)
+        if not self.reuse_inputs:
+            return self.session.run(None if output_names is None else list(output_names), feed)
+        import onnxruntime as ort
+
+        names = self.output_names() if output_names is None else list(output_names)
+        with self._lock:
+            binding = self._binding
+            if set(feed) != set(self._bound):  # another input set: nothing stale may stay bound
+                binding.clear_binding_inputs()
+                self._bound.clear()
+            for name, arr in feed.items():
+                held = self._bound.get(name)
+                if held is None or held[0] is not arr:  # the same array object again: its OrtValue shares its memory
+                    value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
+                    binding.bind_ortvalue_input(name, value)
+                    self._bound[name] = (arr, value)
+            binding.clear_binding_outputs()
+            for name in names:
+                binding.bind_output(name)
+            self.session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()
 
 
 # ----------------------------------------------------------------------------- OpenVINO
@@ -161,27 +195,83 @@ class OpenVinoRuntime:
 
     ``model``: an ``ov.Model`` to compile instead of reading ``path`` (e.g.
     one with compressed weights); ``cache``: the compiled-model cache folder
-    (None = no cache). One infer request, serialised by a lock (a python
-    model instance runs one batch at a time)."""
+    (None = no cache). One infer request per compiled graph, serialised by a
+    lock (a python model instance runs one batch at a time).
+
+    ``static_shapes`` = k > 0 (and no fixed ``shapes``): no dynamic graph is
+    compiled; each distinct set of feed shapes (served resolution, batch
+    size) is compiled as a static graph on first use and kept in an LRU of
+    ``k`` compiled graphs (faster than one dynamic graph: the
+    ``openvino_fp32_static`` rows of ``benchmarks/runtimes.py``). A shape
+    seen again after eviction is recompiled (from the on-disk compiled-model
+    cache when ``cache`` is set). A graph that fails to compile for a feed
+    raises from :meth:`run` (:class:`FallbackRuntime` then moves to ONNX
+    Runtime). ``reuse_inputs``: see :func:`open_runtime`."""
 
     runtime = "openvino"
 
     def __init__(self, path: Path, threads: int | None = None, *, shapes: dict[str, Sequence[int]] | None = None,
-                 precision: str = "f32", hint: str = "LATENCY", cache: Path | None = None, model=None):
+                 precision: str = "f32", hint: str = "LATENCY", cache: Path | None = None, model=None,
+                 static_shapes: int = 0, reuse_inputs: bool = False):
         import openvino as ov
 
         self.path = Path(path)
-        core = ov.Core()
+        self._core = ov.Core()
         if model is None:
             model = openvino_model(self.path, shapes)
         elif shapes:
             model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
+        if not isinstance(static_shapes, int) or static_shapes < 0:
+            raise InvalidInputError("static_shapes", f"must be an integer >= 0, got {static_shapes!r}")
+        self.static_shapes = 0 if shapes else static_shapes
+        self.reuse_inputs = reuse_inputs
+        self._checked: dict[str, np.ndarray] = {}  # reuse_inputs: the arrays of the last call (shape-checked)
         self.config = openvino_config(threads, precision, hint, cache)
-        self.compiled = core.compile_model(model, "CPU", self.config)
-        self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()
-        self._inputs = [self._spec(p) for p in self.compiled.inputs]
-        self._outputs = {_onnx_output_name(p): p for p in self.compiled.outputs}
+        # compiled graphs keyed by the feed's shapes (static mode) or by None (one graph for every shape)
+        self._compiled: OrderedDict[tuple | None, tuple] = OrderedDict()
+        self.compiles = 0  # graphs compiled so far (static mode: one per new feed shape set)
+        if self.static_shapes:
+            self._model, self.compiled = model, None
+            ports_in, ports_out = model.inputs, model.outputs
+        else:
+            self._model = None
+            self.compiled = self._compile(model, None)[0]
+            ports_in, ports_out = self.compiled.inputs, self.compiled.outputs
+        self._inputs = [self._spec(p) for p in ports_in]
+        self._output_names = [_onnx_output_name(p) for p in ports_out]
+
+    def _compile(self, model, key: tuple | None) -> tuple:
+        """(compiled model, its infer request, ONNX output name -> port), kept under ``key``."""
+        compiled = self._core.compile_model(model, "CPU", self.config)
+        entry = (compiled, compiled.create_infer_request(), {_onnx_output_name(p): p for p in compiled.outputs},
+                 {p.get_node().get_friendly_name(): p for p in compiled.inputs}, {})
+        self.compiles += 1
+        self._compiled[key] = entry
+        self.compiled = compiled  # the latest compiled graph (its properties are the config's)
+        return entry
+
+    def _entry(self, feed: dict[str, np.ndarray]) -> tuple:
+        """The compiled graph for this feed (static mode: compiled on first use of its shapes, LRU-bounded)."""
+        if not self.static_shapes:
+            return self._compiled[None]
+        key = tuple((spec.name, feed[spec.name].shape) for spec in self._inputs)
+        entry = self._compiled.get(key)
+        if entry is not None:
+            self._compiled.move_to_end(key)
+            return entry
+        import openvino as ov
+
+        model = self._model.clone()
+        model.reshape({name: ov.PartialShape(list(shape)) for name, shape in key})
+        while len(self._compiled) >= self.static_shapes:
+            self._compiled.popitem(last=False)
+        return self._compile(model, key)
+
+    @property
+    def compiled_shapes(self) -> list[dict[str, tuple]]:
+        """The feed shapes of the static graphs held now, least recently used first (static mode)."""
+        return [dict(key) for key in self._compiled if key is not None]
 
     @staticmethod
     def _spec(port) -> InputSpec:
@@ -194,20 +284,40 @@ class OpenVinoRuntime:
         return list(self._inputs)
 
     def output_names(self) -> list[str]:
-        return list(self._outputs)
+        return list(self._output_names)
 
     def run(self, output_names: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        names = list(self._outputs) if output_names is None else list(output_names)
-        feed = {k: np.ascontiguousarray(v) for k, v in feed.items()}
+        names = list(self._output_names) if output_names is None else list(output_names)
+        checked = self._checked
         for spec in self._inputs:  # OpenVINO would reinterpret a wrong rank silently: refuse like ONNX Runtime
             arr = feed.get(spec.name)
             if arr is None:
                 raise ValueError(f"input {spec.name!r} is missing from the feed")
+            if arr is checked.get(spec.name):  # reuse_inputs: this very array passed the check last call
+                continue
             if arr.ndim != len(spec.shape) or any(d is not None and d != g for d, g in zip(spec.shape, arr.shape)):
                 raise ValueError(f"input {spec.name!r}: shape {list(arr.shape)} does not fit {list(spec.shape)}")
+        feed = {k: v if v is checked.get(k) else np.ascontiguousarray(v) for k, v in feed.items()}
+        if self.reuse_inputs:
+            self._checked = dict(feed)
         with self._lock:
-            result = self._request.infer(feed)  # outputs copied out of the request (share_outputs=False)
-            return [np.asarray(result[self._outputs[n]]) for n in names]
+            _, request, outputs, ports, bound = self._entry(feed)
+            if not self.reuse_inputs:
+                result = request.infer(feed)  # outputs copied out of the request (share_outputs=False)
+            else:
+                import openvino as ov
+
+                extra = sorted(set(feed) - set(ports))
+                if extra:
+                    raise ValueError(f"inputs {extra} are not inputs of this net")
+                for name, arr in feed.items():
+                    held = bound.get(name)
+                    if held is None or held[0] is not arr:  # same array object again: the tensor shares its memory
+                        tensor = ov.Tensor(arr, shared_memory=True)
+                        request.set_tensor(ports[name], tensor)
+                        bound[name] = (arr, tensor)
+                result = request.infer()
+            return [np.asarray(result[outputs[n]]) for n in names]
 
 
 class FallbackRuntime:
@@ -250,13 +360,22 @@ class FallbackRuntime:
 
 def open_runtime(path: str | os.PathLike, runtime: str = DEFAULT_RUNTIME, threads: int | None = None,
                  providers: str = "cpu", *, shapes: dict[str, Sequence[int]] | None = None,
-                 cache: Path | None | bool = True, fallback: bool = True):
+                 cache: Path | None | bool = True, fallback: bool = True, static_shapes: int = STATIC_SHAPE_GRAPHS,
+                 reuse_inputs: bool = False):
     """The net of ONNX file ``path`` in ``runtime`` ("onnxruntime" | "openvino").
 
     ``threads``: intra-op threads (None/0 = ``$OMP_NUM_THREADS`` for OpenVINO,
     the runtime's default for ONNX Runtime); ``providers``: ONNX Runtime's
     ``cpu`` | ``cuda`` (OpenVINO is a CPU runtime here: with ``cuda`` the net
     runs in ONNX Runtime); ``shapes``: static input shapes for OpenVINO;
+    ``static_shapes``: without ``shapes``, OpenVINO compiles a static graph
+    per distinct feed shape set on first use and keeps the last
+    ``static_shapes`` of them (0 = one dynamic graph for every shape);
+    ``reuse_inputs``: an input given as the *same array object* as in the
+    previous call is not handed to the runtime again (ONNX Runtime: IOBinding
+    of an ``OrtValue`` sharing the array's memory; OpenVINO: a shared-memory
+    tensor left set on the infer request) — for the runtime-LoRA graphs, whose
+    LoRA stacks repeat every denoising step;
     ``cache``: OpenVINO's compiled-model cache folder (True = facetron's
     cache, False/None = none). With ``fallback`` a net that OpenVINO cannot
     load, compile or run is served by ONNX Runtime (one log line)."""
@@ -266,24 +385,25 @@ def open_runtime(path: str | os.PathLike, runtime: str = DEFAULT_RUNTIME, thread
         raise FacetronError(f"ONNX file {path} is missing: assemble the repository with `facetron export repository`")
     ort_threads = threads or None
     if runtime == "onnxruntime":
-        return OrtRuntime(path, ort_threads, providers)
+        return OrtRuntime(path, ort_threads, providers, reuse_inputs=reuse_inputs)
     if providers != "cpu":
         LOG.warning("[facetron] %s: OpenVINO is a CPU runtime here and providers=%r; running this net in ONNX Runtime",
                     path, providers)
-        return OrtRuntime(path, ort_threads, providers)
+        return OrtRuntime(path, ort_threads, providers, reuse_inputs=reuse_inputs)
     try:
         cache_path = cache_dir("openvino") if cache is True else (cache or None)
     except OSError as exc:
         LOG.warning("[facetron] %s: no OpenVINO compiled-model cache (%s); compiling without one", path, _one_line(exc))
         cache_path = None
     try:
-        primary = OpenVinoRuntime(path, threads, shapes=shapes, cache=cache_path)
+        primary = OpenVinoRuntime(path, threads, shapes=shapes, cache=cache_path, static_shapes=static_shapes,
+                                   reuse_inputs=reuse_inputs)
     except Exception as exc:  # noqa: BLE001 - import, read or compile failure
         if not fallback:
             raise
         LOG.warning("[facetron] %s: OpenVINO could not load or compile this net (%s); running it in ONNX Runtime",
                     path, _one_line(exc))
-        return OrtRuntime(path, ort_threads, providers)
+        return OrtRuntime(path, ort_threads, providers, reuse_inputs=reuse_inputs)
     if not fallback:
         return primary
-    return FallbackRuntime(primary, lambda: OrtRuntime(path, ort_threads, providers))
+    return FallbackRuntime(primary, lambda: OrtRuntime(path, ort_threads, providers, reuse_inputs=reuse_inputs))

@@ -1,3 +1,3 @@
-"""Triton python-backend model `text_encoder`: see facetron.serving.ort_net."""
+"""Triton python-backend model `text_encoder`: see facetron.serving.text_encoder."""
 
-from facetron.serving.ort_net import TextEncoderModel as TritonPythonModel  # noqa: F401
+from facetron.serving.text_encoder import TextEncoderModel as TritonPythonModel  # noqa: F401

@@ -1,0 +1,55 @@
+"""The ``text_encoder`` model: the runtime-LoRA CLIP text encoder and its LoRA bank.
+
+Each batch item names its user (``user_id``; absent or empty = base model).
+The bank (:class:`facetron.serving.unet.LoraBank`, the UNet's class over this
+graph's manifest) turns a user into the text-encoder layers of the user's
+face LoRA at ``w_face`` — all zeros, i.e. exactly the base text encoder, for
+a user whose LoRA has none — keyed by the user's registry version, so a
+retrained user is read again. Style LoRAs adapt the UNet only
+(:mod:`facetron.styles` refuses text-encoder layers), so there is no style
+here. The graph (``export/runtime_lora.py``,
+``export_runtime_lora_text_encoder``) computes ``y = W x + s · B (A x)`` on
+every self-attention projection; no torch is imported at serve time."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from facetron.contract import TextEncoderParams
+from facetron.diffusion.lora_inputs import read_lora_manifest
+from facetron.serving import metrics
+from facetron.serving.backend import pb, read_params, version_dir
+from facetron.serving.ort_net import check_feed, check_token_ids, require, run_batched
+from facetron.serving.runtimes import open_runtime
+from facetron.serving.unet import LoraBank, item_strings
+from facetron.users import registry_at
+
+
+class TextEncoderModel:
+    def initialize(self, args):
+        params = read_params(args, TextEncoderParams)
+        folder = version_dir(args)
+        # ONNX Runtime or OpenVINO (params.runtime): the LoRA tensors are plain graph inputs in both
+        self.session = open_runtime(folder / "model.onnx", params.runtime, params.intra_op_threads or None,
+                                    params.providers)
+        self.bank = LoraBank(read_lora_manifest(folder), registry_at(params.users_dir), w_face=params.w_face,
+                             max_bytes=int(params.lora_cache_mb * (1 << 20)))
+        metrics.install(args["model_name"])
+
+    def _read(self, request):
+        t = pb().get_input_tensor_by_name(request, "input_ids")
+        ids = check_token_ids(require(None if t is None else t.as_numpy(), "input_ids", np.int32, 2))
+        feed = check_feed({"input_ids": ids}, self.session)
+        users = item_strings(request, "user_id", ids.shape[0])
+        feed.update(self.bank.batch([(u, "") for u in users]))
+        return feed
+
+    def _run(self, feed):
+        return {"last_hidden_state": self.session.run(["last_hidden_state"], feed)[0]}
+
+    def execute(self, requests):
+        return run_batched(requests, self._read, self._run)
+
+    def finalize(self):
+        self.session = self.bank = None
+        metrics.uninstall()
