@@ -199,6 +199,26 @@ def test_run_failure_moves_to_onnxruntime_for_good(exported, base, face_lora, ca
     assert compare(got, ref, *TOLERANCES["text_encoder"])["pass"]
 
 
+def test_bf16_is_opt_in_and_close(exported, base, face_lora, caplog) -> None:
+    """precision=bf16 (OpenVINO only): the compiled graph really runs bf16 and stays
+    near f32 (a few % rel. L2 on the runtime-LoRA UNet); ONNX Runtime says it runs f32."""
+    import logging
+
+    path = exported / "unet_lora" / "model.onnx"
+    feed = _feed("unet_lora", exported, base, face_lora)
+    f32 = open_runtime(path, "openvino", 1, fallback=False, cache=False).run(["noise_pred"], feed)[0]
+    bf16_net = open_runtime(path, "openvino", 1, fallback=False, cache=False, precision="bf16")
+    bf16 = bf16_net.run(["noise_pred"], feed)[0]
+    assert "bfloat16" in str(bf16_net.compiled.get_property("INFERENCE_PRECISION_HINT"))
+    rel = float(np.linalg.norm(bf16 - f32) / np.linalg.norm(f32))
+    assert 0 < rel < 0.1, rel
+    with pytest.raises(InvalidInputError, match="precision: expected one of f32, bf16, got 'fp8'"):
+        open_runtime(path, "openvino", precision="fp8")
+    with caplog.at_level(logging.WARNING):
+        open_runtime(path, "onnxruntime", 1, precision="bf16")
+    assert "applies to OpenVINO only" in caplog.text
+
+
 def test_runtime_rules(exported, monkeypatch) -> None:
     with pytest.raises(InvalidInputError, match="runtime: expected one of onnxruntime, openvino, got 'tvm'"):
         open_runtime(exported / "vae_decoder" / "model.onnx", "tvm")

@@ -39,7 +39,7 @@ def net_session(args: dict):
     (``runtime``: ONNX Runtime or OpenVINO, :func:`facetron.serving.runtimes.open_runtime`)."""
     params = read_params(args, NetParams)
     return open_runtime(version_dir(args) / "model.onnx", params.runtime, params.intra_op_threads or None,
-                        params.providers)
+                        params.providers, precision=params.precision)
 
 
 def run_batched(

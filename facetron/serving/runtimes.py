@@ -44,6 +44,7 @@ import numpy as np
 
 from facetron.contract import DEFAULT_NET_RUNTIME as DEFAULT_RUNTIME
 from facetron.contract import NET_RUNTIMES as RUNTIMES
+from facetron.contract import DEFAULT_NET_PRECISION, NET_PRECISIONS
 from facetron.errors import FacetronError, InvalidInputError
 from facetron.paths import cache_dir
 LOG = logging.getLogger("facetron.runtimes")
@@ -70,6 +71,12 @@ class InputSpec:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:400]
+
+
+def check_precision(precision: str, name: str = "precision") -> str:
+    if precision not in NET_PRECISIONS:
+        raise InvalidInputError(name, f"expected one of {', '.join(NET_PRECISIONS)}, got {precision!r}")
+    return precision
 
 
 def check_runtime(runtime: str, name: str = "runtime") -> str:
@@ -361,7 +368,7 @@ class FallbackRuntime:
 def open_runtime(path: str | os.PathLike, runtime: str = DEFAULT_RUNTIME, threads: int | None = None,
                  providers: str = "cpu", *, shapes: dict[str, Sequence[int]] | None = None,
                  cache: Path | None | bool = True, fallback: bool = True, static_shapes: int = STATIC_SHAPE_GRAPHS,
-                 reuse_inputs: bool = False):
+                 reuse_inputs: bool = False, precision: str = DEFAULT_NET_PRECISION):
     """The net of ONNX file ``path`` in ``runtime`` ("onnxruntime" | "openvino").
 
     ``threads``: intra-op threads (None/0 = ``$OMP_NUM_THREADS`` for OpenVINO,
@@ -378,9 +385,14 @@ def open_runtime(path: str | os.PathLike, runtime: str = DEFAULT_RUNTIME, thread
     LoRA stacks repeat every denoising step;
     ``cache``: OpenVINO's compiled-model cache folder (True = facetron's
     cache, False/None = none). With ``fallback`` a net that OpenVINO cannot
-    load, compile or run is served by ONNX Runtime (one log line)."""
+    load, compile or run is served by ONNX Runtime (one log line).
+    ``precision``: OpenVINO's inference precision, ``f32`` or the opt-in
+    ``bf16`` (ONNX Runtime runs f32 and says so once)."""
     path = Path(path)
     check_runtime(runtime)
+    check_precision(precision)
+    if precision != "f32" and (runtime == "onnxruntime" or providers != "cpu"):
+        LOG.warning("[facetron] %s: precision %s applies to OpenVINO only; this net runs f32", path, precision)
     if not path.is_file():
         raise FacetronError(f"ONNX file {path} is missing: assemble the repository with `facetron export repository`")
     ort_threads = threads or None
@@ -397,7 +409,7 @@ def open_runtime(path: str | os.PathLike, runtime: str = DEFAULT_RUNTIME, thread
         cache_path = None
     try:
         primary = OpenVinoRuntime(path, threads, shapes=shapes, cache=cache_path, static_shapes=static_shapes,
-                                   reuse_inputs=reuse_inputs)
+                                   reuse_inputs=reuse_inputs, precision=precision)
     except Exception as exc:  # noqa: BLE001 - import, read or compile failure
         if not fallback:
             raise

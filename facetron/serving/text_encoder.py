@@ -31,7 +31,7 @@ class TextEncoderModel:
         folder = version_dir(args)
         # ONNX Runtime or OpenVINO (params.runtime): the LoRA tensors are plain graph inputs in both
         self.session = open_runtime(folder / "model.onnx", params.runtime, params.intra_op_threads or None,
-                                    params.providers)
+                                    params.providers, precision=params.precision)
         self.bank = LoraBank(read_lora_manifest(folder), registry_at(params.users_dir), w_face=params.w_face,
                              max_bytes=int(params.lora_cache_mb * (1 << 20)))
         metrics.install(args["model_name"])

@@ -186,7 +186,7 @@ class UnetModel:
         # hands the same stacked arrays back while a batch's users repeat (every denoising step), and
         # reuse_inputs keeps them bound in the runtime instead of passing ~65 inputs again on every call
         self.session = open_runtime(folder / "model.onnx", params.runtime, params.intra_op_threads or None,
-                                    params.providers, reuse_inputs=True)
+                                    params.providers, reuse_inputs=True, precision=params.precision)
         registry = registry_at(params.users_dir)
         styles = styles_for(registry.root)
         self.bank = LoraBank(
