@@ -514,12 +514,12 @@ PORTRAIT_INPUT_NAMES = PORTRAIT.input_names()
 GENERATION_STRINGS = ("prompt", "negative_prompt", "style", "user_id", "scheduler")
 
 
-def _wire_dtype(dtype: str) -> str:
-    return {"INT32": "int32", "INT64": "int64", "FP32": "float32", "BOOL": "bool", "UINT8": "uint8"}[dtype]
-
+#: Triton tensor type -> numpy dtype name (the numeric types of the tables above)
+NUMPY_DTYPES: dict[str, str] = {"INT32": "int32", "INT64": "int64", "FP32": "float32", "BOOL": "bool",
+                                "UINT8": "uint8"}
 
 #: one-value numeric generation inputs and their numpy dtype names
 SCALAR_INPUTS: dict[str, str] = {
-    t.name: _wire_dtype(t.dtype) for t in GENERATION_INPUTS + PORTRAIT_EXTRA_INPUTS
+    t.name: NUMPY_DTYPES[t.dtype] for t in GENERATION_INPUTS + PORTRAIT_EXTRA_INPUTS
     if t.dtype not in ("STRING", "UINT8") and t.dims == (1,)
 }

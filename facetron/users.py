@@ -44,6 +44,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
+from facetron.atomic import json_bytes
 from facetron.contract import USER_ID_PATTERN, validate_user_id
 from facetron.errors import NotFoundError
 from facetron.imageio import load_image
@@ -207,7 +208,7 @@ class UserRegistry:
 
     def save_user_info(self, user_id: str, info: dict) -> str:
         """``user.json``: what captions/prompts say about the user (e.g. subject words)."""
-        return self.update(user_id, {USER_INFO_FILE: _json_bytes(info)})
+        return self.update(user_id, {USER_INFO_FILE: json_bytes(info)})
 
     def register(self, user_id: str, reference_embedding: np.ndarray, template_image: Path,
                  template_landmarks: Path, info: dict) -> str:
@@ -217,7 +218,7 @@ class UserRegistry:
             EMBEDDING_FILE: embedding_bytes(reference_embedding),
             TEMPLATE_IMAGE: Path(template_image),
             TEMPLATE_LANDMARKS: Path(template_landmarks),
-            USER_INFO_FILE: _json_bytes(info),
+            USER_INFO_FILE: json_bytes(info),
         })
 
     # --- what the serving side reads ------------------------------------------------------
@@ -277,9 +278,6 @@ class UserRegistry:
             "has_template": (d / TEMPLATE_IMAGE).is_file(),
         }
 
-
-def _json_bytes(obj: dict) -> bytes:
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

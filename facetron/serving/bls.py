@@ -85,7 +85,7 @@ def ensure_merged_unet(user_id: str, repository: Path, user_version: str | None 
 
 
 def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, repository: Path,
-                   merged_models: MergedModels | None = None, user_version: str | None = None) -> DiffusionNets:
+                   merged_models: MergedModels, user_version: str | None = None) -> DiffusionNets:
     """The diffusion nets as BLS calls to the models of the same server.
 
     ``identity_mode``: ``runtime_lora`` (one ``unet``, the user's LoRA from its
@@ -95,7 +95,6 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
     user's text-encoder LoRA layers (if any; none = the base encoder) apply."""
     merged = None
     if identity_mode == "merged" and user_id:
-        merged_models = merged_models or MergedModels(contract.GeneratorParams().max_merged_models)
         merged = merged_models.use(user_id, repository, user_version)
     def unet(sample: np.ndarray, t: np.ndarray, hidden: np.ndarray) -> np.ndarray:
         n = len(sample)

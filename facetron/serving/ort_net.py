@@ -18,10 +18,9 @@ import onnxruntime as ort
 from facetron import contract
 from facetron.contract import ModelContract, NetParams
 from facetron.errors import FacetronError, InvalidInputError
-from facetron.serving.backend import error_response, pb, read_params, response, version_dir
+from facetron.serving.backend import error_response, get_input, read_params, response, version_dir
 from facetron.serving.runtimes import open_runtime, ort_session
 
-_NP_DTYPES = {"FP32": np.float32, "INT32": np.int32, "UINT8": np.uint8}
 
 
 def open_session(path: Path, threads: int | None = None, providers: str = "cpu") -> ort.InferenceSession:
@@ -73,16 +72,6 @@ def run_batched(
             for i, _ in members:
                 responses[i] = error_response(exc)
     return responses
-
-
-def require(arr: np.ndarray | None, name: str, dtype, ndim: int) -> np.ndarray:
-    if arr is None:
-        raise InvalidInputError(name, "is required")
-    if arr.dtype != np.dtype(dtype):
-        raise InvalidInputError(name, f"expected dtype {np.dtype(dtype)}, got {arr.dtype}")
-    if arr.ndim != ndim:
-        raise InvalidInputError(name, f"expected {ndim} dimensions, got shape {list(arr.shape)}")
-    return arr
 
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
@@ -137,16 +126,11 @@ NET_CHECKS = {
 }
 
 
-def _tensor(request, name: str) -> np.ndarray | None:
-    t = pb().get_input_tensor_by_name(request, name)
-    return None if t is None else t.as_numpy()
-
-
 def net_model(c: ModelContract) -> type:
     """A python-backend model class for a one-input, one-output ONNX net of
     contract ``c`` (``model.onnx`` in its version folder)."""
     (inp,), (out,) = c.inputs, c.outputs
-    dtype, ndim = _NP_DTYPES[inp.dtype], len(inp.dims) + 1
+    dtype, ndim = np.dtype(contract.NUMPY_DTYPES[inp.dtype]), len(inp.dims) + 1
     check = NET_CHECKS.get(c.name, lambda a, n: a)
 
     class NetModel:
@@ -156,7 +140,7 @@ def net_model(c: ModelContract) -> type:
             self.session = net_session(args)
 
         def _read(self, request):
-            arr = check(require(_tensor(request, inp.name), inp.name, dtype, ndim), inp.name)
+            arr = check(get_input(request, inp.name, dtype=dtype, ndim=ndim), inp.name)
             return check_feed({inp.name: arr}, self.session)
 
         def _run(self, feed):
@@ -179,13 +163,13 @@ VaeEncoderModel = net_model(contract.VAE_ENCODER)
 def unet_feed(request) -> dict[str, np.ndarray]:
     """``sample``, ``timestep`` (one per item, [N,1] on the wire -> [N]) and
     ``encoder_hidden_states`` of a UNet request, checked."""
-    sample = require(_tensor(request, "sample"), "sample", np.float32, 4)
+    sample = get_input(request, "sample", dtype=np.float32, ndim=4)
     n = sample.shape[0]
-    t = _tensor(request, "timestep")
+    t = get_input(request, "timestep", required=False)
     if t is None or t.dtype != np.float32 or t.size != n:
         got = "nothing" if t is None else f"{t.dtype} {list(t.shape)}"
         raise InvalidInputError("timestep", f"expected FP32 with one value per batch item ({n}), got {got}")
-    hidden = require(_tensor(request, "encoder_hidden_states"), "encoder_hidden_states", np.float32, 3)
+    hidden = get_input(request, "encoder_hidden_states", dtype=np.float32, ndim=3)
     if hidden.shape[0] != n:
         raise InvalidInputError("encoder_hidden_states", f"expected one row per batch item ({n}), got {hidden.shape[0]}")
     check_min_side(sample, "sample", contract.MIN_LATENT_SIDE, (2, 3))

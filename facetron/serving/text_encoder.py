@@ -18,8 +18,8 @@ import numpy as np
 from facetron.contract import TextEncoderParams
 from facetron.diffusion.lora_inputs import read_lora_manifest
 from facetron.serving import metrics
-from facetron.serving.backend import pb, read_params, version_dir
-from facetron.serving.ort_net import check_feed, check_token_ids, require, run_batched
+from facetron.serving.backend import get_input, read_params, version_dir
+from facetron.serving.ort_net import check_feed, check_token_ids, run_batched
 from facetron.serving.runtimes import open_runtime
 from facetron.serving.unet import LoraBank, item_strings
 from facetron.users import registry_at
@@ -37,8 +37,7 @@ class TextEncoderModel:
         metrics.install(args["model_name"])
 
     def _read(self, request):
-        t = pb().get_input_tensor_by_name(request, "input_ids")
-        ids = check_token_ids(require(None if t is None else t.as_numpy(), "input_ids", np.int32, 2))
+        ids = check_token_ids(get_input(request, "input_ids", dtype=np.int32, ndim=2))
         feed = check_feed({"input_ids": ids}, self.session)
         users = item_strings(request, "user_id", ids.shape[0])
         feed.update(self.bank.batch([(u, "") for u in users]))
