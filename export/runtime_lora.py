@@ -28,10 +28,11 @@ the manifest reader and the inputs for a user's LoRA files are numpy code in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -88,18 +89,25 @@ class RuntimeLoraUNet(torch.nn.Module):
             layers.append(wrapper)
         object.__setattr__(self, "_layers", layers)  # plain list: already registered inside self.unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                lora_scale: torch.Tensor, *lora: torch.Tensor) -> torch.Tensor:
+    @contextlib.contextmanager
+    def bound(self, lora_scale: torch.Tensor, lora: Sequence[torch.Tensor]) -> Iterator[torch.nn.Module]:
+        """``self.unet`` with the graph's LoRA inputs set on its adapted layers for
+        the ``with`` block (any forward of it, whole or in parts, uses them)."""
         if len(lora) != 2 * len(self._layers):
             raise ValueError(f"expected {2 * len(self._layers)} LoRA tensors, got {len(lora)}")
         for i, layer in enumerate(self._layers):
             layer.lora = (lora[2 * i], lora[2 * i + 1], lora_scale)
         try:
-            dt = self.compute_dtype
-            out = self.unet(sample.to(dt), timestep, encoder_hidden_states.to(dt), return_dict=False)[0]
+            yield self.unet
         finally:
             for layer in self._layers:
                 layer.lora = None
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                lora_scale: torch.Tensor, *lora: torch.Tensor) -> torch.Tensor:
+        dt = self.compute_dtype
+        with self.bound(lora_scale, lora) as unet:
+            out = unet(sample.to(dt), timestep, encoder_hidden_states.to(dt), return_dict=False)[0]
         return out.float()
 
 
