@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import gc
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from facetron.cpu_info import cpu_description  # noqa: F401 - re-exported: every bench records the CPU
 
 NETS = ("text_encoder", "unet", "unet_lora", "vae_decoder", "vae_encoder")
 FULL_NETS = ("unet", "text_encoder", "vae_decoder")
@@ -48,35 +49,6 @@ VARIANTS = ("torch", "onnxruntime", "openvino_fp32", "openvino_fp32_static", "op
 #: SD-1.5 shapes: torch is every group's anchor; one full UNet per runtime at a time
 FULL_GROUPS = (("torch", "onnxruntime", "openvino_fp32_static"), ("torch", "openvino_int8w_static"),
                ("torch", "openvino_bf16_static"))
-FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
-                     "amx_int8", "amx_tile")
-
-
-def cpu_description() -> dict:
-    """``lscpu``'s model name and flags (+ the flags that decide CPU kernels)."""
-    info: dict = {"model": None, "flags": []}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    for line in out.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "Model name":
-            info["model"] = value.strip()
-        elif key.strip() == "Flags":
-            info["flags"] = value.split()
-    if not info["flags"]:  # no lscpu: /proc/cpuinfo has the same flags
-        try:
-            for line in open("/proc/cpuinfo"):
-                if line.startswith("flags"):
-                    info["flags"] = line.split(":", 1)[1].split()
-                    break
-        except OSError:
-            pass
-    info["kernel_flags"] = [f for f in FLAGS_OF_INTEREST if f in info["flags"]]
-    return info
-
-
 def deviation(got: np.ndarray, ref: np.ndarray) -> dict:
     """max |got - ref| and relative L2 ||got - ref|| / ||ref|| (float64)."""
     g, r = np.asarray(got, np.float64), np.asarray(ref, np.float64)
@@ -119,17 +91,13 @@ def _export(name: str, base, dims, out: Path) -> Path:
 
 
 def _feed(name: str, path: Path, dims, batch: int, latent: int | None) -> tuple[list, dict]:
-    from facetron.diffusion.lora_inputs import read_lora_manifest
+    from facetron.diffusion.lora_inputs import random_lora_inputs, read_lora_manifest
     from facetron.export.onnx_graph import example_inputs, read_io
 
     inputs, _, _ = read_io(path.parent)
     feed = example_inputs(inputs, dims, batch=batch, latent=latent, seed=0)
-    if name == "unet_lora":  # a non-zero LoRA (face + style rank 16), as served
-        rng = np.random.default_rng(1)
-        manifest = read_lora_manifest(path.parent)
-        for layer in manifest["layers"]:
-            for key, d in (("a", layer["a_dims"]), ("b", layer["b_dims"])):
-                feed[layer[key]] = (rng.standard_normal([batch] + [int(x) for x in d[1:]]) * 0.05).astype(np.float32)
+    if name == "unet_lora":  # a non-zero LoRA at the export rank (face + style, 16), as served
+        feed.update(random_lora_inputs(read_lora_manifest(path.parent), batch, seed=1))
     return inputs, feed
 
 

@@ -39,8 +39,8 @@ TEXT_LEN = 77
 MODELS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 # protobuf cannot hold more than 2 GiB: above this many weight bytes use external data.
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
-# symbolic dims: N batch, h/w latent side, H/W image side
-SYMBOLS = ("N", "h", "w", "H", "W")
+# symbolic dims: N batch, h/w latent side, H/W image side, R runtime-LoRA rank
+SYMBOLS = ("N", "h", "w", "H", "W", "R")
 
 
 @dataclass(frozen=True)
@@ -111,11 +111,11 @@ def dynamic_axes(specs: Sequence[TensorSpec]) -> dict[str, dict[int, str]]:
 
 
 def example_inputs(specs: Sequence[TensorSpec], dims: ModelDims, *, batch: int = 2, latent: int | None = None,
-                   seed: int = 0, vocab: int = 49408) -> dict[str, np.ndarray]:
-    """Seeded inputs of the right shapes/dtypes/ranges for ``specs``."""
+                   seed: int = 0, vocab: int = 49408, rank: int = 4) -> dict[str, np.ndarray]:
+    """Seeded inputs of the right shapes/dtypes/ranges for ``specs`` (``rank``: the runtime-LoRA ``R``)."""
     rng = np.random.default_rng(seed)
     h = latent or dims.latent_size
-    sizes = dict(N=batch, h=h, w=h, H=h * dims.latent_factor, W=h * dims.latent_factor)
+    sizes = dict(N=batch, h=h, w=h, H=h * dims.latent_factor, W=h * dims.latent_factor, R=rank)
     out = {}
     for s in specs:
         shape = s.shape(**sizes)
@@ -127,8 +127,6 @@ def example_inputs(specs: Sequence[TensorSpec], dims: ModelDims, *, batch: int =
             out[s.name] = rng.integers(1, 1000, size=shape).astype(np.float32)
         elif s.dtype == "UINT8":
             out[s.name] = rng.integers(0, 256, size=shape).astype(np.uint8)
-        elif s.name == "lora_scale":
-            out[s.name] = np.ones(shape, np.float32)
         elif s.name.startswith("lora_"):
             out[s.name] = (0.05 * rng.standard_normal(shape)).astype(NUMPY_DTYPES[s.dtype])
         else:

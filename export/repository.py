@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -21,7 +20,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from facetron.atomic import atomic_dir, atomic_write_json
-from facetron.contract import DEFAULT_NET_RUNTIME, DEFAULT_STYLE_WEIGHT, IDENTITY_MODES, NET_RUNTIMES, NetParams
+from facetron.contract import DEFAULT_NET_RUNTIME, DEFAULT_STYLE_WEIGHT, IDENTITY_MODES, NET_RUNTIMES
 from facetron.diffusion.base_model import load_base_model, model_hash
 from facetron.errors import InvalidInputError, NotFoundError
 from facetron.export.lora_files import load_lora
@@ -30,11 +29,11 @@ from facetron.export.model_configs import (TENSORRT_NETS, TRT_ENGINE_CACHE_ROOT,
                                            merged_unet_def, models_for, render, with_tensorrt_plan)
 from facetron.export.onnx_export import ModelDims, export_model, export_onnx
 from facetron.export.onnx_graph import example_inputs, read_io
+from facetron.export.runtime_choice import check_precision_choice, cpu_flags, rule_text
 from facetron.export.runtime_lora import TEXT_ENCODER_TARGET_SUFFIXES, export_runtime_lora_text_encoder
 from facetron.faces.detector import mtcnn_onnx_paths
 from facetron.faces.embedder import embedder_onnx_path
 from facetron.paths import REPO_ROOT
-from facetron.serving.runtimes import open_runtime
 from facetron.styles import styles_for
 from facetron.users import UserRegistry
 
@@ -43,8 +42,6 @@ SOURCE_REPOSITORY = REPO_ROOT / "model_repository"
 CPU_RUNTIME_CHOICES = ("auto",) + NET_RUNTIMES
 #: beside the models' folders: each net's runtime, and for ``auto`` the numbers it was chosen by
 RUNTIME_CHOICE_FILE = "runtime_choice.json"
-#: ``auto`` keeps ONNX Runtime (the validated default) unless another runtime is at least this much faster
-AUTO_MARGIN = 0.95
 
 
 def _copy_from(path_fn: Callable[[], Path]) -> Callable[[Path], None]:
@@ -83,6 +80,7 @@ class DiffusionSource:
     _vocab: int = 49408
     _info: dict | None = None
     _scheduler: dict | None = None
+    _base: object | None = None
 
     def export(self, work: Path) -> None:
         """Export the nets once into ``work`` (runtime-LoRA text encoder, VAE, runtime-LoRA UNet)."""
@@ -92,6 +90,7 @@ class DiffusionSource:
         export_runtime_lora_text_encoder(base.text_encoder, work, dims=ModelDims.of(base),
                                          rank=self.text_encoder_lora_rank)
         self._exported = work
+        self._base = base
         self._dims = ModelDims.of(base)
         self._vocab = int(base.text_encoder.config.vocab_size)
         self._scheduler = dict(base.scheduler.config)
@@ -154,89 +153,39 @@ class DiffusionSource:
         """Seeded inputs of net ``name`` at the shapes a native-size generation
         sends it: the UNet and text encoder a guidance pair (batch 2, the UNet
         with non-zero LoRA inputs), each VAE one image."""
-        from facetron.diffusion.lora_inputs import read_lora_manifest
+        from facetron.diffusion.lora_inputs import random_lora_inputs, read_lora_manifest
 
         folder = self.net_folder(name)
         inputs, _, _ = read_io(folder)
         batch = 2 if name in ("unet", "text_encoder") else 1
         feed = example_inputs(inputs, self._dims, batch=batch, seed=seed, vocab=self._vocab)
         if name in _EXPORTED:
-            rng = np.random.default_rng(seed + 1)
-            manifest = read_lora_manifest(folder)
-            for layer in manifest["layers"]:
-                for key, dims in (("a", layer["a_dims"]), ("b", layer["b_dims"])):
-                    shape = [batch] + [int(d) for d in dims[1:]]
-                    feed[layer[key]] = (rng.standard_normal(shape) * 0.05).astype(np.float32)
-            feed[manifest["scale_input"]] = np.ones(batch, np.float32)
+            feed.update(random_lora_inputs(read_lora_manifest(folder), batch, seed=seed + 1))
         return feed
 
-    def choose_runtimes(self, threads: int | None = None, repeats: int = 3, budget_s: float = 0.3,
-                        nets: Iterable[str] = ("text_encoder", "unet", "vae_decoder", "vae_encoder")) -> dict:
-        """``auto``: per net, each runtime a few interleaved calls at the served
-        shapes (:meth:`served_feed`) with the served thread count (``repeats``
-        calls at least, up to 20 while within ``budget_s`` each); a runtime is
-        eligible when its outputs equal ONNX Runtime's within the export
-        validation tolerance (:data:`facetron.export.validate.TOLERANCES`), and
-        ONNX Runtime stays unless an eligible one is at least
-        ``1 - AUTO_MARGIN`` faster (p50). Returns the report written to
-        :data:`RUNTIME_CHOICE_FILE`."""
-        from facetron.export.validate import TOLERANCES, compare
+    def torch_net(self, name: str):
+        """(torch module, graph inputs) that served net ``name``'s graph computes (the runtime-LoRA
+        UNet and text encoder for ``unet`` / ``text_encoder``): the oracle of the runtime choice."""
+        from facetron.export.onnx_export import graph_module
+        from facetron.export.runtime_lora import RuntimeLoraTextEncoder, RuntimeLoraUNet
 
-        threads = threads if threads is not None else NetParams().intra_op_threads
-        report: dict = {}
-        for name in nets:
-            path = self.net_folder(name) / "model.onnx"
-            feed = self.served_feed(name)
-            atol, rtol = TOLERANCES["unet_lora" if name == "unet" else name]
-            entry: dict = {"shapes": {k: list(v.shape) for k, v in feed.items() if not k.startswith("lora_")},
-                           "threads": threads, "runtimes": {}}
-            nets_open: dict = {}
-            for runtime in NET_RUNTIMES:
-                t0 = time.perf_counter()
-                try:
-                    # as served: the runtime-LoRA unet keeps its repeated LoRA arrays bound (reuse_inputs)
-                    nets_open[runtime] = open_runtime(path, runtime, threads, fallback=False,
-                                                      reuse_inputs=name == "unet")
-                except Exception as exc:  # noqa: BLE001 - a runtime that cannot compile the net is not eligible
-                    entry["runtimes"][runtime] = {"eligible": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
-                    continue
-                entry["runtimes"][runtime] = {"open_s": round(time.perf_counter() - t0, 3)}
-            outputs, first = {}, []
-            for r, net in nets_open.items():  # also the warm-up call
-                t0 = time.perf_counter()
-                outputs[r] = net.run(None, feed)
-                first.append(time.perf_counter() - t0)
-            # a few calls each, more for fast nets (about budget_s per net and runtime, repeats..20)
-            n = max(repeats, min(20, int(budget_s / max(max(first, default=1.0), 1e-4))))
-            samples = {r: [] for r in nets_open}
-            # the LoRA arrays repeat (the same objects, as the bank hands them), the other inputs are new
-            # array objects every call, as in a denoising loop
-            feeds = [feed, {k: v if k.startswith("lora_") else v.copy() for k, v in feed.items()}]
-            for i in range(n):
-                for r, net in nets_open.items():
-                    t0 = time.perf_counter()
-                    net.run(None, feeds[i % 2])
-                    samples[r].append(time.perf_counter() - t0)
-            entry["repeats"] = n
-            ref = outputs.get(DEFAULT_NET_RUNTIME)
-            for r in nets_open:
-                ms = float(np.median(samples[r]) * 1e3)
-                stats = compare(outputs[r][0], ref[0], atol, rtol) if ref is not None else {"pass": True}
-                entry["runtimes"][r].update({"p50_ms": round(ms, 3), "eligible": bool(stats["pass"]),
-                                             "max_abs_vs_onnxruntime": stats.get("max_abs"),
-                                             "atol": atol, "rtol": rtol})
-            eligible = {r: v["p50_ms"] for r, v in entry["runtimes"].items() if v.get("eligible")}
-            choice = DEFAULT_NET_RUNTIME if DEFAULT_NET_RUNTIME in eligible else min(eligible, key=eligible.get)
-            best = min(eligible, key=eligible.get)
-            if best != choice and eligible[best] <= AUTO_MARGIN * eligible[choice]:
-                choice = best
-            entry["choice"] = choice
-            entry["reason"] = "; ".join(
-                f"{r} {v['p50_ms']:.2f} ms" + ("" if v.get("eligible") else " (not eligible)") if "p50_ms" in v
-                else f"{r}: {v.get('error')}" for r, v in entry["runtimes"].items())
-            report[name] = entry
-            print(f"[export] runtime of {name}: {choice} ({entry['reason']})", flush=True)
-        return report
+        base = self._base if self._base is not None else load_base_model(self.base_model)
+        inputs, _, _ = read_io(self.net_folder(name))
+        if name == "unet":
+            return RuntimeLoraUNet(base.unet).eval(), inputs
+        if name == "text_encoder":
+            return RuntimeLoraTextEncoder(base.text_encoder).eval(), inputs
+        return graph_module(name, vae=base.vae), inputs
+
+    def choose_runtimes(self, precision: str = "f32", threads: int | None = None, repeats: int = 3,
+                        budget_s: float = 0.3, nets: Iterable[str] = ("text_encoder", "unet", "vae_decoder",
+                                                                      "vae_encoder")) -> dict:
+        """``auto``: per net, the runtime (and with ``precision="auto"`` the precision) measured at the
+        served shapes (:mod:`facetron.export.runtime_choice`). Returns the report written to
+        :data:`RUNTIME_CHOICE_FILE`."""
+        from facetron.export.runtime_choice import choose_runtimes
+
+        return choose_runtimes(self, nets, precision, threads, repeats, budget_s)
 
 
 _NET_ARTIFACTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -282,6 +231,18 @@ def _net_runtimes(cpu_runtime: str | Mapping[str, str]) -> dict[str, str] | None
     return {net: cpu_runtime.get(net, DEFAULT_NET_RUNTIME) for net in _NET_ARTIFACTS}
 
 
+def _net_precisions(precision: str, net_runtimes: dict[str, str] | None) -> dict[str, str] | None:
+    """{net: precision} of fixed runtimes (None when ``auto`` measures it); bf16 needs OpenVINO nets."""
+    if net_runtimes is None:
+        return None if precision == "auto" else {net: precision for net in _NET_ARTIFACTS}
+    if precision == "auto":
+        raise InvalidInputError("--precision", "auto is measured by --cpu-runtime auto (give f32 or bf16 with a "
+                                               "fixed runtime)")
+    if precision == "bf16" and "openvino" not in net_runtimes.values():
+        raise InvalidInputError("--precision", "bf16 runs on OpenVINO only: give --cpu-runtime openvino or auto")
+    return {net: precision if runtime == "openvino" else "f32" for net, runtime in net_runtimes.items()}
+
+
 def assemble_repository(
     target: Target,
     out: str | Path,
@@ -290,6 +251,7 @@ def assemble_repository(
     users_dir: str | Path | None = None,
     identity_mode: str = "runtime_lora",
     cpu_runtime: str | Mapping[str, str] = DEFAULT_NET_RUNTIME,
+    precision: str = "f32",
 ) -> Path:
     """Write the repository for ``target`` into ``out`` (replacing it atomically).
 
@@ -302,18 +264,28 @@ def assemble_repository(
     ``{net: runtime}`` mapping, or ``auto`` — measured per net on this machine
     (:meth:`DiffusionSource.choose_runtimes`). The choice (and for ``auto``
     its numbers) goes into :data:`RUNTIME_CHOICE_FILE` at the repository
-    root and into each net's ``runtime`` parameter."""
+    root and into each net's ``runtime`` parameter.
+
+    ``precision`` (cpu target, :mod:`facetron.export.runtime_choice`): ``f32``;
+    ``bf16`` — every OpenVINO net in bf16 (needs OpenVINO nets); ``auto`` —
+    with ``cpu_runtime="auto"``, OpenVINO bf16 is one more measured candidate
+    per net, eligible within torch's own bf16 deviation. Each net's choice is
+    its ``precision`` parameter."""
     if target not in TARGETS:
         raise InvalidInputError("--target", f"expected one of {', '.join(TARGETS)}, got {target!r}")
     if identity_mode not in IDENTITY_MODES:
         raise InvalidInputError("--identity-mode", f"expected one of {', '.join(IDENTITY_MODES)}, got {identity_mode!r}")
     net_runtimes = _net_runtimes(cpu_runtime)  # None = auto
     auto = net_runtimes is None
+    check_precision_choice(precision)
     if target != "cpu":
-        if net_runtimes != {net: DEFAULT_NET_RUNTIME for net in _NET_ARTIFACTS}:
-            raise InvalidInputError("--cpu-runtime", f"applies to the cpu target only (the {target} target's nets "
-                                                     "run on its native backends)")
+        given = "--cpu-runtime" if net_runtimes != {net: DEFAULT_NET_RUNTIME for net in _NET_ARTIFACTS} else (
+            "--precision" if precision != "f32" else None)
+        if given:
+            raise InvalidInputError(given, f"applies to the cpu target only (the {target} target's nets run on its "
+                                           "native backends)")
         net_runtimes = None  # the gpu configs keep their own parameters
+    net_precisions = _net_precisions(precision, net_runtimes) if target == "cpu" else None  # None = auto / gpu
     overrides = {"identity_mode": identity_mode}
     if users_dir:
         overrides["users_dir"] = str(Path(users_dir).resolve())
@@ -344,23 +316,24 @@ def assemble_repository(
         if diffusion is not None:
             diffusion.export(tmp / ".export")
             if auto:
-                measured = diffusion.choose_runtimes()
-                net_runtimes = {net: measured[net]["choice"] for net in _NET_ARTIFACTS}
+                measured = diffusion.choose_runtimes(precision)
+                net_runtimes = {net: measured[net]["runtime"] for net in _NET_ARTIFACTS}
+                net_precisions = {net: measured[net]["precision"] for net in _NET_ARTIFACTS}
         for model in chosen:
             if tensorrt and model.name in TENSORRT_NETS:
                 model = with_tensorrt_plan(model)
             model_overrides = dict(overrides)
             if net_runtimes is not None and model.name in net_runtimes:
                 model_overrides["runtime"] = net_runtimes[model.name]
+                model_overrides["precision"] = net_precisions[model.name]
             _write_model(model, target, tmp, diffusion, model_overrides)
         if diffusion is not None and target == "cpu":
             atomic_write_json(tmp / RUNTIME_CHOICE_FILE, {
                 "mode": "auto" if measured is not None else "fixed",
                 "runtimes": net_runtimes,
-                "rule": (f"per net, at the served shapes: the fastest runtime (p50 of interleaved calls) whose "
-                         f"outputs equal onnxruntime's within the export validation tolerance; onnxruntime "
-                         f"unless another is at least {round((1 - AUTO_MARGIN) * 100)}% faster")
-                if measured is not None else "given by --cpu-runtime",
+                "precisions": net_precisions,
+                "cpu": cpu_flags(),
+                "rule": rule_text(precision) if measured is not None else "given by --cpu-runtime / --precision",
                 "measurements": measured,
             })
         shutil.rmtree(tmp / ".export", ignore_errors=True)

@@ -3,23 +3,32 @@
 Each attention projection (``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of
 every ``attn1``/``attn2``) computes
 
-    y = W x + lora_scale[n] * B_i[n] @ (A_i[n] @ x)
+    y = W x + (x A_g[n, :, slot, :]) B_i[n]
 
-with ``A_i`` (``lora_a_<i>  FP32[N, R, in]``) and ``B_i`` (``lora_b_<i>
-FP32[N, out, R]``) graph inputs that carry the batch dimension, so Triton's
-dynamic batcher can put requests of *different users* into one batch, and
-``lora_scale FP32[N]`` (1 = the user's LoRA as built, 0 = the base model).
-The rank ``R`` is fixed at export time; smaller LoRAs are zero-padded, which
-is exact (zero rows/columns add nothing). A face LoRA and a style LoRA are
-concatenated along the rank axis, their ``w · alpha / r`` folded into ``B``
-— also exact. ``lora_manifest.json`` maps ``i`` to the module name and shapes.
-Input names are lower_snake_case, as the repository contract wants.
+Projections that read the same tensor form a **group** ``g`` and share one
+down-projection input ``lora_a_<g>  FP32[N, in, k, R]`` (k = the group's
+projections, in the order of its ``slot``): self-attention's q/k/v, cross-
+attention's k/v; q of cross-attention and every ``to_out.0`` are groups of
+one. The graph computes ``x @ A_g`` once per group (one matmul instead of k)
+and each projection takes its slot. ``lora_b_<i>  FP32[N, R, out]`` is layer
+``i``'s up-projection, already transposed and carrying the LoRA's ``w · alpha
+/ r`` (a user's strength and the base model, weight 0, are both folded in on
+the host): no transposes and no scale multiply run per call.
+
+``R`` is symbolic: the host sends the smallest rank bucket that holds the
+user's LoRA ranks (:func:`facetron.diffusion.lora_inputs.rank_bucket`), up to
+the export rank, so a rank-4 face LoRA costs rank-4 work. Zero padding of
+smaller ranks is exact, as is concatenating a face and a style LoRA along
+``R``. Every input carries the batch dimension, so Triton's dynamic batcher
+can put requests of *different users* into one batch. ``lora_manifest.json``
+maps groups and layers to modules and shapes (``layout`` 2; input names are
+lower_snake_case, as the repository contract wants).
 
 The served text encoder is the same idea (:func:`export_runtime_lora_text_encoder`,
 ``text_encoder_lora/``): every CLIP self-attention q/k/v/out projection (what
-the trainer adapts) takes per-item A/B inputs and ``lora_scale``; its manifest
-says ``"component": "text_encoder"``, and each graph takes only its own
-component's layers of a user's LoRA.
+the trainer adapts; q/k/v one group); its manifest says ``"component":
+"text_encoder"``, and each graph takes only its own component's layers of a
+user's LoRA.
 
 This module holds the torch side only (the graphs and their export). The names,
 the manifest reader and the inputs for a user's LoRA files are numpy code in
@@ -36,7 +45,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from facetron.diffusion.lora_inputs import MANIFEST_FILE, SCALE_INPUT, a_name, b_name
+from facetron.diffusion.lora_inputs import LAYOUT, MANIFEST_FILE, a_name, b_name
 from facetron.errors import InvalidInputError
 from facetron.export.onnx_graph import (DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, ModelDims, TensorSpec, example_inputs,
                                         export_graph, model_io)
@@ -56,87 +65,183 @@ def runtime_lora_targets(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Line
     return out
 
 
-class _RuntimeLoraLinear(torch.nn.Module):
-    """``base(x) + scale · (x Aᵀ) Bᵀ`` with per-sample A, B, scale set before each call."""
+class _Group:
+    """One down-projection input shared by the projections that read the same tensor.
 
-    def __init__(self, base: torch.nn.Linear):
+    ``a`` is ``[N, in, k, R]``; :meth:`down` computes ``x @ A`` for all k slots
+    at once and hands each projection its slot. A projection called with a
+    different tensor than the group's first (an attention processor that
+    does not share the input) gets its own product: correct either way."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.a: torch.Tensor | None = None
+        self._x: torch.Tensor | None = None
+        self._t: torch.Tensor | None = None
+
+    def set(self, a: torch.Tensor | None) -> None:
+        self.a, self._x, self._t = a, None, None
+
+    def down(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        if self.a is None:
+            raise RuntimeError("runtime LoRA tensors were not set")
+        a = self.a.to(x.dtype)
+        n, d_in, k, r = a.shape
+        if self.size == 1:
+            return torch.matmul(x, a.reshape(n, d_in, r))  # [N,T,in] @ [N,in,R] -> [N,T,R]
+        if self._x is not x:
+            self._x, self._t = x, torch.matmul(x, a.reshape(n, d_in, k * r))  # [N,T,k*R]
+        return self._t.unflatten(-1, (k, r))[..., slot, :]
+
+
+class _RuntimeLoraLinear(torch.nn.Module):
+    """``base(x) + (x A_slot) B`` with the group's A and this layer's B set before each call."""
+
+    def __init__(self, base: torch.nn.Linear, group: _Group, slot: int):
         super().__init__()
         self.base = base
-        self.lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.group, self.slot = group, slot
+        self.b: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.lora is None:
+        if self.b is None:
             raise RuntimeError("runtime LoRA tensors were not set")
-        a, b, scale = self.lora
-        t = torch.matmul(x, a.to(x.dtype).transpose(1, 2))  # [N,T,in] @ [N,in,R] -> [N,T,R]
-        t = torch.matmul(t, b.to(x.dtype).transpose(1, 2))  # [N,T,R] @ [N,R,out] -> [N,T,out]
-        return y + t * scale.to(x.dtype).reshape(-1, *([1] * (t.dim() - 1)))
+        t = self.group.down(x, self.slot)
+        return self.base(x) + torch.matmul(t, self.b.to(x.dtype))  # [N,T,R] @ [N,R,out]
 
 
-class RuntimeLoraUNet(torch.nn.Module):
+def lora_groups(names: Sequence[str]) -> list[list[str]]:
+    """The adapted modules grouped by the tensor they read, in network order:
+    per attention ``attn1``/``self_attn`` q/k/v one group, ``attn2``'s q one
+    and k/v one, each out projection its own."""
+    by_parent: dict[str, dict[str, str]] = {}
+    for name in names:
+        parent, proj = (name[: -len(".to_out.0")], "to_out.0") if name.endswith(".to_out.0") else name.rsplit(".", 1)
+        by_parent.setdefault(parent, {})[proj] = name
+    groups: list[list[str]] = []
+    for parent, projs in by_parent.items():
+        if ".attn2" in parent + ".":  # cross-attention: q reads the image tokens, k/v the text
+            sets = [["to_q"], ["to_k", "to_v"], ["to_out.0"]]
+        else:  # self-attention (UNet attn1, CLIP self_attn): q/k/v read one tensor
+            sets = [["to_q", "to_k", "to_v"], ["q_proj", "k_proj", "v_proj"], ["to_out.0"], ["out_proj"]]
+        placed = set()
+        for members in sets:
+            group = [projs[p] for p in members if p in projs]
+            if group:
+                groups.append(group)
+                placed.update(group)
+        groups += [[n] for n in projs.values() if n not in placed]
+    return groups
+
+
+class _Adapted(torch.nn.Module):
+    """A copy of ``net`` whose ``targets`` are runtime-LoRA layers, grouped by :func:`lora_groups`;
+    :meth:`bound` sets the graph's LoRA inputs for a ``with`` block."""
+
+    def __init__(self, net: torch.nn.Module, targets: list[str], attr: str):
+        super().__init__()
+        setattr(self, attr, copy.deepcopy(net).eval())
+        self._attr = attr
+        inner = getattr(self, attr)
+        self.compute_dtype = next(inner.parameters()).dtype
+        self.modules_ = list(targets)
+        groups, order = [], []
+        for members in lora_groups(targets):
+            group = _Group(len(members))
+            groups.append(group)
+            for slot, name in enumerate(members):
+                wrapper = _RuntimeLoraLinear(inner.get_submodule(name), group, slot)
+                inner.set_submodule(name, wrapper)
+                order.append(wrapper)
+        object.__setattr__(self, "_groups", groups)  # plain lists: the layers are registered inside the net
+        object.__setattr__(self, "_layers", order)
+        self.input_count = len(groups) + len(order)
+
+    @contextlib.contextmanager
+    def bound(self, lora: Sequence[torch.Tensor]) -> Iterator[torch.nn.Module]:
+        """The adapted net with the graph's LoRA inputs (per group: its A, then
+        each member's B — the manifest's order) set for the ``with`` block (any
+        forward of it, whole or in parts, uses them)."""
+        if len(lora) != self.input_count:
+            raise ValueError(f"expected {self.input_count} LoRA tensors, got {len(lora)}")
+        it = iter(lora)
+        layers = iter(self._layers)
+        for group in self._groups:
+            group.set(next(it))
+            for _ in range(group.size):
+                next(layers).b = next(it)
+        try:
+            yield getattr(self, self._attr)
+        finally:
+            for group in self._groups:
+                group.set(None)
+            for layer in self._layers:
+                layer.b = None
+
+
+class RuntimeLoraUNet(_Adapted):
     """The torch function the ``unet_lora`` graph computes (a copy of ``unet`` is adapted)."""
 
     def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.unet = copy.deepcopy(unet).eval()
-        self.compute_dtype = next(self.unet.parameters()).dtype
-        self.modules_ = [name for name, _ in runtime_lora_targets(self.unet)]
-        layers = []
-        for name in self.modules_:
-            wrapper = _RuntimeLoraLinear(self.unet.get_submodule(name))
-            self.unet.set_submodule(name, wrapper)
-            layers.append(wrapper)
-        object.__setattr__(self, "_layers", layers)  # plain list: already registered inside self.unet
-
-    @contextlib.contextmanager
-    def bound(self, lora_scale: torch.Tensor, lora: Sequence[torch.Tensor]) -> Iterator[torch.nn.Module]:
-        """``self.unet`` with the graph's LoRA inputs set on its adapted layers for
-        the ``with`` block (any forward of it, whole or in parts, uses them)."""
-        if len(lora) != 2 * len(self._layers):
-            raise ValueError(f"expected {2 * len(self._layers)} LoRA tensors, got {len(lora)}")
-        for i, layer in enumerate(self._layers):
-            layer.lora = (lora[2 * i], lora[2 * i + 1], lora_scale)
-        try:
-            yield self.unet
-        finally:
-            for layer in self._layers:
-                layer.lora = None
+        super().__init__(unet, [name for name, _ in runtime_lora_targets(unet)], "unet")
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                lora_scale: torch.Tensor, *lora: torch.Tensor) -> torch.Tensor:
+                *lora: torch.Tensor) -> torch.Tensor:
         dt = self.compute_dtype
-        with self.bound(lora_scale, lora) as unet:
+        with self.bound(lora) as unet:
             out = unet(sample.to(dt), timestep, encoder_hidden_states.to(dt), return_dict=False)[0]
         return out.float()
 
 
 def build_manifest(unet: torch.nn.Module, rank: int, component: str = "unet") -> dict:
-    """Index -> module name and shapes of every runtime-LoRA input pair of
-    ``component`` ("unet": the UNet's attention projections; "text_encoder":
-    the CLIP text encoder's, :func:`text_encoder_lora_targets`)."""
+    """Groups and layers of every runtime-LoRA input of ``component`` ("unet":
+    the UNet's attention projections; "text_encoder": the CLIP text encoder's,
+    :func:`text_encoder_lora_targets`)."""
     if component == "text_encoder":
         return _manifest(text_encoder_lora_targets(unet), rank, component)
-    layers = []
-    for i, (name, lin) in enumerate(runtime_lora_targets(unet)):
-        layers.append({"index": i, "module": name, "in_features": lin.in_features, "out_features": lin.out_features,
-                       "a": a_name(i), "a_dims": ["N", rank, lin.in_features],
-                       "b": b_name(i), "b_dims": ["N", lin.out_features, rank]})
-    if not layers:
+    targets = runtime_lora_targets(unet)
+    if not targets:
         raise InvalidInputError("unet", "has no attention to_q/to_k/to_v/to_out.0 layers to adapt")
-    return {"component": component, "rank": rank, "scale_input": SCALE_INPUT, "layers": layers,
-            "formula": "y = W x + lora_scale[n] * B_i[n] @ (A_i[n] @ x); A_i [N,R,in], B_i [N,out,R]",
-            "padding": "ranks below R are zero-padded; face and style LoRAs are concatenated along R"}
+    return _manifest(targets, rank, component)
+
+
+def _manifest(targets: list[tuple[str, torch.nn.Linear]], rank: int, component: str) -> dict:
+    if not targets:
+        raise InvalidInputError(component, "has no attention q/k/v/out projections to adapt")
+    linear = dict(targets)
+    index = {name: i for i, (name, _) in enumerate(targets)}
+    groups, layers = [], []
+    for g, members in enumerate(lora_groups([name for name, _ in targets])):
+        d_in = linear[members[0]].in_features
+        groups.append({"index": g, "a": a_name(g), "in_features": d_in, "layers": [index[m] for m in members],
+                       "a_dims": ["N", d_in, len(members), "R"]})
+        for slot, name in enumerate(members):
+            lin = linear[name]
+            layers.append({"index": index[name], "module": name, "in_features": lin.in_features,
+                           "out_features": lin.out_features, "group": g, "slot": slot,
+                           "b": b_name(index[name]), "b_dims": ["N", "R", lin.out_features]})
+    return {"component": component, "layout": LAYOUT, "rank": rank, "groups": groups,
+            "layers": sorted(layers, key=lambda layer: layer["index"]),
+            "formula": "y_i = W_i x + (x @ A_g[n, :, slot, :]) @ B_i[n]; A_g [N,in,k,R] shared by the k layers "
+                       "of group g, B_i [N,R,out] carries w * alpha / r",
+            "padding": "R is the rank bucket of the batch (<= rank); smaller ranks are zero-padded; face and style "
+                       "LoRAs are concatenated along R"}
+
+
+def lora_specs(manifest: Mapping) -> list[TensorSpec]:
+    """The graph's LoRA inputs in order: per group its A, then each member layer's B."""
+    layers = {layer["index"]: layer for layer in manifest["layers"]}
+    specs = []
+    for group in manifest["groups"]:
+        specs.append(TensorSpec(group["a"], "FP32", tuple(group["a_dims"])))
+        specs += [TensorSpec(layers[i]["b"], "FP32", tuple(layers[i]["b_dims"])) for i in group["layers"]]
+    return specs
 
 
 def runtime_lora_io(dims: ModelDims, manifest: Mapping) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """(inputs, outputs) of the graph: the UNet's, then ``lora_scale`` and each layer's A, B."""
+    """(inputs, outputs) of the graph: the UNet's, then the LoRA inputs (:func:`lora_specs`)."""
     inputs, outputs = model_io("unet", dims)
-    inputs = [*inputs, TensorSpec(SCALE_INPUT, "FP32", ("N",))]
-    for layer in manifest["layers"]:
-        inputs.append(TensorSpec(layer["a"], "FP32", tuple(layer["a_dims"])))
-        inputs.append(TensorSpec(layer["b"], "FP32", tuple(layer["b_dims"])))
-    return inputs, outputs
+    return [*inputs, *lora_specs(manifest)], outputs
 
 
 def export_runtime_lora_unet(unet: torch.nn.Module, out_dir: str | os.PathLike, *, dims: ModelDims, rank: int = 16,
@@ -148,7 +253,7 @@ def export_runtime_lora_unet(unet: torch.nn.Module, out_dir: str | os.PathLike, 
     manifest = build_manifest(unet, rank)
     module = RuntimeLoraUNet(copy.deepcopy(unet).half() if fp16 else unet)
     inputs, outputs = runtime_lora_io(dims, manifest)
-    example = example_inputs(inputs, dims, batch=batch)
+    example = example_inputs(inputs, dims, batch=batch, rank=rank)
     info = {"model": MODEL_NAME, "fp16_weights": fp16, "lora_rank": rank,
             "notes": "runtime LoRA: see lora_manifest.json; timestep FP32 [N]"}
     return export_graph(module, inputs, outputs, example, Path(out_dir) / MODEL_NAME, opset=opset, info=info,
@@ -170,54 +275,24 @@ def text_encoder_lora_targets(text_encoder: torch.nn.Module) -> list[tuple[str, 
             and name.rsplit(".", 1)[-1] in TEXT_ENCODER_TARGET_SUFFIXES]
 
 
-def _manifest(targets: list[tuple[str, torch.nn.Linear]], rank: int, component: str) -> dict:
-    layers = [{"index": i, "module": name, "in_features": lin.in_features, "out_features": lin.out_features,
-               "a": a_name(i), "a_dims": ["N", rank, lin.in_features],
-               "b": b_name(i), "b_dims": ["N", lin.out_features, rank]} for i, (name, lin) in enumerate(targets)]
-    if not layers:
-        raise InvalidInputError(component, "has no attention q/k/v/out projections to adapt")
-    return {"component": component, "rank": rank, "scale_input": SCALE_INPUT, "layers": layers,
-            "formula": "y = W x + lora_scale[n] * B_i[n] @ (A_i[n] @ x); A_i [N,R,in], B_i [N,out,R]",
-            "padding": "ranks below R are zero-padded"}
-
-
-class RuntimeLoraTextEncoder(torch.nn.Module):
+class RuntimeLoraTextEncoder(_Adapted):
     """The torch function the ``text_encoder_lora`` graph computes: the CLIP text
     encoder (a copy) with per-item LoRA inputs on its self-attention projections;
     ``input_ids`` cast to int64 inside, ``last_hidden_state`` as FP32 (as the plain graph)."""
 
     def __init__(self, text_encoder: torch.nn.Module):
-        super().__init__()
-        self.text_encoder = copy.deepcopy(text_encoder).eval()
-        self.compute_dtype = next(self.text_encoder.parameters()).dtype
-        layers = []
-        for name, _ in text_encoder_lora_targets(self.text_encoder):
-            wrapper = _RuntimeLoraLinear(self.text_encoder.get_submodule(name))
-            self.text_encoder.set_submodule(name, wrapper)
-            layers.append(wrapper)
-        object.__setattr__(self, "_layers", layers)
+        super().__init__(text_encoder, [name for name, _ in text_encoder_lora_targets(text_encoder)], "text_encoder")
 
-    def forward(self, input_ids: torch.Tensor, lora_scale: torch.Tensor, *lora: torch.Tensor) -> torch.Tensor:
-        if len(lora) != 2 * len(self._layers):
-            raise ValueError(f"expected {2 * len(self._layers)} LoRA tensors, got {len(lora)}")
-        for i, layer in enumerate(self._layers):
-            layer.lora = (lora[2 * i], lora[2 * i + 1], lora_scale)
-        try:
-            out = self.text_encoder(input_ids.to(torch.int64), return_dict=False)[0]
-        finally:
-            for layer in self._layers:
-                layer.lora = None
+    def forward(self, input_ids: torch.Tensor, *lora: torch.Tensor) -> torch.Tensor:
+        with self.bound(lora) as text_encoder:
+            out = text_encoder(input_ids.to(torch.int64), return_dict=False)[0]
         return out.float()
 
 
 def runtime_lora_text_encoder_io(dims: ModelDims, manifest: Mapping) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """(inputs, outputs) of the text-encoder graph: ``input_ids``, then ``lora_scale`` and each layer's A, B."""
+    """(inputs, outputs) of the text-encoder graph: ``input_ids``, then the LoRA inputs (:func:`lora_specs`)."""
     inputs, outputs = model_io("text_encoder", dims)
-    inputs = [*inputs, TensorSpec(SCALE_INPUT, "FP32", ("N",))]
-    for layer in manifest["layers"]:
-        inputs.append(TensorSpec(layer["a"], "FP32", tuple(layer["a_dims"])))
-        inputs.append(TensorSpec(layer["b"], "FP32", tuple(layer["b_dims"])))
-    return inputs, outputs
+    return [*inputs, *lora_specs(manifest)], outputs
 
 
 def export_runtime_lora_text_encoder(text_encoder: torch.nn.Module, out_dir: str | os.PathLike, *, dims: ModelDims,
@@ -234,7 +309,7 @@ def export_runtime_lora_text_encoder(text_encoder: torch.nn.Module, out_dir: str
         text_encoder = text_encoder.half()
     module = RuntimeLoraTextEncoder(text_encoder)
     inputs, outputs = runtime_lora_text_encoder_io(dims, manifest)
-    example = example_inputs(inputs, dims, batch=batch)
+    example = example_inputs(inputs, dims, batch=batch, rank=rank)
     info = {"model": TEXT_ENCODER_MODEL_NAME, "fp16_weights": fp16, "lora_rank": rank,
             "notes": "runtime LoRA text encoder: see lora_manifest.json; input_ids cast to int64 inside the graph"}
     return export_graph(module, inputs, outputs, example, Path(out_dir) / TEXT_ENCODER_MODEL_NAME, opset=opset,

@@ -66,15 +66,18 @@ def _one_line(exc: BaseException) -> str:
 
 @dataclass(frozen=True)
 class ProfileSizes:
-    """min / opt / max of batch and image side; latent side = image side / latent_factor."""
+    """min / opt / max of batch, image side and runtime-LoRA rank ``R`` (rank buckets up to the
+    repository's export rank 16); latent side = image side / latent_factor."""
 
     batch: tuple[int, int, int] = (1, 2, 4)
     image: tuple[int, int, int] = (512, 512, 768)
     latent_factor: int = 8
+    rank: tuple[int, int, int] = (4, 8, 16)
 
     def sizes(self, which: int) -> dict[str, int]:
         n, px = self.batch[which], self.image[which]
-        return {"N": n, "H": px, "W": px, "h": px // self.latent_factor, "w": px // self.latent_factor}
+        return {"N": n, "H": px, "W": px, "h": px // self.latent_factor, "w": px // self.latent_factor,
+                "R": self.rank[which]}
 
 
 def profile_shapes(inputs: Sequence[TensorSpec], sizes: ProfileSizes = ProfileSizes()) -> dict[str, tuple[tuple[int, ...], ...]]:

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 
 from facetron.diffusion.base_model import load_base_model
-from facetron.diffusion.lora_inputs import (MANIFEST_FILE, SCALE_INPUT, lora_inputs_for, read_lora_manifest,
+from facetron.diffusion.lora_inputs import (LAYOUT, MANIFEST_FILE, lora_inputs_for, lora_rank_of, read_lora_manifest,
                                             stack_lora_inputs, zero_lora_inputs)
 from facetron.errors import InvalidInputError
 from facetron.export.lora_files import load_lora
@@ -66,21 +66,36 @@ def unet_feed(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
             "encoder_hidden_states": rng.standard_normal((batch, 77, 32)).astype(np.float32)}
 
 
-def test_manifest_maps_indices_to_modules(setup):
+def test_manifest_maps_groups_and_layers_to_modules(setup):
     m = setup["manifest"]
-    assert m["rank"] == RANK and m["scale_input"] == SCALE_INPUT
+    assert m["rank"] == RANK and m["layout"] == LAYOUT and "scale_input" not in m
     assert len(m["layers"]) == 32
     first = m["layers"][0]
     assert first == {"index": 0, "module": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
-                     "in_features": 32, "out_features": 32, "a": "lora_a_0", "a_dims": ["N", RANK, 32],
-                     "b": "lora_b_0", "b_dims": ["N", 32, RANK]}
+                     "in_features": 32, "out_features": 32, "group": 0, "slot": 0,
+                     "b": "lora_b_0", "b_dims": ["N", "R", 32]}
+    # self-attention q/k/v read one tensor: one A for the three; cross-attention: q alone, k/v together
+    modules = {layer["index"]: layer["module"].rsplit(".", 2)[-2:] for layer in m["layers"]}
+    kinds = [tuple("/".join(modules[i]) for i in g["layers"]) for g in m["groups"]]
+    assert kinds[:6] == [("attn1/to_q", "attn1/to_k", "attn1/to_v"), ("to_out/0",), ("attn2/to_q",),
+                         ("attn2/to_k", "attn2/to_v"), ("to_out/0",), ("attn1/to_q", "attn1/to_k", "attn1/to_v")]
+    assert m["groups"][0]["a_dims"] == ["N", 32, 3, "R"] and m["groups"][0]["a"] == "lora_a_0"
+    assert sorted(i for g in m["groups"] for i in g["layers"]) == list(range(32))
     sess = ort.InferenceSession(str(setup["runtime"]), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
-    assert names[:4] == ["sample", "timestep", "encoder_hidden_states", SCALE_INPUT]
-    assert len(names) == 4 + 2 * 32 and all(re.fullmatch(r"[a-z0-9_]+", n) for n in names)
+    assert names[:5] == ["sample", "timestep", "encoder_hidden_states", "lora_a_0", "lora_b_0"]
+    assert len(names) == 3 + len(m["groups"]) + 32 and all(re.fullmatch(r"[a-z0-9_]+", n) for n in names)
     mid_k = next(layer for layer in m["layers"] if layer["module"].endswith("mid_block.attentions.0.transformer_blocks.0.attn2.to_k"))
     assert (mid_k["in_features"], mid_k["out_features"]) == (32, 64)
     assert json.loads((setup["runtime"].parent / MANIFEST_FILE).read_text()) == m
+
+
+def test_a_layout_1_graph_is_refused_by_name(setup, tmp_path):
+    old = json.loads((setup["runtime"].parent / MANIFEST_FILE).read_text())
+    old.pop("layout")
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(old))
+    with pytest.raises(InvalidInputError, match=r"layout-1 graph.*export it again"):
+        read_lora_manifest(tmp_path)
 
 
 def test_runtime_lora_equals_merged_face_and_style(setup):
@@ -98,7 +113,7 @@ def test_zero_lora_equals_base(setup):
     feed = unet_feed(2, seed=1)
     got = run(setup["runtime"], {**feed, **zero_lora_inputs(setup["manifest"], batch=2)})
     assert float(np.abs(got - run(setup["base"], feed)).max()) <= BASE_TOL
-    # lora_scale = 0 switches a user's LoRA off as well
+    # scale = 0 (folded into B) switches a user's LoRA off as well
     off = lora_inputs_for(setup["face"], setup["manifest"], W_FACE, batch=2, scale=0.0)
     assert float(np.abs(run(setup["runtime"], {**feed, **off}) - run(setup["base"], feed)).max()) <= BASE_TOL
 
@@ -113,13 +128,22 @@ def test_mixed_user_batch(setup):
     assert float(np.abs(got[1:] - run(setup["base"], feed)[1:]).max()) <= BASE_TOL
 
 
-def test_rank_padding_is_exact_in_the_inputs(setup):
+def test_inputs_are_built_at_the_rank_bucket_and_padding_is_exact(setup):
+    """A rank-4 face LoRA is sent at R = 4 (not the export rank 8); with the rank-2 style stacked on it, R = 8
+    (bucket of 6); the product of a layer's A slot and B is the LoRA's delta."""
     inputs = lora_inputs_for(setup["face"], setup["manifest"], 1.0)
     a, b = inputs["lora_a_0"], inputs["lora_b_0"]
-    assert a.shape == (1, RANK, 32) and b.shape == (1, 32, RANK)
-    assert not a[0, 4:].any() and not b[0, :, 4:].any() and a[0, :4].any()
+    assert a.shape == (1, 32, 3, 4) and b.shape == (1, 4, 32) and lora_rank_of(inputs) == 4
+    both = lora_inputs_for(setup["face"], setup["manifest"], 1.0, extra=[(setup["style"], 1.0)])
+    assert lora_rank_of(both) == RANK and not both["lora_a_0"][0, :, :, 6:].any()
     layer = load_lora(setup["face"]).component("unet")[setup["manifest"]["layers"][0]["module"]]
-    np.testing.assert_allclose(b[0] @ a[0], layer.delta().numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose((a[0, :, 0, :] @ b[0]).T, layer.delta().numpy(), rtol=1e-6, atol=1e-7)
+    padded = stack_lora_inputs([inputs, both])  # mixed buckets: zero-padded to the largest, the same function
+    assert lora_rank_of(padded) == RANK and not padded["lora_a_0"][0, :, :, 4:].any()
+    feed = unet_feed(1, seed=5)
+    alone = run(setup["runtime"], {**feed, **inputs})
+    in_batch = run(setup["runtime"], {**{k: np.concatenate([v, v]) for k, v in feed.items()}, **padded})
+    assert float(np.abs(in_batch[:1] - alone).max()) <= BASE_TOL
 
 
 def test_too_large_rank_is_named(setup, base, tmp_path):
@@ -202,7 +226,7 @@ def test_each_graph_takes_its_components_layers(setup, te_setup, base, tmp_path)
     for k in both:
         np.testing.assert_array_equal(both[k], alone[k])
     te_zero = lora_inputs_for(unet_only, te_setup["manifest"])
-    assert all(not v.any() for k, v in te_zero.items() if k != SCALE_INPUT)
+    assert all(not v.any() for v in te_zero.values())
 
 
 def test_text_encoder_layers_the_graph_lacks_are_named(te_setup, base, tmp_path):

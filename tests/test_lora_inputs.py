@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 from safetensors.torch import save_file as save_torch_file
 
 from facetron.diffusion.base_model import load_base_model
-from facetron.diffusion.lora_inputs import (METADATA_KEY, SCALE_INPUT, lora_inputs_for, read_lora,
+from facetron.diffusion.lora_inputs import (METADATA_KEY, lora_inputs_for, lora_rank_of, rank_bucket, read_lora,
                                             stack_lora_inputs, zero_lora_inputs)
 from facetron.errors import InvalidInputError
 from facetron.export.lora_files import convert_lora_file, load_lora
@@ -62,28 +62,36 @@ def torch_reference(plan, manifest) -> tuple[dict[int, np.ndarray], dict[int, np
     return a, b
 
 
-def assert_identical(got: dict[str, np.ndarray], want: tuple[dict, dict], manifest, batch: int, scale: float) -> None:
-    """Every item of the batch holds the reference's A and B bit for bit (same float32 ops in the same order)."""
+def assert_identical(got: dict[str, np.ndarray], want: tuple[dict, dict], manifest, batch: int, scale: float,
+                     r: int) -> None:
+    """Every item of the batch holds the reference's A and B bit for bit in the graph's layout at rank ``r``:
+    group A ``[in, k, r]`` = its layers' A rows transposed, side by side; B ``[r, out]`` = B transposed x scale."""
     a, b = want
-    assert set(got) == {SCALE_INPUT} | {layer[k] for layer in manifest["layers"] for k in ("a", "b")}
-    assert got[SCALE_INPUT].dtype == np.float32 and got[SCALE_INPUT].tolist() == [np.float32(scale)] * batch
+    names = {g["a"] for g in manifest["groups"]} | {layer["b"] for layer in manifest["layers"]}
+    assert set(got) == names
+    for group in manifest["groups"]:
+        ref = np.stack([a[i][:r].T for i in group["layers"]], axis=1)
+        assert got[group["a"]].dtype == np.float32 and got[group["a"]].shape == (batch, *ref.shape)
+        assert all(np.array_equal(item, ref) for item in got[group["a"]]), group["a"]
     for layer in manifest["layers"]:
-        for name, ref in ((layer["a"], a[layer["index"]]), (layer["b"], b[layer["index"]])):
-            assert got[name].dtype == np.float32 and got[name].shape == (batch, *ref.shape), name
-            assert all(np.array_equal(item, ref) for item in got[name]), name
+        ref = b[layer["index"]][:, :r].T * np.float32(scale)
+        assert got[layer["b"]].dtype == np.float32 and got[layer["b"]].shape == (batch, *ref.shape)
+        assert all(np.array_equal(item, ref) for item in got[layer["b"]]), layer["b"]
+    assert not any(x[r:].any() for x in a.values()) and not any(x[:, r:].any() for x in b.values())  # nothing cut
 
 
 def test_numpy_inputs_equal_the_torch_path_bit_for_bit(setup):
     m = setup["manifest"]
     got = lora_inputs_for(setup["face"], m, W_FACE, extra=[(setup["style"], W_STYLE)], batch=2, scale=0.7)
     want = torch_reference([(setup["face"], W_FACE), (setup["style"], W_STYLE)], m)
-    assert_identical(got, want, m, batch=2, scale=0.7)
-    assert got["lora_b_0"][0, :, :4].any() and got["lora_b_0"][0, :, 4:6].any()  # face and style B are non-zero
-    assert not got["lora_a_1"][0, 4:].any()  # to_k: no style layer, rank 4..8 stays zero padding
+    assert lora_rank_of(got) == rank_bucket(6, RANK) == 8  # face rank 4 + style rank 2 -> bucket 8
+    assert_identical(got, want, m, batch=2, scale=0.7, r=8)
+    assert got["lora_b_0"][0, :4].any() and got["lora_b_0"][0, 4:6].any()  # face and style B are non-zero
+    assert not got["lora_a_0"][0, :, 1, 4:].any()  # to_k (slot 1): no style layer, rank 4..8 stays zero padding
     # a loaded (torch) LoraFile goes through the same code: duck-typed layers with .numpy()
     loaded = lora_inputs_for(load_lora(setup["face"]), m, W_FACE, extra=[(load_lora(setup["style"]), W_STYLE)],
                              batch=2, scale=0.7)
-    assert_identical(loaded, want, m, batch=2, scale=0.7)
+    assert_identical(loaded, want, m, batch=2, scale=0.7, r=8)
 
 
 def test_reader_agrees_with_load_lora_on_metadata_rules_and_dtypes(setup, tmp_path):
@@ -141,7 +149,7 @@ def test_kohya_file_is_refused_with_a_conversion_hint(setup, tmp_path):
     # the torch path reads it; converted once, the server reads it with the same numbers
     converted = convert_lora_file(kohya, tmp_path / "converted.safetensors")
     assert_identical(lora_inputs_for(converted, setup["manifest"], W_FACE),
-                     torch_reference([(kohya, W_FACE)], setup["manifest"]), setup["manifest"], batch=1, scale=1.0)
+                     torch_reference([(kohya, W_FACE)], setup["manifest"]), setup["manifest"], batch=1, scale=1.0, r=4)
 
 
 @pytest.mark.parametrize("key, layout", [
@@ -159,10 +167,10 @@ def test_other_layouts_are_named(setup, tmp_path, key, layout):
 def test_zero_and_stacked_inputs(setup):
     m = setup["manifest"]
     zero = zero_lora_inputs(m, batch=2)
-    assert zero[SCALE_INPUT].tolist() == [1.0, 1.0] and not any(v.any() for k, v in zero.items() if k != SCALE_INPUT)
-    user = lora_inputs_for(setup["face"], m, W_FACE)
+    assert not any(v.any() for v in zero.values()) and lora_rank_of(zero) == 4
+    user = lora_inputs_for(setup["face"], m, W_FACE, extra=[(setup["style"], W_STYLE)])
     mixed = stack_lora_inputs([user, zero_lora_inputs(m)])
-    assert mixed["lora_b_0"].shape == (2, 32, RANK)
+    assert mixed["lora_b_0"].shape == (2, RANK, 32) and mixed["lora_a_0"].shape == (2, 32, 3, RANK)
     assert np.array_equal(mixed["lora_b_0"][0], user["lora_b_0"][0]) and not mixed["lora_b_0"][1].any()
     with pytest.raises(InvalidInputError, match="weight: must be finite"):
         lora_inputs_for(setup["face"], m, float("nan"))

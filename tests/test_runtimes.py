@@ -243,6 +243,24 @@ def test_runtime_rules(exported, monkeypatch) -> None:
         OpenVinoRuntime(exported / "vae_decoder" / "model.onnx", 1, static_shapes=-1)
 
 
+def test_the_compiled_model_cache_keeps_precisions_and_files_apart(exported, base, face_lora, tmp_path) -> None:
+    """OpenVINO's cache key ignores the precision: an f32 blob imported for a bf16 compile gave NaN. Each
+    precision and each ONNX file has its own cache folder, so a warm cache gives what a cold compile gives."""
+    from facetron.serving.runtimes import model_cache_folder
+
+    path = exported / "unet_lora" / "model.onnx"
+    feed = _feed("unet_lora", exported, base, face_lora)
+    cold = {p: open_runtime(path, "openvino", 1, fallback=False, cache=False, precision=p).run(None, feed)[0]
+            for p in ("f32", "bf16")}
+    for _ in range(2):  # first pass fills the cache, the second imports from it
+        for p in ("f32", "bf16"):
+            warm = open_runtime(path, "openvino", 1, fallback=False, cache=tmp_path, precision=p).run(None, feed)[0]
+            assert np.isfinite(warm).all() and float(np.abs(warm - cold[p]).max()) <= 1e-5, p
+    folders = {model_cache_folder(tmp_path, path, p) for p in ("f32", "bf16")}
+    other = model_cache_folder(tmp_path, exported / "vae_decoder" / "model.onnx", "f32")
+    assert len(folders | {other}) == 3 and all(any(f.iterdir()) for f in folders)
+
+
 def test_repository_records_the_runtimes(tmp_path) -> None:
     from facetron.export.repository import DiffusionSource, assemble_repository
 
@@ -250,18 +268,33 @@ def test_repository_records_the_runtimes(tmp_path) -> None:
         assemble_repository("cpu", tmp_path / "r0", cpu_runtime="tvm")
     with pytest.raises(InvalidInputError, match="--cpu-runtime: applies to the cpu target only"):
         assemble_repository("gpu", tmp_path / "r0", cpu_runtime="openvino")
+    with pytest.raises(InvalidInputError, match="--precision: applies to the cpu target only"):
+        assemble_repository("gpu", tmp_path / "r0", precision="bf16")
+    with pytest.raises(InvalidInputError, match="--precision: bf16 runs on OpenVINO only"):
+        assemble_repository("cpu", tmp_path / "r0", precision="bf16")
+    with pytest.raises(InvalidInputError, match="--precision: auto is measured by --cpu-runtime auto"):
+        assemble_repository("cpu", tmp_path / "r0", cpu_runtime="openvino", precision="auto")
     nets = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
     repo = assemble_repository("cpu", tmp_path / "auto", models=nets, diffusion=DiffusionSource(lora_rank=8),
-                               cpu_runtime="auto")
+                               cpu_runtime="auto", precision="auto")
     choice = json.loads((repo / "runtime_choice.json").read_text())
-    assert choice["mode"] == "auto" and set(choice["runtimes"]) == set(nets)
+    assert choice["mode"] == "auto" and set(choice["runtimes"]) == set(nets) and choice["cpu"]["model"]
     for net in nets:
         entry = choice["measurements"][net]
-        assert entry["choice"] == choice["runtimes"][net] and entry["reason"]
-        assert entry["runtimes"]["onnxruntime"]["p50_ms"] > 0 and entry["runtimes"]["openvino"]["eligible"]
+        assert (entry["runtime"], entry["precision"]) == (choice["runtimes"][net], choice["precisions"][net])
+        assert entry["reason"] and entry["runtimes"]["onnxruntime"]["p50_ms"] > 0
+        assert entry["runtimes"]["openvino"]["eligible"]
         assert entry["runtimes"]["openvino"]["max_abs_vs_onnxruntime"] is not None
+        # bf16 is judged against torch's own bf16 deviation on the same inputs (an oracle it did not produce)
+        bf16 = entry["runtimes"]["openvino_bf16"]
+        assert 0 < entry["torch_bf16_rel_l2"] < 0.2 and bf16["limit_rel_l2"] == pytest.approx(
+            2 * entry["torch_bf16_rel_l2"], rel=1e-3)
+        assert bf16["eligible"] == (bf16["rel_l2_vs_onnxruntime"] <= bf16["limit_rel_l2"])
         config = (repo / net / "config.pbtxt").read_text()
         assert f'key: "runtime"\n  value {{\n    string_value: "{choice["runtimes"][net]}"' in config
+        assert f'key: "precision"\n  value {{\n    string_value: "{choice["precisions"][net]}"' in config
+        print(net, entry["choice"], entry["reason"], "torch bf16", entry["torch_bf16_rel_l2"],
+              "ov bf16", bf16["rel_l2_vs_onnxruntime"])
 
 
 @pytest.mark.triton

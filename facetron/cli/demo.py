@@ -71,6 +71,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num", type=int, default=4, help="candidates per template")
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--cpu-runtime", default="auto", help="runtime of the nets, as `export repository` (default auto)")
+    p.add_argument("--precision", default="auto", help="precision of the nets, as `export repository` (default auto)")
     p.add_argument("--size", type=int, default=256, help="portrait side in px")
     p.add_argument("--fusion-strength", type=float, default=None,
                    help="blend of the user's best photo into each face, 0..1 (default: the server's)")
@@ -132,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
         report["train"] = {"steps": result.steps, "loss": result.metadata["loss"], "lora": str(result.lora_path)}
     with timer.stage("export_repository"):
         repo = assemble_repository("cpu", build / "model_repository",
-                                   diffusion=DiffusionSource(base_model=args.base_model), users_dir=registry.root)
+                                   diffusion=DiffusionSource(base_model=args.base_model), users_dir=registry.root,
+                                   cpu_runtime=args.cpu_runtime, precision=args.precision)
     with timer.stage("start_triton"):
         server = TritonServer(repo, log_path=out / "tritonserver.log").start()
     calls = []

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from facetron.contract import DEFAULT_NET_RUNTIME, IDENTITY_MODES, NET_RUNTIMES
 from facetron.export.model_configs import TARGETS
+from facetron.export.runtime_choice import PRECISION_CHOICES
 from facetron.paths import DEFAULT_REPOSITORY
 
 EXPORT_SUBPARSERS: list[argparse._SubParsersAction] = []
@@ -82,10 +83,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     r.add_argument("--identity-mode", choices=IDENTITY_MODES, default=IDENTITY_MODES[0],
                    help="runtime_lora: one UNet + LoRA bank (scalable default); merged: one UNet per user "
                         "(add users with `export add-user`; serve with --model-control explicit)")
-    r.add_argument("--cpu-runtime", choices=("auto",) + NET_RUNTIMES, default=DEFAULT_NET_RUNTIME,
-                   help="cpu target: runtime of text_encoder/unet/vae_* (default onnxruntime); auto = measure "
-                        "each net briefly on this machine at the served shapes and keep the fastest within the "
-                        "validation tolerance (written to runtime_choice.json in the repository)")
+    r.add_argument("--cpu-runtime", choices=("auto",) + NET_RUNTIMES, default=None,
+                   help="cpu target: runtime of text_encoder/unet/vae_* (default auto: measure each net briefly on "
+                        "this machine at the served shapes and keep the fastest within tolerance, recorded in "
+                        "runtime_choice.json in the repository; onnxruntime is the validated reference)")
+    r.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                   help="cpu target: f32 | bf16 (OpenVINO nets in bf16) | auto (default with --cpu-runtime auto: "
+                        "OpenVINO bf16 is a candidate, eligible within torch's own bf16 deviation; fast on CPUs "
+                        "with AMX); f32 keeps every net within the fp32 validation tolerance")
     r.set_defaults(func=run_repository)
 
     u = nested.add_parser("add-user", help="merged mode: add a user's merged UNet to an assembled repository")
@@ -118,15 +123,20 @@ def run_repository(args: argparse.Namespace) -> int:
     from facetron.export.repository import RUNTIME_CHOICE_FILE, DiffusionSource, assemble_repository
 
     diffusion = None if args.faces_only else DiffusionSource(base_model=args.base_model, lora_rank=args.lora_rank)
+    cpu = args.target == "cpu"
+    cpu_runtime = args.cpu_runtime or ("auto" if cpu else DEFAULT_NET_RUNTIME)
+    precision = args.precision or ("auto" if cpu_runtime == "auto" and cpu else "f32")
     out = assemble_repository(args.target, args.out, diffusion=diffusion, users_dir=args.users_dir,
-                              identity_mode=args.identity_mode, cpu_runtime=args.cpu_runtime)
+                              identity_mode=args.identity_mode, cpu_runtime=cpu_runtime, precision=precision)
     names = [m.name for m in models_for(args.target, diffusion=diffusion is not None)]
     print(f"[export] {args.target} repository with {len(names)} models -> {out}: {', '.join(names)}")
     choice = out / RUNTIME_CHOICE_FILE
     if choice.is_file():
-        runtimes = json.loads(choice.read_text())["runtimes"]
-        print(f"[export] net runtimes ({args.cpu_runtime}): " + ", ".join(f"{k}={v}" for k, v in runtimes.items())
-              + f" (see {choice})")
+        recorded = json.loads(choice.read_text())
+        runtimes, precisions = recorded["runtimes"], recorded.get("precisions") or {}
+        print(f"[export] net runtimes ({cpu_runtime}, precision {precision}): "
+              + ", ".join(f"{k}={v}" + (f" {precisions[k]}" if precisions.get(k, "f32") != "f32" else "")
+                          for k, v in runtimes.items()) + f" (see {choice})")
     if args.target == "gpu":
         print("[export] note: the gpu target is written for the NGC tritonserver container; it was not served here")
     return 0

@@ -6,12 +6,17 @@ inputs hold that component's layers of a LoRA and ignore the other's (the
 other graph takes them).
 
 The runtime-LoRA graph (exported by :mod:`facetron.export.runtime_lora`)
-adapts every attention projection as ``y = W x + lora_scale[n] * B_i[n] @
-(A_i[n] @ x)``; ``lora_manifest.json`` beside it maps index ``i`` to the
-module and its shapes. This module holds everything that turns a user's
+adapts every attention projection as ``y_i = W_i x + (x A_g[n,:,slot,:])
+B_i[n]``: projections reading one tensor share their group's A input
+``[N, in, k, R]``, each has its B ``[N, R, out]`` with the LoRA's weight and
+``alpha / r`` folded in; ``lora_manifest.json`` beside it maps groups and
+layers to modules and shapes. ``R`` is symbolic: inputs are built at the
+smallest rank bucket holding the LoRA (:func:`rank_bucket`), and a batch of
+items with different buckets is zero-padded to the largest
+(:func:`stack_lora_inputs`) — exact. This module holds everything that turns a user's
 LoRA file(s) into those inputs without torch, diffusers or peft:
 
-* the tensor names (:func:`a_name`, :func:`b_name`, :data:`SCALE_INPUT`) and
+* the tensor names (:func:`a_name`, :func:`b_name`, :data:`LAYOUT`, :func:`rank_bucket`) and
   :func:`read_lora_manifest`;
 * :func:`read_lora`, a numpy reader for facetron's **canonical LoRA layout**
   — what ``facetron train`` writes through diffusers'
@@ -20,7 +25,8 @@ LoRA file(s) into those inputs without torch, diffusers or peft:
   layouts (kohya, old diffusers attention processors, peft model keys) are
   refused with a one-line error saying how to convert them; the torch
   reader :func:`facetron.export.lora_files.load_lora` reads them all;
-* :func:`lora_inputs_for`, :func:`zero_lora_inputs`, :func:`stack_lora_inputs`;
+* :func:`lora_inputs_for`, :func:`zero_lora_inputs`, :func:`stack_lora_inputs`,
+  :func:`random_lora_inputs` (benchmarks and runtime choice);
 * the LoRA rules the torch reader shares (:func:`lora_scale`,
   :func:`layer_alpha`, :func:`read_adapter_metadata`,
   :func:`reject_unsupported`, :func:`check_weight`), so both readers give the
@@ -47,7 +53,10 @@ from safetensors import safe_open
 from facetron.errors import InvalidInputError, NotFoundError
 
 MANIFEST_FILE = "lora_manifest.json"
-SCALE_INPUT = "lora_scale"
+#: the manifest layout this code reads and writes: 2 = grouped A [N,in,k,R], B [N,R,out] with the scale folded in
+LAYOUT = 2
+#: the smallest rank the inputs are built at (rank buckets: MIN_RANK_BUCKET * 2^j, up to the export rank)
+MIN_RANK_BUCKET = 4
 METADATA_KEY = "lora_adapter_metadata"
 COMPONENTS = ("unet", "text_encoder")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
@@ -63,14 +72,25 @@ CONVERT_HINT = ("convert it once with facetron.export.lora_files.convert_lora_fi
                 "old diffusers and peft files), or use merged mode")
 
 
-def a_name(i: int) -> str:
-    """Graph input holding layer ``i``'s A (down) matrices, ``FP32[N, R, in]``."""
-    return f"lora_a_{i}"
+def a_name(g: int) -> str:
+    """Graph input holding group ``g``'s A (down) matrices, ``FP32[N, in, k, R]``."""
+    return f"lora_a_{g}"
 
 
 def b_name(i: int) -> str:
-    """Graph input holding layer ``i``'s B (up) matrices, ``FP32[N, out, R]``."""
+    """Graph input holding layer ``i``'s B (up) matrices (scale folded in), ``FP32[N, R, out]``."""
     return f"lora_b_{i}"
+
+
+def rank_bucket(used: int, rank: int) -> int:
+    """The ``R`` the inputs of a LoRA using ``used`` rank rows are built at: the
+    smallest :data:`MIN_RANK_BUCKET` · 2^j that holds them, at most the
+    export ``rank`` (few distinct shapes, so static-shape runtimes compile
+    few graphs)."""
+    r = MIN_RANK_BUCKET
+    while r < used:
+        r *= 2
+    return min(r, int(rank))
 
 
 def read_lora_manifest(model_dir: str | os.PathLike) -> dict:
@@ -78,7 +98,12 @@ def read_lora_manifest(model_dir: str | os.PathLike) -> dict:
     path = Path(model_dir) / MANIFEST_FILE
     if not path.is_file():
         raise InvalidInputError(f"runtime-LoRA folder {Path(model_dir)}", f"has no {MANIFEST_FILE}")
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    if manifest.get("layout") != LAYOUT:
+        raise InvalidInputError(f"runtime-LoRA folder {Path(model_dir)}",
+                                f"has a layout-{manifest.get('layout', 1)} graph (this code feeds layout {LAYOUT}: "
+                                "grouped A inputs, scale folded into B): export it again")
+    return manifest
 
 
 # ----------------------------------------------------------------------------- LoRA rules (shared with export)
@@ -328,7 +353,7 @@ def _read_bf16(path: Path, key: str) -> np.ndarray:
 def lora_inputs_for(lora: LoraLike | str | os.PathLike, manifest: Mapping, weight: float = 1.0, *,
                     extra: Iterable[tuple[LoraLike | str | os.PathLike, float]] = (), batch: int = 1,
                     scale: float = 1.0) -> dict[str, np.ndarray]:
-    """Graph inputs (``lora_a_<i>``, ``lora_b_<i>``, ``lora_scale``) for one user's LoRA.
+    """Graph inputs (``lora_a_<g>``, ``lora_b_<i>``) for one user's LoRA, at its rank bucket.
 
     ``lora``: a path (read with :func:`read_lora`) or a loaded LoRA
     (:class:`LoraLike`, e.g. export's torch ``LoraFile``). ``weight`` is the
@@ -336,7 +361,8 @@ def lora_inputs_for(lora: LoraLike | str | os.PathLike, manifest: Mapping, weigh
     ``[(style, w_style)]``. Each LoRA's ``weight · scale`` is folded into B
     and the ranks are stacked, so the graph output equals the merged UNet's.
     Every array has leading batch dimension ``batch`` (the same user repeated;
-    use :func:`stack_lora_inputs` to mix users in one batch)."""
+    use :func:`stack_lora_inputs` to mix users in one batch). ``scale``
+    multiplies every B (0 = the base model, exactly)."""
     plan = [(_loaded(lora), check_weight("weight", weight))]
     plan += [(_loaded(src), check_weight("weight", w)) for src, w in extra]
     rank = int(manifest["rank"])
@@ -345,7 +371,7 @@ def lora_inputs_for(lora: LoraLike | str | os.PathLike, manifest: Mapping, weigh
     by_module = {layer["module"]: layer for layer in manifest["layers"]}
     for loaded, w in plan:
         _fill(loaded, w, by_module, rank, a, b, used, manifest_component(manifest))
-    return _batched(a, b, manifest, batch, scale)
+    return _batched(a, b, manifest, batch, scale, rank_bucket(max(used.values(), default=0), rank))
 
 
 #: what each component's runtime-LoRA graph is called in messages
@@ -363,17 +389,55 @@ def has_layers(lora: LoraLike | str | os.PathLike, component: str) -> bool:
 
 
 def zero_lora_inputs(manifest: Mapping, batch: int = 1) -> dict[str, np.ndarray]:
-    """All-zero LoRA inputs: the graph then computes the base UNet exactly."""
+    """All-zero LoRA inputs at the smallest rank bucket: the graph then computes the base net exactly."""
     a, b = _zeros(manifest)
-    return _batched(a, b, manifest, batch, 1.0)
+    return _batched(a, b, manifest, batch, 1.0, rank_bucket(0, int(manifest["rank"])))
+
+
+def random_lora_inputs(manifest: Mapping, batch: int = 1, seed: int = 0, rank: int | None = None,
+                       std: float = 0.05) -> dict[str, np.ndarray]:
+    """Seeded non-zero LoRA inputs at ``rank`` (default: the export rank), for
+    benchmarks and the runtime choice (the served shapes of a full-rank user)."""
+    rng = np.random.default_rng(seed)
+    r = int(manifest["rank"]) if rank is None else int(rank)
+    out = {}
+    for group in manifest["groups"]:
+        out[group["a"]] = (rng.standard_normal((batch, group["in_features"], len(group["layers"]), r)) * std
+                           ).astype(np.float32)
+    for layer in manifest["layers"]:
+        out[layer["b"]] = (rng.standard_normal((batch, r, layer["out_features"])) * std).astype(np.float32)
+    return out
+
+
+def lora_rank_of(inputs: Mapping[str, np.ndarray]) -> int:
+    """The ``R`` of a set of LoRA inputs (every A's last axis, every B's second-last)."""
+    return max(int(v.shape[-1] if k.startswith("lora_a_") else v.shape[-2]) for k, v in inputs.items())
+
+
+def pad_lora_rank(inputs: Mapping[str, np.ndarray], r: int) -> dict[str, np.ndarray]:
+    """``inputs`` zero-padded to rank ``r`` (A's last axis, B's second-last): the same function, exactly."""
+    out = {}
+    for k, v in inputs.items():
+        axis = v.ndim - 1 if k.startswith("lora_a_") else v.ndim - 2
+        missing = r - v.shape[axis]
+        if missing < 0:
+            raise ValueError(f"{k}: rank {v.shape[axis]} is over {r}")
+        if missing:
+            width = [(0, 0)] * v.ndim
+            width[axis] = (0, missing)
+            v = np.pad(v, width)
+        out[k] = v
+    return out
 
 
 def stack_lora_inputs(per_request: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Concatenate several requests' LoRA inputs along the batch axis (mixed-user batch)."""
+    """Concatenate several requests' LoRA inputs along the batch axis (mixed-user batch), each
+    zero-padded to the largest rank among them."""
     if not per_request:
         raise InvalidInputError("per_request", "needs at least one set of inputs")
-    keys = list(per_request[0])
-    return {k: np.concatenate([np.asarray(r[k]) for r in per_request], axis=0) for k in keys}
+    r = max(lora_rank_of(x) for x in per_request)
+    padded = [pad_lora_rank(x, r) for x in per_request]
+    return {k: np.concatenate([np.asarray(p[k]) for p in padded], axis=0) for k in padded[0]}
 
 
 def _loaded(source: LoraLike | str | os.PathLike) -> LoraLike:
@@ -426,12 +490,16 @@ def _float32(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
-def _batched(a: dict, b: dict, manifest: Mapping, batch: int, scale: float) -> dict[str, np.ndarray]:
+def _batched(a: dict, b: dict, manifest: Mapping, batch: int, scale: float, r: int) -> dict[str, np.ndarray]:
+    """The graph's layout at rank ``r``: per group A ``[batch, in, k, r]`` (its layers' A rows,
+    transposed, side by side), per layer B ``[batch, r, out]`` (transposed, times ``scale``)."""
     if not isinstance(batch, int) or batch < 1:
         raise InvalidInputError("batch", f"must be an integer >= 1, got {batch!r}")
-    out = {SCALE_INPUT: np.full((batch,), scale, np.float32)}
+    out = {}
+    for group in manifest["groups"]:
+        stacked = np.stack([a[i][:r].T for i in group["layers"]], axis=1)  # [in, k, r]
+        out[group["a"]] = np.ascontiguousarray(np.broadcast_to(stacked, (batch, *stacked.shape)))
     for layer in manifest["layers"]:
-        i = layer["index"]
-        out[layer["a"]] = np.ascontiguousarray(np.broadcast_to(a[i], (batch, *a[i].shape)))
-        out[layer["b"]] = np.ascontiguousarray(np.broadcast_to(b[i], (batch, *b[i].shape)))
+        up = (b[layer["index"]][:, :r].T * np.float32(scale)).astype(np.float32)  # [r, out]
+        out[layer["b"]] = np.ascontiguousarray(np.broadcast_to(up, (batch, *up.shape)))
     return out

@@ -53,6 +53,8 @@ LOG = logging.getLogger("facetron.runtimes")
 #: is part of the key (a batch-dynamic graph lost most of the static gain on the tiny UNet: 9.3 vs 6.6 ms), so
 #: a dynamic batcher that forms many batch sizes recompiles on LRU misses (from the on-disk cache when set).
 STATIC_SHAPE_GRAPHS = 2
+#: OpenVINO compiled-model cache: the most recently used ONNX files kept per precision (tests export many)
+CACHED_MODELS = 32
 
 # OpenVINO element types -> ONNX Runtime's type strings (what check_feed compares)
 _OV_TYPES = {"f32": "tensor(float)", "i32": "tensor(int32)", "u8": "tensor(uint8)", "i64": "tensor(int64)",
@@ -365,6 +367,40 @@ class FallbackRuntime:
         return out
 
 
+def model_cache_folder(root: Path | None | bool, path: Path, precision: str) -> Path | None:
+    """OpenVINO's compiled-model cache folder for net ``path`` at ``precision``: one folder per
+    precision and per ONNX file (its resolved path, size and mtime; the same of its external data).
+
+    OpenVINO's own cache key does not tell precisions apart: a blob compiled with f32 was imported
+    for a bf16 compile and gave NaN (measured 2026-12-01, openvino 2026.4.1). Separate folders make
+    a wrong blob impossible; a re-exported file gets a new folder."""
+    if not root:
+        return None
+    import hashlib
+
+    parts = [str(path.resolve()), precision]
+    for f in (path, path.with_name(path.name + ".data")):
+        if f.is_file():
+            st = f.stat()
+            parts += [str(st.st_size), str(st.st_mtime_ns)]
+    folder = Path(root) / precision / hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    os.utime(folder)  # most recently used
+    _prune_cache(folder.parent, keep=CACHED_MODELS)
+    return folder
+
+
+def _prune_cache(root: Path, keep: int) -> None:
+    """Drop all but the ``keep`` most recently used model folders of ``root`` (only folders named as
+    :func:`model_cache_folder` names them: facetron's own cache, nothing else)."""
+    import shutil
+
+    ours = sorted((p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"[0-9a-f]{16}", p.name)),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in ours[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def open_runtime(path: str | os.PathLike, runtime: str = DEFAULT_RUNTIME, threads: int | None = None,
                  providers: str = "cpu", *, shapes: dict[str, Sequence[int]] | None = None,
                  cache: Path | None | bool = True, fallback: bool = True, static_shapes: int = STATIC_SHAPE_GRAPHS,
@@ -403,7 +439,7 @@ def open_runtime(path: str | os.PathLike, runtime: str = DEFAULT_RUNTIME, thread
                     path, providers)
         return OrtRuntime(path, ort_threads, providers, reuse_inputs=reuse_inputs)
     try:
-        cache_path = cache_dir("openvino") if cache is True else (cache or None)
+        cache_path = model_cache_folder(cache_dir("openvino") if cache is True else cache, path, precision)
     except OSError as exc:
         LOG.warning("[facetron] %s: no OpenVINO compiled-model cache (%s); compiling without one", path, _one_line(exc))
         cache_path = None

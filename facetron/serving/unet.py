@@ -21,7 +21,8 @@ from typing import Callable
 import numpy as np
 
 from facetron.contract import DEFAULT_STYLE_WEIGHT, UnetParams
-from facetron.diffusion.lora_inputs import lora_inputs_for, manifest_component, read_lora_manifest, zero_lora_inputs
+from facetron.diffusion.lora_inputs import (lora_inputs_for, manifest_component, read_lora_manifest,
+                                            stack_lora_inputs, zero_lora_inputs)
 from facetron.errors import InvalidInputError, NotFoundError
 from facetron.serving import metrics
 from facetron.serving.backend import decode_utf8, pb, read_params, version_dir
@@ -84,9 +85,9 @@ class LoraBank:
         if style_path is not None:
             plan.append((style_path, w_style))
         if not plan:
-            return {k: v[0] for k, v in zero_lora_inputs(self.manifest).items()}
+            return zero_lora_inputs(self.manifest)
         (first, weight), extra = plan[0], plan[1:]
-        return {k: v[0] for k, v in lora_inputs_for(first, self.manifest, weight, extra=extra).items()}
+        return lora_inputs_for(first, self.manifest, weight, extra=extra)
 
     def _key(self, user_id: str, style: str) -> Key:
         """(user, the user's served version, style, the style's install id): a
@@ -101,7 +102,8 @@ class LoraBank:
         return user_id, version, style, style_id
 
     def get(self, user_id: str, style: str = "") -> dict[str, np.ndarray]:
-        """Per-item tensors (no batch axis) for ``user_id`` ('' = base model) and ``style``."""
+        """One item's tensors (batch axis of 1, at the LoRA's rank bucket) for ``user_id`` ('' = base model)
+        and ``style``."""
         return self._get(self._key(user_id, style))
 
     def _get(self, key: Key) -> dict[str, np.ndarray]:
@@ -138,14 +140,14 @@ class LoraBank:
 
         A denoising loop sends the same users every step: the last stacked
         batch is reused while the (user, version, style) keys repeat (at
-        SD-1.5 shapes a stack is ~20 MB per item, copied again on every step
-        otherwise)."""
+        SD-1.5 shapes a stack is ~5 MB per item at rank 4, copied again on every
+        step otherwise). Items at different rank buckets are zero-padded to the
+        largest (exact)."""
         key = tuple(self._key(u, s) for u, s in keys)
         last = self._last_batch
         if last is not None and last[0] == key:
             return last[1]
-        entries = [self._get(k) for k in key]
-        stacked = {k: np.stack([e[k] for e in entries]) for k in entries[0]}
+        stacked = stack_lora_inputs([self._get(k) for k in key])
         self._last_batch = (key, stacked)
         return stacked
 

@@ -1,0 +1,202 @@
+"""``--cpu-runtime auto``: each net's runtime and precision, measured on the machine that assembles.
+
+Candidates per net: ONNX Runtime fp32 (the validated default), OpenVINO fp32
+and — with ``precision="auto"`` — OpenVINO bf16. Each is opened as the served
+model opens it (:func:`facetron.serving.runtimes.open_runtime`; the
+runtime-LoRA UNet with ``reuse_inputs``) and called a few times, interleaved,
+at the served shapes (:meth:`DiffusionSource.served_feed`).
+
+Eligibility, against outputs the candidates did not produce:
+
+1. **fp32**: equal to ONNX Runtime's outputs within the export validation
+   tolerance (:data:`facetron.export.validate.TOLERANCES`).
+2. **bf16**: its relative L2 deviation from ONNX Runtime fp32 is at most
+   :data:`BF16_FACTOR` x the deviation of **torch's own bf16** (``torch.autocast``
+   on CPU, the mainstream bf16 inference of these nets) from torch fp32 on the
+   same inputs: bf16 is accepted for exactly the error bf16 arithmetic brings,
+   not for a runtime that adds its own. Whether bf16 suits a product at all
+   is the precision choice (``--precision``): OpenVINO itself defaults to
+   bf16 on CPUs with AMX; facetron asks for it only with ``auto`` / ``bf16``
+   and reports each image's deviation in ``facetron bench portrait``.
+
+Choice: ONNX Runtime unless an eligible candidate is at least
+``1 - AUTO_MARGIN`` faster (p50); then the fastest eligible one. The report
+(numbers, deviations, rule) goes to ``runtime_choice.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterable, Protocol
+
+import numpy as np
+
+from facetron.contract import DEFAULT_NET_PRECISION, DEFAULT_NET_RUNTIME, NetParams
+from facetron.cpu_info import cpu_description
+from facetron.errors import InvalidInputError
+from facetron.serving.runtimes import open_runtime
+
+
+
+class NetSource(Protocol):
+    """What the choice needs of the exported nets (``export.repository.DiffusionSource``)."""
+
+    def net_folder(self, name: str) -> Path: ...
+
+    def served_feed(self, name: str, seed: int = 0) -> dict[str, np.ndarray]: ...
+
+    def torch_net(self, name: str) -> tuple: ...
+
+#: ``auto`` keeps ONNX Runtime (the validated default) unless another candidate is at least this much faster
+AUTO_MARGIN = 0.95
+#: ``--precision``: f32 only, bf16 (OpenVINO bf16 for every net), or auto (bf16 a candidate of ``auto``)
+PRECISION_CHOICES = ("f32", "bf16", "auto")
+#: a bf16 candidate may deviate from fp32 at most this many times as much as torch's bf16 does
+BF16_FACTOR = 2.0
+#: (runtime, precision) candidates
+FP32_CANDIDATES = (("onnxruntime", "f32"), ("openvino", "f32"))
+BF16_CANDIDATE = ("openvino", "bf16")
+DEFAULT = (DEFAULT_NET_RUNTIME, DEFAULT_NET_PRECISION)
+
+
+def cpu_flags() -> dict:
+    """The CPU model and its kernel-deciding flags (the choice holds for this kind of machine)."""
+    info = cpu_description()
+    return {"model": info["model"], "kernel_flags": info["kernel_flags"]}
+
+
+def check_precision_choice(precision: str) -> str:
+    if precision not in PRECISION_CHOICES:
+        raise InvalidInputError("--precision", f"expected one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
+    return precision
+
+
+def rel_l2(got: np.ndarray, ref: np.ndarray) -> float:
+    """||got - ref|| / ||ref|| in float64 (0 when both are zero)."""
+    g, r = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    norm = float(np.linalg.norm(r))
+    return float(np.linalg.norm(g - r) / norm) if norm else float(np.linalg.norm(g))
+
+
+def label(candidate: tuple[str, str]) -> str:
+    runtime, precision = candidate
+    return runtime if precision == "f32" else f"{runtime}_{precision}"
+
+
+def torch_bf16_deviation(source: NetSource, name: str, feed: dict[str, np.ndarray]) -> float:
+    """rel L2 of torch's bf16 (``torch.autocast`` on CPU) vs torch fp32 for net ``name`` on ``feed``."""
+    import torch
+
+    module, inputs = source.torch_net(name)
+    args = [torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in inputs]
+    with torch.no_grad():
+        ref = module(*args)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = module(*args)
+    ref, low = (x[0] if isinstance(x, (tuple, list)) else x for x in (ref, low))
+    return rel_l2(low.float().numpy(), ref.float().numpy())
+
+
+def _measure(nets_open: dict, feed: dict, repeats: int, budget_s: float, reuse: bool) -> tuple[dict, dict, int]:
+    """(first outputs, p50 ms, calls) per candidate: one warm-up call each, then interleaved calls."""
+    outputs, first = {}, []
+    for c, net in nets_open.items():  # also the warm-up call
+        t0 = time.perf_counter()
+        outputs[c] = net.run(None, feed)
+        first.append(time.perf_counter() - t0)
+    n = max(repeats, min(20, int(budget_s / max(max(first, default=1.0), 1e-4))))
+    samples: dict = {c: [] for c in nets_open}
+    # the LoRA arrays repeat (the same objects, as the bank hands them), the other inputs are new
+    # array objects every call, as in a denoising loop
+    feeds = [feed, {k: v if (reuse and k.startswith("lora_")) else v.copy() for k, v in feed.items()}]
+    for i in range(n):
+        for c, net in nets_open.items():
+            t0 = time.perf_counter()
+            net.run(None, feeds[i % 2])
+            samples[c].append(time.perf_counter() - t0)
+    return outputs, {c: float(np.median(s) * 1e3) for c, s in samples.items()}, n
+
+
+def choose_net(source: NetSource, name: str, precision: str = "auto", threads: int | None = None,
+               repeats: int = 3, budget_s: float = 0.3) -> dict:
+    """One net's report entry: every candidate's speed, deviation and eligibility, and the choice."""
+    from facetron.export.validate import TOLERANCES, compare
+
+    threads = threads if threads is not None else NetParams().intra_op_threads
+    path = source.net_folder(name) / "model.onnx"
+    feed = source.served_feed(name)
+    atol, rtol = TOLERANCES["unet_lora" if name == "unet" else name]
+    candidates = list(FP32_CANDIDATES) + ([BF16_CANDIDATE] if precision == "auto" else [])
+    entry: dict = {"shapes": {k: list(v.shape) for k, v in feed.items() if not k.startswith("lora_")},
+                   "threads": threads, "runtimes": {}}
+    # 1. open each candidate as served (a runtime that cannot compile the net is not eligible)
+    nets_open: dict = {}
+    for cand in candidates:
+        t0 = time.perf_counter()
+        try:
+            nets_open[cand] = open_runtime(path, cand[0], threads, fallback=False, reuse_inputs=name == "unet",
+                                           precision=cand[1])
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            entry["runtimes"][label(cand)] = {"eligible": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            continue
+        entry["runtimes"][label(cand)] = {"runtime": cand[0], "precision": cand[1],
+                                          "open_s": round(time.perf_counter() - t0, 3)}
+    # 2. time them, interleaved
+    outputs, p50, entry["repeats"] = _measure(nets_open, feed, repeats, budget_s, reuse=name == "unet")
+    # 3. eligibility against ONNX Runtime fp32 (and, for bf16, against torch's own bf16 deviation)
+    ref = outputs.get(DEFAULT)
+    torch_bf16 = None
+    if ref is not None and BF16_CANDIDATE in outputs:
+        torch_bf16 = torch_bf16_deviation(source, name, feed)
+        entry["torch_bf16_rel_l2"] = round(torch_bf16, 6)
+    for cand in nets_open:
+        e = entry["runtimes"][label(cand)]
+        e["p50_ms"] = round(p50[cand], 3)
+        if ref is None:
+            e["eligible"] = cand == DEFAULT
+            continue
+        dev = rel_l2(outputs[cand][0], ref[0])
+        e["rel_l2_vs_onnxruntime"] = round(dev, 6)
+        if cand[1] == "f32":
+            stats = compare(outputs[cand][0], ref[0], atol, rtol)
+            e.update({"eligible": bool(stats["pass"]), "max_abs_vs_onnxruntime": stats.get("max_abs"),
+                      "atol": atol, "rtol": rtol})
+        else:
+            e.update({"eligible": bool(np.isfinite(dev) and dev <= BF16_FACTOR * torch_bf16),
+                      "limit_rel_l2": round(BF16_FACTOR * torch_bf16, 6)})
+    # 4. the choice: ONNX Runtime fp32 unless an eligible candidate is >= (1 - AUTO_MARGIN) faster
+    eligible = {c: p50[c] for c in nets_open if entry["runtimes"][label(c)].get("eligible")}
+    if not eligible:
+        raise InvalidInputError(name, "no runtime could run this net at the served shapes: "
+                                      + "; ".join(f"{k}: {v.get('error')}" for k, v in entry["runtimes"].items()))
+    choice = DEFAULT if DEFAULT in eligible else min(eligible, key=eligible.get)
+    best = min(eligible, key=eligible.get)
+    if best != choice and eligible[best] <= AUTO_MARGIN * eligible[choice]:
+        choice = best
+    entry["choice"], entry["runtime"], entry["precision"] = label(choice), choice[0], choice[1]
+    entry["reason"] = "; ".join(
+        f"{k} {v['p50_ms']:.2f} ms" + ("" if v.get("eligible") else " (not eligible)") if "p50_ms" in v
+        else f"{k}: {v.get('error')}" for k, v in entry["runtimes"].items())
+    return entry
+
+
+def choose_runtimes(source: NetSource, nets: Iterable[str], precision: str = "auto",
+                    threads: int | None = None, repeats: int = 3, budget_s: float = 0.3) -> dict:
+    """``{net: report entry}`` (:func:`choose_net`) for each of ``nets``, printed as it goes."""
+    check_precision_choice(precision)
+    report = {}
+    for name in nets:
+        report[name] = entry = choose_net(source, name, precision, threads, repeats, budget_s)
+        print(f"[export] runtime of {name}: {entry['choice']} ({entry['reason']})", flush=True)
+    return report
+
+
+def rule_text(precision: str) -> str:
+    text = (f"per net, at the served shapes: the fastest (p50 of interleaved calls) eligible candidate, onnxruntime "
+            f"unless another is at least {round((1 - AUTO_MARGIN) * 100)}% faster; fp32 candidates are eligible "
+            f"within the export validation tolerance of onnxruntime's outputs")
+    if precision == "auto":
+        text += (f"; openvino bf16 is eligible when its rel. L2 deviation from onnxruntime is at most "
+                 f"{BF16_FACTOR:g}x torch's own bf16 (autocast) deviation from torch fp32 on the same inputs")
+    return text
