@@ -211,9 +211,62 @@ def runtime_lora_vs_merged(users: int = 8, repeats: int = 16, rank: int = 16, lo
     return out
 
 
-def write_runtime_lora(users: int = 8, repeats: int = 30, out_dir: Path | None = None) -> dict:
+def runtime_lora_vs_merged_sd15(repeats: int = 4, lora_rank: int = 4, work_dir: Path | None = None) -> dict:
+    """SD-1.5 shapes (random weights), one user, batch 2: the served runtime-LoRA UNet graph (the step-cache
+    full graph the ``unet`` model serves, the user's rank-``lora_rank`` face LoRA sent at its rank bucket, as
+    the bank sends it) vs the UNet with that LoRA merged in. Per runtime as served (ONNX Runtime fp32;
+    OpenVINO bf16 static), each pair alone in memory and timed interleaved. Minutes and ~12 GB: run alone."""
+    import gc
+
+    from facetron.benchmarks.ort_vs_torch import _nets
+    from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora_manifest
+    from facetron.export.merge import merge_loras
+    from facetron.export.onnx_export import export_model
+    from facetron.export.onnx_graph import example_inputs, model_io
+    from facetron.export.step_cache import export_runtime_lora_deep_cache_unet
+    from facetron.serving.runtimes import open_runtime
+    from facetron.training.random_lora import write_random_lora
+
+    w_face, out = 0.9, {"model": "SD-1.5-shape UNet (random weights), batch 2 (one guidance step), 1 user",
+                        "user_lora_rank": lora_rank, "repeats": repeats, "pairs": {}}
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="facetron-bench-lora-sd15-") as tmp:
+        tmp = Path(tmp)
+        base, dims = _nets("sd15")
+        lora = write_random_lora(tmp / "user.safetensors", base.unet, rank=lora_rank, alpha=32.0, seed=1000, std=0.01)
+        rt_path, _ = export_runtime_lora_deep_cache_unet(base.unet, tmp, dims=dims, rank=16)
+        merged_unet, _ = merge_loras(base, lora, w_face=w_face, inplace=True)
+        merged_path = export_model("unet", tmp / "merged", unet=merged_unet, dims=dims)
+        del base, merged_unet
+        gc.collect()
+        feed = example_inputs(model_io("unet", dims)[0], dims, batch=2, seed=0)
+        full = {**feed, **lora_inputs_for(lora, read_lora_manifest(rt_path.parent), w_face, batch=2)}
+        for runtime, precision in (("onnxruntime", "f32"), ("openvino", "bf16")):
+            label = runtime if precision == "f32" else f"{runtime}_{precision}"
+            try:
+                rt = open_runtime(rt_path, runtime, 2, cache=False, fallback=False, reuse_inputs=True,
+                                  precision=precision)
+                merged = open_runtime(merged_path, runtime, 2, cache=False, fallback=False, precision=precision)
+                got, ref = rt.run(["noise_pred"], full)[0], merged.run(["noise_pred"], feed)[0]  # + compile
+                samples = interleaved({"runtime": lambda: rt.run(["noise_pred"], full),
+                                       "merged": lambda: merged.run(["noise_pred"], feed)}, repeats=repeats, warmup=1)
+                stats = {k: summarize(v) for k, v in samples.items()}
+                out["pairs"][label] = {"calls_ms": stats, "runtime_over_merged": _ratio(
+                    _p50(stats["runtime"]), _p50(stats["merged"])), "max_abs_runtime_vs_merged": float(
+                    np.abs(got.astype(np.float64) - ref).max())}
+            except Exception as exc:  # noqa: BLE001 - one runtime failing is a result
+                out["pairs"][label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            finally:
+                rt = merged = None
+                gc.collect()
+            print(f"[bench lora] sd15 {label}: {out['pairs'][label].get('runtime_over_merged')}", flush=True)
+    out["goal"] = "runtime LoRA <= 1.05x merged at one user"
+    return out
+
+
+def write_runtime_lora(users: int = 8, repeats: int = 30, out_dir: Path | None = None, full: bool = False) -> dict:
     """``facetron bench lora``: :func:`runtime_lora_vs_merged` alone, written as
-    ``<date>-<machine>-runtime-lora.{json,md,png}`` (tiny model, well under a minute)."""
+    ``<date>-<machine>-runtime-lora.{json,md,png}`` (tiny model, well under a minute); ``full`` adds
+    :func:`runtime_lora_vs_merged_sd15` (minutes, ~12 GB) under ``sd15``."""
     import os
 
     from facetron.benchmarks.machine import machine_info
@@ -223,6 +276,10 @@ def write_runtime_lora(users: int = 8, repeats: int = 30, out_dir: Path | None =
 
     load0 = [round(x, 2) for x in os.getloadavg()]
     r = runtime_lora_vs_merged(users=users, repeats=repeats)
+    if full:
+        r["sd15"] = runtime_lora_vs_merged_sd15()
+        for label, pair in r["sd15"]["pairs"].items():
+            r[f"sd15_runtime_over_merged_1user_{label}"] = pair.get("runtime_over_merged")
     r["cpu"] = cpu_description()
     r["loadavg_start"], r["loadavg_end"] = load0, [round(x, 2) for x in os.getloadavg()]
     ratios = [(k, v) for k, v in r.items() if "_over_" in k and isinstance(v, (int, float))]

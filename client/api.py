@@ -122,6 +122,7 @@ class ClientAPI:
         *,
         fuse: bool | None = None,
         fusion_strength: float | None = None,
+        cache_interval: int | None = None,
         timeout_s: float | None = None,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> PortraitResult:
@@ -129,14 +130,16 @@ class ClientAPI:
 
         Ranked by the generated faces (``result.ranked_by``); ``fusion_strength``
         in [0, 1] blends the user's best photo into each face (0 or
-        ``fuse=False``: no fusion; None: the server's default).
+        ``fuse=False``: no fusion; None: the server's default); ``cache_interval``
+        N > 1 caches the UNet's deep features for N - 1 steps (fewer full UNet
+        evaluations, a small deviation; 1 = off, the server's default).
 
         With ``on_progress(done, total)`` a one-server client sends the call
         over a gRPC stream to the decoupled ``portrait_stream`` model, which
         reports every denoising step (no retries mid-stream); a pool ignores it."""
         op = portrait_op(portrait_request(
             user_id, style, prompt, num_images, top_k, steps, guidance, seed, height, width, template, strength,
-            negative_prompt, scheduler, fuse, fusion_strength,
+            negative_prompt, scheduler, fuse, fusion_strength, cache_interval,
         ))
         if on_progress is not None:
             return self._streamed(op, on_progress, timeout_s)
@@ -226,11 +229,12 @@ class AsyncClientAPI:
         *,
         fuse: bool | None = None,
         fusion_strength: float | None = None,
+        cache_interval: int | None = None,
         timeout_s: float | None = None,
     ) -> PortraitResult:
         """See :meth:`ClientAPI.portrait` (no progress stream here)."""
         op = portrait_op(portrait_request(
             user_id, style, prompt, num_images, top_k, steps, guidance, seed, height, width, template, strength,
-            negative_prompt, scheduler, fuse, fusion_strength,
+            negative_prompt, scheduler, fuse, fusion_strength, cache_interval,
         ))
         return await self._run(op, timeout_s)

@@ -24,6 +24,7 @@ from facetron.client.retry import CallInfo
 from facetron.client.tensors import bytes_tensor, number, rgb_images, scalar
 from facetron.contract import (
     CLIENT_NUM_IMAGES,
+    DEFAULT_CACHE_INTERVAL,
     DEFAULT_GUIDANCE,
     DEFAULT_NUM_IMAGES,
     DEFAULT_SCHEDULER,
@@ -251,7 +252,7 @@ def _json_float(value: float) -> float | None:
 # given ones with check_generation (any side in range stands for the model's).
 _SERVER_FILLS = dict(
     num_images=DEFAULT_NUM_IMAGES, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, height=MAX_SIDE, width=MAX_SIDE,
-    strength=DEFAULT_STRENGTH, scheduler=DEFAULT_SCHEDULER,
+    strength=DEFAULT_STRENGTH, scheduler=DEFAULT_SCHEDULER, cache_interval=DEFAULT_CACHE_INTERVAL,
 )
 
 
@@ -272,11 +273,13 @@ def portrait_request(
     scheduler: str | None = None,
     fuse: bool | None = None,
     fusion_strength: float | None = None,
+    cache_interval: int | None = None,
 ) -> dict[str, np.ndarray]:
     """``portrait`` inputs; ``None`` leaves an optional input to the server's
     default. The values given are checked with the server's rules
     (:func:`facetron.contract.check_generation`), errors naming the argument.
-    ``fusion_strength`` in [0, 1] (0 = no fusion; ``fuse=False`` is the same)."""
+    ``fusion_strength`` in [0, 1] (0 = no fusion; ``fuse=False`` is the same);
+    ``cache_interval``: step caching, a full UNet every N steps (1 = off)."""
     texts = {"user_id": validate_user_id(str(user_id))}
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt), ("style", style), ("scheduler", scheduler)):
         if text is not None:
@@ -285,7 +288,7 @@ def portrait_request(
     for name, value, kind in (
         ("num_images", num_images, int), ("top_k", top_k, int), ("steps", steps, int), ("guidance", guidance, float),
         ("seed", seed, int), ("height", height, int), ("width", width, int), ("strength", strength, float),
-        ("fusion_strength", fusion_strength, float),
+        ("fusion_strength", fusion_strength, float), ("cache_interval", cache_interval, int),
     ):
         if value is not None:
             values[name] = number(value, kind, name)

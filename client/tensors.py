@@ -47,7 +47,10 @@ def bytes_tensor(values: Sequence[str]) -> np.ndarray:
 
 
 def number(value: Any, kind: type, name: str) -> Any:
-    """``kind(value)`` (int or float), else InvalidInputError naming ``name``."""
+    """``kind(value)`` (int or float), else InvalidInputError naming ``name`` (an int
+    argument given a non-integral number is refused, not truncated)."""
+    if kind is int and isinstance(value, (float, np.floating)) and not float(value).is_integer():
+        raise InvalidInputError(name, f"expected an integer, got {value!r}")
     try:
         return kind(value)
     except (TypeError, ValueError, OverflowError):

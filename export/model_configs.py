@@ -8,13 +8,16 @@ dynamic-batching delay, parameter overrides):
 * ``cpu`` — this machine: the python backend only; the nets run in ONNX
   Runtime inside python models (exported to facetron's cache on first use).
 * ``gpu`` — the NGC ``tritonserver`` container: nets on native backends,
-  python models only for glue (cascade, BLS). The text encoder and the VAEs
-  are ``tensorrt_plan`` models where TensorRT imports at assembly
-  (:func:`with_tensorrt_plan`, engines built by ``export/trt.py``), else
-  ``onnxruntime_onnx`` with ORT's TensorRT accelerator (fp16, its engines
-  cached under :data:`TRT_ENGINE_CACHE_ROOT`); the runtime-LoRA UNet is a
-  python model on ORT's CUDA provider. Written and validated here, not
-  served here (no GPU, no native backends in the pip tritonserver).
+  python models only for glue (cascade, BLS) and for the runtime-LoRA nets.
+  The VAEs (:data:`TENSORRT_NETS`) and each merged ``unet_user_<id>``
+  (:func:`merged_unet_def`) are ``tensorrt_plan`` models where TensorRT
+  imports when they are written (:func:`with_tensorrt_plan`, engines built
+  or refitted by ``export/trt.py``), else ``onnxruntime_onnx`` with ORT's
+  TensorRT accelerator (fp16, its engines cached under
+  :data:`TRT_ENGINE_CACHE_ROOT`); the runtime-LoRA UNet and text encoder
+  are python models on ORT's CUDA provider (their LoRA banks). Written and
+  validated structurally here (:func:`config_graph_problems`), not served
+  here (no GPU, no native backends in the pip tritonserver).
 
 ``render(model, target)`` gives the ``config.pbtxt`` text, built as Triton's
 own protobuf (``ModelConfig``) so it always parses.
@@ -43,6 +46,10 @@ class Serving:
     artifact: str | None = None  # file in the version folder (model.onnx / model.plan)
     parameters: dict[str, str] = field(default_factory=dict)  # overrides of the contract's defaults
     trt_accelerator: bool = False  # ORT's TensorRT execution accelerator (fp16)
+    accelerator: dict[str, str] = field(default_factory=dict)  # more parameters of that accelerator
+    #: native backends: tensor -> the graph's shape without the batch dim, where it differs from the
+    #: config's dims (a graph input [N] is dims [1] with reshape [], the contract's per-item scalar)
+    reshape: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -126,8 +133,8 @@ DIFFUSION_MODELS: tuple[ModelDef, ...] = (
     # the runtime-LoRA text encoder: the unet's LoRA bank design (per-item user's text-encoder LoRA);
     # gpu: the same python model on ONNX Runtime's CUDA provider
     ModelDef(contract.TEXT_ENCODER, queue_delay_us=1000, queue=NET_QUEUE, cpu=_ORT_CPU, gpu=_UNET_GPU),
-    # gpu: the same LoRA-bank python model, ONNX Runtime on its CUDA provider (merged
-    # mode's analogue there is a refit-enabled TensorRT engine: export/trt.py)
+    # gpu: the same LoRA-bank python model, ONNX Runtime on its CUDA provider (merged mode's
+    # unet_user_<id> there is native: a TensorRT plan built or refitted per user, merged_unet_def)
     # the UNet waits up to 3 ms for other callers' steps, so concurrent generations
     # (of any users) share its batches; callers run 2 instances so they can overlap
     ModelDef(contract.UNET, queue_delay_us=3000, queue=NET_QUEUE, cpu=_ORT_CPU, gpu=_UNET_GPU),
@@ -147,10 +154,62 @@ def with_tensorrt_plan(model: ModelDef) -> ModelDef:
     return dataclasses.replace(model, gpu=_TRT_GPU)
 
 
-def merged_unet_def(user_id: str) -> ModelDef:
-    """Serving mode 1: one user's merged UNet, a model of its own (code: model_repository/unet_user)."""
-    return ModelDef(contract.merged_unet(user_id), queue_delay_us=1000, queue=NET_QUEUE, cpu=_ORT_CPU, gpu=_UNET_GPU,
-                    source=contract.MERGED_UNET_SOURCE)
+def merged_unet_def(user_id: str, tensorrt: bool = False) -> ModelDef:
+    """Serving mode 1: one user's merged UNet, a model of its own. cpu: a python model over ONNX
+    Runtime (code: model_repository/unet_user); gpu: native — a ``tensorrt_plan`` (``tensorrt``: TensorRT
+    imported when the user was added) or ``onnxruntime_onnx`` with ORT's TensorRT accelerator. The gpu
+    configs need the graph's dims: :func:`with_graph_dims`."""
+    return ModelDef(contract.merged_unet(user_id), queue_delay_us=1000, queue=NET_QUEUE, cpu=_ORT_CPU,
+                    gpu=_TRT_GPU if tensorrt else _ORT_GPU, source=contract.MERGED_UNET_SOURCE)
+
+
+def with_graph_dims(model: ModelDef, inputs, outputs, target: Target = "gpu",
+                    accelerator: dict[str, str] | None = None) -> ModelDef:
+    """``model`` as a native backend on ``target`` serves the graph whose tensors are ``inputs`` /
+    ``outputs`` (``TensorSpec``s of its ``io.json``; first dim ``N`` when the model batches).
+
+    The contract leaves model-dependent dims at -1 (channels, hidden size); Triton's onnxruntime
+    backend refuses a config -1 where the graph has a fixed dim, so those become the graph's. A
+    graph tensor of batch only (``timestep`` [N]) keeps the contract's dims [1] with ``reshape: []``.
+    Names must match; a fixed contract dim the graph contradicts is a ValueError.
+    ``accelerator``: more parameters of ORT's TensorRT accelerator (e.g. its profile)."""
+    serving = model.serving(target)
+    if serving is None or serving.backend == "python":
+        raise ValueError(f"model {model.name!r} is not served by a native backend on target {target!r}")
+    reshape = dict(serving.reshape)
+
+    def fit(t: contract.T, spec) -> contract.T:
+        graph = list(spec.dims)
+        if model.max_batch_size > 0:
+            if not graph or not isinstance(graph[0], str):
+                raise ValueError(f"{model.name}: graph tensor '{t.name}' {graph} has no batch dim")
+            graph = graph[1:]
+        if not graph and t.dims == (1,):
+            reshape[t.name] = ()
+            return t
+        if len(graph) != len(t.dims):
+            raise ValueError(f"{model.name}: '{t.name}' is {list(t.dims)} in the contract, {graph} in the graph")
+        dims = []
+        for c, g in zip(t.dims, graph):
+            if isinstance(g, str) or c == g:
+                dims.append(c)
+            elif c == -1:
+                dims.append(int(g))
+            else:
+                raise ValueError(f"{model.name}: '{t.name}' is {list(t.dims)} in the contract, {graph} in the graph")
+        return dataclasses.replace(t, dims=tuple(dims))
+
+    def fitted(tensors, specs, kind: str) -> tuple:
+        by_name = {s.name: s for s in specs}
+        if set(by_name) != {t.name for t in tensors}:
+            raise ValueError(f"{model.name}: {kind} {sorted(t.name for t in tensors)} in the contract, "
+                             f"{sorted(by_name)} in the graph")
+        return tuple(fit(t, by_name[t.name]) for t in tensors)
+
+    c = dataclasses.replace(model.contract, inputs=fitted(model.inputs, inputs, "inputs"),
+                            outputs=fitted(model.outputs, outputs, "outputs"))
+    serving = dataclasses.replace(serving, reshape=reshape, accelerator={**serving.accelerator, **(accelerator or {})})
+    return dataclasses.replace(model, contract=c, **{target: serving})
 
 
 ALL_MODELS = MODELS + DIFFUSION_MODELS
@@ -184,6 +243,9 @@ def to_proto(model: ModelDef, target: Target, parameters: dict[str, str] | None 
             item.dims.extend(t.dims)
             if t.optional:
                 item.optional = True
+            if t.name in serving.reshape:
+                item.reshape.SetInParent()  # present even when empty: [] is the graph's [N] without N
+                item.reshape.shape.extend(serving.reshape[t.name])
     group = cfg.instance_group.add()
     group.count = serving.count
     group.kind = pb.ModelInstanceGroup.Kind.Value(serving.kind)
@@ -203,6 +265,8 @@ def to_proto(model: ModelDef, target: Target, parameters: dict[str, str] | None 
         acc.parameters["max_workspace_size_bytes"] = str(1 << 30)
         acc.parameters["trt_engine_cache_enable"] = "1"
         acc.parameters["trt_engine_cache_path"] = f"{TRT_ENGINE_CACHE_ROOT}/{model.name}"
+        for key, value in serving.accelerator.items():
+            acc.parameters[key] = value
     # python models read the contract's typed parameters; native backends only their own
     params = {**model.parameters, **serving.parameters} if serving.backend == "python" else dict(serving.parameters)
     params.update({k: v for k, v in (parameters or {}).items() if k in params})
@@ -225,3 +289,47 @@ def models_for(target: Target, diffusion: bool = False) -> list[ModelDef]:
     diffusion models when ``diffusion`` (they need exported artifacts)."""
     pool = ALL_MODELS if diffusion else MODELS
     return [m for m in pool if m.serving(target) is not None]
+
+
+def config_graph_problems(cfg, graph_inputs, graph_outputs, allow_wildcards: bool | None = None) -> list[str]:
+    """Where the Triton ``ModelConfig`` ``cfg`` and a graph disagree the way Triton's native backends
+    check at load (empty list = they agree). Graph tensors: ``(name, dtype, shape)`` with Triton dtype
+    names (``FP32``) and -1 (or a symbol / None) for dynamic dims.
+
+    Names and types equal; shape = the batch dim (-1) when ``max_batch_size > 0``, then the config's
+    dims (its ``reshape`` when given); a fixed graph dim must be the config's value — Triton's
+    onnxruntime backend refuses a -1 there; its tensorrt backend accepts -1 (the plan's profile bounds
+    it instead: ``export.trt.profile_problems``). ``allow_wildcards``: override that rule (None: by platform)."""
+    strict = cfg.platform != "tensorrt_plan" if allow_wildcards is None else not allow_wildcards
+    batching = cfg.max_batch_size > 0
+    problems = []
+    for kind, config_tensors, graph in (("input", cfg.input, graph_inputs), ("output", cfg.output, graph_outputs)):
+        by_name = {name: (dtype, [d if isinstance(d, int) and d >= 0 else -1 for d in shape])
+                   for name, dtype, shape in graph}
+        names = {t.name for t in config_tensors}
+        if names != set(by_name):
+            problems.append(f"{kind}s: {sorted(names)} in the config, {sorted(by_name)} in the graph")
+        for t in config_tensors:
+            if t.name not in by_name:
+                continue
+            dtype, shape = by_name[t.name]
+            if f"TYPE_{dtype}" != _pb().DataType.Name(t.data_type):
+                problems.append(f"{kind} '{t.name}': {_pb().DataType.Name(t.data_type)} in the config, "
+                                f"{dtype} in the graph")
+            dims = list(t.reshape.shape) if t.HasField("reshape") else list(t.dims)
+            full = ([-1] if batching else []) + dims
+            if batching and (not shape or shape[0] != -1):
+                problems.append(f"{kind} '{t.name}': batching needs a dynamic first dim, the graph has {shape}")
+            if len(full) != len(shape):
+                problems.append(f"{kind} '{t.name}': shape {full} in the config, {shape} in the graph")
+                continue
+            for i, (c, g) in enumerate(zip(full, shape)):
+                if g != -1 and c != g and (strict or c != -1):
+                    problems.append(f"{kind} '{t.name}': dim {i} is {c} in the config, {g} in the graph")
+    return problems
+
+
+def _pb():
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    return pb

@@ -26,11 +26,15 @@ from facetron.errors import InvalidInputError, NotFoundError
 from facetron.export.lora_files import load_lora
 from facetron.export.merge import MERGE_INFO, lora_plan, merge_loras, merge_provenance
 from facetron.export.model_configs import (TENSORRT_NETS, TRT_ENGINE_CACHE_ROOT, ModelDef, Target, TARGETS,
-                                           merged_unet_def, models_for, render, with_tensorrt_plan)
+                                           merged_unet_def, models_for, render, with_graph_dims,
+                                           with_tensorrt_plan)
 from facetron.export.onnx_export import ModelDims, export_model, export_onnx
 from facetron.export.onnx_graph import example_inputs, read_io
 from facetron.export.runtime_choice import check_precision_choice, cpu_flags, rule_text
+from facetron.diffusion.step_cache import RUNTIME_LORA_MODELS
 from facetron.export.runtime_lora import TEXT_ENCODER_TARGET_SUFFIXES, export_runtime_lora_text_encoder
+from facetron.export.step_cache import export_runtime_lora_deep_cache_unet
+from facetron.serving.unet import SHALLOW_FOLDER
 from facetron.faces.detector import mtcnn_onnx_paths
 from facetron.faces.embedder import embedder_onnx_path
 from facetron.paths import REPO_ROOT
@@ -86,7 +90,9 @@ class DiffusionSource:
         """Export the nets once into ``work`` (runtime-LoRA text encoder, VAE, runtime-LoRA UNet)."""
 
         base = load_base_model(self.base_model)
-        export_onnx(base, work, models=("vae_decoder", "vae_encoder"), runtime_lora_rank=self.lora_rank)
+        export_onnx(base, work, models=("vae_decoder", "vae_encoder"))
+        # the served UNet: the runtime-LoRA graph that also gives the step cache's deep feature, + its shallow graph
+        export_runtime_lora_deep_cache_unet(base.unet, work, dims=ModelDims.of(base), rank=self.lora_rank)
         export_runtime_lora_text_encoder(base.text_encoder, work, dims=ModelDims.of(base),
                                          rank=self.text_encoder_lora_rank)
         self._exported = work
@@ -112,10 +118,11 @@ class DiffusionSource:
         return self._exported / _EXPORTED.get(name, name)
 
     def copy_net(self, name: str, version: Path) -> None:
-        src = self.net_folder(name)
-        for f in src.iterdir():
-            if f.suffix in (".onnx", ".data", ".json"):
-                shutil.copyfile(f, version / f.name)
+        """Net ``name``'s graph files into its version folder; the ``unet``'s step-cache shallow graph
+        into ``<version>/shallow/`` (:data:`facetron.serving.unet.SHALLOW_FOLDER`)."""
+        _copy_graph(self.net_folder(name), version)
+        if name == "unet":
+            _copy_graph(self._exported / RUNTIME_LORA_MODELS[1], version / SHALLOW_FOLDER)
 
     def write_generator_files(self, version: Path) -> None:
         atomic_write_json(version / "model_info.json", self._info)
@@ -190,7 +197,14 @@ class DiffusionSource:
 
 _NET_ARTIFACTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 #: served net -> its exported folder, where they differ (the runtime-LoRA graphs)
-_EXPORTED = {"unet": "unet_lora", "text_encoder": "text_encoder_lora"}
+_EXPORTED = {"unet": RUNTIME_LORA_MODELS[0], "text_encoder": "text_encoder_lora"}
+
+
+def _copy_graph(src: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix in (".onnx", ".data", ".json"):
+            shutil.copyfile(f, dest / f.name)
 
 
 def _write_model(
@@ -198,6 +212,9 @@ def _write_model(
     overrides: dict[str, str] | None = None,
 ) -> None:
     serving = model.serving(target)
+    if serving.backend == "onnxruntime" and model.name in _NET_ARTIFACTS and diffusion is not None:
+        # Triton's onnxruntime backend refuses a config -1 where the graph has a fixed dim: the graph's dims
+        model = with_graph_dims(model, *read_io(diffusion.net_folder(model.name))[:2], target)
     version = dest / model.name / "1"
     version.mkdir(parents=True)
     (dest / model.name / "config.pbtxt").write_text(render(model, target, overrides))
@@ -361,11 +378,21 @@ def add_merged_user(
     target: Target = "cpu",
     *,
     style: str | None = None,
+    refit: bool = False,
 ) -> Path:
     """Serving mode 1: write ``unet_user_<id>`` (the user's LoRA fused into the
     UNet, exported to ONNX) into an assembled repository, atomically, without
     touching the other models. A server in explicit model-control mode loads
     it on the user's first request.
+
+    ``target="gpu"``: a native model (:func:`_install_gpu_unet`) — where
+    TensorRT imports here and can build, a ``tensorrt_plan`` (fp16, one profile
+    over batch 1..max_batch_size and every side a request may ask for,
+    ``trt_build.json`` naming the TensorRT version and GPU; ``refit``: the
+    repository's refit-enabled engine refitted with this user's weights, seconds
+    instead of a build — ``facetron export refit``); elsewhere it says why in one
+    line and writes ``onnxruntime_onnx`` with ORT's TensorRT accelerator (the
+    same profile; engines cached per model under ``TRT_ENGINE_CACHE_ROOT``).
 
     ``style``: a style of the registry beside ``users_dir``
     (:mod:`facetron.styles`) whose LoRA is fused too, at the style's weight
@@ -381,6 +408,14 @@ def add_merged_user(
     repo = Path(repo)
     if not (repo / "portrait_generator" / "config.pbtxt").is_file():
         raise InvalidInputError(str(repo), "is not an assembled facetron repository with the diffusion models")
+    if target not in TARGETS:
+        raise InvalidInputError("--target", f"expected one of {', '.join(TARGETS)}, got {target!r}")
+    written_for = _repository_target(repo)
+    if written_for is not None and written_for != target:
+        raise InvalidInputError("--target", f"{repo} is a {written_for} repository; a {target} model would not load "
+                                            f"there (give --target {written_for})")
+    if refit and target != "gpu":
+        raise InvalidInputError("--target", "a refit writes a gpu model (TensorRT); the cpu target has no engines")
     if style is not None and style_lora is not None:
         raise InvalidInputError("--style", "give a style name or a style LoRA file, not both")
     registry = UserRegistry(Path(users_dir))
@@ -411,10 +446,72 @@ def add_merged_user(
         export_model("unet", work, unet=unet, dims=ModelDims.of(base))
         version = tmp / "1"
         version.mkdir()
-        for f in (Path(work) / "unet").iterdir():
-            if f.suffix in (".onnx", ".data", ".json"):
-                shutil.copyfile(f, version / f.name)
+        if target == "gpu":
+            config = _install_gpu_unet(repo, user_id, Path(work) / "unet", version, base, refit)
+        else:
+            _copy_graph(Path(work) / "unet", version)
+            shutil.copyfile(SOURCE_REPOSITORY / (model.source or model.name) / "1" / "model.py", version / "model.py")
+            config = render(model, target)
         atomic_write_json(version / MERGE_INFO, provenance)
-        shutil.copyfile(SOURCE_REPOSITORY / (model.source or model.name) / "1" / "model.py", version / "model.py")
-        (tmp / "config.pbtxt").write_text(render(model, target))
+        (tmp / "config.pbtxt").write_text(config)
     return repo / model.name
+
+
+def _repository_target(repo: Path) -> Target | None:
+    """The target an assembled repository was written for (its ``vae_decoder``'s instance kind), None if unknown."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    try:
+        cfg = text_format.Parse((repo / "vae_decoder" / "config.pbtxt").read_text(), pb.ModelConfig())
+    except (OSError, text_format.ParseError):
+        return None
+    kinds = {g.kind for g in cfg.instance_group}
+    by_kind = {pb.ModelInstanceGroup.KIND_GPU: "gpu", pb.ModelInstanceGroup.KIND_CPU: "cpu"}
+    return by_kind.get(kinds.pop()) if len(kinds) == 1 else None
+
+
+def _install_gpu_unet(repo: Path, user_id: str, onnx_dir: Path, version: Path, base, refit: bool) -> str:
+    """gpu target: the merged UNet exported in ``onnx_dir`` as a native model in ``version``; returns its
+    config. The config is checked against the graph (names, types, dims as Triton's backend checks them)
+    and, for a plan, against its profile before any engine work."""
+    from facetron.errors import FacetronError
+    from facetron.export.model_configs import config_graph_problems, to_proto, with_graph_dims
+    from facetron.export.trt import (BUILD_RECORD, ENGINE_FILE, build_served_plan, engine_build_unavailable_reason,
+                                     ort_trt_profile, profile_problems, profile_shapes, refit_served_plan,
+                                     served_profile_sizes)
+
+    inputs, outputs, _ = read_io(onnx_dir)
+    name = merged_unet_def(user_id).name
+    sizes = served_profile_sizes(merged_unet_def(user_id).max_batch_size, base.resolution, base.latent_factor)
+    shapes = profile_shapes(inputs, sizes)
+    reason = engine_build_unavailable_reason()
+    if reason is None:
+        model = with_graph_dims(merged_unet_def(user_id, tensorrt=True), inputs, outputs)
+    else:
+        model = with_graph_dims(merged_unet_def(user_id), inputs, outputs, accelerator=ort_trt_profile(shapes))
+    cfg = to_proto(model, "gpu")
+    graph = [[(t.name, t.dtype, [-1 if isinstance(d, str) else d for d in t.dims]) for t in specs]
+             for specs in (inputs, outputs)]
+    problems = config_graph_problems(cfg, *graph) + profile_problems(cfg, shapes)
+    if problems:  # a bug here, not a user error: say so before minutes of engine work
+        raise FacetronError(f"{name}: the gpu config does not fit its graph: {'; '.join(problems)}")
+    if reason is not None:
+        _copy_graph(onnx_dir, version)
+        print(f"[export] {name}: {'no refit: ' if refit else ''}onnxruntime_onnx with ORT's TensorRT accelerator "
+              f"(fp16, one profile; engine built at first load, cached under {TRT_ENGINE_CACHE_ROOT}/{name}): {reason}",
+              flush=True)
+    else:
+        shutil.copyfile(onnx_dir / "io.json", version / "io.json")  # the tensors the plan was built for
+        onnx_path = onnx_dir / "model.onnx"
+        if refit:
+            record = refit_served_plan(repo, onnx_path, version, shapes)
+            how = f"refitted in {record['refit_seconds']} s"
+            if record["template_built_seconds"]:
+                how += f" (the refit-enabled engine built first, in {record['template_built_seconds']} s)"
+        else:
+            record = build_served_plan(onnx_path, version, shapes)
+            how = f"built in {record['build_seconds']} s"
+        print(f"[export] {name}: tensorrt_plan, fp16 {ENGINE_FILE} {how} for TensorRT {record['tensorrt']} on "
+              f"{record['gpu']} ({BUILD_RECORD})", flush=True)
+    return render(model, "gpu")

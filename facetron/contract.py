@@ -62,6 +62,11 @@ UNET_MAX_BATCH_CELLS = 8 * 64 * 64  # latent cells per UNet call (8 items at SD-
 SCHEDULERS = ("dpmsolver", "euler", "ddim")
 DEFAULT_SCHEDULER = "dpmsolver"
 DEFAULT_STEPS = 25
+#: step caching (DeepCache, facetron.diffusion.step_cache): a full UNet every ``cache_interval`` steps, the
+#: shallow graph on the cached deep feature between (1 = off, the uncached loop exactly)
+DEFAULT_CACHE_INTERVAL = 1
+MAX_CACHE_INTERVAL = 5
+DEEP_FEATURE = "deep_feature"  # unet: output of a full step, input of a shallow one
 DEFAULT_GUIDANCE = 7.0
 DEFAULT_STRENGTH = 0.6  # template mode: share of the template re-generated
 DEFAULT_FUSION_STRENGTH = 0.5  # portrait: weight of the user's photo in the face blend (0 = no fusion, 1 = full)
@@ -150,6 +155,7 @@ def check_generation(
     scheduler: str,
     latent_factor: int = LATENT_FACTOR,
     max_images: int = MAX_IMAGES,
+    cache_interval: int = DEFAULT_CACHE_INTERVAL,
 ) -> None:
     """The rules of a generation request, each error naming its input."""
     if not 1 <= num_images <= max_images:
@@ -165,6 +171,9 @@ def check_generation(
         raise InvalidInputError("strength", f"must be in (0, 1], got {strength}")
     if scheduler not in SCHEDULERS:
         raise InvalidInputError("scheduler", f"expected one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+    if not 1 <= cache_interval <= MAX_CACHE_INTERVAL:
+        raise InvalidInputError("cache_interval", f"must be 1..{MAX_CACHE_INTERVAL} (1 = no step caching), "
+                                                  f"got {cache_interval}")
 
 
 def check_fusion_strength(value: float, name: str = "fusion_strength") -> float:
@@ -328,6 +337,7 @@ GENERATION_INPUTS: tuple[T, ...] = (
     T("scheduler", "STRING", (1,), optional=True),
     T("template", "UINT8", (-1, -1, 3), optional=True),
     T("strength", "FP32", (1,), optional=True),
+    T("cache_interval", "INT32", (1,), optional=True),  # 1..MAX_CACHE_INTERVAL, 1 = off
 )
 PORTRAIT_EXTRA_INPUTS: tuple[T, ...] = (
     T("top_k", "INT32", (1,), optional=True),
@@ -352,6 +362,10 @@ UNET_CORE_INPUTS: tuple[T, ...] = (
     T("encoder_hidden_states", "FP32", (TOKENS, -1)),
 )
 UNET_OUTPUTS: tuple[T, ...] = (T("noise_pred", "FP32", (-1, -1, -1)),)
+#: the runtime-LoRA unet's step cache: a request asking for the output gets a full step and the feature
+#: entering the UNet's last up block; a request sending it runs only the shallow part on it
+UNET_CACHE_INPUTS: tuple[T, ...] = (T(DEEP_FEATURE, "FP32", (-1, -1, -1), optional=True),)
+UNET_CACHE_OUTPUTS: tuple[T, ...] = (T(DEEP_FEATURE, "FP32", (-1, -1, -1)),)
 
 TOKENIZER = ModelContract(
     name="tokenizer",
@@ -431,9 +445,12 @@ TEXT_ENCODER = ModelContract(
 UNET = ModelContract(
     name="unet",
     doc="Runtime-LoRA UNet: noise prediction for each batch item with that item's user's\n"
-    "LoRA (user_id; empty = base model) and style LoRA (style), from an LRU bank.",
-    inputs=UNET_CORE_INPUTS + (T("user_id", "STRING", (1,), optional=True), T("style", "STRING", (1,), optional=True)),
-    outputs=UNET_OUTPUTS,
+    "LoRA (user_id; empty = base model) and style LoRA (style), from an LRU bank.\n"
+    "Step cache: request the deep_feature output (a full step), or send deep_feature\n"
+    "(a shallow step: only the outer blocks run, on that cached feature).",
+    inputs=UNET_CORE_INPUTS + (T("user_id", "STRING", (1,), optional=True), T("style", "STRING", (1,), optional=True))
+    + UNET_CACHE_INPUTS,
+    outputs=UNET_OUTPUTS + UNET_CACHE_OUTPUTS,
     max_batch_size=32,
     params=UnetParams,
 )

@@ -291,6 +291,9 @@ def test_sync_and_async_pools_follow_the_same_plan(a_answers: list, expect: tupl
         ({"template": np.zeros((64, 64, 3), np.float32)}, "template: expected dtype uint8"),
         ({"fusion_strength": 1.5}, "fusion_strength: must be in [0, 1] (0 = no fusion), got 1.5"),
         ({"fuse": False, "fusion_strength": 0.4}, "fuse: false turns fusion off, but fusion_strength is 0.4"),
+        ({"cache_interval": 0}, "cache_interval: must be 1..5 (1 = no step caching), got 0"),
+        ({"cache_interval": 2.5}, "cache_interval: expected an integer, got 2.5"),
+        ({"steps": 20.5}, "steps: expected an integer, got 20.5"),
     ],
 )
 def test_portrait_request_applies_the_server_rules(kwargs: dict, message: str) -> None:
@@ -303,7 +306,8 @@ def test_portrait_request_applies_the_server_rules(kwargs: dict, message: str) -
 def test_portrait_request_sends_only_what_was_given_with_the_contract_dtypes() -> None:
     assert sorted(portrait_request("demo")) == ["num_images", "user_id"]
     inputs = portrait_request(
-        "demo", "studio", "a {trigger}", 2, 1, 20, 6.5, 7, 256, 320, np.zeros((64, 64, 3), np.uint8), 0.5, "blur", "euler", True, 0.7
+        "demo", "studio", "a {trigger}", 2, 1, 20, 6.5, 7, 256, 320, np.zeros((64, 64, 3), np.uint8), 0.5, "blur", "euler", True, 0.7,
+        3,
     )
     assert set(inputs) <= set(contract.PORTRAIT_INPUT_NAMES)
     for name, dtype in contract.SCALAR_INPUTS.items():

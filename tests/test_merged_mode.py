@@ -91,6 +91,19 @@ def test_merged_user_with_a_text_encoder_lora_matches_runtime_lora(merged_server
     assert np.abs(merged.astype(int) - runtime.astype(int)).max() <= 2
 
 
+def test_merged_mode_refuses_step_caching_by_name(merged_server) -> None:
+    """Merged per-user UNets have no step-cache graphs: cache_interval > 1 is INVALID_ARGUMENT naming it."""
+    from facetron.client import FacetronClient
+    from facetron.errors import InvalidInputError
+
+    server, _ = merged_server
+    request = {**REQUEST, "user_id": np.array([b"merged-user"], dtype=object),
+               "cache_interval": np.array([2], np.int32)}
+    with FacetronClient(server.grpc_url, timeout_s=300) as c, pytest.raises(
+            InvalidInputError, match="cache_interval: step caching is served by the runtime-LoRA unet"):
+        c.infer("portrait_generator", request, ["images"])
+
+
 def test_merged_models_are_unloaded_least_recently_used_first(merged_server) -> None:
     """max_merged_models=1 per generator instance (2 instances): after three users in
     turn at most two merged UNets are loaded, and every user is still served."""

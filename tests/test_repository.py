@@ -82,19 +82,45 @@ def test_gpu_onnx_artifacts_match_their_configs(gpu_repo: Path) -> None:
         _check_config_against_onnx(name, cfg, gpu_repo / name / "1" / "model.onnx")
 
 
-def _check_config_against_onnx(name: str, cfg, onnx_path: Path) -> None:
-    """Input/output names, dtypes and ranks of ``cfg`` == the ONNX graph's."""
+@pytest.mark.parametrize("name", ["vae_decoder", "vae_encoder"])
+def test_gpu_vae_ort_configs_fix_the_graph_dims(gpu_repo: Path, name: str) -> None:
+    cfg = _parse((gpu_repo / name / "config.pbtxt").read_text())
+    if cfg.platform == "tensorrt_plan":
+        pytest.skip("TensorRT imported at assembly: the plan variant (its backend accepts -1)")
+    _check_config_against_onnx(name, cfg, gpu_repo / name / "1" / "model.onnx")
+
+
+def test_with_graph_dims_gives_vae_configs_the_onnxruntime_backend_loads(gpu_repo: Path) -> None:
+    """What the assembly does for the test above: the contract's -1 dims the graph fixes become the graph's."""
+    from facetron.export.model_configs import BY_NAME, with_graph_dims
+    from facetron.export.onnx_graph import read_io
+
+    for name in ("vae_decoder", "vae_encoder"):
+        onnx_dir = gpu_repo / name / "1"
+        if not (onnx_dir / "model.onnx").is_file():
+            continue  # TensorRT imported at assembly
+        inputs, outputs, _ = read_io(onnx_dir)
+        cfg = _parse(render(with_graph_dims(BY_NAME[name], inputs, outputs), "gpu"))
+        assert cfg.platform == "onnxruntime_onnx"
+        assert len(cfg.optimization.execution_accelerators.gpu_execution_accelerator) == 1
+        _check_config_against_onnx(name, cfg, onnx_dir / "model.onnx")
+
+
+def _onnx_io(onnx_path: Path):
+    """(inputs, outputs) of an ONNX graph as ONNX Runtime reads it: (name, Triton dtype, shape; -1 = dynamic)."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    batch = 1 if cfg.max_batch_size > 0 else 0
-    for spec, ios in ((cfg.input, sess.get_inputs()), (cfg.output, sess.get_outputs())):
-        by_name = {io.name: io for io in ios}
-        assert set(by_name) == {t.name for t in spec}, name
-        for t in spec:
-            io = by_name[t.name]
-            assert "TYPE_" + _ORT_TYPES[io.type] == model_config_pb2.DataType.Name(t.data_type), (name, t.name)
-            assert len(io.shape) == len(t.dims) + batch, (name, t.name, io.shape, list(t.dims))
+    return [[(t.name, _ORT_TYPES[t.type], [d if isinstance(d, int) else -1 for d in t.shape]) for t in ios]
+            for ios in (sess.get_inputs(), sess.get_outputs())]
+
+
+def _check_config_against_onnx(name: str, cfg, onnx_path: Path, allow_wildcards: bool | None = None) -> None:
+    """Input/output names, dtypes and shapes of ``cfg`` == the ONNX graph's (batch dim, reshape), each
+    fixed graph dim as Triton's backend for ``cfg.platform`` checks it (``config_graph_problems``)."""
+    from facetron.export.model_configs import config_graph_problems
+
+    assert config_graph_problems(cfg, *_onnx_io(onnx_path), allow_wildcards=allow_wildcards) == [], name
 
 
 def test_gpu_tensorrt_plan_entries(gpu_repo: Path) -> None:
@@ -102,9 +128,13 @@ def test_gpu_tensorrt_plan_entries(gpu_repo: Path) -> None:
     TensorRT imports at assembly (a built ``model.plan`` + its build record),
     else the ORT variant with the TensorRT accelerator and an engine cache.
     Either way the plan configs are valid Triton configs whose tensors equal
-    the ONNX graphs the plans are built from (structural check here)."""
+    the ONNX graphs the plans are built from, and the one profile they are
+    built with covers the config (structural check here)."""
     from facetron.export.model_configs import BY_NAME, TENSORRT_NETS, TRT_ENGINE_CACHE_ROOT, with_tensorrt_plan
-    from facetron.export.trt import tensorrt_unavailable_reason
+    from facetron.export.onnx_graph import read_io
+    from facetron.export.trt import profile_problems, profile_shapes, served_profile_sizes, tensorrt_unavailable_reason
+
+    info = json.loads((gpu_repo / "portrait_generator" / "1" / "model_info.json").read_text())
 
     for name in TENSORRT_NETS:
         plan_cfg = _parse(render(with_tensorrt_plan(BY_NAME[name]), "gpu"))
@@ -122,8 +152,11 @@ def test_gpu_tensorrt_plan_entries(gpu_repo: Path) -> None:
         assert acc.name == "tensorrt" and acc.parameters["precision_mode"] == "FP16"
         assert acc.parameters["trt_engine_cache_enable"] == "1"
         assert acc.parameters["trt_engine_cache_path"] == f"{TRT_ENGINE_CACHE_ROOT}/{name}"
-        # the plan config against the ONNX graph a plan would be built from
+        # the plan config against the ONNX graph a plan would be built from, and the profile it would be built with
         _check_config_against_onnx(name, plan_cfg, gpu_repo / name / "1" / "model.onnx")
+        inputs, _, _ = read_io(gpu_repo / name / "1")
+        sizes = served_profile_sizes(plan_cfg.max_batch_size, info["resolution"], info["latent_factor"])
+        assert profile_problems(plan_cfg, profile_shapes(inputs, sizes)) == [], name
     with pytest.raises(ValueError, match="no TensorRT plan variant"):
         with_tensorrt_plan(BY_NAME["unet"])
 

@@ -214,7 +214,7 @@ def test_bank_applies_face_and_style_with_their_weights(tmp_path, base, loras) -
 
     def expect(face: bool, style_weight: float | None) -> dict[str, np.ndarray]:
         plan = ([(loras["face"], W_FACE)] if face else []) + ([(loras["style"], style_weight)] if style_weight else [])
-        return {k: v[0] for k, v in lora_inputs_for(plan[0][0], manifest, plan[0][1], extra=plan[1:]).items()}
+        return lora_inputs_for(plan[0][0], manifest, plan[0][1], extra=plan[1:])
 
     for (user, style), want in {("ann", "own-weight"): expect(True, 0.6), ("ann", "server-weight"): expect(True, 0.3),
                                 ("", "own-weight"): expect(False, 0.6), ("ann", "studio"): expect(True, None)}.items():

@@ -113,6 +113,57 @@ def _merged_reference(base, full_repository: Path, users_dir: Path, user: str, l
     return generate(nets, sched, job.prompt, job.negative_prompt, job.request)
 
 
+def test_step_cache_served_equals_the_graphs_in_process(client, users, full_repository, users_dir) -> None:
+    """cache_interval 3 over gRPC (full steps ask the unet for deep_feature, shallow steps send it back)
+    == the same loop in-process over the repository's two graphs (ONNX Runtime), within 2/255; interval 1
+    is the uncached generation exactly; caching changes the picture a little, not a lot."""
+    import onnxruntime as ort
+
+    from facetron.diffusion.clip_tokenizer import ClipTokenizer
+    from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora_manifest, zero_lora_inputs
+    from facetron.diffusion.nets import DiffusionNets
+    from facetron.diffusion.step_cache import psnr_uint8
+    from facetron.serving.generation import build_job, generate, read_model_info
+
+    steps, seed = 9, 21
+    served = _generate(client, user_id="astro", num_images=2, seed=seed, steps=steps, cache_interval=3)
+    off = _generate(client, user_id="astro", num_images=2, seed=seed, steps=steps, cache_interval=1)
+    np.testing.assert_array_equal(off, _generate(client, user_id="astro", num_images=2, seed=seed, steps=steps))
+
+    unet_dir = full_repository / "unet" / "1"
+    sess = {m: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for m, p in (
+        ("full", unet_dir / "model.onnx"), ("shallow", unet_dir / "shallow" / "model.onnx"),
+        ("text_encoder", full_repository / "text_encoder" / "1" / "model.onnx"),
+        ("vae_decoder", full_repository / "vae_decoder" / "1" / "model.onnx"))}
+    lora = lora_inputs_for(users["astro"], read_lora_manifest(unet_dir), W_FACE)
+    te_zero = zero_lora_inputs(read_lora_manifest(full_repository / "text_encoder" / "1"))
+
+    def feed(name: str, s, t, h, **more):
+        n = len(s)
+        given = {"sample": s, "timestep": t, "encoder_hidden_states": h, **more,
+                 **{k: np.repeat(v, n, 0) for k, v in lora.items()}}
+        return {i.name: given[i.name] for i in sess[name].get_inputs()}  # the shallow graph reads fewer
+
+    nets = DiffusionNets(
+        tokenize=ClipTokenizer(),
+        text_encode=lambda ids: sess["text_encoder"].run(None, {"input_ids": ids, **{
+            k: np.repeat(v, len(ids), 0) for k, v in te_zero.items()}})[0],
+        unet=lambda s, t, h: sess["full"].run(["noise_pred"], feed("full", s, t, h))[0],
+        unet_deep=lambda s, t, h: tuple(sess["full"].run(["noise_pred", "deep_feature"], feed("full", s, t, h))),
+        unet_shallow=lambda s, t, h, f: sess["shallow"].run(["noise_pred"], feed("shallow", s, t, h,
+                                                                               deep_feature=f))[0],
+        vae_decode=lambda lat: sess["vae_decoder"].run(None, {"latent": lat})[0],
+    )
+    info, sched = read_model_info(full_repository / "portrait_generator" / "1")
+    job = build_job({"user_id": "astro", "num_images": 2, "seed": seed, "steps": steps, "cache_interval": 3}, info,
+                    UserRegistry(users_dir))
+    want = generate(nets, sched, job.prompt, job.negative_prompt, job.request)
+    assert int(np.abs(served.astype(int) - want).max()) <= 2
+    psnr = psnr_uint8(served, off)
+    print(f"step cache, interval 3 over {steps} steps vs uncached: PSNR {psnr:.1f} dB (tiny model)")
+    assert 15 < psnr < float("inf")  # another seed: ~13 dB
+
+
 def test_generator_is_deterministic(client, users) -> None:
     a = _generate(client, user_id="astro", num_images=2, seed=7)
     b = _generate(client, user_id="astro", num_images=2, seed=7)
@@ -244,6 +295,8 @@ def test_portrait_detects_the_template_once(client, users, triton) -> None:
         ("portrait_generator", dict(guidance=float("nan")), InvalidInputError, "guidance"),
         ("portrait_generator", dict(style="cubism"), InvalidInputError, "unknown style 'cubism'"),
         ("portrait_generator", dict(scheduler="magic"), InvalidInputError, "scheduler"),
+        ("portrait_generator", dict(cache_interval=0), InvalidInputError, r"cache_interval: must be 1\.\.5"),
+        ("portrait", dict(user_id="astro", cache_interval=6), InvalidInputError, r"cache_interval: must be 1\.\.5"),
         ("portrait_generator", dict(template=np.zeros((8, 8, 3), np.uint8)), InvalidInputError, "template: is 8x8"),
         ("portrait_generator", dict(template=np.full((64, 64, 3), 90, np.uint8)), InvalidInputError,
          "template: no face found"),

@@ -120,10 +120,27 @@ def _runtimes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _portrait(args: argparse.Namespace) -> int:
+    from facetron.benchmarks.portrait_e2e import VARIANTS, psnr_text, run
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else VARIANTS
+    result = run(full=args.full, variants=variants, threads=args.threads, out_dir=args.out)
+    print(f"CPU: {result['cpu']['model']} ({', '.join(result['cpu']['kernel_flags'])}); {result['note']}")
+    dev = {d["variant"]: f"  PSNR vs {d['vs']} {psnr_text(d['psnr_db'])}" for d in result["deviations"]}
+    for variant, e in result["variants"].items():
+        s = e.get("stages")
+        print(f"  {variant:<26} " + (f"ERROR {e['error']}" if s is None else
+              f"{s['total_s']:>9.2f} s  ({e['steps']} steps, UNet {s['unet_s_per_step']:.3f} s/step)  "
+              f"x facechain {e['speedup_over_facechain']}{dev.get(variant, '')}"))
+    for f in result.get("files", []):
+        print(f"  wrote {f}")
+    return 1 if any("error" in e for e in result["variants"].values()) else 0
+
+
 def _lora(args: argparse.Namespace) -> int:
     from facetron.benchmarks.pairs import write_runtime_lora
 
-    r = write_runtime_lora(users=args.users, repeats=args.repeats, out_dir=args.out)
+    r = write_runtime_lora(users=args.users, repeats=args.repeats, out_dir=args.out, full=args.full)
     for k, v in r.items():
         if "_over_" in k:
             print(f"  {k:<48} {v}")
@@ -160,9 +177,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                  "vae_encoder")
     rt.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
     rt.set_defaults(func=_runtimes)
+    po = bsub.add_parser("portrait", help="one portrait end to end: FaceChain's recipe (diffusers, torch eager, 40 "
+                                          "DPM-Solver steps) vs facetron's served nets and loop per runtime "
+                                          "(ORT f32, OpenVINO f32 / bf16 / int8 weights): seconds per stage, "
+                                          "speed-ups, numerical deviation (tiny; --full: SD-1.5 shapes)")
+    po.add_argument("--full", action="store_true", help="SD-1.5 shapes, 512x512, random weights: needs ~15 GB and the "
+                                                        "machine alone, ~20 minutes on 2 cores")
+    po.add_argument("--variants", default=None, help="comma-separated subset of facechain,facetron_onnxruntime_f32,"
+                                                     "facetron_openvino_f32,facetron_openvino_bf16,"
+                                                     "facetron_openvino_int8w (default: all)")
+    po.add_argument("--threads", type=int, default=2, help="threads per runtime and for torch (default 2, as served)")
+    po.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
+    po.set_defaults(func=_portrait)
     lo = bsub.add_parser("lora", help="runtime-LoRA UNet vs merged UNets alone (ORT; 1 user also in the served "
                                       "OpenVINO runtime), tiny model, under a minute")
     lo.add_argument("--users", type=int, default=8)
+    lo.add_argument("--full", action="store_true", help="also 1 user at SD-1.5 shapes, ORT fp32 and OpenVINO bf16 as "
+                                                         "served (random weights; ~10 minutes, ~12 GB: run it alone)")
     lo.add_argument("--repeats", type=int, default=30, help="interleaved calls per variant")
     lo.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
     lo.set_defaults(func=_lora)

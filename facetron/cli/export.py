@@ -104,6 +104,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     u.add_argument("--w-style", type=float, default=0.25)
     u.add_argument("--target", choices=TARGETS, default="cpu")
     u.set_defaults(func=run_add_user)
+    _add_refit_parser(nested)
     return nested
 
 
@@ -115,6 +116,45 @@ def run_add_user(args: argparse.Namespace) -> int:
     path = add_merged_user(args.repo, user, args.users_dir or default_root(), args.base_model, args.style_lora,
                            args.w_face, args.w_style, args.target, style=args.style)
     print(f"[export] merged UNet of {user!r} -> {path} (a server with explicit model control loads it on first use)")
+    return 0
+
+
+def _add_refit_parser(nested: argparse._SubParsersAction) -> None:
+    f = nested.add_parser("refit", help="merged mode, gpu: a user's UNet engine as a refit of the repository's "
+                                        "refit-enabled engine (seconds, not a build); without TensorRT the ORT "
+                                        "variant")
+    f.add_argument("--repo", type=Path, required=True, help="an assembled gpu repository")
+    f.add_argument("--user", required=True)
+    f.add_argument("--users-dir", type=Path, default=None,
+                   help="user registry (default: FACETRON_USERS_DIR or build/users)")
+    f.add_argument("--style", default=None, help="a registered style whose LoRA is fused too (`facetron styles list`)")
+    f.add_argument("--base-model", type=Path, default=None,
+                   help="the base model (default: the one the repository was assembled from, its model_info.json)")
+    f.set_defaults(func=run_refit)
+
+
+def run_refit(args: argparse.Namespace) -> int:
+    """Where TensorRT imports: ``unet_user_<id>/1/model.plan`` = the repository's refit-enabled UNet engine
+    (``unet_refit.plan``, built on first use) refitted with the user's merged weights. Elsewhere the one-line
+    reason and the ORT variant (as ``add-user --target gpu``). Loaded like any merged user (explicit model control)."""
+    from facetron.errors import InvalidInputError
+    from facetron.export.repository import add_merged_user
+    from facetron.users import default_root, validate_user_id
+
+    user = validate_user_id(args.user, "--user")
+    base_model = args.base_model
+    info_path = args.repo / "portrait_generator" / "1" / "model_info.json"
+    if base_model is None and info_path.is_file():  # refit the base the repository serves, not the default
+        info = json.loads(info_path.read_text())
+        if not info.get("is_smoke_model"):
+            base_model = Path(info["path"])
+            if not base_model.is_dir():
+                raise InvalidInputError("--base-model", f"{args.repo} was assembled from {base_model}, which is not on "
+                                                        "this machine: give --base-model")
+    path = add_merged_user(args.repo, user, args.users_dir or default_root(), base_model, target="gpu",
+                           style=args.style, refit=True)
+    print(f"[export refit] merged UNet of {user!r} -> {path} (a server with explicit model control loads it on first "
+          "use)")
     return 0
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from facetron.client.grpc_client import DEFAULT_URL, RetryPolicy, portrait_request
-from facetron.contract import CLIENT_NUM_IMAGES, DEFAULT_FUSION_STRENGTH, SCHEDULERS
+from facetron.contract import CLIENT_NUM_IMAGES, DEFAULT_FUSION_STRENGTH, MAX_CACHE_INTERVAL, SCHEDULERS
 from facetron.errors import FacetronError, InvalidInputError
 
 # library argument -> CLI flag, so errors name what the user typed
@@ -41,6 +41,7 @@ FLAGS = {
     "template": "--template",
     "strength": "--strength",
     "fusion_strength": "--fusion-strength",
+    "cache_interval": "--cache-interval",
 }
 
 
@@ -70,6 +71,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fusion-strength", type=float, default=None,
                    help=f"blend of the user's best photo into each generated face, 0..1 (0 = no fusion; "
                         f"default: the server's, {DEFAULT_FUSION_STRENGTH:g})")
+    p.add_argument("--cache-interval", type=int, default=None,
+                   help=f"step caching: a full UNet every N steps, the cached deep features between (1..{MAX_CACHE_INTERVAL}; "
+                        "1 = off, the server's default; faster, with a small deviation)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per attempt (default 600)")
     p.add_argument("--retries", type=int, default=3, help="rounds over the servers on UNAVAILABLE (default 3)")
     p.add_argument("--progress", action="store_true",
@@ -99,6 +103,7 @@ def _request(args: argparse.Namespace, template: np.ndarray | None) -> dict[str,
         negative_prompt=args.negative_prompt,
         scheduler=args.scheduler,
         fusion_strength=args.fusion_strength,
+        cache_interval=args.cache_interval,
     )
     try:
         portrait_request(**kwargs)

@@ -17,5 +17,8 @@ class DiffusionNets:
     unet: Callable[..., np.ndarray]  # (sample, timestep, hidden) -> noise_pred
     vae_decode: Callable[[np.ndarray], np.ndarray]  # latent -> uint8 [N,H,W,3]
     vae_encode: Optional[Callable[[np.ndarray], np.ndarray]] = None  # uint8 [N,H,W,3] -> latent
+    # step caching (facetron.diffusion.step_cache), where the deployment has the graphs (None: it has not):
+    unet_deep: Optional[Callable[..., tuple[np.ndarray, np.ndarray]]] = None  # -> (noise_pred, deep_feature)
+    unet_shallow: Optional[Callable[..., np.ndarray]] = None  # (sample, t, hidden, deep_feature) -> noise_pred
     latent_channels: int = 4
     latent_factor: int = 8

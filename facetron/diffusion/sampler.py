@@ -75,13 +75,15 @@ class GenerationRequest:
     width: int = 512
     scheduler: str = contract.DEFAULT_SCHEDULER
     strength: float = contract.DEFAULT_STRENGTH  # template mode: how much of the template is re-generated (0..1]
+    cache_interval: int = contract.DEFAULT_CACHE_INTERVAL  # step caching: a full UNet every N steps (1 = off)
 
     def validate(self, latent_factor: int = contract.LATENT_FACTOR, max_images: int = contract.MAX_IMAGES) -> None:
         """The contract's generation rules (facetron.contract.check_generation).
         Callers validate once; the loop below trusts a validated request."""
         contract.check_generation(num_images=self.num_images, steps=self.steps, guidance=self.guidance,
                                   height=self.height, width=self.width, strength=self.strength,
-                                  scheduler=self.scheduler, latent_factor=latent_factor, max_images=max_images)
+                                  scheduler=self.scheduler, latent_factor=latent_factor, max_images=max_images,
+                                  cache_interval=self.cache_interval)
 
 
 def initial_noise(seed: int, count: int, shape: tuple[int, int, int]) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -194,10 +194,14 @@ def bls_infer(model: str, inputs: Mapping[str, np.ndarray], outputs: Iterable[st
     return {name: p.get_output_tensor_by_name(answer, name).as_numpy() for name in names}
 
 
-def bls_chunked(model: str, inputs: Mapping[str, np.ndarray], output: str, max_batch: int) -> np.ndarray:
-    """``bls_infer`` over batch chunks of at most ``max_batch`` items, concatenated."""
+def bls_chunked(model: str, inputs: Mapping[str, np.ndarray], output: str | Sequence[str],
+                max_batch: int) -> np.ndarray | tuple[np.ndarray, ...]:
+    """``bls_infer`` over batch chunks of at most ``max_batch`` items, concatenated: the array of
+    ``output``, or a tuple of arrays when ``output`` is a sequence of names."""
+    names = [output] if isinstance(output, str) else list(output)
     n = len(next(iter(inputs.values())))
-    parts = []
+    parts: list[dict[str, np.ndarray]] = []
     for s in range(0, n, max_batch):
-        parts.append(bls_infer(model, {k: v[s : s + max_batch] for k, v in inputs.items()}, [output])[output])
-    return np.concatenate(parts)
+        parts.append(bls_infer(model, {k: v[s : s + max_batch] for k, v in inputs.items()}, names))
+    joined = tuple(np.concatenate([p[name] for p in parts]) for name in names)
+    return joined[0] if isinstance(output, str) else joined

@@ -96,18 +96,30 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
     merged = None
     if identity_mode == "merged" and user_id:
         merged = merged_models.use(user_id, repository, user_version)
-    def unet(sample: np.ndarray, t: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+    def unet_call(sample: np.ndarray, t: np.ndarray, hidden: np.ndarray, outputs: str | tuple[str, ...] = "noise_pred",
+                  feature: np.ndarray | None = None):
         n = len(sample)
         unet_batch = contract.unet_chunk(sample.shape[2], sample.shape[3], contract.UNET.max_batch_size)
         inputs = {"sample": sample, "timestep": t.reshape(n, 1).astype(np.float32), "encoder_hidden_states": hidden}
         if merged is not None:
             try:
-                return bls_chunked(merged, inputs, "noise_pred", unet_batch)
+                return bls_chunked(merged, inputs, outputs, unet_batch)
             except FacetronError:  # unloaded by another instance's LRU meanwhile: load again, once
-                return bls_chunked(merged_models.use(user_id, repository), inputs, "noise_pred", unet_batch)
+                return bls_chunked(merged_models.use(user_id, repository), inputs, outputs, unet_batch)
         inputs["user_id"] = np.array([[user_id.encode()]] * n, dtype=object)
         inputs["style"] = np.array([[style.encode()]] * n, dtype=object)
-        return bls_chunked(contract.UNET.name, inputs, "noise_pred", unet_batch)
+        if feature is not None:
+            inputs[contract.DEEP_FEATURE] = feature
+        return bls_chunked(contract.UNET.name, inputs, outputs, unet_batch)
+
+    def unet(sample: np.ndarray, t: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        return unet_call(sample, t, hidden)
+
+    def unet_deep(sample: np.ndarray, t: np.ndarray, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return unet_call(sample, t, hidden, ("noise_pred", contract.DEEP_FEATURE))
+
+    def unet_shallow(sample: np.ndarray, t: np.ndarray, hidden: np.ndarray, feature: np.ndarray) -> np.ndarray:
+        return unet_call(sample, t, hidden, feature=feature)
 
     def text_encode(ids: np.ndarray) -> np.ndarray:
         inputs = {"input_ids": ids, "user_id": np.array([[user_id.encode()]] * len(ids), dtype=object)}
@@ -121,6 +133,9 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
         tokenize=tokenize,
         text_encode=text_encode,
         unet=unet,
+        # step caching is served by the runtime-LoRA unet (merged per-user models have no step-cache graphs)
+        unet_deep=unet_deep if merged is None else None,
+        unet_shallow=unet_shallow if merged is None else None,
         vae_decode=lambda latent: bls_chunked(contract.VAE_DECODER.name, {"latent": latent}, "images",
                                               contract.VAE_DECODER.max_batch_size),
         vae_encode=lambda images: bls_chunked(contract.VAE_ENCODER.name, {"images": images}, "latent",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from facetron import contract
 from facetron.contract import GeneratorParams
 from facetron.diffusion.nets import DiffusionNets
 from facetron.diffusion.sampler import GenerationRequest, ProgressFn, denoise
+from facetron.diffusion.step_cache import step_cached
 from facetron.diffusion.styles import DEFAULT_STYLE, style_prompt
 from facetron.errors import InvalidInputError
 from facetron.serving import metrics
@@ -102,11 +103,32 @@ def build_job(values: dict, info: dict, registry: UserRegistry, params: Generato
         width=int(values.get("width") or res),
         scheduler=values.get("scheduler") or contract.DEFAULT_SCHEDULER,
         strength=float(given("strength", contract.DEFAULT_STRENGTH)),
+        cache_interval=int(given("cache_interval", contract.DEFAULT_CACHE_INTERVAL)),
     )
     req.validate(int(info["latent_factor"]), params.max_images)
     contract.check_budget(num_images=req.num_images, steps=req.steps, height=req.height, width=req.width, native=res,
                           max_side_factor=params.max_side_factor, max_work=params.max_work)
     return GenerationJob(prompt, negative, user_id, style_name, req, template)
+
+
+def _timed(fn: Callable) -> Callable:
+    def call(*args, **kwargs):
+        with metrics.current().timed_step():
+            return fn(*args, **kwargs)
+    return call
+
+
+def _unet_fn(nets: DiffusionNets, cache_interval: int, extra: dict) -> Callable:
+    """The loop's ``unet(sample, t, hidden)``: each call timed as a step, ``extra`` inputs added;
+    with ``cache_interval`` > 1 a :class:`CachedUNet` over the nets' step-cache graphs."""
+    plain = _timed(lambda s, t, h: nets.unet(s, t, h, **extra))
+    if cache_interval == 1:
+        return plain
+    if nets.unet_deep is None or nets.unet_shallow is None:
+        raise InvalidInputError("cache_interval", "step caching is served by the runtime-LoRA unet; this deployment "
+                                                  "has no step-cache graphs for it (merged mode): use 1")
+    return step_cached(plain, _timed(lambda s, t, h: nets.unet_deep(s, t, h, **extra)),
+                       _timed(lambda s, t, h, f: nets.unet_shallow(s, t, h, f, **extra)), cache_interval)
 
 
 def generate(
@@ -129,11 +151,7 @@ def generate(
         raise InvalidInputError("prompt", "is empty")
     hidden = nets.text_encode(nets.tokenize([prompt, negative_prompt]))
     cond, uncond = hidden[:1], hidden[1:2]
-    extra = unet_extra or {}
-
-    def unet(sample: np.ndarray, t: np.ndarray, h: np.ndarray) -> np.ndarray:
-        with metrics.current().timed_step():
-            return nets.unet(sample, t, h, **extra) if extra else nets.unet(sample, t, h)
+    unet = _unet_fn(nets, req.cache_interval, unet_extra or {})
 
     # 2. template mode: start from the template's latent
     init = None

@@ -20,13 +20,13 @@ from typing import Callable
 
 import numpy as np
 
-from facetron.contract import DEFAULT_STYLE_WEIGHT, UnetParams
+from facetron.contract import DEEP_FEATURE, DEFAULT_STYLE_WEIGHT, UnetParams
 from facetron.diffusion.lora_inputs import (lora_inputs_for, manifest_component, read_lora_manifest,
                                             stack_lora_inputs, zero_lora_inputs)
 from facetron.errors import InvalidInputError, NotFoundError
 from facetron.serving import metrics
-from facetron.serving.backend import decode_utf8, pb, read_params, version_dir
-from facetron.serving.ort_net import check_feed, run_batched, unet_feed
+from facetron.serving.backend import decode_utf8, get_input, pb, read_params, version_dir
+from facetron.serving.ort_net import check_feed, check_finite, run_batched, unet_feed
 from facetron.serving.runtimes import open_runtime
 from facetron.styles import StyleRegistry, styles_for
 from facetron.users import UserRegistry, registry_at, validate_user_id
@@ -178,6 +178,11 @@ def item_strings(request, name: str, n: int) -> list[str]:
 #: feed entry (object array, one (user_id, style) per item) that carries the items' LoRA keys from
 #: UnetModel._read to _run, so a dynamic batch stacks its LoRA tensors once, not once per request
 LORA_KEYS = "__lora_keys__"
+#: feed entry marking a request that asked for the deep_feature output (a full step of the step cache);
+#: run_batched groups requests by their feed's names, so full, shallow and plain steps run as separate batches
+WANTS_FEATURE = "__wants_deep_feature__"
+#: the step cache's shallow graph, in the unet's version folder (its io.json lists the LoRA inputs it reads)
+SHALLOW_FOLDER = "shallow"
 
 
 class UnetModel:
@@ -189,6 +194,12 @@ class UnetModel:
         # reuse_inputs keeps them bound in the runtime instead of passing ~65 inputs again on every call
         self.session = open_runtime(folder / "model.onnx", params.runtime, params.intra_op_threads or None,
                                     params.providers, reuse_inputs=True, precision=params.precision)
+        # the step cache: the graph above also gives deep_feature; the shallow graph opens on first use
+        self._shallow_path = folder / SHALLOW_FOLDER / "model.onnx"
+        self._open_shallow = partial(open_runtime, self._shallow_path, params.runtime, params.intra_op_threads or None,
+                                     params.providers, reuse_inputs=True, precision=params.precision)
+        self._shallow = None
+        self._shallow_lock = threading.Lock()
         registry = registry_at(params.users_dir)
         styles = styles_for(registry.root)
         self.bank = LoraBank(
@@ -206,6 +217,14 @@ class UnetModel:
         built here (a bad user or style fails this request only), stacked once per batch in :meth:`_run`."""
         feed = check_feed(unet_feed(request), self.session)
         n = feed["sample"].shape[0]
+        feature = get_input(request, DEEP_FEATURE, dtype=np.float32, ndim=4, required=False)
+        if feature is not None:  # a shallow step on a cached feature
+            if feature.shape[0] != n:
+                raise InvalidInputError(DEEP_FEATURE, f"expected one feature per batch item ({n}), got {feature.shape[0]}")
+            feed[DEEP_FEATURE] = check_finite(feature, DEEP_FEATURE)
+            check_feed({DEEP_FEATURE: feature}, self.shallow())
+        elif DEEP_FEATURE in request.requested_output_names():  # a full step that keeps its feature
+            feed[WANTS_FEATURE] = np.ones(n, bool)
         users, styles = item_strings(request, "user_id", n), item_strings(request, "style", n)
         keys = np.empty(n, dtype=object)
         for i, key in enumerate(zip(users, styles)):
@@ -215,10 +234,25 @@ class UnetModel:
         feed[LORA_KEYS] = keys
         return feed
 
+    def shallow(self):
+        """The step cache's shallow graph, opened on first use (a repository without one refuses the input)."""
+        with self._shallow_lock:
+            if self._shallow is None:
+                if not self._shallow_path.is_file():
+                    raise InvalidInputError(DEEP_FEATURE, "this unet has no step-cache shallow graph (re-assemble the "
+                                                          "repository to serve cache_interval > 1)")
+                self._shallow = self._open_shallow()
+            return self._shallow
+
     def _run(self, feed):
         feed = dict(feed)
         feed.update(self.bank.batch(list(feed.pop(LORA_KEYS))))  # same arrays while the batch's keys repeat
-        return {"noise_pred": self.session.run(["noise_pred"], feed)[0]}
+        if DEEP_FEATURE in feed:  # shallow step: the graph reads only some of the LoRA inputs
+            shallow = self.shallow()
+            wanted = {spec.name for spec in shallow.get_inputs()}
+            return {"noise_pred": shallow.run(["noise_pred"], {k: v for k, v in feed.items() if k in wanted})[0]}
+        outputs = ["noise_pred", DEEP_FEATURE] if feed.pop(WANTS_FEATURE, None) is not None else ["noise_pred"]
+        return dict(zip(outputs, self.session.run(outputs, feed)))
 
     def execute(self, requests):
         return run_batched(requests, self._read, self._run)

@@ -1,0 +1,587 @@
+"""One portrait end to end: FaceChain's recipe vs facetron's served runtimes.
+
+One txt2img image (guidance 7: a batch-2 UNet call per step), the same
+prompt, negative prompt and seed for every variant, the same initial noise
+(:func:`facetron.diffusion.sampler.initial_noise`, image i from seed + i):
+
+* ``facechain``: FaceChain's recipe: diffusers' own ``StableDiffusionPipeline``
+  over the torch modules (eager fp32, ``torch.set_num_threads(threads)``),
+  ``DPMSolverMultistepScheduler`` with diffusers' default settings over the
+  base model's scheduler config (DPM-Solver++ 2M, *not* Karras), 40 steps.
+  The face LoRA is merged into the weights (``merge_loras``), as FaceChain
+  merges it: nothing per step.
+* ``facetron_<runtime>_<precision>``: the served nets opened as the served
+  models open them (:func:`facetron.serving.runtimes.open_runtime`, the
+  served thread count, ``reuse_inputs`` for the UNet): the runtime-LoRA
+  text encoder and UNet fed the same face LoRA as graph inputs (what the
+  LoRA bank hands them: ``lora_inputs_for`` at ``w_face``), the VAE decoder,
+  facetron's tokenizer, ``contract.DEFAULT_STEPS`` steps of
+  ``contract.DEFAULT_SCHEDULER`` (DPM-Solver++ 2M Karras), through
+  :func:`facetron.serving.generation.generate` (the served loop).
+  ``onnxruntime_f32`` is the served default at the start of this round;
+  ``openvino_bf16`` runs every net with OpenVINO's bf16 precision hint (fast
+  only where the CPU has AMX: ``cpu.amx_bf16`` in the result);
+  ``openvino_int8w`` compiles every net with int8 weights
+  (``nncf.compress_weights``, activations f32: not a served option).
+  Unlike a served model, OpenVINO keeps no compiled-model cache here and
+  never falls back to ONNX Runtime (a variant that fails is an error row).
+
+Measured per variant, once, after one warm-up generation at 2 steps (which
+also compiles OpenVINO's static graphs): seconds for the whole image and per
+stage (text encoder, UNet total and per step, VAE decoder; ``other_s`` is
+the rest: tokenizer, scheduler, glue), ``open_s`` (opening the nets) and
+``warmup_s``; the speed-up over ``facechain`` (facechain_s / variant_s).
+
+Deviation is **numerical only** (random weights: the pictures mean nothing):
+each facetron variant vs ``facetron_onnxruntime_f32`` at the same steps
+(runtime / precision deviation) and ``facetron_onnxruntime_f32`` vs
+``facechain`` (steps + scheduler: 25 DPM++ 2M Karras vs 40 DPM-Solver++
+multistep): PSNR (dB) and max abs (levels) of the uint8 images, relative L2
+of the final latents. At the *same* scheduler and steps facetron reproduces
+diffusers' pipeline within 2/255 (tests/test_diffusers_parity.py).
+
+``spec`` "tiny" (default, seconds) or "sd15" (``full``: SD-1.5 shapes,
+512x512, random weights; ~15 GB and the machine alone, ~20 minutes on 2
+cores). The graphs are exported once into a temporary folder before any
+timing; one variant's nets are open at a time.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from facetron import contract
+from facetron.errors import InvalidInputError
+
+FACECHAIN = "facechain"
+REFERENCE = "facetron_onnxruntime_f32"
+FACECHAIN_STEPS = 40  # FaceChain's inference steps (DPM-Solver multistep, default settings)
+WARMUP_STEPS = 2
+PROMPT = "a photo of a woman, solo, upper body, studio portrait, soft light, high detail"
+NEGATIVE = "blurry, lowres, bad anatomy, extra fingers, watermark"
+SEED = 0
+#: the face LoRA: FaceChain's trained shape (UNet rank 4, alpha 32) plus text-encoder layers (rank 4) so the
+#: runtime-LoRA text encoder gets non-zero inputs too; small B (random weights: any non-zero LoRA will do)
+LORA = dict(rank=4, alpha=32.0, te_rank=4, te_alpha=32.0, std=0.001, seed=7)
+STAGES = ("text_encode_s", "unet_s", "vae_decode_s", "other_s")
+NOTE = ("random weights: the pictures mean nothing; the deviations are numerical only (how far the runtimes, "
+        "precisions and the steps + scheduler move the same computation)")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a facetron variant runs every net."""
+
+    runtime: str  # contract.NET_RUNTIMES
+    precision: str = "f32"  # contract.NET_PRECISIONS (OpenVINO)
+    int8_weights: bool = False  # OpenVINO: nncf.compress_weights (not a served option)
+    cache_interval: int = 1  # step caching (DeepCache): a full UNet every N steps, the shallow graph between
+
+
+FACETRON_VARIANTS: dict[str, Runtime] = {
+    "facetron_onnxruntime_f32": Runtime("onnxruntime"),
+    "facetron_openvino_f32": Runtime("openvino"),
+    "facetron_openvino_bf16": Runtime("openvino", "bf16"),
+    "facetron_openvino_bf16_cache2": Runtime("openvino", "bf16", cache_interval=2),
+    "facetron_openvino_bf16_cache3": Runtime("openvino", "bf16", cache_interval=3),
+    "facetron_openvino_int8w": Runtime("openvino", int8_weights=True),
+}
+VARIANTS = (FACECHAIN, *FACETRON_VARIANTS)
+
+
+def psnr(got: np.ndarray, ref: np.ndarray, peak: float = 255.0) -> float | None:
+    """PSNR in dB of two uint8 images; None where they are identical (infinite)."""
+    mse = float(np.mean((np.asarray(got, np.float64) - np.asarray(ref, np.float64)) ** 2))
+    return None if mse == 0 else round(10 * np.log10(peak**2 / mse), 2)
+
+
+def psnr_text(db: float | None) -> str:
+    return "identical" if db is None else f"{db} dB"
+
+
+def image_deviation(got: dict, ref: dict) -> dict:
+    """uint8 image PSNR / max abs / mean abs and final-latent deviation (``runtimes.deviation``) of two runs."""
+    from facetron.benchmarks.runtimes import deviation
+
+    diff = np.abs(got["image"].astype(np.int16) - ref["image"].astype(np.int16))
+    latents = deviation(got["latents"], ref["latents"])
+    return {"psnr_db": psnr(got["image"], ref["image"]), "max_abs": int(diff.max()),
+            "mean_abs": round(float(diff.mean()), 4), "latents_rel_l2": latents.get("rel_l2"),
+            "latents_max_abs": latents.get("max_abs")}
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (GiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
+class StageClock:
+    """Seconds and calls per stage: callables wrapped by :meth:`wrap`, torch modules hooked by :meth:`hook`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._started: dict[str, float] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] += seconds
+        self.calls[stage] += 1
+
+    def wrap(self, stage: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(stage, time.perf_counter() - t0)
+
+        return timed
+
+    def hook(self, stage: str, module) -> list:
+        """Forward pre/post hooks timing every call of torch ``module``; returns the handles."""
+        def start(*_):
+            self._started[stage] = time.perf_counter()
+
+        def stop(*_):
+            self.add(stage, time.perf_counter() - self._started.pop(stage))
+
+        return [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
+
+    def stages(self, total_s: float, steps: int) -> dict:
+        """The stage breakdown of one image (``other_s``: what no stage covers)."""
+        te, unet, vae = (self.seconds.get(k, 0.0) for k in ("text_encode", "unet", "vae_decode"))
+        return {"total_s": round(total_s, 3), "text_encode_s": round(te, 3), "unet_s": round(unet, 3),
+                "unet_s_per_step": round(unet / steps, 4), "unet_calls": self.calls.get("unet", 0),
+                "vae_decode_s": round(vae, 3), "other_s": round(total_s - te - unet - vae, 3)}
+
+
+# ----------------------------------------------------------------------------- setup: nets, LoRA, graphs
+
+
+@dataclass
+class Setup:
+    """What every variant shares: the exported graphs, the LoRA, the request."""
+
+    work: Path  # the temporary folder: graphs/ (the exported graphs), the LoRA file, tokenizer/
+    spec: str
+    resolution: int
+    latent_channels: int
+    latent_factor: int
+    scheduler_config: dict
+    lora_path: Path
+    unet_lora: dict  # the runtime-LoRA UNet's LoRA inputs (batch 2: a guidance pair), the same arrays every call
+    te_lora: dict  # the runtime-LoRA text encoder's (batch 2: prompt + negative prompt)
+    seed: int = SEED
+
+    def graph(self, net: str) -> Path:
+        """The ONNX file of served net ``net`` (:func:`graph_folder`)."""
+        return graph_folder(self.work / "graphs", net) / "model.onnx"
+
+    def request(self, steps: int, cache_interval: int = 1):
+        from facetron.diffusion.sampler import GenerationRequest
+
+        req = GenerationRequest(num_images=1, steps=steps, guidance=contract.DEFAULT_GUIDANCE, seed=self.seed,
+                                height=self.resolution, width=self.resolution, scheduler=contract.DEFAULT_SCHEDULER,
+                                cache_interval=cache_interval)
+        req.validate(self.latent_factor)
+        return req
+
+
+def graph_folder(graphs: Path, net: str) -> Path:
+    """The exported folder of served net ``net`` under ``graphs`` (``unet``, ``text_encoder``: the runtime-LoRA
+    graphs; the served ``unet`` graph also gives the step cache's feature, ``unet_shallow`` is its shallow graph)."""
+    from facetron.diffusion.step_cache import RUNTIME_LORA_MODELS
+
+    return graphs / {"unet": RUNTIME_LORA_MODELS[0], "unet_shallow": RUNTIME_LORA_MODELS[1],
+                     "text_encoder": "text_encoder_lora"}.get(net, net)
+
+
+def prepare(spec: str, work: Path, seed: int = SEED):
+    """(torch nets of ``spec`` with random weights, :class:`Setup`): the face LoRA written, the served graphs
+    exported as the repository assembler exports them (``DiffusionSource``'s ranks), the LoRA inputs built."""
+    from diffusers import DDPMScheduler
+
+    from facetron.benchmarks.runtimes import _nets
+    from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora_manifest
+    from facetron.diffusion.model_spec import SD15_SCHEDULER
+    from facetron.export.onnx_export import export_onnx
+    from facetron.export.onnx_graph import ModelDims
+    from facetron.export.repository import DiffusionSource
+    from facetron.export.runtime_lora import export_runtime_lora_text_encoder
+    from facetron.export.step_cache import export_runtime_lora_deep_cache_unet
+    from facetron.training.random_lora import write_random_lora
+
+    base, dims = _nets(spec)
+    lora = write_random_lora(work / "face.safetensors", base.unet, rank=LORA["rank"], alpha=LORA["alpha"],
+                             seed=LORA["seed"], std=LORA["std"], text_encoder=base.text_encoder,
+                             te_rank=LORA["te_rank"], te_alpha=LORA["te_alpha"])
+    graphs = work / "graphs"
+    export_onnx(base, graphs, models=("vae_decoder",))
+    export_runtime_lora_deep_cache_unet(base.unet, graphs, dims=ModelDims.of(base), rank=DiffusionSource.lora_rank)
+    export_runtime_lora_text_encoder(base.text_encoder, graphs, dims=ModelDims.of(base),
+                                     rank=DiffusionSource.text_encoder_lora_rank)
+    w_face = contract.UnetParams().w_face
+    setup = Setup(work=work, spec=spec, resolution=int(base.resolution), latent_channels=dims.latent_channels,
+                  latent_factor=dims.latent_factor, scheduler_config=dict(DDPMScheduler(**SD15_SCHEDULER).config),
+                  lora_path=lora, seed=seed,
+                  unet_lora=lora_inputs_for(lora, read_lora_manifest(graph_folder(graphs, "unet")), w_face, batch=2),
+                  te_lora=lora_inputs_for(lora, read_lora_manifest(graphs / "text_encoder_lora"), w_face, batch=2))
+    return base, setup
+
+
+# ----------------------------------------------------------------------------- facechain: diffusers, torch eager
+
+
+def facechain_pipeline(base, setup: Setup):
+    """diffusers' ``StableDiffusionPipeline`` over ``base``'s modules, the LoRA merged in place (as FaceChain
+    merges it), a CLIPTokenizer from facetron's vocabulary files, no safety checker."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from facetron.diffusion.clip_tokenizer import write_tokenizer_files
+    from facetron.export.merge import merge_loras
+
+    unet, text_encoder = merge_loras(base, setup.lora_path, w_face=contract.UnetParams().w_face, inplace=True)
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_tokenizer_files(setup.work / "tokenizer")))
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=facechain_scheduler(setup), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def facechain_scheduler(setup: Setup):
+    """FaceChain's: ``DPMSolverMultistepScheduler.from_config(<base scheduler config>)``, diffusers' defaults."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config(setup.scheduler_config)
+
+
+def facechain_image(pipe, setup: Setup, steps: int, scheduler=None) -> dict:
+    """One image through diffusers' pipeline: uint8 image, final latents, stage times (``scheduler``:
+    another diffusers scheduler than FaceChain's, e.g. facetron's to check both compute the same)."""
+    import torch
+
+    from facetron.diffusion.sampler import initial_noise
+
+    pipe.scheduler = scheduler or facechain_scheduler(setup)
+    h = setup.resolution // setup.latent_factor
+    # the same noise as facetron's loop; the pipeline multiplies it by init_noise_sigma, as facetron's does
+    noise = initial_noise(setup.seed, 1, (setup.latent_channels, h, h))
+    clock, final = StageClock(), {}
+    handles = (clock.hook("text_encode", pipe.text_encoder) + clock.hook("unet", pipe.unet)
+               + clock.hook("vae_decode", pipe.vae.decoder))
+
+    def keep_latents(_pipe, _i, _t, kwargs):
+        final["latents"] = kwargs["latents"]
+        return kwargs
+
+    try:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = pipe(PROMPT, negative_prompt=NEGATIVE, height=setup.resolution, width=setup.resolution,
+                       num_inference_steps=steps, guidance_scale=contract.DEFAULT_GUIDANCE, latents=noise,
+                       output_type="np", callback_on_step_end=keep_latents,
+                       callback_on_step_end_tensor_inputs=["latents"]).images
+        total = time.perf_counter() - t0
+    finally:
+        for handle in handles:
+            handle.remove()
+    image = (out * 255).round().astype(np.uint8)  # as the parity test rounds diffusers' float output
+    return {"image": image, "latents": final["latents"].numpy(), "stages": clock.stages(total, steps)}
+
+
+def run_facechain(base, setup: Setup, threads: int) -> tuple[dict, dict]:
+    """(result entry, outputs) of the ``facechain`` variant: warm-up at 2 steps, then one image at 40."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        pipe = facechain_pipeline(base, setup)
+        t0 = time.perf_counter()
+        facechain_image(pipe, setup, WARMUP_STEPS)
+        warmup_s = time.perf_counter() - t0
+        out = facechain_image(pipe, setup, FACECHAIN_STEPS)
+    finally:
+        torch.set_num_threads(old)
+    entry = {"kind": "diffusers StableDiffusionPipeline, torch eager fp32", "runtime": "torch", "precision": "f32",
+             "steps": FACECHAIN_STEPS, "scheduler": "DPMSolverMultistepScheduler, diffusers defaults "
+             "(DPM-Solver++ 2M, no Karras sigmas)", "lora": "merged into the weights",
+             "warmup_s": round(warmup_s, 2), "stages": out["stages"]}
+    return entry, out
+
+
+# ----------------------------------------------------------------------------- facetron: the served nets and loop
+
+
+def open_net(path: Path, how: Runtime, threads: int, *, reuse_inputs: bool = False):
+    """One served net in ``how``'s runtime (``open_runtime`` as the served models call it, no compiled-model
+    cache, no fallback; int8 weights: the served OpenVINO runtime over ``nncf.compress_weights``' model)."""
+    from facetron.serving.runtimes import STATIC_SHAPE_GRAPHS, OpenVinoRuntime, open_runtime, openvino_model
+
+    if not how.int8_weights:
+        return open_runtime(path, how.runtime, threads, cache=False, fallback=False, reuse_inputs=reuse_inputs,
+                            precision=how.precision)
+    import nncf
+
+    return OpenVinoRuntime(path, threads, model=nncf.compress_weights(openvino_model(path)), precision=how.precision,
+                           static_shapes=STATIC_SHAPE_GRAPHS, reuse_inputs=reuse_inputs)
+
+
+def facetron_nets(setup: Setup, how: Runtime, threads: int):
+    """(DiffusionNets over the opened runtimes, the runtimes by net): the LoRA inputs the bank would hand over."""
+    from facetron.diffusion.clip_tokenizer import ClipTokenizer
+    from facetron.diffusion.nets import DiffusionNets
+
+    te = open_net(setup.graph("text_encoder"), how, threads)
+    unet = open_net(setup.graph("unet"), how, threads, reuse_inputs=True)  # as the served unet model opens it
+    vae = open_net(setup.graph("vae_decoder"), how, threads)
+    opened = {"text_encoder": te, "unet": unet, "vae_decoder": vae}
+    if how.cache_interval > 1:  # the step cache's shallow graph, as the unet model opens it on first use
+        opened["unet_shallow"] = open_net(setup.graph("unet_shallow"), how, threads, reuse_inputs=True)
+    shallow_inputs = {i.name for i in opened["unet_shallow"].get_inputs()} if "unet_shallow" in opened else set()
+
+    def feed(sample, t, hidden, lora, **more) -> dict:
+        return {"sample": sample, "timestep": t, "encoder_hidden_states": hidden, **more, **lora}
+
+    nets = DiffusionNets(
+        tokenize=ClipTokenizer(),
+        text_encode=lambda ids: te.run(["last_hidden_state"], {"input_ids": ids, **setup.te_lora})[0],
+        unet=lambda sample, t, hidden, **lora: unet.run(["noise_pred"], feed(sample, t, hidden, lora))[0],
+        unet_deep=lambda sample, t, hidden, **lora: tuple(unet.run([
+            "noise_pred", contract.DEEP_FEATURE], feed(sample, t, hidden, lora))),
+        unet_shallow=lambda sample, t, hidden, f, **lora: opened["unet_shallow"].run(["noise_pred"], {
+            k: v for k, v in feed(sample, t, hidden, lora, deep_feature=f).items() if k in shallow_inputs})[0],
+        vae_decode=lambda latent: vae.run(["images"], {"latent": latent})[0],
+        latent_channels=setup.latent_channels, latent_factor=setup.latent_factor)
+    return nets, opened
+
+
+def facetron_image(nets, setup: Setup, steps: int, cache_interval: int = 1) -> dict:
+    """One image through ``generate`` (the served loop): uint8 image, final latents (what the VAE decoder
+    was given), stage times."""
+    from facetron.serving.generation import generate
+
+    clock, final = StageClock(), {}
+    decode = clock.wrap("vae_decode", nets.vae_decode)
+
+    def keep_latents(latent):
+        final["latents"] = latent
+        return decode(latent)
+
+    timed = replace(nets, text_encode=clock.wrap("text_encode", nets.text_encode), unet=clock.wrap("unet", nets.unet),
+                    unet_deep=clock.wrap("unet", nets.unet_deep), unet_shallow=clock.wrap("unet", nets.unet_shallow),
+                    vae_decode=keep_latents)
+    t0 = time.perf_counter()
+    image = generate(timed, setup.scheduler_config, PROMPT, NEGATIVE, setup.request(steps, cache_interval),
+                     unet_extra=setup.unet_lora)
+    total = time.perf_counter() - t0
+    return {"image": image, "latents": final["latents"], "stages": clock.stages(total, steps)}
+
+
+def run_facetron(setup: Setup, variant: str, threads: int) -> tuple[dict, dict | None]:
+    """(result entry, outputs) of one facetron variant: open, warm up at 2 steps, one image, drop the nets."""
+    how = FACETRON_VARIANTS[variant]
+    entry = {"kind": "facetron generate (served loop), served nets", "runtime": how.runtime,
+             "precision": how.precision, "int8_weights": how.int8_weights, "cache_interval": how.cache_interval,
+             "steps": contract.DEFAULT_STEPS,
+             "scheduler": f"{contract.DEFAULT_SCHEDULER} (DPM-Solver++ 2M, Karras sigmas)",
+             "lora": "runtime-LoRA graph inputs (text encoder + UNet)"}
+    nets = opened = None
+    try:
+        t0 = time.perf_counter()
+        nets, opened = facetron_nets(setup, how, threads)
+        entry["open_s"] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
+        facetron_image(nets, setup, WARMUP_STEPS, how.cache_interval)  # OpenVINO compiles its static graphs here
+        entry["warmup_s"] = round(time.perf_counter() - t0, 2)
+        out = facetron_image(nets, setup, contract.DEFAULT_STEPS, how.cache_interval)
+        entry["runtimes_used"] = {name: net.runtime for name, net in opened.items()}
+        entry["stages"] = out["stages"]
+        return entry, out
+    except Exception as exc:  # noqa: BLE001 - one variant failing is a result, not a crash
+        entry["error"] = f"{type(exc).__name__}: {exc}"[:400]
+        return entry, None
+    finally:
+        del nets, opened
+        gc.collect()
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def check_variants(variants: Sequence[str]) -> tuple[str, ...]:
+    variants = tuple(dict.fromkeys(variants))
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise InvalidInputError("--variants", f"expected some of {', '.join(VARIANTS)}, "
+                                              f"got {', '.join(unknown) or 'none'}")
+    return variants
+
+
+def deviations(outputs: dict[str, dict]) -> list[dict]:
+    """Each facetron variant vs ``facetron_onnxruntime_f32`` (same steps), and that vs ``facechain``."""
+    rows = []
+    ref = outputs.get(REFERENCE)
+    for variant, out in outputs.items():
+        if ref is not None and variant not in (REFERENCE, FACECHAIN):
+            rows.append({"variant": variant, "vs": REFERENCE, "what": "runtime / precision, same steps and scheduler",
+                         **image_deviation(out, ref)})
+    for variant, out in outputs.items():  # step caching alone: vs the same runtime without it
+        how = FACETRON_VARIANTS.get(variant)
+        twin = next((v for v, h in FACETRON_VARIANTS.items() if how is not None and how.cache_interval > 1
+                     and h == replace(how, cache_interval=1)), None)
+        if twin in outputs:
+            rows.append({"variant": variant, "vs": twin, "what": f"step caching alone (interval {how.cache_interval})",
+                         **image_deviation(out, outputs[twin])})
+    if ref is not None and FACECHAIN in outputs:
+        rows.append({"variant": REFERENCE, "vs": FACECHAIN,
+                     "what": f"steps + scheduler: {contract.DEFAULT_STEPS} DPM-Solver++ 2M Karras vs "
+                             f"{FACECHAIN_STEPS} DPM-Solver++ multistep, same noise and LoRA",
+                     **image_deviation(ref, outputs[FACECHAIN])})
+    return rows
+
+
+def speedups(entries: dict[str, dict]) -> None:
+    """``speedup_over_facechain`` = facechain's total seconds / the variant's, in place."""
+    base = entries.get(FACECHAIN, {}).get("stages", {}).get("total_s")
+    for entry in entries.values():
+        total = entry.get("stages", {}).get("total_s")
+        entry["speedup_over_facechain"] = round(base / total, 3) if base and total else None
+
+
+def run(full: bool = False, variants: Sequence[str] = VARIANTS, threads: int = 2, out_dir: Path | None = None,
+        work_dir: Path | None = None, seed: int = SEED, write: bool = True) -> dict:
+    """The benchmark: tiny (default) or SD-1.5 shapes (``full``); writes JSON + MD + PNG (``write``)."""
+    from facetron.benchmarks.runtimes import _loadavg, _versions, cpu_description
+
+    variants = check_variants(variants)
+    spec = "sd15" if full else "tiny"
+    cpu = cpu_description()
+    result: dict = {"spec": spec, "note": NOTE, "cpu": {**cpu, "amx_bf16": "amx_bf16" in cpu["flags"]},
+                    "threads": threads, "versions": _versions(), "variants_asked": list(variants),
+                    "prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": seed,
+                    "guidance": contract.DEFAULT_GUIDANCE, "loadavg_start": _loadavg(), "variants": {},
+                    "peak_rss_gib": {}}
+    entries, outputs = result["variants"], {}
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="facetron-bench-portrait-") as tmp:
+        # 1. the nets (random weights), the face LoRA and the served graphs, exported once before any timing
+        print(f"[bench portrait] {spec}: building the nets, the face LoRA and exporting the graphs ...", flush=True)
+        t0 = time.perf_counter()
+        base, setup = prepare(spec, Path(tmp), seed)
+        result["resolution"], result["prepare_s"] = setup.resolution, round(time.perf_counter() - t0, 1)
+        result["peak_rss_gib"]["prepare"] = peak_rss_gib()
+        # 2. FaceChain's recipe in torch, then the torch modules go (the graphs are written)
+        if FACECHAIN in variants:
+            print(f"[bench portrait] {FACECHAIN}: diffusers + torch eager, {FACECHAIN_STEPS} steps ...", flush=True)
+            entries[FACECHAIN], outputs[FACECHAIN] = run_facechain(base, setup, threads)
+            result["peak_rss_gib"][FACECHAIN] = peak_rss_gib()
+        del base
+        gc.collect()
+        # 3. facetron's variants, one variant's nets open at a time
+        for variant in (v for v in variants if v != FACECHAIN):
+            print(f"[bench portrait] {variant}: {contract.DEFAULT_STEPS} steps ...", flush=True)
+            entries[variant], out = run_facetron(setup, variant, threads)
+            if out is not None:
+                outputs[variant] = out
+            result["peak_rss_gib"][variant] = peak_rss_gib()
+            if "error" in entries[variant]:
+                print(f"[bench portrait] {variant} failed: {entries[variant]['error']}", flush=True)
+    # 4. speed-ups and deviations
+    speedups(entries)
+    result["deviations"] = deviations(outputs)
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    result["loadavg_end"] = _loadavg()
+    for variant, entry in entries.items():
+        s = entry.get("stages")
+        if s:
+            print(f"[bench portrait] {variant}: {s['total_s']} s (x{entry['speedup_over_facechain']} over facechain)",
+                  flush=True)
+    # 5. JSON + MD + PNG
+    if write:
+        result["files"] = write_files(result, out_dir)
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _cell(v, fmt: str = "{:.3g}") -> str:
+    return "" if v is None else fmt.format(v)
+
+
+def markdown(result: dict) -> str:
+    from facetron.benchmarks.report import markdown_table
+
+    dev = {d["variant"]: d for d in result["deviations"] if d["vs"] == REFERENCE}
+    rows = []
+    for variant, e in result["variants"].items():
+        s, d = e.get("stages", {}), dev.get(variant, {})
+        rows.append({"variant": variant, "steps": e["steps"], "total s": s.get("total_s", ""),
+                     "text encode s": s.get("text_encode_s", ""), "UNet s": s.get("unet_s", ""),
+                     "UNet s/step": s.get("unet_s_per_step", ""), "VAE decode s": s.get("vae_decode_s", ""),
+                     "other s": s.get("other_s", ""), "x facechain": _cell(e.get("speedup_over_facechain")),
+                     "open s": e.get("open_s", ""), "warm-up s": e.get("warmup_s", ""),
+                     f"PSNR vs {REFERENCE}": psnr_text(d["psnr_db"]) if d else "",
+                     "max abs (levels)": d.get("max_abs", ""), "latents rel L2": _cell(d.get("latents_rel_l2")),
+                     "error": e.get("error", "")})
+    cols = list(rows[0]) if rows else []
+    devs = "".join(f"- {d['variant']} vs {d['vs']} ({d['what']}): PSNR {psnr_text(d['psnr_db'])}, "
+                   f"max abs {d['max_abs']} levels, mean abs {d['mean_abs']}, "
+                   f"latents rel L2 {_cell(d['latents_rel_l2'])}\n"
+                   for d in result["deviations"])
+    cpu = result["cpu"]
+    return (f"One {result['resolution']}x{result['resolution']} txt2img portrait, guidance {result['guidance']} "
+            f"(batch-2 UNet per step), spec `{result['spec']}`. **{result['note']}.**\n\n"
+            f"CPU: {cpu['model']}; kernel flags: {', '.join(cpu['kernel_flags']) or 'none'} (amx_bf16: "
+            f"{cpu['amx_bf16']}); {result['threads']} threads per runtime (torch: set_num_threads). Each variant: "
+            f"one image after a 2-step warm-up; x facechain = facechain total s / variant total s.\n\n"
+            + markdown_table(rows, cols) + "\nDeviations (uint8 image, final latents):\n\n" + devs
+            + f"\nwall time {result['wall_s']} s (prepare {result['prepare_s']} s); peak RSS GiB after each phase "
+              f"{result['peak_rss_gib']}; load average {result['loadavg_start']} -> {result['loadavg_end']}\n")
+
+
+def write_files(result: dict, out_dir: Path | None = None) -> list[str]:
+    from facetron.benchmarks.report import write_result
+
+    json_path = write_result(f"portrait-{result['spec']}", result, markdown(result), out_dir=out_dir)
+    files = [str(json_path), str(json_path.with_suffix(".md"))]
+    png = plot(result, json_path.with_suffix(".png"))
+    return files + ([str(png)] if png else [])
+
+
+def plot(result: dict, path: Path) -> Path | None:
+    """Horizontal stacked bars: seconds per variant by stage, the speed-up over facechain at the end."""
+    from facetron.benchmarks.machine import machine_info
+    from facetron.benchmarks.plots import _plt, _save, footer_text
+
+    done = [(v, e) for v, e in result["variants"].items() if e.get("stages")]
+    if not done:
+        return None
+    fig, ax = _plt().subplots(figsize=(9.0, 0.55 * len(done) + 1.8))
+    left = [0.0] * len(done)
+    for stage, color in zip(STAGES, ("#e94", "#2a7", "#36c", "#999")):
+        vals = [max(0.0, e["stages"][stage]) for _, e in done]
+        ax.barh(range(len(done)), vals, left=left, color=color, label=stage[:-2].replace("_", " "))
+        left = [a + b for a, b in zip(left, vals)]
+    for y, (_, e) in enumerate(done):
+        x = e.get("speedup_over_facechain")
+        ax.text(left[y], y, f" {e['stages']['total_s']:.3g} s" + (f"  x{x:.2f}" if x else ""), va="center", fontsize=8)
+    ax.set_yticks(range(len(done)), [f"{v} ({e['steps']} steps)" for v, e in done], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(left) * 1.25)
+    ax.set_xlabel("seconds for one image (x: speed-up over facechain)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"One portrait end to end ({result['spec']}, {result['resolution']} px, random weights)", fontsize=10)
+    return _save(fig, path, footer_text(machine_info()) + f" | openvino {result['versions'].get('openvino')}")
