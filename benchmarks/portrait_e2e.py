@@ -49,6 +49,7 @@ timing; one variant's nets are open at a time.
 from __future__ import annotations
 
 import gc
+import math
 import resource
 import tempfile
 import time
@@ -99,9 +100,11 @@ VARIANTS = (FACECHAIN, *FACETRON_VARIANTS)
 
 
 def psnr(got: np.ndarray, ref: np.ndarray, peak: float = 255.0) -> float | None:
-    """PSNR in dB of two uint8 images; None where they are identical (infinite)."""
-    mse = float(np.mean((np.asarray(got, np.float64) - np.asarray(ref, np.float64)) ** 2))
-    return None if mse == 0 else round(10 * np.log10(peak**2 / mse), 2)
+    """PSNR in dB of two uint8 images, rounded; None where they are identical (infinite, not JSON)."""
+    from facetron.deviation import psnr_uint8
+
+    db = psnr_uint8(got, ref)
+    return None if math.isinf(db) else round(db, 2)
 
 
 def psnr_text(db: float | None) -> str:

@@ -11,6 +11,15 @@ relative L2 = ||x - torch|| / ||torch||). The calls of one group run
 interleaved (A B C A B C ...) in one process, so machine drift hits every
 runtime alike; read the ratios, not the absolute times.
 
+* ``openvino_int8_full_static`` / ``openvino_int8_hybrid_static``: int8
+  weights *and* activations (``nncf.quantize``, :mod:`facetron.export.quantize`:
+  ``full`` quantizes every op NNCF quantizes, ``hybrid`` is the SD recipe of
+  OpenVINO's notebooks: int8-compressed MatMul weights, full int8 Convolutions
+  and attention MatMuls; the LoRA MatMuls stay f32), calibrated at the run's
+  shapes: the UNets on the inputs of real denoising trajectories
+  (``calibration_feeds``: 2 prompts x 25 steps in ONNX Runtime fp32), the other
+  nets on 4 seeded example inputs (speed; their deviation is indicative only);
+  ``calibration`` and ``quantize_s`` in each row;
 * ``openvino_served``: OpenVINO as a served model opens it (``open_runtime``:
   a static graph per feed shape, compiled on first use; the runtime-LoRA
   graph with ``reuse_inputs``, its UNet inputs new array objects per call);
@@ -20,7 +29,9 @@ runtime alike; read the ratios, not the absolute times.
   once nearly fills 24 GiB, so each net runs in groups that each hold torch
   as the anchor (ratios compare within a group), and the OpenVINO variants
   use static shapes (the served resolution). Minutes of both cores and
-  ~15 GB of memory: run it alone (``facetron bench runtimes --full``).
+  ~15 GB of memory: run it alone (``facetron bench runtimes --full``); the
+  int8 group adds the UNet's calibration trajectories (50 ONNX Runtime
+  calls) and two NNCF quantizations (estimated 25-35 min on 2 cores).
 
 The thread count is the served one (``NetParams.intra_op_threads`` = 2) for
 every runtime. OpenVINO compiles with ``INFERENCE_PRECISION_HINT=f32`` (its
@@ -44,11 +55,21 @@ from facetron.cpu_info import cpu_description  # noqa: F401 - re-exported: every
 
 NETS = ("text_encoder", "unet", "unet_lora", "vae_decoder", "vae_encoder")
 FULL_NETS = ("unet", "text_encoder", "vae_decoder")
-VARIANTS = ("torch", "onnxruntime", "openvino_fp32", "openvino_fp32_static", "openvino_served", "openvino_int8w",
-            "openvino_bf16_static")
+VARIANTS = ("torch", "torch_bf16", "onnxruntime", "openvino_fp32", "openvino_fp32_static", "openvino_served",
+            "openvino_int8w", "openvino_bf16_static", "openvino_int8_full_static", "openvino_int8_hybrid_static")
 #: SD-1.5 shapes: torch is every group's anchor; one full UNet per runtime at a time
 FULL_GROUPS = (("torch", "onnxruntime", "openvino_fp32_static"), ("torch", "openvino_int8w_static"),
-               ("torch", "openvino_bf16_static"))
+               ("torch", "torch_bf16", "openvino_bf16_static"))
+#: SD-1.5 shapes, ``--int8``: calibrated int8 (calibration trajectories + two NNCF quantizations: +25-35 min)
+FULL_INT8_GROUPS = (("torch", "openvino_int8_full_static", "openvino_int8_hybrid_static"),)
+#: the served candidates of ``export repository --cpu-runtime auto --precision auto`` (export/runtime_choice.py)
+AUTO_CANDIDATES = {"onnxruntime": "f32", "openvino_fp32_static": "f32", "openvino_bf16_static": "bf16"}
+#: int8 variants calibrated on data (weights and activations): the UNets' calibration trajectories, each 25 steps
+INT8_CALIBRATED = ("openvino_int8_full_static", "openvino_int8_hybrid_static")
+INT8_CALIBRATION_PROMPTS = 2
+INT8_CALIBRATION_SEEDS = 4  # the other nets: seeded example inputs
+
+
 def deviation(got: np.ndarray, ref: np.ndarray) -> dict:
     """max |got - ref| and relative L2 ||got - ref|| / ||ref|| (float64)."""
     g, r = np.asarray(got, np.float64), np.asarray(ref, np.float64)
@@ -78,6 +99,11 @@ def _torch_call(name: str, base, inputs, feed):
         with torch.no_grad():
             return module(*args).numpy()
 
+    def call_bf16():  # torch's own bf16 (autocast): the oracle of the bf16 tolerance
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return module(*args).float().numpy()
+
+    call.bf16 = call_bf16
     return call
 
 
@@ -90,19 +116,39 @@ def _export(name: str, base, dims, out: Path) -> Path:
     return export_model(name, out, dims=dims, unet=base.unet, vae=base.vae, text_encoder=base.text_encoder)
 
 
-def _feed(name: str, path: Path, dims, batch: int, latent: int | None) -> tuple[list, dict]:
+def _feed(name: str, path: Path, dims, batch: int, latent: int | None, seed: int = 0) -> tuple[list, dict]:
     from facetron.diffusion.lora_inputs import random_lora_inputs, read_lora_manifest
     from facetron.export.onnx_graph import example_inputs, read_io
 
     inputs, _, _ = read_io(path.parent)
-    feed = example_inputs(inputs, dims, batch=batch, latent=latent, seed=0)
+    feed = example_inputs(inputs, dims, batch=batch, latent=latent, seed=seed)
     if name == "unet_lora":  # a non-zero LoRA at the export rank (face + style, 16), as served
         feed.update(random_lora_inputs(read_lora_manifest(path.parent), batch, seed=1))
     return inputs, feed
 
 
-def _open(variant: str, path: Path, feed: dict, threads: int):
-    """(callable, info) of one non-torch variant."""
+def _calibration(name: str, base, dims, path: Path, feed: dict, batch: int, latent: int | None,
+                 threads: int) -> tuple[list, str]:
+    """(calibration feeds at this run's shapes, what they are) of the ``INT8_CALIBRATED`` variants: a UNet's
+    inputs along real denoising trajectories (its text encoder exported beside it, the run's LoRA inputs),
+    any other net's seeded example inputs."""
+    from facetron.export import quantize
+
+    if name not in ("unet", "unet_lora"):
+        feeds = [_feed(name, path, dims, batch, latent, seed)[1]
+                 for seed in range(1, 1 + INT8_CALIBRATION_SEEDS)]
+        return feeds, f"{len(feeds)} seeded example inputs (not trajectories)"
+    nets = quantize.ExportedNets(unet=path, text_encoder=_export("text_encoder", base, dims, path.parent.parent),
+                                 vae_decoder=None, scheduler_config=quantize.sd15_scheduler_config(),
+                                 resolution=feed["sample"].shape[-1] * dims.latent_factor,
+                                 latent_channels=dims.latent_channels, latent_factor=dims.latent_factor)
+    cal = quantize.calibration_feeds(nets, quantize.CALIBRATION_PROMPTS[:INT8_CALIBRATION_PROMPTS], threads=threads,
+                                     lora={k: v for k, v in feed.items() if k.startswith("lora_")})
+    return cal.feeds, f"{len(cal.feeds)} UNet inputs of {len(cal.prompts)} denoising trajectories"
+
+
+def _open(variant: str, path: Path, feed: dict, threads: int, calibration: tuple[list, str] | None = None):
+    """(callable, info) of one non-torch variant (``calibration``: :func:`_calibration`, int8 variants)."""
     from facetron.serving.runtimes import OpenVinoRuntime, open_runtime, openvino_model
 
     info: dict = {}
@@ -134,6 +180,15 @@ def _open(variant: str, path: Path, feed: dict, threads: int):
             t1 = time.perf_counter()
             model = nncf.compress_weights(model)  # int8 weights (asymmetric, per channel), activations fp32
             info["compress_s"] = round(time.perf_counter() - t1, 2)
+        elif variant in INT8_CALIBRATED:
+            from facetron.export.quantize import quantize_model
+
+            feeds, what = calibration or ([], "no calibration data")
+            if not feeds:
+                raise RuntimeError(what)
+            t1 = time.perf_counter()
+            model, _ = quantize_model(model, feeds, variant.split("_")[2])
+            info.update(quantize_s=round(time.perf_counter() - t1, 2), calibration=what)
         precision = "bf16" if "bf16" in variant else "f32"
         net = OpenVinoRuntime(path, threads, model=model, cache=None, precision=precision)
     info["open_s"] = round(time.perf_counter() - t0, 2)
@@ -164,6 +219,12 @@ def measure_net(name: str, spec: str = "tiny", *, repeats: int = 10, threads: in
             result["shapes"] = {k: list(v.shape) for k, v in feed.items() if not k.startswith("lora_")}
             torch_call = _torch_call(name, base, inputs, feed)
             ref = torch_call()
+            calibration = None
+            if any(v in INT8_CALIBRATED for g in groups for v in g):
+                try:
+                    calibration = _calibration(name, base, dims, path, feed, batch, latent, threads)
+                except Exception as exc:  # noqa: BLE001 - the int8 variants' rows then carry the reason
+                    calibration = ([], f"calibration failed: {type(exc).__name__}: {exc}"[:300])
             for group in groups:
                 calls, held = {}, []
                 for variant in group:
@@ -171,8 +232,12 @@ def measure_net(name: str, spec: str = "tiny", *, repeats: int = 10, threads: in
                         calls[variant] = torch_call
                         result["variants"].setdefault("torch", {"max_abs": 0.0, "rel_l2": 0.0})
                         continue
+                    if variant == "torch_bf16":
+                        calls[variant] = torch_call.bf16
+                        result["variants"][variant] = deviation(torch_call.bf16(), ref)
+                        continue
                     try:
-                        call, info, net = _open(variant, path, feed, threads)
+                        call, info, net = _open(variant, path, feed, threads, calibration)
                         out = call()
                     except Exception as exc:  # noqa: BLE001 - one variant failing is a result, not a crash
                         result["variants"][variant] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
@@ -199,18 +264,44 @@ def measure_net(name: str, spec: str = "tiny", *, repeats: int = 10, threads: in
     for variant, entry in result["variants"].items():
         if ort_ms and entry.get("ms"):
             entry["over_onnxruntime"] = round(entry["ms"] / ort_ms, 3)
+    result["auto_choice"] = auto_choice(result["variants"])
     return result
 
 
+def auto_choice(variants: dict) -> dict | None:
+    """What ``export repository --cpu-runtime auto --precision auto`` would serve from these numbers
+    (export/runtime_choice.py's rule, with torch as the fp32 reference): fp32 candidates within 1e-3 rel. L2
+    of torch, the bf16 one within ``BF16_FACTOR`` x torch's own bf16 deviation; ONNX Runtime unless an
+    eligible candidate is >= 5 % faster. None when ONNX Runtime was not measured."""
+    from facetron.export.runtime_choice import AUTO_MARGIN, BF16_FACTOR
+
+    if "ms" not in variants.get("onnxruntime", {}):
+        return None
+    torch_bf16 = variants.get("torch_bf16", {}).get("rel_l2")
+    eligible = {}
+    for name, precision in AUTO_CANDIDATES.items():
+        e = variants.get(name, {})
+        if "ms" not in e or e.get("rel_l2") is None:
+            continue
+        limit = 1e-3 if precision == "f32" else (BF16_FACTOR * torch_bf16 if torch_bf16 else None)
+        if limit is not None and e["rel_l2"] <= limit:
+            eligible[name] = e["ms"]
+    best = min(eligible, key=eligible.get)
+    choice = best if eligible[best] <= AUTO_MARGIN * eligible.get("onnxruntime", float("inf")) else "onnxruntime"
+    return {"choice": choice, "eligible_ms": eligible, "torch_bf16_rel_l2": torch_bf16,
+            "rule": "fastest eligible; onnxruntime unless >= 5% faster; bf16 within 2x torch's own bf16 deviation"}
+
+
 def run(full: bool = False, repeats: int | None = None, nets: Sequence[str] | None = None, threads: int = 2,
-        out_dir: Path | None = None, write: bool = True) -> dict:
-    """The benchmark: tiny (default) or SD-1.5 shapes (``full``); writes JSON + MD + PNG."""
+        out_dir: Path | None = None, write: bool = True, int8: bool = False) -> dict:
+    """The benchmark: tiny (default) or SD-1.5 shapes (``full``; ``int8`` adds the calibrated int8 group);
+    writes JSON + MD + PNG."""
     from facetron.benchmarks.report import markdown_table, result_stem, write_result
 
     spec = "sd15" if full else "tiny"
     nets = tuple(nets or (FULL_NETS if full else NETS))
     repeats = repeats or (3 if full else 20)
-    groups = FULL_GROUPS if full else (VARIANTS,)
+    groups = (FULL_GROUPS + (FULL_INT8_GROUPS if int8 else ())) if full else (VARIANTS,)
     t0 = time.perf_counter()
     result: dict = {"spec": spec, "cpu": cpu_description(), "threads": threads, "repeats": repeats,
                     "loadavg_start": _loadavg(), "nets": {}, "versions": _versions()}
@@ -236,6 +327,10 @@ def run(full: bool = False, repeats: int | None = None, nets: Sequence[str] | No
           f"interleaved calls per variant; batch 2 for text_encoder/unet (one guidance step), 1 for the VAEs.\n\n"
           + markdown_table(rows, ["net", "variant", "ms/call", "x torch", "x ORT", "max abs vs torch",
                                   "rel L2 vs torch", "open s", "error"])
+          + "\nWhat `export repository --cpu-runtime auto --precision auto` would serve from these numbers: "
+          + ", ".join(f"{n} **{r['auto_choice']['choice']}**" for n, r in result["nets"].items() if r.get("auto_choice"))
+          + " (fp32 within 1e-3 rel. L2 of torch, bf16 within 2x torch's own bf16 deviation, ONNX Runtime unless "
+            "another is >= 5 % faster).\n"
           + f"\nwall time {result['wall_s']} s; load average {result['loadavg_start']} -> {result['loadavg_end']} "
             f"(above 2 on 2 cores, other work shared the cores: torch eager's OpenMP threads suffer most)\n")
     if write:

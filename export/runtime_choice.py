@@ -34,6 +34,7 @@ import numpy as np
 
 from facetron.contract import DEFAULT_NET_PRECISION, DEFAULT_NET_RUNTIME, NetParams
 from facetron.cpu_info import cpu_description
+from facetron.deviation import rel_l2
 from facetron.errors import InvalidInputError
 from facetron.serving.runtimes import open_runtime
 
@@ -70,13 +71,6 @@ def check_precision_choice(precision: str) -> str:
     if precision not in PRECISION_CHOICES:
         raise InvalidInputError("--precision", f"expected one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
     return precision
-
-
-def rel_l2(got: np.ndarray, ref: np.ndarray) -> float:
-    """||got - ref|| / ||ref|| in float64 (0 when both are zero)."""
-    g, r = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    norm = float(np.linalg.norm(r))
-    return float(np.linalg.norm(g - r) / norm) if norm else float(np.linalg.norm(g))
 
 
 def label(candidate: tuple[str, str]) -> str:

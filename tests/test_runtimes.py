@@ -362,7 +362,7 @@ def test_runtimes_benchmark_smoke(tmp_path) -> None:
     reports ms and its deviation from torch; the --full grouping (torch as each
     group's anchor, static OpenVINO variants) runs too. No timing is asserted."""
     pytest.importorskip("nncf")
-    from facetron.benchmarks.runtimes import FULL_GROUPS, VARIANTS, measure_net, run
+    from facetron.benchmarks.runtimes import FULL_GROUPS, FULL_INT8_GROUPS, VARIANTS, measure_net, run
 
     result = run(nets=["text_encoder"], repeats=2, out_dir=tmp_path)
     variants = result["nets"]["text_encoder"]["variants"]
@@ -371,6 +371,11 @@ def test_runtimes_benchmark_smoke(tmp_path) -> None:
         assert "error" not in entry and entry["ms"] > 0 and entry["rel_l2"] is not None, (name, entry)
     assert variants["openvino_fp32"]["rel_l2"] < 1e-5 and variants["onnxruntime"]["rel_l2"] < 1e-5
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md", ".png"]
-    grouped = measure_net("text_encoder", repeats=1, groups=FULL_GROUPS)
-    assert set(grouped["variants"]) == {v for g in FULL_GROUPS for v in g}
+    # what auto would serve, judged by the same rule (bf16 against torch's own bf16, an oracle it did not produce)
+    auto = result["nets"]["text_encoder"]["auto_choice"]
+    assert auto["choice"] in ("onnxruntime", "openvino_fp32_static", "openvino_bf16_static")
+    assert 0 < auto["torch_bf16_rel_l2"] == variants["torch_bf16"]["rel_l2"]
+    groups = FULL_GROUPS + FULL_INT8_GROUPS
+    grouped = measure_net("text_encoder", repeats=1, groups=groups)
+    assert set(grouped["variants"]) == {v for g in groups for v in g}
     assert all("error" not in e and e["ms"] > 0 for e in grouped["variants"].values())

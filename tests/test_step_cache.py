@@ -26,7 +26,8 @@ from diffusers import UNet2DConditionModel
 from facetron.diffusion.base_model import load_base_model
 from facetron.diffusion.model_spec import TINY
 from facetron.diffusion.sampler import GenerationRequest, denoise
-from facetron.diffusion.step_cache import (CachedUNet, check_interval, full_step_count, is_full_step, psnr_uint8,
+from facetron.deviation import psnr_uint8
+from facetron.diffusion.step_cache import (CachedUNet, check_interval, full_step_count, is_full_step,
                                            step_cached)
 from facetron.errors import InvalidInputError
 from facetron.export.onnx_export import graph_module

@@ -122,7 +122,7 @@ def test_step_cache_served_equals_the_graphs_in_process(client, users, full_repo
     from facetron.diffusion.clip_tokenizer import ClipTokenizer
     from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora_manifest, zero_lora_inputs
     from facetron.diffusion.nets import DiffusionNets
-    from facetron.diffusion.step_cache import psnr_uint8
+    from facetron.deviation import psnr_uint8
     from facetron.serving.generation import build_job, generate, read_model_info
 
     steps, seed = 9, 21

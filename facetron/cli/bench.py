@@ -108,11 +108,11 @@ def _runtimes(args: argparse.Namespace) -> int:
     from facetron.benchmarks.runtimes import run
 
     nets = [n.strip() for n in args.nets.split(",") if n.strip()] if args.nets else None
-    result = run(full=args.full, repeats=args.repeats, nets=nets, out_dir=args.out)
+    result = run(full=args.full, repeats=args.repeats, nets=nets, out_dir=args.out, int8=args.int8)
     print(f"CPU: {result['cpu']['model']} ({', '.join(result['cpu']['kernel_flags'])})")
     for name, r in result["nets"].items():
         for variant, e in r["variants"].items():
-            print(f"  {name:<13} {variant:<22} " + (f"ERROR {e['error']}" if "error" in e else
+            print(f"  {name:<13} {variant:<28} " + (f"ERROR {e['error']}" if "error" in e else
                   f"{e.get('ms', float('nan')):>10.3f} ms  x torch {e.get('over_torch', 1.0)!s:<6} "
                   f"max abs {e.get('max_abs', 0):.3g}  rel L2 {e.get('rel_l2', 0):.3g}"))
     for f in result.get("files", []):
@@ -172,6 +172,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                           "static) and int8 weights: ms/call and deviation from torch (tiny; "
                                           "--full: SD-1.5 shapes, minutes and ~15 GB)")
     rt.add_argument("--full", action="store_true", help="SD-1.5 shapes (random weights); run it alone on the machine")
+    rt.add_argument("--int8", action="store_true", help="with --full: also calibrated int8 (weights + activations, "
+                                                         "nncf.quantize on real trajectories; +25-35 min)")
     rt.add_argument("--repeats", type=int, default=None, help="interleaved calls per variant (default 20; 3 with --full)")
     rt.add_argument("--nets", default=None, help="comma-separated subset of text_encoder,unet,unet_lora,vae_decoder,"
                                                  "vae_encoder")

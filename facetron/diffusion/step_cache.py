@@ -112,10 +112,3 @@ def step_cached(unet: UNetFn, full_fn: FullFn, shallow_fn: ShallowFn, interval: 
     1 (off: the uncached loop, bit for bit), else a :class:`CachedUNet`."""
     return unet if check_interval(interval) == 1 else CachedUNet(full_fn, shallow_fn, interval)
 
-
-def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images of one shape (``inf`` when identical)."""
-    if np.shape(a) != np.shape(b):
-        raise ValueError(f"image shapes differ: {np.shape(a)} vs {np.shape(b)}")
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)

@@ -1,0 +1,187 @@
+"""int8 UNet (``export/quantize.py``) on the tiny model.
+
+* Calibration feeds come from real denoising trajectories: per generation the
+  timesteps of the default scheduler, decreasing; every feed at the served
+  shapes (a batch-2 guidance pair), the runtime-LoRA inputs (non-zero) in it.
+* ``full``: the IR holds FakeQuantize nodes, none on the LoRA MatMuls (a
+  user's LoRA is a graph input: it stays f32); it opens through
+  ``open_runtime`` (the served path: OpenVINO reads the IR, a static graph per
+  feed shape, compiled-model cache folder) and gives finite outputs of the
+  right shape at two resolutions. ``weights``: int8 constants, no FakeQuantize.
+* The deviation report (vs ONNX Runtime fp32 on held-out trajectories) per
+  step and per image is printed (``-s``); asserted: finite, the OpenVINO fp32
+  floor ~0, and weights-only deviating less than full int8 (it does on the
+  tiny model by ~9x). The tiny model's weights are random: its deviations say
+  nothing about SD-1.5's; ``benchmarks/runtimes.py --full`` measures those shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nncf")
+ov = pytest.importorskip("openvino")
+
+from facetron import contract  # noqa: E402
+from facetron.atomic import ARTIFACT_MARKER  # noqa: E402
+from facetron.diffusion.base_model import load_base_model  # noqa: E402
+from facetron.diffusion.lora_inputs import read_lora_manifest  # noqa: E402
+from facetron.errors import InvalidInputError  # noqa: E402
+from facetron.export import quantize as q  # noqa: E402
+from facetron.export.onnx_export import export_onnx  # noqa: E402
+from facetron.export.onnx_graph import ModelDims, read_io  # noqa: E402
+from facetron.export.runtime_lora import export_runtime_lora_text_encoder  # noqa: E402
+from facetron.serving.runtimes import open_runtime  # noqa: E402
+
+RANK = 8
+HELD_OUT = q.HELD_OUT_PROMPTS[:1]
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory) -> q.ExportedNets:
+    base = load_base_model()
+    out = tmp_path_factory.mktemp("quantize") / "onnx"
+    export_onnx(base, out, models=("vae_decoder",), runtime_lora_rank=RANK)
+    export_runtime_lora_text_encoder(base.text_encoder, out, dims=ModelDims.of(base), rank=RANK)
+    return q.ExportedNets.from_export(out, dict(base.scheduler.config))
+
+
+@pytest.fixture(scope="module")
+def calibration(nets) -> q.Calibration:
+    return q.calibration_feeds(nets, q.CALIBRATION_PROMPTS[:2], seeds=(0,), threads=2)
+
+
+@pytest.fixture(scope="module")
+def full_ir(nets, calibration, tmp_path_factory) -> Path:
+    return q.quantize_unet(nets.unet, calibration, tmp_path_factory.mktemp("int8") / "full", "full")
+
+
+@pytest.fixture(scope="module")
+def weights_ir(nets, tmp_path_factory) -> Path:
+    return q.quantize_unet(nets.unet, None, tmp_path_factory.mktemp("int8") / "weights", "weights")
+
+
+def test_calibration_feeds_come_from_trajectories(nets, calibration) -> None:
+    steps = contract.DEFAULT_STEPS
+    feeds = calibration.feeds
+    assert len(feeds) == 2 * steps and calibration.steps == steps
+    latent = nets.resolution // nets.latent_factor
+    lora_names = {s.name for s in read_io(nets.unet.parent)[0] if s.name.startswith("lora_")}
+    for i in range(2):  # each generation: decreasing timesteps, new latents every step
+        run = feeds[i * steps:(i + 1) * steps]
+        t = [float(f["timestep"][0]) for f in run]
+        assert all(a > b for a, b in zip(t, t[1:])) and t[0] > 900, t
+        assert all(np.array_equal(f["timestep"], [tt, tt]) for f, tt in zip(run, t))
+        assert not any(np.array_equal(a["sample"], b["sample"]) for a, b in zip(run, run[1:]))
+    for f in feeds:
+        assert f["sample"].shape == (2, nets.latent_channels, latent, latent) and f["sample"].dtype == np.float32
+        assert np.array_equal(f["sample"][0], f["sample"][1])  # guidance: one latent, uncond + cond
+        hidden = f["encoder_hidden_states"]
+        assert hidden.shape[:2] == (2, 77) and not np.allclose(hidden[0], hidden[1])  # negative vs prompt
+        assert set(f) == {"sample", "timestep", "encoder_hidden_states"} | lora_names
+        assert all(np.abs(f[k]).max() > 0 for k in lora_names)
+    assert feeds[0]["encoder_hidden_states"] is not feeds[steps]["encoder_hidden_states"]  # two prompts
+    info = calibration.info()
+    assert info["prompts"] == list(q.CALIBRATION_PROMPTS[:2]) and info["samples"] == len(feeds)
+    assert info["shapes"]["sample"] == [2, nets.latent_channels, latent, latent]
+
+
+def test_full_int8_ir_is_quantized_and_served(nets, full_ir, tmp_path) -> None:
+    folder = full_ir.parent
+    assert sorted(p.name for p in folder.iterdir()) == sorted([ARTIFACT_MARKER, "model.bin", "model.xml",
+                                                               q.REPORT_FILE])
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+    model = ov.Core().read_model(str(full_ir))
+    types = {op.get_type_name() for op in model.get_ops()}
+    assert "FakeQuantize" in types or "FakeConvert" in types
+    lora = q.lora_matmuls(model)
+    manifest = read_lora_manifest(nets.unet.parent)
+    assert len(lora) == len(manifest["groups"]) + len(manifest["layers"])  # x @ A per group, t @ B per layer
+    by_name = {op.get_friendly_name(): op for op in model.get_ops()}
+    for name in lora:  # a user's LoRA is never int8: no quantizer in front of its MatMuls
+        assert all(by_name[name].input_value(i).get_node().get_type_name() != "FakeQuantize" for i in range(2))
+    report = json.loads((folder / q.REPORT_FILE).read_text())
+    assert report["mode"] == "full" and report["ops"]["FakeQuantize"] > 0
+    assert report["versions"]["nncf"] and report["versions"]["openvino"]
+    cal = report["calibration"]
+    assert cal["steps"] == contract.DEFAULT_STEPS and cal["seeds"] == [0] and len(cal["prompts"]) == 2
+    assert report["quantize"]["subset_size"] == cal["samples"] == 2 * contract.DEFAULT_STEPS
+    assert report["quantize"]["preset"] == "mixed" and report["lora_matmuls_kept_f32"] == len(lora)
+
+    net = open_runtime(full_ir, "openvino", threads=2, cache=tmp_path / "ov-cache", reuse_inputs=True)
+    assert net.runtime == "openvino" and net.output_names() == ["noise_pred"]
+    lora_in = nets.lora()
+    for latent in (nets.resolution // nets.latent_factor, 12):  # the calibrated shape and another one
+        rng = np.random.default_rng(latent)
+        feed = {"sample": rng.standard_normal((2, 4, latent, latent)).astype(np.float32),
+                "timestep": np.full(2, 500.0, np.float32),
+                "encoder_hidden_states": rng.standard_normal((2, 77, 32)).astype(np.float32), **lora_in}
+        out = net.run(["noise_pred"], feed)[0]
+        assert out.shape == (2, 4, latent, latent) and np.isfinite(out).all()
+    assert net.runtime == "openvino"  # no fallback happened
+
+
+def test_weights_mode_compresses_weights_only(weights_ir) -> None:
+    model = ov.Core().read_model(str(weights_ir))
+    ops = q.quantize_ops(model)
+    assert ops["FakeQuantize"] == 0 and ops["int8_constants"] > 0
+    report = json.loads((weights_ir.parent / q.REPORT_FILE).read_text())
+    assert report["mode"] == "weights" and report["calibration"] is None
+
+
+def test_hybrid_mode_int8_weights_everywhere_activations_in_convolutions_and_attention(nets, calibration) -> None:
+    from facetron.serving.runtimes import openvino_model
+
+    linear = q.weighted_matmuls(openvino_model(nets.unet))
+    model, params = q.quantize_model(openvino_model(nets.unet), calibration.feeds, "hybrid", subset_size=20)
+    ops = q.quantize_ops(model)
+    assert ops["FakeQuantize"] > 0 and ops["int8_constants"] > 0 and params["quantize"]["subset_size"] == 20
+    by_name = {op.get_friendly_name(): op for op in model.get_ops()}
+    assert linear and all(name in by_name for name in linear)
+    for name in linear:  # linear layers: int8 weights (a decompression subgraph, no f32 constant), f32 activations
+        matmul = by_name[name]
+        assert matmul.input_value(0).get_node().get_type_name() != "FakeQuantize", name
+        assert matmul.input_value(1).get_node().get_type_name() != "Constant", name
+    convs = [op for op in model.get_ops() if op.get_type_name() == "Convolution"]
+    assert any(c.input_value(0).get_node().get_type_name() == "FakeQuantize" for c in convs)
+
+
+def test_deviation_per_step_and_per_image(nets, full_ir, weights_ir) -> None:
+    report = q.deviation_report(nets, {"openvino_f32": nets.unet, "openvino_bf16": (nets.unet, "bf16"),
+                                       "weights": weights_ir, "full": full_ir}, prompts=HELD_OUT, threads=2)
+    print()
+    for name, v in report["variants"].items():
+        print(f"{name:13s} {v['ms_per_step']:7.2f} ms/step  per step rel L2 mean {v['step_rel_l2_mean']:.4g} "
+              f"max {v['step_rel_l2_max']:.4g} max abs {v['step_max_abs']:.4g} | per image PSNR "
+              f"{v['image_psnr_db_min']} dB, latents rel L2 {v['latents_rel_l2_max']:.4g}")
+        print("    rel L2 per step:", " ".join(f"{x:.3g}" for x in v["per_step"][0]["rel_l2"]))
+        steps = v["per_step"][0]
+        assert len(steps["rel_l2"]) == len(steps["max_abs"]) == contract.DEFAULT_STEPS
+        assert all(math.isfinite(x) for x in steps["rel_l2"] + steps["max_abs"])
+        image = v["per_image"][0]
+        assert image["psnr_db"] is None or math.isfinite(image["psnr_db"])
+        assert math.isfinite(image["latents_rel_l2"]) and v["ms_per_step"] > 0
+    for name in ("weights", "full"):
+        print(name, q.within_tolerance(report, name))
+    v = report["variants"]
+    assert v["openvino_f32"]["step_rel_l2_max"] < 1e-4  # the runtime itself: the fp32 floor
+    assert v["weights"]["step_rel_l2_mean"] < v["full"]["step_rel_l2_mean"]
+    assert v["weights"]["latents_rel_l2_max"] < v["full"]["latents_rel_l2_max"]
+
+
+def test_bad_requests_are_refused(nets, tmp_path) -> None:
+    with pytest.raises(InvalidInputError, match="int8 mode"):
+        q.quantize_unet(nets.unet, None, tmp_path / "a", "int4")
+    with pytest.raises(InvalidInputError, match="calibration"):
+        q.quantize_unet(nets.unet, [], tmp_path / "b", "full")
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not facetron's")
+    with pytest.raises(InvalidInputError, match="did not make"):
+        q.quantize_unet(nets.unet, None, foreign, "weights")
+    assert (foreign / "notes.txt").is_file()
