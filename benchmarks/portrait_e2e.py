@@ -64,6 +64,8 @@ from facetron import contract
 from facetron.errors import InvalidInputError
 
 FACECHAIN = "facechain"
+#: the oracle of bf16 error: diffusers' pipeline under torch.autocast(bf16), facetron's scheduler and steps
+TORCH_BF16 = "diffusers_torch_bf16"
 REFERENCE = "facetron_onnxruntime_f32"
 FACECHAIN_STEPS = 40  # FaceChain's inference steps (DPM-Solver multistep, default settings)
 WARMUP_STEPS = 2
@@ -96,7 +98,7 @@ FACETRON_VARIANTS: dict[str, Runtime] = {
     "facetron_openvino_bf16_cache3": Runtime("openvino", "bf16", cache_interval=3),
     "facetron_openvino_int8w": Runtime("openvino", int8_weights=True),
 }
-VARIANTS = (FACECHAIN, *FACETRON_VARIANTS)
+VARIANTS = (FACECHAIN, TORCH_BF16, *FACETRON_VARIANTS)
 
 
 def psnr(got: np.ndarray, ref: np.ndarray, peak: float = 255.0) -> float | None:
@@ -300,17 +302,16 @@ def facechain_image(pipe, setup: Setup, steps: int, scheduler=None) -> dict:
         for handle in handles:
             handle.remove()
     image = (out * 255).round().astype(np.uint8)  # as the parity test rounds diffusers' float output
-    return {"image": image, "latents": final["latents"].numpy(), "stages": clock.stages(total, steps)}
+    return {"image": image, "latents": final["latents"].float().numpy(), "stages": clock.stages(total, steps)}
 
 
-def run_facechain(base, setup: Setup, threads: int) -> tuple[dict, dict]:
+def run_facechain(pipe, setup: Setup, threads: int) -> tuple[dict, dict]:
     """(result entry, outputs) of the ``facechain`` variant: warm-up at 2 steps, then one image at 40."""
     import torch
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        pipe = facechain_pipeline(base, setup)
         t0 = time.perf_counter()
         facechain_image(pipe, setup, WARMUP_STEPS)
         warmup_s = time.perf_counter() - t0
@@ -320,6 +321,34 @@ def run_facechain(base, setup: Setup, threads: int) -> tuple[dict, dict]:
     entry = {"kind": "diffusers StableDiffusionPipeline, torch eager fp32", "runtime": "torch", "precision": "f32",
              "steps": FACECHAIN_STEPS, "scheduler": "DPMSolverMultistepScheduler, diffusers defaults "
              "(DPM-Solver++ 2M, no Karras sigmas)", "lora": "merged into the weights",
+             "warmup_s": round(warmup_s, 2), "stages": out["stages"]}
+    return entry, out
+
+
+def run_torch_bf16(pipe, setup: Setup, threads: int) -> tuple[dict, dict]:
+    """(result entry, outputs) of :data:`TORCH_BF16`: the same pipeline under ``torch.autocast`` bf16 with
+    facetron's scheduler and steps, so its deviation from ``facetron_onnxruntime_f32`` is the error bf16
+    arithmetic itself brings to a whole image (the yardstick for facetron's bf16 variants)."""
+    import torch
+
+    from facetron.diffusion.sampler import make_scheduler
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        scheduler = make_scheduler(contract.DEFAULT_SCHEDULER, setup.scheduler_config)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            t0 = time.perf_counter()
+            facechain_image(pipe, setup, WARMUP_STEPS, scheduler)
+            warmup_s = time.perf_counter() - t0
+            out = facechain_image(pipe, setup, contract.DEFAULT_STEPS,
+                                  make_scheduler(contract.DEFAULT_SCHEDULER, setup.scheduler_config))
+    finally:
+        torch.set_num_threads(old)
+    out["latents"] = np.asarray(out["latents"], np.float32)
+    entry = {"kind": "diffusers StableDiffusionPipeline, torch.autocast(cpu, bfloat16)", "runtime": "torch",
+             "precision": "bf16 (autocast)", "steps": contract.DEFAULT_STEPS,
+             "scheduler": f"{contract.DEFAULT_SCHEDULER} (facetron's)", "lora": "merged into the weights",
              "warmup_s": round(warmup_s, 2), "stages": out["stages"]}
     return entry, out
 
@@ -438,7 +467,9 @@ def deviations(outputs: dict[str, dict]) -> list[dict]:
     ref = outputs.get(REFERENCE)
     for variant, out in outputs.items():
         if ref is not None and variant not in (REFERENCE, FACECHAIN):
-            rows.append({"variant": variant, "vs": REFERENCE, "what": "runtime / precision, same steps and scheduler",
+            what = ("torch's own bf16 (autocast), diffusers' pipeline: the yardstick of bf16 error"
+                    if variant == TORCH_BF16 else "runtime / precision, same steps and scheduler")
+            rows.append({"variant": variant, "vs": REFERENCE, "what": what,
                          **image_deviation(out, ref)})
     for variant, out in outputs.items():  # step caching alone: vs the same runtime without it
         how = FACETRON_VARIANTS.get(variant)
@@ -486,14 +517,19 @@ def run(full: bool = False, variants: Sequence[str] = VARIANTS, threads: int = 2
         result["resolution"], result["prepare_s"] = setup.resolution, round(time.perf_counter() - t0, 1)
         result["peak_rss_gib"]["prepare"] = peak_rss_gib()
         # 2. FaceChain's recipe in torch, then the torch modules go (the graphs are written)
+        pipe = facechain_pipeline(base, setup) if {FACECHAIN, TORCH_BF16} & set(variants) else None
         if FACECHAIN in variants:
             print(f"[bench portrait] {FACECHAIN}: diffusers + torch eager, {FACECHAIN_STEPS} steps ...", flush=True)
-            entries[FACECHAIN], outputs[FACECHAIN] = run_facechain(base, setup, threads)
+            entries[FACECHAIN], outputs[FACECHAIN] = run_facechain(pipe, setup, threads)
             result["peak_rss_gib"][FACECHAIN] = peak_rss_gib()
-        del base
+        if TORCH_BF16 in variants:
+            print(f"[bench portrait] {TORCH_BF16}: diffusers + torch.autocast bf16, {contract.DEFAULT_STEPS} steps ...",
+                  flush=True)
+            entries[TORCH_BF16], outputs[TORCH_BF16] = run_torch_bf16(pipe, setup, threads)
+        del base, pipe
         gc.collect()
         # 3. facetron's variants, one variant's nets open at a time
-        for variant in (v for v in variants if v != FACECHAIN):
+        for variant in (v for v in variants if v in FACETRON_VARIANTS):
             print(f"[bench portrait] {variant}: {contract.DEFAULT_STEPS} steps ...", flush=True)
             entries[variant], out = run_facetron(setup, variant, threads)
             if out is not None:

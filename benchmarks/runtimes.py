@@ -1,8 +1,9 @@
 """CPU runtimes side by side per diffusion net: torch eager, ONNX Runtime,
 OpenVINO fp32 (dynamic and static shapes), OpenVINO with int8 weight
 compression (``nncf.compress_weights``, no calibration data) and OpenVINO's
-bf16 precision hint (fast only where the CPU has AMX; never served by
-``auto``: outside the fp32 validation tolerance).
+bf16 precision hint (fast only where the CPU has AMX), beside torch's own
+bf16 (``torch_bf16``: autocast, the yardstick of bf16 error the ``auto``
+rule uses).
 
 Per net: ms per call (a UNet call at batch 2 is one guidance step, so its ms
 is the per-step cost), the ratio to torch eager and to ONNX Runtime, and each
@@ -269,10 +270,12 @@ def measure_net(name: str, spec: str = "tiny", *, repeats: int = 10, threads: in
 
 
 def auto_choice(variants: dict) -> dict | None:
-    """What ``export repository --cpu-runtime auto --precision auto`` would serve from these numbers
-    (export/runtime_choice.py's rule, with torch as the fp32 reference): fp32 candidates within 1e-3 rel. L2
-    of torch, the bf16 one within ``BF16_FACTOR`` x torch's own bf16 deviation; ONNX Runtime unless an
-    eligible candidate is >= 5 % faster. None when ONNX Runtime was not measured."""
+    """The auto rule applied per call to these numbers (export/runtime_choice.py's rule, with torch as the
+    fp32 reference): fp32 candidates within 1e-3 rel. L2 of torch, the bf16 one within ``BF16_FACTOR`` x
+    torch's own bf16 deviation of the call; ONNX Runtime unless an eligible candidate is >= 5 % faster. For
+    the nets that run once per image this is the assembly's rule; the UNet's bf16 is judged at assembly by
+    a short generation's final latents instead (a call's deviation compounds differently over the steps:
+    ``facetron bench portrait`` measures whole images). None when ONNX Runtime was not measured."""
     from facetron.export.runtime_choice import AUTO_MARGIN, BF16_FACTOR
 
     if "ms" not in variants.get("onnxruntime", {}):
@@ -327,7 +330,9 @@ def run(full: bool = False, repeats: int | None = None, nets: Sequence[str] | No
           f"interleaved calls per variant; batch 2 for text_encoder/unet (one guidance step), 1 for the VAEs.\n\n"
           + markdown_table(rows, ["net", "variant", "ms/call", "x torch", "x ORT", "max abs vs torch",
                                   "rel L2 vs torch", "open s", "error"])
-          + "\nWhat `export repository --cpu-runtime auto --precision auto` would serve from these numbers: "
+          + "\nThe auto rule per call (what `export repository --cpu-runtime auto --precision auto` serves for the "
+            "nets that run once per image; its UNet bf16 check is a short generation's final latents, see "
+            "`facetron bench portrait`): "
           + ", ".join(f"{n} **{r['auto_choice']['choice']}**" for n, r in result["nets"].items() if r.get("auto_choice"))
           + " (fp32 within 1e-3 rel. L2 of torch, bf16 within 2x torch's own bf16 deviation, ONNX Runtime unless "
             "another is >= 5 % faster).\n"

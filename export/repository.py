@@ -34,7 +34,8 @@ from facetron.export.runtime_choice import check_precision_choice, cpu_flags, ru
 from facetron.diffusion.step_cache import RUNTIME_LORA_MODELS
 from facetron.export.runtime_lora import TEXT_ENCODER_TARGET_SUFFIXES, export_runtime_lora_text_encoder
 from facetron.export.step_cache import export_runtime_lora_deep_cache_unet
-from facetron.serving.unet import SHALLOW_FOLDER
+from facetron.contract import INT8_FOLDER
+from facetron.serving.unet import SHALLOW_FOLDER, check_int8
 from facetron.faces.detector import mtcnn_onnx_paths
 from facetron.faces.embedder import embedder_onnx_path
 from facetron.paths import REPO_ROOT
@@ -123,6 +124,27 @@ class DiffusionSource:
         _copy_graph(self.net_folder(name), version)
         if name == "unet":
             _copy_graph(self._exported / RUNTIME_LORA_MODELS[1], version / SHALLOW_FOLDER)
+            int8 = self._exported / INT8_FOLDER
+            if int8.is_dir():  # the int8 IR (quantize_unet), whole
+                shutil.copytree(int8, version / INT8_FOLDER)
+
+    def quantize_unet(self, mode: str) -> dict:
+        """The served UNet as an int8 OpenVINO IR (:mod:`facetron.export.quantize`, ``mode``: weights |
+        full | hybrid), calibrated on real trajectories of these nets, into ``<export>/int8/`` with its
+        ``quantization.json``; its deviation on held-out generations vs ONNX Runtime fp32 (and OpenVINO
+        bf16's, the yardstick) goes into ``deviation.json`` beside it. Returns the verdict."""
+        from facetron.export.quantize import (ExportedNets, calibration_feeds, deviation_report, quantize_unet,
+                                              within_tolerance)
+
+        nets = ExportedNets.from_export(self._exported, self._scheduler, unet=RUNTIME_LORA_MODELS[0])
+        out = self._exported / INT8_FOLDER
+        ir = quantize_unet(nets.unet, calibration_feeds(nets), out, mode)
+        report = deviation_report(nets, {mode: ir, "openvino_bf16": (nets.unet, "bf16")})
+        verdict = within_tolerance(report, mode)
+        atomic_write_json(out / "deviation.json", {"report": report, "verdict": verdict})
+        print(f"[export] int8 UNet ({mode}): " + ("within" if verdict["pass"] else "OUTSIDE")
+              + f" the tolerance ({verdict['rule']}); served because --int8 asked for it", flush=True)
+        return verdict
 
     def write_generator_files(self, version: Path) -> None:
         atomic_write_json(version / "model_info.json", self._info)
@@ -169,6 +191,14 @@ class DiffusionSource:
         if name in _EXPORTED:
             feed.update(random_lora_inputs(read_lora_manifest(folder), batch, seed=seed + 1))
         return feed
+
+    @property
+    def scheduler_config(self) -> dict:
+        return dict(self._scheduler)
+
+    @property
+    def latent_factor(self) -> int:
+        return int(self._info["latent_factor"])
 
     def torch_net(self, name: str):
         """(torch module, graph inputs) that served net ``name``'s graph computes (the runtime-LoRA
@@ -269,6 +299,7 @@ def assemble_repository(
     identity_mode: str = "runtime_lora",
     cpu_runtime: str | Mapping[str, str] = DEFAULT_NET_RUNTIME,
     precision: str = "f32",
+    int8: str = "off",
 ) -> Path:
     """Write the repository for ``target`` into ``out`` (replacing it atomically).
 
@@ -287,7 +318,12 @@ def assemble_repository(
     ``bf16`` — every OpenVINO net in bf16 (needs OpenVINO nets); ``auto`` —
     with ``cpu_runtime="auto"``, OpenVINO bf16 is one more measured candidate
     per net, eligible within torch's own bf16 deviation. Each net's choice is
-    its ``precision`` parameter."""
+    its ``precision`` parameter.
+
+    ``int8`` (cpu target, opt-in): the served UNet as an int8 OpenVINO IR
+    (``weights`` | ``full`` | ``hybrid``, :meth:`DiffusionSource.quantize_unet`),
+    its deviation recorded beside it; the ``unet`` then runs in OpenVINO f32
+    (its fallback is the fp32 ONNX graph in ONNX Runtime)."""
     if target not in TARGETS:
         raise InvalidInputError("--target", f"expected one of {', '.join(TARGETS)}, got {target!r}")
     if identity_mode not in IDENTITY_MODES:
@@ -295,6 +331,9 @@ def assemble_repository(
     net_runtimes = _net_runtimes(cpu_runtime)  # None = auto
     auto = net_runtimes is None
     check_precision_choice(precision)
+    check_int8(int8, "--int8")
+    if int8 != "off" and (target != "cpu" or diffusion is None):
+        raise InvalidInputError("--int8", "quantizes the cpu target's UNet (assemble with the diffusion models)")
     if target != "cpu":
         given = "--cpu-runtime" if net_runtimes != {net: DEFAULT_NET_RUNTIME for net in _NET_ARTIFACTS} else (
             "--precision" if precision != "f32" else None)
@@ -328,6 +367,7 @@ def assemble_repository(
             "tensorrt_plan models (fp16 engines built now, for this TensorRT and GPU)" if tensorrt else
             f"onnxruntime_onnx models with ORT's TensorRT accelerator (engines built at first load, cached under "
             f"{TRT_ENGINE_CACHE_ROOT}): {reason}"), flush=True)
+    overrides_by_model: dict[str, dict[str, str]] = {}
     with atomic_dir(out) as tmp:
         measured = None
         if diffusion is not None:
@@ -336,6 +376,10 @@ def assemble_repository(
                 measured = diffusion.choose_runtimes(precision)
                 net_runtimes = {net: measured[net]["runtime"] for net in _NET_ARTIFACTS}
                 net_precisions = {net: measured[net]["precision"] for net in _NET_ARTIFACTS}
+            if int8 != "off":  # the int8 IR runs in OpenVINO, with OpenVINO's int8 kernels (precision hint f32)
+                diffusion.quantize_unet(int8)
+                net_runtimes["unet"], net_precisions["unet"] = "openvino", "f32"
+                overrides_by_model = {"unet": {"int8": int8}}
         for model in chosen:
             if tensorrt and model.name in TENSORRT_NETS:
                 model = with_tensorrt_plan(model)
@@ -343,12 +387,14 @@ def assemble_repository(
             if net_runtimes is not None and model.name in net_runtimes:
                 model_overrides["runtime"] = net_runtimes[model.name]
                 model_overrides["precision"] = net_precisions[model.name]
+            model_overrides.update(overrides_by_model.get(model.name, {}))
             _write_model(model, target, tmp, diffusion, model_overrides)
         if diffusion is not None and target == "cpu":
             atomic_write_json(tmp / RUNTIME_CHOICE_FILE, {
                 "mode": "auto" if measured is not None else "fixed",
                 "runtimes": net_runtimes,
                 "precisions": net_precisions,
+                "int8": int8,
                 "cpu": cpu_flags(),
                 "rule": rule_text(precision) if measured is not None else "given by --cpu-runtime / --precision",
                 "measurements": measured,

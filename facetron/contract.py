@@ -82,10 +82,15 @@ IDENTITY_MODES = ("runtime_lora", "merged")
 NET_RUNTIMES = ("onnxruntime", "openvino")
 DEFAULT_NET_RUNTIME = "onnxruntime"
 #: OpenVINO inference precision: f32 (exact within export tolerances) or bf16
-#: (opt-in: ~4.5x faster UNet steps on CPUs with AMX, rel. L2 ~3 % per step;
-#: slower on CPUs without AMX). ONNX Runtime always runs f32.
+#: (~4x faster UNet steps on CPUs with AMX, slower without; chosen by
+#: ``export repository --precision auto`` where its image deviates like torch's
+#: own bf16, facetron.export.runtime_choice). ONNX Runtime always runs f32.
 NET_PRECISIONS = ("f32", "bf16")
 DEFAULT_NET_PRECISION = "f32"
+#: the served UNet as an int8 OpenVINO IR (facetron.export.quantize, in ``<unet version>/int8/``): off
+#: (default: full int8 deviates ~4x more than bf16 on the measured models) | weights | full | hybrid
+INT8_MODES = ("off", "weights", "full", "hybrid")
+INT8_FOLDER = "int8"
 #: Styles (facetron.styles): a name like a user id; a style LoRA's weight in 0..MAX_STYLE_WEIGHT
 #: (FaceChain blends styles at 0.25-0.5; above 2 a LoRA overwhelms the base model);
 #: DEFAULT_STYLE_WEIGHT is the unet model's w_style, used when a style gives none.
@@ -260,6 +265,7 @@ class UnetParams(ModelParams):
     providers: str = "cpu"
     runtime: str = DEFAULT_NET_RUNTIME  # NET_RUNTIMES
     precision: str = DEFAULT_NET_PRECISION  # NET_PRECISIONS (OpenVINO only)
+    int8: str = "off"  # INT8_MODES: OpenVINO runs <version>/int8/model.xml (the shallow step-cache graph stays f32)
     users_dir: str = ""
     lora_cache_mb: float = 512.0
     w_face: float = 0.9

@@ -185,3 +185,44 @@ def test_bad_requests_are_refused(nets, tmp_path) -> None:
     with pytest.raises(InvalidInputError, match="did not make"):
         q.quantize_unet(nets.unet, None, foreign, "weights")
     assert (foreign / "notes.txt").is_file()
+
+
+def test_export_repository_int8_serves_the_ir_with_its_deviation(tmp_path) -> None:
+    """``assemble_repository(int8="weights")``: the unet's version folder holds the IR, how it was made and
+    how far it deviates; the served model opens the IR in OpenVINO (ONNX Runtime falls back to the fp32
+    ONNX), and it stays near the fp32 graph; int8 needs OpenVINO and the cpu target, by name."""
+    from facetron.contract import UnetParams
+    from facetron.diffusion.lora_inputs import random_lora_inputs
+    from facetron.export.onnx_graph import example_inputs
+    from facetron.export.repository import DiffusionSource, assemble_repository
+    from facetron.serving.unet import unet_graph
+
+    with pytest.raises(InvalidInputError, match="--int8: expected one of off, weights, full, hybrid"):
+        assemble_repository("cpu", tmp_path / "r0", int8="int4")
+    with pytest.raises(InvalidInputError, match="--int8: quantizes the cpu target's UNet"):
+        assemble_repository("gpu", tmp_path / "r0", int8="weights", diffusion=DiffusionSource(lora_rank=8))
+    repo = assemble_repository("cpu", tmp_path / "repo", models=["unet"], diffusion=DiffusionSource(lora_rank=8),
+                               int8="weights")
+    folder = repo / "unet" / "1"
+    report = json.loads((folder / "int8" / "quantization.json").read_text())
+    verdict = json.loads((folder / "int8" / "deviation.json").read_text())["verdict"]
+    assert report["mode"] == "weights" and "pass" in verdict and verdict["rule"]
+    config = (repo / "unet" / "config.pbtxt").read_text()
+    assert 'key: "int8"\n  value {\n    string_value: "weights"' in config
+    assert 'key: "runtime"\n  value {\n    string_value: "openvino"' in config
+    assert json.loads((repo / "runtime_choice.json").read_text())["int8"] == "weights"
+    params = UnetParams(runtime="openvino", int8="weights")
+    assert unet_graph(folder, params) == folder / "int8" / "model.xml"
+    with pytest.raises(InvalidInputError, match="parameter int8: 'weights' needs runtime openvino"):
+        unet_graph(folder, UnetParams(int8="weights"))
+    inputs, _, _ = read_io(folder)
+    feed = example_inputs([s for s in inputs if not s.name.startswith("lora_")], ModelDims.of(load_base_model()),
+                          batch=2, seed=3)
+    feed.update(random_lora_inputs(read_lora_manifest(folder), 2, seed=4, rank=4))
+    served = open_runtime(unet_graph(folder, params), "openvino", 2, reuse_inputs=True,
+                          fallback_path=folder / "model.onnx")
+    got = served.run(["noise_pred"], feed)[0]
+    want = open_runtime(folder / "model.onnx", "onnxruntime", 2).run(["noise_pred"], feed)[0]
+    rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    print(f"served int8-weights UNet vs fp32 ONNX Runtime: rel L2 {rel:.4f}")
+    assert served.runtime == "openvino" and 0 < rel < 0.05

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from facetron.contract import DEFAULT_NET_RUNTIME, IDENTITY_MODES, NET_RUNTIMES
+from facetron.contract import DEFAULT_NET_RUNTIME, IDENTITY_MODES, INT8_MODES, NET_RUNTIMES
 from facetron.export.model_configs import TARGETS
 from facetron.export.runtime_choice import PRECISION_CHOICES
 from facetron.paths import DEFAULT_REPOSITORY
@@ -91,6 +91,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
                    help="cpu target: f32 | bf16 (OpenVINO nets in bf16) | auto (default with --cpu-runtime auto: "
                         "OpenVINO bf16 is a candidate, eligible within torch's own bf16 deviation; fast on CPUs "
                         "with AMX); f32 keeps every net within the fp32 validation tolerance")
+    r.add_argument("--int8", choices=INT8_MODES, default="off",
+                   help="cpu target: serve the UNet as an int8 OpenVINO IR calibrated on real denoising trajectories "
+                        "(weights | full | hybrid; default off: on the measured models full int8 deviates ~4x more "
+                        "than bf16); its deviation is written beside it (int8/deviation.json)")
     r.set_defaults(func=run_repository)
 
     u = nested.add_parser("add-user", help="merged mode: add a user's merged UNet to an assembled repository")
@@ -167,7 +171,8 @@ def run_repository(args: argparse.Namespace) -> int:
     cpu_runtime = args.cpu_runtime or ("auto" if cpu else DEFAULT_NET_RUNTIME)
     precision = args.precision or ("auto" if cpu_runtime == "auto" and cpu else "f32")
     out = assemble_repository(args.target, args.out, diffusion=diffusion, users_dir=args.users_dir,
-                              identity_mode=args.identity_mode, cpu_runtime=cpu_runtime, precision=precision)
+                              identity_mode=args.identity_mode, cpu_runtime=cpu_runtime, precision=precision,
+                              int8=args.int8)
     names = [m.name for m in models_for(args.target, diffusion=diffusion is not None)]
     print(f"[export] {args.target} repository with {len(names)} models -> {out}: {', '.join(names)}")
     choice = out / RUNTIME_CHOICE_FILE

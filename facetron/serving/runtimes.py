@@ -379,7 +379,7 @@ def model_cache_folder(root: Path | None | bool, path: Path, precision: str) -> 
     import hashlib
 
     parts = [str(path.resolve()), precision]
-    for f in (path, path.with_name(path.name + ".data")):
+    for f in (path, path.with_name(path.name + ".data"), path.with_suffix(".bin")):  # ONNX (+ data) or IR
         if f.is_file():
             st = f.stat()
             parts += [str(st.st_size), str(st.st_mtime_ns)]
@@ -404,7 +404,8 @@ def _prune_cache(root: Path, keep: int) -> None:
 def open_runtime(path: str | os.PathLike, runtime: str = DEFAULT_RUNTIME, threads: int | None = None,
                  providers: str = "cpu", *, shapes: dict[str, Sequence[int]] | None = None,
                  cache: Path | None | bool = True, fallback: bool = True, static_shapes: int = STATIC_SHAPE_GRAPHS,
-                 reuse_inputs: bool = False, precision: str = DEFAULT_NET_PRECISION):
+                 reuse_inputs: bool = False, precision: str = DEFAULT_NET_PRECISION,
+                 fallback_path: str | os.PathLike | None = None):
     """The net of ONNX file ``path`` in ``runtime`` ("onnxruntime" | "openvino").
 
     ``threads``: intra-op threads (None/0 = ``$OMP_NUM_THREADS`` for OpenVINO,
@@ -423,8 +424,11 @@ def open_runtime(path: str | os.PathLike, runtime: str = DEFAULT_RUNTIME, thread
     cache, False/None = none). With ``fallback`` a net that OpenVINO cannot
     load, compile or run is served by ONNX Runtime (one log line).
     ``precision``: OpenVINO's inference precision, ``f32`` or the opt-in
-    ``bf16`` (ONNX Runtime runs f32 and says so once)."""
+    ``bf16`` (ONNX Runtime runs f32 and says so once). ``path`` may be an
+    OpenVINO IR (``.xml``, e.g. the int8 UNet): ONNX Runtime then runs
+    ``fallback_path`` (the ONNX file it was made from)."""
     path = Path(path)
+    onnx_path = Path(fallback_path) if fallback_path is not None else path
     check_runtime(runtime)
     check_precision(precision)
     if precision != "f32" and (runtime == "onnxruntime" or providers != "cpu"):
@@ -433,11 +437,11 @@ def open_runtime(path: str | os.PathLike, runtime: str = DEFAULT_RUNTIME, thread
         raise FacetronError(f"ONNX file {path} is missing: assemble the repository with `facetron export repository`")
     ort_threads = threads or None
     if runtime == "onnxruntime":
-        return OrtRuntime(path, ort_threads, providers, reuse_inputs=reuse_inputs)
+        return OrtRuntime(onnx_path, ort_threads, providers, reuse_inputs=reuse_inputs)
     if providers != "cpu":
         LOG.warning("[facetron] %s: OpenVINO is a CPU runtime here and providers=%r; running this net in ONNX Runtime",
                     path, providers)
-        return OrtRuntime(path, ort_threads, providers, reuse_inputs=reuse_inputs)
+        return OrtRuntime(onnx_path, ort_threads, providers, reuse_inputs=reuse_inputs)
     try:
         cache_path = model_cache_folder(cache_dir("openvino") if cache is True else cache, path, precision)
     except OSError as exc:
@@ -451,7 +455,7 @@ def open_runtime(path: str | os.PathLike, runtime: str = DEFAULT_RUNTIME, thread
             raise
         LOG.warning("[facetron] %s: OpenVINO could not load or compile this net (%s); running it in ONNX Runtime",
                     path, _one_line(exc))
-        return OrtRuntime(path, ort_threads, providers, reuse_inputs=reuse_inputs)
+        return OrtRuntime(onnx_path, ort_threads, providers, reuse_inputs=reuse_inputs)
     if not fallback:
         return primary
-    return FallbackRuntime(primary, lambda: OrtRuntime(path, ort_threads, providers, reuse_inputs=reuse_inputs))
+    return FallbackRuntime(primary, lambda: OrtRuntime(onnx_path, ort_threads, providers, reuse_inputs=reuse_inputs))

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from facetron.contract import DEEP_FEATURE, DEFAULT_STYLE_WEIGHT, UnetParams
+from facetron.contract import DEEP_FEATURE, DEFAULT_STYLE_WEIGHT, INT8_FOLDER, INT8_MODES, UnetParams
 from facetron.diffusion.lora_inputs import (lora_inputs_for, manifest_component, read_lora_manifest,
                                             stack_lora_inputs, zero_lora_inputs)
 from facetron.errors import InvalidInputError, NotFoundError
@@ -185,6 +185,26 @@ WANTS_FEATURE = "__wants_deep_feature__"
 SHALLOW_FOLDER = "shallow"
 
 
+def unet_graph(folder: Path, params: UnetParams) -> Path:
+    """The graph the ``unet`` model runs: ``model.onnx``, or with ``int8`` on (OpenVINO) the int8 IR
+    ``<folder>/int8/model.xml`` the assembler wrote (its ``quantization.json`` says how it was made and
+    how far it deviates)."""
+    check_int8(params.int8)
+    if params.int8 == "off":
+        return folder / "model.onnx"
+    ir = folder / INT8_FOLDER / "model.xml"
+    if params.runtime != "openvino" or not ir.is_file():
+        raise InvalidInputError("parameter int8", f"{params.int8!r} needs runtime openvino and {ir} "
+                                                  "(`export repository --int8`)")
+    return ir
+
+
+def check_int8(mode: str, name: str = "int8") -> str:
+    if mode not in INT8_MODES:
+        raise InvalidInputError(name, f"expected one of {', '.join(INT8_MODES)}, got {mode!r}")
+    return mode
+
+
 class UnetModel:
     def initialize(self, args):
         params = read_params(args, UnetParams)
@@ -192,8 +212,9 @@ class UnetModel:
         # ONNX Runtime or OpenVINO (params.runtime): the LoRA tensors are plain graph inputs in both; the bank
         # hands the same stacked arrays back while a batch's users repeat (every denoising step), and
         # reuse_inputs keeps them bound in the runtime instead of passing ~65 inputs again on every call
-        self.session = open_runtime(folder / "model.onnx", params.runtime, params.intra_op_threads or None,
-                                    params.providers, reuse_inputs=True, precision=params.precision)
+        self.session = open_runtime(unet_graph(folder, params), params.runtime, params.intra_op_threads or None,
+                                    params.providers, reuse_inputs=True, precision=params.precision,
+                                    fallback_path=folder / "model.onnx")
         # the step cache: the graph above also gives deep_feature; the shallow graph opens on first use
         self._shallow_path = folder / SHALLOW_FOLDER / "model.onnx"
         self._open_shallow = partial(open_runtime, self._shallow_path, params.runtime, params.intra_op_threads or None,
