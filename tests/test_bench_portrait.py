@@ -99,3 +99,19 @@ def test_unknown_variant_is_refused_and_cli_parses() -> None:
                                       "--threads", "1", "--out", "x"])
     assert args.variants == "facechain,facetron_openvino_f32" and args.threads == 1 and not args.full
     assert callable(args.func)
+
+
+@pytest.mark.triton
+def test_served_portrait_benchmark_tiny(tmp_path) -> None:
+    """``facetron bench served`` on the tiny spec: a repository assembled with the CLI defaults (auto runtime and
+    precision, recorded with the UNet's bf16 image check), a real tritonserver, three gRPC portrait calls
+    (the third with step caching); JSON + MD + PNG written. No timing is asserted."""
+    from facetron.benchmarks.served_portrait import CALLS, run
+
+    result = run(out_dir=tmp_path)
+    choice = result["runtime_choice"]
+    assert set(choice["runtimes"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    assert "image_check" in (choice["unet_bf16"] or {}) or choice["unet_bf16"] is None
+    assert [c["call"] for c in result["calls"]] == [name for name, _ in CALLS]
+    assert all(c["wall_s"] > 0 and c["server_timings_ms"]["generate_ms"] > 0 for c in result["calls"])
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md", ".png"]

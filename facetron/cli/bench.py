@@ -120,6 +120,16 @@ def _runtimes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _served(args: argparse.Namespace) -> int:
+    from facetron.benchmarks.served_portrait import run
+
+    result = run(full=args.full, out_dir=args.out)
+    print(f"  chosen: {result['runtime_choice']['runtimes']} {result['runtime_choice']['precisions']}")
+    for f in result["files"]:
+        print(f"  wrote {f}")
+    return 0
+
+
 def _portrait(args: argparse.Namespace) -> int:
     from facetron.benchmarks.portrait_e2e import VARIANTS, psnr_text, run
 
@@ -191,6 +201,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     po.add_argument("--threads", type=int, default=2, help="threads per runtime and for torch (default 2, as served)")
     po.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
     po.set_defaults(func=_portrait)
+    sv = bsub.add_parser("served", help="one portrait served end to end: repository assembled with the CLI defaults "
+                                         "(auto runtimes/precisions), tritonserver, gRPC portrait with and without "
+                                         "step caching (tiny; --full SD-1.5 shapes: ~10 min, ~22 GB, run it alone)")
+    sv.add_argument("--full", action="store_true")
+    sv.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
+    sv.set_defaults(func=_served)
     lo = bsub.add_parser("lora", help="runtime-LoRA UNet vs merged UNets alone (ORT; 1 user also in the served "
                                       "OpenVINO runtime), tiny model, under a minute")
     lo.add_argument("--users", type=int, default=8)

@@ -1,0 +1,136 @@
+"""One portrait served end to end, as an operator deploys it: a base model folder
+(random weights: the tiny spec, or SD-1.5 shapes with ``full``), a repository
+assembled by ``facetron export repository`` with its CLI defaults
+(``--cpu-runtime auto --precision auto``: each net's runtime and precision
+measured on this machine), a real ``tritonserver``, and gRPC ``portrait`` calls
+through facetron's client: one with the defaults, one with step caching
+(``cache_interval`` 3). Every call: 1 image at the model's native size, the
+default steps, ``fusion_strength`` 0 (random weights make no face, so no picture
+passes the face filter: 0 images come back and the time is generation + ranking).
+
+Writes ``<date>-<machine>-served-portrait-<spec>.{json,md,png}``: the runtime
+choice (and the UNet's bf16 image check), assembly seconds, each call's wall
+seconds and the server's stage timings. ``full`` needs the machine alone:
+~10 minutes, the assembly peaks at ~22 GB.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+USER = "bench-user"
+CALLS = (("warmup_2_steps", {"steps": 2}), ("default", {}), ("cache_interval_3", {"cache_interval": 3}))
+
+
+def _user(registry, base_dir: Path, work: Path) -> None:
+    """A registered user with a random rank-4 face LoRA (FaceChain's rank) and a random reference embedding."""
+    from facetron.diffusion.base_model import load_base_model
+    from facetron.training.random_lora import write_random_lora
+
+    base = load_base_model(base_dir)
+    lora = write_random_lora(work / "user.safetensors", base.unet, rank=4, alpha=32.0, seed=7, std=0.01)
+    emb = np.random.default_rng(0).standard_normal(128).astype(np.float32)
+    registry.save_reference_embedding(USER, emb / np.linalg.norm(emb))
+    registry.install_lora(USER, lora)
+
+
+def run(full: bool = False, out_dir: Path | None = None, work_dir: Path | None = None) -> dict:
+    """The benchmark (numbered steps below); returns the result written to ``out_dir``."""
+    from facetron.benchmarks.runtimes import _loadavg, cpu_description
+    from facetron.client import FacetronClient
+    from facetron.diffusion.base_model import write_base_model
+    from facetron.diffusion.model_spec import SD15, TINY
+    from facetron.triton_server import TritonServer
+    from facetron.users import UserRegistry
+
+    spec = SD15 if full else TINY
+    result: dict = {"spec": "sd15" if full else "tiny", "cpu": cpu_description(), "loadavg_start": _loadavg(),
+                    "stages_s": {}, "calls": [],
+                    "note": "random weights: speed only; no face is generated, so no picture is returned"}
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="facetron-bench-served-") as tmp:
+        work = Path(tmp)
+        # 1. a base model folder and a registered user
+        t0 = time.perf_counter()
+        base = write_base_model(spec, work / "base")
+        registry = UserRegistry(work / "users")
+        _user(registry, base, work)
+        result["stages_s"]["base_and_user"] = round(time.perf_counter() - t0, 1)
+        # 2. the repository, as the CLI assembles it by default (a subprocess: its memory goes when it ends)
+        t0 = time.perf_counter()
+        repo = work / "repo"
+        cmd = [sys.executable, "-m", "facetron.cli", "export", "repository", "--base-model", str(base),
+               "--out", str(repo), "--users-dir", str(registry.root)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"export repository failed: {done.stderr[-2000:]}")
+        result["stages_s"]["export_repository"] = round(time.perf_counter() - t0, 1)
+        choice = json.loads((repo / "runtime_choice.json").read_text())
+        result["runtime_choice"] = {
+            "runtimes": choice["runtimes"], "precisions": choice["precisions"],
+            "unet_bf16": choice["measurements"]["unet"]["runtimes"].get("openvino_bf16"),
+            "reasons": {net: m["reason"] for net, m in choice["measurements"].items()}}
+        # 3. a real tritonserver and the gRPC calls
+        server = TritonServer(repo, log_path=work / "tritonserver.log", env={"FACETRON_USERS_DIR": str(registry.root)})
+        t0 = time.perf_counter()
+        server.start()
+        result["stages_s"]["server_start"] = round(time.perf_counter() - t0, 1)
+        try:
+            with FacetronClient(server.grpc_url, timeout_s=3600) as client:
+                for name, kwargs in CALLS:
+                    t0 = time.perf_counter()
+                    answer = client.portrait(USER, num_images=1, seed=11, fusion_strength=0.0, **kwargs)
+                    result["calls"].append({"call": name, **kwargs, "wall_s": round(time.perf_counter() - t0, 2),
+                                            "images_returned": int(len(answer.images)),
+                                            "server_timings_ms": answer.report.get("timings_ms")})
+                    print(f"[bench served] {name}: {result['calls'][-1]['wall_s']} s", flush=True)
+        finally:
+            server.stop()
+    result["loadavg_end"] = _loadavg()
+    return _write(result, out_dir)
+
+
+def _write(result: dict, out_dir: Path | None) -> dict:
+    from facetron.benchmarks.report import markdown_table, write_result
+
+    choice = result["runtime_choice"]
+    md = (f"One portrait (1 image, native size, default steps, fusion off) of a registered user served end to end, "
+          f"spec `{result['spec']}` ({result['note']}): repository assembled by `facetron export repository` with "
+          f"its defaults (`--cpu-runtime auto --precision auto`), a real tritonserver, gRPC `portrait` calls.\n\n"
+          f"CPU: {result['cpu']['model']}; flags {', '.join(result['cpu']['kernel_flags'])}\n\n"
+          f"Chosen per net: " + ", ".join(f"{k} {v} {choice['precisions'][k]}" for k, v in choice["runtimes"].items())
+          + f"; UNet bf16 check: {json.dumps((choice.get('unet_bf16') or {}).get('image_check'))}\n\n"
+          + markdown_table([{"call": c["call"], "wall s": c["wall_s"], "images returned": c["images_returned"],
+                             "server generate ms": (c["server_timings_ms"] or {}).get("generate_ms")}
+                            for c in result["calls"]], ["call", "wall s", "images returned", "server generate ms"])
+          + f"\nstages (s): {result['stages_s']}; load average {result['loadavg_start']} -> {result['loadavg_end']}\n")
+    path = write_result(f"served-portrait-{result['spec']}", result, md, out_dir=out_dir)
+    result["files"] = [str(path), str(path.with_suffix(".md")), str(_plot(result, path.with_suffix(".png")))]
+    return result
+
+
+def _plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [c for c in result["calls"] if not c["call"].startswith("warmup")]
+    fig, ax = plt.subplots(figsize=(7, 2.6))
+    ax.barh([c["call"] for c in rows], [c["wall_s"] for c in rows], color="#4477aa")
+    for i, c in enumerate(rows):
+        ax.text(c["wall_s"], i, f" {c['wall_s']:.1f} s", va="center")
+    choice = result["runtime_choice"]
+    ax.set_xlabel("seconds per gRPC portrait call")
+    ax.set_title(f"served portrait ({result['spec']}): " + ", ".join(
+        f"{k}={v}/{choice['precisions'][k]}" for k, v in choice["runtimes"].items()), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
