@@ -276,7 +276,7 @@ def auto_choice(variants: dict) -> dict | None:
     the nets that run once per image this is the assembly's rule; the UNet's bf16 is judged at assembly by
     a short generation's final latents instead (a call's deviation compounds differently over the steps:
     ``facetron bench portrait`` measures whole images). None when ONNX Runtime was not measured."""
-    from facetron.export.runtime_choice import AUTO_MARGIN, BF16_FACTOR
+    from facetron.export.runtime_choice import BF16_FACTOR, pick
 
     if "ms" not in variants.get("onnxruntime", {}):
         return None
@@ -289,9 +289,7 @@ def auto_choice(variants: dict) -> dict | None:
         limit = 1e-3 if precision == "f32" else (BF16_FACTOR * torch_bf16 if torch_bf16 else None)
         if limit is not None and e["rel_l2"] <= limit:
             eligible[name] = e["ms"]
-    best = min(eligible, key=eligible.get)
-    choice = best if eligible[best] <= AUTO_MARGIN * eligible.get("onnxruntime", float("inf")) else "onnxruntime"
-    return {"choice": choice, "eligible_ms": eligible, "torch_bf16_rel_l2": torch_bf16,
+    return {"choice": pick(eligible, "onnxruntime"), "eligible_ms": eligible, "torch_bf16_rel_l2": torch_bf16,
             "rule": "fastest eligible; onnxruntime unless >= 5% faster; bf16 within 2x torch's own bf16 deviation"}
 
 

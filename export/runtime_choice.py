@@ -221,15 +221,21 @@ def choose_net(source: NetSource, name: str, precision: str = "auto", threads: i
     if not eligible:
         raise InvalidInputError(name, "no runtime could run this net at the served shapes: "
                                       + "; ".join(f"{k}: {v.get('error')}" for k, v in entry["runtimes"].items()))
-    choice = DEFAULT if DEFAULT in eligible else min(eligible, key=eligible.get)
-    best = min(eligible, key=eligible.get)
-    if best != choice and eligible[best] <= AUTO_MARGIN * eligible[choice]:
-        choice = best
+    choice = pick(eligible, DEFAULT)
     entry["choice"], entry["runtime"], entry["precision"] = label(choice), choice[0], choice[1]
     entry["reason"] = "; ".join(
         f"{k} {v['p50_ms']:.2f} ms" + ("" if v.get("eligible") else " (not eligible)") if "p50_ms" in v
         else f"{k}: {v.get('error')}" for k, v in entry["runtimes"].items())
     return entry
+
+
+def pick(eligible_ms: dict, default):
+    """The choice among eligible candidates (their p50 ms): ``default`` unless another is at least
+    ``1 - AUTO_MARGIN`` faster, then the fastest; the fastest when ``default`` is not eligible."""
+    best = min(eligible_ms, key=eligible_ms.get)
+    if default in eligible_ms and eligible_ms[best] > AUTO_MARGIN * eligible_ms[default]:
+        return default
+    return best
 
 
 def choose_runtimes(source: NetSource, nets: Iterable[str], precision: str = "auto",

@@ -220,6 +220,7 @@ class UnetModel:
         self._open_shallow = partial(open_runtime, self._shallow_path, params.runtime, params.intra_op_threads or None,
                                      params.providers, reuse_inputs=True, precision=params.precision)
         self._shallow = None
+        self._shallow_inputs: frozenset[str] = frozenset()  # the LoRA inputs it reads: fewer than the full graph's
         self._shallow_lock = threading.Lock()
         registry = registry_at(params.users_dir)
         styles = styles_for(registry.root)
@@ -263,6 +264,7 @@ class UnetModel:
                     raise InvalidInputError(DEEP_FEATURE, "this unet has no step-cache shallow graph (re-assemble the "
                                                           "repository to serve cache_interval > 1)")
                 self._shallow = self._open_shallow()
+                self._shallow_inputs = frozenset(spec.name for spec in self._shallow.get_inputs())
             return self._shallow
 
     def _run(self, feed):
@@ -270,8 +272,8 @@ class UnetModel:
         feed.update(self.bank.batch(list(feed.pop(LORA_KEYS))))  # same arrays while the batch's keys repeat
         if DEEP_FEATURE in feed:  # shallow step: the graph reads only some of the LoRA inputs
             shallow = self.shallow()
-            wanted = {spec.name for spec in shallow.get_inputs()}
-            return {"noise_pred": shallow.run(["noise_pred"], {k: v for k, v in feed.items() if k in wanted})[0]}
+            return {"noise_pred": shallow.run(["noise_pred"], {k: v for k, v in feed.items()
+                                                               if k in self._shallow_inputs})[0]}
         outputs = ["noise_pred", DEEP_FEATURE] if feed.pop(WANTS_FEATURE, None) is not None else ["noise_pred"]
         return dict(zip(outputs, self.session.run(outputs, feed)))
 
