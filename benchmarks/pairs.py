@@ -141,7 +141,7 @@ def runtime_lora_vs_merged(users: int = 8, repeats: int = 16, rank: int = 16, lo
         resident = [_ort_session(p) for p in merged_paths]
         got = runtime.run(None, {**feed, **lora_in[0]})[0]
         ref = resident[0].run(None, feed)[0]
-        mixed = {**{k: np.concatenate([v] * users) for k, v in feed.items()}, **stack_lora_inputs(lora_in)}
+        mixed = {**{k: np.concatenate([v] * users) for k, v in feed.items()}, **stack_lora_inputs(lora_in, manifest)}
 
         one_user: dict[str, Callable[[], object]] = {
             "runtime_1user": lambda: runtime.run(None, {**feed, **lora_in[0]}),
@@ -211,7 +211,7 @@ def runtime_lora_vs_merged(users: int = 8, repeats: int = 16, rank: int = 16, lo
     return out
 
 
-def runtime_lora_vs_merged_sd15(repeats: int = 4, lora_rank: int = 4, work_dir: Path | None = None) -> dict:
+def runtime_lora_vs_merged_sd15(repeats: int = 8, lora_rank: int = 4, work_dir: Path | None = None) -> dict:
     """SD-1.5 shapes (random weights), one user, batch 2: the served runtime-LoRA UNet graph (the step-cache
     full graph the ``unet`` model serves, the user's rank-``lora_rank`` face LoRA sent at its rank bucket, as
     the bank sends it) vs the UNet with that LoRA merged in. Per runtime as served (ONNX Runtime fp32;

@@ -39,7 +39,7 @@ TEXT_LEN = 77
 MODELS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 # protobuf cannot hold more than 2 GiB: above this many weight bytes use external data.
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
-# symbolic dims: N batch, h/w latent side, H/W image side, R runtime-LoRA rank
+# symbolic dims: N batch, h/w latent side, H/W image side, R runtime-LoRA rank ("3R": 3 slots of R side by side)
 SYMBOLS = ("N", "h", "w", "H", "W", "R")
 
 
@@ -59,8 +59,19 @@ class TensorSpec:
         return cls(d["name"], d["dtype"], tuple(d["dims"]))
 
     def shape(self, **sizes: int) -> tuple[int, ...]:
-        """Concrete shape with symbols replaced, e.g. ``shape(N=2, h=64, w=64)``."""
-        return tuple(sizes[d] if isinstance(d, str) else int(d) for d in self.dims)
+        """Concrete shape with symbols replaced, e.g. ``shape(N=2, h=64, w=64)``; a multiple such as
+        ``"3R"`` is 3 x ``R``."""
+        return tuple(symbol_size(d, sizes) if isinstance(d, str) else int(d) for d in self.dims)
+
+
+def symbol_size(dim: str, sizes: dict[str, int]) -> int:
+    """The size of symbolic dim ``dim``: ``sizes[dim]``, or ``k * sizes[S]`` for ``"<k><S>"``."""
+    if dim in sizes:
+        return sizes[dim]
+    k = dim.rstrip("".join(SYMBOLS))
+    if not k.isdigit() or dim[len(k):] not in sizes:
+        raise KeyError(dim)
+    return int(k) * sizes[dim[len(k):]]
 
 
 NUMPY_DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8}

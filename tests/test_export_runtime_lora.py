@@ -73,13 +73,14 @@ def test_manifest_maps_groups_and_layers_to_modules(setup):
     first = m["layers"][0]
     assert first == {"index": 0, "module": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
                      "in_features": 32, "out_features": 32, "group": 0, "slot": 0,
-                     "b": "lora_b_0", "b_dims": ["N", "R", 32]}
+                     "b": "lora_b_0", "b_dims": ["N", "3R", 32]}
     # self-attention q/k/v read one tensor: one A for the three; cross-attention: q alone, k/v together
     modules = {layer["index"]: layer["module"].rsplit(".", 2)[-2:] for layer in m["layers"]}
     kinds = [tuple("/".join(modules[i]) for i in g["layers"]) for g in m["groups"]]
     assert kinds[:6] == [("attn1/to_q", "attn1/to_k", "attn1/to_v"), ("to_out/0",), ("attn2/to_q",),
                          ("attn2/to_k", "attn2/to_v"), ("to_out/0",), ("attn1/to_q", "attn1/to_k", "attn1/to_v")]
-    assert m["groups"][0]["a_dims"] == ["N", 32, 3, "R"] and m["groups"][0]["a"] == "lora_a_0"
+    assert m["groups"][0]["a_dims"] == ["N", 32, "3R"] and m["groups"][0]["a"] == "lora_a_0"
+    assert m["groups"][1]["a_dims"] == ["N", 32, "R"] and m["layers"][3]["b_dims"] == ["N", "R", 32]
     assert sorted(i for g in m["groups"] for i in g["layers"]) == list(range(32))
     sess = ort.InferenceSession(str(setup["runtime"]), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
@@ -122,7 +123,7 @@ def test_mixed_user_batch(setup):
     """Two requests (face user, base user) in one batch give each its own result."""
     feed = unet_feed(2, seed=2)
     user = lora_inputs_for(load_lora(setup["face"]), setup["manifest"], W_FACE, batch=1)
-    mixed = stack_lora_inputs([user, zero_lora_inputs(setup["manifest"], batch=1)])
+    mixed = stack_lora_inputs([user, zero_lora_inputs(setup["manifest"], batch=1)], setup["manifest"])
     got = run(setup["runtime"], {**feed, **mixed})
     assert float(np.abs(got[:1] - run(setup["merged_face"], feed)[:1]).max()) <= MERGED_TOL
     assert float(np.abs(got[1:] - run(setup["base"], feed)[1:]).max()) <= BASE_TOL
@@ -131,15 +132,19 @@ def test_mixed_user_batch(setup):
 def test_inputs_are_built_at_the_rank_bucket_and_padding_is_exact(setup):
     """A rank-4 face LoRA is sent at R = 4 (not the export rank 8); with the rank-2 style stacked on it, R = 8
     (bucket of 6); the product of a layer's A slot and B is the LoRA's delta."""
-    inputs = lora_inputs_for(setup["face"], setup["manifest"], 1.0)
-    a, b = inputs["lora_a_0"], inputs["lora_b_0"]
-    assert a.shape == (1, 32, 3, 4) and b.shape == (1, 4, 32) and lora_rank_of(inputs) == 4
-    both = lora_inputs_for(setup["face"], setup["manifest"], 1.0, extra=[(setup["style"], 1.0)])
-    assert lora_rank_of(both) == RANK and not both["lora_a_0"][0, :, :, 6:].any()
-    layer = load_lora(setup["face"]).component("unet")[setup["manifest"]["layers"][0]["module"]]
-    np.testing.assert_allclose((a[0, :, 0, :] @ b[0]).T, layer.delta().numpy(), rtol=1e-6, atol=1e-7)
-    padded = stack_lora_inputs([inputs, both])  # mixed buckets: zero-padded to the largest, the same function
-    assert lora_rank_of(padded) == RANK and not padded["lora_a_0"][0, :, :, 4:].any()
+    m = setup["manifest"]
+    inputs = lora_inputs_for(setup["face"], m, 1.0)
+    a, b = inputs["lora_a_0"], inputs["lora_b_0"]  # q/k/v: 3 slots of R; to_q is slot 0
+    assert a.shape == (1, 32, 3 * 4) and b.shape == (1, 3 * 4, 32) and lora_rank_of(inputs, m) == 4
+    assert not b[0, 4:].any() and b[0, :4].any()  # to_q's B fills its slot's rows only
+    both = lora_inputs_for(setup["face"], m, 1.0, extra=[(setup["style"], 1.0)])
+    assert lora_rank_of(both, m) == RANK and not both["lora_a_0"][0, :, 6:RANK].any()
+    layer = load_lora(setup["face"]).component("unet")[m["layers"][0]["module"]]
+    np.testing.assert_allclose((a[0] @ b[0]).T, layer.delta().numpy(), rtol=1e-6, atol=1e-7)
+    padded = stack_lora_inputs([inputs, both], m)  # mixed buckets: zero-padded to the largest, the same function
+    assert lora_rank_of(padded, m) == RANK and not padded["lora_a_0"][0, :, 4:RANK].any()
+    np.testing.assert_array_equal(padded["lora_a_0"][0, :, RANK:RANK + 4], a[0, :, 4:8])  # to_k's slot moved
+    np.testing.assert_array_equal(padded["lora_b_0"][0, :4], b[0, :4])
     feed = unet_feed(1, seed=5)
     alone = run(setup["runtime"], {**feed, **inputs})
     in_batch = run(setup["runtime"], {**{k: np.concatenate([v, v]) for k, v in feed.items()}, **padded})
@@ -212,7 +217,7 @@ def test_runtime_text_encoder_equals_fused_and_zero_equals_base(te_setup):
           f"zero LoRA vs base {np.abs(zero - base_out).max():.2g}, LoRA effect {np.abs(got - base_out).max():.2g}")
     assert np.abs(zero - base_out).max() <= BASE_TOL
     # mixed batch: item 0 the user's LoRA, item 1 the base encoder
-    mixed = stack_lora_inputs([lora_inputs_for(te_setup["face_te"], m, W_FACE), zero_lora_inputs(m)])
+    mixed = stack_lora_inputs([lora_inputs_for(te_setup["face_te"], m, W_FACE), zero_lora_inputs(m)], m)
     out = run(te_setup["runtime"], {"input_ids": ids, **mixed})
     assert np.abs(out[0] - want[0]).max() <= MERGED_TOL and np.abs(out[1] - base_out[1]).max() <= BASE_TOL
 

@@ -65,18 +65,22 @@ def torch_reference(plan, manifest) -> tuple[dict[int, np.ndarray], dict[int, np
 def assert_identical(got: dict[str, np.ndarray], want: tuple[dict, dict], manifest, batch: int, scale: float,
                      r: int) -> None:
     """Every item of the batch holds the reference's A and B bit for bit in the graph's layout at rank ``r``:
-    group A ``[in, k, r]`` = its layers' A rows transposed, side by side; B ``[r, out]`` = B transposed x scale."""
+    group A ``[in, k*r]`` = its layers' A rows transposed, side by side; B ``[k*r, out]`` = B transposed x scale
+    in the r rows of the layer's slot, zero in the others."""
     a, b = want
     names = {g["a"] for g in manifest["groups"]} | {layer["b"] for layer in manifest["layers"]}
     assert set(got) == names
     for group in manifest["groups"]:
-        ref = np.stack([a[i][:r].T for i in group["layers"]], axis=1)
+        k = len(group["layers"])
+        ref = np.concatenate([a[i][:r].T for i in group["layers"]], axis=1)
         assert got[group["a"]].dtype == np.float32 and got[group["a"]].shape == (batch, *ref.shape)
         assert all(np.array_equal(item, ref) for item in got[group["a"]]), group["a"]
-    for layer in manifest["layers"]:
-        ref = b[layer["index"]][:, :r].T * np.float32(scale)
-        assert got[layer["b"]].dtype == np.float32 and got[layer["b"]].shape == (batch, *ref.shape)
-        assert all(np.array_equal(item, ref) for item in got[layer["b"]]), layer["b"]
+        for slot, i in enumerate(group["layers"]):
+            name = manifest["layers"][i]["b"]
+            ref = np.zeros((k * r, b[i].shape[0]), np.float32)
+            ref[slot * r:(slot + 1) * r] = b[i][:, :r].T * np.float32(scale)
+            assert got[name].dtype == np.float32 and got[name].shape == (batch, *ref.shape)
+            assert all(np.array_equal(item, ref) for item in got[name]), name
     assert not any(x[r:].any() for x in a.values()) and not any(x[:, r:].any() for x in b.values())  # nothing cut
 
 
@@ -84,10 +88,10 @@ def test_numpy_inputs_equal_the_torch_path_bit_for_bit(setup):
     m = setup["manifest"]
     got = lora_inputs_for(setup["face"], m, W_FACE, extra=[(setup["style"], W_STYLE)], batch=2, scale=0.7)
     want = torch_reference([(setup["face"], W_FACE), (setup["style"], W_STYLE)], m)
-    assert lora_rank_of(got) == rank_bucket(6, RANK) == 8  # face rank 4 + style rank 2 -> bucket 8
+    assert lora_rank_of(got, m) == rank_bucket(6, RANK) == 8  # face rank 4 + style rank 2 -> bucket 8
     assert_identical(got, want, m, batch=2, scale=0.7, r=8)
     assert got["lora_b_0"][0, :4].any() and got["lora_b_0"][0, 4:6].any()  # face and style B are non-zero
-    assert not got["lora_a_0"][0, :, 1, 4:].any()  # to_k (slot 1): no style layer, rank 4..8 stays zero padding
+    assert not got["lora_a_0"][0, :, 8 + 4:16].any()  # to_k (slot 1 of 3): no style layer, rank 4..8 stays zero
     # a loaded (torch) LoraFile goes through the same code: duck-typed layers with .numpy()
     loaded = lora_inputs_for(load_lora(setup["face"]), m, W_FACE, extra=[(load_lora(setup["style"]), W_STYLE)],
                              batch=2, scale=0.7)
@@ -167,10 +171,10 @@ def test_other_layouts_are_named(setup, tmp_path, key, layout):
 def test_zero_and_stacked_inputs(setup):
     m = setup["manifest"]
     zero = zero_lora_inputs(m, batch=2)
-    assert not any(v.any() for v in zero.values()) and lora_rank_of(zero) == 4
+    assert not any(v.any() for v in zero.values()) and lora_rank_of(zero, m) == 4
     user = lora_inputs_for(setup["face"], m, W_FACE, extra=[(setup["style"], W_STYLE)])
-    mixed = stack_lora_inputs([user, zero_lora_inputs(m)])
-    assert mixed["lora_b_0"].shape == (2, RANK, 32) and mixed["lora_a_0"].shape == (2, 32, 3, RANK)
+    mixed = stack_lora_inputs([user, zero_lora_inputs(m)], m)
+    assert mixed["lora_b_0"].shape == (2, 3 * RANK, 32) and mixed["lora_a_0"].shape == (2, 32, 3 * RANK)
     assert np.array_equal(mixed["lora_b_0"][0], user["lora_b_0"][0]) and not mixed["lora_b_0"][1].any()
     with pytest.raises(InvalidInputError, match="weight: must be finite"):
         lora_inputs_for(setup["face"], m, float("nan"))

@@ -6,11 +6,14 @@ inputs hold that component's layers of a LoRA and ignore the other's (the
 other graph takes them).
 
 The runtime-LoRA graph (exported by :mod:`facetron.export.runtime_lora`)
-adapts every attention projection as ``y_i = W_i x + (x A_g[n,:,slot,:])
-B_i[n]``: projections reading one tensor share their group's A input
-``[N, in, k, R]``, each has its B ``[N, R, out]`` with the LoRA's weight and
-``alpha / r`` folded in; ``lora_manifest.json`` beside it maps groups and
-layers to modules and shapes. ``R`` is symbolic: inputs are built at the
+adapts every attention projection as ``y_i = W_i x + (x A_g[n]) B_i[n]``:
+projections reading one tensor share their group's A input ``[N, in, k·R]``
+(the k members' down-projections side by side, slot-major), each has its B
+``[N, k·R, out]``: its up-projection, with the LoRA's weight and ``alpha /
+r`` folded in, in its slot's ``R`` rows and zero in the others (so the graph
+needs no slicing: one MatMul and one Add per projection, one MatMul per
+group); ``lora_manifest.json`` beside it maps groups and layers to modules
+and shapes. ``R`` is symbolic: inputs are built at the
 smallest rank bucket holding the LoRA (:func:`rank_bucket`), and a batch of
 items with different buckets is zero-padded to the largest
 (:func:`stack_lora_inputs`) — exact. This module holds everything that turns a user's
@@ -53,8 +56,9 @@ from safetensors import safe_open
 from facetron.errors import InvalidInputError, NotFoundError
 
 MANIFEST_FILE = "lora_manifest.json"
-#: the manifest layout this code reads and writes: 2 = grouped A [N,in,k,R], B [N,R,out] with the scale folded in
-LAYOUT = 2
+#: the manifest layout this code reads and writes: 3 = grouped A [N,in,k·R], B [N,k·R,out] (its slot's rows;
+#: the scale folded in); 2 was A [N,in,k,R], B [N,R,out] (a slice per projection in the graph)
+LAYOUT = 3
 #: the smallest rank the inputs are built at (rank buckets: MIN_RANK_BUCKET * 2^j, up to the export rank)
 MIN_RANK_BUCKET = 4
 METADATA_KEY = "lora_adapter_metadata"
@@ -73,12 +77,12 @@ CONVERT_HINT = ("convert it once with facetron.export.lora_files.convert_lora_fi
 
 
 def a_name(g: int) -> str:
-    """Graph input holding group ``g``'s A (down) matrices, ``FP32[N, in, k, R]``."""
+    """Graph input holding group ``g``'s A (down) matrices side by side, ``FP32[N, in, k·R]``."""
     return f"lora_a_{g}"
 
 
 def b_name(i: int) -> str:
-    """Graph input holding layer ``i``'s B (up) matrices (scale folded in), ``FP32[N, R, out]``."""
+    """Graph input holding layer ``i``'s B (up) matrices (scale folded in) in its slot's rows, ``FP32[N, k·R, out]``."""
     return f"lora_b_{i}"
 
 
@@ -102,7 +106,7 @@ def read_lora_manifest(model_dir: str | os.PathLike) -> dict:
     if manifest.get("layout") != LAYOUT:
         raise InvalidInputError(f"runtime-LoRA folder {Path(model_dir)}",
                                 f"has a layout-{manifest.get('layout', 1)} graph (this code feeds layout {LAYOUT}: "
-                                "grouped A inputs, scale folded into B): export it again")
+                                "grouped A inputs [N,in,k*R], slot-placed B [N,k*R,out]): export it again")
     return manifest
 
 
@@ -397,46 +401,58 @@ def zero_lora_inputs(manifest: Mapping, batch: int = 1) -> dict[str, np.ndarray]
 def random_lora_inputs(manifest: Mapping, batch: int = 1, seed: int = 0, rank: int | None = None,
                        std: float = 0.05) -> dict[str, np.ndarray]:
     """Seeded non-zero LoRA inputs at ``rank`` (default: the export rank), for
-    benchmarks and the runtime choice (the served shapes of a full-rank user)."""
+    benchmarks and the runtime choice (the served shapes and zero pattern of a full-rank user)."""
     rng = np.random.default_rng(seed)
     r = int(manifest["rank"]) if rank is None else int(rank)
-    out = {}
-    for group in manifest["groups"]:
-        out[group["a"]] = (rng.standard_normal((batch, group["in_features"], len(group["layers"]), r)) * std
-                           ).astype(np.float32)
-    for layer in manifest["layers"]:
-        out[layer["b"]] = (rng.standard_normal((batch, r, layer["out_features"])) * std).astype(np.float32)
+    a = {layer["index"]: (rng.standard_normal((r, layer["in_features"])) * std).astype(np.float32)
+         for layer in manifest["layers"]}
+    b = {layer["index"]: (rng.standard_normal((layer["out_features"], r)) * std).astype(np.float32)
+         for layer in manifest["layers"]}
+    return _batched(a, b, manifest, batch, 1.0, r)
+
+
+def _slots(manifest: Mapping) -> dict[str, int]:
+    """Every LoRA input's ``k`` (its group's member count: the rank axis holds k slots of R)."""
+    size = {group["index"]: len(group["layers"]) for group in manifest["groups"]}
+    out = {group["a"]: size[group["index"]] for group in manifest["groups"]}
+    out.update({layer["b"]: size[layer["group"]] for layer in manifest["layers"]})
     return out
 
 
-def lora_rank_of(inputs: Mapping[str, np.ndarray]) -> int:
-    """The ``R`` of a set of LoRA inputs (every A's last axis, every B's second-last)."""
-    return max(int(v.shape[-1] if k.startswith("lora_a_") else v.shape[-2]) for k, v in inputs.items())
+def _rank_axis(name: str, ndim: int) -> int:
+    return ndim - 1 if name.startswith("lora_a_") else ndim - 2
 
 
-def pad_lora_rank(inputs: Mapping[str, np.ndarray], r: int) -> dict[str, np.ndarray]:
-    """``inputs`` zero-padded to rank ``r`` (A's last axis, B's second-last): the same function, exactly."""
-    out = {}
-    for k, v in inputs.items():
-        axis = v.ndim - 1 if k.startswith("lora_a_") else v.ndim - 2
-        missing = r - v.shape[axis]
-        if missing < 0:
-            raise ValueError(f"{k}: rank {v.shape[axis]} is over {r}")
-        if missing:
-            width = [(0, 0)] * v.ndim
-            width[axis] = (0, missing)
-            v = np.pad(v, width)
-        out[k] = v
+def lora_rank_of(inputs: Mapping[str, np.ndarray], manifest: Mapping) -> int:
+    """The ``R`` of a set of LoRA inputs (every A's last axis and every B's second-last hold k·R)."""
+    k = _slots(manifest)
+    return max(int(v.shape[_rank_axis(n, v.ndim)]) // k[n] for n, v in inputs.items())
+
+
+def pad_lora_rank(inputs: Mapping[str, np.ndarray], r: int, manifest: Mapping) -> dict[str, np.ndarray]:
+    """``inputs`` zero-padded to rank ``r`` (each of an input's k slots grows to ``r``): the same function, exactly."""
+    k_of, out = _slots(manifest), {}
+    for name, v in inputs.items():
+        axis, k = _rank_axis(name, v.ndim), k_of[name]
+        r0 = v.shape[axis] // k
+        if r0 > r:
+            raise ValueError(f"{name}: rank {r0} is over {r}")
+        if r0 < r:
+            split = v.reshape(*v.shape[:axis], k, r0, *v.shape[axis + 1:])  # the slots apart
+            width = [(0, 0)] * split.ndim
+            width[axis + 1] = (0, r - r0)
+            v = np.ascontiguousarray(np.pad(split, width).reshape(*v.shape[:axis], k * r, *v.shape[axis + 1:]))
+        out[name] = v
     return out
 
 
-def stack_lora_inputs(per_request: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def stack_lora_inputs(per_request: Sequence[Mapping[str, np.ndarray]], manifest: Mapping) -> dict[str, np.ndarray]:
     """Concatenate several requests' LoRA inputs along the batch axis (mixed-user batch), each
     zero-padded to the largest rank among them."""
     if not per_request:
         raise InvalidInputError("per_request", "needs at least one set of inputs")
-    r = max(lora_rank_of(x) for x in per_request)
-    padded = [pad_lora_rank(x, r) for x in per_request]
+    r = max(lora_rank_of(x, manifest) for x in per_request)
+    padded = [pad_lora_rank(x, r, manifest) for x in per_request]
     return {k: np.concatenate([np.asarray(p[k]) for p in padded], axis=0) for k in padded[0]}
 
 
@@ -491,15 +507,19 @@ def _float32(x: Any) -> np.ndarray:
 
 
 def _batched(a: dict, b: dict, manifest: Mapping, batch: int, scale: float, r: int) -> dict[str, np.ndarray]:
-    """The graph's layout at rank ``r``: per group A ``[batch, in, k, r]`` (its layers' A rows,
-    transposed, side by side), per layer B ``[batch, r, out]`` (transposed, times ``scale``)."""
+    """The graph's layout at rank ``r``: per group A ``[batch, in, k·r]`` (its layers' A rows, transposed,
+    side by side in slot order), per layer B ``[batch, k·r, out]`` (transposed, times ``scale``, in the rows
+    of its slot; zero elsewhere)."""
     if not isinstance(batch, int) or batch < 1:
         raise InvalidInputError("batch", f"must be an integer >= 1, got {batch!r}")
+    b_names = {layer["index"]: layer["b"] for layer in manifest["layers"]}
     out = {}
     for group in manifest["groups"]:
-        stacked = np.stack([a[i][:r].T for i in group["layers"]], axis=1)  # [in, k, r]
-        out[group["a"]] = np.ascontiguousarray(np.broadcast_to(stacked, (batch, *stacked.shape)))
-    for layer in manifest["layers"]:
-        up = (b[layer["index"]][:, :r].T * np.float32(scale)).astype(np.float32)  # [r, out]
-        out[layer["b"]] = np.ascontiguousarray(np.broadcast_to(up, (batch, *up.shape)))
+        k = len(group["layers"])
+        side = np.concatenate([a[i][:r].T for i in group["layers"]], axis=1)  # [in, k*r]
+        out[group["a"]] = np.ascontiguousarray(np.broadcast_to(side, (batch, *side.shape)))
+        for slot, i in enumerate(group["layers"]):
+            up = np.zeros((k * r, b[i].shape[0]), np.float32)
+            up[slot * r:(slot + 1) * r] = b[i][:, :r].T * np.float32(scale)  # [r, out] in its slot
+            out[b_names[i]] = np.ascontiguousarray(np.broadcast_to(up, (batch, *up.shape)))
     return out

@@ -147,7 +147,7 @@ class LoraBank:
         last = self._last_batch
         if last is not None and last[0] == key:
             return last[1]
-        stacked = stack_lora_inputs([self._get(k) for k in key])
+        stacked = stack_lora_inputs([self._get(k) for k in key], self.manifest)
         self._last_batch = (key, stacked)
         return stacked
 
