@@ -205,9 +205,9 @@ def graph_folder(graphs: Path, net: str) -> Path:
     """The exported folder of served net ``net`` under ``graphs`` (``unet``, ``text_encoder``: the runtime-LoRA
     graphs; the served ``unet`` graph also gives the step cache's feature, ``unet_shallow`` is its shallow graph)."""
     from facetron.diffusion.step_cache import RUNTIME_LORA_MODELS
+    from facetron.export.diffusion_source import EXPORTED_FOLDERS
 
-    return graphs / {"unet": RUNTIME_LORA_MODELS[0], "unet_shallow": RUNTIME_LORA_MODELS[1],
-                     "text_encoder": "text_encoder_lora"}.get(net, net)
+    return graphs / {**EXPORTED_FOLDERS, "unet_shallow": RUNTIME_LORA_MODELS[1]}.get(net, net)
 
 
 def prepare(spec: str, work: Path, seed: int = SEED):
@@ -220,7 +220,7 @@ def prepare(spec: str, work: Path, seed: int = SEED):
     from facetron.diffusion.model_spec import SD15_SCHEDULER
     from facetron.export.onnx_export import export_onnx
     from facetron.export.onnx_graph import ModelDims
-    from facetron.export.repository import DiffusionSource
+    from facetron.export.diffusion_source import DiffusionSource
     from facetron.export.runtime_lora import export_runtime_lora_text_encoder
     from facetron.export.step_cache import export_runtime_lora_deep_cache_unet
     from facetron.training.random_lora import write_random_lora
