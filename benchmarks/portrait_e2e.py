@@ -53,28 +53,21 @@ import math
 import resource
 import tempfile
 import time
-from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from facetron import contract
+from facetron.benchmarks.facechain_recipe import FACECHAIN_STEPS, facechain_pipeline, run_facechain, run_torch_bf16
+from facetron.benchmarks.portrait_setup import NEGATIVE, PROMPT, SEED, WARMUP_STEPS, Setup, StageClock, prepare
 from facetron.errors import InvalidInputError
 
 FACECHAIN = "facechain"
 #: the oracle of bf16 error: diffusers' pipeline under torch.autocast(bf16), facetron's scheduler and steps
 TORCH_BF16 = "diffusers_torch_bf16"
 REFERENCE = "facetron_onnxruntime_f32"
-FACECHAIN_STEPS = 40  # FaceChain's inference steps (DPM-Solver multistep, default settings)
-WARMUP_STEPS = 2
-PROMPT = "a photo of a woman, solo, upper body, studio portrait, soft light, high detail"
-NEGATIVE = "blurry, lowres, bad anatomy, extra fingers, watermark"
-SEED = 0
-#: the face LoRA: FaceChain's trained shape (UNet rank 4, alpha 32) plus text-encoder layers (rank 4) so the
-#: runtime-LoRA text encoder gets non-zero inputs too; small B (random weights: any non-zero LoRA will do)
-LORA = dict(rank=4, alpha=32.0, te_rank=4, te_alpha=32.0, std=0.001, seed=7)
 STAGES = ("text_encode_s", "unet_s", "vae_decode_s", "other_s")
 NOTE = ("random weights: the pictures mean nothing; the deviations are numerical only (how far the runtimes, "
         "precisions and the steps + scheduler move the same computation)")
@@ -127,230 +120,6 @@ def image_deviation(got: dict, ref: dict) -> dict:
 def peak_rss_gib() -> float:
     """This process's peak resident memory so far (GiB)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-
-
-class StageClock:
-    """Seconds and calls per stage: callables wrapped by :meth:`wrap`, torch modules hooked by :meth:`hook`."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-        self._started: dict[str, float] = {}
-
-    def add(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] += seconds
-        self.calls[stage] += 1
-
-    def wrap(self, stage: str, fn: Callable) -> Callable:
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.add(stage, time.perf_counter() - t0)
-
-        return timed
-
-    def hook(self, stage: str, module) -> list:
-        """Forward pre/post hooks timing every call of torch ``module``; returns the handles."""
-        def start(*_):
-            self._started[stage] = time.perf_counter()
-
-        def stop(*_):
-            self.add(stage, time.perf_counter() - self._started.pop(stage))
-
-        return [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
-
-    def stages(self, total_s: float, steps: int) -> dict:
-        """The stage breakdown of one image (``other_s``: what no stage covers)."""
-        te, unet, vae = (self.seconds.get(k, 0.0) for k in ("text_encode", "unet", "vae_decode"))
-        return {"total_s": round(total_s, 3), "text_encode_s": round(te, 3), "unet_s": round(unet, 3),
-                "unet_s_per_step": round(unet / steps, 4), "unet_calls": self.calls.get("unet", 0),
-                "vae_decode_s": round(vae, 3), "other_s": round(total_s - te - unet - vae, 3)}
-
-
-# ----------------------------------------------------------------------------- setup: nets, LoRA, graphs
-
-
-@dataclass
-class Setup:
-    """What every variant shares: the exported graphs, the LoRA, the request."""
-
-    work: Path  # the temporary folder: graphs/ (the exported graphs), the LoRA file, tokenizer/
-    spec: str
-    resolution: int
-    latent_channels: int
-    latent_factor: int
-    scheduler_config: dict
-    lora_path: Path
-    unet_lora: dict  # the runtime-LoRA UNet's LoRA inputs (batch 2: a guidance pair), the same arrays every call
-    te_lora: dict  # the runtime-LoRA text encoder's (batch 2: prompt + negative prompt)
-    seed: int = SEED
-
-    def graph(self, net: str) -> Path:
-        """The ONNX file of served net ``net`` (:func:`graph_folder`)."""
-        return graph_folder(self.work / "graphs", net) / "model.onnx"
-
-    def request(self, steps: int, cache_interval: int = 1):
-        from facetron.diffusion.sampler import GenerationRequest
-
-        req = GenerationRequest(num_images=1, steps=steps, guidance=contract.DEFAULT_GUIDANCE, seed=self.seed,
-                                height=self.resolution, width=self.resolution, scheduler=contract.DEFAULT_SCHEDULER,
-                                cache_interval=cache_interval)
-        req.validate(self.latent_factor)
-        return req
-
-
-def graph_folder(graphs: Path, net: str) -> Path:
-    """The exported folder of served net ``net`` under ``graphs`` (``unet``, ``text_encoder``: the runtime-LoRA
-    graphs; the served ``unet`` graph also gives the step cache's feature, ``unet_shallow`` is its shallow graph)."""
-    from facetron.diffusion.step_cache import RUNTIME_LORA_MODELS
-
-    return graphs / {"unet": RUNTIME_LORA_MODELS[0], "unet_shallow": RUNTIME_LORA_MODELS[1],
-                     "text_encoder": "text_encoder_lora"}.get(net, net)
-
-
-def prepare(spec: str, work: Path, seed: int = SEED):
-    """(torch nets of ``spec`` with random weights, :class:`Setup`): the face LoRA written, the served graphs
-    exported as the repository assembler exports them (``DiffusionSource``'s ranks), the LoRA inputs built."""
-    from diffusers import DDPMScheduler
-
-    from facetron.benchmarks.runtimes import _nets
-    from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora_manifest
-    from facetron.diffusion.model_spec import SD15_SCHEDULER
-    from facetron.export.onnx_export import export_onnx
-    from facetron.export.onnx_graph import ModelDims
-    from facetron.export.repository import DiffusionSource
-    from facetron.export.runtime_lora import export_runtime_lora_text_encoder
-    from facetron.export.step_cache import export_runtime_lora_deep_cache_unet
-    from facetron.training.random_lora import write_random_lora
-
-    base, dims = _nets(spec)
-    lora = write_random_lora(work / "face.safetensors", base.unet, rank=LORA["rank"], alpha=LORA["alpha"],
-                             seed=LORA["seed"], std=LORA["std"], text_encoder=base.text_encoder,
-                             te_rank=LORA["te_rank"], te_alpha=LORA["te_alpha"])
-    graphs = work / "graphs"
-    export_onnx(base, graphs, models=("vae_decoder",))
-    export_runtime_lora_deep_cache_unet(base.unet, graphs, dims=ModelDims.of(base), rank=DiffusionSource.lora_rank)
-    export_runtime_lora_text_encoder(base.text_encoder, graphs, dims=ModelDims.of(base),
-                                     rank=DiffusionSource.text_encoder_lora_rank)
-    w_face = contract.UnetParams().w_face
-    setup = Setup(work=work, spec=spec, resolution=int(base.resolution), latent_channels=dims.latent_channels,
-                  latent_factor=dims.latent_factor, scheduler_config=dict(DDPMScheduler(**SD15_SCHEDULER).config),
-                  lora_path=lora, seed=seed,
-                  unet_lora=lora_inputs_for(lora, read_lora_manifest(graph_folder(graphs, "unet")), w_face, batch=2),
-                  te_lora=lora_inputs_for(lora, read_lora_manifest(graphs / "text_encoder_lora"), w_face, batch=2))
-    return base, setup
-
-
-# ----------------------------------------------------------------------------- facechain: diffusers, torch eager
-
-
-def facechain_pipeline(base, setup: Setup):
-    """diffusers' ``StableDiffusionPipeline`` over ``base``'s modules, the LoRA merged in place (as FaceChain
-    merges it), a CLIPTokenizer from facetron's vocabulary files, no safety checker."""
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
-    from facetron.diffusion.clip_tokenizer import write_tokenizer_files
-    from facetron.export.merge import merge_loras
-
-    unet, text_encoder = merge_loras(base, setup.lora_path, w_face=contract.UnetParams().w_face, inplace=True)
-    tokenizer = CLIPTokenizer.from_pretrained(str(write_tokenizer_files(setup.work / "tokenizer")))
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=facechain_scheduler(setup), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def facechain_scheduler(setup: Setup):
-    """FaceChain's: ``DPMSolverMultistepScheduler.from_config(<base scheduler config>)``, diffusers' defaults."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    return DPMSolverMultistepScheduler.from_config(setup.scheduler_config)
-
-
-def facechain_image(pipe, setup: Setup, steps: int, scheduler=None) -> dict:
-    """One image through diffusers' pipeline: uint8 image, final latents, stage times (``scheduler``:
-    another diffusers scheduler than FaceChain's, e.g. facetron's to check both compute the same)."""
-    import torch
-
-    from facetron.diffusion.sampler import initial_noise
-
-    pipe.scheduler = scheduler or facechain_scheduler(setup)
-    h = setup.resolution // setup.latent_factor
-    # the same noise as facetron's loop; the pipeline multiplies it by init_noise_sigma, as facetron's does
-    noise = initial_noise(setup.seed, 1, (setup.latent_channels, h, h))
-    clock, final = StageClock(), {}
-    handles = (clock.hook("text_encode", pipe.text_encoder) + clock.hook("unet", pipe.unet)
-               + clock.hook("vae_decode", pipe.vae.decoder))
-
-    def keep_latents(_pipe, _i, _t, kwargs):
-        final["latents"] = kwargs["latents"]
-        return kwargs
-
-    try:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = pipe(PROMPT, negative_prompt=NEGATIVE, height=setup.resolution, width=setup.resolution,
-                       num_inference_steps=steps, guidance_scale=contract.DEFAULT_GUIDANCE, latents=noise,
-                       output_type="np", callback_on_step_end=keep_latents,
-                       callback_on_step_end_tensor_inputs=["latents"]).images
-        total = time.perf_counter() - t0
-    finally:
-        for handle in handles:
-            handle.remove()
-    image = (out * 255).round().astype(np.uint8)  # as the parity test rounds diffusers' float output
-    return {"image": image, "latents": final["latents"].float().numpy(), "stages": clock.stages(total, steps)}
-
-
-def run_facechain(pipe, setup: Setup, threads: int) -> tuple[dict, dict]:
-    """(result entry, outputs) of the ``facechain`` variant: warm-up at 2 steps, then one image at 40."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        t0 = time.perf_counter()
-        facechain_image(pipe, setup, WARMUP_STEPS)
-        warmup_s = time.perf_counter() - t0
-        out = facechain_image(pipe, setup, FACECHAIN_STEPS)
-    finally:
-        torch.set_num_threads(old)
-    entry = {"kind": "diffusers StableDiffusionPipeline, torch eager fp32", "runtime": "torch", "precision": "f32",
-             "steps": FACECHAIN_STEPS, "scheduler": "DPMSolverMultistepScheduler, diffusers defaults "
-             "(DPM-Solver++ 2M, no Karras sigmas)", "lora": "merged into the weights",
-             "warmup_s": round(warmup_s, 2), "stages": out["stages"]}
-    return entry, out
-
-
-def run_torch_bf16(pipe, setup: Setup, threads: int) -> tuple[dict, dict]:
-    """(result entry, outputs) of :data:`TORCH_BF16`: the same pipeline under ``torch.autocast`` bf16 with
-    facetron's scheduler and steps, so its deviation from ``facetron_onnxruntime_f32`` is the error bf16
-    arithmetic itself brings to a whole image (the yardstick for facetron's bf16 variants)."""
-    import torch
-
-    from facetron.diffusion.sampler import make_scheduler
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        scheduler = make_scheduler(contract.DEFAULT_SCHEDULER, setup.scheduler_config)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            t0 = time.perf_counter()
-            facechain_image(pipe, setup, WARMUP_STEPS, scheduler)
-            warmup_s = time.perf_counter() - t0
-            out = facechain_image(pipe, setup, contract.DEFAULT_STEPS,
-                                  make_scheduler(contract.DEFAULT_SCHEDULER, setup.scheduler_config))
-    finally:
-        torch.set_num_threads(old)
-    out["latents"] = np.asarray(out["latents"], np.float32)
-    entry = {"kind": "diffusers StableDiffusionPipeline, torch.autocast(cpu, bfloat16)", "runtime": "torch",
-             "precision": "bf16 (autocast)", "steps": contract.DEFAULT_STEPS,
-             "scheduler": f"{contract.DEFAULT_SCHEDULER} (facetron's)", "lora": "merged into the weights",
-             "warmup_s": round(warmup_s, 2), "stages": out["stages"]}
-    return entry, out
 
 
 # ----------------------------------------------------------------------------- facetron: the served nets and loop

@@ -101,7 +101,8 @@ def bench_server(build_dir: Path = BUILD_DIR, diffusion: bool = True) -> Iterato
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from facetron.export import repository as R
+    from facetron.export.diffusion_source import DiffusionSource
+    from facetron.export.repository import assemble_repository
     from facetron.triton_server import TritonServer
 
     build_dir = Path(build_dir)
@@ -109,16 +110,16 @@ def bench_server(build_dir: Path = BUILD_DIR, diffusion: bool = True) -> Iterato
     users.mkdir(parents=True, exist_ok=True)
     repo = build_dir / "model_repository"
     info: dict = {"repository": str(repo), "assembled_with_diffusion": False, "load_errors": {}}
-    if diffusion and hasattr(R, "DiffusionSource"):
+    if diffusion:
         try:
-            R.assemble_repository("cpu", repo, diffusion=R.DiffusionSource(), users_dir=users)
+            assemble_repository("cpu", repo, diffusion=DiffusionSource(), users_dir=users)
             info["assembled_with_diffusion"] = True
             ensure_bench_user(users)
             info["bench_user"] = BENCH_USER
         except Exception as exc:  # the diffusion half is optional here: record why, serve the face stack
             info["diffusion_error"] = f"{type(exc).__name__}: {exc}"
     if not info["assembled_with_diffusion"]:
-        R.assemble_repository("cpu", repo)
+        assemble_repository("cpu", repo)
     present = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
     core = [m for m in CORE_MODELS if m in present]
     rest = [m for m in LOAD_ORDER if m in present] + [m for m in present if m not in CORE_MODELS + LOAD_ORDER]

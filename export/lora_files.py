@@ -41,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
 from facetron.atomic import atomic_write_bytes
-from facetron.diffusion.lora_inputs import (COMPONENTS, KOHYA_PREFIXES, METADATA_KEY, LoraArrays, check_pair,
+from facetron.diffusion.lora_reader import (COMPONENTS, KOHYA_PREFIXES, METADATA_KEY, LoraArrays, check_pair,
                                             component_metadata, few, layer_alpha, read_adapter_metadata,
                                             reject_unsupported)
 from facetron.errors import InvalidInputError, NotFoundError
@@ -303,7 +303,7 @@ def write_canonical_lora(lora: LoraFile, path: str | os.PathLike) -> Path:
     Keys ``<component>.<module>.lora_A.weight`` / ``.lora_B.weight``; each
     layer's alpha and rank are kept in the ``lora_adapter_metadata`` header
     (``lora_alpha``/``r`` plus ``alpha_pattern``/``rank_pattern`` for the
-    layers that differ), so :func:`facetron.diffusion.lora_inputs.read_lora`
+    layers that differ), so :func:`facetron.diffusion.lora_reader.read_lora`
     and :func:`load_lora` give the same layers and scales as ``lora``."""
     state, meta = {}, {}
     for comp in lora.components:

@@ -29,7 +29,7 @@ import torch
 from facetron.atomic import atomic_dir, atomic_write_json, check_replaceable
 from facetron.contract import MERGE_INFO
 from facetron.diffusion.base_model import SMOKE_MARKER, model_hash
-from facetron.diffusion.lora_inputs import check_weight
+from facetron.diffusion.lora_reader import check_weight
 from facetron.errors import InvalidInputError
 from facetron.export.lora_files import LoraFile, check_lora_matches, load_lora
 

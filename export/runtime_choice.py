@@ -55,7 +55,7 @@ from facetron.serving.runtimes import open_runtime
 
 
 class NetSource(Protocol):
-    """What the choice needs of the exported nets (``export.repository.DiffusionSource``)."""
+    """What the choice needs of the exported nets (``export.diffusion_source.DiffusionSource``)."""
 
     def net_folder(self, name: str) -> Path: ...
 

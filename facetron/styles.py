@@ -37,7 +37,7 @@ from pathlib import Path
 
 from facetron import contract
 from facetron.atomic import atomic_dir, atomic_write_json
-from facetron.diffusion.lora_inputs import read_lora
+from facetron.diffusion.lora_reader import read_lora
 from facetron.diffusion.styles import (NEGATIVE, STYLES, Style, check_negative, check_prompt_template, check_style_name,
                                        check_style_weight)
 from facetron.errors import InvalidInputError, NotFoundError

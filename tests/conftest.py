@@ -48,7 +48,8 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def full_repository(tmp_path_factory: pytest.TempPathFactory, users_dir: Path) -> Path:
     """Every cpu model, diffusion models exported from the tiny default."""
-    from facetron.export.repository import DiffusionSource, assemble_repository
+    from facetron.export.diffusion_source import DiffusionSource
+    from facetron.export.repository import assemble_repository
 
     out = tmp_path_factory.mktemp("full") / "model_repository"
     return assemble_repository("cpu", out, diffusion=DiffusionSource(), users_dir=users_dir)

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from facetron import contract
+from facetron.benchmarks import facechain_recipe as facechain
 from facetron.benchmarks import portrait_e2e as bench
+from facetron.benchmarks.portrait_setup import prepare
 from facetron.errors import InvalidInputError
 
 VARIANTS = ("facechain", "facetron_onnxruntime_f32", "facetron_openvino_f32")
@@ -44,7 +46,7 @@ def test_every_stage_of_every_variant(result) -> None:
         assert "error" not in entry, (variant, entry.get("error"))
         stages = entry["stages"]
         assert set(STAGE_KEYS) <= set(stages), variant
-        want_steps = bench.FACECHAIN_STEPS if variant == "facechain" else contract.DEFAULT_STEPS
+        want_steps = facechain.FACECHAIN_STEPS if variant == "facechain" else contract.DEFAULT_STEPS
         assert entry["steps"] == stages["unet_calls"] == want_steps, variant  # one batch-2 UNet call per step
         parts = sum(stages[k] for k in bench.STAGES)
         assert parts == pytest.approx(stages["total_s"], abs=5e-3) and min(stages[k] for k in STAGE_KEYS[1:]) >= 0
@@ -75,10 +77,10 @@ def test_facechain_variant_equals_facetron_at_the_same_scheduler_and_steps(tmp_p
     LoRA as inputs, ``generate``) give the same image (tests/test_diffusers_parity.py's tolerances)."""
     from facetron.diffusion.sampler import make_scheduler
 
-    base, setup = bench.prepare("tiny", tmp_path)
-    pipe = bench.facechain_pipeline(base, setup)
+    base, setup = prepare("tiny", tmp_path)
+    pipe = facechain.facechain_pipeline(base, setup)
     steps = contract.DEFAULT_STEPS
-    want = bench.facechain_image(pipe, setup, steps, make_scheduler(contract.DEFAULT_SCHEDULER, setup.scheduler_config))
+    want = facechain.facechain_image(pipe, setup, steps, make_scheduler(contract.DEFAULT_SCHEDULER, setup.scheduler_config))
     nets, _ = bench.facetron_nets(setup, bench.FACETRON_VARIANTS["facetron_onnxruntime_f32"], threads=2)
     got = bench.facetron_image(nets, setup, steps)
     diff = np.abs(got["image"].astype(int) - want["image"].astype(int))
@@ -86,7 +88,7 @@ def test_facechain_variant_equals_facetron_at_the_same_scheduler_and_steps(tmp_p
     assert diff.max() <= 2 and diff.mean() <= 0.01, (diff.max(), diff.mean())
     assert bench.image_deviation(got, want)["latents_rel_l2"] < 1e-4
     # FaceChain's own scheduler at 40 steps is another computation (the deviation the benchmark reports)
-    other = bench.facechain_image(pipe, setup, bench.FACECHAIN_STEPS)
+    other = facechain.facechain_image(pipe, setup, facechain.FACECHAIN_STEPS)
     assert np.abs(other["latents"] - want["latents"]).max() > 1e-3
 
 

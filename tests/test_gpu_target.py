@@ -54,7 +54,8 @@ def _shapes(text: str) -> dict[str, tuple[int, ...]]:
 def setup(tmp_path_factory):
     """A gpu repository of the tiny default model + a user registry with four users' face LoRAs."""
     from facetron.diffusion.base_model import load_base_model
-    from facetron.export.repository import DiffusionSource, assemble_repository
+    from facetron.export.diffusion_source import DiffusionSource
+    from facetron.export.repository import assemble_repository
     from facetron.training.random_lora import write_random_lora
 
     work = tmp_path_factory.mktemp("gpu_target")

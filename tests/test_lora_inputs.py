@@ -1,4 +1,4 @@
-"""The numpy LoRA reader and runtime-LoRA inputs of facetron.diffusion.lora_inputs
+"""The numpy LoRA reader (facetron.diffusion.lora_reader) and runtime-LoRA inputs (facetron.diffusion.lora_inputs)
 (what the served ``unet`` model uses) against the torch reader of
 facetron.export.lora_files: bit-identical arrays for facetron's own files,
 no torch in the server's imports, one-line errors for other layouts."""
@@ -17,8 +17,9 @@ from safetensors.numpy import load_file, save_file
 from safetensors.torch import save_file as save_torch_file
 
 from facetron.diffusion.base_model import load_base_model
-from facetron.diffusion.lora_inputs import (METADATA_KEY, lora_inputs_for, lora_rank_of, rank_bucket, read_lora,
-                                            stack_lora_inputs, zero_lora_inputs)
+from facetron.diffusion.lora_inputs import (lora_inputs_for, lora_rank_of, rank_bucket, stack_lora_inputs,
+                                            zero_lora_inputs)
+from facetron.diffusion.lora_reader import METADATA_KEY, read_lora
 from facetron.errors import InvalidInputError
 from facetron.export.lora_files import convert_lora_file, load_lora
 from facetron.export.runtime_lora import build_manifest

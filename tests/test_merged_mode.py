@@ -25,7 +25,8 @@ REQUEST = {"num_images": np.array([1], np.int32), "steps": np.array([3], np.int3
 def merged_server(tmp_path_factory, users_dir: Path):
     from facetron.diffusion.base_model import load_base_model
     from facetron.training.random_lora import write_random_lora
-    from facetron.export.repository import DiffusionSource, add_merged_user, assemble_repository
+    from facetron.export.diffusion_source import DiffusionSource
+    from facetron.export.repository import add_merged_user, assemble_repository
     from facetron.triton_server import TritonServer
 
     registry = UserRegistry(users_dir)

@@ -194,7 +194,8 @@ def test_export_repository_int8_serves_the_ir_with_its_deviation(tmp_path) -> No
     from facetron.contract import UnetParams
     from facetron.diffusion.lora_inputs import random_lora_inputs
     from facetron.export.onnx_graph import example_inputs
-    from facetron.export.repository import DiffusionSource, assemble_repository
+    from facetron.export.diffusion_source import DiffusionSource
+    from facetron.export.repository import assemble_repository
     from facetron.serving.unet import unet_graph
 
     with pytest.raises(InvalidInputError, match="--int8: expected one of off, weights, full, hybrid"):

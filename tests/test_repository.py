@@ -52,7 +52,7 @@ def test_nets_batch_set_models_do_not() -> None:
 
 @pytest.fixture(scope="module")
 def gpu_repo(tmp_path_factory) -> Path:
-    from facetron.export.repository import DiffusionSource
+    from facetron.export.diffusion_source import DiffusionSource
 
     return assemble_repository("gpu", tmp_path_factory.mktemp("gpu") / "model_repository", diffusion=DiffusionSource())
 

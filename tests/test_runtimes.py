@@ -262,7 +262,8 @@ def test_the_compiled_model_cache_keeps_precisions_and_files_apart(exported, bas
 
 
 def test_repository_records_the_runtimes(tmp_path) -> None:
-    from facetron.export.repository import DiffusionSource, assemble_repository
+    from facetron.export.diffusion_source import DiffusionSource
+    from facetron.export.repository import assemble_repository
 
     with pytest.raises(InvalidInputError, match="--cpu-runtime"):
         assemble_repository("cpu", tmp_path / "r0", cpu_runtime="tvm")
@@ -311,7 +312,8 @@ def test_served_openvino_equals_onnxruntime(base, face_lora, tmp_path) -> None:
     from facetron.client import FacetronClient
     from facetron.diffusion.clip_tokenizer import ClipTokenizer
     from facetron.diffusion.nets import DiffusionNets
-    from facetron.export.repository import DiffusionSource, assemble_repository
+    from facetron.export.diffusion_source import DiffusionSource
+    from facetron.export.repository import assemble_repository
     from facetron.serving.generation import build_job, generate, read_model_info
     from facetron.triton_server import TritonServer
     from facetron.users import UserRegistry

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from facetron.contract import DEFAULT_STYLE_WEIGHT
 from facetron.diffusion.base_model import load_base_model
-from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora
+from facetron.diffusion.lora_inputs import lora_inputs_for
+from facetron.diffusion.lora_reader import read_lora
 from facetron.errors import InvalidInputError, NotFoundError
 from facetron.export.runtime_lora import build_manifest
 from facetron.serving.unet import LoraBank, style_lora

@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     from facetron.client import FacetronClient
     from facetron.client.grid import draw_grid, similarity_labels
     from facetron.contract import PORTRAIT_OUTPUTS, check_fusion_strength
-    from facetron.export.repository import DiffusionSource, assemble_repository
+    from facetron.export.diffusion_source import DiffusionSource
+    from facetron.export.repository import assemble_repository
     from facetron.faces.attributes import UserAttributes, parse_attr_flags
     from facetron.faces.detector import FaceDetector
     from facetron.training.demo_photos import make_demo_photos

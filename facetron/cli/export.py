@@ -164,7 +164,8 @@ def run_refit(args: argparse.Namespace) -> int:
 
 def run_repository(args: argparse.Namespace) -> int:
     from facetron.export.model_configs import models_for
-    from facetron.export.repository import RUNTIME_CHOICE_FILE, DiffusionSource, assemble_repository
+    from facetron.export.diffusion_source import DiffusionSource
+    from facetron.export.repository import RUNTIME_CHOICE_FILE, assemble_repository
 
     diffusion = None if args.faces_only else DiffusionSource(base_model=args.base_model, lora_rank=args.lora_rank)
     cpu = args.target == "cpu"

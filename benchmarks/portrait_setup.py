@@ -1,0 +1,135 @@
+"""What every variant of ``facetron bench portrait`` shares (:mod:`facetron.benchmarks.portrait_e2e`):
+the request (prompt, negative prompt, seed, warm-up steps), the face LoRA, the exported graphs and the
+per-stage clock."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from facetron import contract
+
+WARMUP_STEPS = 2
+PROMPT = "a photo of a woman, solo, upper body, studio portrait, soft light, high detail"
+NEGATIVE = "blurry, lowres, bad anatomy, extra fingers, watermark"
+SEED = 0
+#: the face LoRA: FaceChain's trained shape (UNet rank 4, alpha 32) plus text-encoder layers (rank 4) so the
+#: runtime-LoRA text encoder gets non-zero inputs too; small B (random weights: any non-zero LoRA will do)
+LORA = dict(rank=4, alpha=32.0, te_rank=4, te_alpha=32.0, std=0.001, seed=7)
+
+
+class StageClock:
+    """Seconds and calls per stage: callables wrapped by :meth:`wrap`, torch modules hooked by :meth:`hook`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._started: dict[str, float] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] += seconds
+        self.calls[stage] += 1
+
+    def wrap(self, stage: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(stage, time.perf_counter() - t0)
+
+        return timed
+
+    def hook(self, stage: str, module) -> list:
+        """Forward pre/post hooks timing every call of torch ``module``; returns the handles."""
+        def start(*_):
+            self._started[stage] = time.perf_counter()
+
+        def stop(*_):
+            self.add(stage, time.perf_counter() - self._started.pop(stage))
+
+        return [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
+
+    def stages(self, total_s: float, steps: int) -> dict:
+        """The stage breakdown of one image (``other_s``: what no stage covers)."""
+        te, unet, vae = (self.seconds.get(k, 0.0) for k in ("text_encode", "unet", "vae_decode"))
+        return {"total_s": round(total_s, 3), "text_encode_s": round(te, 3), "unet_s": round(unet, 3),
+                "unet_s_per_step": round(unet / steps, 4), "unet_calls": self.calls.get("unet", 0),
+                "vae_decode_s": round(vae, 3), "other_s": round(total_s - te - unet - vae, 3)}
+
+
+# ----------------------------------------------------------------------------- setup: nets, LoRA, graphs
+
+
+@dataclass
+class Setup:
+    """What every variant shares: the exported graphs, the LoRA, the request."""
+
+    work: Path  # the temporary folder: graphs/ (the exported graphs), the LoRA file, tokenizer/
+    spec: str
+    resolution: int
+    latent_channels: int
+    latent_factor: int
+    scheduler_config: dict
+    lora_path: Path
+    unet_lora: dict  # the runtime-LoRA UNet's LoRA inputs (batch 2: a guidance pair), the same arrays every call
+    te_lora: dict  # the runtime-LoRA text encoder's (batch 2: prompt + negative prompt)
+    seed: int = SEED
+
+    def graph(self, net: str) -> Path:
+        """The ONNX file of served net ``net`` (:func:`graph_folder`)."""
+        return graph_folder(self.work / "graphs", net) / "model.onnx"
+
+    def request(self, steps: int, cache_interval: int = 1):
+        from facetron.diffusion.sampler import GenerationRequest
+
+        req = GenerationRequest(num_images=1, steps=steps, guidance=contract.DEFAULT_GUIDANCE, seed=self.seed,
+                                height=self.resolution, width=self.resolution, scheduler=contract.DEFAULT_SCHEDULER,
+                                cache_interval=cache_interval)
+        req.validate(self.latent_factor)
+        return req
+
+
+def graph_folder(graphs: Path, net: str) -> Path:
+    """The exported folder of served net ``net`` under ``graphs`` (``unet``, ``text_encoder``: the runtime-LoRA
+    graphs; the served ``unet`` graph also gives the step cache's feature, ``unet_shallow`` is its shallow graph)."""
+    from facetron.diffusion.step_cache import RUNTIME_LORA_MODELS
+    from facetron.export.diffusion_source import EXPORTED_FOLDERS
+
+    return graphs / {**EXPORTED_FOLDERS, "unet_shallow": RUNTIME_LORA_MODELS[1]}.get(net, net)
+
+
+def prepare(spec: str, work: Path, seed: int = SEED):
+    """(torch nets of ``spec`` with random weights, :class:`Setup`): the face LoRA written, the served graphs
+    exported as the repository assembler exports them (``DiffusionSource``'s ranks), the LoRA inputs built."""
+    from diffusers import DDPMScheduler
+
+    from facetron.benchmarks.runtimes import _nets
+    from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora_manifest
+    from facetron.diffusion.model_spec import SD15_SCHEDULER
+    from facetron.export.onnx_export import export_onnx
+    from facetron.export.onnx_graph import ModelDims
+    from facetron.export.diffusion_source import DiffusionSource
+    from facetron.export.runtime_lora import export_runtime_lora_text_encoder
+    from facetron.export.step_cache import export_runtime_lora_deep_cache_unet
+    from facetron.training.random_lora import write_random_lora
+
+    base, dims = _nets(spec)
+    lora = write_random_lora(work / "face.safetensors", base.unet, rank=LORA["rank"], alpha=LORA["alpha"],
+                             seed=LORA["seed"], std=LORA["std"], text_encoder=base.text_encoder,
+                             te_rank=LORA["te_rank"], te_alpha=LORA["te_alpha"])
+    graphs = work / "graphs"
+    export_onnx(base, graphs, models=("vae_decoder",))
+    export_runtime_lora_deep_cache_unet(base.unet, graphs, dims=ModelDims.of(base), rank=DiffusionSource.lora_rank)
+    export_runtime_lora_text_encoder(base.text_encoder, graphs, dims=ModelDims.of(base),
+                                     rank=DiffusionSource.text_encoder_lora_rank)
+    w_face = contract.UnetParams().w_face
+    setup = Setup(work=work, spec=spec, resolution=int(base.resolution), latent_channels=dims.latent_channels,
+                  latent_factor=dims.latent_factor, scheduler_config=dict(DDPMScheduler(**SD15_SCHEDULER).config),
+                  lora_path=lora, seed=seed,
+                  unet_lora=lora_inputs_for(lora, read_lora_manifest(graph_folder(graphs, "unet")), w_face, batch=2),
+                  te_lora=lora_inputs_for(lora, read_lora_manifest(graphs / "text_encoder_lora"), w_face, batch=2))
+    return base, setup

@@ -1,0 +1,204 @@
+"""The diffusion nets a repository serves: exported once, then judged, copied and described.
+
+:class:`DiffusionSource` exports the runtime-LoRA text encoder, the VAE and
+the runtime-LoRA UNet (with its step-cache shallow graph) of a base model
+into a work folder, and gives the repository assembler
+(:mod:`facetron.export.repository`) what it needs of them: each net's
+folder, the files of a version folder, the generator's records, int8 and
+TensorRT variants, and for the measured runtime choice
+(:mod:`facetron.export.runtime_choice`) the served feeds and the torch
+oracles.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from facetron.atomic import atomic_write_json
+from facetron.contract import INT8_FOLDER
+from facetron.diffusion.base_model import load_base_model, model_hash
+from facetron.diffusion.step_cache import RUNTIME_LORA_MODELS
+from facetron.export.model_configs import ModelDef
+from facetron.export.onnx_export import ModelDims, export_onnx
+from facetron.export.onnx_graph import example_inputs, read_io
+from facetron.export.runtime_lora import export_runtime_lora_text_encoder
+from facetron.export.step_cache import export_runtime_lora_deep_cache_unet
+from facetron.serving.unet import SHALLOW_FOLDER
+
+#: served net -> its exported folder, where they differ (the runtime-LoRA graphs)
+EXPORTED_FOLDERS = {"unet": RUNTIME_LORA_MODELS[0], "text_encoder": "text_encoder_lora"}
+
+
+def copy_graph(src: Path, dest: Path) -> None:
+    """An exported graph folder's files (graph, external weights, JSON records) into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix in (".onnx", ".data", ".json"):
+            shutil.copyfile(f, dest / f.name)
+
+
+@dataclass
+class DiffusionSource:
+    """Where the diffusion models come from: a base model folder (None = the
+    tiny embedded default) exported to ONNX during assembly."""
+
+    base_model: Path | None = None
+    lora_rank: int = 16  # runtime-LoRA rank (face + style LoRA ranks must fit)
+    text_encoder_lora_rank: int = 32  # the runtime-LoRA text encoder's (FaceChain's text-encoder LoRA rank)
+    _exported: Path | None = None
+    _dims: ModelDims | None = None
+    _vocab: int = 49408
+    _info: dict | None = None
+    _scheduler: dict | None = None
+    _base: object | None = None
+    _torch_nets: dict = field(default_factory=dict)  # name -> (module, inputs): torch_net's oracles
+
+    def export(self, work: Path) -> None:
+        """Export the nets once into ``work`` (runtime-LoRA text encoder, VAE, runtime-LoRA UNet)."""
+
+        base = load_base_model(self.base_model)
+        export_onnx(base, work, models=("vae_decoder", "vae_encoder"))
+        # the served UNet: the runtime-LoRA graph that also gives the step cache's deep feature, + its shallow graph
+        export_runtime_lora_deep_cache_unet(base.unet, work, dims=ModelDims.of(base), rank=self.lora_rank)
+        export_runtime_lora_text_encoder(base.text_encoder, work, dims=ModelDims.of(base),
+                                         rank=self.text_encoder_lora_rank)
+        self._exported = work
+        self._base = base
+        self._dims = ModelDims.of(base)
+        self._vocab = int(base.text_encoder.config.vocab_size)
+        self._scheduler = dict(base.scheduler.config)
+        self._info = {
+            "name": base.path.name,
+            "path": str(base.path),
+            "hash": model_hash(base.path),
+            "is_smoke_model": base.is_smoke_model,
+            "resolution": base.resolution,
+            "latent_channels": int(base.vae.config.latent_channels),
+            "latent_factor": base.latent_factor,
+            "text_hidden": int(base.text_encoder.config.hidden_size),
+            "lora_rank": self.lora_rank,
+            "text_encoder_lora_rank": self.text_encoder_lora_rank,
+        }
+
+    def net_folder(self, name: str) -> Path:
+        """The exported folder of served net ``name`` (``unet`` and ``text_encoder`` are the runtime-LoRA graphs)."""
+        return self._exported / EXPORTED_FOLDERS.get(name, name)
+
+    def copy_net(self, name: str, version: Path) -> None:
+        """Net ``name``'s graph files into its version folder; the ``unet``'s step-cache shallow graph
+        into ``<version>/shallow/`` (:data:`facetron.serving.unet.SHALLOW_FOLDER`)."""
+        copy_graph(self.net_folder(name), version)
+        if name == "unet":
+            copy_graph(self._exported / RUNTIME_LORA_MODELS[1], version / SHALLOW_FOLDER)
+            int8 = self._exported / INT8_FOLDER
+            if int8.is_dir():  # the int8 IR (quantize_unet), whole
+                shutil.copytree(int8, version / INT8_FOLDER)
+
+    def quantize_unet(self, mode: str) -> dict:
+        """The served UNet as an int8 OpenVINO IR (:mod:`facetron.export.quantize`, ``mode``: weights |
+        full | hybrid), calibrated on real trajectories of these nets, into ``<export>/int8/`` with its
+        ``quantization.json``; its deviation on held-out generations vs ONNX Runtime fp32 (and OpenVINO
+        bf16's, the yardstick) goes into ``deviation.json`` beside it. Returns the verdict."""
+        from facetron.export.quantize import (ExportedNets, calibration_feeds, deviation_report, quantize_unet,
+                                              within_tolerance)
+
+        nets = ExportedNets.from_export(self._exported, self._scheduler, unet=RUNTIME_LORA_MODELS[0])
+        out = self._exported / INT8_FOLDER
+        ir = quantize_unet(nets.unet, calibration_feeds(nets), out, mode)
+        report = deviation_report(nets, {mode: ir, "openvino_bf16": (nets.unet, "bf16")})
+        verdict = within_tolerance(report, mode)
+        atomic_write_json(out / "deviation.json", {"report": report, "verdict": verdict})
+        print(f"[export] int8 UNet ({mode}): " + ("within" if verdict["pass"] else "OUTSIDE")
+              + f" the tolerance ({verdict['rule']}); served because --int8 asked for it", flush=True)
+        return verdict
+
+    def write_generator_files(self, version: Path) -> None:
+        atomic_write_json(version / "model_info.json", self._info)
+        atomic_write_json(version / "scheduler_config.json", self._scheduler)
+
+    def build_plan(self, model: ModelDef, version: Path) -> Path:
+        """gpu target where TensorRT imports: ``model.plan`` (fp16) of net ``model``
+        from its ONNX export, one optimization profile over batch 1..max_batch_size
+        and every side a request may ask for (tuned at native), recorded with the TensorRT version and GPU
+        it was built for (``trt_build.json``: a plan runs only there)."""
+        from facetron.contract import MAX_SIDE_FACTOR, MIN_LATENT_SIDE
+        from facetron.export.trt import ENGINE_FILE, ProfileSizes, build_engine, import_tensorrt, profile_shapes
+
+        trt = import_tensorrt()
+        native, factor = self._info["resolution"], self._info["latent_factor"]
+        # every side a request may ask for (contract: MIN_LATENT_SIDE cells .. max_side_factor x native), tuned at native
+        sizes = ProfileSizes(batch=(1, min(2, model.max_batch_size), model.max_batch_size),
+                             image=(MIN_LATENT_SIDE * factor, native, int(MAX_SIDE_FACTOR * native) // factor * factor),
+                             latent_factor=factor)
+        inputs, _, _ = read_io(self._exported / model.name)
+        shapes = profile_shapes(inputs, sizes)
+        plan = build_engine(self._exported / model.name / "model.onnx", version / ENGINE_FILE, shapes, fp16=True)
+        gpu = None
+        try:
+            import torch
+
+            gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        except Exception:  # noqa: BLE001 - the record is informative
+            pass
+        atomic_write_json(version / "trt_build.json", {"tensorrt": trt.__version__, "gpu": gpu, "fp16": True,
+                                                       "profile": {k: [list(x) for x in v] for k, v in shapes.items()}})
+        return plan
+
+    def served_feed(self, name: str, seed: int = 0) -> dict[str, np.ndarray]:
+        """Seeded inputs of net ``name`` at the shapes a native-size generation
+        sends it: the UNet and text encoder a guidance pair (batch 2, the UNet
+        with non-zero LoRA inputs), each VAE one image."""
+        from facetron.diffusion.lora_inputs import random_lora_inputs, read_lora_manifest
+
+        folder = self.net_folder(name)
+        inputs, _, _ = read_io(folder)
+        batch = 2 if name in ("unet", "text_encoder") else 1
+        feed = example_inputs(inputs, self._dims, batch=batch, seed=seed, vocab=self._vocab)
+        if name in EXPORTED_FOLDERS:
+            feed.update(random_lora_inputs(read_lora_manifest(folder), batch, seed=seed + 1))
+        return feed
+
+    @property
+    def scheduler_config(self) -> dict:
+        return dict(self._scheduler)
+
+    @property
+    def latent_factor(self) -> int:
+        return int(self._info["latent_factor"])
+
+    def torch_net(self, name: str):
+        """(torch module, graph inputs) that served net ``name``'s graph computes (the runtime-LoRA
+        UNet and text encoder for ``unet`` / ``text_encoder``): the oracle of the runtime choice. Built once
+        per net and kept; the UNet and text encoder are adapted **in place** in the base model this source
+        loaded (no second 3.4 GB copy of an SD-1.5 UNet: after the export nothing else reads the base)."""
+        from facetron.export.onnx_export import graph_module
+        from facetron.export.runtime_lora import RuntimeLoraTextEncoder, RuntimeLoraUNet
+
+        if name not in self._torch_nets:
+            if self._base is None:
+                self._base = load_base_model(self.base_model)
+            base = self._base
+            inputs, _, _ = read_io(self.net_folder(name))
+            if name == "unet":
+                module = RuntimeLoraUNet(base.unet, copy_net=False).eval()
+            elif name == "text_encoder":
+                module = RuntimeLoraTextEncoder(base.text_encoder, copy_net=False).eval()
+            else:
+                module = graph_module(name, vae=base.vae)
+            self._torch_nets[name] = (module, inputs)
+        return self._torch_nets[name]
+
+    def choose_runtimes(self, precision: str = "f32", threads: int | None = None, repeats: int = 3,
+                        budget_s: float = 0.3, nets: Iterable[str] = ("text_encoder", "unet", "vae_decoder",
+                                                                      "vae_encoder")) -> dict:
+        """``auto``: per net, the runtime (and with ``precision="auto"`` the precision) measured at the
+        served shapes (:mod:`facetron.export.runtime_choice`). Returns the report written to
+        :data:`RUNTIME_CHOICE_FILE`."""
+        from facetron.export.runtime_choice import choose_runtimes
+
+        return choose_runtimes(self, nets, precision, threads, repeats, budget_s)
