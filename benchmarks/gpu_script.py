@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """SD-1.5-shape latency on one GPU — self-contained, for a machine without facetron.
 
-Needs torch (CUDA build) and, for the SD-1.5 modules, ``diffusers`` +
-``transformers`` (UNet2DConditionModel, AutoencoderKL, CLIPTextModel built
-from SD-1.5 configs with random weights: timings do not depend on the weight
-values). ``onnxruntime`` is optional (``--ort``). No TensorRT, no Triton, no
-network, no facetron import. If diffusers or transformers do not import, it
-prints why and exits 3.
+Needs torch (CUDA build) and nothing else; ``onnx`` + ``onnxruntime`` only
+for ``--ort``. No diffusers, no transformers, no TensorRT, no Triton, no
+network, no facetron import. Copy it together with its sibling
+``sd15_nets.py``: the UNet, VAE decoder, CLIP text encoder and DPM-Solver++
+scheduler in plain torch, with the state_dict keys, shapes and arithmetic of
+diffusers' UNet2DConditionModel / AutoencoderKL / DPMSolverMultistepScheduler
+and transformers' CLIPTextModel (``tests/test_gpu_script_nets.py`` checks them
+against those libraries on CPU). They are built from SD-1.5 configs with random
+weights: timings do not depend on the weight values.
 
 Measures (fp16 on CUDA, warm-up excluded, ``torch.cuda.synchronize`` around
 every timed call):
@@ -15,7 +18,8 @@ every timed call):
 * UNet ms per step, batch 2 (classifier-free guidance), 64×64 latent;
 * VAE decode of one 64×64 latent to a 512² uint8 image (on the host);
 * one full image: text encoder + ``--steps`` (30) UNet steps with guidance
-  and a DPM-Solver++ scheduler step + VAE decode. Goal to beat: 1.37 s per
+  and a DPM-Solver++ 2M scheduler step (Karras sigmas, facetron's default
+  sampler) + VAE decode. Goal to beat: 1.37 s per
   30-step image; target ≤ 0.7 s on an H100.
 
 Options: ``--cuda-graphs`` (UNet step replayed from a captured CUDA graph),
@@ -46,38 +50,12 @@ from typing import Callable
 
 import torch
 
-EXIT_MISSING = 3
-GOAL_S, TARGET_S = 1.37, 0.7
-PACKAGES = ("torch", "diffusers", "transformers", "onnxruntime", "onnxruntime-gpu", "numpy")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling sd15_nets.py, copied with this script
+import sd15_nets  # noqa: E402
+from sd15_nets import SCHEDULER, SD15, TINY  # noqa: E402,F401
 
-SD15 = {
-    "unet": dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-                 layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
-                 attention_head_dim=8),
-    "vae": dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                layers_per_block=2, latent_channels=4, sample_size=512, scaling_factor=0.18215),
-    "text_encoder": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
-                         hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-    "latent": 64,
-}
-TINY = {  # facetron's tiny smoke model (same classes, few channels): for --device cpu smoke tests
-    "unet": dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
-                 norm_num_groups=32),
-    "vae": dict(in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64),
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=128, scaling_factor=0.18215),
-    "text_encoder": dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, projection_dim=32, bos_token_id=49406,
-                         eos_token_id=49407, pad_token_id=49407),
-    "latent": 16,
-}
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 prediction_type="epsilon", steps_offset=1)
+GOAL_S, TARGET_S = 1.37, 0.7
+PACKAGES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy")
 
 
 # ----------------------------------------------------------------------------- environment
@@ -174,15 +152,12 @@ def summarize(seconds: list[float]) -> dict[str, float]:
 
 
 def build(spec: dict, device: torch.device, dtype: torch.dtype, channels_last: bool):
-    """(unet, vae, text_encoder) with random weights, created directly on ``device``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
+    """(unet, vae, text_encoder) of sd15_nets with random weights, created directly on ``device``."""
     torch.manual_seed(0)
     with torch.device(device):
-        unet = UNet2DConditionModel(**spec["unet"])
-        vae = AutoencoderKL(**spec["vae"])
-        te = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]))
+        unet = sd15_nets.UNet2DConditionModel(**spec["unet"])
+        vae = sd15_nets.AutoencoderKL(**spec["vae"])
+        te = sd15_nets.CLIPTextModel(**spec["text_encoder"])
     unet, vae, te = (m.to(device=device, dtype=dtype).eval() for m in (unet, vae, te))
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
@@ -209,7 +184,7 @@ class UNetStep:
                 self.out = self._eager()
 
     def _eager(self) -> torch.Tensor:
-        return self.unet(self.sample, self.t, encoder_hidden_states=self.hidden, return_dict=False)[0]
+        return self.unet(self.sample, self.t, self.hidden)
 
     def __call__(self, sample: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         self.sample.copy_(sample)
@@ -227,7 +202,7 @@ def generate(te, step: UNetStep, vae, scheduler, ids: torch.Tensor, latent: int,
              seed: int = 0) -> torch.Tensor:
     """One image: text encoder, ``steps`` guided UNet steps, VAE decode → uint8 HWC on the host."""
     device = ids.device
-    hidden = te(ids, return_dict=False)[0]
+    hidden = te(ids)
     step.hidden.copy_(hidden)
     scheduler.set_timesteps(steps, device=device)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -235,8 +210,8 @@ def generate(te, step: UNetStep, vae, scheduler, ids: torch.Tensor, latent: int,
     for t in scheduler.timesteps:
         inp = scheduler.scale_model_input(torch.cat([x, x]), t)
         uncond, cond = step(inp, t).chunk(2)
-        x = scheduler.step(uncond + guidance * (cond - uncond), t, x, return_dict=False)[0]
-    img = vae.decode(x / vae.config.scaling_factor, return_dict=False)[0]
+        x = scheduler.step(uncond + guidance * (cond - uncond), t, x)
+    img = vae.decode(x / vae.scaling_factor)
     return ((img.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).cpu()
 
 
@@ -266,7 +241,7 @@ class _UNetGraph(torch.nn.Module):
         self.unet = unet
 
     def forward(self, sample, timestep, hidden):
-        return self.unet(sample, timestep, encoder_hidden_states=hidden, return_dict=False)[0]
+        return self.unet(sample, timestep, hidden)
 
 
 # ----------------------------------------------------------------------------- main
@@ -294,7 +269,7 @@ def _markdown(doc: dict) -> str:
     m, r = doc["machine"], doc["results"]
     lines = [f"# {doc['benchmark']}\n", f"{doc['shapes']} shapes, random weights, {doc['dtype']}, device "
              f"**{m.get('gpu') or m['cpu']}**, git {m['git']}, torch {m['packages'].get('torch')}, "
-             f"diffusers {m['packages'].get('diffusers')}, options {doc['options']}.\n",
+             f"nets sd15_nets.py (plain torch), options {doc['options']}.\n",
              "| measure | p50 ms | p90 ms | mean ms | n |", "|---|---|---|---|---|"]
     for key, s in r.items():
         if isinstance(s, dict) and "p50_ms" in s:
@@ -312,13 +287,6 @@ def _markdown(doc: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        import diffusers  # noqa: F401
-        import transformers  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install
-        print(f"gpu_script: cannot build the SD-1.5 modules: {type(exc).__name__}: {exc}. This script needs "
-              "`diffusers` and `transformers` beside torch (no weights are downloaded).", file=sys.stderr)
-        return EXIT_MISSING
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_script: --device cuda but torch sees no CUDA device (use --device cpu --tiny for a smoke test)",
@@ -342,8 +310,6 @@ def main(argv: list[str] | None = None) -> int:
                  "steps": args.steps, "options": {k: getattr(args, k) for k in ("cuda_graphs", "compile", "channels_last")},
                  "goal_s": GOAL_S, "target_s": TARGET_S, "results": {}}
     r = doc["results"]
-    from diffusers import DPMSolverMultistepScheduler
-
     with torch.inference_mode():
         t0 = time.perf_counter()
         unet, vae, te = build(spec, device, dtype, args.channels_last)
@@ -359,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.compile:
             t0 = time.perf_counter()
             unet = torch.compile(unet)
-            unet(sample, torch.full((2,), 500.0, device=device), encoder_hidden_states=hidden)
+            unet(sample, torch.full((2,), 500.0, device=device), hidden)
             _sync(device)
             doc["compile"] = {"first_call_s": round(time.perf_counter() - t0, 1)}
         try:
@@ -368,11 +334,11 @@ def main(argv: list[str] | None = None) -> int:
             doc["cuda_graphs_error"] = f"{type(exc).__name__}: {exc}"
             step = UNetStep(unet, sample, hidden, cuda_graph=False)
         w, n = args.warmup, args.repeats
-        r["text_encoder_b2"] = summarize(time_calls(lambda: te(ids, return_dict=False)[0], device, n, w))
+        r["text_encoder_b2"] = summarize(time_calls(lambda: te(ids), device, n, w))
         r["unet_step_b2"] = summarize(time_calls(lambda: step(sample, 500.0), device, n, w))
         r["vae_decode_b1"] = summarize(time_calls(
-            lambda: vae.decode(latent1 / vae.config.scaling_factor, return_dict=False)[0], device, max(1, n // 2), w))
-        scheduler = DPMSolverMultistepScheduler(**SCHEDULER)
+            lambda: vae.decode(latent1 / vae.scaling_factor), device, max(1, n // 2), w))
+        scheduler = sd15_nets.DPMSolverMultistepScheduler(**SCHEDULER)
         image = lambda: generate(te, step, vae, scheduler, ids, lat, args.steps)  # noqa: E731
         r[f"image_{args.steps}_steps"] = summarize(time_calls(image, device, args.images, 1))
         doc["image_s"] = round(r[f"image_{args.steps}_steps"]["p50_ms"] / 1e3, 3)
