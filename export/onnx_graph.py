@@ -157,6 +157,34 @@ def _write_onnx(model, path: Path, external: bool) -> None:
         onnx.save_model(model, str(path))
 
 
+def _write_external(model, src_dir: Path, path: Path) -> None:
+    """Save ``model`` as ``path`` + one ``<path>.data`` holding every initializer of 1 KiB or more, copied one
+    tensor at a time from where it is now (inline, or the external file torch wrote in ``src_dir``)."""
+    from onnx.external_data_helper import uses_external_data
+
+    data_name = path.name + ".data"
+    with open(path.parent / data_name, "wb") as data:
+        for tensor in model.graph.initializer:
+            if uses_external_data(tensor):
+                info = {e.key: e.value for e in tensor.external_data}
+                with open(src_dir / info["location"], "rb") as src:
+                    src.seek(int(info.get("offset", 0)))
+                    raw = src.read(int(info["length"])) if "length" in info else src.read()
+            elif len(tensor.raw_data) >= 1024:
+                raw = tensor.raw_data
+            else:
+                continue
+            offset = data.tell()
+            data.write(raw)
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.ClearField("raw_data")
+    onnx.save_model(model, str(path))
+
+
 def _weight_bytes(model) -> int:
     return sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
                for t in model.graph.initializer)
@@ -186,12 +214,16 @@ def export_graph(module: torch.nn.Module, inputs: Sequence[TensorSpec], outputs:
                 torch.onnx.export(module, args, str(scratch / MODEL_FILE), input_names=[s.name for s in inputs],
                                   output_names=[s.name for s in outputs], dynamic_axes=dynamic_axes([*inputs, *outputs]),
                                   opset_version=opset, do_constant_folding=True, dynamo=False)
-            model = onnx.load(str(scratch / MODEL_FILE))  # also reads the per-tensor files torch writes > 2 GB
-            shutil.rmtree(scratch)
+            model = onnx.load(str(scratch / MODEL_FILE), load_external_data=False)  # the graph, not the weights
             _fix_output_dims(model, outputs)
             external = _weight_bytes(model) > external_threshold
-            _write_onnx(model, tmp / MODEL_FILE, external)
+            if external:  # the weights stream into one data file: never all of them in memory at once
+                _write_external(model, scratch, tmp / MODEL_FILE)
+            else:
+                onnx.load_external_data_for_model(model, str(scratch))  # torch writes per-tensor files > 2 GB
+                _write_onnx(model, tmp / MODEL_FILE, False)
             del model
+            shutil.rmtree(scratch)
             onnx.checker.check_model(str(tmp / MODEL_FILE))
             io = {"inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs],
                   "opset": opset, "external_data": DATA_FILE if external else None,

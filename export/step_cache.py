@@ -56,7 +56,7 @@ from facetron.diffusion.step_cache import DEEP_FEATURE, PLAIN_MODELS, RUNTIME_LO
 from facetron.errors import InvalidInputError
 from facetron.export.onnx_graph import (DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, ModelDims, TensorSpec, example_inputs,
                                         export_graph, model_io)
-from facetron.export.runtime_lora import RuntimeLoraUNet, build_manifest, runtime_lora_io
+from facetron.export.runtime_lora import RuntimeLoraUNet, adapted, build_manifest, runtime_lora_io
 
 SPLIT_NOTE = ("DeepCache split at the input of up_blocks[-1]: shallow = time embedding, conv_in, down_blocks[0], "
               "up_blocks[-1], conv_norm_out/conv_act/conv_out; deep = down_blocks[1:], mid_block, up_blocks[:-1]")
@@ -393,7 +393,7 @@ def export_runtime_lora_deep_cache_unet(unet: torch.nn.Module, out_dir: str | os
     if not isinstance(rank, int) or rank < 1:
         raise InvalidInputError("--runtime-lora-rank", f"must be an integer >= 1, got {rank!r}")
     manifest = build_manifest(unet, rank)
-    module = DeepCacheUNet(RuntimeLoraUNet(copy.deepcopy(unet).half() if fp16 else unet))
-    return _export_pair(module, runtime_lora_io(dims, manifest), RUNTIME_LORA_MODELS, out_dir, dims=dims,
-                        batch=batch, opset=opset, external_threshold=external_threshold, info={"lora_rank": rank},
-                        extra_files={MANIFEST_FILE: manifest}, rank=rank)
+    with adapted(RuntimeLoraUNet, unet, fp16) as lora_unet:  # the caller's UNet, adapted and put back: no copy
+        return _export_pair(DeepCacheUNet(lora_unet), runtime_lora_io(dims, manifest), RUNTIME_LORA_MODELS, out_dir,
+                            dims=dims, batch=batch, opset=opset, external_threshold=external_threshold,
+                            info={"lora_rank": rank}, extra_files={MANIFEST_FILE: manifest}, rank=rank)

@@ -239,3 +239,26 @@ def test_text_encoder_layers_the_graph_lacks_are_named(te_setup, base, tmp_path)
                             text_encoder=base.text_encoder, te_target_modules=("q_proj", "fc1"))
     with pytest.raises(InvalidInputError, match=r"te_mlp.safetensors.*runtime-LoRA text encoder has no inputs.*fc1"):
         lora_inputs_for(mlp, te_setup["manifest"])
+
+
+def test_export_adapts_the_callers_net_and_puts_it_back(base, tmp_path):
+    """The export adapts the UNet itself (no second copy of its weights) and leaves it exactly as it was:
+    the same layer objects, the same outputs."""
+    import torch
+
+    from facetron.export.runtime_lora import RuntimeLoraUNet, adapted
+
+    unet = base.unet
+    layers = {n: m for n, m in unet.named_modules()}
+    feed = {k: torch.from_numpy(v) for k, v in unet_feed(1, seed=9).items()}
+    with torch.no_grad():
+        before = unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"], return_dict=False)[0]
+    with adapted(RuntimeLoraUNet, unet) as module:
+        name = module.modules_[0]
+        assert module.unet is unet  # no copy: the wrappers hold the UNet's own layers
+        assert type(unet.get_submodule(name)).__name__ == "_RuntimeLoraLinear"
+        assert unet.get_submodule(name).base is layers[name]
+    assert {n: m for n, m in unet.named_modules()} == layers
+    with torch.no_grad():
+        after = unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"], return_dict=False)[0]
+    assert torch.equal(before, after)
