@@ -148,20 +148,16 @@ def example_inputs(specs: Sequence[TensorSpec], dims: ModelDims, *, batch: int =
 # ----------------------------------------------------------------------------- writing
 
 
-def _write_onnx(model, path: Path, external: bool) -> None:
-    """Save ``model``; weights in one ``model.onnx.data`` beside it when ``external``."""
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-
-
-def _write_external(model, src_dir: Path, path: Path) -> None:
-    """Save ``model`` as ``path`` + one ``<path>.data`` holding every initializer of 1 KiB or more, copied one
-    tensor at a time from where it is now (inline, or the external file torch wrote in ``src_dir``)."""
+def _write_onnx(model, path: Path, external: bool, src_dir: Path) -> None:
+    """Save ``model`` as ``path``; its weights are still where torch wrote them (inline, or per-tensor files in
+    ``src_dir``). ``external``: every initializer of 1 KiB or more goes into one ``<path>.data``, copied one
+    tensor at a time (never all weights in memory at once); else all of them inline."""
     from onnx.external_data_helper import uses_external_data
 
+    if not external:
+        onnx.load_external_data_for_model(model, str(src_dir))
+        onnx.save_model(model, str(path))
+        return
     data_name = path.name + ".data"
     with open(path.parent / data_name, "wb") as data:
         for tensor in model.graph.initializer:
@@ -217,11 +213,7 @@ def export_graph(module: torch.nn.Module, inputs: Sequence[TensorSpec], outputs:
             model = onnx.load(str(scratch / MODEL_FILE), load_external_data=False)  # the graph, not the weights
             _fix_output_dims(model, outputs)
             external = _weight_bytes(model) > external_threshold
-            if external:  # the weights stream into one data file: never all of them in memory at once
-                _write_external(model, scratch, tmp / MODEL_FILE)
-            else:
-                onnx.load_external_data_for_model(model, str(scratch))  # torch writes per-tensor files > 2 GB
-                _write_onnx(model, tmp / MODEL_FILE, False)
+            _write_onnx(model, tmp / MODEL_FILE, external, scratch)
             del model
             shutil.rmtree(scratch)
             onnx.checker.check_model(str(tmp / MODEL_FILE))

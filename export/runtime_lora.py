@@ -104,10 +104,10 @@ def _as(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class _RuntimeLoraLinear(torch.nn.Module):
     """``base(x) + (x A_g) B`` with the group's A and this layer's slot-placed B set before each call."""
 
-    def __init__(self, base: torch.nn.Linear, group: _Group, slot: int):
+    def __init__(self, base: torch.nn.Linear, group: _Group):
         super().__init__()
         self.base = base
-        self.group, self.slot = group, slot
+        self.group = group
         self.b: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,8 +174,8 @@ class _Adapted(torch.nn.Module):
         for members in lora_groups(targets):
             group = _Group(len(members))
             groups.append(group)
-            for slot, name in enumerate(members):
-                wrapper = _RuntimeLoraLinear(inner.get_submodule(name), group, slot)
+            for name in members:
+                wrapper = _RuntimeLoraLinear(inner.get_submodule(name), group)
                 inner.set_submodule(name, wrapper)
                 order.append(wrapper)
                 names.append(name)

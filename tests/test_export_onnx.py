@@ -147,7 +147,7 @@ def test_fp16_weights_keep_fp32_io(base, tmp_path):
 def test_interrupted_export_leaves_nothing(base, tmp_path, monkeypatch):
     import facetron.export.onnx_graph as ox
 
-    def crash(model, path, external):
+    def crash(model, path, *_):
         Path(path).write_bytes(b"half-written")
         raise RuntimeError("simulated crash while saving")
 
