@@ -93,9 +93,9 @@ def bench_pipeline(detector, embedder, repeats: int) -> dict:
 def bench_triton(detector, embedder, repeats: int) -> dict:
     from facetron.client import FacetronClient
     from facetron.faces.alignment import align_faces
-    from facetron.serving.face_detector import pack_detections
-    from facetron.serving.face_select import select_portraits
-    from facetron.triton_server import TritonServer
+    from facetron.pipeline.net_io import pack_detections
+    from facetron.pipeline.selection import select_portraits
+    from facetron.triton.server import TritonServer
 
     faces = _real_faces(detector)
     cands = np.stack([_square_512(img, b)[::2, ::2].copy() for img, det in faces for b in det.boxes][:8])

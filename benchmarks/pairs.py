@@ -83,7 +83,7 @@ class _Cycle:
 def _openvino_calls(rt_path: Path, merged_path: Path, feed: dict, lora: dict) -> tuple[dict, dict]:
     """(calls, errors): the served OpenVINO runtime (static graph per feed shape) for both UNets
     (the runtime-LoRA one with ``reuse_inputs``, as the ``unet`` model opens it)."""
-    from facetron.serving.runtimes import open_runtime
+    from facetron.net_runtimes import open_runtime
 
     calls, errors = {}, {}
     try:
@@ -120,7 +120,7 @@ def runtime_lora_vs_merged(users: int = 8, repeats: int = 16, rank: int = 16, lo
     from facetron.export.onnx_export import export_model
     from facetron.export.onnx_graph import ModelDims, example_inputs, model_io
     from facetron.export.runtime_lora import export_runtime_lora_unet
-    from facetron.serving.runtimes import open_runtime
+    from facetron.net_runtimes import open_runtime
     from facetron.training.random_lora import write_random_lora
 
     base = load_base_model()
@@ -224,7 +224,7 @@ def runtime_lora_vs_merged_sd15(repeats: int = 8, lora_rank: int = 4, work_dir: 
     from facetron.export.onnx_export import export_model
     from facetron.export.onnx_graph import example_inputs, model_io
     from facetron.export.step_cache import export_runtime_lora_deep_cache_unet
-    from facetron.serving.runtimes import open_runtime
+    from facetron.net_runtimes import open_runtime
     from facetron.training.random_lora import write_random_lora
 
     w_face, out = 0.9, {"model": "SD-1.5-shape UNet (random weights), batch 2 (one guidance step), 1 user",
@@ -312,8 +312,8 @@ def triton_vs_inprocess(url: str, repeats: int = 10, select_candidates: int = 2)
     from facetron.diffusion.clip_tokenizer import ClipTokenizer
     from facetron.faces.detector import FaceDetector
     from facetron.faces.embedder import FaceEmbedder
-    from facetron.serving.face_detector import pack_detections
-    from facetron.serving.face_select import select_portraits
+    from facetron.pipeline.net_io import pack_detections
+    from facetron.pipeline.selection import select_portraits
 
     tok, det, emb = ClipTokenizer(), FaceDetector(), FaceEmbedder()
     detect = lambda x: pack_detections(det.detect_batch(list(x)))  # noqa: E731

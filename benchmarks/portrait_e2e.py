@@ -11,13 +11,13 @@ prompt, negative prompt and seed for every variant, the same initial noise
   The face LoRA is merged into the weights (``merge_loras``), as FaceChain
   merges it: nothing per step.
 * ``facetron_<runtime>_<precision>``: the served nets opened as the served
-  models open them (:func:`facetron.serving.runtimes.open_runtime`, the
+  models open them (:func:`facetron.net_runtimes.open_runtime`, the
   served thread count, ``reuse_inputs`` for the UNet): the runtime-LoRA
   text encoder and UNet fed the same face LoRA as graph inputs (what the
   LoRA bank hands them: ``lora_inputs_for`` at ``w_face``), the VAE decoder,
   facetron's tokenizer, ``contract.DEFAULT_STEPS`` steps of
   ``contract.DEFAULT_SCHEDULER`` (DPM-Solver++ 2M Karras), through
-  :func:`facetron.serving.generation.generate` (the served loop).
+  :func:`facetron.pipeline.generation.generate` (the served loop).
   ``onnxruntime_f32`` is the served default at the start of this round;
   ``openvino_bf16`` runs every net with OpenVINO's bf16 precision hint (fast
   only where the CPU has AMX: ``cpu.amx_bf16`` in the result);
@@ -128,7 +128,7 @@ def peak_rss_gib() -> float:
 def open_net(path: Path, how: Runtime, threads: int, *, reuse_inputs: bool = False):
     """One served net in ``how``'s runtime (``open_runtime`` as the served models call it, no compiled-model
     cache, no fallback; int8 weights: the served OpenVINO runtime over ``nncf.compress_weights``' model)."""
-    from facetron.serving.runtimes import STATIC_SHAPE_GRAPHS, OpenVinoRuntime, open_runtime, openvino_model
+    from facetron.net_runtimes import STATIC_SHAPE_GRAPHS, OpenVinoRuntime, open_runtime, openvino_model
 
     if not how.int8_weights:
         return open_runtime(path, how.runtime, threads, cache=False, fallback=False, reuse_inputs=reuse_inputs,
@@ -171,7 +171,7 @@ def facetron_nets(setup: Setup, how: Runtime, threads: int):
 def facetron_image(nets, setup: Setup, steps: int, cache_interval: int = 1) -> dict:
     """One image through ``generate`` (the served loop): uint8 image, final latents (what the VAE decoder
     was given), stage times."""
-    from facetron.serving.generation import generate
+    from facetron.pipeline.generation import generate
 
     clock, final = StageClock(), {}
     decode = clock.wrap("vae_decode", nets.vae_decode)

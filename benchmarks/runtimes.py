@@ -150,7 +150,7 @@ def _calibration(name: str, base, dims, path: Path, feed: dict, batch: int, late
 
 def _open(variant: str, path: Path, feed: dict, threads: int, calibration: tuple[list, str] | None = None):
     """(callable, info) of one non-torch variant (``calibration``: :func:`_calibration`, int8 variants)."""
-    from facetron.serving.runtimes import OpenVinoRuntime, open_runtime, openvino_model
+    from facetron.net_runtimes import OpenVinoRuntime, open_runtime, openvino_model
 
     info: dict = {}
     t0 = time.perf_counter()

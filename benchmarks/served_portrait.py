@@ -47,7 +47,7 @@ def run(full: bool = False, out_dir: Path | None = None, work_dir: Path | None =
     from facetron.client import FacetronClient
     from facetron.diffusion.base_model import write_base_model
     from facetron.diffusion.model_spec import SD15, TINY
-    from facetron.triton_server import TritonServer
+    from facetron.triton.server import TritonServer
     from facetron.users import UserRegistry
 
     spec = SD15 if full else TINY

@@ -2,7 +2,7 @@
 
 Two sources land on that page: Triton's own per-model counters
 (``nv_inference_*``) and facetron's custom metrics from inside the python
-models (``facetron_*``, :mod:`facetron.serving.metrics`): time per denoising
+models (``facetron_*``, :mod:`facetron.metrics`): time per denoising
 step, per portrait stage (generate, fuse, select), the runtime-LoRA bank,
 candidates filtered by reason, merged models loaded. :class:`MetricsDelta`
 takes one scrape before and one after a run; :func:`figures` turns the

@@ -103,7 +103,7 @@ def bench_server(build_dir: Path = BUILD_DIR, diffusion: bool = True) -> Iterato
 
     from facetron.export.diffusion_source import DiffusionSource
     from facetron.export.repository import assemble_repository
-    from facetron.triton_server import TritonServer
+    from facetron.triton.server import TritonServer
 
     build_dir = Path(build_dir)
     users = build_dir / "users"
@@ -352,7 +352,7 @@ def render_server_metrics(scraped: dict[str, dict]) -> list[str]:
     if not scraped:
         return []
     md = ["## Server metrics (/metrics scraped before and after each sweep)\n\n"
-          "`facetron_*` come from inside the python models (facetron.serving.metrics): ms per denoising step, "
+          "`facetron_*` come from inside the python models (facetron.metrics): ms per denoising step, "
           "per portrait stage, LoRA-bank hits/misses, candidates filtered. `nv_inference_*` are Triton's own per "
           "model (request = queue + compute + overhead), beside the statistics API's breakdown above.\n"]
     stage_rows, model_rows, other = [], [], []
@@ -376,7 +376,7 @@ def render_server_metrics(scraped: dict[str, dict]) -> list[str]:
         md.append(markdown_table(stage_rows, ["case", "stage", "calls", "ms_per_call", "detail"]))
     elif any(not f.get("error") for f in scraped.values()):
         md.append("No `facetron_*` samples in these runs (the serving modules record them once "
-                  "facetron.serving.metrics is wired in; see the module's doc).\n")
+                  "facetron.metrics is wired in; see the module's doc).\n")
     if model_rows:
         md.append(markdown_table(model_rows, ["case", "model", "requests", "request_ms", "queue_ms",
                                               "compute_infer_ms"]))

@@ -18,7 +18,7 @@ ADMIN_KEY="${FACETRON_ADMIN_KEY:-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d
 serve_flags() {
   local control=none
   [[ "$IDENTITY_MODE" == merged ]] && control=explicit
-  # the same flags as facetron.triton_server.TritonServer.command, bound to all
+  # the same flags as facetron.triton.server.TritonServer.command, bound to all
   # interfaces (the pod's network is the boundary) on the fixed ports
   echo --model-repository="$MODEL_REPOSITORY" \
        --grpc-address=0.0.0.0 --grpc-port=8001 \

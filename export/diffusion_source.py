@@ -28,7 +28,7 @@ from facetron.export.onnx_export import ModelDims, export_onnx
 from facetron.export.onnx_graph import example_inputs, read_io
 from facetron.export.runtime_lora import export_runtime_lora_text_encoder
 from facetron.export.step_cache import export_runtime_lora_deep_cache_unet
-from facetron.serving.unet import SHALLOW_FOLDER
+from facetron.pipeline.net_io import SHALLOW_FOLDER
 
 #: served net -> its exported folder, where they differ (the runtime-LoRA graphs)
 EXPORTED_FOLDERS = {"unet": RUNTIME_LORA_MODELS[0], "text_encoder": "text_encoder_lora"}
@@ -91,7 +91,7 @@ class DiffusionSource:
 
     def copy_net(self, name: str, version: Path) -> None:
         """Net ``name``'s graph files into its version folder; the ``unet``'s step-cache shallow graph
-        into ``<version>/shallow/`` (:data:`facetron.serving.unet.SHALLOW_FOLDER`)."""
+        into ``<version>/shallow/`` (:data:`facetron.pipeline.net_io.SHALLOW_FOLDER`)."""
         copy_graph(self.net_folder(name), version)
         if name == "unet":
             copy_graph(self._exported / RUNTIME_LORA_MODELS[1], version / SHALLOW_FOLDER)

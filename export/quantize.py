@@ -3,7 +3,7 @@ weights *and* activations calibrated on real denoising trajectories.
 
 The served UNet is the runtime-LoRA graph (``unet_lora/model.onnx``: every
 user's LoRA given as graph inputs). Three modes, each an OpenVINO IR
-(``model.xml`` + ``model.bin``) that :func:`facetron.serving.runtimes.open_runtime`
+(``model.xml`` + ``model.bin``) that :func:`facetron.net_runtimes.open_runtime`
 opens like the ONNX file (``read_model`` reads both):
 
 * ``weights``: ``nncf.compress_weights`` (int8 per-channel weights, f32
@@ -162,7 +162,7 @@ def sd15_scheduler_config() -> dict:
 def _text_encoder(path: Path, threads: int | None):
     """ids -> embeddings in ONNX Runtime fp32 (a runtime-LoRA text encoder gets a zero LoRA: the base net)."""
     from facetron.diffusion.lora_inputs import MANIFEST_FILE, read_lora_manifest, zero_lora_inputs
-    from facetron.serving.runtimes import open_runtime
+    from facetron.net_runtimes import open_runtime
 
     net = open_runtime(path, "onnxruntime", threads)
     extra = {}
@@ -250,7 +250,7 @@ def calibration_feeds(nets: ExportedNets, prompts: Sequence[str] = CALIBRATION_P
     (ONNX Runtime fp32, :func:`facetron.diffusion.sampler.denoise`), one 1-image generation each, with
     guidance: batch 2 per call. ``lora``: the UNet's LoRA inputs (batch 2; default: a fixed random
     non-zero LoRA at the export rank, :meth:`ExportedNets.lora`); the same arrays in every feed."""
-    from facetron.serving.runtimes import open_runtime
+    from facetron.net_runtimes import open_runtime
 
     lora_label = "given" if lora is not None else f"random_lora_inputs(seed={LORA_SEED}, export rank)"
     lora = dict(lora) if lora is not None else nets.lora()
@@ -361,7 +361,7 @@ def quantize_unet(onnx_path: str | os.PathLike, feeds: Calibration | Sequence[Ma
     import nncf
     import openvino as ov
 
-    from facetron.serving.runtimes import openvino_model
+    from facetron.net_runtimes import openvino_model
 
     check_mode(mode)
     check_replaceable(out_dir, "int8 UNet folder")  # before minutes of work
@@ -420,7 +420,7 @@ def deviation_report(nets: ExportedNets, variants: Mapping[str, str | os.PathLik
       fp32), rel L2 and max abs of the final latents;
     * ``ms_per_step``: the median UNet call (one batch-2 guidance step) in those runs (not interleaved
       with the others: ``benchmarks/runtimes.py`` gives the ratios)."""
-    from facetron.serving.runtimes import open_runtime
+    from facetron.net_runtimes import open_runtime
 
     if nets.vae_decoder is None:
         raise InvalidInputError("vae_decoder", "the per-image deviation needs the exported vae_decoder")

@@ -30,7 +30,7 @@ from facetron.export.onnx_export import ModelDims, export_model
 from facetron.export.onnx_graph import read_io
 from facetron.export.runtime_choice import check_precision_choice, cpu_flags, rule_text
 from facetron.export.runtime_lora import TEXT_ENCODER_TARGET_SUFFIXES
-from facetron.serving.unet import check_int8
+from facetron.pipeline.net_io import check_int8
 from facetron.faces.detector import mtcnn_onnx_paths
 from facetron.faces.embedder import embedder_onnx_path
 from facetron.paths import REPO_ROOT

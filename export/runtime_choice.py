@@ -2,7 +2,7 @@
 
 Candidates per net: ONNX Runtime fp32 (the validated default), OpenVINO fp32
 and — with ``precision="auto"`` — OpenVINO bf16. Each is opened as the served
-model opens it (:func:`facetron.serving.runtimes.open_runtime`; the
+model opens it (:func:`facetron.net_runtimes.open_runtime`; the
 runtime-LoRA UNet with ``reuse_inputs``) and called a few times at the served
 shapes (:meth:`DiffusionSource.served_feed`), interleaved with ONNX Runtime
 fp32, which stays open as the reference; then it is closed before the next
@@ -50,7 +50,7 @@ from facetron.contract import DEFAULT_NET_PRECISION, DEFAULT_NET_RUNTIME, NetPar
 from facetron.cpu_info import cpu_description
 from facetron.deviation import rel_l2
 from facetron.errors import InvalidInputError
-from facetron.serving.runtimes import open_runtime
+from facetron.net_runtimes import open_runtime
 
 
 

@@ -76,7 +76,7 @@ LATENT_FACTOR = 8  # SD-1.5 VAE: pixels per latent cell
 MAX_SEED = 2**63 - 1
 BLS_TIMEOUT_S = 300.0  # a model's call to another model of the same server gives up after this in its queue
 IDENTITY_MODES = ("runtime_lora", "merged")
-#: Runtimes of a served net on the cpu target (facetron.serving.runtimes); the
+#: Runtimes of a served net on the cpu target (facetron.net_runtimes); the
 #: ``runtime`` parameter of NetParams / UnetParams ("openvino" falls back to
 #: ONNX Runtime, with a log line, where OpenVINO cannot run the net).
 NET_RUNTIMES = ("onnxruntime", "openvino")

@@ -88,7 +88,7 @@ for mod in ["torch", "numpy", "onnxruntime", "onnx", "tritonclient.grpc", "diffu
 from facetron.assets import asset_names, asset_path
 for name in asset_names():
     asset_path(name)
-from facetron.triton_server import find_triton
+from facetron.triton.server import find_triton
 print("setup: tritonserver at", find_triton().binary)
 PY
 echo "$HASH" > "$STAMP"

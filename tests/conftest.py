@@ -25,7 +25,7 @@ os.environ["FACETRON_USERS_DIR"] = str(_SANDBOX / "users")
 
 import pytest  # noqa: E402
 
-from facetron.triton_server import TritonServer  # noqa: E402
+from facetron.triton.server import TritonServer  # noqa: E402
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # tests' own helper modules (face_photos)

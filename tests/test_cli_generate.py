@@ -12,7 +12,7 @@ import pytest
 
 from facetron.imageio import load_image
 from facetron.paths import REPO_ROOT
-from facetron.triton_server import TritonServer, free_port
+from facetron.triton.server import TritonServer, free_port
 
 PORTRAIT_LANDED = (REPO_ROOT / "model_repository" / "portrait" / "1" / "model.py").is_file()
 

@@ -17,7 +17,7 @@ from facetron.client.grpc_client import portrait_request
 from facetron.client.shm import leftover_regions
 from facetron.errors import InvalidInputError, NotFoundError, ServerError
 from facetron.faces.alignment import align_faces
-from facetron.triton_server import free_port
+from facetron.triton.server import free_port
 
 pytestmark = pytest.mark.triton
 

@@ -19,7 +19,7 @@ import pytest
 from face_photos import photo, square_crop
 from facetron.client import AsyncServerPool, FacetronClient, RetryPolicy, ServerPool
 from facetron.faces.alignment import align_faces
-from facetron.triton_server import TritonServer, free_port
+from facetron.triton.server import TritonServer, free_port
 from processes import server_processes
 
 pytestmark = pytest.mark.triton

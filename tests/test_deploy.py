@@ -234,7 +234,7 @@ def serve_flags(mode: str) -> list[str]:
 
 
 def test_entrypoint_serves_with_facetron_serve_flags(tmp_path: Path) -> None:
-    from facetron.triton_server import TritonServer, find_triton
+    from facetron.triton.server import TritonServer, find_triton
 
     script = DEPLOY / "entrypoint.sh"
     assert os.access(script, os.X_OK)

@@ -5,7 +5,7 @@ default model, never facetron's own sampler or merge.
 
 facetron's side runs the served code path in-process: the exported ONNX nets
 in ONNX Runtime (text encoder, runtime-LoRA UNet, VAE decoder / encoder),
-facetron's tokenizer, :func:`facetron.serving.generation.generate` (and, for
+facetron's tokenizer, :func:`facetron.pipeline.generation.generate` (and, for
 template mode before the face-region paste, :func:`facetron.diffusion.
 sampler.denoise` + the VAE decoder); and once through the served Triton
 models. Same scheduler config, seeds (image i: ``seed + i``), steps, guidance.
@@ -46,7 +46,7 @@ from facetron.export.merge import merge_loras
 from facetron.export.onnx_export import export_onnx, graph_module
 from facetron.export.onnx_graph import ModelDims
 from facetron.export.runtime_lora import export_runtime_lora_text_encoder
-from facetron.serving.generation import generate
+from facetron.pipeline.generation import generate
 from facetron.training.random_lora import write_random_lora
 
 SCHEDULERS = {"dpmsolver": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}

@@ -18,7 +18,7 @@ from facetron.faces.alignment import align_faces
 from facetron.faces.detector import FaceDetector
 from facetron.faces.embedder import FaceEmbedder
 from facetron.imageio import load_image
-from facetron.serving.face_detector import pack_detections
+from facetron.pipeline.net_io import pack_detections
 from facetron.training.dataset import write_dataset
 from facetron.training.demo_photos import _exposure, _rotate, _zoom
 from facetron.training.identity_select import (

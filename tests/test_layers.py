@@ -72,7 +72,7 @@ def test_a_forbidden_import_is_caught(sources, name, text, rule) -> None:
 
 
 def test_a_hidden_cycle_is_caught(sources) -> None:
-    extra = {**sources, "facetron.contract": sources["facetron.contract"] + "\ndef f():\n    import facetron.serving.backend\n"}
+    extra = {**sources, "facetron.contract": sources["facetron.contract"] + "\ndef f():\n    import facetron.triton.backend\n"}
     assert any("facetron.contract" in c for c in g.cycles(g.graph(extra)))
 
 

@@ -13,7 +13,7 @@ import pytest
 from facetron.diffusion.lora_inputs import lora_inputs_for
 from facetron.errors import NotFoundError
 from facetron.export.runtime_lora import build_manifest
-from facetron.serving.unet import LoraBank, style_lora
+from facetron.pipeline.lora_bank import LoraBank, style_lora
 from facetron.training.random_lora import write_random_lora
 from facetron.users import UserRegistry
 

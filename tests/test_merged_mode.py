@@ -27,7 +27,7 @@ def merged_server(tmp_path_factory, users_dir: Path):
     from facetron.training.random_lora import write_random_lora
     from facetron.export.diffusion_source import DiffusionSource
     from facetron.export.repository import add_merged_user, assemble_repository
-    from facetron.triton_server import TritonServer
+    from facetron.triton.server import TritonServer
 
     registry = UserRegistry(users_dir)
     registry.save_reference_embedding("merged-user", np.ones((1, 128), np.float32))

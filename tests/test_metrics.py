@@ -1,4 +1,4 @@
-"""facetron's custom Prometheus metrics (facetron.serving.metrics): no-ops
+"""facetron's custom Prometheus metrics (facetron.metrics): no-ops
 outside Triton, the right families and labels through the python backend's
 API, and — in a real tritonserver — served on /metrics, where the benchmark
 suite's scrape (facetron.benchmarks.server_metrics) reads them back as
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from facetron.benchmarks import server_metrics as SM
-from facetron.serving import metrics as M
+from facetron import metrics as M
 
 
 class FakeBackend:
@@ -112,7 +112,7 @@ def test_scrape_parsing_and_quantiles() -> None:
 MODEL = '''
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from facetron.serving import metrics
+from facetron import metrics
 
 
 class TritonPythonModel:
@@ -167,10 +167,10 @@ def wait_for_requests(url: str, n: int, timeout_s: float = 10.0) -> None:
 
 @pytest.mark.triton
 def test_served_on_triton_metrics_port_and_scraped(tmp_path: Path) -> None:
-    """A python model recording through facetron.serving.metrics in a real
+    """A python model recording through facetron.metrics in a real
     tritonserver; the suite's scrape reads the figures back from /metrics."""
     from facetron.client import FacetronClient
-    from facetron.triton_server import TritonServer
+    from facetron.triton.server import TritonServer
 
     repo = tmp_path / "repo"
     (repo / "metrics_probe" / "1").mkdir(parents=True)

@@ -24,10 +24,10 @@ from facetron.faces.alignment import align_faces
 from facetron.faces.detector import FaceDetector
 from facetron.faces.embedder import FaceEmbedder
 from facetron.imageio import save_image
-from facetron.serving.face_detector import pack_detections
-from facetron.serving.generation import build_job, generation_values
-from facetron.serving.portrait import portrait_options, run_portrait
-from facetron.serving.template import prepare_template
+from facetron.pipeline.net_io import pack_detections
+from facetron.pipeline.generation import build_job, generation_values
+from facetron.pipeline.portrait import portrait_options, run_portrait
+from facetron.pipeline.template import prepare_template
 from facetron.users import UserRegistry
 
 SIZE = 256
@@ -162,7 +162,7 @@ def test_a_template_without_generated_faces_ranks_by_final_and_says_so(registry,
     detect, _, det = faces
     template = photos["t1_2"]
     prepared = prepare_template(template, SIZE, SIZE, detect)
-    from facetron.serving.template import face_region_mask
+    from facetron.pipeline.template import face_region_mask
 
     mask = face_region_mask(template.shape, prepared.landmarks)
     rng = np.random.default_rng(0)

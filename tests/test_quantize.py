@@ -36,7 +36,7 @@ from facetron.export import quantize as q  # noqa: E402
 from facetron.export.onnx_export import export_onnx  # noqa: E402
 from facetron.export.onnx_graph import ModelDims, read_io  # noqa: E402
 from facetron.export.runtime_lora import export_runtime_lora_text_encoder  # noqa: E402
-from facetron.serving.runtimes import open_runtime  # noqa: E402
+from facetron.net_runtimes import open_runtime  # noqa: E402
 
 RANK = 8
 HELD_OUT = q.HELD_OUT_PROMPTS[:1]
@@ -135,7 +135,7 @@ def test_weights_mode_compresses_weights_only(weights_ir) -> None:
 
 
 def test_hybrid_mode_int8_weights_everywhere_activations_in_convolutions_and_attention(nets, calibration) -> None:
-    from facetron.serving.runtimes import openvino_model
+    from facetron.net_runtimes import openvino_model
 
     linear = q.weighted_matmuls(openvino_model(nets.unet))
     model, params = q.quantize_model(openvino_model(nets.unet), calibration.feeds, "hybrid", subset_size=20)
@@ -196,7 +196,7 @@ def test_export_repository_int8_serves_the_ir_with_its_deviation(tmp_path) -> No
     from facetron.export.onnx_graph import example_inputs
     from facetron.export.diffusion_source import DiffusionSource
     from facetron.export.repository import assemble_repository
-    from facetron.serving.unet import unet_graph
+    from facetron.pipeline.net_io import unet_graph
 
     with pytest.raises(InvalidInputError, match="--int8: expected one of off, weights, full, hybrid"):
         assemble_repository("cpu", tmp_path / "r0", int8="int4")

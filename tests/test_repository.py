@@ -173,7 +173,7 @@ def test_full_cpu_repository_is_ready(client, full_repository: Path) -> None:
 @pytest.mark.triton
 def test_cpu_repository_loads_ready(tmp_path: Path) -> None:
     from facetron.client import FacetronClient
-    from facetron.triton_server import TritonServer
+    from facetron.triton.server import TritonServer
 
     repo = assemble_repository("cpu", tmp_path / "model_repository")
     with TritonServer(repo, log_path=tmp_path / "log.txt") as server, FacetronClient(server.grpc_url) as client:

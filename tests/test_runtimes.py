@@ -1,6 +1,6 @@
 """Every runtime of a served net gives ONNX Runtime's outputs (tiny model).
 
-OpenVINO (``facetron.serving.runtimes``) runs the same ONNX files as ONNX
+OpenVINO (``facetron.net_runtimes``) runs the same ONNX files as ONNX
 Runtime; per net its outputs must equal ONNX Runtime's within the export
 validation tolerance (``export/validate.py``: ONNX Runtime is the runtime
 validated against torch there): text encoder, VAE decoder / encoder, and the
@@ -28,9 +28,9 @@ from facetron.errors import FacetronError, InvalidInputError
 from facetron.export.onnx_export import export_onnx
 from facetron.export.onnx_graph import ModelDims, example_inputs, read_io
 from facetron.export.validate import TOLERANCES, compare
-from facetron.serving import runtimes
-from facetron.serving.ort_net import check_feed
-from facetron.serving.runtimes import OpenVinoRuntime, open_runtime, openvino_config, resolve_threads
+from facetron import net_runtimes as runtimes
+from facetron.pipeline.net_io import check_feed
+from facetron.net_runtimes import OpenVinoRuntime, open_runtime, openvino_config, resolve_threads
 
 pytest.importorskip("openvino")
 
@@ -246,7 +246,7 @@ def test_runtime_rules(exported, monkeypatch) -> None:
 def test_the_compiled_model_cache_keeps_precisions_and_files_apart(exported, base, face_lora, tmp_path) -> None:
     """OpenVINO's cache key ignores the precision: an f32 blob imported for a bf16 compile gave NaN. Each
     precision and each ONNX file has its own cache folder, so a warm cache gives what a cold compile gives."""
-    from facetron.serving.runtimes import model_cache_folder
+    from facetron.net_runtimes import model_cache_folder
 
     path = exported / "unet_lora" / "model.onnx"
     feed = _feed("unet_lora", exported, base, face_lora)
@@ -314,8 +314,8 @@ def test_served_openvino_equals_onnxruntime(base, face_lora, tmp_path) -> None:
     from facetron.diffusion.nets import DiffusionNets
     from facetron.export.diffusion_source import DiffusionSource
     from facetron.export.repository import assemble_repository
-    from facetron.serving.generation import build_job, generate, read_model_info
-    from facetron.triton_server import TritonServer
+    from facetron.pipeline.generation import build_job, generate, read_model_info
+    from facetron.triton.server import TritonServer
     from facetron.users import UserRegistry
 
     users = tmp_path / "users"

@@ -26,7 +26,7 @@ from facetron.diffusion.lora_inputs import lora_inputs_for
 from facetron.diffusion.lora_reader import read_lora
 from facetron.errors import InvalidInputError, NotFoundError
 from facetron.export.runtime_lora import build_manifest
-from facetron.serving.unet import LoraBank, style_lora
+from facetron.pipeline.lora_bank import LoraBank, style_lora
 from facetron.styles import LORA_FILE, StyleRegistry, styles_for, styles_root
 from facetron.training.random_lora import write_random_lora
 from facetron.users import UserRegistry

@@ -11,8 +11,8 @@ from facetron.errors import InvalidInputError, NotFoundError
 from facetron.faces.alignment import align_faces
 from facetron.faces.detector import FaceDetector
 from facetron.faces.embedder import FaceEmbedder
-from facetron.serving.face_detector import pack_detections
-from facetron.serving.face_select import select_portraits
+from facetron.pipeline.net_io import pack_detections
+from facetron.pipeline.selection import select_portraits
 from facetron.users import UserRegistry
 
 pytestmark = pytest.mark.triton

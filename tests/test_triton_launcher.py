@@ -17,8 +17,7 @@ import pytest
 
 from facetron.errors import ServerError
 from facetron.paths import REPO_ROOT
-from facetron.triton_server import (SHM_DIR, TritonServer, check_repository, explain_log, regions,
-                                     remove_orphaned_regions)
+from facetron.triton.server import SHM_DIR, TritonServer, check_repository, explain_log, regions, remove_orphaned_regions
 from processes import server_processes
 
 pytestmark = pytest.mark.triton
@@ -215,7 +214,7 @@ def test_server_dies_with_a_crashed_caller(model_repository: Path, tmp_path: Pat
     script = textwrap.dedent(
         f"""
         import sys, time
-        from facetron.triton_server import TritonServer
+        from facetron.triton.server import TritonServer
         s = TritonServer({str(model_repository)!r}, log_path={str(tmp_path / 'log.txt')!r}).start()
         print(s.process.pid, flush=True)
         time.sleep(600)

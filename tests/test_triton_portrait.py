@@ -82,7 +82,7 @@ def _merged_reference(base, full_repository: Path, users_dir: Path, user: str, l
     from facetron.export.merge import merge_loras
     from facetron.export.onnx_export import graph_module
     from facetron.diffusion.nets import DiffusionNets
-    from facetron.serving.generation import build_job, generate, read_model_info
+    from facetron.pipeline.generation import build_job, generate, read_model_info
 
     info, sched = read_model_info(full_repository / "portrait_generator" / "1")
     job = build_job({"user_id": user, "num_images": n, "seed": seed, "steps": STEPS}, info, UserRegistry(users_dir))
@@ -123,7 +123,7 @@ def test_step_cache_served_equals_the_graphs_in_process(client, users, full_repo
     from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora_manifest, zero_lora_inputs
     from facetron.diffusion.nets import DiffusionNets
     from facetron.deviation import psnr_uint8
-    from facetron.serving.generation import build_job, generate, read_model_info
+    from facetron.pipeline.generation import build_job, generate, read_model_info
 
     steps, seed = 9, 21
     served = _generate(client, user_id="astro", num_images=2, seed=seed, steps=steps, cache_interval=3)

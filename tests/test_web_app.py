@@ -120,7 +120,7 @@ def test_bad_input_is_one_clear_message_and_loses_nothing(web, tmp_path: Path) -
 
 def test_server_down_is_one_clear_message(tmp_path: Path) -> None:
     """No Triton at the configured address: the page says so; generating is refused clearly."""
-    from facetron.triton_server import free_port
+    from facetron.triton.server import free_port
     from facetron.web.app import WebConfig, launch
 
     dead = f"127.0.0.1:{free_port()}"

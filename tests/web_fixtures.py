@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from facetron.triton_server import free_port
+from facetron.triton.server import free_port
 
 
 def start_web(server: str, users_dir: Path, work: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:

@@ -7,7 +7,7 @@ training steps (:func:`facetron.training.train_lora.train_lora` with
 1. renders a fixed sample set — fixed prompts (built-in styles) and fixed
    seeds, text-to-image, *before any fusion* — in-process with the
    candidate's LoRA (:func:`lora_renderer`: the diffusers pipeline's LoRA
-   loader, facetron's own sampler :func:`facetron.serving.generation.generate`);
+   loader, facetron's own sampler :func:`facetron.pipeline.generation.generate`);
 2. is scored with the face detector and embedder against the user's
    reference embedding, by face_select's rules (:func:`score_samples`):
    ``share_one_face`` (samples with exactly one face within size bounds),
@@ -43,7 +43,7 @@ from facetron.contract import FaceSelectParams, UnetParams
 from facetron.diffusion.styles import get_style, style_prompt
 from facetron.errors import InvalidInputError
 from facetron.imageio import save_image
-from facetron.serving.face_select import DetectFn, EmbedFn, select_portraits, select_rules
+from facetron.pipeline.selection import DetectFn, EmbedFn, select_portraits, select_rules
 
 SAMPLE_STYLES = ("studio", "outdoor")  # fixed prompts: these built-in styles' prompt templates
 SAMPLE_SEEDS = 2  # per prompt: seeds SAMPLE_SEED, SAMPLE_SEED + 1 (image i uses seed + i)
@@ -168,7 +168,7 @@ def lora_renderer(base, spec: SampleSpec, trigger: str, subject: str, w_face: fl
 
     from facetron.diffusion.nets import DiffusionNets
     from facetron.diffusion.sampler import GenerationRequest
-    from facetron.serving.generation import generate
+    from facetron.pipeline.generation import generate
 
     pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                                    unet=base.unet, scheduler=base.scheduler, safety_checker=None,

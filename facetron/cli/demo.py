@@ -33,7 +33,7 @@ import numpy as np
 
 from facetron import __version__
 from facetron.atomic import atomic_write_json
-from facetron.imageio import load_image, save_image
+from facetron.imageio import save_image
 from facetron.paths import BUILD_DIR, REPO_ROOT
 
 DEMO_USER = "astronaut"
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from facetron.training.lora_config import LoraTrainConfig
     from facetron.training.preprocess import PrepareConfig, prepare_photos, register_user
     from facetron.training.train_lora import train_lora
-    from facetron.triton_server import TritonServer
+    from facetron.triton.server import TritonServer
     from facetron.users import UserRegistry, validate_user_id
 
     user = validate_user_id(args.user, "--user")

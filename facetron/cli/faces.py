@@ -171,8 +171,8 @@ def cmd_select(args: argparse.Namespace) -> int:
             out = client.infer("face_select", inputs, ["similarity", "rank", "selected"])
         sim, rank, order, reasons = out["similarity"], out["rank"], out["selected"], [""] * len(files)
     else:
-        from facetron.serving.face_detector import pack_detections
-        from facetron.serving.face_select import select_portraits
+        from facetron.pipeline.net_io import pack_detections
+        from facetron.pipeline.selection import select_portraits
         from facetron.users import UserRegistry, default_root
 
         faces = _Faces()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from facetron.errors import ServerError
 from facetron.paths import BUILD_DIR, DEFAULT_REPOSITORY
-from facetron.triton_server import ADMIN_HEADER, GRPC_ADMIN_HEADER, LOOPBACK, TritonServer
+from facetron.triton.server import ADMIN_HEADER, GRPC_ADMIN_HEADER, LOOPBACK, TritonServer
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -205,7 +205,7 @@ def _select(args: argparse.Namespace, result, reference, registry) -> None:
     from facetron.diffusion.base_model import load_base_model
     from facetron.faces.detector import FaceDetector
     from facetron.faces.embedder import FaceEmbedder
-    from facetron.serving.face_detector import pack_detections
+    from facetron.pipeline.net_io import pack_detections
     from facetron.training.identity_select import (
         SampleSpec, install_selection, lora_renderer, select_by_identity, write_selection,
     )

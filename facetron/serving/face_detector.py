@@ -11,38 +11,15 @@ import numpy as np
 
 from facetron import contract
 from facetron.contract import FaceDetectorParams
-from facetron.errors import InvalidInputError
 from facetron.faces.detector import DetectorConfig, FaceDetector
-from facetron.serving.backend import bls_infer, get_input, handle_each, pb, read_params
+from facetron.pipeline.net_io import check_detect_images, pack_detections
+from facetron.triton.backend import bls_infer, get_input, handle_each, pb, read_params
 
 MTCNN_NETS = {"pnet": contract.MTCNN_PNET, "rnet": contract.MTCNN_RNET, "onet": contract.MTCNN_ONET}
 
 
-def pack_detections(dets: list) -> dict[str, np.ndarray]:
-    """list[Detections] -> boxes [N,K,4], scores [N,K], landmarks [N,K,5,2], num_faces [N,1].
-
-    K is the largest face count in the batch (at least 1 so shapes stay
-    valid); rows past ``num_faces`` are zeros."""
-    n = len(dets)
-    k = max([len(d) for d in dets] + [1])
-    boxes = np.zeros((n, k, 4), np.float32)
-    scores = np.zeros((n, k), np.float32)
-    marks = np.zeros((n, k, 5, 2), np.float32)
-    counts = np.zeros((n, 1), np.int32)
-    for i, d in enumerate(dets):
-        m = len(d)
-        boxes[i, :m], scores[i, :m], marks[i, :m], counts[i, 0] = d.boxes, d.scores, d.landmarks, m
-    return {"boxes": boxes, "scores": scores, "landmarks": marks, "num_faces": counts}
 
 
-def check_detect_images(images: np.ndarray, name: str = "images") -> np.ndarray:
-    """RGB images whose sides MTCNN can scan (P-net's 12 px window) and that stay bounded."""
-    h, w = images.shape[1:3]
-    if images.shape[-1] != 3:
-        raise InvalidInputError(name, f"expected RGB [N, H, W, 3], got shape {list(images.shape)}")
-    if min(h, w) < contract.MIN_DETECT_SIDE or max(h, w) > contract.MAX_IMAGE_SIDE:
-        raise InvalidInputError(name, f"sides must be {contract.MIN_DETECT_SIDE}..{contract.MAX_IMAGE_SIDE} px, got {w}x{h}")
-    return images
 
 
 def _bls_net(net: str):

@@ -8,12 +8,8 @@ import numpy as np
 
 from facetron.contract import FaceEmbedderParams
 from facetron.faces.embedder import FaceEmbedder, check_chips
-from facetron.serving.backend import error_response, get_input, read_params, response
-
-
-def normalise(desc: np.ndarray) -> np.ndarray:
-    """dlib descriptors -> L2-normalised embeddings (cosine similarity)."""
-    return (desc / np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+from facetron.pipeline.net_io import normalise
+from facetron.triton.backend import error_response, get_input, read_params, response
 
 
 class FaceEmbedderModel:

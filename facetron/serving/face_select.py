@@ -2,95 +2,32 @@
 
 ``select_portraits`` is its logic with the detector and embedder passed in
 as functions: inside Triton they are BLS calls to ``face_detector`` /
-``face_embedder`` (:mod:`facetron.serving.bls`); in-process (tests,
+``face_embedder`` (:mod:`facetron.triton.bls`); in-process (tests,
 benchmarks, the CLI) they are the local models. Same code, so "Triton vs
 in-process" compares transport only."""
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
-from facetron import contract
+from facetron import metrics
 from facetron.contract import FaceSelectParams
 from facetron.errors import InvalidInputError
-from facetron.faces.alignment import align_faces
-from facetron.faces.select import SelectRules, Selection, face_filter, rank_by_identity
-from facetron.serving import metrics
-from facetron.serving import bls
-from facetron.serving.backend import get_input, get_scalar, get_string, handle_each, pb, read_params
+from facetron.pipeline.selection import (
+    select_portraits,
+    select_rules,
+    selection_outputs,
+)
+from facetron.triton import bls
+from facetron.triton.backend import (
+    get_input,
+    get_scalar,
+    get_string,
+    handle_each,
+    pb,
+    read_params,
+)
 from facetron.users import registry_at, validate_user_id
-
-DetectFn = Callable[[np.ndarray], dict[str, np.ndarray]]  # images [N,H,W,3] -> packed detections
-EmbedFn = Callable[[np.ndarray], np.ndarray]  # chips [M,150,150,3] -> embeddings [M,128]
-
-
-def select_rules(params: FaceSelectParams = FaceSelectParams()) -> SelectRules:
-    return SelectRules(min_face_frac=params.min_face_frac, max_face_frac=params.max_face_frac,
-                       min_score=params.min_score)
-
-
-def check_candidates(images: np.ndarray, name: str = "images") -> np.ndarray:
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        raise InvalidInputError(name, f"expected dtype uint8, got {getattr(images, 'dtype', type(images).__name__)}")
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise InvalidInputError(name, f"expected shape [N, H, W, 3] (RGB), got {list(images.shape)}")
-    if images.shape[0] == 0:
-        raise InvalidInputError(name, "expected at least one candidate image, got N=0")
-    if images.shape[0] > contract.MAX_CANDIDATES:
-        raise InvalidInputError(name, f"at most {contract.MAX_CANDIDATES} candidates per call, got {images.shape[0]}")
-    if min(images.shape[1:3]) < contract.MIN_CANDIDATE_SIDE:
-        raise InvalidInputError(name, f"images must be at least {contract.MIN_CANDIDATE_SIDE}x"
-                                      f"{contract.MIN_CANDIDATE_SIDE} px, got {images.shape[2]}x{images.shape[1]}")
-    return images
-
-
-def check_reference(reference: np.ndarray, name: str = "reference_embedding") -> np.ndarray:
-    ref = np.asarray(reference)
-    if ref.dtype != np.float32:
-        raise InvalidInputError(name, f"expected dtype float32, got {ref.dtype}")
-    if ref.shape != (1, contract.EMBEDDING_DIM):
-        raise InvalidInputError(name, f"expected shape [1, {contract.EMBEDDING_DIM}], got {list(ref.shape)}")
-    if not np.isfinite(ref).all() or float(np.linalg.norm(ref)) < 1e-6:
-        raise InvalidInputError(name, "must be finite and non-zero")
-    return ref
-
-
-def select_portraits(
-    images: np.ndarray,
-    reference: np.ndarray,
-    top_k: int,
-    detect: DetectFn,
-    embed: EmbedFn,
-    rules: SelectRules = SelectRules(),
-) -> tuple[Selection, dict[str, np.ndarray]]:
-    """Filter "exactly one face within size bounds", rank by identity, top-k."""
-    check_candidates(images)
-    check_reference(reference)
-    if top_k < 0:
-        raise InvalidInputError("top_k", f"must be >= 0 (0 = all), got {top_k}")
-    dets = detect(images)
-    keep, reasons, face = face_filter(dets["num_faces"].reshape(-1), dets["boxes"], dets["scores"], images.shape[1:3], rules)
-    metrics.current().candidates(reasons)
-    embeddings = np.zeros((len(images), contract.EMBEDDING_DIM), np.float32)
-    if keep.any():
-        idx = np.flatnonzero(keep)
-        chips = np.concatenate([align_faces(images[i], dets["landmarks"][i, face[i] : face[i] + 1]) for i in idx])
-        embeddings[idx] = embed(chips)
-    selection = rank_by_identity(embeddings, reference, keep, top_k)
-    selection.reasons, selection.face = reasons, face
-    return selection, dets
-
-
-def selection_outputs(images: np.ndarray, selection: Selection) -> dict[str, np.ndarray]:
-    """face_select's outputs (contract.SELECT_OUTPUTS) for a selection of ``images``."""
-    return {
-        "images": np.ascontiguousarray(images[selection.order]),
-        "similarity": selection.similarity,
-        "rank": selection.rank,
-        "selected": selection.order,
-    }
 
 
 class FaceSelectModel:

@@ -1,6 +1,6 @@
 """The ``portrait_stream`` model (decoupled): ``portrait`` with step progress.
 
-Runs portrait's path (:func:`facetron.serving.portrait.run_portrait`) and
+Runs portrait's path (:func:`facetron.pipeline.portrait.run_portrait`) and
 streams ``progress = [done, total]`` after every denoising step, then one
 final response with portrait's outputs. Lifecycle as in Triton's decoupled
 example: the transaction policy is checked in ``initialize``, in-flight
@@ -16,13 +16,19 @@ import time
 
 import numpy as np
 
-from facetron import contract
+from facetron import contract, metrics
 from facetron.contract import StreamParams
 from facetron.errors import FacetronError, ServerError
-from facetron.serving import metrics
-from facetron.serving.backend import cancel_check, error_response, is_decoupled, pb, request_arrays, response
-from facetron.serving.portrait import run_portrait
-from facetron.serving.portrait_generator import ServedGenerator
+from facetron.pipeline.portrait import run_portrait
+from facetron.triton.backend import (
+    cancel_check,
+    error_response,
+    is_decoupled,
+    pb,
+    request_arrays,
+    response,
+)
+from facetron.triton.generator import ServedGenerator
 
 FINALIZE_WAIT_S = 30.0
 

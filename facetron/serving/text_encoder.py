@@ -1,7 +1,7 @@
 """The ``text_encoder`` model: the runtime-LoRA CLIP text encoder and its LoRA bank.
 
 Each batch item names its user (``user_id``; absent or empty = base model).
-The bank (:class:`facetron.serving.unet.LoraBank`, the UNet's class over this
+The bank (:class:`facetron.pipeline.lora_bank.LoraBank`, the UNet's class over this
 graph's manifest) turns a user into the text-encoder layers of the user's
 face LoRA at ``w_face`` — all zeros, i.e. exactly the base text encoder, for
 a user whose LoRA has none — keyed by the user's registry version, so a
@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from facetron import metrics
 from facetron.contract import TextEncoderParams
 from facetron.diffusion.lora_inputs import read_lora_manifest
-from facetron.serving import metrics
-from facetron.serving.backend import get_input, read_params, version_dir
-from facetron.serving.ort_net import check_feed, check_token_ids, run_batched
-from facetron.serving.runtimes import open_runtime
-from facetron.serving.unet import LoraBank, item_strings
+from facetron.net_runtimes import open_runtime
+from facetron.pipeline.lora_bank import LoraBank
+from facetron.pipeline.net_io import check_feed, check_token_ids
+from facetron.triton.backend import get_input, read_params, version_dir
+from facetron.triton.batching import item_strings, run_batched
 from facetron.users import registry_at
 
 

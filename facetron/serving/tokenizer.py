@@ -2,29 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
-
-from facetron import contract
 from facetron.diffusion.clip_tokenizer import ClipTokenizer
-from facetron.errors import InvalidInputError
-from facetron.serving.backend import decode_utf8, get_input, handle_each, pb
-
-
-def check_prompts(raw: np.ndarray, name: str = "prompt") -> list[str]:
-    """The prompts of a request as text, each rule naming the input."""
-    if raw.ndim != 1:
-        raise InvalidInputError(name, f"expected shape [N], got {list(raw.shape)}")
-    if raw.shape[0] == 0:
-        raise InvalidInputError(name, "expected at least one prompt, got N=0")
-    if raw.shape[0] > contract.MAX_PROMPTS:
-        raise InvalidInputError(name, f"at most {contract.MAX_PROMPTS} prompts per request, got {raw.shape[0]}")
-    texts = []
-    for i, item in enumerate(raw):
-        data = item if isinstance(item, bytes) else str(item).encode()
-        if len(data) > contract.MAX_PROMPT_BYTES:
-            raise InvalidInputError(f"{name}[{i}]", f"longer than {contract.MAX_PROMPT_BYTES} bytes")
-        texts.append(decode_utf8(data, f"{name}[{i}]"))
-    return texts
+from facetron.pipeline.net_io import check_prompts
+from facetron.triton.backend import get_input, handle_each, pb
 
 
 class TokenizerModel:

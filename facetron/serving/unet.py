@@ -13,167 +13,26 @@ torch: LoRA files are read with numpy (:mod:`facetron.diffusion.lora_inputs`).
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from functools import partial
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from facetron.contract import DEEP_FEATURE, DEFAULT_STYLE_WEIGHT, INT8_FOLDER, INT8_MODES, UnetParams
-from facetron.diffusion.lora_inputs import (lora_inputs_for, manifest_component, read_lora_manifest,
-                                            stack_lora_inputs, zero_lora_inputs)
-from facetron.errors import InvalidInputError, NotFoundError
-from facetron.serving import metrics
-from facetron.serving.backend import decode_utf8, get_input, pb, read_params, version_dir
-from facetron.serving.ort_net import check_feed, check_finite, run_batched, unet_feed
-from facetron.serving.runtimes import open_runtime
-from facetron.styles import StyleRegistry, styles_for
-from facetron.users import UserRegistry, registry_at, validate_user_id
-
-
-Key = tuple[str, str, str, str]  # (user_id, user version, style, style install id)
-
-
-def no_style_lora(name: str) -> tuple[Path | None, float]:
-    """A bank without style LoRAs (the text encoder's: style LoRAs adapt the UNet only, :mod:`facetron.styles`)."""
-    return None, 0.0
-
-
-class LoraBank:
-    """Bounded LRU of per-(user, style) LoRA inputs of one runtime-LoRA graph.
-
-    One class for both served LoRA graphs: the manifest says which
-    ``component`` it feeds ("unet": face + style LoRA; "text_encoder": the
-    face LoRA's text-encoder layers, no style), and each entry holds only that
-    component's part of the user's LoRA (zeros, i.e. the exact base net, for a
-    user whose LoRA has none)."""
-
-    def __init__(
-        self,
-        manifest: dict,
-        registry: UserRegistry,
-        style_lora: Callable[[str], tuple[Path | None, float]] = no_style_lora,
-        w_face: float = 0.9,
-        max_bytes: int = 512 << 20,
-        style_version: Callable[[str], str] = lambda name: "",
-    ):
-        self.manifest = manifest
-        self.component = manifest_component(manifest)
-        self.style_version = style_version
-        self.registry = registry
-        self.style_lora = style_lora
-        self.w_face = w_face
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[Key, dict[str, np.ndarray]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.loads = 0  # how many times a LoRA file was read (cache misses)
-        self.hits = 0
-        self.evictions = 0
-        self._last_batch: tuple[tuple[Key, ...], dict[str, np.ndarray]] | None = None
-
-    def _build(self, user_id: str, style: str) -> dict[str, np.ndarray]:
-        """One item's inputs: the user's face LoRA at ``w_face`` and the style's
-        LoRA at its weight, stacked along the rank axis (each ``w · scale``
-        folded into B: exactly the merged UNet's ``W + w_face·ΔW_face +
-        w_style·ΔW_style``, diffusers' ``set_adapters([face, style], [w_face, w_style])``)."""
-        plan: list[tuple[Path, float]] = []
-        if user_id:
-            plan.append((self.registry.lora_path(validate_user_id(user_id)), self.w_face))
-        style_path, w_style = self.style_lora(style) if style else (None, 0.0)
-        if style_path is not None:
-            plan.append((style_path, w_style))
-        if not plan:
-            return zero_lora_inputs(self.manifest)
-        (first, weight), extra = plan[0], plan[1:]
-        return lora_inputs_for(first, self.manifest, weight, extra=extra)
-
-    def _key(self, user_id: str, style: str) -> Key:
-        """(user, the user's served version, style, the style's install id): a
-        retrained user or a reinstalled style has a new version, so the next
-        request misses and reads the new LoRA."""
-        style_id = self.style_version(style) if style else ""
-        if not user_id:
-            return "", "", style, style_id
-        version = self.registry.version(validate_user_id(user_id))
-        if version is None:
-            raise NotFoundError(f"user_id: unknown user {user_id!r} (not registered in {self.registry.root})")
-        return user_id, version, style, style_id
-
-    def get(self, user_id: str, style: str = "") -> dict[str, np.ndarray]:
-        """One item's tensors (batch axis of 1, at the LoRA's rank bucket) for ``user_id`` ('' = base model)
-        and ``style``."""
-        return self._get(self._key(user_id, style))
-
-    def _get(self, key: Key) -> dict[str, np.ndarray]:
-        user_id, version, style, style_id = key
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                metrics.current().lora_lookup(hit=True)
-                return self._entries[key]
-        entry = self._build(user_id, style)
-        size = sum(v.nbytes for v in entry.values())
-        with self._lock:
-            self.loads += 1
-            metrics.current().lora_lookup(hit=False)
-            for stale in [k for k in self._entries if (k[0] == user_id and k[1] != version)
-                          or (k[2] == style and k[3] != style_id)]:
-                self._drop(stale)  # an older version of this user or style is never served again
-            self._entries[key] = entry
-            self._bytes += size
-            while self._bytes > self.max_bytes and len(self._entries) > 1:
-                self._drop(next(iter(self._entries)))
-            metrics.current().lora_bank_size(self._bytes, len(self._entries))
-        return entry
-
-    def _drop(self, key: Key) -> None:
-        old = self._entries.pop(key)
-        self._bytes -= sum(v.nbytes for v in old.values())
-        self.evictions += 1
-        metrics.current().lora_evicted()
-
-    def batch(self, keys: list[tuple[str, str]]) -> dict[str, np.ndarray]:
-        """Stacked inputs for a batch whose item i belongs to keys[i] = (user, style).
-
-        A denoising loop sends the same users every step: the last stacked
-        batch is reused while the (user, version, style) keys repeat (at
-        SD-1.5 shapes a stack is ~5 MB per item at rank 4, copied again on every
-        step otherwise). Items at different rank buckets are zero-padded to the
-        largest (exact)."""
-        key = tuple(self._key(u, s) for u, s in keys)
-        last = self._last_batch
-        if last is not None and last[0] == key:
-            return last[1]
-        stacked = stack_lora_inputs([self._get(k) for k in key], self.manifest)
-        self._last_batch = (key, stacked)
-        return stacked
-
-    @property
-    def size_bytes(self) -> int:
-        return self._bytes
-
-
-def style_lora(name: str, styles: StyleRegistry | None = None,
-               w_style: float = DEFAULT_STYLE_WEIGHT) -> tuple[Path | None, float]:
-    """(style LoRA file or None, its weight) of style ``name`` in ``styles``
-    (None = the default style registry); ``w_style`` is the weight of a style
-    that gives none. An unknown style is InvalidInputError naming ``style``."""
-    return (styles or styles_for()).lora(name, w_style)
-
-
-def item_strings(request, name: str, n: int) -> list[str]:
-    """A per-item BYTES input ([N,1]) as N strings; absent = N empty strings."""
-    t = pb().get_input_tensor_by_name(request, name)
-    if t is None:
-        return [""] * n
-    arr = t.as_numpy().reshape(-1)
-    if arr.shape[0] != n:
-        raise InvalidInputError(name, f"expected one value per batch item ({n}), got {arr.shape[0]}")
-    return [decode_utf8(x, name) for x in arr]
-
+from facetron import metrics
+from facetron.contract import DEEP_FEATURE, UnetParams
+from facetron.diffusion.lora_inputs import read_lora_manifest
+from facetron.errors import InvalidInputError
+from facetron.net_runtimes import open_runtime
+from facetron.pipeline.lora_bank import LoraBank, style_lora
+from facetron.pipeline.net_io import (
+    SHALLOW_FOLDER,
+    check_feed,
+    check_finite,
+    unet_graph,
+)
+from facetron.styles import styles_for
+from facetron.triton.backend import get_input, read_params, version_dir
+from facetron.triton.batching import item_strings, run_batched, unet_feed
+from facetron.users import registry_at
 
 #: feed entry (object array, one (user_id, style) per item) that carries the items' LoRA keys from
 #: UnetModel._read to _run, so a dynamic batch stacks its LoRA tensors once, not once per request
@@ -181,28 +40,10 @@ LORA_KEYS = "__lora_keys__"
 #: feed entry marking a request that asked for the deep_feature output (a full step of the step cache);
 #: run_batched groups requests by their feed's names, so full, shallow and plain steps run as separate batches
 WANTS_FEATURE = "__wants_deep_feature__"
-#: the step cache's shallow graph, in the unet's version folder (its io.json lists the LoRA inputs it reads)
-SHALLOW_FOLDER = "shallow"
 
 
-def unet_graph(folder: Path, params: UnetParams) -> Path:
-    """The graph the ``unet`` model runs: ``model.onnx``, or with ``int8`` on (OpenVINO) the int8 IR
-    ``<folder>/int8/model.xml`` the assembler wrote (its ``quantization.json`` says how it was made and
-    how far it deviates)."""
-    check_int8(params.int8)
-    if params.int8 == "off":
-        return folder / "model.onnx"
-    ir = folder / INT8_FOLDER / "model.xml"
-    if params.runtime != "openvino" or not ir.is_file():
-        raise InvalidInputError("parameter int8", f"{params.int8!r} needs runtime openvino and {ir} "
-                                                  "(`export repository --int8`)")
-    return ir
 
 
-def check_int8(mode: str, name: str = "int8") -> str:
-    if mode not in INT8_MODES:
-        raise InvalidInputError(name, f"expected one of {', '.join(INT8_MODES)}, got {mode!r}")
-    return mode
 
 
 class UnetModel:

@@ -1,3 +1,3 @@
-"""Triton python-backend model `vae_decoder`: see facetron.serving.ort_net."""
+"""Triton python-backend model `vae_decoder`: see facetron.serving.vae_decoder."""
 
-from facetron.serving.ort_net import VaeDecoderModel as TritonPythonModel  # noqa: F401
+from facetron.serving.vae_decoder import VaeDecoderModel as TritonPythonModel  # noqa: F401

@@ -1,3 +1,3 @@
-"""Triton python-backend model `vae_encoder`: see facetron.serving.ort_net."""
+"""Triton python-backend model `vae_encoder`: see facetron.serving.vae_encoder."""
 
-from facetron.serving.ort_net import VaeEncoderModel as TritonPythonModel  # noqa: F401
+from facetron.serving.vae_encoder import VaeEncoderModel as TritonPythonModel  # noqa: F401

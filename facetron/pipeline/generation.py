@@ -6,7 +6,7 @@
 mode (FaceChain's "inpaint a template photo": the template is VAE-encoded,
 noised to ``strength``, denoised, and only the template's face region is
 taken from the generated image). The nets are passed in as callables: BLS
-calls inside Triton (:mod:`facetron.serving.bls`), ONNX Runtime sessions
+calls inside Triton (:mod:`facetron.triton.bls`), ONNX Runtime sessions
 in-process.
 """
 
@@ -19,16 +19,19 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from facetron import contract
+from facetron import contract, metrics
 from facetron.contract import GeneratorParams
 from facetron.diffusion.nets import DiffusionNets
 from facetron.diffusion.sampler import GenerationRequest, ProgressFn, denoise
 from facetron.diffusion.step_cache import step_cached
 from facetron.diffusion.styles import DEFAULT_STYLE, style_prompt
 from facetron.errors import InvalidInputError
-from facetron.serving import metrics
-from facetron.serving.backend import one_scalar, one_string
-from facetron.serving.template import PreparedTemplate, check_template, face_region_mask
+from facetron.pipeline.template import (
+    PreparedTemplate,
+    check_template,
+    face_region_mask,
+)
+from facetron.request import one_scalar, one_string
 from facetron.styles import StyleRegistry, styles_for
 from facetron.users import UserRegistry, validate_user_id
 

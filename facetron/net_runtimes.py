@@ -6,7 +6,7 @@ like an ONNX Runtime session where the serving code touches it:
 * ``run(output_names, feed) -> [arrays]`` (``output_names`` None = all),
 * ``get_inputs()`` -> specs with ``name``, ``type`` (``"tensor(float)"``...)
   and ``shape`` (an int per fixed dimension, a str or None where dynamic):
-  what :func:`facetron.serving.ort_net.check_feed` reads,
+  what :func:`facetron.pipeline.net_io.check_feed` reads,
 * ``runtime``: the runtime that actually runs the net (after any fallback).
 
 OpenVINO reads the same ONNX file (no separate IR): the runtime-LoRA UNet's

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from facetron import contract
-from facetron.errors import FacetronError, NotFoundError
-from facetron.serving import metrics
-from facetron.serving.backend import bls_chunked, bls_infer, pb
+from facetron import contract, metrics
 from facetron.diffusion.nets import DiffusionNets
+from facetron.errors import FacetronError, NotFoundError
+from facetron.triton.backend import bls_chunked, bls_infer, pb
 
 
 def detect(images: np.ndarray) -> dict[str, np.ndarray]:

@@ -16,8 +16,16 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 import numpy as np
 
 from facetron.contract import BLS_TIMEOUT_S, ModelParams
-from facetron.errors import (CancelledError, FacetronError, InvalidInputError, error_for_status, split_status,
-                             tag_status, triton_code_name)
+from facetron.errors import (
+    CancelledError,
+    FacetronError,
+    InvalidInputError,
+    error_for_status,
+    split_status,
+    tag_status,
+    triton_code_name,
+)
+from facetron.request import one_scalar, one_string
 
 try:  # only inside the python backend's stub; in-process callers never reach pb()
     import triton_python_backend_utils as pb_utils
@@ -117,30 +125,10 @@ def request_arrays(request, names: Iterable[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def decode_utf8(item: Any, name: str) -> str:
-    """One BYTES element as text; InvalidInputError naming ``name`` if not UTF-8."""
-    if not isinstance(item, bytes):
-        return str(item)
-    try:
-        return item.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidInputError(name, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
-def one_string(arr: np.ndarray, name: str) -> str:
-    """The single UTF-8 string of a one-element BYTES tensor."""
-    if arr.size != 1:
-        raise InvalidInputError(name, f"expected exactly one string, got shape {list(arr.shape)}")
-    return decode_utf8(arr.reshape(-1)[0], name)
 
 
-def one_scalar(arr: np.ndarray, name: str, dtype):
-    """The single value of a one-element numeric tensor of ``dtype``."""
-    if arr.dtype != np.dtype(dtype):
-        raise InvalidInputError(name, f"expected dtype {np.dtype(dtype)}, got {arr.dtype}")
-    if arr.size != 1:
-        raise InvalidInputError(name, f"expected one value, got shape {list(arr.shape)}")
-    return arr.reshape(-1)[0].item()
 
 
 def get_string(request, name: str, required: bool = True) -> str | None:

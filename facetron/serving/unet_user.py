@@ -1,0 +1,30 @@
+"""The merged ``unet_user_<id>`` models (serving mode 1): one user's UNet with
+the face (+ style) LoRA fused in; the code of every such model
+(``model_repository/unet_user``)."""
+
+from __future__ import annotations
+
+from facetron.pipeline.net_io import check_feed
+from facetron.triton.batching import net_session, run_batched, unet_feed
+
+
+class UnetUserModel:
+    """One user's merged UNet (serving mode 1, ``unet_user_<id>``): FaceChain's
+    way, the user's face (+ style) LoRA fused into the weights, one model per
+    user, loaded on demand with explicit model control. The scalable default
+    is the runtime-LoRA ``unet``; this mode suits few users."""
+
+    def initialize(self, args):
+        self.session = net_session(args)
+
+    def _run(self, feed):
+        return {"noise_pred": self.session.run(["noise_pred"], feed)[0]}
+
+    def _read(self, request):
+        return check_feed(unet_feed(request), self.session)
+
+    def execute(self, requests):
+        return run_batched(requests, self._read, self._run)
+
+    def finalize(self):
+        self.session = None
