@@ -4,6 +4,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# facetron's data root (facetron/paths.py; default ~/.local/share/facetron):
+# the operator targets keep it in the checkout's build/, as the README says.
+# The tests sandbox their own (tests/conftest.py).
+OPERATOR_TARGETS := demo serve bench bench-full
+$(OPERATOR_TARGETS): export FACETRON_HOME ?= $(CURDIR)/build
 
 .PHONY: setup demo test test-all serve lint duplicates clean bench bench-full
 
@@ -11,7 +16,7 @@ setup:
 	@./scripts/setup.sh
 
 demo: setup
-	$(VENV)/bin/facetron demo
+	$(VENV)/bin/facetron demo --out outputs/demo
 
 test: setup
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)

@@ -61,6 +61,7 @@ PACKAGES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy")
 # ----------------------------------------------------------------------------- environment
 
 
+# Copied from facetron.benchmarks.machine.machine_info (its package versions): this script imports no facetron
 def _versions() -> dict[str, str | None]:
     out = {}
     for pkg in PACKAGES:
@@ -316,11 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         doc["build_s"] = round(time.perf_counter() - t0, 1)
         lat, hid = spec["latent"], spec["text_encoder"]["hidden_size"]
         g = torch.Generator(device="cpu").manual_seed(0)
-        ids = torch.randint(0, 49406, (2, 77), generator=g)
-        ids[:, 0], ids[:, -1] = 49406, 49407
+        ids = torch.randint(0, sd15_nets.BOS_ID, (2, sd15_nets.TOKENS), generator=g)
+        ids[:, 0], ids[:, -1] = sd15_nets.BOS_ID, sd15_nets.EOS_ID
         ids = ids.to(device)
         sample = torch.randn((2, 4, lat, lat), generator=g).to(device, dtype)
-        hidden = torch.randn((2, 77, hid), generator=g).to(device, dtype)
+        hidden = torch.randn((2, sd15_nets.TOKENS, hid), generator=g).to(device, dtype)
         latent1 = torch.randn((1, 4, lat, lat), generator=g).to(device, dtype)
         if args.compile:
             t0 = time.perf_counter()

@@ -60,7 +60,7 @@ class EvalSettings:
         if not self.styles:
             raise InvalidInputError("--styles", "name at least one style")
         if not isinstance(self.num, int) or self.num < 1:
-            raise InvalidInputError("--num", f"must be >= 1 pictures per prompt and style, got {self.num}")
+            raise InvalidInputError("--images-per-prompt", f"must be >= 1 pictures per prompt and style, got {self.num}")
         return self
 
 

@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from facetron.contract import CHIP_SIZE, EMBEDDING_DIM
 from facetron.errors import InvalidInputError
 
 CONCURRENCY = (1, 2, 4, 8, 16)
@@ -189,7 +190,7 @@ def _photo(size: int, flip: bool = False) -> np.ndarray:
 
 
 def _reference(seed: int = 0) -> np.ndarray:
-    v = np.random.default_rng(seed).standard_normal((1, 128)).astype(np.float32)
+    v = np.random.default_rng(seed).standard_normal((1, EMBEDDING_DIM)).astype(np.float32)
     return v / np.linalg.norm(v)
 
 
@@ -204,7 +205,7 @@ def preset(model: str, *, size: int = 256, candidates: int = 2, prompt: str = "a
     if model == "face_detector":
         return LoadCase(model, {"images": _photo(size)[None]}, ["num_faces"], label=f"face_detector {size}²")
     if model == "face_embedder":
-        chips = np.ascontiguousarray(_photo(150)[None])
+        chips = np.ascontiguousarray(_photo(CHIP_SIZE)[None])
         return LoadCase(model, {"faces": chips}, ["embeddings"])
     if model == "face_select":
         images = np.stack([_photo(size, flip=bool(i % 2)) for i in range(candidates)])

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from facetron.benchmarks.timing import interleaved, summarize
+from facetron.contract import DEFAULT_W_FACE
 
 DIFFUSION_NETS = ("text_encoder", "unet", "vae_decoder")
 
@@ -223,11 +224,11 @@ def runtime_lora_vs_merged_sd15(repeats: int = 8, lora_rank: int = 4, work_dir: 
     from facetron.export.merge import merge_loras
     from facetron.export.onnx_export import export_model
     from facetron.export.onnx_graph import example_inputs, model_io
-    from facetron.export.step_cache import export_runtime_lora_deep_cache_unet
+    from facetron.export.step_cache_graphs import export_runtime_lora_deep_cache_unet
     from facetron.net_runtimes import open_runtime
     from facetron.training.random_lora import write_random_lora
 
-    w_face, out = 0.9, {"model": "SD-1.5-shape UNet (random weights), batch 2 (one guidance step), 1 user",
+    w_face, out = DEFAULT_W_FACE, {"model": "SD-1.5-shape UNet (random weights), batch 2 (one guidance step), 1 user",
                         "user_lora_rank": lora_rank, "repeats": repeats, "pairs": {}}
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="facetron-bench-lora-sd15-") as tmp:
         tmp = Path(tmp)

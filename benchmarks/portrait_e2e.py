@@ -94,7 +94,7 @@ FACETRON_VARIANTS: dict[str, Runtime] = {
 VARIANTS = (FACECHAIN, TORCH_BF16, *FACETRON_VARIANTS)
 
 
-def psnr(got: np.ndarray, ref: np.ndarray, peak: float = 255.0) -> float | None:
+def psnr(got: np.ndarray, ref: np.ndarray) -> float | None:
     """PSNR in dB of two uint8 images, rounded; None where they are identical (infinite, not JSON)."""
     from facetron.deviation import psnr_uint8
 
@@ -149,7 +149,7 @@ def facetron_nets(setup: Setup, how: Runtime, threads: int):
     vae = open_net(setup.graph("vae_decoder"), how, threads)
     opened = {"text_encoder": te, "unet": unet, "vae_decoder": vae}
     if how.cache_interval > 1:  # the step cache's shallow graph, as the unet model opens it on first use
-        opened["unet_shallow"] = open_net(setup.graph("unet_shallow"), how, threads, reuse_inputs=True)
+        opened["unet_shallow"] = open_net(setup.shallow_graph(), how, threads, reuse_inputs=True)
     shallow_inputs = {i.name for i in opened["unet_shallow"].get_inputs()} if "unet_shallow" in opened else set()
 
     def feed(sample, t, hidden, lora, **more) -> dict:

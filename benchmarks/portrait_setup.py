@@ -80,8 +80,14 @@ class Setup:
     seed: int = SEED
 
     def graph(self, net: str) -> Path:
-        """The ONNX file of served net ``net`` (:func:`graph_folder`)."""
-        return graph_folder(self.work / "graphs", net) / "model.onnx"
+        """The ONNX file of served net ``net``: ``graphs/<net>/`` (exported under the served names, as the
+        repository assembler exports them: ``unet`` and ``text_encoder`` are the runtime-LoRA graphs, the
+        ``unet`` graph also gives the step cache's feature)."""
+        return self.work / "graphs" / net / contract.MODEL_FILE
+
+    def shallow_graph(self) -> Path:
+        """The ONNX file of the step cache's shallow graph: ``graphs/unet/shallow/``, as in the version folder."""
+        return self.work / "graphs" / contract.UNET.name / contract.SHALLOW_FOLDER / contract.MODEL_FILE
 
     def request(self, steps: int, cache_interval: int = 1):
         from facetron.diffusion.sampler import GenerationRequest
@@ -91,15 +97,6 @@ class Setup:
                                 cache_interval=cache_interval)
         req.validate(self.latent_factor)
         return req
-
-
-def graph_folder(graphs: Path, net: str) -> Path:
-    """The exported folder of served net ``net`` under ``graphs`` (``unet``, ``text_encoder``: the runtime-LoRA
-    graphs; the served ``unet`` graph also gives the step cache's feature, ``unet_shallow`` is its shallow graph)."""
-    from facetron.diffusion.step_cache import RUNTIME_LORA_MODELS
-    from facetron.export.diffusion_source import EXPORTED_FOLDERS
-
-    return graphs / {**EXPORTED_FOLDERS, "unet_shallow": RUNTIME_LORA_MODELS[1]}.get(net, net)
 
 
 def prepare(spec: str, work: Path, seed: int = SEED):
@@ -114,7 +111,7 @@ def prepare(spec: str, work: Path, seed: int = SEED):
     from facetron.export.onnx_graph import ModelDims
     from facetron.export.diffusion_source import DiffusionSource
     from facetron.export.runtime_lora import export_runtime_lora_text_encoder
-    from facetron.export.step_cache import export_runtime_lora_deep_cache_unet
+    from facetron.export.step_cache_graphs import export_runtime_lora_deep_cache_unet
     from facetron.training.random_lora import write_random_lora
 
     base, dims = _nets(spec)
@@ -130,6 +127,7 @@ def prepare(spec: str, work: Path, seed: int = SEED):
     setup = Setup(work=work, spec=spec, resolution=int(base.resolution), latent_channels=dims.latent_channels,
                   latent_factor=dims.latent_factor, scheduler_config=dict(DDPMScheduler(**SD15_SCHEDULER).config),
                   lora_path=lora, seed=seed,
-                  unet_lora=lora_inputs_for(lora, read_lora_manifest(graph_folder(graphs, "unet")), w_face, batch=2),
-                  te_lora=lora_inputs_for(lora, read_lora_manifest(graphs / "text_encoder_lora"), w_face, batch=2))
+                  unet_lora=lora_inputs_for(lora, read_lora_manifest(graphs / contract.UNET.name), w_face, batch=2),
+                  te_lora=lora_inputs_for(lora, read_lora_manifest(graphs / contract.TEXT_ENCODER.name), w_face,
+                                          batch=2))
     return base, setup

@@ -297,7 +297,7 @@ def run(full: bool = False, repeats: int | None = None, nets: Sequence[str] | No
         out_dir: Path | None = None, write: bool = True, int8: bool = False) -> dict:
     """The benchmark: tiny (default) or SD-1.5 shapes (``full``; ``int8`` adds the calibrated int8 group);
     writes JSON + MD + PNG."""
-    from facetron.benchmarks.report import markdown_table, result_stem, write_result
+    from facetron.benchmarks.report import markdown_table, write_result
 
     spec = "sd15" if full else "tiny"
     nets = tuple(nets or (FULL_NETS if full else NETS))

@@ -34,6 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# This file stays self-contained (no facetron import): CLIP's numbers are copies, checked by
+# tests/test_gpu_script_nets.py.
+TOKENS = 77  # Copied from facetron.contract.TOKENS
+VOCAB_SIZE = 49408  # Copied from facetron.contract.VOCAB_SIZE
+BOS_ID, EOS_ID = VOCAB_SIZE - 2, VOCAB_SIZE - 1  # <|startoftext|>, <|endoftext|> (also the padding)
+
+# Copied from facetron.diffusion.model_spec.SD15 (the configs of its nets; TINY likewise from model_spec.TINY)
 SD15 = {
     "unet": dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
                  layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -42,9 +49,9 @@ SD15 = {
     "vae": dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                 layers_per_block=2, latent_channels=4, sample_size=512, scaling_factor=0.18215),
-    "text_encoder": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
-                         hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+    "text_encoder": dict(vocab_size=VOCAB_SIZE, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=TOKENS, projection_dim=768,
+                         hidden_act="quick_gelu", bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID),
     "latent": 64,
 }
 TINY = {  # facetron's tiny smoke model (facetron/diffusion/model_spec.py): every block kind, few channels
@@ -55,9 +62,9 @@ TINY = {  # facetron's tiny smoke model (facetron/diffusion/model_spec.py): ever
     "vae": dict(in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64),
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                 layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=128, scaling_factor=0.18215),
-    "text_encoder": dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, projection_dim=32, bos_token_id=49406,
-                         eos_token_id=49407, pad_token_id=49407),
+    "text_encoder": dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=TOKENS, projection_dim=32, bos_token_id=BOS_ID,
+                         eos_token_id=EOS_ID, pad_token_id=EOS_ID),
     "latent": 16,
 }
 #: SD-1.5's scheduler config with facetron's "dpmsolver" settings over it
@@ -504,10 +511,10 @@ class CLIPTextModel(nn.Module):
     Keyword arguments are those of ``CLIPTextConfig`` (projection_dim and token ids accepted, unused).
     ``te(input_ids) -> last_hidden_state``."""
 
-    def __init__(self, vocab_size: int = 49408, hidden_size: int = 512, intermediate_size: int = 2048,
+    def __init__(self, vocab_size: int = VOCAB_SIZE, hidden_size: int = 512, intermediate_size: int = 2048,
                  projection_dim: int = 512, num_hidden_layers: int = 12, num_attention_heads: int = 8,
-                 max_position_embeddings: int = 77, hidden_act: str = "quick_gelu", layer_norm_eps: float = 1e-5,
-                 pad_token_id: int = 1, bos_token_id: int = 49406, eos_token_id: int = 49407):
+                 max_position_embeddings: int = TOKENS, hidden_act: str = "quick_gelu", layer_norm_eps: float = 1e-5,
+                 pad_token_id: int = 1, bos_token_id: int = BOS_ID, eos_token_id: int = EOS_ID):
         super().__init__()
         self.text_model = CLIPTextTransformer(vocab_size, hidden_size, intermediate_size, num_hidden_layers,
                                               num_attention_heads, max_position_embeddings, hidden_act, layer_norm_eps)

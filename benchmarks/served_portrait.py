@@ -1,8 +1,9 @@
 """One portrait served end to end, as an operator deploys it: a base model folder
 (random weights: the tiny spec, or SD-1.5 shapes with ``full``), a repository
-assembled by ``facetron export repository`` with its CLI defaults
+assembled as ``facetron export repository`` does with its CLI defaults
 (``--cpu-runtime auto --precision auto``: each net's runtime and precision
-measured on this machine), a real ``tritonserver``, and gRPC ``portrait`` calls
+measured on this machine; the library called in a child process, not the
+CLI), a real ``tritonserver``, and gRPC ``portrait`` calls
 through facetron's client: one with the defaults, one with step caching
 (``cache_interval`` 3). Every call: 1 image at the model's native size, the
 default steps, ``fusion_strength`` 0 (random weights make no face, so no picture
@@ -16,11 +17,12 @@ seconds and the server's stage timings. ``full`` needs the machine alone:
 
 from __future__ import annotations
 
+import contextlib
 import json
-import subprocess
-import sys
+import multiprocessing
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,19 @@ def _user(registry, base_dir: Path, work: Path) -> None:
     emb = np.random.default_rng(0).standard_normal(128).astype(np.float32)
     registry.save_reference_embedding(USER, emb / np.linalg.norm(emb))
     registry.install_lora(USER, lora)
+
+
+def _assemble_repository(base_dir: Path, repo: Path, users_dir: Path, log: Path) -> None:
+    """What ``facetron export repository --base-model B --out R --users-dir U`` runs with its defaults
+    (cpu target, runtime-LoRA identity, runtime-LoRA rank 16, ``--cpu-runtime auto --precision auto``, int8 off);
+    its printed output goes to ``log``."""
+    from facetron.contract import IDENTITY_MODES
+    from facetron.export.diffusion_source import DiffusionSource
+    from facetron.export.repository import assemble_repository
+
+    with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        assemble_repository("cpu", repo, diffusion=DiffusionSource(base_model=base_dir), users_dir=users_dir,
+                            identity_mode=IDENTITY_MODES[0], cpu_runtime="auto", precision="auto", int8="off")
 
 
 def run(full: bool = False, out_dir: Path | None = None, work_dir: Path | None = None) -> dict:
@@ -62,14 +77,12 @@ def run(full: bool = False, out_dir: Path | None = None, work_dir: Path | None =
         registry = UserRegistry(work / "users")
         _user(registry, base, work)
         result["stages_s"]["base_and_user"] = round(time.perf_counter() - t0, 1)
-        # 2. the repository, as the CLI assembles it by default (a subprocess: its memory goes when it ends)
+        # 2. the repository, as the CLI assembles it by default (in a fresh child process: its memory goes when
+        #    it ends, and it loads its libraries itself, as the CLI would; a failure is raised here)
         t0 = time.perf_counter()
         repo = work / "repo"
-        cmd = [sys.executable, "-m", "facetron.cli", "export", "repository", "--base-model", str(base),
-               "--out", str(repo), "--users-dir", str(registry.root)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"export repository failed: {done.stderr[-2000:]}")
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            child.submit(_assemble_repository, base, repo, registry.root, work / "export_repository.log").result()
         result["stages_s"]["export_repository"] = round(time.perf_counter() - t0, 1)
         choice = json.loads((repo / "runtime_choice.json").read_text())
         result["runtime_choice"] = {

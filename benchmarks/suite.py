@@ -35,6 +35,7 @@ from facetron.benchmarks.machine import machine_info
 from facetron.benchmarks.report import markdown_table, result_stem, write_result
 from facetron.benchmarks.server_metrics import MetricsDelta
 from facetron.benchmarks.triton_stats import STAGES, StatsDelta
+from facetron.contract import EMBEDDING_DIM
 from facetron.paths import REPO_ROOT
 
 BUILD_DIR = REPO_ROOT / "build" / "bench"
@@ -84,7 +85,7 @@ def ensure_bench_user(users_dir: Path, user_id: str = BENCH_USER) -> None:
     registry = UserRegistry(users_dir)
     if registry.exists(user_id) and (registry.files(user_id) / "lora.safetensors").is_file():
         return
-    emb = np.random.default_rng(7).standard_normal((1, 128)).astype(np.float32)
+    emb = np.random.default_rng(7).standard_normal((1, EMBEDDING_DIM)).astype(np.float32)
     registry.save_reference_embedding(user_id, emb)
     lora = write_random_lora(users_dir / f".{user_id}-lora.safetensors", load_base_model().unet, rank=4, alpha=8.0,
                              seed=7, std=0.05)

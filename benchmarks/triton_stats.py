@@ -21,6 +21,8 @@ import time
 
 from typing import Mapping
 
+from facetron.contract import VERSION_FOLDER
+
 Snapshot = dict[str, dict[str, int]]
 
 _COUNTERS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
@@ -42,7 +44,7 @@ def parse(stats_json: Mapping) -> Snapshot:
     """``get_inference_statistics(as_json=True)`` → {"model" or "model:version": counters}."""
     out: Snapshot = {}
     for m in stats_json.get("model_stats", []):
-        key = m["name"] if m.get("version") in (None, "", "1") else f"{m['name']}:{m['version']}"
+        key = m["name"] if m.get("version") in (None, "", VERSION_FOLDER) else f"{m['name']}:{m['version']}"
         out[key] = _flatten(m)
     return out
 

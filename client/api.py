@@ -11,7 +11,7 @@ to that: tests/test_client_twins.py). ``timeout_s`` bounds one attempt (gRPC
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from facetron.client.requests import (
     tokenize_op,
 )
 from facetron.client.retry import CallInfo
-from facetron.contract import CLIENT_NUM_IMAGES
+from facetron.request import PortraitRequest
 
 R = TypeVar("R")
 ProgressFn = Callable[[int, int], None]
@@ -105,42 +105,28 @@ class ClientAPI:
 
     def portrait(
         self,
-        user_id: str,
-        style: str | None = None,
-        prompt: str | None = None,
-        num_images: int = CLIENT_NUM_IMAGES,
-        top_k: int | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        seed: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        template: np.ndarray | None = None,
-        strength: float | None = None,
-        negative_prompt: str | None = None,
-        scheduler: str | None = None,
+        user_id: str | PortraitRequest,
         *,
-        fuse: bool | None = None,
-        fusion_strength: float | None = None,
-        cache_interval: int | None = None,
         timeout_s: float | None = None,
         on_progress: Callable[[int, int], None] | None = None,
+        **fields: Any,
     ) -> PortraitResult:
         """Portraits of ``user_id``, best first (the one call a client makes).
 
-        Ranked by the generated faces (``result.ranked_by``); ``fusion_strength``
-        in [0, 1] blends the user's best photo into each face (0 or
-        ``fuse=False``: no fusion; None: the server's default); ``cache_interval``
-        N > 1 caches the UNet's deep features for N - 1 steps (fewer full UNet
-        evaluations, a small deviation; 1 = off, the server's default).
+        ``fields``: those of :class:`facetron.request.PortraitRequest` (style,
+        prompt, num_images, top_k, steps, guidance, seed, height, width, template,
+        strength, negative_prompt, scheduler, fuse, fusion_strength,
+        cache_interval), checked with the server's own rules before any call; or
+        pass a ``PortraitRequest`` itself. Ranked by the generated faces
+        (``result.ranked_by``); ``fusion_strength`` in [0, 1] blends the user's
+        best photo into each face (0 or ``fuse=False``: no fusion; None: the
+        server's default); ``cache_interval`` N > 1 caches the UNet's deep
+        features for N - 1 steps (1 = off, the server's default).
 
         With ``on_progress(done, total)`` a one-server client sends the call
         over a gRPC stream to the decoupled ``portrait_stream`` model, which
         reports every denoising step (no retries mid-stream); a pool ignores it."""
-        op = portrait_op(portrait_request(
-            user_id, style, prompt, num_images, top_k, steps, guidance, seed, height, width, template, strength,
-            negative_prompt, scheduler, fuse, fusion_strength, cache_interval,
-        ))
+        op = portrait_op(portrait_request(user_id, **fields))
         if on_progress is not None:
             return self._streamed(op, on_progress, timeout_s)
         return self._run(op, timeout_s)
@@ -212,29 +198,11 @@ class AsyncClientAPI:
 
     async def portrait(
         self,
-        user_id: str,
-        style: str | None = None,
-        prompt: str | None = None,
-        num_images: int = CLIENT_NUM_IMAGES,
-        top_k: int | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        seed: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        template: np.ndarray | None = None,
-        strength: float | None = None,
-        negative_prompt: str | None = None,
-        scheduler: str | None = None,
+        user_id: str | PortraitRequest,
         *,
-        fuse: bool | None = None,
-        fusion_strength: float | None = None,
-        cache_interval: int | None = None,
         timeout_s: float | None = None,
+        **fields: Any,
     ) -> PortraitResult:
         """See :meth:`ClientAPI.portrait` (no progress stream here)."""
-        op = portrait_op(portrait_request(
-            user_id, style, prompt, num_images, top_k, steps, guidance, seed, height, width, template, strength,
-            negative_prompt, scheduler, fuse, fusion_strength, cache_interval,
-        ))
+        op = portrait_op(portrait_request(user_id, **fields))
         return await self._run(op, timeout_s)

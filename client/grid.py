@@ -83,15 +83,6 @@ def draw_grid(
     return sheet
 
 
-def rank_labels(similarity: Sequence[float], rank: Sequence[int], indices: Sequence[int]) -> list[str]:
-    """"#rank  sim 0.812" for candidates ``indices`` (filtered ones say so)."""
-    out = []
-    for i in indices:
-        s, r = float(similarity[i]), int(rank[i])
-        out.append(f"#{r}  sim {s:.3f}" if r >= 0 and math.isfinite(s) else f"cand {i}: filtered")
-    return out
-
-
 def _sim(value: float) -> str:
     return f"{value:.3f}" if math.isfinite(value) else "no face"
 

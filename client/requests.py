@@ -24,30 +24,19 @@ from facetron.client.retry import CallInfo
 from facetron.client.tensors import bytes_tensor, number, rgb_images, scalar
 from facetron.contract import (
     CLIENT_NUM_IMAGES,
-    DEFAULT_CACHE_INTERVAL,
-    DEFAULT_GUIDANCE,
-    DEFAULT_NUM_IMAGES,
-    DEFAULT_SCHEDULER,
-    DEFAULT_STEPS,
-    DEFAULT_STRENGTH,
     DETECTOR_OUTPUTS,
     FACE_DETECTOR,
     FACE_EMBEDDER,
     FACE_NET_MAX_BATCH,
     FACE_SELECT,
-    MAX_IMAGES,
-    MAX_SEED,
-    MAX_SIDE,
     PORTRAIT,
     PORTRAIT_OUTPUTS,
-    SCALAR_INPUTS,
     SELECT_OUTPUTS,
     TOKENIZER,
-    check_fusion_strength,
-    check_generation,
     validate_user_id,
 )
 from facetron.errors import InvalidInputError
+from facetron.request import PortraitRequest
 
 R = TypeVar("R")
 
@@ -248,70 +237,17 @@ def _json_float(value: float) -> float | None:
     return None if not math.isfinite(float(value)) else round(float(value), 6)
 
 
-# Values the server fills in for inputs a request leaves out, for checking the
-# given ones with check_generation (any side in range stands for the model's).
-_SERVER_FILLS = dict(
-    num_images=DEFAULT_NUM_IMAGES, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, height=MAX_SIDE, width=MAX_SIDE,
-    strength=DEFAULT_STRENGTH, scheduler=DEFAULT_SCHEDULER, cache_interval=DEFAULT_CACHE_INTERVAL,
-)
-
-
-def portrait_request(
-    user_id: str,
-    style: str | None = None,
-    prompt: str | None = None,
-    num_images: int = CLIENT_NUM_IMAGES,
-    top_k: int | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    seed: int | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    template: np.ndarray | None = None,
-    strength: float | None = None,
-    negative_prompt: str | None = None,
-    scheduler: str | None = None,
-    fuse: bool | None = None,
-    fusion_strength: float | None = None,
-    cache_interval: int | None = None,
-) -> dict[str, np.ndarray]:
-    """``portrait`` inputs; ``None`` leaves an optional input to the server's
-    default. The values given are checked with the server's rules
-    (:func:`facetron.contract.check_generation`), errors naming the argument.
-    ``fusion_strength`` in [0, 1] (0 = no fusion; ``fuse=False`` is the same);
-    ``cache_interval``: step caching, a full UNet every N steps (1 = off)."""
-    texts = {"user_id": validate_user_id(str(user_id))}
-    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt), ("style", style), ("scheduler", scheduler)):
-        if text is not None:
-            texts[name] = str(text)
-    values: dict[str, Any] = {}
-    for name, value, kind in (
-        ("num_images", num_images, int), ("top_k", top_k, int), ("steps", steps, int), ("guidance", guidance, float),
-        ("seed", seed, int), ("height", height, int), ("width", width, int), ("strength", strength, float),
-        ("fusion_strength", fusion_strength, float), ("cache_interval", cache_interval, int),
-    ):
-        if value is not None:
-            values[name] = number(value, kind, name)
-    rules = {name: values.get(name, texts.get(name, fill)) for name, fill in _SERVER_FILLS.items()}
-    check_generation(**rules, max_images=MAX_IMAGES)
-    if "top_k" in values and not 0 <= values["top_k"] <= rules["num_images"]:
-        raise InvalidInputError("top_k", f"must be in 0..num_images ({rules['num_images']}), got {top_k}")
-    if "seed" in values and not 0 <= values["seed"] <= MAX_SEED:
-        raise InvalidInputError("seed", f"must be in 0..{MAX_SEED}, got {seed}")
-    if strength is not None and template is None:
-        raise InvalidInputError("strength", "only applies with a template")
-    if "fusion_strength" in values:
-        check_fusion_strength(values["fusion_strength"])
-        if fuse is False and values["fusion_strength"] > 0:
-            raise InvalidInputError("fuse", f"false turns fusion off, but fusion_strength is {fusion_strength:g}: "
-                                            "give one of them (fusion_strength 0 == fuse false)")
-    inputs = {name: bytes_tensor([text]) for name, text in texts.items()}
-    inputs.update({name: scalar(value, SCALAR_INPUTS[name], name) for name, value in values.items()})
-    if template is not None:
-        inputs["template"] = rgb_images(template, "template", ndim=3)
-    if fuse is not None:
-        inputs["fuse"] = np.array([bool(fuse)], dtype=SCALAR_INPUTS["fuse"])
-    return inputs
+def portrait_request(user_id: str | PortraitRequest, **fields: Any) -> dict[str, np.ndarray]:
+    """``portrait`` inputs: a :class:`facetron.request.PortraitRequest` (the
+    object the server parses too, with the same checks, errors naming the
+    argument), or its fields. ``None`` leaves an optional input to the server's
+    default; ``num_images`` defaults to the client's CLIENT_NUM_IMAGES."""
+    if isinstance(user_id, PortraitRequest):
+        if fields:
+            raise InvalidInputError(next(iter(fields)), "give either a PortraitRequest or its fields, not both")
+        return user_id.to_arrays()
+    fields.setdefault("num_images", CLIENT_NUM_IMAGES)
+    return PortraitRequest(user_id=user_id, **fields).to_arrays()
 
 
 def portrait_result(out: Mapping[str, np.ndarray], info: CallInfo) -> PortraitResult:

@@ -4,12 +4,13 @@ requests, shared memory and the portrait stream)."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 
 from facetron.errors import InvalidInputError
+from facetron.request import bytes_tensor, number, scalar  # noqa: F401 - the wire encoders, one copy
 
 
 def triton_dtype(array: np.ndarray) -> str:
@@ -39,30 +40,6 @@ def infer_inputs(inputs: Mapping[str, np.ndarray]) -> list[grpcclient.InferInput
 
 def requested_outputs(outputs: Sequence[str]) -> list[grpcclient.InferRequestedOutput]:
     return [grpcclient.InferRequestedOutput(n) for n in outputs]
-
-
-def bytes_tensor(values: Sequence[str]) -> np.ndarray:
-    """A BYTES tensor of UTF-8 strings."""
-    return np.array([v.encode("utf-8") for v in values], dtype=object)
-
-
-def number(value: Any, kind: type, name: str) -> Any:
-    """``kind(value)`` (int or float), else InvalidInputError naming ``name`` (an int
-    argument given a non-integral number is refused, not truncated)."""
-    if kind is int and isinstance(value, (float, np.floating)) and not float(value).is_integer():
-        raise InvalidInputError(name, f"expected an integer, got {value!r}")
-    try:
-        return kind(value)
-    except (TypeError, ValueError, OverflowError):
-        raise InvalidInputError(name, f"expected a number, got {value!r}") from None
-
-
-def scalar(value: Any, dtype: Any, name: str) -> np.ndarray:
-    """A one-value tensor ``[value]`` of ``dtype``, else InvalidInputError naming ``name``."""
-    try:
-        return np.array([value], dtype=dtype)
-    except (TypeError, ValueError, OverflowError):
-        raise InvalidInputError(name, f"expected a number, got {value!r}") from None
 
 
 def rgb_images(images: np.ndarray, name: str, ndim: int = 4) -> np.ndarray:

@@ -2,12 +2,14 @@
 
 :class:`DiffusionSource` exports the runtime-LoRA text encoder, the VAE and
 the runtime-LoRA UNet (with its step-cache shallow graph) of a base model
-into a work folder, and gives the repository assembler
-(:mod:`facetron.export.repository`) what it needs of them: each net's
-folder, the files of a version folder, the generator's records, int8 and
-TensorRT variants, and for the measured runtime choice
-(:mod:`facetron.export.runtime_choice`) the served feeds and the torch
-oracles.
+into a work folder, each under its served name and in its version folder's
+layout (``<work>/unet/``, ``<work>/unet/shallow/``, ``<work>/text_encoder/``,
+...: :data:`facetron.contract.MODEL_FILE` and the names beside it), and
+gives the repository assembler (:mod:`facetron.export.repository`) what it
+needs of them: each net's folder, the files of a version folder, the
+generator's records, int8 and TensorRT variants, and for the measured
+runtime choice (:mod:`facetron.export.runtime_choice`) the served feeds and
+the torch oracles.
 """
 
 from __future__ import annotations
@@ -20,18 +22,17 @@ from typing import Iterable
 import numpy as np
 
 from facetron.atomic import atomic_write_json
-from facetron.contract import INT8_FOLDER
+from facetron.contract import (INT8_DEVIATION, INT8_FOLDER, MODEL_FILE, MODEL_INFO, SCHEDULER_CONFIG, VOCAB_SIZE,
+                               SHALLOW_FOLDER, UNET)
 from facetron.diffusion.base_model import load_base_model, model_hash
-from facetron.diffusion.step_cache import RUNTIME_LORA_MODELS
 from facetron.export.model_configs import ModelDef
 from facetron.export.onnx_export import ModelDims, export_onnx
 from facetron.export.onnx_graph import example_inputs, read_io
 from facetron.export.runtime_lora import export_runtime_lora_text_encoder
-from facetron.export.step_cache import export_runtime_lora_deep_cache_unet
-from facetron.pipeline.net_io import SHALLOW_FOLDER
+from facetron.export.step_cache_graphs import export_runtime_lora_deep_cache_unet
 
-#: served net -> its exported folder, where they differ (the runtime-LoRA graphs)
-EXPORTED_FOLDERS = {"unet": RUNTIME_LORA_MODELS[0], "text_encoder": "text_encoder_lora"}
+#: the served nets whose graphs take runtime-LoRA inputs (``lora_manifest.json`` beside the graph)
+RUNTIME_LORA_NETS = ("text_encoder", "unet")
 
 
 def copy_graph(src: Path, dest: Path) -> None:
@@ -52,7 +53,7 @@ class DiffusionSource:
     text_encoder_lora_rank: int = 32  # the runtime-LoRA text encoder's (FaceChain's text-encoder LoRA rank)
     _exported: Path | None = None
     _dims: ModelDims | None = None
-    _vocab: int = 49408
+    _vocab: int = VOCAB_SIZE
     _info: dict | None = None
     _scheduler: dict | None = None
     _base: object | None = None
@@ -86,48 +87,52 @@ class DiffusionSource:
         }
 
     def net_folder(self, name: str) -> Path:
-        """The exported folder of served net ``name`` (``unet`` and ``text_encoder`` are the runtime-LoRA graphs)."""
-        return self._exported / EXPORTED_FOLDERS.get(name, name)
+        """The exported folder of served net ``name``: ``<work>/<name>/`` (``unet`` and ``text_encoder``
+        are the runtime-LoRA graphs)."""
+        return self._exported / name
 
     def copy_net(self, name: str, version: Path) -> None:
         """Net ``name``'s graph files into its version folder; the ``unet``'s step-cache shallow graph
-        into ``<version>/shallow/`` (:data:`facetron.pipeline.net_io.SHALLOW_FOLDER`)."""
-        copy_graph(self.net_folder(name), version)
-        if name == "unet":
-            copy_graph(self._exported / RUNTIME_LORA_MODELS[1], version / SHALLOW_FOLDER)
-            int8 = self._exported / INT8_FOLDER
+        into ``<version>/shallow/`` and its int8 IR, if made, into ``<version>/int8/``: the exported
+        folder's layout (:data:`facetron.contract.SHALLOW_FOLDER`, :data:`~facetron.contract.INT8_FOLDER`)."""
+        folder = self.net_folder(name)
+        copy_graph(folder, version)
+        if name == UNET.name:
+            copy_graph(folder / SHALLOW_FOLDER, version / SHALLOW_FOLDER)
+            int8 = folder / INT8_FOLDER
             if int8.is_dir():  # the int8 IR (quantize_unet), whole
                 shutil.copytree(int8, version / INT8_FOLDER)
 
     def quantize_unet(self, mode: str) -> dict:
         """The served UNet as an int8 OpenVINO IR (:mod:`facetron.export.quantize`, ``mode``: weights |
-        full | hybrid), calibrated on real trajectories of these nets, into ``<export>/int8/`` with its
+        full | hybrid), calibrated on real trajectories of these nets, into ``<export>/unet/int8/`` with its
         ``quantization.json``; its deviation on held-out generations vs ONNX Runtime fp32 (and OpenVINO
         bf16's, the yardstick) goes into ``deviation.json`` beside it. Returns the verdict."""
         from facetron.export.quantize import (ExportedNets, calibration_feeds, deviation_report, quantize_unet,
                                               within_tolerance)
 
-        nets = ExportedNets.from_export(self._exported, self._scheduler, unet=RUNTIME_LORA_MODELS[0])
-        out = self._exported / INT8_FOLDER
+        nets = ExportedNets.from_export(self._exported, self._scheduler, unet=UNET.name)
+        out = self.net_folder(UNET.name) / INT8_FOLDER
         ir = quantize_unet(nets.unet, calibration_feeds(nets), out, mode)
         report = deviation_report(nets, {mode: ir, "openvino_bf16": (nets.unet, "bf16")})
         verdict = within_tolerance(report, mode)
-        atomic_write_json(out / "deviation.json", {"report": report, "verdict": verdict})
+        atomic_write_json(out / INT8_DEVIATION, {"report": report, "verdict": verdict})
         print(f"[export] int8 UNet ({mode}): " + ("within" if verdict["pass"] else "OUTSIDE")
               + f" the tolerance ({verdict['rule']}); served because --int8 asked for it", flush=True)
         return verdict
 
     def write_generator_files(self, version: Path) -> None:
-        atomic_write_json(version / "model_info.json", self._info)
-        atomic_write_json(version / "scheduler_config.json", self._scheduler)
+        atomic_write_json(version / MODEL_INFO, self._info)
+        atomic_write_json(version / SCHEDULER_CONFIG, self._scheduler)
 
     def build_plan(self, model: ModelDef, version: Path) -> Path:
         """gpu target where TensorRT imports: ``model.plan`` (fp16) of net ``model``
         from its ONNX export, one optimization profile over batch 1..max_batch_size
         and every side a request may ask for (tuned at native), recorded with the TensorRT version and GPU
-        it was built for (``trt_build.json``: a plan runs only there)."""
+        it was built for (:data:`~facetron.export.trt.BUILD_RECORD`: a plan runs only there)."""
         from facetron.contract import MAX_SIDE_FACTOR, MIN_LATENT_SIDE
-        from facetron.export.trt import ENGINE_FILE, ProfileSizes, build_engine, import_tensorrt, profile_shapes
+        from facetron.export.trt import (BUILD_RECORD, ENGINE_FILE, ProfileSizes, build_engine, import_tensorrt,
+                                         profile_shapes)
 
         trt = import_tensorrt()
         native, factor = self._info["resolution"], self._info["latent_factor"]
@@ -135,9 +140,9 @@ class DiffusionSource:
         sizes = ProfileSizes(batch=(1, min(2, model.max_batch_size), model.max_batch_size),
                              image=(MIN_LATENT_SIDE * factor, native, int(MAX_SIDE_FACTOR * native) // factor * factor),
                              latent_factor=factor)
-        inputs, _, _ = read_io(self._exported / model.name)
+        inputs, _, _ = read_io(self.net_folder(model.name))
         shapes = profile_shapes(inputs, sizes)
-        plan = build_engine(self._exported / model.name / "model.onnx", version / ENGINE_FILE, shapes, fp16=True)
+        plan = build_engine(self.net_folder(model.name) / MODEL_FILE, version / ENGINE_FILE, shapes, fp16=True)
         gpu = None
         try:
             import torch
@@ -145,8 +150,8 @@ class DiffusionSource:
             gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
         except Exception:  # noqa: BLE001 - the record is informative
             pass
-        atomic_write_json(version / "trt_build.json", {"tensorrt": trt.__version__, "gpu": gpu, "fp16": True,
-                                                       "profile": {k: [list(x) for x in v] for k, v in shapes.items()}})
+        atomic_write_json(version / BUILD_RECORD, {"tensorrt": trt.__version__, "gpu": gpu, "fp16": True,
+                                                   "profile": {k: [list(x) for x in v] for k, v in shapes.items()}})
         return plan
 
     def served_feed(self, name: str, seed: int = 0) -> dict[str, np.ndarray]:
@@ -159,7 +164,7 @@ class DiffusionSource:
         inputs, _, _ = read_io(folder)
         batch = 2 if name in ("unet", "text_encoder") else 1
         feed = example_inputs(inputs, self._dims, batch=batch, seed=seed, vocab=self._vocab)
-        if name in EXPORTED_FOLDERS:
+        if name in RUNTIME_LORA_NETS:
             feed.update(random_lora_inputs(read_lora_manifest(folder), batch, seed=seed + 1))
         return feed
 

@@ -37,14 +37,13 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
 from facetron.atomic import atomic_write_bytes
 from facetron.diffusion.lora_reader import (COMPONENTS, KOHYA_PREFIXES, METADATA_KEY, LoraArrays, check_pair,
-                                            component_metadata, few, layer_alpha, read_adapter_metadata,
-                                            reject_unsupported)
-from facetron.errors import InvalidInputError, NotFoundError
+                                            component_metadata, few, layer_alpha, open_safetensors,
+                                            read_adapter_metadata, reject_unsupported)
+from facetron.errors import InvalidInputError
 
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
@@ -94,10 +93,6 @@ class LoraFile:
     def components(self) -> tuple[str, ...]:
         return tuple(c for c in COMPONENTS if any(k[0] == c for k in self.layers))
 
-    @property
-    def max_rank(self) -> int:
-        return max(layer.rank for layer in self.layers.values())
-
     def describe(self) -> dict:
         """Small JSON-able summary (for provenance files and reports)."""
         ranks = sorted({layer.rank for layer in self.layers.values()})
@@ -111,15 +106,9 @@ class LoraFile:
 def load_lora(path: str | Path) -> LoraFile:
     """Read and normalise a LoRA ``.safetensors`` file (diffusers, peft or kohya keys)."""
     path = Path(path)
-    label = f"LoRA file {path}"
-    if not path.is_file():
-        raise NotFoundError(f"{label}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-            state = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # safetensors raises several types for corrupt headers/bodies
-        raise InvalidInputError(label, f"not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    with open_safetensors(path, "pt") as fh:
+        metadata = dict(fh.metadata() or {})
+        state = {k: fh.get_tensor(k) for k in fh.keys()}
     lora = parse_lora_state_dict(state, metadata, source=str(path))
     lora.sha256 = _sha256(path)
     return lora

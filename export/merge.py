@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from facetron.atomic import atomic_dir, atomic_write_json, check_replaceable
-from facetron.contract import MERGE_INFO
+from facetron.contract import DEFAULT_STYLE_WEIGHT, DEFAULT_W_FACE, MERGE_INFO
 from facetron.diffusion.base_model import SMOKE_MARKER, model_hash
 from facetron.diffusion.lora_reader import check_weight
 from facetron.errors import InvalidInputError
@@ -40,8 +40,8 @@ def as_lora(source: LoraSource) -> LoraFile:
     return source if isinstance(source, LoraFile) else load_lora(source)
 
 
-def lora_plan(face_lora: LoraSource, style_lora: LoraSource | None = None, w_face: float = 0.9,
-              w_style: float = 0.25) -> list[tuple[LoraFile, float]]:
+def lora_plan(face_lora: LoraSource, style_lora: LoraSource | None = None, w_face: float = DEFAULT_W_FACE,
+              w_style: float = DEFAULT_STYLE_WEIGHT) -> list[tuple[LoraFile, float]]:
     """Load and pair each LoRA with its weight (face first, then style)."""
     plan = [(as_lora(face_lora), check_weight("--w-face", w_face))]
     if style_lora is not None:
@@ -60,8 +60,9 @@ def fuse_into(components: dict[str, torch.nn.Module], plan: Sequence[tuple[LoraF
                 w.copy_((w.float() + weight * layer.delta()).to(w.dtype))
 
 
-def merge_loras(base_model, face_lora: LoraSource, style_lora: LoraSource | None = None, w_face: float = 0.9,
-                w_style: float = 0.25, *, inplace: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
+def merge_loras(base_model, face_lora: LoraSource, style_lora: LoraSource | None = None,
+                w_face: float = DEFAULT_W_FACE, w_style: float = DEFAULT_STYLE_WEIGHT, *,
+                inplace: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Return ``(unet, text_encoder)`` with the LoRA(s) fused in.
 
     ``base_model``: a :class:`facetron.diffusion.base_model.BaseModel`. Its

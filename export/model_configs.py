@@ -95,10 +95,11 @@ class ModelDef:
 
 
 def _mtcnn_net(c: ModelContract) -> ModelDef:
-    return ModelDef(c, queue=FACE_QUEUE, cpu=None, gpu=Serving(backend="onnxruntime", kind="KIND_GPU", artifact="model.onnx"))
+    return ModelDef(c, queue=FACE_QUEUE, cpu=None,
+                    gpu=Serving(backend="onnxruntime", kind="KIND_GPU", artifact=contract.MODEL_FILE))
 
 
-_ORT_GPU = Serving(backend="onnxruntime", kind="KIND_GPU", artifact="model.onnx", trt_accelerator=True)
+_ORT_GPU = Serving(backend="onnxruntime", kind="KIND_GPU", artifact=contract.MODEL_FILE, trt_accelerator=True)
 _TRT_GPU = Serving(backend="tensorrt", kind="KIND_GPU", artifact="model.plan")
 #: gpu target, ORT's TensorRT accelerator: engines cached per model under this folder (mount a volume
 #: there to keep them across restarts; without a cache every server rebuilds them at first load)
@@ -106,7 +107,7 @@ TRT_ENGINE_CACHE_ROOT = "/tmp/facetron/trt-engines"
 #: gpu target: the nets written as ``tensorrt_plan`` models where TensorRT imports at assembly
 #: (not the text encoder: it is the runtime-LoRA graph with its LoRA bank, a python model like the unet)
 TENSORRT_NETS = ("vae_decoder", "vae_encoder")
-_ORT_CPU = Serving(artifact="model.onnx")
+_ORT_CPU = Serving(artifact=contract.MODEL_FILE)
 
 MODELS: tuple[ModelDef, ...] = (
     ModelDef(contract.TOKENIZER, queue=FACE_QUEUE),
@@ -127,7 +128,8 @@ MODELS: tuple[ModelDef, ...] = (
 # applies each batch item's user, so requests of different users share a
 # batch and no user needs a reload (ARCHITECTURE.md, serving mode 2).
 _CALLERS = Serving(count=2)
-_UNET_GPU = Serving(kind="KIND_GPU", artifact="model.onnx", parameters={"intra_op_threads": "0", "providers": "cuda"})
+_UNET_GPU = Serving(kind="KIND_GPU", artifact=contract.MODEL_FILE,
+                    parameters={"intra_op_threads": "0", "providers": "cuda"})
 
 DIFFUSION_MODELS: tuple[ModelDef, ...] = (
     # the runtime-LoRA text encoder: the unet's LoRA bank design (per-item user's text-encoder LoRA);
@@ -178,7 +180,7 @@ def with_graph_dims(model: ModelDef, inputs, outputs, target: Target = "gpu",
         raise ValueError(f"model {model.name!r} is not served by a native backend on target {target!r}")
     reshape = dict(serving.reshape)
 
-    def fit(t: contract.T, spec) -> contract.T:
+    def fit(t: contract.Tensor, spec) -> contract.Tensor:
         graph = list(spec.dims)
         if model.max_batch_size > 0:
             if not graph or not isinstance(graph[0], str):
@@ -229,7 +231,7 @@ def to_proto(model: ModelDef, target: Target, parameters: dict[str, str] | None 
         cfg.backend = "python"
     elif serving.backend == "onnxruntime":
         cfg.platform = "onnxruntime_onnx"
-        cfg.default_model_filename = serving.artifact or "model.onnx"
+        cfg.default_model_filename = serving.artifact or contract.MODEL_FILE
     elif serving.backend == "tensorrt":
         cfg.platform = "tensorrt_plan"
         cfg.default_model_filename = serving.artifact or "model.plan"

@@ -29,14 +29,15 @@ import onnx
 import torch
 
 from facetron.atomic import atomic_dir, atomic_write_json
+from facetron import contract
+from facetron.contract import MODEL_FILE, NUMPY_DTYPES as CONTRACT_DTYPES, TOKENS, VOCAB_SIZE
 from facetron.errors import InvalidInputError
 
 DEFAULT_OPSET = 17
-MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 IO_FILE = "io.json"
-TEXT_LEN = 77
-MODELS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+#: the exported nets, each in a folder named like the served model it becomes
+MODELS = tuple(c.name for c in (contract.TEXT_ENCODER, contract.UNET, contract.VAE_DECODER, contract.VAE_ENCODER))
 # protobuf cannot hold more than 2 GiB: above this many weight bytes use external data.
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
 # symbolic dims: N batch, h/w latent side, H/W image side, R runtime-LoRA rank ("3R": 3 slots of R side by side)
@@ -74,7 +75,7 @@ def symbol_size(dim: str, sizes: dict[str, int]) -> int:
     return int(k) * sizes[dim[len(k):]]
 
 
-NUMPY_DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8}
+NUMPY_DTYPES = {**CONTRACT_DTYPES, "FP16": "float16"}  # the contract's, + the exported graphs' fp16
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,11 @@ def model_io(name: str, dims: ModelDims) -> tuple[list[TensorSpec], list[TensorS
     """(inputs, outputs) of ``name`` — the single source for export, validation and TensorRT shapes."""
     C = dims.text_hidden
     if name == "text_encoder":
-        return [TensorSpec("input_ids", "INT32", ("N", TEXT_LEN))], [TensorSpec("last_hidden_state", "FP32", ("N", TEXT_LEN, C))]
+        return [TensorSpec("input_ids", "INT32", ("N", TOKENS))], [TensorSpec("last_hidden_state", "FP32", ("N", TOKENS, C))]
     if name == "unet":
         return ([TensorSpec("sample", "FP32", ("N", dims.unet_in_channels, "h", "w")),
                  TensorSpec("timestep", "FP32", ("N",)),
-                 TensorSpec("encoder_hidden_states", "FP32", ("N", TEXT_LEN, C))],
+                 TensorSpec("encoder_hidden_states", "FP32", ("N", TOKENS, C))],
                 [TensorSpec("noise_pred", "FP32", ("N", dims.unet_out_channels, "h", "w"))])
     if name == "vae_decoder":
         return [TensorSpec("latent", "FP32", ("N", dims.latent_channels, "h", "w"))], [TensorSpec("images", "UINT8", ("N", "H", "W", 3))]
@@ -122,7 +123,7 @@ def dynamic_axes(specs: Sequence[TensorSpec]) -> dict[str, dict[int, str]]:
 
 
 def example_inputs(specs: Sequence[TensorSpec], dims: ModelDims, *, batch: int = 2, latent: int | None = None,
-                   seed: int = 0, vocab: int = 49408, rank: int = 4) -> dict[str, np.ndarray]:
+                   seed: int = 0, vocab: int = VOCAB_SIZE, rank: int = 4) -> dict[str, np.ndarray]:
     """Seeded inputs of the right shapes/dtypes/ranges for ``specs`` (``rank``: the runtime-LoRA ``R``)."""
     rng = np.random.default_rng(seed)
     h = latent or dims.latent_size

@@ -1,7 +1,8 @@
 """int8 UNet for OpenVINO: weight compression, or post-training quantization of
 weights *and* activations calibrated on real denoising trajectories.
 
-The served UNet is the runtime-LoRA graph (``unet_lora/model.onnx``: every
+The served UNet is the runtime-LoRA graph (``unet/model.onnx`` of the
+assembler's export, ``unet_lora/model.onnx`` of ``export onnx``: every
 user's LoRA given as graph inputs). Three modes, each an OpenVINO IR
 (``model.xml`` + ``model.bin``) that :func:`facetron.net_runtimes.open_runtime`
 opens like the ONNX file (``read_model`` reads both):
@@ -61,9 +62,10 @@ from facetron.deviation import psnr_uint8, rel_l2
 from facetron.export.runtime_choice import BF16_FACTOR
 
 MODES = ("weights", "full", "hybrid")
-#: an export's runtime-LoRA UNet folders, served first: the step cache's full graph (noise_pred + deep_feature)
-#: that the repository serves as ``unet``, else the plain runtime-LoRA graph
-UNET_FOLDERS = ("unet_lora_deep", "unet_lora")
+#: an export's runtime-LoRA UNet folders, served first: the served ``unet`` (the step cache's full graph, noise_pred
+#: + deep_feature), else the runtime-LoRA graph of ``export onnx``; a folder counts where it has a LoRA manifest
+#: (``export onnx``'s ``unet/`` is the plain UNet)
+UNET_FOLDERS = (contract.UNET.name, "unet_lora")
 IR_FILE = "model.xml"
 REPORT_FILE = "quantization.json"
 #: calibration: portrait prompts in the style of the served ones (the trajectories, not the words, matter)
@@ -124,19 +126,19 @@ class ExportedNets:
     def from_export(cls, onnx_dir: str | os.PathLike, scheduler_config: Mapping | None = None,
                     unet: str | None = None) -> "ExportedNets":
         """The nets of an export folder (``export_onnx`` + the runtime-LoRA graphs): the UNet of folder
-        ``unet`` (default: the first of :data:`UNET_FOLDERS` there), ``text_encoder_lora`` (else
-        ``text_encoder``), ``vae_decoder`` if there; resolution and latent shape from
+        ``unet`` (default: the first of :data:`UNET_FOLDERS` there with a LoRA manifest), ``text_encoder``
+        (runtime-LoRA or plain), ``vae_decoder`` if there; resolution and latent shape from
         ``export_manifest.json``; ``scheduler_config`` default: SD-1.5's (DDPM, scaled linear)."""
+        from facetron.contract import MODEL_FILE
+        from facetron.diffusion.lora_inputs import MANIFEST_FILE
         from facetron.export.onnx_export import read_manifest
-        from facetron.export.onnx_graph import MODEL_FILE
 
         onnx_dir = Path(onnx_dir)
         dims = read_manifest(onnx_dir)["dims"]
-        te = onnx_dir / "text_encoder_lora" / MODEL_FILE
         vae = onnx_dir / "vae_decoder" / MODEL_FILE
-        unet = unet or next((f for f in UNET_FOLDERS if (onnx_dir / f / MODEL_FILE).is_file()), UNET_FOLDERS[-1])
+        unet = unet or next((f for f in UNET_FOLDERS if (onnx_dir / f / MANIFEST_FILE).is_file()), UNET_FOLDERS[-1])
         return cls(unet=onnx_dir / unet / MODEL_FILE,
-                   text_encoder=te if te.is_file() else onnx_dir / "text_encoder" / MODEL_FILE,
+                   text_encoder=onnx_dir / contract.TEXT_ENCODER.name / MODEL_FILE,
                    vae_decoder=vae if vae.is_file() else None,
                    scheduler_config=dict(scheduler_config) if scheduler_config else sd15_scheduler_config(),
                    resolution=int(dims["latent_size"]) * int(dims["latent_factor"]),

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from facetron.atomic import atomic_dir, atomic_write_json
-from facetron.contract import DEFAULT_NET_RUNTIME, DEFAULT_STYLE_WEIGHT, IDENTITY_MODES, NET_RUNTIMES
+from facetron.contract import (DEFAULT_NET_RUNTIME, DEFAULT_STYLE_WEIGHT, DEFAULT_W_FACE, IDENTITY_MODES, MODEL_FILE,
+                               NET_RUNTIMES, VERSION_FOLDER)
 from facetron.diffusion.base_model import load_base_model
 from facetron.errors import InvalidInputError, NotFoundError
 from facetron.export.lora_files import load_lora
@@ -27,14 +28,14 @@ from facetron.export.model_configs import (TENSORRT_NETS, TRT_ENGINE_CACHE_ROOT,
                                            with_tensorrt_plan)
 from facetron.export.diffusion_source import DiffusionSource, copy_graph
 from facetron.export.onnx_export import ModelDims, export_model
-from facetron.export.onnx_graph import read_io
+from facetron.export.onnx_graph import MODELS as _NET_ARTIFACTS, read_io
 from facetron.export.runtime_choice import check_precision_choice, cpu_flags, rule_text
 from facetron.export.runtime_lora import TEXT_ENCODER_TARGET_SUFFIXES
 from facetron.pipeline.net_io import check_int8
 from facetron.faces.detector import mtcnn_onnx_paths
 from facetron.faces.embedder import embedder_onnx_path
 from facetron.paths import REPO_ROOT
-from facetron.styles import styles_for
+from facetron.style_registry import styles_for
 from facetron.users import UserRegistry
 
 SOURCE_REPOSITORY = REPO_ROOT / "model_repository"
@@ -42,10 +43,6 @@ SOURCE_REPOSITORY = REPO_ROOT / "model_repository"
 CPU_RUNTIME_CHOICES = ("auto",) + NET_RUNTIMES
 #: beside the models' folders: each net's runtime, and for ``auto`` the numbers it was chosen by
 RUNTIME_CHOICE_FILE = "runtime_choice.json"
-
-
-def _copy_from(path_fn: Callable[[], Path]) -> Callable[[Path], None]:
-    return lambda dest: shutil.copyfile(path_fn(), dest)
 
 
 def _mtcnn(name: str) -> Callable[[Path], None]:
@@ -67,7 +64,6 @@ ARTIFACT_BUILDERS: dict[str, Callable[[Path], None]] = {
 }
 
 
-_NET_ARTIFACTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 def _write_model(
     model: ModelDef, target: Target, dest: Path, diffusion: DiffusionSource | None = None,
     overrides: dict[str, str] | None = None,
@@ -76,11 +72,11 @@ def _write_model(
     if serving.backend == "onnxruntime" and model.name in _NET_ARTIFACTS and diffusion is not None:
         # Triton's onnxruntime backend refuses a config -1 where the graph has a fixed dim: the graph's dims
         model = with_graph_dims(model, *read_io(diffusion.net_folder(model.name))[:2], target)
-    version = dest / model.name / "1"
+    version = dest / model.name / VERSION_FOLDER
     version.mkdir(parents=True)
     (dest / model.name / "config.pbtxt").write_text(render(model, target, overrides))
     if serving.backend == "python":
-        src = SOURCE_REPOSITORY / (model.source or model.name) / "1" / "model.py"
+        src = SOURCE_REPOSITORY / (model.source or model.name) / VERSION_FOLDER / "model.py"
         if not src.is_file():
             raise InvalidInputError(model.name, f"python model source {src} is missing")
         shutil.copyfile(src, version / "model.py")
@@ -250,7 +246,7 @@ def add_merged_user(
     users_dir: str | Path,
     base_model: str | Path | None = None,
     style_lora: str | Path | None = None,
-    w_face: float = 0.9,
+    w_face: float = DEFAULT_W_FACE,
     w_style: float = DEFAULT_STYLE_WEIGHT,
     target: Target = "cpu",
     *,
@@ -272,7 +268,7 @@ def add_merged_user(
     same profile; engines cached per model under ``TRT_ENGINE_CACHE_ROOT``).
 
     ``style``: a style of the registry beside ``users_dir``
-    (:mod:`facetron.styles`) whose LoRA is fused too, at the style's weight
+    (:mod:`facetron.style_registry`) whose LoRA is fused too, at the style's weight
     (``w_style`` when it gives none) — the runtime bank's face + style sum.
     ``style_lora``: a LoRA file instead (weight ``w_style``). The merged model
     records what went in (``1/facetron_merge.json``). A user LoRA's
@@ -321,13 +317,14 @@ def add_merged_user(
                                                                                      "text-encoder layers)")
     with tempfile.TemporaryDirectory() as work, atomic_dir(repo / model.name) as tmp:
         export_model("unet", work, unet=unet, dims=ModelDims.of(base))
-        version = tmp / "1"
+        version = tmp / VERSION_FOLDER
         version.mkdir()
         if target == "gpu":
             config = _install_gpu_unet(repo, user_id, Path(work) / "unet", version, base, refit)
         else:
             copy_graph(Path(work) / "unet", version)
-            shutil.copyfile(SOURCE_REPOSITORY / (model.source or model.name) / "1" / "model.py", version / "model.py")
+            shutil.copyfile(SOURCE_REPOSITORY / (model.source or model.name) / VERSION_FOLDER / "model.py",
+                            version / "model.py")
             config = render(model, target)
         atomic_write_json(version / MERGE_INFO, provenance)
         (tmp / "config.pbtxt").write_text(config)
@@ -380,7 +377,7 @@ def _install_gpu_unet(repo: Path, user_id: str, onnx_dir: Path, version: Path, b
               flush=True)
     else:
         shutil.copyfile(onnx_dir / "io.json", version / "io.json")  # the tensors the plan was built for
-        onnx_path = onnx_dir / "model.onnx"
+        onnx_path = onnx_dir / MODEL_FILE
         if refit:
             record = refit_served_plan(repo, onnx_path, version, shapes)
             how = f"refitted in {record['refit_seconds']} s"

@@ -46,7 +46,7 @@ from typing import Iterable, Protocol
 
 import numpy as np
 
-from facetron.contract import DEFAULT_NET_PRECISION, DEFAULT_NET_RUNTIME, NetParams
+from facetron.contract import DEFAULT_NET_PRECISION, DEFAULT_NET_RUNTIME, MODEL_FILE, NetParams
 from facetron.cpu_info import cpu_description
 from facetron.deviation import rel_l2
 from facetron.errors import InvalidInputError
@@ -195,9 +195,9 @@ def choose_net(source: NetSource, name: str, precision: str = "auto", threads: i
     from facetron.export.validate import TOLERANCES, compare
 
     threads = threads if threads is not None else NetParams().intra_op_threads
-    path = source.net_folder(name) / "model.onnx"
+    path = source.net_folder(name) / MODEL_FILE
     feed = source.served_feed(name)
-    atol, rtol = TOLERANCES["unet_lora" if name == "unet" else name]
+    atol, rtol = TOLERANCES["unet_lora" if name == "unet" else name]  # validate's key of the runtime-LoRA UNet
     reuse = name == "unet"
     others = [FP32_CANDIDATES[1]] + ([BF16_CANDIDATE] if precision == "auto" else [])
     entry: dict = {"shapes": {k: list(v.shape) for k, v in feed.items() if not k.startswith("lora_")},

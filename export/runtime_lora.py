@@ -30,10 +30,16 @@ layers to modules and shapes (``layout`` 3; input names are
 lower_snake_case, as the repository contract wants).
 
 The served text encoder is the same idea (:func:`export_runtime_lora_text_encoder`,
-``text_encoder_lora/``): every CLIP self-attention q/k/v/out projection (what
+``<out>/text_encoder/``, its served name): every CLIP self-attention q/k/v/out projection (what
 the trainer adapts; q/k/v one group); its manifest says ``"component":
 "text_encoder"``, and each graph takes only its own component's layers of a
 user's LoRA.
+
+Folders: the text encoder is exported under its served name; this module's
+UNet graph is ``<out>/unet_lora/`` (:data:`MODEL_NAME`), measured and
+validated beside the plain ``unet`` of ``export onnx``, not served (the
+served ``unet`` is the same graph with the step cache's ``deep_feature``
+output, :mod:`facetron.export.step_cache_graphs`).
 
 This module holds the torch side only (the graphs and their export). The names,
 the manifest reader and the inputs for a user's LoRA files are numpy code in
@@ -50,6 +56,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
+from facetron.contract import TEXT_ENCODER
 from facetron.diffusion.lora_inputs import LAYOUT, MANIFEST_FILE, a_name, b_name
 from facetron.errors import InvalidInputError
 from facetron.export.onnx_graph import (DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, ModelDims, TensorSpec, example_inputs,
@@ -301,7 +308,7 @@ def export_runtime_lora_unet(unet: torch.nn.Module, out_dir: str | os.PathLike, 
 
 # ----------------------------------------------------------------------------- the text encoder's
 
-TEXT_ENCODER_MODEL_NAME = "text_encoder_lora"
+TEXT_ENCODER_MODEL_NAME = TEXT_ENCODER.name  # the served name: this graph is the served text_encoder
 #: the CLIP self-attention projections, what the trainer adapts (fc1/fc2 are not: a LoRA adapting them is refused)
 TEXT_ENCODER_TARGET_SUFFIXES = TEXT_ENCODER_TARGET_MODULES
 
@@ -315,7 +322,7 @@ def text_encoder_lora_targets(text_encoder: torch.nn.Module) -> list[tuple[str, 
 
 
 class RuntimeLoraTextEncoder(_Adapted):
-    """The torch function the ``text_encoder_lora`` graph computes: the CLIP text
+    """The torch function the runtime-LoRA ``text_encoder`` graph computes: the CLIP text
     encoder (a copy) with per-item LoRA inputs on its self-attention projections;
     ``input_ids`` cast to int64 inside, ``last_hidden_state`` as FP32 (as the plain graph)."""
 
@@ -338,7 +345,7 @@ def runtime_lora_text_encoder_io(dims: ModelDims, manifest: Mapping) -> tuple[li
 def export_runtime_lora_text_encoder(text_encoder: torch.nn.Module, out_dir: str | os.PathLike, *, dims: ModelDims,
                                      rank: int = 32, fp16: bool = False, opset: int = DEFAULT_OPSET, batch: int = 2,
                                      external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
-    """Write ``<out_dir>/text_encoder_lora/{model.onnx, io.json, lora_manifest.json}``."""
+    """Write the served ``text_encoder``: ``<out_dir>/text_encoder/{model.onnx, io.json, lora_manifest.json}``."""
     if not isinstance(rank, int) or rank < 1:
         raise InvalidInputError("text-encoder LoRA rank", f"must be an integer >= 1, got {rank!r}")
     manifest = build_manifest(text_encoder, rank, component="text_encoder")

@@ -27,7 +27,7 @@ from facetron.errors import InvalidInputError
 
 
 @dataclass(frozen=True)
-class T:
+class Tensor:
     """A tensor of a model's contract (dims exclude the batch dim when batching)."""
 
     name: str
@@ -91,32 +91,63 @@ DEFAULT_NET_PRECISION = "f32"
 #: (default: full int8 deviates ~4x more than bf16 on the measured models) | weights | full | hybrid
 INT8_MODES = ("off", "weights", "full", "hybrid")
 INT8_FOLDER = "int8"
-#: Styles (facetron.styles): a name like a user id; a style LoRA's weight in 0..MAX_STYLE_WEIGHT
+#: Styles (facetron.style_registry): a name like a user id; a style LoRA's weight in 0..MAX_STYLE_WEIGHT
 #: (FaceChain blends styles at 0.25-0.5; above 2 a LoRA overwhelms the base model);
 #: DEFAULT_STYLE_WEIGHT is the unet model's w_style, used when a style gives none.
 STYLE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 MAX_STYLE_WEIGHT = 2.0
 DEFAULT_STYLE_WEIGHT = 0.25
+#: the face LoRA's weight: the runtime-LoRA unet / text_encoder banks (keep both equal) and a merge
+DEFAULT_W_FACE = 0.9
+#: face_select's rule "exactly one face within size bounds" (facetron.faces.select.SelectRules): a face
+#: counts when its detection score reaches MIN_FACE_SCORE and its area is at least BYSTANDER_AREA of the
+#: largest face's (smaller ones are background; a template's subject is chosen among the same faces); the
+#: one face's box short side must lie within MIN_FACE_FRAC..MAX_FACE_FRAC of the image's short side.
+MIN_FACE_FRAC = 0.08
+MAX_FACE_FRAC = 0.95
+MIN_FACE_SCORE = 0.9  # also the face detector's floor on MTCNN's final (ONet) score
+BYSTANDER_AREA = 0.25
+MTCNN_MIN_FACE_SIZE = 20.0  # px: the smallest face MTCNN's pyramid looks for (facenet-pytorch's default)
+VERSION_FOLDER = "1"  # a served model's one version folder: <repository>/<model>/1/ (the artifacts below)
 
 #: Serving mode 1: one user's merged UNet is the model ``unet_user_<id>``
 #: (its code is the source folder ``model_repository/unet_user``).
 MERGED_UNET_PREFIX = "unet_user_"
 MERGED_UNET_SOURCE = "unet_user"
 MERGE_INFO = "facetron_merge.json"  # what went into a merge (+ the user's registry version), in its version folder
+#: Artifact names. A served net's version folder ``<model>/1/`` holds MODEL_FILE (+ ``model.onnx.data``,
+#: ``io.json``, ``lora_manifest.json``); the ``unet``'s step-cache shallow graph is in SHALLOW_FOLDER under it,
+#: its int8 IR in INT8_FOLDER (INT8_DEVIATION beside). The export work folder
+#: (facetron.export.diffusion_source) has the same layout under the served names: ``<export>/unet/``,
+#: ``<export>/unet/shallow/``, ``<export>/unet/int8/``, ``<export>/text_encoder/``, ...
+MODEL_FILE = "model.onnx"
+SHALLOW_FOLDER = "shallow"
+INT8_DEVIATION = "deviation.json"  # the int8 IR's deviation from fp32 on held-out generations, and the verdict
+#: portrait_generator's version folder: the base model the repository was assembled from, its scheduler's config
+MODEL_INFO = "model_info.json"
+SCHEDULER_CONFIG = "scheduler_config.json"
 
 
 USER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
-def validate_user_id(user_id: object, name: str = "user_id") -> str:
+class UserId(str):
+    """A user id that :func:`validate_user_id` accepted: checked once, where a
+    request is parsed; the registry and the rest of the call take it as it is."""
+
+
+def validate_user_id(user_id: object, name: str = "user_id") -> UserId:
     """``user_id`` if it is 1-64 characters of [A-Za-z0-9_-] starting
     alphanumeric, matched in full (no trailing newline), else InvalidInputError.
-    Ids come from requests: they are checked before any path is built."""
+    Ids come from requests: they are checked before any path is built. An id
+    already checked (a :class:`UserId`) is returned as it is."""
+    if isinstance(user_id, UserId):
+        return user_id
     if not isinstance(user_id, str) or not USER_ID_PATTERN.fullmatch(user_id):
         raise InvalidInputError(
             name, f"{user_id!r} is not a valid user id (1-64 characters from A-Z a-z 0-9 _ -, starting alphanumeric)"
         )
-    return user_id
+    return UserId(user_id)
 
 
 def check_seed(seed: int, name: str = "seed") -> int:
@@ -241,7 +272,7 @@ class NetParams(ModelParams):
 
 @dataclass(frozen=True)
 class FaceDetectorParams(ModelParams):
-    min_face_size: float = 20.0
+    min_face_size: float = MTCNN_MIN_FACE_SIZE
     nets: str = "onnxruntime"  # "onnxruntime" (in-process) | "bls" (mtcnn_* models)
     intra_op_threads: int = 2
 
@@ -253,9 +284,9 @@ class FaceEmbedderParams(ModelParams):
 
 @dataclass(frozen=True)
 class FaceSelectParams(ModelParams):
-    min_face_frac: float = 0.08
-    max_face_frac: float = 0.95
-    min_score: float = 0.9
+    min_face_frac: float = MIN_FACE_FRAC
+    max_face_frac: float = MAX_FACE_FRAC
+    min_score: float = MIN_FACE_SCORE
     users_dir: str = ""  # "" = the default registry root
 
 
@@ -268,7 +299,7 @@ class UnetParams(ModelParams):
     int8: str = "off"  # INT8_MODES: OpenVINO runs <version>/int8/model.xml (the shallow step-cache graph stays f32)
     users_dir: str = ""
     lora_cache_mb: float = 512.0
-    w_face: float = 0.9
+    w_face: float = DEFAULT_W_FACE
     w_style: float = DEFAULT_STYLE_WEIGHT  # a style LoRA's weight when its style gives none
 
 
@@ -283,7 +314,7 @@ class TextEncoderParams(ModelParams):
     precision: str = DEFAULT_NET_PRECISION  # NET_PRECISIONS (OpenVINO only)
     users_dir: str = ""
     lora_cache_mb: float = 64.0
-    w_face: float = 0.9
+    w_face: float = DEFAULT_W_FACE
 
 
 @dataclass(frozen=True)
@@ -316,8 +347,8 @@ class ModelContract:
 
     name: str
     doc: str
-    inputs: tuple[T, ...]
-    outputs: tuple[T, ...]
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
     max_batch_size: int = 0
     decoupled: bool = False
     params: type[ModelParams] = NoParams
@@ -329,56 +360,56 @@ class ModelContract:
         return tuple(t.name for t in self.outputs)
 
 
-GENERATION_INPUTS: tuple[T, ...] = (
-    T("prompt", "STRING", (1,), optional=True),
-    T("negative_prompt", "STRING", (1,), optional=True),
-    T("style", "STRING", (1,), optional=True),
-    T("user_id", "STRING", (1,), optional=True),
-    T("num_images", "INT32", (1,), optional=True),
-    T("seed", "INT64", (1,), optional=True),
-    T("steps", "INT32", (1,), optional=True),
-    T("guidance", "FP32", (1,), optional=True),
-    T("height", "INT32", (1,), optional=True),
-    T("width", "INT32", (1,), optional=True),
-    T("scheduler", "STRING", (1,), optional=True),
-    T("template", "UINT8", (-1, -1, 3), optional=True),
-    T("strength", "FP32", (1,), optional=True),
-    T("cache_interval", "INT32", (1,), optional=True),  # 1..MAX_CACHE_INTERVAL, 1 = off
+GENERATION_INPUTS: tuple[Tensor, ...] = (
+    Tensor("prompt", "STRING", (1,), optional=True),
+    Tensor("negative_prompt", "STRING", (1,), optional=True),
+    Tensor("style", "STRING", (1,), optional=True),
+    Tensor("user_id", "STRING", (1,), optional=True),
+    Tensor("num_images", "INT32", (1,), optional=True),
+    Tensor("seed", "INT64", (1,), optional=True),
+    Tensor("steps", "INT32", (1,), optional=True),
+    Tensor("guidance", "FP32", (1,), optional=True),
+    Tensor("height", "INT32", (1,), optional=True),
+    Tensor("width", "INT32", (1,), optional=True),
+    Tensor("scheduler", "STRING", (1,), optional=True),
+    Tensor("template", "UINT8", (-1, -1, 3), optional=True),
+    Tensor("strength", "FP32", (1,), optional=True),
+    Tensor("cache_interval", "INT32", (1,), optional=True),  # 1..MAX_CACHE_INTERVAL, 1 = off
 )
-PORTRAIT_EXTRA_INPUTS: tuple[T, ...] = (
-    T("top_k", "INT32", (1,), optional=True),
-    T("fuse", "BOOL", (1,), optional=True),  # false == fusion_strength 0
-    T("fusion_strength", "FP32", (1,), optional=True),  # [0, 1], default DEFAULT_FUSION_STRENGTH
+PORTRAIT_EXTRA_INPUTS: tuple[Tensor, ...] = (
+    Tensor("top_k", "INT32", (1,), optional=True),
+    Tensor("fuse", "BOOL", (1,), optional=True),  # false == fusion_strength 0
+    Tensor("fusion_strength", "FP32", (1,), optional=True),  # [0, 1], default DEFAULT_FUSION_STRENGTH
 )
-SELECT_OUTPUT_TENSORS: tuple[T, ...] = (
-    T("images", "UINT8", (-1, -1, -1, 3)),
-    T("similarity", "FP32", (-1,)),
-    T("rank", "INT32", (-1,)),
-    T("selected", "INT32", (-1,)),
+SELECT_OUTPUT_TENSORS: tuple[Tensor, ...] = (
+    Tensor("images", "UINT8", (-1, -1, -1, 3)),
+    Tensor("similarity", "FP32", (-1,)),
+    Tensor("rank", "INT32", (-1,)),
+    Tensor("selected", "INT32", (-1,)),
 )
 # portrait: ``similarity`` is the one that ranked (report["ranked_by"]); both kinds per candidate
 PORTRAIT_OUTPUT_TENSORS = SELECT_OUTPUT_TENSORS + (
-    T("similarity_generated", "FP32", (-1,)),  # the generated (pre-fusion) face vs the user's reference
-    T("similarity_final", "FP32", (-1,)),  # the returned picture (after fusion) vs the user's reference
-    T("report", "STRING", (1,)),
+    Tensor("similarity_generated", "FP32", (-1,)),  # the generated (pre-fusion) face vs the user's reference
+    Tensor("similarity_final", "FP32", (-1,)),  # the returned picture (after fusion) vs the user's reference
+    Tensor("report", "STRING", (1,)),
 )
-UNET_CORE_INPUTS: tuple[T, ...] = (
-    T("sample", "FP32", (-1, -1, -1)),
-    T("timestep", "FP32", (1,)),
-    T("encoder_hidden_states", "FP32", (TOKENS, -1)),
+UNET_CORE_INPUTS: tuple[Tensor, ...] = (
+    Tensor("sample", "FP32", (-1, -1, -1)),
+    Tensor("timestep", "FP32", (1,)),
+    Tensor("encoder_hidden_states", "FP32", (TOKENS, -1)),
 )
-UNET_OUTPUTS: tuple[T, ...] = (T("noise_pred", "FP32", (-1, -1, -1)),)
+UNET_OUTPUTS: tuple[Tensor, ...] = (Tensor("noise_pred", "FP32", (-1, -1, -1)),)
 #: the runtime-LoRA unet's step cache: a request asking for the output gets a full step and the feature
 #: entering the UNet's last up block; a request sending it runs only the shallow part on it
-UNET_CACHE_INPUTS: tuple[T, ...] = (T(DEEP_FEATURE, "FP32", (-1, -1, -1), optional=True),)
-UNET_CACHE_OUTPUTS: tuple[T, ...] = (T(DEEP_FEATURE, "FP32", (-1, -1, -1)),)
+UNET_CACHE_INPUTS: tuple[Tensor, ...] = (Tensor(DEEP_FEATURE, "FP32", (-1, -1, -1), optional=True),)
+UNET_CACHE_OUTPUTS: tuple[Tensor, ...] = (Tensor(DEEP_FEATURE, "FP32", (-1, -1, -1)),)
 
 TOKENIZER = ModelContract(
     name="tokenizer",
     doc="CLIP BPE tokenizer (SD-1.5 convention: BOS, <=75 tokens, EOS, EOS padding).\n"
     "One request carries N prompts; cheap, so no dynamic batching.",
-    inputs=(T("prompt", "STRING", (-1,)),),
-    outputs=(T("input_ids", "INT32", (-1, TOKENS)),),
+    inputs=(Tensor("prompt", "STRING", (-1,)),),
+    outputs=(Tensor("input_ids", "INT32", (-1, TOKENS)),),
 )
 FACE_DETECTOR = ModelContract(
     name="face_detector",
@@ -386,44 +417,44 @@ FACE_DETECTOR = ModelContract(
     "landmarks [K,5,2] (left eye, right eye, nose, mouth left, mouth right), padded\n"
     "to the request's largest K; num_faces says how many rows are real.\n"
     "cpu: P/R/O-net in ONNX Runtime in-process; gpu: nets are mtcnn_* models (BLS).",
-    inputs=(T("images", "UINT8", (-1, -1, 3)),),
+    inputs=(Tensor("images", "UINT8", (-1, -1, 3)),),
     outputs=(
-        T("boxes", "FP32", (-1, 4)),
-        T("scores", "FP32", (-1,)),
-        T("landmarks", "FP32", (-1, 5, 2)),
-        T("num_faces", "INT32", (1,)),
+        Tensor("boxes", "FP32", (-1, 4)),
+        Tensor("scores", "FP32", (-1,)),
+        Tensor("landmarks", "FP32", (-1, 5, 2)),
+        Tensor("num_faces", "INT32", (1,)),
     ),
     max_batch_size=FACE_NET_MAX_BATCH,
     params=FaceDetectorParams,
 )
 FACE_EMBEDDER = ModelContract(
     name="face_embedder",
-    doc="dlib ResNet (ported): aligned 150x150 chips -> 128-D. embeddings: L2-normalised\n"
+    doc=f"dlib ResNet (ported): aligned {CHIP_SIZE}x{CHIP_SIZE} chips -> {EMBEDDING_DIM}-D. embeddings: L2-normalised\n"
     "(cosine similarity); descriptors: dlib's raw vectors (distance < 0.6 = same person).",
-    inputs=(T("faces", "UINT8", (CHIP_SIZE, CHIP_SIZE, 3)),),
-    outputs=(T("embeddings", "FP32", (EMBEDDING_DIM,)), T("descriptors", "FP32", (EMBEDDING_DIM,))),
+    inputs=(Tensor("faces", "UINT8", (CHIP_SIZE, CHIP_SIZE, 3)),),
+    outputs=(Tensor("embeddings", "FP32", (EMBEDDING_DIM,)), Tensor("descriptors", "FP32", (EMBEDDING_DIM,))),
     max_batch_size=FACE_NET_MAX_BATCH,
     params=FaceEmbedderParams,
 )
 FACE_SELECT = ModelContract(
     name="face_select",
     doc="Rank candidate portraits by identity (BLS over face_detector + face_embedder).\n"
-    "One candidate set per request. Reference: reference_embedding FP32[1,128] or\n"
+    f"One candidate set per request. Reference: reference_embedding FP32[1,{EMBEDDING_DIM}] or\n"
     "user_id (user registry). Outputs: images = top_k survivors best first;\n"
     "similarity/rank per input candidate (rank 0 = best; -1 and NaN = filtered: not\n"
     "exactly one face within size bounds); selected = input indices of the images.",
     inputs=(
-        T("images", "UINT8", (-1, -1, -1, 3)),
-        T("reference_embedding", "FP32", (1, EMBEDDING_DIM), optional=True),
-        T("user_id", "STRING", (1,), optional=True),
-        T("top_k", "INT32", (1,), optional=True),
+        Tensor("images", "UINT8", (-1, -1, -1, 3)),
+        Tensor("reference_embedding", "FP32", (1, EMBEDDING_DIM), optional=True),
+        Tensor("user_id", "STRING", (1,), optional=True),
+        Tensor("top_k", "INT32", (1,), optional=True),
     ),
     outputs=SELECT_OUTPUT_TENSORS,
     params=FaceSelectParams,
 )
 
 
-def _mtcnn(name: str, inputs: tuple[T, ...], outputs: tuple[T, ...]) -> ModelContract:
+def _mtcnn(name: str, inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...]) -> ModelContract:
     return ModelContract(
         name=f"mtcnn_{name}",
         doc=f"MTCNN {name.upper()} (GPU target: called by face_detector's cascade over BLS).",
@@ -432,29 +463,36 @@ def _mtcnn(name: str, inputs: tuple[T, ...], outputs: tuple[T, ...]) -> ModelCon
     )
 
 
-MTCNN_PNET = _mtcnn("pnet", (T("images", "FP32", (-1, 3, -1, -1)),),
-                    (T("offsets", "FP32", (-1, 4, -1, -1)), T("probs", "FP32", (-1, 2, -1, -1))))
-MTCNN_RNET = _mtcnn("rnet", (T("images", "FP32", (-1, 3, 24, 24)),),
-                    (T("offsets", "FP32", (-1, 4)), T("probs", "FP32", (-1, 2))))
-MTCNN_ONET = _mtcnn("onet", (T("images", "FP32", (-1, 3, 48, 48)),),
-                    (T("offsets", "FP32", (-1, 4)), T("landmarks", "FP32", (-1, 10)), T("probs", "FP32", (-1, 2))))
+MTCNN_PNET = _mtcnn("pnet", (Tensor("images", "FP32", (-1, 3, -1, -1)),),
+                    (Tensor("offsets", "FP32", (-1, 4, -1, -1)), Tensor("probs", "FP32", (-1, 2, -1, -1))))
+MTCNN_RNET = _mtcnn("rnet", (Tensor("images", "FP32", (-1, 3, 24, 24)),),
+                    (Tensor("offsets", "FP32", (-1, 4)), Tensor("probs", "FP32", (-1, 2))))
+MTCNN_ONET = _mtcnn("onet", (Tensor("images", "FP32", (-1, 3, 48, 48)),),
+                    (Tensor("offsets", "FP32", (-1, 4)), Tensor("landmarks", "FP32", (-1, 10)),
+                     Tensor("probs", "FP32", (-1, 2))))
 
 TEXT_ENCODER = ModelContract(
     name="text_encoder",
-    doc="Runtime-LoRA CLIP text encoder: token ids -> last_hidden_state [77, C], each batch\n"
-    "item with its user's text-encoder LoRA (user_id; empty or no such layers = base model).",
-    inputs=(T("input_ids", "INT32", (TOKENS,)), T("user_id", "STRING", (1,), optional=True)),
-    outputs=(T("last_hidden_state", "FP32", (TOKENS, -1)),),
+    doc=f"Runtime-LoRA CLIP text encoder: token ids -> last_hidden_state [{TOKENS}, C], each batch\n"
+    "item with its user's text-encoder LoRA (user_id; empty or no such layers = base model)\n"
+    "at user_version (the registry version the caller pinned; empty = the current one).",
+    inputs=(Tensor("input_ids", "INT32", (TOKENS,)), Tensor("user_id", "STRING", (1,), optional=True),
+            Tensor("user_version", "STRING", (1,), optional=True)),
+    outputs=(Tensor("last_hidden_state", "FP32", (TOKENS, -1)),),
     max_batch_size=16,
     params=TextEncoderParams,
 )
 UNET = ModelContract(
     name="unet",
     doc="Runtime-LoRA UNet: noise prediction for each batch item with that item's user's\n"
-    "LoRA (user_id; empty = base model) and style LoRA (style), from an LRU bank.\n"
+    "LoRA (user_id; empty = base model) at user_version (the registry version the caller\n"
+    "pinned for its whole request; empty = the current one) and style LoRA (style), from\n"
+    "an LRU bank.\n"
     "Step cache: request the deep_feature output (a full step), or send deep_feature\n"
     "(a shallow step: only the outer blocks run, on that cached feature).",
-    inputs=UNET_CORE_INPUTS + (T("user_id", "STRING", (1,), optional=True), T("style", "STRING", (1,), optional=True))
+    inputs=UNET_CORE_INPUTS + (Tensor("user_id", "STRING", (1,), optional=True),
+                               Tensor("user_version", "STRING", (1,), optional=True),
+                               Tensor("style", "STRING", (1,), optional=True))
     + UNET_CACHE_INPUTS,
     outputs=UNET_OUTPUTS + UNET_CACHE_OUTPUTS,
     max_batch_size=32,
@@ -463,16 +501,16 @@ UNET = ModelContract(
 VAE_DECODER = ModelContract(
     name="vae_decoder",
     doc="VAE decoder: scaled latent [4, h, w] -> RGB image UINT8 [8h, 8w, 3].",
-    inputs=(T("latent", "FP32", (-1, -1, -1)),),
-    outputs=(T("images", "UINT8", (-1, -1, 3)),),
+    inputs=(Tensor("latent", "FP32", (-1, -1, -1)),),
+    outputs=(Tensor("images", "UINT8", (-1, -1, 3)),),
     max_batch_size=8,
     params=NetParams,
 )
 VAE_ENCODER = ModelContract(
     name="vae_encoder",
     doc="VAE encoder (template mode): RGB image UINT8 [H, W, 3] -> scaled latent mean.",
-    inputs=(T("images", "UINT8", (-1, -1, 3)),),
-    outputs=(T("latent", "FP32", (-1, -1, -1)),),
+    inputs=(Tensor("images", "UINT8", (-1, -1, 3)),),
+    outputs=(Tensor("latent", "FP32", (-1, -1, -1)),),
     max_batch_size=8,
     params=NetParams,
 )
@@ -483,7 +521,7 @@ PORTRAIT_GENERATOR = ModelContract(
     "template (+ strength): the template's face region is re-generated. Deterministic\n"
     "for a fixed seed (image i uses seed + i).",
     inputs=GENERATION_INPUTS,
-    outputs=(T("images", "UINT8", (-1, -1, -1, 3)),),
+    outputs=(Tensor("images", "UINT8", (-1, -1, -1, 3)),),
     params=GeneratorParams,
 )
 PORTRAIT = ModelContract(
@@ -503,7 +541,7 @@ PORTRAIT_STREAM = ModelContract(
     doc="portrait with progress (decoupled, over a gRPC stream): one response per denoising\n"
     "step with progress = [done, total], then the final response with portrait's outputs.",
     inputs=GENERATION_INPUTS + PORTRAIT_EXTRA_INPUTS,
-    outputs=(T("progress", "INT32", (2,)),) + PORTRAIT_OUTPUT_TENSORS,
+    outputs=(Tensor("progress", "INT32", (2,)),) + PORTRAIT_OUTPUT_TENSORS,
     decoupled=True,
     params=StreamParams,
 )
@@ -534,7 +572,7 @@ SELECT_OUTPUTS = FACE_SELECT.output_names()
 PORTRAIT_OUTPUTS = PORTRAIT.output_names()
 GENERATION_INPUT_NAMES = tuple(t.name for t in GENERATION_INPUTS)
 PORTRAIT_INPUT_NAMES = PORTRAIT.input_names()
-GENERATION_STRINGS = ("prompt", "negative_prompt", "style", "user_id", "scheduler")
+GENERATION_STRINGS = tuple(t.name for t in GENERATION_INPUTS if t.dtype == "STRING")
 
 
 #: Triton tensor type -> numpy dtype name (the numeric types of the tables above)

@@ -46,9 +46,9 @@ import numpy as np
 
 from facetron.atomic import json_bytes
 from facetron.contract import USER_ID_PATTERN, validate_user_id
-from facetron.errors import NotFoundError
+from facetron.errors import InvalidInputError, NotFoundError
 from facetron.imageio import load_image
-from facetron.paths import BUILD_DIR
+from facetron.paths import data_root
 
 EMBEDDING_FILE = "reference_embedding.npy"
 USER_INFO_FILE = "user.json"
@@ -69,8 +69,8 @@ Changes = Mapping[str, "bytes | Path"]
 
 
 def default_root() -> Path:
-    """``$FACETRON_USERS_DIR``, else ``build/users`` under the checkout (any working directory)."""
-    return Path(os.environ.get("FACETRON_USERS_DIR") or BUILD_DIR / "users")
+    """``$FACETRON_USERS_DIR``, else ``users/`` under the data root (:func:`facetron.paths.data_root`), read at call time."""
+    return Path(os.environ.get("FACETRON_USERS_DIR") or data_root() / "users")
 
 
 def registry_at(users_dir: str | os.PathLike | None) -> "UserRegistry":
@@ -195,20 +195,12 @@ class UserRegistry:
     def save_reference_embedding(self, user_id: str, embedding: np.ndarray) -> str:
         return self.update(user_id, {EMBEDDING_FILE: embedding_bytes(embedding)})
 
-    def install_file(self, user_id: str, src: Path, name: str) -> str:
-        """Copy ``src`` into the user's files as ``name`` (a new version)."""
-        return self.update(user_id, {name: Path(src)})
-
     def install_lora(self, user_id: str, lora: Path, sidecar: Path | None = None) -> str:
         """A trained LoRA (+ its JSON sidecar) as one new version."""
         changes: dict[str, bytes | Path] = {LORA_FILE: Path(lora)}
         if sidecar is not None and Path(sidecar).is_file():
             changes[LORA_INFO_FILE] = Path(sidecar)
         return self.update(user_id, changes)
-
-    def save_user_info(self, user_id: str, info: dict) -> str:
-        """``user.json``: what captions/prompts say about the user (e.g. subject words)."""
-        return self.update(user_id, {USER_INFO_FILE: json_bytes(info)})
 
     def register(self, user_id: str, reference_embedding: np.ndarray, template_image: Path,
                  template_landmarks: Path, info: dict) -> str:
@@ -221,47 +213,50 @@ class UserRegistry:
             USER_INFO_FILE: json_bytes(info),
         })
 
-    # --- what the serving side reads ------------------------------------------------------
+    # --- what the serving side reads: one user at one version ----------------------------
 
-    def require(self, user_id: str) -> Path:
-        """The served version's folder; NotFoundError naming the registry for an unknown user."""
+    def pin(self, user_id: str) -> "PinnedUser":
+        """The user at its served version, resolved once: every read of a request comes
+        from this one version folder (a retrain during the request switches nothing).
+        The id is validated here, once; NotFoundError for an unknown user."""
         d = self.files(user_id)
         if d is None or not (d / EMBEDDING_FILE).is_file():
             raise NotFoundError(f"user_id: unknown user {user_id!r} (not registered in {self.root})")
-        return d
+        return PinnedUser(user_id, d.name, d)
+
+    def at_version(self, user_id: str, version: str) -> "PinnedUser":
+        """The user at ``version`` (one a request pinned earlier; kept KEEP_VERSIONS /
+        VERSION_GRACE_S after a switch); NotFoundError when that version is gone."""
+        if not _VERSION.fullmatch(version):
+            raise InvalidInputError("user_version", f"{version!r} is not a registry version (v + 6 digits)")
+        d = self.user_dir(user_id) / version
+        if not (d / EMBEDDING_FILE).is_file():
+            raise NotFoundError(f"user_id: user {user_id!r} has no version {version} (retrained or deleted since)")
+        return PinnedUser(user_id, version, d)
+
+    def require(self, user_id: str) -> Path:
+        """The served version's folder; NotFoundError naming the registry for an unknown user."""
+        return self.pin(user_id).folder
 
     def reference_embedding(self, user_id: str) -> np.ndarray:
         """float32 [1, D] L2-normalised; NotFoundError for an unknown user."""
-        emb = np.load(self.require(user_id) / EMBEDDING_FILE, allow_pickle=False).astype(np.float32).reshape(1, -1)
-        return emb / max(float(np.linalg.norm(emb)), 1e-12)
+        return self.pin(user_id).reference_embedding()
 
     def identity_text(self, user_id: str) -> tuple[str, str]:
         """(trigger token, subject words) for prompts; ('' = base model) gives generic words."""
-        if not user_id:
-            return DEFAULT_SUBJECT, DEFAULT_SUBJECT
-        d = self.require(user_id)
-        trigger, subject = DEFAULT_TRIGGER, DEFAULT_SUBJECT
-        for name in (LORA_INFO_FILE, USER_INFO_FILE):
-            if (d / name).is_file():
-                meta = json.loads((d / name).read_text())
-                trigger = meta.get("trigger_token", trigger)
-                subject = meta.get("subject", subject)
-        return trigger, subject
+        return self.pin(user_id).identity_text() if user_id else (DEFAULT_SUBJECT, DEFAULT_SUBJECT)
 
     def template(self, user_id: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(template face image, its 5 landmarks) written at registration, if any."""
         d = self.files(user_id)
-        if d is None or not ((d / TEMPLATE_IMAGE).is_file() and (d / TEMPLATE_LANDMARKS).is_file()):
-            return None
-        landmarks = json.loads((d / TEMPLATE_LANDMARKS).read_text())["landmarks"]
-        return load_image(d / TEMPLATE_IMAGE), np.asarray(landmarks, np.float32)
+        return None if d is None else PinnedUser(user_id, d.name, d).template()
 
     def lora_path(self, user_id: str) -> Path:
         """The served version's LoRA file; NotFoundError when there is none."""
         d = self.files(user_id)
-        if d is None or not (d / LORA_FILE).is_file():
+        if d is None:
             raise NotFoundError(f"user_id: no trained LoRA for user {user_id!r} ({LORA_FILE} missing in {self.root})")
-        return d / LORA_FILE
+        return PinnedUser(user_id, d.name, d).lora_path()
 
     def describe(self, user_id: str) -> dict:
         """What `facetron users show` prints: version, files and their sizes, identity text."""
@@ -278,6 +273,45 @@ class UserRegistry:
             "has_template": (d / TEMPLATE_IMAGE).is_file(),
         }
 
+
+@dataclass(frozen=True)
+class PinnedUser:
+    """One user at one registry version (:meth:`UserRegistry.pin`): the files a
+    request reads, all from ``folder``, with no further lookup or validation."""
+
+    user_id: str
+    version: str  # v000003
+    folder: Path
+
+    def reference_embedding(self) -> np.ndarray:
+        """float32 [1, D] L2-normalised."""
+        emb = np.load(self.folder / EMBEDDING_FILE, allow_pickle=False).astype(np.float32).reshape(1, -1)
+        return emb / max(float(np.linalg.norm(emb)), 1e-12)
+
+    def identity_text(self) -> tuple[str, str]:
+        """(trigger token, subject words) for prompts."""
+        trigger, subject = DEFAULT_TRIGGER, DEFAULT_SUBJECT
+        for name in (LORA_INFO_FILE, USER_INFO_FILE):
+            if (self.folder / name).is_file():
+                meta = json.loads((self.folder / name).read_text())
+                trigger = meta.get("trigger_token", trigger)
+                subject = meta.get("subject", subject)
+        return trigger, subject
+
+    def template(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(template face image, its 5 landmarks) written at registration, if any."""
+        if not ((self.folder / TEMPLATE_IMAGE).is_file() and (self.folder / TEMPLATE_LANDMARKS).is_file()):
+            return None
+        landmarks = json.loads((self.folder / TEMPLATE_LANDMARKS).read_text())["landmarks"]
+        return load_image(self.folder / TEMPLATE_IMAGE), np.asarray(landmarks, np.float32)
+
+    def lora_path(self) -> Path:
+        """This version's LoRA file; NotFoundError when there is none."""
+        path = self.folder / LORA_FILE
+        if not path.is_file():
+            raise NotFoundError(f"user_id: no trained LoRA for user {self.user_id!r} ({LORA_FILE} missing in "
+                                f"version {self.version})")
+        return path
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 # registry point into a session sandbox (set before facetron is imported).
 _SANDBOX = Path(tempfile.mkdtemp(prefix="facetron-tests-"))
 atexit.register(shutil.rmtree, _SANDBOX, True)
-os.environ["FACETRON_BUILD_DIR"] = str(_SANDBOX / "build")
+os.environ["FACETRON_HOME"] = str(_SANDBOX / "build")
+os.environ.pop("FACETRON_BUILD_DIR", None)
 os.environ["FACETRON_USERS_DIR"] = str(_SANDBOX / "users")
 
 import pytest  # noqa: E402

@@ -1,11 +1,43 @@
 """facetron's import graph, read from the source with ``ast`` (nothing is
 imported), counting imports inside function bodies too, and the layer rules
 it must hold (docs/ARCHITECTURE.md "Layers"). Used by tests/test_layers.py.
+
+A subprocess that runs facetron counts as an import too (``Import.subprocess``):
+an argv list with ``"-m", "facetron.X"`` imports ``facetron.X``; an argv list
+(``[...]``, two items or more) starting with ``"facetron"``,
+``shutil.which("facetron")`` or a shell string ``facetron ...`` imports
+``facetron.cli`` (the console script). Such an edge
+couples the parts like an import does, but loads nothing into the caller's
+process, so :func:`cycles` and :func:`closure` leave it out.
+
+The rules (:func:`layer_violations`, :func:`served_model_violations`):
+
+1. core (``facetron/`` minus ``cli/``) imports none of training, export,
+   client, benchmarks, web, cli; each part imports only the parts in
+   :data:`ALLOWED`; the client imports only :data:`CLIENT_CORE` from core, the
+   web app only :data:`WEB_CORE`.
+2. ``facetron.serving.<model>`` (one module per served model) is imported only
+   by ``model_repository/<model>/1/model.py`` and tests, and imports no other
+   serving module: what two served models share lives in ``facetron.pipeline``
+   or ``facetron.triton``.
+3. ``facetron.pipeline`` (the processing library) imports neither
+   ``facetron.triton`` nor ``facetron.serving``: it runs the same inside Triton
+   and in-process, the runtimes passed in as callables.
+4. ``facetron.triton`` (python-backend glue) imports no ``facetron.serving``:
+   the adapters sit on the glue, not the other way round.
+5. Outside core and the CLI, only ``facetron.triton.server`` (the tritonserver
+   launcher) may be imported from ``facetron.triton``: training, export,
+   benchmarks, client and web never load the python-backend glue.
+6. Only the CLI and the web app run the CLI as a subprocess (:data:`SUBPROCESS_ALLOWED`).
+7. Served ``model.py`` files import core only, and of ``facetron.serving`` only
+   their own model's module.
 """
 
 from __future__ import annotations
 
 import ast
+import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +56,14 @@ PARTS = ("facetron.cli", "facetron.training", "facetron.export", "facetron.clien
          "facetron.web")
 #: heavy frameworks the runtime-LoRA ``unet`` model must not load at request time
 TORCH_STACK = ("torch", "diffusers", "peft", "transformers", "accelerate")
+SERVING = "facetron.serving"  # one module per served model (Triton adapters)
+PIPELINE = "facetron.pipeline"  # the processing library
+TRITON = "facetron.triton"  # python-backend glue + the tritonserver launcher
+TRITON_LAUNCHER = "facetron.triton.server"
+CLI = "facetron.cli"
+#: functions that run a command line given as one string (``os.system("facetron demo")``, ``shell=True``)
+SHELL_RUNNERS = {"system", "popen", "run", "Popen", "call", "check_call", "check_output", "create_subprocess_shell"}
+_SHELL_FACETRON = re.compile(r"(?:^|[\s/])(?:-m\s+(facetron[\w.]*)|(facetron))(?:\s|$)")
 
 
 @dataclass(frozen=True)
@@ -32,6 +72,7 @@ class Import:
     target: str  # imported module (facetron module, or the top-level name of an external one)
     line: int
     in_function: bool
+    subprocess: bool = False  # a subprocess that runs the target (``-m facetron.X``, the ``facetron`` script)
 
 
 def module_sources(root: Path = ROOT) -> dict[str, str]:
@@ -79,10 +120,39 @@ def imports_of(name: str, text: str, sources: dict[str, str]) -> list[Import]:
                     full = f"{base}.{alias.name}"
                     target = full if full in sources else _resolve(base, sources)
                     found.append(Import(name, target, child.lineno, in_function))
+            for target in _spawned(child):
+                found.append(Import(name, _resolve(target, sources), child.lineno, in_function, subprocess=True))
             visit(child, inner)
 
     visit(tree, False)
     return found
+
+
+def _text(node: ast.AST) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def _spawned(node: ast.AST) -> list[str]:
+    """The facetron modules a node runs as a subprocess: an argv list or tuple with
+    ``"-m", "facetron.X"`` (-> facetron.X), or an argv list of two or more items
+    starting with ``"facetron"`` (the console script -> facetron.cli); ``shutil.which("facetron")``; a shell
+    string ``"facetron ..."`` / ``"python -m facetron.X ..."`` given to
+    ``subprocess.run`` / ``os.system`` and kin."""
+    if isinstance(node, (ast.List, ast.Tuple)):
+        texts = [_text(e) for e in node.elts]
+        found = [nxt for flag, nxt in itertools.pairwise(texts)
+                 if flag == "-m" and nxt and (nxt == "facetron" or nxt.startswith("facetron."))]
+        if isinstance(node, ast.List) and len(texts) > 1 and texts[0] == "facetron":
+            found.append(CLI)  # an argv list; a tuple ("facetron", ...) is a command path (cli.conventions.walk)
+        return found
+    if isinstance(node, ast.Call):
+        func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        first = _text(node.args[0]) if node.args else None
+        if func == "which" and first == "facetron":
+            return [CLI]
+        if func in SHELL_RUNNERS and first:
+            return [m[1] or CLI for m in _SHELL_FACETRON.finditer(first)]
+    return []
 
 
 def _resolve(module: str, sources: dict[str, str]) -> str:
@@ -118,9 +188,18 @@ ALLOWED = {
     "facetron.cli": set(PARTS),
 }
 #: the client uses only these core modules (no torch, no model code)
-CLIENT_CORE = {"facetron", "facetron.contract", "facetron.errors"}
+CLIENT_CORE = {"facetron", "facetron.contract", "facetron.errors", "facetron.request"}
 #: the web app: the client's core modules + image io (uploads checked with prepare's rules); no model code
 WEB_CORE = CLIENT_CORE | {"facetron.imageio"}
+#: part -> parts it may run as a subprocess beyond what it may import. The web app runs prepare and
+#: training as the operator's CLI in a separate process, so torch never loads in the web process; it
+#: imports nothing of training. Everything else calls the library (the CLI may run itself: ALLOWED).
+SUBPROCESS_ALLOWED = {"facetron.web": {CLI}}
+
+
+def within(module: str, package: str) -> bool:
+    """``module`` is ``package`` or one of its modules."""
+    return module == package or module.startswith(package + ".")
 
 
 def layer_violations(imports: list[Import]) -> list[str]:
@@ -129,30 +208,58 @@ def layer_violations(imports: list[Import]) -> list[str]:
     for imp in imports:
         src, dst = part_of(imp.source), part_of(imp.target)
         where = f"{imp.source}:{imp.line} -> {imp.target}" + (" (inside a function)" if imp.in_function else "")
-        if dst in PARTS and dst != src and dst not in ALLOWED[src]:
-            bad.append(f"{where}: {src} may not import {dst}")
+        where += " (a subprocess)" if imp.subprocess else ""
+        spawn_ok = imp.subprocess and dst in SUBPROCESS_ALLOWED.get(src, ())
+        if dst in PARTS and dst != src and dst not in ALLOWED[src] and not spawn_ok:
+            bad.append(f"{where}: {src} may not " + ("run" if imp.subprocess else "import") + f" {dst}")
         if src == "facetron.client" and dst == "core" and imp.target not in CLIENT_CORE:
             bad.append(f"{where}: the client imports only {sorted(CLIENT_CORE)} from core")
         if src == "facetron.web" and dst == "core" and imp.target not in WEB_CORE:
             bad.append(f"{where}: the web app imports only {sorted(WEB_CORE)} from core")
+        bad.extend(f"{where}: {rule}" for rule in _adapter_rules(imp, src))
     return bad
 
 
+def _adapter_rules(imp: Import, src: str) -> list[str]:
+    """Rules 2-5 of the module docstring: serving, pipeline and triton, each with its reason."""
+    s, t = imp.source, imp.target
+    broken = []
+    if within(t, SERVING) and t != s:
+        if within(s, SERVING):
+            broken.append(f"a serving module imports no other {SERVING} module (shared code lives in "
+                          f"{PIPELINE} or {TRITON})")
+        else:
+            broken.append(f"{SERVING}.<model> is imported only by model_repository/<model>/1/model.py and tests")
+    if within(s, PIPELINE) and (within(t, TRITON) or within(t, SERVING)):
+        broken.append(f"the processing library imports neither {TRITON} nor {SERVING}: it runs the same in Triton "
+                      "and in-process; runtimes are passed in as callables")
+    if within(s, TRITON) and within(t, SERVING):
+        broken.append(f"{TRITON} imports no {SERVING}: the adapters use the glue, not the other way round")
+    if src not in ("core", CLI) and within(t, TRITON) and t != TRITON_LAUNCHER:
+        broken.append(f"outside core and the CLI only {TRITON_LAUNCHER} (the tritonserver launcher) is imported "
+                      f"from {TRITON}, never the python-backend glue")
+    return broken
+
+
 def served_model_violations(sources: dict[str, str], modules: dict[str, str]) -> list[str]:
-    """Served model.py files import core only (facetron.serving, contract, ...)."""
+    """Served model.py files (``model_repository/<model>``) import core only, and
+    of facetron.serving only ``facetron.serving.<model>``, the module of the model they serve."""
     bad = []
     for name, text in sources.items():
+        own = f"{SERVING}.{name.rpartition('/')[2]}"
         for imp in imports_of(name, text, modules):
             if part_of(imp.target) in PARTS:
                 bad.append(f"{name}:{imp.line} -> {imp.target}: served models import core only")
+            if within(imp.target, SERVING) and imp.target != own:
+                bad.append(f"{name}:{imp.line} -> {imp.target}: a served model imports only its own module {own}")
     return bad
 
 
 def cycles(imports: list[Import]) -> list[list[str]]:
-    """Import cycles among facetron modules (deferred imports count)."""
+    """Import cycles among facetron modules (deferred imports count; a subprocess is no import cycle)."""
     edges: dict[str, set[str]] = {}
     for imp in imports:
-        if imp.target.startswith("facetron") and imp.target != imp.source:
+        if imp.target.startswith("facetron") and imp.target != imp.source and not imp.subprocess:
             edges.setdefault(imp.source, set()).add(imp.target)
     found, state = [], {}
 
@@ -174,10 +281,12 @@ def cycles(imports: list[Import]) -> list[list[str]]:
 
 
 def closure(start: str, imports: list[Import]) -> set[str]:
-    """Every facetron module ``start`` loads, transitively (deferred imports too)."""
+    """Every facetron module ``start`` loads into its process, transitively
+    (deferred imports too; subprocesses load into their own)."""
     edges: dict[str, set[str]] = {}
     for imp in imports:
-        edges.setdefault(imp.source, set()).add(imp.target)
+        if not imp.subprocess:
+            edges.setdefault(imp.source, set()).add(imp.target)
     seen, todo = set(), [start]
     while todo:
         node = todo.pop()

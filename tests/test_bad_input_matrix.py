@@ -26,7 +26,7 @@ _WRONG = {"UINT8": np.float32, "FP32": np.float64, "INT32": np.float32, "INT64":
           "STRING": np.float32}
 
 
-def _valid(c: contract.ModelContract, t: contract.T, batch: int = 1) -> np.ndarray:
+def _valid(c: contract.ModelContract, t: contract.Tensor, batch: int = 1) -> np.ndarray:
     """A well-formed value for one input (the batch dim added when the model batches)."""
     dims = [d if d > 0 else 16 for d in t.dims]
     if t.name == "images" and c.name == "face_select":

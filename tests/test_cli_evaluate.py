@@ -32,7 +32,7 @@ def test_summary_statistics() -> None:
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--num", "0"], "--num: must be >= 1 pictures per prompt and style, got 0"),
+    (["--images-per-prompt", "0"], "--images-per-prompt: must be >= 1 pictures per prompt and style, got 0"),
     (["--styles", " , "], "--styles: name at least one style"),
     (["--user", "../x"], "--user: '../x' is not a valid user id"),
     (["--server", "nohost"], "--server: 'nohost' is not host:port"),
@@ -68,8 +68,8 @@ def evaluser(users_dir: Path, tmp_path: Path) -> str:
 @pytest.mark.triton
 def test_evaluate_end_to_end(triton, evaluser, tmp_path: Path, capsys) -> None:
     out = tmp_path / "report"
-    argv = ["evaluate", "--user", evaluser, "--server", triton.grpc_url, "--styles", "studio,outdoor", "--num", "2",
-            "--steps", "2", "--size", "128", "--out", str(out)]
+    argv = ["evaluate", "--user", evaluser, "--server", triton.grpc_url, "--styles", "studio,outdoor",
+            "--images-per-prompt", "2", "--steps", "2", "--size", "128", "--out", str(out)]
     assert _cli(argv) == 0, capsys.readouterr().err
     doc = json.loads((out / "identity_report.json").read_text())
     assert doc["overall"]["samples"] == 2 * 2 * 2 and set(doc["by_style"]) == {"studio", "outdoor"}
@@ -87,6 +87,6 @@ def test_evaluate_end_to_end(triton, evaluser, tmp_path: Path, capsys) -> None:
     assert again["samples"] == doc["samples"]
     np.testing.assert_array_equal(load_image(out / "identity_report.png"), load_image(tmp_path / "again" / "identity_report.png"))
     # an unknown user is named
-    assert _cli(["evaluate", "--user", "nobody", "--server", triton.grpc_url, "--num", "1", "--steps", "1",
-                 "--size", "128", "--out", str(tmp_path / "x")]) == 2
+    assert _cli(["evaluate", "--user", "nobody", "--server", triton.grpc_url, "--images-per-prompt", "1",
+                 "--steps", "1", "--size", "128", "--out", str(tmp_path / "x")]) == 2
     assert "unknown user 'nobody'" in capsys.readouterr().err

@@ -34,8 +34,8 @@ def _error_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--num", "0"], "--num: must be 1..16, got 0"),
-        (["--num", "2", "--top-k", "3"], "--top-k: must be in 0..num_images (2), got 3"),
+        (["--num-images", "0"], "--num-images: must be 1..16, got 0"),
+        (["--num-images", "2", "--top-k", "3"], "--top-k: must be in 0..num_images (2), got 3"),
         (["--height", "100"], "--height: must be a multiple of 8 in 32..2048, got 100"),
         (["--steps", "0"], "--steps: must be 1..150, got 0"),
         (["--guidance", "nan"], "--guidance: must be in 0..30, got nan"),
@@ -66,8 +66,8 @@ def test_bad_arguments_fail_in_one_line(
 def test_usage_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     assert facetron(["generate", "--out", str(tmp_path)], monkeypatch) == 2
     assert _error_lines(capsys)[-1] == "facetron generate: error: the following arguments are required: --user"
-    assert facetron(["generate", "--user", "demo", "--out", str(tmp_path), "--num", "many"], monkeypatch) == 2
-    assert _error_lines(capsys)[-1] == "facetron generate: error: argument --num: invalid int value: 'many'"
+    assert facetron(["generate", "--user", "demo", "--out", str(tmp_path), "--num-images", "many"], monkeypatch) == 2
+    assert _error_lines(capsys)[-1] == "facetron generate: error: argument --num-images: invalid int value: 'many'"
     afile = tmp_path / "file.txt"
     afile.write_text("x")
     assert facetron(["generate", "--user", "demo", "--out", str(afile)], monkeypatch) == 2
@@ -93,7 +93,7 @@ def test_server_without_portrait_model(
     expected = "facetron generate: error: Request for unknown model: 'portrait' is not found"
     for servers in (url, f"{dead},{url}"):  # the dead one is skipped over: the live one answers NOT_FOUND
         out = tmp_path / servers.replace(":", "_").replace(",", "+")
-        argv = ["generate", "--user", "demo", "--num", "2", "--server", servers, "--out", str(out)]
+        argv = ["generate", "--user", "demo", "--num-images", "2", "--server", servers, "--out", str(out)]
         assert facetron(argv, monkeypatch) == 2
         assert _error_lines(capsys) == [expected]
         assert not out.exists()
@@ -145,7 +145,7 @@ def test_generate_end_to_end(
     assert isinstance(result.report, dict) and result.timing["server"] == triton.grpc_url
 
     out = tmp_path / "gen"
-    argv = ["generate", "--user", "demo", "--num", "2", "--top-k", "1", "--steps", "2", "--seed", "7",
+    argv = ["generate", "--user", "demo", "--num-images", "2", "--top-k", "1", "--steps", "2", "--seed", "7",
             "--height", "128", "--width", "128", "--template", str(tmp_path / "template.png"), "--strength", "0.6",
             "--fusion-strength", "0.8", "--server", triton.grpc_url, "--out", str(out)]
     assert facetron(argv, monkeypatch) == 0, capsys.readouterr().err

@@ -288,7 +288,7 @@ def test_sync_and_async_pools_follow_the_same_plan(a_answers: list, expect: tupl
         ({"seed": -1}, f"seed: must be in 0..{contract.MAX_SEED}, got -1"),
         ({"steps": "many"}, "steps: expected a number, got 'many'"),
         ({"user_id": "../x"}, "user_id: '../x' is not a valid user id"),
-        ({"template": np.zeros((64, 64, 3), np.float32)}, "template: expected dtype uint8"),
+        ({"template": np.zeros((64, 64, 3), np.float32)}, "template: expected UINT8 [H, W, 3]"),
         ({"fusion_strength": 1.5}, "fusion_strength: must be in [0, 1] (0 = no fusion), got 1.5"),
         ({"fuse": False, "fusion_strength": 0.4}, "fuse: false turns fusion off, but fusion_strength is 0.4"),
         ({"cache_interval": 0}, "cache_interval: must be 1..5 (1 = no step caching), got 0"),
@@ -306,8 +306,9 @@ def test_portrait_request_applies_the_server_rules(kwargs: dict, message: str) -
 def test_portrait_request_sends_only_what_was_given_with_the_contract_dtypes() -> None:
     assert sorted(portrait_request("demo")) == ["num_images", "user_id"]
     inputs = portrait_request(
-        "demo", "studio", "a {trigger}", 2, 1, 20, 6.5, 7, 256, 320, np.zeros((64, 64, 3), np.uint8), 0.5, "blur", "euler", True, 0.7,
-        3,
+        "demo", style="studio", prompt="a {trigger}", num_images=2, top_k=1, steps=20, guidance=6.5, seed=7,
+        height=256, width=320, template=np.zeros((64, 64, 3), np.uint8), strength=0.5, negative_prompt="blur",
+        scheduler="euler", fuse=True, fusion_strength=0.7, cache_interval=3,
     )
     assert set(inputs) <= set(contract.PORTRAIT_INPUT_NAMES)
     for name, dtype in contract.SCALAR_INPUTS.items():
@@ -424,8 +425,9 @@ def test_client_modules_are_small_and_import_at_the_top() -> None:
                 assert not inner, f"client/{name}.py:{inner}: import inside {node.name}() (import at the top)"
 
 
-def test_client_imports_only_contract_errors_and_itself_and_no_torch() -> None:
-    allowed = ("facetron.contract", "facetron.errors", "facetron.client")
+def test_client_imports_only_contract_errors_request_and_itself_and_no_torch() -> None:
+    """The client builds the same typed request the server parses (facetron.request)."""
+    allowed = ("facetron.contract", "facetron.errors", "facetron.request", "facetron.client")
     for name, tree in _modules().items():
         for node in ast.walk(tree):
             targets = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facetron.diffusion.clip_tokenizer import VOCAB_SIZE, ClipTokenizer, build_vocab
+from facetron.contract import VOCAB_SIZE
+from facetron.diffusion.clip_tokenizer import ClipTokenizer, build_vocab
 
 BOS, EOS = 49406, 49407
 SD_SPECIALS = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}

@@ -91,9 +91,9 @@ def onnx(base, tmp_path_factory) -> dict:
     export_onnx(base, out, models=("vae_decoder", "vae_encoder"), runtime_lora_rank=RANK)
     export_runtime_lora_text_encoder(base.text_encoder, out, dims=ModelDims.of(base), rank=RANK)
     sessions = {m: _session(out / m / "model.onnx")
-                for m in ("text_encoder_lora", "vae_decoder", "vae_encoder", "unet_lora")}
+                for m in ("text_encoder", "vae_decoder", "vae_encoder", "unet_lora")}
     return {"sessions": sessions, "manifest": read_lora_manifest(out / "unet_lora"),
-            "te_manifest": read_lora_manifest(out / "text_encoder_lora")}
+            "te_manifest": read_lora_manifest(out / "text_encoder")}
 
 
 def runtime_nets(base, onnx: dict, lora: dict[str, np.ndarray] | None = None, text_encode=None,
@@ -112,7 +112,7 @@ def runtime_nets(base, onnx: dict, lora: dict[str, np.ndarray] | None = None, te
 
     def te(ids):
         feed = {k: np.repeat(v, len(ids), axis=0) for k, v in te_item.items()}
-        return s["text_encoder_lora"].run(None, {"input_ids": ids, **feed})[0]
+        return s["text_encoder"].run(None, {"input_ids": ids, **feed})[0]
 
     return DiffusionNets(
         tokenize=ClipTokenizer(),
@@ -328,7 +328,7 @@ def test_served_user_and_style_lora_equal_diffusers(base, loras, lora_pipe, clie
     the user's LoRA from the user registry and the style's from the style
     registry beside it; tokenizer, text encoder and VAE over BLS) equals
     diffusers with load_lora_weights + set_adapters([face, style], [w_face, w_style])."""
-    from facetron.styles import styles_for
+    from facetron.style_registry import styles_for
     from facetron.users import UserRegistry
 
     registry = UserRegistry(users_dir)

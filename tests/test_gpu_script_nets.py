@@ -11,7 +11,9 @@ import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from facetron import contract
 from facetron.benchmarks import sd15_nets as nets
+from facetron.diffusion import model_spec
 from facetron.diffusion.model_spec import SD15_SCHEDULER
 from facetron.diffusion.sampler import SCHEDULER_SETTINGS, make_scheduler
 
@@ -40,6 +42,15 @@ def _clip_checkpoint_keys(state: dict) -> dict:
 
 def _shapes(state: dict) -> dict:
     return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def test_the_marked_copies_stay_equal() -> None:
+    """sd15_nets travels alone to a GPU machine, so it copies facetron's CLIP numbers and net configs
+    (``# Copied from`` in it): they stay equal to the originals."""
+    assert (nets.TOKENS, nets.VOCAB_SIZE) == (contract.TOKENS, contract.VOCAB_SIZE)
+    for ours, theirs in ((nets.SD15, model_spec.SD15), (nets.TINY, model_spec.TINY)):
+        assert ours["unet"] == theirs.unet and ours["vae"] == theirs.vae
+        assert ours["text_encoder"] == theirs.text_encoder and ours["latent"] == theirs.latent_size
 
 
 @pytest.fixture(scope="module")

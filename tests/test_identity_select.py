@@ -73,7 +73,7 @@ def test_select_by_identity_installs_the_argmax_of_the_recorded_scores(dataset, 
     np.save(ref_file, reference)
     out, users = tmp_path / "loras", tmp_path / "users"
     args = _train_parser().parse_args([
-        "train", "lora", str(dataset), "--user", "astro", "--steps", "6", "--lr", "5e-3", "--out", str(out),
+        "train", "lora", str(dataset), "--user", "astro", "--train-steps", "6", "--lr", "5e-3", "--out", str(out),
         "--users-dir", str(users), "--reference-embedding", str(ref_file), "--select-by-identity", "3",
         "--no-progress"])
     assert args.func(args) == 0
@@ -144,7 +144,7 @@ def test_bad_counts_are_named_and_nothing_is_written(dataset, astronaut, tmp_pat
     ref_file = tmp_path / "reference.npy"
     np.save(ref_file, astronaut[1])
     out = tmp_path / "loras"
-    code = cli.main(["train", "lora", str(dataset), "--user", "astro", "--steps", "3", "--out", str(out),
+    code = cli.main(["train", "lora", str(dataset), "--user", "astro", "--train-steps", "3", "--out", str(out),
                      "--users-dir", str(tmp_path / "users"), "--reference-embedding", str(ref_file),
                      "--select-by-identity", count, "--no-progress"])
     assert code == 2
@@ -155,7 +155,7 @@ def test_bad_counts_are_named_and_nothing_is_written(dataset, astronaut, tmp_pat
 def test_selection_needs_a_reference(dataset, tmp_path, capsys) -> None:
     from facetron import cli
 
-    code = cli.main(["train", "lora", str(dataset), "--user", "nobody", "--steps", "3", "--out", str(tmp_path / "l"),
+    code = cli.main(["train", "lora", str(dataset), "--user", "nobody", "--train-steps", "3", "--out", str(tmp_path / "l"),
                      "--users-dir", str(tmp_path / "users"), "--select-by-identity", "2", "--no-progress"])
     assert code == 2
     assert "--select-by-identity: needs the user's reference embedding" in capsys.readouterr().err

@@ -73,11 +73,11 @@ def test_a_retrained_user_is_served_on_the_next_request_and_a_deleted_one_is_gon
     reg = UserRegistry(tmp_path / "users")
     _user(reg, unet, tmp_path, "bob", 1)
     bank = _bank(reg, manifest)
-    old = bank.batch([("bob", ""), ("", "")])
-    assert bank.batch([("bob", ""), ("", "")]) is old  # the denoising loop's steps reuse the stack
+    old = bank.batch(bank.keys([("bob", ""), ("", "")]))
+    assert bank.batch(bank.keys([("bob", ""), ("", "")])) is old  # the denoising loop's steps reuse the stack
     new_lora = write_random_lora(tmp_path / "bob-2.safetensors", unet, rank=4, alpha=4, seed=2, std=0.3)
     reg.install_lora("bob", new_lora)
-    new = bank.batch([("bob", ""), ("", "")])
+    new = bank.batch(bank.keys([("bob", ""), ("", "")]))
     assert new is not old
     want = lora_inputs_for(new_lora, manifest, 0.9)
     name = next(k for k in want if k.startswith("lora_b_"))
@@ -85,7 +85,7 @@ def test_a_retrained_user_is_served_on_the_next_request_and_a_deleted_one_is_gon
     assert bank.evictions == 1  # the old version's entry is dropped, not kept until LRU
     reg.delete("bob")
     with pytest.raises(NotFoundError, match="unknown user 'bob'"):
-        bank.batch([("bob", "")])
+        bank.batch(bank.keys([("bob", "")]))
 
 
 def test_a_user_without_a_lora_is_not_found(tmp_path, manifest) -> None:
@@ -112,7 +112,7 @@ def test_the_text_encoder_bank_is_the_same_class_over_its_manifest(tmp_path, une
     _user(reg, unet, tmp_path, "plain", 8)
     bank = LoraBank(te_manifest, reg, w_face=0.9)
     assert bank.component == "text_encoder" and _bank(reg, build_manifest(unet, rank=8)).component == "unet"
-    stacked = bank.batch([("tea", ""), ("plain", ""), ("", "")])
+    stacked = bank.batch(bank.keys([("tea", ""), ("plain", ""), ("", "")]))
     want = lora_inputs_for(with_te, te_manifest, 0.9)
     for name, value in want.items():
         np.testing.assert_array_equal(stacked[name][0], value[0])

@@ -119,6 +119,46 @@ def test_merged_models_are_unloaded_least_recently_used_first(merged_server) -> 
     assert 1 <= len(loaded) <= 2, loaded
 
 
+def test_a_user_re_added_while_loaded_is_served_the_new_weights(merged_server, client, users_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """Merged mode: `export add-user` rewriting ``unet_user_<id>`` while the old one is loaded
+    reloads it on the next request: same seed, new images, equal to the runtime-LoRA mode's
+    (the session server, which reads the same registry) with the new LoRA."""
+    from facetron.client import FacetronClient
+    from facetron.diffusion.base_model import load_base_model
+    from facetron.export.repository import add_merged_user
+    from facetron.training.random_lora import write_random_lora
+
+    server, added = merged_server
+    repo, user = added.parent, "merged-readd"
+    request = {**REQUEST, "user_id": np.array([user.encode()], dtype=object)}
+    registry = UserRegistry(users_dir)
+    registry.save_reference_embedding(user, np.ones((1, 128), np.float32))
+    base_unet = load_base_model().unet
+
+    def retrain_and_add(seed: int) -> np.ndarray:
+        registry.install_lora(user, write_random_lora(tmp_path / f"{seed}.safetensors", base_unet, rank=4, alpha=4,
+                                                      seed=seed, std=0.3))
+        add_merged_user(repo, user, users_dir)
+        return client.infer("portrait_generator", request, ["images"])["images"]  # session server: mode 2
+
+    with FacetronClient(server.grpc_url, timeout_s=300) as c:
+        runtime_old = retrain_and_add(51)
+        old = c.infer("portrait_generator", request, ["images"])["images"]
+        assert c.model_ready(f"unet_user_{user}")
+        runtime_new = retrain_and_add(52)  # rewrites unet_user_merged-readd while the old one is loaded
+        assert c.model_ready(f"unet_user_{user}")
+        new = c.infer("portrait_generator", request, ["images"])["images"]
+        again = c.infer("portrait_generator", request, ["images"])["images"]  # the other instance, or no reload
+    diff = {pair: int(np.abs(a.astype(int) - b.astype(int)).max()) for pair, (a, b) in {
+        "old-runtime_old": (old, runtime_old), "new-old": (new, old), "new-runtime_new": (new, runtime_new),
+        "again-new": (again, new)}.items()}
+    print(f"re-add max |diff|: {diff}")
+    assert diff["old-runtime_old"] <= 2
+    assert diff["new-old"] > 20  # the new LoRA shows
+    assert diff["new-runtime_new"] <= 2 and diff["again-new"] <= 2
+
+
 def test_a_retrained_user_is_not_served_from_a_stale_merge(merged_server, users_dir: Path, tmp_path: Path) -> None:
     """Merged mode: after a retrain the old merge would show the old identity: NOT_FOUND, named, until add-user."""
     from facetron.client import FacetronClient

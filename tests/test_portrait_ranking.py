@@ -25,8 +25,10 @@ from facetron.faces.detector import FaceDetector
 from facetron.faces.embedder import FaceEmbedder
 from facetron.imageio import save_image
 from facetron.pipeline.net_io import pack_detections
-from facetron.pipeline.generation import build_job, generation_values
-from facetron.pipeline.portrait import portrait_options, run_portrait
+from facetron import contract
+from facetron.pipeline.job import build_job, build_portrait_job
+from facetron.pipeline.portrait import run_portrait
+from facetron.request import GeneratorRequest, PortraitRequest
 from facetron.pipeline.template import prepare_template
 from facetron.users import UserRegistry
 
@@ -87,13 +89,13 @@ class PhotoGenerator:
     info: dict = field(default_factory=lambda: dict(INFO))
     params: GeneratorParams = GeneratorParams()
 
-    def job(self, arrays):
-        return build_job(generation_values(arrays), self.info, self.registry, self.params)
+    def portrait_job(self, request):
+        return build_portrait_job(request, self.info, self.registry, self.params)
 
     def template(self, job):
         if job.template is None:
             return None
-        return prepare_template(job.template, job.request.height, job.request.width, self.detect)
+        return prepare_template(job.template, job.sampling.height, job.sampling.width, self.detect)
 
     def images(self, job, template, progress=None):
         return self.pictures.copy()
@@ -102,19 +104,8 @@ class PhotoGenerator:
 def _run(registry, faces, pictures, **inputs):
     detect, embed, _ = faces
     gen = PhotoGenerator(registry, np.stack(pictures), detect)
-    arrays = {"user_id": np.array([b"astro"], dtype=object), "num_images": np.array([len(pictures)], np.int32)}
-    for k, v in inputs.items():
-        if k == "fusion_strength":
-            arrays[k] = np.array([v], np.float32)
-        elif k == "fuse":
-            arrays[k] = np.array([v], np.bool_)
-        elif k == "seed":
-            arrays[k] = np.array([v], np.int64)
-        elif k == "template":
-            arrays[k] = v
-        else:
-            arrays[k] = np.array([v], np.int32)
-    out = run_portrait(arrays, gen, detect=detect, embed=embed)
+    request = PortraitRequest(user_id="astro", num_images=len(pictures), **inputs)
+    out = run_portrait(request, gen, detect=detect, embed=embed)
     return out, json.loads(out["report"][0])
 
 
@@ -177,21 +168,49 @@ def test_a_template_without_generated_faces_ranks_by_final_and_says_so(registry,
 
 
 def test_options_and_their_errors() -> None:
-    def arrays(**kw):
-        return {k: np.array([v], np.bool_ if k == "fuse" else np.float32) for k, v in kw.items()}
+    def strength(**kw):
+        return PortraitRequest(user_id="astro", **kw).strength_of_fusion
 
-    assert portrait_options({}).fusion_strength == 0.5
-    assert portrait_options(arrays(fuse=False)).fusion_strength == 0.0
-    assert portrait_options(arrays(fuse=True, fusion_strength=0.3)).fusion_strength == pytest.approx(0.3)
+    assert strength() == 0.5
+    assert strength(fuse=False) == 0.0
+    assert strength(fuse=True, fusion_strength=0.3) == pytest.approx(0.3)
     for bad in (1.5, -0.1, float("nan")):
         with pytest.raises(InvalidInputError, match=r"fusion_strength: must be in \[0, 1\]"):
-            portrait_options(arrays(fusion_strength=bad))
+            strength(fusion_strength=bad)
     with pytest.raises(InvalidInputError, match="fuse: false turns fusion off"):
-        portrait_options(arrays(fuse=False, fusion_strength=0.4))
+        strength(fuse=False, fusion_strength=0.4)
+    with pytest.raises(InvalidInputError, match=r"top_k: must be in 0..num_images \(2"):
+        PortraitRequest(user_id="astro", num_images=2, top_k=-1)
+    with pytest.raises(InvalidInputError, match="strength: only applies with a template"):
+        PortraitRequest(user_id="astro", strength=0.5)
+
+
+def test_one_user_id_validation_per_portrait_request(registry, faces, photos, monkeypatch) -> None:
+    """A portrait request validates its user id once, where it is parsed (the
+    wire tensors -> PortraitRequest); the registry, the job and the answer take
+    the checked id as it is."""
+    calls = []
+    pattern = contract.USER_ID_PATTERN
+
+    class Counting:
+        def fullmatch(self, text):
+            calls.append(text)
+            return pattern.fullmatch(text)
+
+    monkeypatch.setattr(contract, "USER_ID_PATTERN", Counting())
+    pics = [photos["t1_2"], photos["astronaut_mirror"]]
+    detect, embed, _ = faces
+    wire = PortraitRequest(user_id="astro", num_images=2, seed=1).to_arrays()
+    calls.clear()
+    request = PortraitRequest.from_arrays(wire)
+    out = run_portrait(request, PhotoGenerator(registry, np.stack(pics), detect), detect=detect, embed=embed)
+    validated = list(calls)
+    assert validated == ["astro"]
+    assert json.loads(out["report"][0])["user_version"] == registry.version("astro")
 
 
 def test_a_request_without_a_seed_gets_a_random_one(registry) -> None:
-    seeds = {build_job({"user_id": "astro"}, INFO, registry).request.seed for _ in range(4)}
+    seeds = {build_job(GeneratorRequest(user_id="astro"), INFO, registry).sampling.seed for _ in range(4)}
     assert len(seeds) > 1  # 4 draws from 2**31: equal by chance with probability ~3e-9
-    assert build_job({"user_id": "astro", "seed": 0}, INFO, registry).request.seed == 0
-    assert build_job({"user_id": "astro", "seed": 77}, INFO, registry).request.seed == 77
+    assert build_job(GeneratorRequest(user_id="astro", seed=0), INFO, registry).sampling.seed == 0
+    assert build_job(GeneratorRequest(user_id="astro", seed=77), INFO, registry).sampling.seed == 77

@@ -314,7 +314,9 @@ def test_served_openvino_equals_onnxruntime(base, face_lora, tmp_path) -> None:
     from facetron.diffusion.nets import DiffusionNets
     from facetron.export.diffusion_source import DiffusionSource
     from facetron.export.repository import assemble_repository
-    from facetron.pipeline.generation import build_job, generate, read_model_info
+    from facetron.pipeline.generation import generate, read_model_info
+    from facetron.pipeline.job import build_job
+    from facetron.request import GeneratorRequest
     from facetron.triton.server import TritonServer
     from facetron.users import UserRegistry
 
@@ -341,7 +343,7 @@ def test_served_openvino_equals_onnxruntime(base, face_lora, tmp_path) -> None:
     assert "OpenVINO could not" not in log and "OpenVINO failed" not in log
 
     info, sched = read_model_info(repo / "portrait_generator" / "1")
-    job = build_job(request, info, UserRegistry(users))
+    job = build_job(GeneratorRequest(**request), info, UserRegistry(users))
     net = {m: open_runtime(repo / m / "1" / "model.onnx", "onnxruntime", 1) for m in ("text_encoder", "unet",
                                                                                         "vae_decoder")}
     manifest = read_lora_manifest(repo / "unet" / "1")
@@ -359,7 +361,7 @@ def test_served_openvino_equals_onnxruntime(base, face_lora, tmp_path) -> None:
     nets = DiffusionNets(tokenize=ClipTokenizer(), text_encode=te_fn,
                          unet=unet_fn, vae_decode=lambda lat: net["vae_decoder"].run(None, {"latent": lat})[0],
                          latent_channels=4, latent_factor=8)
-    ref = generate(nets, sched, job.prompt, job.negative_prompt, job.request)
+    ref = generate(nets, sched, job.prompt, job.negative_prompt, job.sampling)
     assert served.shape == ref.shape == (2, 128, 128, 3)
     diff = np.abs(served.astype(int) - ref.astype(int))
     assert diff.max() <= 2 and diff.mean() <= 0.05, (diff.max(), diff.mean())

@@ -23,6 +23,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from facetron import contract
 from facetron.diffusion.base_model import load_base_model
 from facetron.diffusion.model_spec import TINY
 from facetron.diffusion.sampler import GenerationRequest, denoise
@@ -33,7 +34,8 @@ from facetron.errors import InvalidInputError
 from facetron.export.onnx_export import graph_module
 from facetron.export.onnx_graph import ModelDims, example_inputs, model_io, read_io
 from facetron.export.runtime_lora import RuntimeLoraUNet, build_manifest, runtime_lora_io
-from facetron.export.step_cache import (DeepCacheUNet, export_deep_cache_unet, export_runtime_lora_deep_cache_unet)
+from facetron.export.step_cache_graphs import (DeepCacheUNet, export_deep_cache_unet,
+                                               export_runtime_lora_deep_cache_unet)
 from facetron.export.validate import TOLERANCES, compare
 
 RANK = 4
@@ -55,7 +57,8 @@ def exported(base, dims, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("step_cache")
     deep, shallow = export_deep_cache_unet(base.unet, out, dims=dims)
     lora_deep, lora_shallow = export_runtime_lora_deep_cache_unet(base.unet, out, dims=dims, rank=RANK)
-    return {"unet_deep": deep, "unet_shallow": shallow, "unet_lora_deep": lora_deep, "unet_lora_shallow": lora_shallow}
+    # the runtime-LoRA pair is the served unet: exported under its name, the shallow graph inside (unet/shallow/)
+    return {"unet_deep": deep, "unet_shallow": shallow, "unet": lora_deep, "unet/shallow": lora_shallow}
 
 
 @pytest.fixture(scope="module")
@@ -172,14 +175,18 @@ def test_runtime_lora_graphs_on_a_fresh_feature(base, dims, sessions, exported):
         without = dc.shallow(*args[:3], feature, *zero_lora).numpy()
         assert float(np.abs(without - want).max()) > 1e-3  # the LoRA acts in the shallow part
         assert float(np.abs(base.unet(*args[:3], return_dict=False)[0].numpy() - want).max()) > 1e-3
-    got_pred, got_feature = run(sessions["unet_lora_deep"], feed)
-    assert_within(got_pred, want, "unet_lora", "unet_lora_deep noise_pred vs RuntimeLoraUNet")
-    got = run(sessions["unet_lora_shallow"], {**feed, "deep_feature": got_feature})[0]
-    assert_within(got, want, "unet_lora", "unet_lora_shallow(deep_feature of unet_lora_deep) vs RuntimeLoraUNet")
+    got_pred, got_feature = run(sessions["unet"], feed)
+    assert_within(got_pred, want, "unet_lora", "served unet (full graph) noise_pred vs RuntimeLoraUNet")
+    got = run(sessions["unet/shallow"], {**feed, "deep_feature": got_feature})[0]
+    assert_within(got, want, "unet_lora", "unet/shallow(deep_feature of the full graph) vs RuntimeLoraUNet")
+    # exported in the unet's version-folder layout, under its served name
+    full_dir, shallow_dir = exported["unet"].parent, exported["unet/shallow"].parent
+    assert (full_dir.name, shallow_dir.name, shallow_dir.parent) == (contract.UNET.name, contract.SHALLOW_FOLDER,
+                                                                     full_dir)
     # io.json lists exactly the graph's inputs; the left-out ones are the deep part's LoRA inputs
-    specs, _, io = read_io(exported["unet_lora_shallow"].parent)
+    specs, _, io = read_io(shallow_dir)
     unused = io["deep_cache"]["unused_inputs"]
-    assert [s.name for s in specs] == [i.name for i in sessions["unet_lora_shallow"].get_inputs()]
+    assert [s.name for s in specs] == [i.name for i in sessions["unet/shallow"].get_inputs()]
     assert unused and set(unused).isdisjoint(s.name for s in specs)
     assert len(specs) + len(unused) == len(inputs) + 1  # + deep_feature
 

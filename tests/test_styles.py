@@ -1,4 +1,4 @@
-"""Styles served: the style registry (facetron.styles) and its CLI, the
+"""Styles served: the style registry (facetron.style_registry) and its CLI, the
 runtime bank's face + style LoRA inputs, merged mode fusing a style, and
 the served path (a style LoRA changes the portrait and equals diffusers'
 ``set_adapters``; an unknown or removed style is INVALID_ARGUMENT over gRPC).
@@ -27,7 +27,7 @@ from facetron.diffusion.lora_reader import read_lora
 from facetron.errors import InvalidInputError, NotFoundError
 from facetron.export.runtime_lora import build_manifest
 from facetron.pipeline.lora_bank import LoraBank, style_lora
-from facetron.styles import LORA_FILE, StyleRegistry, styles_for, styles_root
+from facetron.style_registry import LORA_FILE, StyleRegistry, styles_for, styles_root
 from facetron.training.random_lora import write_random_lora
 from facetron.users import UserRegistry
 
@@ -150,7 +150,7 @@ def test_existing_name_needs_replace_and_unknown_removal_is_not_found(tmp_path) 
 
 
 def test_interrupted_add_leaves_nothing(tmp_path, loras, monkeypatch) -> None:
-    import facetron.styles as styles_module
+    import facetron.style_registry as styles_module
 
     def boom(*args, **kwargs):
         raise OSError("disk full (simulated)")
@@ -222,7 +222,7 @@ def test_bank_applies_face_and_style_with_their_weights(tmp_path, base, loras) -
         got = bank.get(user, style)
         for name, value in want.items():
             np.testing.assert_array_equal(got[name], value, err_msg=f"{user}/{style}: {name}")
-    batch = bank.batch([("ann", "own-weight"), ("", "")])  # per item: face + style, then the base model
+    batch = bank.batch(bank.keys([("ann", "own-weight"), ("", "")]))  # per item: face + style, then the base model
     assert batch["lora_b_0"][0].any() and not batch["lora_b_0"][1].any()
     with pytest.raises(InvalidInputError, match="style: unknown style 'cubism'"):
         bank.get("ann", "cubism")

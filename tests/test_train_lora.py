@@ -231,7 +231,7 @@ def test_cli_train_lora(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFix
 
     parser = argparse.ArgumentParser(prog="facetron")
     train_cmd.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", "lora", str(dataset), "--user", "carol", "--steps", "2", "--out",
+    args = parser.parse_args(["train", "lora", str(dataset), "--user", "carol", "--train-steps", "2", "--out",
                               str(tmp_path / "loras"), "--no-progress", "--seed", "1"])
     assert args.func(args) == 0
     assert (tmp_path / "loras" / "carol.safetensors").is_file() and (tmp_path / "loras" / "carol.json").is_file()

@@ -82,10 +82,13 @@ def _merged_reference(base, full_repository: Path, users_dir: Path, user: str, l
     from facetron.export.merge import merge_loras
     from facetron.export.onnx_export import graph_module
     from facetron.diffusion.nets import DiffusionNets
-    from facetron.pipeline.generation import build_job, generate, read_model_info
+    from facetron.pipeline.generation import generate, read_model_info
+    from facetron.pipeline.job import build_job
+    from facetron.request import GeneratorRequest
 
     info, sched = read_model_info(full_repository / "portrait_generator" / "1")
-    job = build_job({"user_id": user, "num_images": n, "seed": seed, "steps": STEPS}, info, UserRegistry(users_dir))
+    job = build_job(GeneratorRequest(user_id=user, num_images=n, seed=seed, steps=STEPS), info,
+                    UserRegistry(users_dir))
     unet, _ = merge_loras(base, lora, w_face=W_FACE)
     unet_graph = graph_module("unet", unet=unet)
     sess = {m: ort.InferenceSession(str(full_repository / m / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -110,7 +113,7 @@ def _merged_reference(base, full_repository: Path, users_dir: Path, user: str, l
         latent_channels=4,
         latent_factor=8,
     )
-    return generate(nets, sched, job.prompt, job.negative_prompt, job.request)
+    return generate(nets, sched, job.prompt, job.negative_prompt, job.sampling)
 
 
 def test_step_cache_served_equals_the_graphs_in_process(client, users, full_repository, users_dir) -> None:
@@ -123,7 +126,9 @@ def test_step_cache_served_equals_the_graphs_in_process(client, users, full_repo
     from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora_manifest, zero_lora_inputs
     from facetron.diffusion.nets import DiffusionNets
     from facetron.deviation import psnr_uint8
-    from facetron.pipeline.generation import build_job, generate, read_model_info
+    from facetron.pipeline.generation import generate, read_model_info
+    from facetron.pipeline.job import build_job
+    from facetron.request import GeneratorRequest
 
     steps, seed = 9, 21
     served = _generate(client, user_id="astro", num_images=2, seed=seed, steps=steps, cache_interval=3)
@@ -155,9 +160,9 @@ def test_step_cache_served_equals_the_graphs_in_process(client, users, full_repo
         vae_decode=lambda lat: sess["vae_decoder"].run(None, {"latent": lat})[0],
     )
     info, sched = read_model_info(full_repository / "portrait_generator" / "1")
-    job = build_job({"user_id": "astro", "num_images": 2, "seed": seed, "steps": steps, "cache_interval": 3}, info,
+    job = build_job(GeneratorRequest(user_id="astro", num_images=2, seed=seed, steps=steps, cache_interval=3), info,
                     UserRegistry(users_dir))
-    want = generate(nets, sched, job.prompt, job.negative_prompt, job.request)
+    want = generate(nets, sched, job.prompt, job.negative_prompt, job.sampling)
     assert int(np.abs(served.astype(int) - want).max()) <= 2
     psnr = psnr_uint8(served, off)
     print(f"step cache, interval 3 over {steps} steps vs uncached: PSNR {psnr:.1f} dB (tiny model)")
@@ -266,17 +271,25 @@ def _detector_counts(triton) -> tuple[int, int]:
 
 def test_portrait_detects_the_template_once(client, users, triton) -> None:
     """One template-mode portrait call: the template is fitted and detected once
-    (1 image), the candidates once for ranking (N images): two detector requests.
-    (The template's landmarks also place the fusion: no second detection.)"""
+    (1 image), the candidates once for ranking (N images), and the fused pictures
+    once more, so that similarity_final scores a face found in the returned
+    picture: three detector requests. Without fusion, two."""
     from facetron.faces.detector import FaceDetector
     from facetron.training.demo_templates import demo_templates
 
     _, template = demo_templates(FaceDetector(), size=SIZE, count=1)[0]
     n = 3
     requests0, images0 = _detector_counts(triton)
-    client.infer("portrait", _req(user_id="astro", template=template, num_images=n, seed=5, steps=1), ["report"])
+    out = client.infer("portrait", _req(user_id="astro", template=template, num_images=n, seed=5, steps=1),
+                       ["report", "similarity_final"])
+    fused = sum(json.loads(out["report"][0])["fusion"]["fused"])
     requests1, images1 = _detector_counts(triton)
-    assert (requests1 - requests0, images1 - images0) == (2, 1 + n)
+    assert fused > 0 and (requests1 - requests0, images1 - images0) == (3, 1 + n + fused)
+    client.infer("portrait", _req(user_id="astro", template=template, num_images=n, seed=5, steps=1,
+                                  fusion_strength=np.array([0.0], np.float32)), ["report"])
+    requests1b, images1b = _detector_counts(triton)
+    assert (requests1b - requests1, images1b - images1) == (2, 1 + n)
+    requests1, images1 = requests1b, images1b
     # the generator alone: the template only
     client.infer("portrait_generator", _req(user_id="astro", template=template, num_images=n, steps=1), ["images"])
     requests2, images2 = _detector_counts(triton)
@@ -310,6 +323,11 @@ def test_portrait_detects_the_template_once(client, users, triton) -> None:
          r"fusion_strength: must be in \[0, 1\]"),
         ("portrait", dict(user_id="astro", fusion_strength=0.5, fuse=np.array([False])), InvalidInputError,
          "fuse: false turns fusion off"),
+        # rules only the client had before one typed request served both sides
+        ("portrait", dict(user_id="astro", top_k=-1), InvalidInputError, r"top_k: must be in 0\.\.num_images"),
+        ("portrait", dict(user_id="astro", num_images=2, top_k=3), InvalidInputError, r"top_k: must be in 0\.\.num_images"),
+        ("portrait_generator", dict(strength=0.5), InvalidInputError, "strength: only applies with a template"),
+        ("portrait_generator", dict(seed=np.array([-1], np.int64)), InvalidInputError, "seed: must be in 0"),
     ],
 )
 def test_bad_input_over_grpc(client, users, model, inputs, error, match) -> None:
@@ -329,7 +347,7 @@ def test_user_without_lora_is_not_found(client, users, users_dir) -> None:
 
 def test_portrait_stream_reports_each_step(client, users, triton, tmp_path) -> None:
     """The decoupled portrait_stream model streams progress, then the same
-    answer as portrait; the CLI's --progress path uses it."""
+    answer as portrait; the CLI's --stream path uses it."""
     from facetron.client import FacetronClient
     from facetron.faces.detector import FaceDetector
     from facetron.training.demo_templates import demo_templates
@@ -353,9 +371,9 @@ def test_portrait_stream_reports_each_step(client, users, triton, tmp_path) -> N
 
     save_image(tmp_path / "template.png", template)
     proc = subprocess.run(
-        [sys.executable, "-m", "facetron.cli", "generate", "--user", "astro", "--num", "2", "--top-k", "1",
+        [sys.executable, "-m", "facetron.cli", "generate", "--user", "astro", "--num-images", "2", "--top-k", "1",
          "--steps", "2", "--template", str(tmp_path / "template.png"), "--server", triton.grpc_url,
-         "--out", str(tmp_path / "out"), "--progress"],
+         "--out", str(tmp_path / "out"), "--stream"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr

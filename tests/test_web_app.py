@@ -68,7 +68,9 @@ def test_photos_to_gallery_over_http(web, tmp_path: Path) -> None:
     from facetron.assets import asset_path
 
     template = handle_file(str(asset_path("photo_astronaut")))  # template mode: the tiny model makes no faces itself
-    job = gc.submit("webflow", "studio", "", 1, 0, 2, 7.0, 11, "dpmsolver", template, api_name="/generate")
+    # fusion strength 1: the tiny model's face region is noise; only a full blend leaves a face that the server's
+    # fresh detection of the returned picture finds again (at 0.5 the candidate is filtered, and the page says so)
+    job = gc.submit("webflow", "studio", "", 1, 0, 2, 7.0, 11, "dpmsolver", template, 1.0, api_name="/generate")
     gallery, table, download, summary = job.result(timeout=300)
     # one report per denoising step over portrait_stream (template mode runs strength x steps of them)
     m = re.search(r"Denoising progress streamed: (\d+)/(\d+) steps", summary)
@@ -109,13 +111,13 @@ def test_bad_input_is_one_clear_message_and_loses_nothing(web, tmp_path: Path) -
     with pytest.raises(AppError, match="no prepared photos of 'keepme'"):
         gc.predict("keepme", 5, api_name="/train")
     with pytest.raises(AppError, match="Not found: .*nobody"):
-        gc.predict("nobody", "studio", "", 1, 0, 2, 7.0, 1, "dpmsolver", None, api_name="/generate")
+        gc.predict("nobody", "studio", "", 1, 0, 2, 7.0, 1, "dpmsolver", None, 0.5, api_name="/generate")
     with pytest.raises(AppError, match="style: unknown style 'cubist'"):
-        gc.predict("nobody", "cubist", "", 1, 0, 2, 7.0, 1, "dpmsolver", None, api_name="/generate")
+        gc.predict("nobody", "cubist", "", 1, 0, 2, 7.0, 1, "dpmsolver", None, 0.5, api_name="/generate")
     with pytest.raises(AppError, match="less than minimum value 1"):  # the page's own range check
-        gc.predict("nobody", "studio", "", 1, 0, 0, 7.0, 1, "dpmsolver", None, api_name="/generate")
+        gc.predict("nobody", "studio", "", 1, 0, 0, 7.0, 1, "dpmsolver", None, 0.5, api_name="/generate")
     with pytest.raises(AppError, match=r"top_k: must be in 0\.\.num_images \(1\), got 5"):  # the client's rule
-        gc.predict("nobody", "studio", "", 1, 5, 2, 7.0, 1, "dpmsolver", None, api_name="/generate")
+        gc.predict("nobody", "studio", "", 1, 5, 2, 7.0, 1, "dpmsolver", None, 0.5, api_name="/generate")
 
 
 def test_server_down_is_one_clear_message(tmp_path: Path) -> None:
@@ -129,6 +131,6 @@ def test_server_down_is_one_clear_message(tmp_path: Path) -> None:
         gc = _client(app.local_url, tmp_path / "downloads")
         assert f"Server {dead}: not reachable" in gc.predict(api_name="/status")
         with pytest.raises(AppError, match=f"The Triton server at {dead} did not answer"):
-            gc.predict("astro", "studio", "", 1, 0, 2, 7.0, 1, "dpmsolver", None, api_name="/generate")
+            gc.predict("astro", "studio", "", 1, 0, 2, 7.0, 1, "dpmsolver", None, 0.5, api_name="/generate")
     finally:
         app.close()

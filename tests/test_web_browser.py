@@ -11,6 +11,7 @@ CI (``CI=true``): the browser is part of the environment setup installs."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +23,9 @@ from web_fixtures import register_ready_user, start_web, stop_web
 pytestmark = pytest.mark.triton
 
 USER = "browser-user"
-STEPS, NUM_IMAGES, SEED = 2, 1, 5
+# 3 candidates: on the tiny model a fused face is found again in some pictures, not all (the server scores each
+# returned picture from a fresh detection); the page must show those that pass
+STEPS, NUM_IMAGES, SEED = 2, 3, 11
 
 
 def _browser_paths() -> tuple[str, str]:
@@ -94,6 +97,7 @@ def test_browser_generates_one_portrait(browser, web, tmp_path: Path) -> None:
     _set_number(browser, "num-images", NUM_IMAGES)
     _set_number(browser, "steps", STEPS)
     _set_number(browser, "seed", SEED)
+    _set_number(browser, "fusion-strength", 1)  # the tiny model's face region is noise: a full blend is found again
     from facetron.assets import asset_path  # template mode: the tiny model makes no faces of its own
 
     browser.find_element(By.CSS_SELECTOR, "#template input[type='file']").send_keys(str(asset_path("photo_astronaut")))
@@ -104,7 +108,8 @@ def test_browser_generates_one_portrait(browser, web, tmp_path: Path) -> None:
         message=f"no portrait in the gallery; status: {browser.find_element(By.ID, 'generate-status').text!r}")
     WebDriverWait(browser, 30).until(EC.text_to_be_present_in_element((By.ID, "generate-status"), "portrait(s)"))
     status = browser.find_element(By.ID, "generate-status").text
-    assert "1 portrait(s) of 1 candidate(s)" in status, status
+    m = re.search(r"(\d+) portrait\(s\) of (\d+) candidate\(s\)", status)
+    assert m and int(m.group(1)) >= 1 and int(m.group(2)) == NUM_IMAGES, status
     gallery_text = browser.find_element(By.ID, "gallery").text
     assert f"seed {SEED}" in gallery_text and "similarity" in gallery_text, gallery_text
     time.sleep(0.5)  # let the gallery image paint before the screenshot

@@ -23,11 +23,11 @@ import torch
 from PIL import Image
 
 from facetron.atomic import atomic_dir, atomic_write_bytes
+from facetron.contract import TOKENS
 from facetron.errors import InvalidInputError, NotFoundError
 from facetron.imageio import IMAGE_SUFFIXES, check_rgb_array, load_image
 
 METADATA_FILE = "metadata.jsonl"
-TOKEN_LENGTH = 77  # CLIP context length of SD-1.5
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ class CaptionedImages(torch.utils.data.Dataset):
 
 def tokenize(tokenizer, texts: Sequence[str]) -> torch.Tensor:
     """CLIP token ids int64 [N, 77] (padded, truncated)."""
-    return tokenizer(list(texts), padding="max_length", max_length=TOKEN_LENGTH, truncation=True,
+    return tokenizer(list(texts), padding="max_length", max_length=TOKENS, truncation=True,
                      return_tensors="pt").input_ids
 
 

@@ -39,7 +39,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from facetron.atomic import atomic_write_bytes, atomic_write_json
-from facetron.contract import FaceSelectParams, UnetParams
+from facetron.contract import DEFAULT_GUIDANCE, FaceSelectParams, UnetParams
 from facetron.diffusion.styles import get_style, style_prompt
 from facetron.errors import InvalidInputError
 from facetron.imageio import save_image
@@ -63,7 +63,7 @@ class SampleSpec:
     seeds: int = SAMPLE_SEEDS
     seed: int = SAMPLE_SEED
     steps: int = SAMPLE_STEPS
-    guidance: float = 7.0
+    guidance: float = DEFAULT_GUIDANCE
     size: Optional[int] = None  # None: the base model's resolution
 
     def prompts(self, trigger: str, subject: str) -> list[tuple[str, str]]:

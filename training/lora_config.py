@@ -8,7 +8,7 @@ encoder LoRA (rank 32) exists there but is off by default; so here.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from facetron.errors import InvalidInputError
@@ -118,11 +118,6 @@ class LoraTrainConfig:
         d["target_modules"] = list(self.target_modules)
         d["text_encoder_target_modules"] = list(self.text_encoder_target_modules)
         return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LoraTrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
     def unet_lora_config(self):
         """peft ``LoraConfig`` for the UNet (B starts at zero: ``gaussian`` init)."""

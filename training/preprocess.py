@@ -33,7 +33,6 @@ from __future__ import annotations
 import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -326,13 +325,13 @@ def prepare_photos(
 ) -> PrepareResult:
     """Run the whole preprocessing; raise TooFewPhotosError (listing every
     photo and its reason) when fewer than ``config.min_photos`` survive."""
-    from tqdm import tqdm
+    from facetron.progress import progress_bar
 
     photos_dir, out_dir = Path(photos_dir), Path(out_dir)
     check_out_dir(photos_dir, out_dir)
     files = _photo_files(photos_dir)
     pre = Preprocessor(config, attributes)
-    results = [pre.photo(f) for f in tqdm(files, desc="prepare photos", unit="photo", disable=not progress)]
+    results = [pre.photo(f) for f in progress_bar(files, desc="prepare photos", unit="photo", enabled=progress)]
     reference = pre.consistency(results)
     kept = [r for r in results if r.kept]
     if len(kept) < config.min_photos:

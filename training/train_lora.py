@@ -283,8 +283,8 @@ def train_lora(
 
     from diffusers.optimization import get_scheduler
     from peft import inject_adapter_in_model
-    from tqdm.auto import tqdm
 
+    from facetron.progress import progress_bar
 
     base = load_base_model(base_model)
     accelerator = _make_accelerator(device, config.mixed_precision)
@@ -356,8 +356,8 @@ def train_lora(
     if resume and checkpoint is None and progress and accelerator.is_local_main_process:
         print(f"[train] --resume: no checkpoint in {paths.checkpoints}, starting from step 0", flush=True)
     t_loop = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"lora {user_id}", unit="step", dynamic_ncols=True,
-               disable=not (progress and accelerator.is_local_main_process))
+    bar = progress_bar(total=total_steps, initial=start_step, desc=f"lora {user_id}", unit="step", dynamic_ncols=True,
+                       enabled=progress and accelerator.is_local_main_process)
     with bar:
         for step in range(start_step, total_steps):
             picks = sample_indices(config.seed, step, rank, bsz, world, len(dataset))

@@ -35,6 +35,7 @@ from facetron.client import FacetronClient  # noqa: E402
 from facetron.client.requests import portrait_request  # noqa: E402
 from facetron.contract import (  # noqa: E402
     CLIENT_NUM_IMAGES,
+    DEFAULT_FUSION_STRENGTH,
     DEFAULT_GUIDANCE,
     DEFAULT_SCHEDULER,
     MAX_GUIDANCE,
@@ -46,9 +47,7 @@ from facetron.contract import (  # noqa: E402
     validate_user_id,
 )
 from facetron.errors import FacetronError, InvalidInputError, NotFoundError, ServerError  # noqa: E402
-from facetron.web import photos as P  # noqa: E402
-from facetron.web import results as R  # noqa: E402
-from facetron.web import stages as S  # noqa: E402
+from facetron.web import photos, results, stages  # noqa: E402
 
 DEFAULT_WEB_STEPS = 20
 DEFAULT_TRAIN_STEPS = 300
@@ -171,34 +170,42 @@ class WebApp:
         try:
             user = _user(user_id)
             attrs = _parse_attrs(attributes)
-            checked = P.check_uploads(files)
-            P.require_photos(checked)
+            checked = photos.check_uploads(files)
+            photos.require_photos(checked)
         except FacetronError as exc:
             raise gr.Error(_message(exc, self.config.server)) from None
         udir = self.config.user_dir(user)
         skipped = "".join(f"\n- skipped {name}: {why}" for name, why in checked.rejected)
         yield (f"Preparing {len(checked.photos)} photo(s) of **{user}**…{skipped}", gr.skip(), gr.skip())
-        photos_dir = P.stage_photos(checked.photos, udir / "photos")
-        args = S.prepare_args(photos_dir, user, udir / "prepared", self.config.users_dir, self.config.base_model,
+        photos_dir = photos.stage_photos(checked.photos, udir / "photos")
+        args = stages.prepare_args(photos_dir, user, udir / "prepared", self.config.users_dir, self.config.base_model,
                               attrs, min_photos=None)
-        last = (0, 0)
-        try:
-            for kind, value in run_with_progress(
-                    lambda report: S.run_stage(args, report, env=self.config.stage_env)):
-                if kind == "progress":
-                    last = value[:2]
-                    yield (_bar(progress, value[0], value[1], "detect, align, check", "photos") + skipped,
-                           gr.skip(), gr.skip())
-                else:
-                    result = value
-        except FacetronError as exc:
-            raise gr.Error(f"Preparing the photos failed: {_message(exc, self.config.server)}") from None
+        result, last = yield from self._stage(args, progress, "detect, align, check", "photos",
+                                              "Preparing the photos failed",
+                                              lambda bar: (bar + skipped, gr.skip(), gr.skip()))
         report = json.loads((udir / "prepared" / "report.json").read_text())
         rows = [[p["file"], "kept" if p["kept"] else "dropped", p.get("reason") or ""] for p in report["photos"]]
         status = (f"Prepared **{user}**: kept {report['kept']} of {len(rows)} photo(s) "
                   f"({result.seconds:.0f} s; progress {last[0]}/{last[1]} photos); the user is registered. "
                   f"Next: train.{skipped}")
         yield (status, str(udir / "prepared" / "contact_sheet.png"), rows)
+
+    def _stage(self, args: list[str], progress: gr.Progress, what: str, unit: str, failed: str,
+               shape: Callable[[str], object]) -> Iterator:
+        """Run one ``facetron train`` stage as a subprocess: yields ``shape(progress-bar text)`` per
+        report; returns (its result, the last (done, total)); a failure is a gr.Error starting ``failed``."""
+        last, result = (0, 0), None
+        try:
+            for kind, value in run_with_progress(
+                    lambda report: stages.run_stage(args, report, env=self.config.stage_env)):
+                if kind == "progress":
+                    last = value[:2]
+                    yield shape(_bar(progress, value[0], value[1], what, unit))
+                else:
+                    result = value
+        except FacetronError as exc:
+            raise gr.Error(f"{failed}: {_message(exc, self.config.server)}") from None
+        return result, last
 
     # 3. training with a live progress bar
     def train(self, user_id: str, steps: Optional[float], progress: gr.Progress = gr.Progress()) -> Iterator[str]:
@@ -212,20 +219,11 @@ class WebApp:
         prepared = self.config.user_dir(user) / "prepared"
         if not (prepared / "dataset").is_dir():
             raise gr.Error(f"user id: no prepared photos of {user!r} here: upload photos and press Prepare first")
-        args = S.lora_args(prepared / "dataset", user, self.config.user_dir(user) / "lora", self.config.users_dir,
+        args = stages.lora_args(prepared / "dataset", user, self.config.user_dir(user) / "lora", self.config.users_dir,
                            self.config.base_model, n, prepared / "reference_embedding.npy")
         yield f"Starting training of **{user}** (loading the base model)…"
-        last = (0, 0)
-        try:
-            for kind, value in run_with_progress(
-                    lambda report: S.run_stage(args, report, env=self.config.stage_env)):
-                if kind == "progress":
-                    last = value[:2]
-                    yield _bar(progress, value[0], value[1], "training the identity LoRA", "steps")
-                else:
-                    result = value
-        except FacetronError as exc:
-            raise gr.Error(f"Training failed: {_message(exc, self.config.server)}") from None
+        result, last = yield from self._stage(args, progress, "training the identity LoRA", "steps",
+                                              "Training failed", lambda bar: bar)
         summary = next((ln.split("] ", 1)[1] for ln in result.stdout if ln.startswith("[train]") and "steps" in ln), "")
         yield (f"Trained **{user}** in {result.seconds:.0f} s ({summary}; progress {last[0]}/{last[1]} steps). "
                "The LoRA is installed in the user "
@@ -234,14 +232,15 @@ class WebApp:
     # 4-5. style and options -> generation with per-step progress -> gallery
     def generate(self, user_id: str, style: str, prompt: str, num_images: float, top_k: float, steps: float,
                  guidance: float, seed: float, scheduler: str, template: Optional[np.ndarray] = None,
-                 progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
+                 fusion_strength: Optional[float] = None, progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
         try:
             user = _user(user_id)
             seed_value = int(seed) if seed is not None and int(seed) >= 0 else random.randint(0, 2**31 - 1)
             request = dict(user_id=user, style=style or None, prompt=(prompt or "").strip() or None,
                            num_images=int(num_images), top_k=int(top_k) if top_k else None, steps=int(steps),
                            guidance=float(guidance), seed=seed_value, scheduler=scheduler or None,
-                           template=None if template is None else np.ascontiguousarray(template[..., :3], np.uint8))
+                           template=None if template is None else np.ascontiguousarray(template[..., :3], np.uint8),
+                           fusion_strength=None if fusion_strength is None else float(fusion_strength))
             portrait_request(**request)  # the client's own checks, before any call
         except FacetronError as exc:
             raise gr.Error(_message(exc, self.config.server)) from None
@@ -269,7 +268,7 @@ class WebApp:
         saved = {k: v for k, v in request.items() if v is not None and k != "template"}
         if template is not None:
             saved["template"] = f"uploaded image {template.shape[1]}x{template.shape[0]}"
-        run = R.save_run(Path(self.config.work_dir) / "portraits", user, answer, saved, seed_value)
+        run = results.save_run(Path(self.config.work_dir) / "portraits", user, answer, saved, seed_value)
         gallery = [(str(p), c) for p, c in zip(run.images, run.captions)]
         summary = run.summary + f" Denoising progress streamed: {last[0]}/{last[1]} steps."
         if not gallery:
@@ -332,11 +331,13 @@ def build_app(config: WebConfig) -> gr.Blocks:
                                      elem_id="guidance")
                 seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED,
                                  elem_id="seed")
+                fusion = gr.Number(label="Fusion strength (user's photo in each face; 0 = off)",
+                                   value=DEFAULT_FUSION_STRENGTH, minimum=0, maximum=1, elem_id="fusion-strength")
             generate_btn = gr.Button("Generate portraits", variant="primary", elem_id="generate-btn")
             generate_status = gr.Markdown(elem_id="generate-status")
             gallery = gr.Gallery(label="Portraits, best first (similarity to the user, seed)", columns=4,
                                  height=360, object_fit="contain", preview=False, elem_id="gallery")
-            table = gr.Dataframe(headers=R.TABLE_COLUMNS, label="Every candidate", interactive=False,
+            table = gr.Dataframe(headers=results.TABLE_COLUMNS, label="Every candidate", interactive=False,
                                  elem_id="candidates")
             download = gr.File(label="Download (PNGs + result.json)", elem_id="download")
 
@@ -344,7 +345,7 @@ def build_app(config: WebConfig) -> gr.Blocks:
         prepare_btn.click(web.prepare, [user, files, attrs], [prepare_status, sheet, report], api_name="prepare")
         train_btn.click(web.train, [user, train_steps], train_status, api_name="train")
         generate_btn.click(web.generate, [user, style, prompt, num_images, top_k, steps, guidance, seed, scheduler,
-                                          template],
+                                          template, fusion],
                            [gallery, table, download, generate_status], api_name="generate")
     app.queue(default_concurrency_limit=1)  # one training or generation at a time on this machine
     return app

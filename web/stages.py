@@ -149,7 +149,7 @@ def run_stage(args: Sequence[str], on_progress: Optional[StageProgress] = None, 
 
 def prepare_args(photos: Path, user_id: str, out: Path, users_dir: Optional[Path], base_model: Optional[Path],
                  attrs: Sequence[str] = (), min_photos: Optional[int] = None) -> list[str]:
-    args = ["train", "prepare", str(photos), "--user", user_id, "--out", str(out)]
+    args = ["train", "prepare", str(photos), "--user", user_id, "--out", str(out), "--progress", "bars"]
     if users_dir is not None:
         args += ["--users-dir", str(users_dir)]
     if base_model is not None:
@@ -163,13 +163,13 @@ def prepare_args(photos: Path, user_id: str, out: Path, users_dir: Optional[Path
 
 def lora_args(dataset: Path, user_id: str, out: Path, users_dir: Optional[Path], base_model: Optional[Path],
               steps: Optional[int], reference_embedding: Optional[Path] = None) -> list[str]:
-    args = ["train", "lora", str(dataset), "--user", user_id, "--out", str(out)]
+    args = ["train", "lora", str(dataset), "--user", user_id, "--out", str(out), "--progress", "bars"]
     if users_dir is not None:
         args += ["--users-dir", str(users_dir)]
     if base_model is not None:
         args += ["--base-model", str(base_model)]
     if steps is not None:
-        args += ["--steps", str(int(steps))]
+        args += ["--train-steps", str(int(steps))]
     if reference_embedding is not None and reference_embedding.is_file():
         args += ["--reference-embedding", str(reference_embedding)]
     return args

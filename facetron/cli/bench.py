@@ -170,12 +170,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="latency benchmarks (JSON + Markdown + PNG in benchmarks/results/)")
     bsub = p.add_subparsers(dest="bench_command", required=True, metavar="SUITE")
     f = bsub.add_parser("faces", help="embedder vs dlib-bin, face pipeline throughput, Triton vs in-process")
-    f.add_argument("--repeats", type=int, default=20)
+    f.add_argument("--repeats", type=int, default=20, help="timed calls per measurement")
     f.set_defaults(func=_faces)
     s = bsub.add_parser("soak", help="C clients x S seconds of mixed portrait/face_select/face_detector calls "
                                      "(some cancelled): unexpected errors and server RSS growth")
-    s.add_argument("--clients", type=int, default=16)
-    s.add_argument("--seconds", type=float, default=60.0)
+    s.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    s.add_argument("--seconds", type=float, default=60.0, help="how long the clients call")
     s.add_argument("--warmup", type=float, default=10.0, help="seconds before the RSS baseline")
     s.set_defaults(func=_soak)
     rt = bsub.add_parser("runtimes", help="per diffusion net: torch eager, ONNX Runtime, OpenVINO fp32 (dynamic, "
@@ -204,19 +204,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sv = bsub.add_parser("served", help="one portrait served end to end: repository assembled with the CLI defaults "
                                          "(auto runtimes/precisions), tritonserver, gRPC portrait with and without "
                                          "step caching (tiny; --full SD-1.5 shapes: ~10 min, ~22 GB, run it alone)")
-    sv.add_argument("--full", action="store_true")
+    sv.add_argument("--full", action="store_true", help="SD-1.5 shapes (random weights; ~10 min, ~22 GB)")
     sv.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
     sv.set_defaults(func=_served)
     lo = bsub.add_parser("lora", help="runtime-LoRA UNet vs merged UNets alone (ORT; 1 user also in the served "
                                       "OpenVINO runtime), tiny model, under a minute")
-    lo.add_argument("--users", type=int, default=8)
+    lo.add_argument("--users", type=int, default=8, help="users (LoRAs) served by the runtime-LoRA UNet")
     lo.add_argument("--full", action="store_true", help="also 1 user at SD-1.5 shapes, ORT fp32 and OpenVINO bf16 as "
                                                          "served (random weights; ~10 minutes, ~12 GB: run it alone)")
     lo.add_argument("--repeats", type=int, default=30, help="interleaved calls per variant")
     lo.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
     lo.set_defaults(func=_lora)
     t = bsub.add_parser("training", help="LoRA training steps/s (tiny; --full adds SD-1.5 shapes, minutes)")
-    t.add_argument("--full", action="store_true")
+    t.add_argument("--full", action="store_true", help="also SD-1.5 shapes (minutes)")
     t.set_defaults(func=_training)
 
     def common(q: argparse.ArgumentParser) -> None:

@@ -4,14 +4,16 @@ photos (from installed packages) -> prepare (detect, filter, align, caption)
 -> train the identity LoRA on the tiny default model -> export ONNX + assemble
 the Triton repository -> start tritonserver on 127.0.0.1 -> ``portrait``
 calls over gRPC in template mode -> ranked portraits, a grid PNG and a
-report in ``outputs/demo/`` -> server stopped.
+report in ``$FACETRON_HOME/outputs/demo/`` (``make demo``: ``outputs/demo/``) -> server stopped.
 
 The tiny default generator has random weights: its own pixels are not
 portraits and hold no face. Template mode on real template photos shows
 what facetron does: the template's face region is generated, the generated
 faces are ranked (none on the tiny model: the server then ranks by the
 fused pictures and says so), and the user's best photo is blended into each
-face at ``--fusion-strength``. The grid shows both similarities under each
+face at ``--fusion-strength`` (1.0 by default on the tiny model: a face
+blended at 0.5 into its noise is no face the detector finds again, and the
+returned pictures are scored from a fresh detection). The grid shows both similarities under each
 picture (the generated face's and the returned picture's; ``*`` marks the
 one that ranked); ``report.json`` says which parts came from the tiny
 model. With ``--base-model`` pointing at a real SD-1.5 folder the same
@@ -34,7 +36,7 @@ import numpy as np
 from facetron import __version__
 from facetron.atomic import atomic_write_json
 from facetron.imageio import save_image
-from facetron.paths import BUILD_DIR, REPO_ROOT
+from facetron.cli.options import add_runtime_precision, under_data_root
 
 DEMO_USER = "astronaut"
 
@@ -56,26 +58,36 @@ class StageTimer:
             print(f"[demo] {name}: {self.stages[name]:.1f} s", flush=True)
 
 
+#: the demo's fusion strength on the tiny smoke model (its generated face region is noise; measured on three t1
+#: templates with a noise-filled face region: at 0.5 the fused face was found again in none, at 0.7-1.0 in 2 of 3,
+#: similarity 0.90-0.95; a real base model keeps the server's default)
+SMOKE_FUSION_STRENGTH = 1.0
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the main job end to end (photos -> LoRA -> Triton -> ranked portraits)")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "demo", help="output folder")
-    p.add_argument("--build", type=Path, default=BUILD_DIR / "demo",
+    p.add_argument("--out", type=Path, default=under_data_root("outputs", "demo"),
+                   help="output folder (portraits, grid, report)")
+    p.add_argument("--build", type=Path, default=under_data_root("demo"),
                    help="work folder (prepared data, LoRA, users, model repository)")
     p.add_argument("--photos", type=Path, default=None,
                    help="folder of photos of one person (default: the shipped demo set)")
-    p.add_argument("--user", default=DEMO_USER)
+    p.add_argument("--user", default=DEMO_USER, help="user id the photos are registered and trained as")
     p.add_argument("--attr", action="append", default=None, help="caption attribute (default: gender=woman)")
     p.add_argument("--base-model", type=Path, default=None, help="SD-1.5-layout folder (default: tiny embedded)")
-    p.add_argument("--train-steps", type=int, default=300, help="LoRA steps (FaceChain: min(200 x photos, 800))")
+    p.add_argument("--train-steps", type=int, default=300,
+                   help="LoRA training steps (FaceChain: min(200 x photos, 800))")
     p.add_argument("--templates", type=int, default=3, help="template photos to use")
-    p.add_argument("--num", type=int, default=4, help="candidates per template")
-    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--num-images", type=int, default=4,
+                   help="images generated per template (each portrait call's candidates)")
+    p.add_argument("--top-k", type=int, default=2, help="images returned per template (the best by face similarity)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
-    p.add_argument("--cpu-runtime", default="auto", help="runtime of the nets, as `export repository` (default auto)")
-    p.add_argument("--precision", default="auto", help="precision of the nets, as `export repository` (default auto)")
+    add_runtime_precision(p, "runtime of the nets, as `export repository --cpu-runtime`",
+                          "precision of the nets, as `export repository --precision`", default="auto")
     p.add_argument("--size", type=int, default=256, help="portrait side in px")
     p.add_argument("--fusion-strength", type=float, default=None,
-                   help="blend of the user's best photo into each face, 0..1 (default: the server's)")
+                   help="blend of the user's best photo into each face, 0..1 (default: the server's 0.5 with "
+                        "--base-model; 1.0 on the tiny smoke model, whose generated face region is noise: only a "
+                        "full-strength blend leaves a face the detector finds again in the returned picture)")
     p.set_defaults(func=run)
 
 
@@ -149,15 +161,17 @@ def run(args: argparse.Namespace) -> int:
                 inputs = {
                     "user_id": np.array([user.encode()], dtype=object),
                     "template": template,
-                    "num_images": np.array([args.num], np.int32),
+                    "num_images": np.array([args.num_images], np.int32),
                     "top_k": np.array([args.top_k], np.int32),
                     "steps": np.array([args.steps], np.int32),
                     "seed": np.array([1000 * n], np.int64),
                     "height": np.array([args.size], np.int32),
                     "width": np.array([args.size], np.int32),
                 }
-                if args.fusion_strength is not None:
-                    inputs["fusion_strength"] = np.array([args.fusion_strength], np.float32)
+                strength = args.fusion_strength if args.fusion_strength is not None else (
+                    SMOKE_FUSION_STRENGTH if args.base_model is None else None)
+                if strength is not None:
+                    inputs["fusion_strength"] = np.array([strength], np.float32)
                 res = client.infer("portrait", inputs, list(PORTRAIT_OUTPUTS))
                 server_report = json.loads(res["report"][0])
                 save_image(out / "templates" / f"{name}.png", template)

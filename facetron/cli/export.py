@@ -15,10 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-from facetron.contract import DEFAULT_NET_RUNTIME, IDENTITY_MODES, INT8_MODES, NET_RUNTIMES
+from facetron.cli.options import add_runtime_precision, add_users_dir, under_data_root
+from facetron.contract import DEFAULT_NET_RUNTIME, DEFAULT_STYLE_WEIGHT, DEFAULT_W_FACE, IDENTITY_MODES, INT8_MODES
 from facetron.export.model_configs import TARGETS
-from facetron.export.runtime_choice import PRECISION_CHOICES
-from facetron.paths import DEFAULT_REPOSITORY
 
 EXPORT_SUBPARSERS: list[argparse._SubParsersAction] = []
 
@@ -28,8 +27,8 @@ def _lora_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="diffusers SD-1.5-layout folder (default: the tiny embedded smoke model)")
     p.add_argument("--face-lora", type=Path, required=required, help="the user's identity LoRA (.safetensors)")
     p.add_argument("--style-lora", type=Path, default=None, help="optional style LoRA (.safetensors)")
-    p.add_argument("--w-face", type=float, default=0.9, help="face LoRA weight (default 0.9)")
-    p.add_argument("--w-style", type=float, default=0.25, help="style LoRA weight (default 0.25)")
+    p.add_argument("--w-face", type=float, default=DEFAULT_W_FACE, help="face LoRA weight")
+    p.add_argument("--w-style", type=float, default=DEFAULT_STYLE_WEIGHT, help="style LoRA weight")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -49,64 +48,65 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     o.add_argument("--models", default="text_encoder,unet,vae_decoder,vae_encoder",
                    help="comma-separated subset of text_encoder,unet,vae_decoder,vae_encoder")
     o.add_argument("--fp16", action="store_true", help="half-precision weights (for GPU runtimes); I/O stays FP32")
-    o.add_argument("--opset", type=int, default=17)
+    o.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     o.add_argument("--runtime-lora-rank", type=int, default=0,
                    help="also export unet_lora/, the runtime-LoRA UNet with this LoRA rank (0 = no)")
     o.set_defaults(func=run_onnx)
 
     v = nested.add_parser("validate", help="compare ONNX Runtime with torch; writes validation.json")
-    v.add_argument("--onnx-dir", type=Path, required=True)
+    v.add_argument("--onnx-dir", type=Path, required=True, help="an `export onnx` output folder")
     v.add_argument("--base-model", type=Path, default=None, help="override the base recorded in the export manifest")
     v.add_argument("--models", default=None, help="comma-separated subset (default: all in the export)")
-    v.add_argument("--batch", type=int, default=2)
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--batch", type=int, default=2, help="batch size of the seeded test inputs")
+    v.add_argument("--seed", type=int, default=0, help="seed of the test inputs")
     v.add_argument("--report", type=Path, default=None, help="JSON report path (default: <onnx-dir>/validation.json)")
     v.set_defaults(func=run_validate)
 
     t = nested.add_parser("trt", help="build TensorRT engines (fp16, batch 1-4, 512/768 px; UNet refittable)")
-    t.add_argument("--onnx-dir", type=Path, required=True)
+    t.add_argument("--onnx-dir", type=Path, required=True, help="an `export onnx` output folder")
     t.add_argument("--out", type=Path, default=None, help="engine folder (default: --onnx-dir)")
     t.add_argument("--models", default=None, help="comma-separated subset (default: all in the export)")
     t.add_argument("--print-commands", action="store_true", help="only print the equivalent trtexec lines")
     t.set_defaults(func=run_trt)
 
     r = nested.add_parser("repository", help="assemble a servable Triton model repository (cpu | gpu)")
-    r.add_argument("--target", choices=TARGETS, default="cpu")
-    r.add_argument("--out", type=Path, default=DEFAULT_REPOSITORY)
+    r.add_argument("--target", choices=TARGETS, default="cpu", help="where the repository is served")
+    r.add_argument("--out", type=Path, default=under_data_root("model_repository"),
+                   help="the repository folder to write")
     r.add_argument("--base-model", type=Path, default=None,
                    help="SD-1.5-layout folder for the diffusion models (default: the tiny embedded smoke model)")
     r.add_argument("--faces-only", action="store_true", help="tokenizer + face models only (no diffusion export)")
     r.add_argument("--lora-rank", type=int, default=16, help="rank of the runtime-LoRA UNet (face + style ranks)")
-    r.add_argument("--users-dir", type=Path, default=None,
-                   help="user registry the served models read (default: FACETRON_USERS_DIR at serve time, "
-                        "else build/users)")
+    add_users_dir(r, "user registry the served models read (default: $FACETRON_USERS_DIR at serve time, else "
+                     "$FACETRON_HOME/users)")
     r.add_argument("--identity-mode", choices=IDENTITY_MODES, default=IDENTITY_MODES[0],
                    help="runtime_lora: one UNet + LoRA bank (scalable default); merged: one UNet per user "
                         "(add users with `export add-user`; serve with --model-control explicit)")
-    r.add_argument("--cpu-runtime", choices=("auto",) + NET_RUNTIMES, default=None,
-                   help="cpu target: runtime of text_encoder/unet/vae_* (default auto: measure each net briefly on "
-                        "this machine at the served shapes and keep the fastest within tolerance, recorded in "
-                        "runtime_choice.json in the repository; onnxruntime is the validated reference)")
-    r.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
-                   help="cpu target: f32 | bf16 (OpenVINO nets in bf16) | auto (default with --cpu-runtime auto: "
-                        "OpenVINO bf16 is a candidate, eligible within torch's own bf16 deviation; fast on CPUs "
-                        "with AMX); f32 keeps every net within the fp32 validation tolerance")
-    r.add_argument("--int8", choices=INT8_MODES, default="off",
+    add_runtime_precision(
+        r, "cpu target: runtime of text_encoder/unet/vae_* (default auto: measure each net briefly on "
+           "this machine at the served shapes and keep the fastest within tolerance, recorded in "
+           "runtime_choice.json in the repository; onnxruntime is the validated reference; gpu target: "
+           f"{DEFAULT_NET_RUNTIME})",
+        "cpu target: f32 | bf16 (OpenVINO nets in bf16) | auto (default with --cpu-runtime auto, else f32: "
+        "OpenVINO bf16 is a candidate, eligible within torch's own bf16 deviation; fast on CPUs "
+        "with AMX); f32 keeps every net within the fp32 validation tolerance", default=None)
+    r.add_argument("--int8", choices=INT8_MODES, default=INT8_MODES[0],
                    help="cpu target: serve the UNet as an int8 OpenVINO IR calibrated on real denoising trajectories "
                         "(weights | full | hybrid; default off: on the measured models full int8 deviates ~4x more "
                         "than bf16); its deviation is written beside it (int8/deviation.json)")
     r.set_defaults(func=run_repository)
 
     u = nested.add_parser("add-user", help="merged mode: add a user's merged UNet to an assembled repository")
-    u.add_argument("--repo", type=Path, required=True)
-    u.add_argument("--user", required=True)
-    u.add_argument("--users-dir", type=Path, default=None, help="user registry (default: FACETRON_USERS_DIR or build/users)")
-    u.add_argument("--base-model", type=Path, default=None)
+    u.add_argument("--repo", type=Path, required=True, help="an assembled repository (--identity-mode merged)")
+    u.add_argument("--user", required=True, help="registered user id whose LoRA is fused")
+    add_users_dir(u)
+    u.add_argument("--base-model", type=Path, default=None,
+                   help="SD-1.5-layout folder the LoRA is fused into (default: the tiny embedded smoke model)")
     u.add_argument("--style", default=None, help="a registered style whose LoRA is fused too (`facetron styles list`)")
     u.add_argument("--style-lora", type=Path, default=None, help="or: a style LoRA file fused at --w-style")
-    u.add_argument("--w-face", type=float, default=0.9)
-    u.add_argument("--w-style", type=float, default=0.25)
-    u.add_argument("--target", choices=TARGETS, default="cpu")
+    u.add_argument("--w-face", type=float, default=DEFAULT_W_FACE, help="face LoRA weight")
+    u.add_argument("--w-style", type=float, default=DEFAULT_STYLE_WEIGHT, help="style LoRA weight")
+    u.add_argument("--target", choices=TARGETS, default="cpu", help="the repository's target")
     u.set_defaults(func=run_add_user)
     _add_refit_parser(nested)
     return nested
@@ -128,9 +128,8 @@ def _add_refit_parser(nested: argparse._SubParsersAction) -> None:
                                         "refit-enabled engine (seconds, not a build); without TensorRT the ORT "
                                         "variant")
     f.add_argument("--repo", type=Path, required=True, help="an assembled gpu repository")
-    f.add_argument("--user", required=True)
-    f.add_argument("--users-dir", type=Path, default=None,
-                   help="user registry (default: FACETRON_USERS_DIR or build/users)")
+    f.add_argument("--user", required=True, help="registered user id whose LoRA is fused")
+    add_users_dir(f)
     f.add_argument("--style", default=None, help="a registered style whose LoRA is fused too (`facetron styles list`)")
     f.add_argument("--base-model", type=Path, default=None,
                    help="the base model (default: the one the repository was assembled from, its model_info.json)")
@@ -141,13 +140,14 @@ def run_refit(args: argparse.Namespace) -> int:
     """Where TensorRT imports: ``unet_user_<id>/1/model.plan`` = the repository's refit-enabled UNet engine
     (``unet_refit.plan``, built on first use) refitted with the user's merged weights. Elsewhere the one-line
     reason and the ORT variant (as ``add-user --target gpu``). Loaded like any merged user (explicit model control)."""
+    from facetron import contract
     from facetron.errors import InvalidInputError
     from facetron.export.repository import add_merged_user
     from facetron.users import default_root, validate_user_id
 
     user = validate_user_id(args.user, "--user")
     base_model = args.base_model
-    info_path = args.repo / "portrait_generator" / "1" / "model_info.json"
+    info_path = args.repo / contract.PORTRAIT_GENERATOR.name / contract.VERSION_FOLDER / contract.MODEL_INFO
     if base_model is None and info_path.is_file():  # refit the base the repository serves, not the default
         info = json.loads(info_path.read_text())
         if not info.get("is_smoke_model"):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from facetron import contract
+from facetron.cli.options import add_users_dir
 from facetron.errors import FacetronError, InvalidInputError
 from facetron.imageio import IMAGE_SUFFIXES, list_images, load_image, save_image
 
@@ -120,7 +122,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         except FacetronError as exc:
             results.append({"file": str(path), "error": str(exc)})
             errors += 1
-    _emit({"command": "embed", "dim": 128, "normalised": True, "results": results})
+    _emit({"command": "embed", "dim": contract.EMBEDDING_DIM, "normalised": True, "results": results})
     return 1 if errors else 0
 
 
@@ -156,9 +158,11 @@ def _load_candidates(paths: list[Path], size: int) -> tuple[np.ndarray, list[Pat
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    images, files = _load_candidates(args.candidates, args.size)
     if (args.reference is None) == (args.user is None):
         raise InvalidInputError("--reference/--user", "give exactly one of them")
+    if args.server and args.users_dir is not None:
+        raise InvalidInputError("--users-dir", "with --server the server reads its own user registry: drop one")
+    images, files = _load_candidates(args.candidates, args.size)
     if args.server:
         from facetron.client import FacetronClient
 
@@ -173,11 +177,11 @@ def cmd_select(args: argparse.Namespace) -> int:
     else:
         from facetron.pipeline.net_io import pack_detections
         from facetron.pipeline.selection import select_portraits
-        from facetron.users import UserRegistry, default_root
+        from facetron.users import registry_at
 
         faces = _Faces()
         if args.user:
-            ref = UserRegistry(default_root()).reference_embedding(args.user)
+            ref = registry_at(args.users_dir).reference_embedding(args.user)
         else:
             ref = faces.embedding(args.reference)["embedding"][None].astype(np.float32)
         sel, _ = select_portraits(
@@ -208,19 +212,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=cmd_detect)
 
     e = fsub.add_parser("embed", help="128-D identity embeddings (one face per photo)")
-    e.add_argument("paths", nargs="+", type=Path)
+    e.add_argument("paths", nargs="+", type=Path, help="image files or folders (one face per photo)")
     e.set_defaults(func=cmd_embed)
 
     c = fsub.add_parser("compare", help="same person? cosine similarity and dlib's 0.6 rule")
-    c.add_argument("a", type=Path)
-    c.add_argument("b", type=Path)
+    c.add_argument("a", type=Path, help="a photo of one person")
+    c.add_argument("b", type=Path, help="a photo to compare with A")
     c.set_defaults(func=cmd_compare)
 
     s = fsub.add_parser("select", help="rank candidate images by identity to a reference")
-    s.add_argument("candidates", nargs="+", type=Path)
+    s.add_argument("candidates", nargs="+", type=Path, help="candidate image files or folders")
     s.add_argument("--reference", type=Path, default=None, help="a photo of the person")
-    s.add_argument("--user", default=None, help="a registered user id (FACETRON_USERS_DIR)")
-    s.add_argument("--top-k", type=int, default=0, help="0 = all survivors")
+    s.add_argument("--user", default=None, help="a registered user id (its reference embedding, from --users-dir; "
+                                                 "with --server, the server's registry)")
+    add_users_dir(s)
+    s.add_argument("--top-k", type=int, default=0, help="candidates to select; 0 = all survivors")
     s.add_argument("--size", type=int, default=256, help="candidates are resized to SIZE² before selection")
     s.add_argument("--server", default=None, help="host:port: run face_select on Triton instead of in-process")
     s.set_defaults(func=cmd_select)

@@ -31,7 +31,7 @@ from facetron.errors import FacetronError, InvalidInputError
 # library argument -> CLI flag, so errors name what the user typed
 FLAGS = {
     "user_id": "--user",
-    "num_images": "--num",
+    "num_images": "--num-images",
     "top_k": "--top-k",
     "steps": "--steps",
     "guidance": "--guidance",
@@ -55,8 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--user", required=True, help="registered user id")
     p.add_argument("--style", default=None, help="style name (server's style registry)")
     p.add_argument("--prompt", default=None, help="prompt text (default: the style's / server's)")
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--num", type=int, default=CLIENT_NUM_IMAGES, help=f"candidates to generate (default {CLIENT_NUM_IMAGES})")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt text (default: the style's / server's)")
+    p.add_argument("--num-images", type=int, default=CLIENT_NUM_IMAGES,
+                   help="images generated in the call (the candidates ranked; --top-k of them are returned)")
     p.add_argument("--top-k", type=int, default=None, help="images to return and write (default: server's)")
     p.add_argument("--server", default=DEFAULT_URL, help="host:port[,host:port] of Triton gRPC endpoints")
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -74,10 +75,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-interval", type=int, default=None,
                    help=f"step caching: a full UNet every N steps, the cached deep features between (1..{MAX_CACHE_INTERVAL}; "
                         "1 = off, the server's default; faster, with a small deviation)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per attempt (default 600)")
-    p.add_argument("--retries", type=int, default=3, help="rounds over the servers on UNAVAILABLE (default 3)")
-    p.add_argument("--progress", action="store_true",
-                   help="stream step progress (portrait_stream model; uses the first server, no failover)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per attempt")
+    p.add_argument("--retries", type=int, default=3, help="rounds over the servers on UNAVAILABLE")
+    p.add_argument("--stream", action="store_true",
+                   help="stream per-step progress from the portrait_stream model (uses the first server, no "
+                        "failover; shown as --progress says)")
     p.set_defaults(func=run)
 
 
@@ -91,7 +93,7 @@ def _request(args: argparse.Namespace, template: np.ndarray | None) -> dict[str,
         user_id=args.user,
         style=args.style,
         prompt=args.prompt,
-        num_images=args.num,
+        num_images=args.num_images,
         top_k=args.top_k,
         steps=args.steps,
         guidance=args.guidance,
@@ -124,12 +126,11 @@ def _make_out(out: Path, create: bool) -> None:
 
 
 def _streamed(server: str, kwargs: dict, timeout_s: float):
-    """One call over a gRPC stream with a tqdm bar of denoising steps (first server only)."""
-    from tqdm import tqdm
-
+    """One call over a gRPC stream with a progress bar of denoising steps (first server only)."""
     from facetron.client import FacetronClient
+    from facetron.progress import progress_bar
 
-    bar = tqdm(desc="denoising", unit="step", leave=False)
+    bar = progress_bar(desc="denoising", unit="step", leave=False)
 
     def on_progress(done: int, total: int) -> None:
         bar.total = total
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     _make_out(args.out, create=False)
 
     t0 = time.perf_counter()
-    if args.progress:
+    if args.stream:
         result, used = _streamed(servers[0], kwargs, args.timeout)
     else:
         with ServerPool(servers, timeout_s=args.timeout, retry=RetryPolicy(attempts=args.retries)) as pool:

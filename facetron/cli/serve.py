@@ -8,24 +8,29 @@ import signal
 import time
 from pathlib import Path
 
+from facetron.cli.options import under_data_root
 from facetron.errors import ServerError
-from facetron.paths import BUILD_DIR, DEFAULT_REPOSITORY
 from facetron.triton.server import ADMIN_HEADER, GRPC_ADMIN_HEADER, LOOPBACK, TritonServer
+
+#: tritonserver's --model-control-mode values
+MODEL_CONTROL_MODES = ("none", "explicit", "poll")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start tritonserver on a model repository (127.0.0.1)")
-    p.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY,
+    p.add_argument("--repo", type=Path, default=under_data_root("model_repository"),
                    help="an assembled model repository (`facetron export repository`; default: %(default)s)")
     p.add_argument("--host", default=LOOPBACK, help="bind address (loopback unless FACETRON_ALLOW_PUBLIC_BIND=1)")
     p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: a free one)")
-    p.add_argument("--http-port", type=int, default=None)
-    p.add_argument("--metrics-port", type=int, default=None)
-    p.add_argument("--model-control", choices=["none", "explicit", "poll"], default="none")
+    p.add_argument("--http-port", type=int, default=None, help="HTTP port (default: a free one)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (default: a free one)")
+    p.add_argument("--model-control", choices=MODEL_CONTROL_MODES, default=MODEL_CONTROL_MODES[0],
+                   help="tritonserver's model control: none loads every model at start; explicit loads on request "
+                        "(merged users; the repository API needs the admin key); poll watches the repository")
     p.add_argument("--load-model", action="append", default=[], help="with explicit control: model to load")
     p.add_argument("--log", type=Path, default=None, help="server log file (default: a temp file)")
-    p.add_argument("--startup-timeout", type=float, default=120.0)
-    p.add_argument("--admin-key-file", type=Path, default=BUILD_DIR / "admin-key",
+    p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for the server to be ready")
+    p.add_argument("--admin-key-file", type=Path, default=under_data_root("admin-key"),
                    help="explicit control: where the key for the restricted repository and shared-memory "
                         "APIs is written (mode 0600; default: %(default)s); $FACETRON_ADMIN_KEY sets the key")
     p.set_defaults(func=run)

@@ -1,4 +1,4 @@
-"""``facetron styles list|add|remove``: the style registry (facetron.styles).
+"""``facetron styles list|add|remove``: the style registry (facetron.style_registry).
 
 ``add --lora FILE`` reads any LoRA file facetron reads (diffusers, peft,
 kohya), checks it against the base model (a LoRA for another base model is
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from facetron.contract import DEFAULT_STYLE_WEIGHT, MAX_STYLE_WEIGHT
 from facetron.diffusion.styles import NEGATIVE
-from facetron.styles import STYLES_ENV, StyleRegistry, styles_for
+from facetron.style_registry import STYLES_ENV, StyleRegistry, styles_for
 
 STYLES_DIR_HELP = f"style registry (default: {STYLES_ENV}, else styles/ beside the user registry)"
 
@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--styles-dir", type=Path, default=None, help=STYLES_DIR_HELP)
     add.set_defaults(func=run_add)
     rm = nested.add_parser("remove", help="uninstall a style")
-    rm.add_argument("name")
+    rm.add_argument("name", help="an installed style's name")
     rm.add_argument("--styles-dir", type=Path, default=None, help=STYLES_DIR_HELP)
     rm.set_defaults(func=run_remove)
 

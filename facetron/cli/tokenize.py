@@ -10,9 +10,9 @@ from facetron.client import DEFAULT_URL, FacetronClient
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenize", help="tokenize prompts with the served tokenizer (gRPC)")
-    p.add_argument("prompts", nargs="+")
+    p.add_argument("prompts", nargs="+", help="prompt texts")
     p.add_argument("--server", default=DEFAULT_URL, help="host:port of Triton's gRPC endpoint")
-    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds for the call")
     p.set_defaults(func=run)
 
 

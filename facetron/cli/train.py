@@ -3,7 +3,10 @@
 ``train`` holds nested subcommands so each training stage registers next to
 the others (``lora`` today; ``prepare`` — photos to dataset — lands here too)::
 
-    facetron train lora DATASET --user alice [--base-model DIR] [--steps N] ...
+    facetron train lora DATASET --user alice [--base-model DIR] [--train-steps N] ...
+
+Outputs default under the data root (``$FACETRON_HOME/prepared/<user>``,
+``$FACETRON_HOME/loras``), never into the checkout.
 """
 
 from __future__ import annotations
@@ -11,9 +14,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from facetron.paths import BUILD_DIR, REPO_ROOT
+from facetron.cli.options import add_users_dir, under_data_root
+from facetron.paths import HOME_SHOWN
 
-DEFAULT_LORA_DIR = REPO_ROOT / "loras"
+NO_PROGRESS_HELP = "no progress output (the same as --progress off)"
+#: LoraTrainConfig / train_lora argument -> the `train lora` flag, so errors name what the user typed
+LORA_FLAGS = {"steps": "--train-steps", "rank": "--rank", "alpha": "--alpha", "learning_rate": "--lr",
+              "text_encoder_rank": "--text-encoder-rank", "batch_size": "--batch-size", "seed": "--seed",
+              "checkpoint_every": "--checkpoint-every", "mixed_precision": "--mixed-precision",
+              "trigger_token": "--trigger-token", "identity_snapshots": "--select-by-identity",
+              "reference_embedding": "--reference-embedding", "device": "--device"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +47,7 @@ def add_prepare_parser(stages: argparse._SubParsersAction) -> None:
     )
     p.add_argument("photos", type=Path, metavar="PHOTOS_DIR", help="folder of photos of one person")
     p.add_argument("--user", required=True, help="user id (1-64 of A-Z a-z 0-9 _ -)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: build/prepared/<user>)")
+    p.add_argument("--out", type=Path, default=None, help=f"output folder (default: {HOME_SHOWN}/prepared/<user>)")
     p.add_argument("--base-model", type=Path, default=None,
                    help="the resolution follows this model (default: the tiny embedded smoke model, 128 px)")
     p.add_argument("--resolution", type=int, default=None, help="crop size in px (default: the base model's)")
@@ -48,9 +58,9 @@ def add_prepare_parser(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--min-photos", type=int, default=d.min_photos, help="fail below this many usable photos")
     p.add_argument("--white-background", action="store_true", help="paint everything but the head white")
     p.add_argument("--smooth-skin", action="store_true", help="edge-preserving skin smoothing")
-    p.add_argument("--trigger-token", default=d.trigger_token)
-    p.add_argument("--users-dir", type=Path, default=None, help="user registry (default: FACETRON_USERS_DIR or build/users)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--trigger-token", default=d.trigger_token, help="the token the captions use for the person")
+    add_users_dir(p)
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=run_prepare)
 
 
@@ -81,7 +91,7 @@ def run_prepare(args: argparse.Namespace) -> int:
             resolution = int(cfg["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     config = PrepareConfig(resolution=resolution, min_photos=args.min_photos, white_background=args.white_background,
                            smooth_skin=args.smooth_skin, trigger_token=args.trigger_token)
-    out = args.out or BUILD_DIR / "prepared" / user
+    out = args.out or under_data_root("prepared", user)
     result = prepare_photos(args.photos, out, config, attributes, progress=not args.no_progress)
     registry = UserRegistry(args.users_dir or default_root())
     register_user(registry, user, result, args.trigger_token)
@@ -95,7 +105,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def add_lora_parser(stages: argparse._SubParsersAction) -> None:
-    from facetron.training.lora_config import DEFAULT_TRIGGER_TOKEN, LoraTrainConfig
+    from facetron.training.lora_config import DEFAULT_TRIGGER_TOKEN, MIXED_PRECISION, LoraTrainConfig
 
     d = LoraTrainConfig()
     p = stages.add_parser(
@@ -108,8 +118,9 @@ def add_lora_parser(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--user", required=True, help="user id (1-64 of A-Z a-z 0-9 _ -)")
     p.add_argument("--base-model", type=Path, default=None,
                    help="SD-1.5-layout diffusers folder (default: the tiny embedded smoke model)")
-    p.add_argument("--out", type=Path, default=DEFAULT_LORA_DIR, help="output folder (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: min(200 x photos, 800))")
+    p.add_argument("--out", type=Path, default=under_data_root("loras"), help="output folder (default: %(default)s)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="training steps (default: min(200 x photos, 800))")
     p.add_argument("--rank", type=int, default=d.rank, help="UNet LoRA rank (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=d.alpha, help="UNet LoRA alpha (default: %(default)s)")
     p.add_argument("--text-encoder-rank", type=int, default=d.text_encoder_rank,
@@ -120,20 +131,20 @@ def add_lora_parser(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="write a resumable checkpoint every K steps (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this output")
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=d.mixed_precision,
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=d.mixed_precision,
                    help="CUDA only; CPU always trains in float32 (default: %(default)s)")
     p.add_argument("--trigger-token", default=DEFAULT_TRIGGER_TOKEN,
                    help="the token the captions use for the person (recorded in the sidecar; default: %(default)s)")
     p.add_argument("--reference-embedding", type=Path, default=None,
                    help="the user's reference face embedding (.npy), recorded in the sidecar")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--users-dir", type=Path, default=None, help="user registry (default: FACETRON_USERS_DIR or build/users)")
+    add_users_dir(p)
     p.add_argument("--no-register", action="store_true", help="do not install the LoRA into the user registry")
     p.add_argument("--select-by-identity", type=int, default=None, metavar="N",
                    help="keep the LoRA at N evenly spaced steps, render fixed pre-fusion samples with each, score "
                         "them against the user's reference embedding (--reference-embedding, else the registry's) "
                         "and install the best; writes identity_selection.json/.md/.png beside the LoRA")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=run_lora)
 
 
@@ -167,22 +178,22 @@ def run_lora(args: argparse.Namespace) -> int:
 
         check_candidates_count(args.select_by_identity)
         reference = _selection_reference(args, registry)
-    config = LoraTrainConfig(
-        rank=args.rank, alpha=args.alpha, text_encoder_rank=args.text_encoder_rank, learning_rate=args.lr,
-        steps=args.steps, batch_size=args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        mixed_precision=args.mixed_precision, trigger_token=args.trigger_token,
-        identity_snapshots=args.select_by_identity or 0,
-    )
     from facetron.errors import InvalidInputError
 
     try:
+        config = LoraTrainConfig(
+            rank=args.rank, alpha=args.alpha, text_encoder_rank=args.text_encoder_rank, learning_rate=args.lr,
+            steps=args.train_steps, batch_size=args.batch_size, seed=args.seed,
+            checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
+            trigger_token=args.trigger_token, identity_snapshots=args.select_by_identity or 0,
+        )
         result = train_lora(
             args.dataset, args.out, user_id=args.user, base_model=args.base_model, config=config, resume=args.resume,
             device=args.device, progress=not args.no_progress, reference_embedding=args.reference_embedding,
         )
     except InvalidInputError as err:  # name the flag the user typed
-        if err.input_name == "identity_snapshots":
-            raise InvalidInputError("--select-by-identity", err.rule) from None
+        if err.input_name in LORA_FLAGS:
+            raise InvalidInputError(LORA_FLAGS[err.input_name], err.rule) from None
         raise
     loss = result.metadata["loss"]
     print(f"[train] {result.steps} steps ({result.steps_per_second:.2f} steps/s this run); "

@@ -4,27 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
+from facetron.cli.options import add_users_dir
 from facetron.errors import NotFoundError
 from facetron.users import registry_at, validate_user_id
-
-USERS_DIR_HELP = "user registry (default: FACETRON_USERS_DIR or build/users)"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("users", help="list, show or delete registered users")
     nested = p.add_subparsers(dest="users_command", required=True, metavar="ACTION")
     ls = nested.add_parser("list", help="registered users, one per line (id, version, LoRA yes/no)")
-    ls.add_argument("--users-dir", type=Path, default=None, help=USERS_DIR_HELP)
+    add_users_dir(ls)
     ls.set_defaults(func=run_list)
     show = nested.add_parser("show", help="one user's served version and files, as JSON")
-    show.add_argument("user")
-    show.add_argument("--users-dir", type=Path, default=None, help=USERS_DIR_HELP)
+    show.add_argument("user", help="user id")
+    add_users_dir(show)
     show.set_defaults(func=run_show)
     rm = nested.add_parser("delete", help="remove a user and all its versions (served nowhere after this)")
-    rm.add_argument("user")
-    rm.add_argument("--users-dir", type=Path, default=None, help=USERS_DIR_HELP)
+    rm.add_argument("user", help="user id")
+    add_users_dir(rm)
     rm.set_defaults(func=run_delete)
 
 

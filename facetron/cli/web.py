@@ -13,7 +13,7 @@ import signal
 import time
 from pathlib import Path
 
-from facetron.paths import BUILD_DIR
+from facetron.cli.options import add_users_dir, under_data_root
 
 DEFAULT_PORT = 7860
 LOOPBACK = "127.0.0.1"
@@ -31,15 +31,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server", default="127.0.0.1:8001", help="Triton gRPC endpoint host:port (default: %(default)s)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="web port (default: %(default)s)")
     p.add_argument("--host", default=LOOPBACK, help="bind address (loopback unless FACETRON_ALLOW_PUBLIC_BIND=1)")
-    p.add_argument("--users-dir", type=Path, default=None,
-                   help="the user registry the server reads (default: FACETRON_USERS_DIR or build/users)")
-    p.add_argument("--work", type=Path, default=BUILD_DIR / "web",
+    add_users_dir(p, "the user registry the server reads (default: $FACETRON_USERS_DIR, else $FACETRON_HOME/users)")
+    p.add_argument("--work", type=Path, default=under_data_root("web"),
                    help="uploads, prepared data, LoRAs and generated portraits (default: %(default)s)")
     p.add_argument("--base-model", type=Path, default=None,
                    help="base model for training: the one the server was exported from (default: the tiny model)")
-    p.add_argument("--steps", type=int, default=None, help="default denoising steps on the page")
-    p.add_argument("--train-steps", type=int, default=None, help="default training steps on the page")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per portrait call (default 600)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps the page starts with (default: the page's own default)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="training steps the page starts with (default: the page's own default)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per portrait call")
     p.set_defaults(func=run)
 
 

@@ -21,9 +21,8 @@ import numpy as np
 import regex
 
 from facetron.assets import asset_path
+from facetron.contract import TOKENS
 
-CONTEXT_LENGTH = 77
-VOCAB_SIZE = 49408
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 _NUM_MERGES = 49152 - 256 - 2
@@ -83,7 +82,7 @@ def write_tokenizer_files(out_dir: str | Path, bpe_path: str | None = None) -> P
         json.dumps(
             {
                 "tokenizer_class": "CLIPTokenizer",
-                "model_max_length": CONTEXT_LENGTH,
+                "model_max_length": TOKENS,
                 "bos_token": BOS,
                 "eos_token": EOS,
                 "unk_token": EOS,
@@ -109,7 +108,7 @@ def normalize(text: str) -> str:
 class ClipTokenizer:
     """Text -> CLIP token ids, padded/truncated to 77 (SD-1.5 convention)."""
 
-    def __init__(self, bpe_path: str | None = None, context_length: int = CONTEXT_LENGTH):
+    def __init__(self, bpe_path: str | None = None, context_length: int = TOKENS):
         self.encoder = build_vocab(bpe_path)
         self.ranks = {m: i for i, m in enumerate(load_merges(bpe_path))}
         self.byte_encoder = bytes_to_unicode()

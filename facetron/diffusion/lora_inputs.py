@@ -120,11 +120,6 @@ def manifest_component(manifest: Mapping) -> str:
     return str(manifest.get("component", "unet"))
 
 
-def has_layers(lora: LoraLike | str | os.PathLike, component: str) -> bool:
-    """Whether ``lora`` adapts any layer of ``component``."""
-    return any(c == component for c, _ in _loaded(lora).layers)
-
-
 def zero_lora_inputs(manifest: Mapping, batch: int = 1) -> dict[str, np.ndarray]:
     """All-zero LoRA inputs at the smallest rank bucket: the graph then computes the base net exactly."""
     a, b = _zeros(manifest)

@@ -7,8 +7,8 @@
   layouts (kohya, old diffusers attention processors, peft model keys) are
   refused with a one-line error saying how to convert them; the torch
   reader :func:`facetron.export.lora_files.load_lora` reads them all;
-* the LoRA rules the torch reader shares (:func:`lora_scale`,
-  :func:`layer_alpha`, :func:`read_adapter_metadata`,
+* the LoRA rules the torch reader shares (:func:`open_safetensors`,
+  :func:`lora_scale`, :func:`layer_alpha`, :func:`read_adapter_metadata`,
   :func:`reject_unsupported`, :func:`check_weight`), so both readers give the
   same numbers and the same errors.
 
@@ -22,9 +22,10 @@ import json
 import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 from safetensors import safe_open
@@ -184,20 +185,28 @@ class LoraLike(Protocol):
     layers: Mapping[tuple[str, str], LoraLayerLike]
 
 
+@contextmanager
+def open_safetensors(path: str | os.PathLike, framework: str) -> Iterator[Any]:
+    """``safe_open`` a LoRA file (``framework`` "np" or "pt"), for both readers: no file is a
+    NotFoundError, and whatever fails while the block reads it is an InvalidInputError naming the file."""
+    label = f"LoRA file {Path(path)}"
+    if not Path(path).is_file():
+        raise NotFoundError(f"{label}: no such file")
+    try:
+        with safe_open(str(path), framework=framework) as fh:
+            yield fh
+    except Exception as exc:  # safetensors raises several types for corrupt headers/bodies
+        raise InvalidInputError(label, f"not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+
+
 def read_lora(path: str | os.PathLike) -> LoraFileArrays:
     """Read a LoRA ``.safetensors`` file in facetron's canonical layout into float32 arrays."""
     path = Path(path)
-    label = f"LoRA file {path}"
-    if not path.is_file():
-        raise NotFoundError(f"{label}: no such file")
-    try:
-        with safe_open(str(path), framework="np") as fh:
-            metadata = dict(fh.metadata() or {})
-            keys = list(fh.keys())
-            dtypes = {k: fh.get_slice(k).get_dtype() for k in keys}
-            state = {k: fh.get_tensor(k) for k in keys if dtypes[k] != "BF16"}
-    except Exception as exc:  # safetensors raises several types for corrupt headers/bodies
-        raise InvalidInputError(label, f"not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    with open_safetensors(path, "np") as fh:
+        metadata = dict(fh.metadata() or {})
+        keys = list(fh.keys())
+        dtypes = {k: fh.get_slice(k).get_dtype() for k in keys}
+        state = {k: fh.get_tensor(k) for k in keys if dtypes[k] != "BF16"}
     state.update({k: _read_bf16(path, k) for k in keys if dtypes[k] == "BF16"})
     return parse_lora_arrays({k: state[k] for k in keys}, metadata, source=str(path))
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from facetron.contract import TOKENS, VOCAB_SIZE
+
 TINY_SEED = 20230828  # FaceChain's arXiv submission date; any fixed value works
 
 SD15_SCHEDULER: dict[str, Any] = {
@@ -47,6 +49,26 @@ class ModelSpec:
         return self.resolution // self.latent_factor
 
 
+def _clip_text(hidden_size: int, intermediate_size: int, num_hidden_layers: int, num_attention_heads: int,
+               **extra: Any) -> dict[str, Any]:
+    """A CLIPTextModel config on CLIP's vocabulary and context (the vocabulary's last two ids are
+    ``<|startoftext|>``, ``<|endoftext|>``; the latter also pads)."""
+    return dict(vocab_size=VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                max_position_embeddings=TOKENS, projection_dim=hidden_size, **extra,
+                bos_token_id=VOCAB_SIZE - 2, eos_token_id=VOCAB_SIZE - 1, pad_token_id=VOCAB_SIZE - 1)
+
+
+def _vae(block_out_channels: tuple[int, ...], layers_per_block: int, sample_size: int, **extra: Any) -> dict[str, Any]:
+    """An AutoencoderKL config in SD-1.5's layout: RGB in and out, 4 latent channels, one encoder and one
+    decoder block per entry of ``block_out_channels``, SD-1.5's latent scaling."""
+    n = len(block_out_channels)
+    return dict(in_channels=3, out_channels=3, block_out_channels=block_out_channels,
+                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                layers_per_block=layers_per_block, latent_channels=4, **extra, sample_size=sample_size,
+                scaling_factor=0.18215)
+
+
 TINY = ModelSpec(
     name="facetron-tiny-sd",
     resolution=128,
@@ -63,30 +85,8 @@ TINY = ModelSpec(
         attention_head_dim=8,
         norm_num_groups=32,
     ),
-    vae=dict(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=128,
-        scaling_factor=0.18215,
-    ),
-    text_encoder=dict(
-        vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=32,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    ),
+    vae=_vae((32, 32, 64, 64), layers_per_block=1, sample_size=128, norm_num_groups=16),
+    text_encoder=_clip_text(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
 )
 
 SD15 = ModelSpec(
@@ -103,30 +103,9 @@ SD15 = ModelSpec(
         cross_attention_dim=768,
         attention_head_dim=8,
     ),
-    vae=dict(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-        scaling_factor=0.18215,
-    ),
-    text_encoder=dict(
-        vocab_size=49408,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    ),
+    vae=_vae((128, 256, 512, 512), layers_per_block=2, sample_size=512),
+    text_encoder=_clip_text(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            hidden_act="quick_gelu"),
 )
 
 SPECS = {"tiny": TINY, "sd15": SD15}

@@ -4,11 +4,11 @@ Adjacent denoising steps change the UNet's deep features little. With a
 cache interval ``N``, step ``i`` of a generation is
 
 * **full** when ``i % N == 0`` (:func:`is_full_step`): the whole UNet runs
-  (the exported ``unet_deep`` graph) and returns, besides ``noise_pred``, the
+  (the full graph: the served ``unet``'s ``model.onnx``) and returns, besides ``noise_pred``, the
   hidden state that enters the UNet's last up block (:data:`DEEP_FEATURE`);
 * **shallow** otherwise: only ``conv_in``, the time embedding,
   ``down_blocks[0]``, ``up_blocks[-1]`` (fed the cached feature and the fresh
-  skip connections) and the output layers run (``unet_shallow``).
+  skip connections) and the output layers run (the shallow graph, ``unet/1/shallow/``).
 
 ``N = 1`` is off: every step is full and :func:`step_cached` hands back the
 plain UNet callable itself, so the loop is the uncached one bit for bit.
@@ -18,8 +18,8 @@ full evaluations.
 :class:`CachedUNet` turns the two graphs into the plain ``unet(sample,
 timestep, hidden)`` callable :func:`facetron.diffusion.sampler.denoise`
 takes, so the loop itself is unchanged. Numpy only (no torch): the server
-can import it. The torch graphs and their export are
-:mod:`facetron.export.step_cache`.
+can import it. One concept at two layers: the torch graphs and their
+export (and the exported folder names) are :mod:`facetron.export.step_cache_graphs`.
 """
 
 from __future__ import annotations
@@ -32,11 +32,8 @@ import numpy as np
 from facetron import contract
 from facetron.errors import InvalidInputError
 
-#: the cached tensor: output of the ``*_deep`` graph, input of the ``*_shallow`` graph (the contract's name)
+#: the cached tensor: output of the full graph, input of the shallow graph (the contract's name)
 DEEP_FEATURE = contract.DEEP_FEATURE
-#: model folder names of the exported graph pairs: (full, shallow)
-PLAIN_MODELS = ("unet_deep", "unet_shallow")
-RUNTIME_LORA_MODELS = ("unet_lora_deep", "unet_lora_shallow")
 
 FullFn = Callable[..., tuple[np.ndarray, np.ndarray]]  # (sample, t, hidden, **extra) -> (noise_pred, deep_feature)
 ShallowFn = Callable[..., np.ndarray]  # (sample, t, hidden, deep_feature, **extra) -> noise_pred

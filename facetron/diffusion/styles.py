@@ -4,7 +4,7 @@ at ``lora_weight`` beside the user's face LoRA.
 
 This module holds the :class:`Style` record, the built-in styles (always
 served, no LoRA) and the rules of a style's fields. Styles added by users
-(with their LoRA files) live in the style registry, :mod:`facetron.styles`,
+(with their LoRA files) live in the style registry, :mod:`facetron.style_registry`,
 which also serves these built-ins.
 
 ``{trigger}`` is replaced by the user's trigger token and ``{subject}`` by
@@ -51,7 +51,7 @@ DEFAULT_STYLE = "studio"
 
 
 def get_style(name: str) -> Style:
-    """A built-in style (the registry's :meth:`facetron.styles.StyleRegistry.get` adds the installed ones)."""
+    """A built-in style (the registry's :meth:`facetron.style_registry.StyleRegistry.get` adds the installed ones)."""
     if name not in STYLES:
         raise InvalidInputError("style", f"unknown style {name!r}; known: {', '.join(sorted(STYLES))}")
     return STYLES[name]

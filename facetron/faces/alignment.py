@@ -26,11 +26,11 @@ import math
 import cv2
 import numpy as np
 
+from facetron.contract import CHIP_SIZE
 from facetron.errors import InvalidInputError
 from facetron.faces.alignment_math import similarity_transform
 from facetron.imageio import check_rgb_array
 
-CHIP_SIZE = 150
 CHIP_PADDING = 0.25
 
 # dlib's mean positions of its 5-point shape (0,1: image-right eye outer/inner

@@ -7,7 +7,7 @@ Two providers share one interface (``predict(faces) -> list[dict]``):
   result says ``source: user``.
 * :class:`FairFaceAttributes` — a FairFace-style ResNet34 head (7 race, 2
   gender, 9 age logits, torchvision ResNet34 layout, 224² input) loaded from
-  a user-given weights file; exportable to ONNX. No such weights ship in any
+  a user-given weights file. No such weights ship in any
   package here, so facetron never guesses attributes on its own.
 """
 
@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from facetron.atomic import atomic_write_bytes
 from facetron.errors import InvalidInputError, NotFoundError
 
 FAIRFACE_RACES = ("White", "Black", "Latino_Hispanic", "East Asian", "Southeast Asian", "Indian", "Middle Eastern")
@@ -159,22 +158,3 @@ class FairFaceAttributes:
             return []
         logits = self.model(torch.from_numpy(preprocess_faces(faces))).numpy()
         return decode_logits(logits)
-
-
-def export_fairface_onnx(model: FairFaceResNet34, path: str | Path, opset: int = 17) -> Path:
-    """Export the head to ONNX (input ``faces`` float32 [N,3,224,224] -> ``logits``)."""
-
-    import io
-
-    buf = io.BytesIO()
-    torch.onnx.export(
-        model.eval(),
-        (torch.zeros(1, 3, 224, 224),),
-        buf,
-        input_names=["faces"],
-        output_names=["logits"],
-        dynamic_axes={"faces": {0: "n"}, "logits": {0: "n"}},
-        opset_version=opset,
-        dynamo=False,
-    )
-    return atomic_write_bytes(path, buf.getvalue())

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from facetron.assets import asset_path
+from facetron.contract import MIN_FACE_SCORE
 from facetron.errors import InvalidInputError
 from facetron.faces.mtcnn_cascade import CascadeParams, NetFn, run_cascade
 from facetron.imageio import check_rgb_array
@@ -31,8 +32,9 @@ _EXPORT_VERSION = b"mtcnn-onnx-v1"  # bump when export_mtcnn_onnx changes its ou
 
 
 @dataclass(frozen=True)
-class DetectorConfig:
-    """MTCNN settings; the defaults are facenet-pytorch's.
+class DetectorConfig(CascadeParams):
+    """MTCNN settings: the cascade's (:class:`CascadeParams`, facenet-pytorch's
+    defaults) and two of this detector's own.
 
     ``max_side``: inputs whose longer side exceeds it are downscaled (cv2
     INTER_AREA) to that side before the pyramid, and the results scaled back.
@@ -44,31 +46,14 @@ class DetectorConfig:
 
     ``min_score``: final floor on the ONet score. facenet-pytorch has none
     (its ONet threshold is 0.7); with ``min_score=0`` the output is exactly
-    facenet-pytorch's. The default 0.9 drops MTCNN's confident-looking false
-    positives (a hand at 0.87 and a glass at 0.86 in insightface's t1.jpg,
-    where the six real faces score >= 0.97): this project prefers precision.
+    facenet-pytorch's. The default (``contract.MIN_FACE_SCORE``, 0.9) drops
+    MTCNN's confident-looking false positives (a hand at 0.87 and a glass at
+    0.86 in insightface's t1.jpg, where the six real faces score >= 0.97):
+    this project prefers precision.
     """
 
-    min_face_size: float = 20.0
-    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
-    factor: float = 0.709
-    nms_pnet_scale: float = 0.5
-    nms_pnet_image: float = 0.7
-    nms_rnet: float = 0.7
-    nms_onet: float = 0.7
     max_side: int | None = 2048
-    min_score: float = 0.9
-
-    def cascade_params(self) -> CascadeParams:
-        return CascadeParams(
-            min_face_size=self.min_face_size,
-            thresholds=tuple(self.thresholds),
-            factor=self.factor,
-            nms_pnet_scale=self.nms_pnet_scale,
-            nms_pnet_image=self.nms_pnet_image,
-            nms_rnet=self.nms_rnet,
-            nms_onet=self.nms_onet,
-        )
+    min_score: float = MIN_FACE_SCORE
 
 
 @dataclass
@@ -178,7 +163,7 @@ class FaceDetector:
         if not prepared:
             return []
         pnet, rnet, onet = self._runners()
-        raw = run_cascade([p[0] for p in prepared], pnet, rnet, onet, self.config.cascade_params())
+        raw = run_cascade([p[0] for p in prepared], pnet, rnet, onet, self.config)
         out = []
         for (boxes, scores, marks), (_, back) in zip(raw, prepared):
             keep = scores >= np.float32(self.config.min_score)

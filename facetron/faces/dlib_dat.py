@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from facetron.contract import CHIP_SIZE, EMBEDDING_DIM  # dlib's anet input side and output width
 from facetron.errors import FacetronError
 
 # --------------------------------------------------------------------------------------
@@ -43,9 +44,7 @@ ANET_STAGES: tuple[tuple[int, int, bool], ...] = (
     (256, 3, True),   # alevel1
     (256, 1, True),   # alevel0
 )
-ANET_INPUT_SIZE = 150
 ANET_STEM_FILTERS = 32
-ANET_EMBED_DIM = 128
 
 
 @dataclass(frozen=True)
@@ -109,14 +108,14 @@ def _ares_down(n: int) -> list[LayerSpec]:
 
 def anet_spec(stages: Sequence[tuple[int, int, bool]] = ANET_STAGES) -> list[LayerSpec]:
     """dlib's ``anet_type`` as a forward-ordered layer list."""
-    spec = [LayerSpec("input", {"nr": ANET_INPUT_SIZE, "nc": ANET_INPUT_SIZE}),
+    spec = [LayerSpec("input", {"nr": CHIP_SIZE, "nc": CHIP_SIZE}),
             _con(ANET_STEM_FILTERS, 7, 2), LayerSpec("affine"), LayerSpec("relu"),
             LayerSpec("max_pool", {"nr": 3, "nc": 3, "stride": 2, "padding": 0})]
     for filters, blocks, down in stages:
         for i in range(blocks):
             spec += _ares_down(filters) if (down and i == 0) else _ares(filters)
     spec += [LayerSpec("avg_pool", {"nr": 0, "nc": 0, "stride": 1, "padding": 0}),
-             LayerSpec("fc", {"num_outputs": ANET_EMBED_DIM, "bias": False}),
+             LayerSpec("fc", {"num_outputs": EMBEDDING_DIM, "bias": False}),
              LayerSpec("loss_metric")]
     return spec
 
@@ -255,7 +254,8 @@ def _read_con(s: _Stream, spec: LayerSpec) -> DatLayer:
     nr, nc = s.read_int(), s.read_int()
     sy, sx = s.read_int(), s.read_int()
     py, px = s.read_int(), s.read_int()
-    fshape, bshape = s.alias("con filters"), s.alias("con biases")
+    fshape = s.alias("con filters")
+    s.alias("con biases")  # read past: the bias shape follows from num_filters
     for _ in range(4):  # learning-rate / weight-decay multipliers
         s.read_float("con multiplier")
     use_bias = s.read_bool("con use_bias") if v in ("con_5", "con_6") else True
@@ -337,7 +337,7 @@ def _read_fc(s: _Stream, spec: LayerSpec) -> DatLayer:
     v = s.version_string(["fc_2", "fc_3"])
     num_outputs, num_inputs = s.read_int("fc num_outputs"), s.read_int("fc num_inputs")
     params = s.tensor("fc params")
-    wshape, bshape = s.alias("fc weights"), s.alias("fc biases")
+    s.alias("fc weights"), s.alias("fc biases")  # read past: the shapes follow from num_inputs / num_outputs
     bias_mode = s.read_int("fc bias mode")
     for _ in range(4):
         s.read_float("fc multiplier")

@@ -18,11 +18,10 @@ from typing import Literal
 import numpy as np
 
 from facetron.assets import asset_path
+from facetron.contract import CHIP_SIZE, EMBEDDING_DIM
 from facetron.errors import InvalidInputError
-from facetron.faces.alignment import CHIP_SIZE
 from facetron.paths import cache_dir
 
-EMBED_DIM = 128
 DLIB_SAME_PERSON_THRESHOLD = 0.6
 
 _lock = threading.Lock()
@@ -135,7 +134,7 @@ class FaceEmbedder:
     def _both(self, chips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         chips = check_chips(chips)
         if len(chips) == 0:
-            empty = np.zeros((0, EMBED_DIM), np.float32)
+            empty = np.zeros((0, EMBEDDING_DIM), np.float32)
             return empty, empty.copy()
         parts = [self._run(chips[i:i + self.batch_size]) for i in range(0, len(chips), self.batch_size)]
         return (np.concatenate([p[0] for p in parts]).astype(np.float32, copy=False),

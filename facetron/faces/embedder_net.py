@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from facetron.assets import asset_path
+from facetron.contract import CHIP_SIZE, EMBEDDING_DIM
 from facetron.faces.dlib_dat import (
-    ANET_EMBED_DIM,
-    ANET_INPUT_SIZE,
     ANET_STAGES,
     ANET_STEM_FILTERS,
     DatFormatError,
@@ -44,11 +43,11 @@ from facetron.faces.dlib_dat import (
 class DlibResNetConfig:
     """Everything that shapes the network, in one place."""
 
-    input_size: int = ANET_INPUT_SIZE
+    input_size: int = CHIP_SIZE
     stem_filters: int = ANET_STEM_FILTERS
     #: (filters, residual blocks, first block downsamples), forward order.
     stages: tuple[tuple[int, int, bool], ...] = ANET_STAGES
-    embed_dim: int = ANET_EMBED_DIM
+    embed_dim: int = EMBEDDING_DIM
     #: dlib's input_rgb_image_sized defaults (the .dat's own values replace them on load).
     input_mean: tuple[float, float, float] = (122.782, 117.001, 104.298)
     input_divisor: float = 256.0

@@ -31,6 +31,8 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
+from facetron.contract import MTCNN_MIN_FACE_SIZE
+
 NetFn = Callable[[np.ndarray], Sequence[np.ndarray]]
 """A net runner: float32 NCHW normalised input -> the net's outputs as numpy."""
 
@@ -42,7 +44,9 @@ _NMS_CHUNK = 1024
 
 @dataclass(frozen=True)
 class CascadeParams:
-    min_face_size: float = 20.0
+    """The cascade's settings; the defaults are facenet-pytorch's."""
+
+    min_face_size: float = MTCNN_MIN_FACE_SIZE
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
     factor: float = 0.709
     nms_pnet_scale: float = 0.5

@@ -12,13 +12,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from facetron import contract
+
 
 @dataclass(frozen=True)
 class SelectRules:
-    min_face_frac: float = 0.08  # face box short side / image short side
-    max_face_frac: float = 0.95
-    min_score: float = 0.90
-    bystander_area: float = 0.25  # faces smaller than this x the largest are background, not counted
+    """face_select's thresholds (the defaults and their meaning: facetron.contract, MIN_FACE_FRAC ...)."""
+
+    min_face_frac: float = contract.MIN_FACE_FRAC  # face box short side / image short side
+    max_face_frac: float = contract.MAX_FACE_FRAC
+    min_score: float = contract.MIN_FACE_SCORE
+    bystander_area: float = contract.BYSTANDER_AREA  # faces smaller than this x the largest are background
 
 
 @dataclass

@@ -4,7 +4,7 @@ and kept in a bounded LRU.
 
 A bounded LRU bank turns (user_id, style) into the graph's LoRA inputs
 once — the user's face LoRA at ``w_face`` plus the style's LoRA from the
-style registry (:mod:`facetron.styles`) at the style's weight, else
+style registry (:mod:`facetron.style_registry`) at the style's weight, else
 ``w_style`` — and keeps them, so a request for any user needs no model
 reload and requests of different users share a batch. Memory is bounded in
 bytes; the least recently used entries go first. Nothing here imports
@@ -16,12 +16,12 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from facetron import metrics
-from facetron.contract import DEFAULT_STYLE_WEIGHT
+from facetron.contract import DEFAULT_STYLE_WEIGHT, DEFAULT_W_FACE
 from facetron.diffusion.lora_inputs import (
     lora_inputs_for,
     manifest_component,
@@ -29,14 +29,14 @@ from facetron.diffusion.lora_inputs import (
     zero_lora_inputs,
 )
 from facetron.errors import NotFoundError
-from facetron.styles import StyleRegistry, styles_for
+from facetron.style_registry import StyleRegistry, styles_for
 from facetron.users import UserRegistry, validate_user_id
 
 Key = tuple[str, str, str, str]  # (user_id, user version, style, style install id)
 
 
 def no_style_lora(name: str) -> tuple[Path | None, float]:
-    """A bank without style LoRAs (the text encoder's: style LoRAs adapt the UNet only, :mod:`facetron.styles`)."""
+    """A bank without style LoRAs (the text encoder's: style LoRAs adapt the UNet only, :mod:`facetron.style_registry`)."""
     return None, 0.0
 
 
@@ -54,7 +54,7 @@ class LoraBank:
         manifest: dict,
         registry: UserRegistry,
         style_lora: Callable[[str], tuple[Path | None, float]] = no_style_lora,
-        w_face: float = 0.9,
+        w_face: float = DEFAULT_W_FACE,
         max_bytes: int = 512 << 20,
         style_version: Callable[[str], str] = lambda name: "",
     ):
@@ -73,14 +73,15 @@ class LoraBank:
         self.evictions = 0
         self._last_batch: tuple[tuple[Key, ...], dict[str, np.ndarray]] | None = None
 
-    def _build(self, user_id: str, style: str) -> dict[str, np.ndarray]:
-        """One item's inputs: the user's face LoRA at ``w_face`` and the style's
-        LoRA at its weight, stacked along the rank axis (each ``w · scale``
+    def _build(self, key: Key) -> dict[str, np.ndarray]:
+        """One item's inputs: the user's face LoRA (at the key's version) at ``w_face``
+        and the style's LoRA at its weight, stacked along the rank axis (each ``w · scale``
         folded into B: exactly the merged UNet's ``W + w_face·ΔW_face +
         w_style·ΔW_style``, diffusers' ``set_adapters([face, style], [w_face, w_style])``)."""
+        user_id, version, style, _ = key
         plan: list[tuple[Path, float]] = []
         if user_id:
-            plan.append((self.registry.lora_path(validate_user_id(user_id)), self.w_face))
+            plan.append((self.registry.at_version(user_id, version).lora_path(), self.w_face))
         style_path, w_style = self.style_lora(style) if style else (None, 0.0)
         if style_path is not None:
             plan.append((style_path, w_style))
@@ -89,24 +90,33 @@ class LoraBank:
         (first, weight), extra = plan[0], plan[1:]
         return lora_inputs_for(first, self.manifest, weight, extra=extra)
 
-    def _key(self, user_id: str, style: str) -> Key:
-        """(user, the user's served version, style, the style's install id): a
-        retrained user or a reinstalled style has a new version, so the next
-        request misses and reads the new LoRA."""
+    def key(self, user_id: str, style: str = "", version: str = "") -> Key:
+        """(user, version, style, the style's install id), resolved once per request
+        item: ``version`` is the registry version the caller pinned for its whole
+        request (empty = the user's current one, one lookup here). A retrained user
+        or a reinstalled style has a new version, so the next request misses and
+        reads the new LoRA."""
         style_id = self.style_version(style) if style else ""
         if not user_id:
             return "", "", style, style_id
-        version = self.registry.version(validate_user_id(user_id))
-        if version is None:
-            raise NotFoundError(f"user_id: unknown user {user_id!r} (not registered in {self.registry.root})")
+        user_id = validate_user_id(user_id)
+        if not version:
+            version = self.registry.version(user_id) or ""
+            if not version:
+                raise NotFoundError(f"user_id: unknown user {user_id!r} (not registered in {self.registry.root})")
         return user_id, version, style, style_id
 
-    def get(self, user_id: str, style: str = "") -> dict[str, np.ndarray]:
+    def keys(self, items: Sequence[tuple[str, ...]]) -> tuple[Key, ...]:
+        """:meth:`key` of each (user_id, style[, version]) item, resolved once per distinct item."""
+        resolved = {item: self.key(*item) for item in dict.fromkeys(items)}
+        return tuple(resolved[item] for item in items)
+
+    def get(self, user_id: str, style: str = "", version: str = "") -> dict[str, np.ndarray]:
         """One item's tensors (batch axis of 1, at the LoRA's rank bucket) for ``user_id`` ('' = base model)
         and ``style``."""
-        return self._get(self._key(user_id, style))
+        return self.entry(self.key(user_id, style, version))
 
-    def _get(self, key: Key) -> dict[str, np.ndarray]:
+    def entry(self, key: Key) -> dict[str, np.ndarray]:
         user_id, version, style, style_id = key
         with self._lock:
             if key in self._entries:
@@ -114,7 +124,7 @@ class LoraBank:
                 self.hits += 1
                 metrics.current().lora_lookup(hit=True)
                 return self._entries[key]
-        entry = self._build(user_id, style)
+        entry = self._build(key)
         size = sum(v.nbytes for v in entry.values())
         with self._lock:
             self.loads += 1
@@ -135,19 +145,18 @@ class LoraBank:
         self.evictions += 1
         metrics.current().lora_evicted()
 
-    def batch(self, keys: list[tuple[str, str]]) -> dict[str, np.ndarray]:
-        """Stacked inputs for a batch whose item i belongs to keys[i] = (user, style).
+    def batch(self, keys: Sequence[Key]) -> dict[str, np.ndarray]:
+        """Stacked inputs for a batch whose item i belongs to ``keys[i]`` (from :meth:`key`).
 
         A denoising loop sends the same users every step: the last stacked
-        batch is reused while the (user, version, style) keys repeat (at
-        SD-1.5 shapes a stack is ~5 MB per item at rank 4, copied again on every
-        step otherwise). Items at different rank buckets are zero-padded to the
-        largest (exact)."""
-        key = tuple(self._key(u, s) for u, s in keys)
+        batch is reused while the keys repeat (at SD-1.5 shapes a stack is
+        ~5 MB per item at rank 4, copied again on every step otherwise). Items
+        at different rank buckets are zero-padded to the largest (exact)."""
+        key = tuple(keys)
         last = self._last_batch
         if last is not None and last[0] == key:
             return last[1]
-        stacked = stack_lora_inputs([self._get(k) for k in key], self.manifest)
+        stacked = stack_lora_inputs([self.entry(k) for k in key], self.manifest)
         self._last_batch = (key, stacked)
         return stacked
 

@@ -13,12 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from facetron import contract
-from facetron.contract import INT8_FOLDER, INT8_MODES, UnetParams
+from facetron.contract import INT8_FOLDER, INT8_MODES, MODEL_FILE, UnetParams
 from facetron.errors import InvalidInputError
 from facetron.request import decode_utf8
 
-#: the step cache's shallow graph, in the unet's version folder (its io.json lists the LoRA inputs it reads)
-SHALLOW_FOLDER = "shallow"
 
 
 def unet_graph(folder: Path, params: UnetParams) -> Path:
@@ -27,7 +25,7 @@ def unet_graph(folder: Path, params: UnetParams) -> Path:
     how far it deviates)."""
     check_int8(params.int8)
     if params.int8 == "off":
-        return folder / "model.onnx"
+        return folder / MODEL_FILE
     ir = folder / INT8_FOLDER / "model.xml"
     if params.runtime != "openvino" or not ir.is_file():
         raise InvalidInputError("parameter int8", f"{params.int8!r} needs runtime openvino and {ir} "

@@ -18,6 +18,7 @@ from facetron.errors import InvalidInputError
 from facetron.faces.alignment import align_faces
 from facetron.faces.select import Selection, SelectRules, face_filter, rank_by_identity
 
+BYSTANDER = "the face found is not where the template's face was (a bystander)"
 DetectFn = Callable[[np.ndarray], dict[str, np.ndarray]]  # images [N,H,W,3] -> packed detections
 
 
@@ -62,14 +63,24 @@ def select_portraits(
     detect: DetectFn,
     embed: EmbedFn,
     rules: SelectRules = SelectRules(),
+    at: np.ndarray | None = None,
 ) -> tuple[Selection, dict[str, np.ndarray]]:
-    """Filter "exactly one face within size bounds", rank by identity, top-k."""
+    """Filter "exactly one face within size bounds", rank by identity, top-k.
+
+    ``at`` (template mode: the template face's 5 landmarks): a face counts only
+    where the template's face was — its eyes within one eye distance of the
+    template's —, not a bystander at the edge of the photo."""
     check_candidates(images)
     check_reference(reference)
     if top_k < 0:
         raise InvalidInputError("top_k", f"must be >= 0 (0 = all), got {top_k}")
     dets = detect(images)
     keep, reasons, face = face_filter(dets["num_faces"].reshape(-1), dets["boxes"], dets["scores"], images.shape[1:3], rules)
+    if at is not None:
+        eyes = dets["landmarks"][np.arange(len(images)), np.maximum(face, 0), :2].mean(1)
+        away = keep & (np.linalg.norm(eyes - at[:2].mean(0), axis=1) > np.linalg.norm(at[1] - at[0]))
+        reasons = [BYSTANDER if a else r for a, r in zip(away, reasons)]
+        keep, face = keep & ~away, np.where(away, -1, face).astype(face.dtype)
     metrics.current().candidates(reasons)
     embeddings = np.zeros((len(images), contract.EMBEDDING_DIM), np.float32)
     if keep.any():

@@ -24,18 +24,6 @@ class PreparedTemplate:
     landmarks: np.ndarray  # float32 [5, 2]: the subject's face in ``image``
 
 
-def check_template(template: np.ndarray, name: str = "template") -> np.ndarray:
-    if template.dtype != np.uint8 or template.ndim != 3 or template.shape[2] != 3:
-        raise InvalidInputError(name, f"expected UINT8 [H, W, 3], got {template.dtype} {list(template.shape)}")
-    if min(template.shape[:2]) < contract.MIN_TEMPLATE_SIDE:
-        raise InvalidInputError(name, f"is {template.shape[1]}x{template.shape[0]}; "
-                                      f"at least {contract.MIN_TEMPLATE_SIDE} px a side")
-    if max(template.shape[:2]) > contract.MAX_TEMPLATE_SIDE:
-        raise InvalidInputError(name, f"is {template.shape[1]}x{template.shape[0]}; "
-                                      f"at most {contract.MAX_TEMPLATE_SIDE} px a side (resize it first)")
-    return template
-
-
 def fit_template(template: np.ndarray, height: int, width: int) -> np.ndarray:
     """Centre-crop the template to the target aspect and resize to (height, width)."""
     h, w = template.shape[:2]
@@ -52,16 +40,24 @@ def fit_template(template: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(template, (width, height), interpolation=interp)
 
 
+def at_template_face(landmarks: np.ndarray, template: PreparedTemplate) -> bool:
+    """Is a face found in a generated picture the one the template asked for
+    (its eyes within one eye distance of the template face's), not a bystander?"""
+    there = template.landmarks
+    return bool(np.linalg.norm(landmarks[:2].mean(0) - there[:2].mean(0)) <= np.linalg.norm(there[1] - there[0]))
+
+
 def main_face(dets: dict[str, np.ndarray], index: int, shape: tuple[int, int]) -> int | None:
-    """The subject's face in image ``index``: among faces at least a quarter the
-    area of the largest, the one nearest the image centre (templates often
-    show neighbours' partial faces at the edges)."""
+    """The subject's face in image ``index``: among faces at least
+    ``contract.BYSTANDER_AREA`` of the largest's area (as face_select counts
+    them), the one nearest the image centre (templates often show neighbours'
+    partial faces at the edges)."""
     k = int(dets["num_faces"].reshape(-1)[index])
     if k == 0:
         return None
     boxes = dets["boxes"][index, :k]
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    big = np.flatnonzero(areas >= 0.25 * areas.max())
+    big = np.flatnonzero(areas >= contract.BYSTANDER_AREA * areas.max())
     centres = (boxes[big, :2] + boxes[big, 2:]) / 2
     dist = np.linalg.norm(centres - np.array([shape[1] / 2, shape[0] / 2]), axis=1)
     return int(big[np.argmin(dist)])

@@ -1,2 +1,5 @@
-"""Code shared by facetron's Triton python-backend models (runs inside the
-python backend stub, where ``triton_python_backend_utils`` is importable)."""
+"""Thin Triton adapters: one module per served model, named like the model,
+each holding that model's ``TritonPythonModel`` class (initialize / execute /
+finalize). Imported only by ``model_repository/<model>/1/model.py`` and tests;
+the processing they call lives in :mod:`facetron.pipeline`, the Triton glue in
+:mod:`facetron.triton`."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from facetron.contract import FaceEmbedderParams
+from facetron.contract import CHIP_SIZE, FaceEmbedderParams
 from facetron.faces.embedder import FaceEmbedder, check_chips
 from facetron.pipeline.net_io import normalise
 from facetron.triton.backend import error_response, get_input, read_params, response
@@ -16,7 +16,7 @@ class FaceEmbedderModel:
     def initialize(self, args):
         params = read_params(args, FaceEmbedderParams)
         self.embedder = FaceEmbedder(intra_op_num_threads=params.intra_op_threads or None)
-        self.embedder.descriptors(np.zeros((1, 150, 150, 3), np.uint8))  # warm up
+        self.embedder.descriptors(np.zeros((1, CHIP_SIZE, CHIP_SIZE, 3), np.uint8))  # warm up
 
     def execute(self, requests):
         responses: list = [None] * len(requests)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from facetron import contract, metrics
 from facetron.pipeline.portrait import run_portrait
-from facetron.triton.backend import cancel_check, handle_each, pb, request_arrays
+from facetron.request import PortraitRequest
+from facetron.triton import bls
+from facetron.triton.backend import cancel_check, handle_each, pb, typed_request
 from facetron.triton.generator import ServedGenerator
 
 
@@ -16,7 +18,9 @@ class PortraitModel:
 
     def _portrait(self, request):
         progress = cancel_check(request, contract.PORTRAIT.name)  # stop between steps when the client gave up
-        return run_portrait(request_arrays(request, contract.PORTRAIT_INPUT_NAMES), self.generator, progress)
+        portrait = typed_request(request, PortraitRequest)  # parsed once
+        return run_portrait(portrait, self.generator, progress, detect=bls.detect, embed=bls.embed,
+                            rules=self.generator.rules)
 
     def execute(self, requests):
         return handle_each(requests, self._portrait, self.logger)

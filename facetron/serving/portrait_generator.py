@@ -8,7 +8,8 @@ driven by :mod:`facetron.pipeline.generation`."""
 from __future__ import annotations
 
 from facetron import contract, metrics
-from facetron.triton.backend import cancel_check, handle_each, pb, request_arrays
+from facetron.request import GeneratorRequest
+from facetron.triton.backend import cancel_check, handle_each, pb, typed_request
 from facetron.triton.generator import ServedGenerator
 
 
@@ -19,7 +20,7 @@ class PortraitGeneratorModel:
         metrics.install(args["model_name"])
 
     def _generate(self, request):
-        job = self.generator.job(request_arrays(request, contract.GENERATION_INPUT_NAMES))
+        job = self.generator.job(typed_request(request, GeneratorRequest))
         progress = cancel_check(request, contract.PORTRAIT_GENERATOR.name)
         return {"images": self.generator.images(job, self.generator.template(job), progress)}
 

@@ -20,12 +20,14 @@ from facetron import contract, metrics
 from facetron.contract import StreamParams
 from facetron.errors import FacetronError, ServerError
 from facetron.pipeline.portrait import run_portrait
+from facetron.request import PortraitRequest
+from facetron.triton import bls
 from facetron.triton.backend import (
     cancel_check,
     error_response,
     is_decoupled,
     pb,
-    request_arrays,
+    typed_request,
     response,
 )
 from facetron.triton.generator import ServedGenerator
@@ -54,7 +56,9 @@ class PortraitStreamModel:
                 cancelled(done, total)
                 sender.send(response({"progress": np.array([done, total], np.int32)}))
 
-            out = run_portrait(request_arrays(request, contract.PORTRAIT_INPUT_NAMES), self.generator, progress)
+            portrait = typed_request(request, PortraitRequest)
+            out = run_portrait(portrait, self.generator, progress, detect=bls.detect, embed=bls.embed,
+                               rules=self.generator.rules)
             sender.send(response(out), flags=final)
         except Exception as exc:  # noqa: BLE001 - every error must reach the client
             sender.send(error_response(exc), flags=final)

@@ -6,7 +6,7 @@ graph's manifest) turns a user into the text-encoder layers of the user's
 face LoRA at ``w_face`` — all zeros, i.e. exactly the base text encoder, for
 a user whose LoRA has none — keyed by the user's registry version, so a
 retrained user is read again. Style LoRAs adapt the UNet only
-(:mod:`facetron.styles` refuses text-encoder layers), so there is no style
+(:mod:`facetron.style_registry` refuses text-encoder layers), so there is no style
 here. The graph (``export/runtime_lora.py``,
 ``export_runtime_lora_text_encoder``) computes ``y = W x + s · B (A x)`` on
 every self-attention projection; no torch is imported at serve time."""
@@ -40,8 +40,9 @@ class TextEncoderModel:
     def _read(self, request):
         ids = check_token_ids(get_input(request, "input_ids", dtype=np.int32, ndim=2))
         feed = check_feed({"input_ids": ids}, self.session)
-        users = item_strings(request, "user_id", ids.shape[0])
-        feed.update(self.bank.batch([(u, "") for u in users]))
+        n = ids.shape[0]
+        items = [(u, "", v) for u, v in zip(item_strings(request, "user_id", n), item_strings(request, "user_version", n))]
+        feed.update(self.bank.batch(self.bank.keys(items)))
         return feed
 
     def _run(self, feed):

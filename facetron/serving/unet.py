@@ -1,14 +1,12 @@
-"""The ``unet`` model: the runtime-LoRA UNet (serving mode 2) and its LoRA bank.
+"""The ``unet`` model: the runtime-LoRA UNet (serving mode 2).
 
-Each batch item names its user (``user_id``; empty = base model) and style;
-a bounded LRU bank turns (user_id, style) into the runtime-LoRA graph's
-LoRA inputs once — the user's face LoRA at ``w_face`` plus the style's LoRA
-from the style registry (:mod:`facetron.styles`) at the style's weight, else
-``w_style`` — and keeps them, so a request for any user needs no model
-reload and requests of different users share a batch. Memory is bounded in
-bytes; the least recently used entries go first. Nothing here imports
-torch: LoRA files are read with numpy (:mod:`facetron.diffusion.lora_inputs`).
-"""
+Each batch item names its user (``user_id``; empty = base model), the
+registry version its request pinned (``user_version``) and its style; the
+bank (:class:`facetron.pipeline.lora_bank.LoraBank`) turns each distinct
+item into the graph's LoRA inputs once per request (resolved in ``_read``,
+stacked once per dynamic batch in ``_run``). The step cache: a request that
+asks for ``deep_feature`` gets a full step that keeps it; one that sends it
+runs the shallow graph (opened on first use). No torch is imported here."""
 
 from __future__ import annotations
 
@@ -18,18 +16,17 @@ from functools import partial
 import numpy as np
 
 from facetron import metrics
-from facetron.contract import DEEP_FEATURE, UnetParams
+from facetron.contract import DEEP_FEATURE, MODEL_FILE, SHALLOW_FOLDER, UnetParams
 from facetron.diffusion.lora_inputs import read_lora_manifest
 from facetron.errors import InvalidInputError
 from facetron.net_runtimes import open_runtime
 from facetron.pipeline.lora_bank import LoraBank, style_lora
 from facetron.pipeline.net_io import (
-    SHALLOW_FOLDER,
     check_feed,
     check_finite,
     unet_graph,
 )
-from facetron.styles import styles_for
+from facetron.style_registry import styles_for
 from facetron.triton.backend import get_input, read_params, version_dir
 from facetron.triton.batching import item_strings, run_batched, unet_feed
 from facetron.users import registry_at
@@ -55,9 +52,9 @@ class UnetModel:
         # reuse_inputs keeps them bound in the runtime instead of passing ~65 inputs again on every call
         self.session = open_runtime(unet_graph(folder, params), params.runtime, params.intra_op_threads or None,
                                     params.providers, reuse_inputs=True, precision=params.precision,
-                                    fallback_path=folder / "model.onnx")
+                                    fallback_path=folder / MODEL_FILE)
         # the step cache: the graph above also gives deep_feature; the shallow graph opens on first use
-        self._shallow_path = folder / SHALLOW_FOLDER / "model.onnx"
+        self._shallow_path = folder / SHALLOW_FOLDER / MODEL_FILE
         self._open_shallow = partial(open_runtime, self._shallow_path, params.runtime, params.intra_op_threads or None,
                                      params.providers, reuse_inputs=True, precision=params.precision)
         self._shallow = None
@@ -88,12 +85,13 @@ class UnetModel:
             check_feed({DEEP_FEATURE: feature}, self.shallow())
         elif DEEP_FEATURE in request.requested_output_names():  # a full step that keeps its feature
             feed[WANTS_FEATURE] = np.ones(n, bool)
-        users, styles = item_strings(request, "user_id", n), item_strings(request, "style", n)
+        items = zip(item_strings(request, "user_id", n), item_strings(request, "style", n),
+                    item_strings(request, "user_version", n))
         keys = np.empty(n, dtype=object)
-        for i, key in enumerate(zip(users, styles)):
-            keys[i] = key  # element-wise: numpy would read a list of pairs as an [n, 2] array
-        for key in dict.fromkeys(keys):  # one bank lookup per distinct (user, style) of this request
-            self.bank.get(*key)
+        for i, key in enumerate(self.bank.keys(list(items))):  # resolved once per distinct item, here only
+            keys[i] = key  # element-wise: numpy would read a list of tuples as an [n, 4] array
+        for key in dict.fromkeys(keys):  # built now: a bad user or style fails this request only
+            self.bank.entry(key)
         feed[LORA_KEYS] = keys
         return feed
 
@@ -110,7 +108,7 @@ class UnetModel:
 
     def _run(self, feed):
         feed = dict(feed)
-        feed.update(self.bank.batch(list(feed.pop(LORA_KEYS))))  # same arrays while the batch's keys repeat
+        feed.update(self.bank.batch(list(feed.pop(LORA_KEYS))))  # the keys _read resolved; same arrays while they repeat
         if DEEP_FEATURE in feed:  # shallow step: the graph reads only some of the LoRA inputs
             shallow = self.shallow()
             return {"noise_pred": shallow.run(["noise_pred"], {k: v for k, v in feed.items()

@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - outside Triton
     pb_utils = None
 
 P = TypeVar("P", bound=ModelParams)
+R = TypeVar("R")
 
 
 def pb():
@@ -129,6 +130,11 @@ def request_arrays(request, names: Iterable[str]) -> dict[str, np.ndarray]:
 
 
 
+
+
+def typed_request(request, cls: type[R]) -> R:
+    """A Triton request as its typed request (:mod:`facetron.request`): parsed and checked once."""
+    return cls.from_arrays(request_arrays(request, cls.MODEL.input_names()))
 
 
 def get_string(request, name: str, required: bool = True) -> str | None:

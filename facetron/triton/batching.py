@@ -49,7 +49,7 @@ def net_session(args: dict):
     """The runtime of a net model's ``model.onnx``, configured by its NetParams
     (``runtime``: ONNX Runtime or OpenVINO, :func:`facetron.net_runtimes.open_runtime`)."""
     params = read_params(args, NetParams)
-    return open_runtime(version_dir(args) / "model.onnx", params.runtime, params.intra_op_threads or None,
+    return open_runtime(version_dir(args) / contract.MODEL_FILE, params.runtime, params.intra_op_threads or None,
                         params.providers, precision=params.precision)
 
 

@@ -31,20 +31,29 @@ def embed(chips: np.ndarray) -> np.ndarray:
 
 
 class MergedModels:
-    """The merged ``unet_user_<id>`` models this process loaded, least recently
+    """The merged ``unet_user_<id>`` models this process uses, least recently
     used first: loading one more than ``max_loaded`` unloads the oldest (each
     is a whole UNet: ~1.7 GB at SD-1.5 shapes). Another process may unload a
-    model this one still uses; its next call then reloads it (``diffusion_nets``)."""
+    model this one still uses; its next call then reloads it (``diffusion_nets``).
+
+    Each entry keeps the merge this process last had the server load (or
+    confirm loaded): :func:`merge_stamp` of the model's folder. A model
+    rewritten since (``export add-user`` again) is loaded again by
+    :func:`ensure_merged_unet` on its next use, whichever process loaded the
+    old one."""
 
     def __init__(self, max_loaded: int):
         self.max_loaded = max(1, max_loaded)
-        self.loaded: OrderedDict[str, None] = OrderedDict()
+        self.loaded: OrderedDict[str, tuple] = OrderedDict()
         self.lock = threading.Lock()
 
     def use(self, user_id: str, repository: Path, user_version: str | None = None) -> str:
-        name = ensure_merged_unet(user_id, repository, user_version)
+        name = contract.merged_unet_name(user_id)
         with self.lock:
-            self.loaded[name] = None
+            confirmed = self.loaded.get(name)
+        name, stamp = ensure_merged_unet(user_id, repository, user_version, confirmed)
+        with self.lock:
+            self.loaded[name] = stamp
             self.loaded.move_to_end(name)
             stale = list(self.loaded)[: max(0, len(self.loaded) - self.max_loaded)]
             for old in stale:
@@ -57,30 +66,62 @@ class MergedModels:
         return name
 
 
-def ensure_merged_unet(user_id: str, repository: Path, user_version: str | None = None) -> str:
+def merge_stamp(model_dir: Path) -> tuple:
+    """Which write of a merged model's folder is on disk: inode, mtime and size
+    of its ``config.pbtxt`` and merge record. ``export add-user`` writes a new
+    folder each time (renamed into place), so every re-add changes it."""
+    stamp = []
+    for path in (model_dir / "config.pbtxt", model_dir / contract.VERSION_FOLDER / contract.MERGE_INFO):
+        try:
+            st = path.stat()
+        except OSError:
+            stamp.append(None)
+        else:
+            stamp.append((st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(stamp)
+
+
+def ensure_merged_unet(user_id: str, repository: Path, user_version: str | None = None,
+                       confirmed: tuple | None = None) -> tuple[str, tuple]:
     """Serving mode 1: the user's merged UNet model, loaded on first use
-    (the server runs with explicit model control). A model that is not in
-    the repository is refused before asking the server: python backend 2.51
+    (the server runs with explicit model control); returns its name and the
+    :func:`merge_stamp` it is served from. A model that is not in the
+    repository is refused before asking the server: python backend 2.51
     aborts the whole server when a BLS load_model of a missing model fails.
     A merge built from another version of the user (retrained since) is
-    refused too: serving it would show the old identity."""
+    refused too: serving it would show the old identity.
+
+    A loaded model is trusted only when ``confirmed`` (the stamp this process
+    last had the server load) equals the folder on disk now. Otherwise --
+    another process loaded it, or ``export add-user`` rewrote it since --
+    ``load_model`` is asked again: Triton compares the folder's timestamps
+    with those it loaded from, reloads a model whose files changed (serving
+    the old one until the new one is ready) and leaves an unchanged one as
+    it is. Any load reads the files on disk, so a loaded model is never older
+    than a stamp read before its load: an unchanged stamp means unchanged
+    weights, in every process, and for native (TensorRT / ORT) merged models
+    too."""
     name = contract.merged_unet_name(user_id)
     missing = (f"user_id: no merged UNet for user {user_id!r} in this repository "
                f"(`facetron export add-user --user {user_id}`)")
-    if not (Path(repository) / name / "config.pbtxt").is_file():
+    folder = Path(repository) / name
+    if not (folder / "config.pbtxt").is_file():
         raise NotFoundError(missing)
-    info = Path(repository) / name / "1" / contract.MERGE_INFO
+    stamp = merge_stamp(folder)  # before reading the record and before any load: a later write changes it
+    info = folder / contract.VERSION_FOLDER / contract.MERGE_INFO
     built_from = json.loads(info.read_text()).get("user_version") if info.is_file() else None
     if user_version is not None and built_from is not None and built_from != user_version:
         raise NotFoundError(f"user_id: the merged UNet of user {user_id!r} was built from its version {built_from}; "
                             f"the user is now at {user_version} (`facetron export add-user --user {user_id}`)")
-    if not pb().is_model_ready(model_name=name):
+    ready = pb().is_model_ready(model_name=name)
+    if not ready or stamp != confirmed:
         try:
-            pb().load_model(model_name=name)
-            metrics.current().merged_model_loaded()
+            pb().load_model(model_name=name)  # loaded: reloaded if its files changed, else nothing to do
         except Exception as exc:  # noqa: BLE001 - the server's reason, named
             raise NotFoundError(f"{missing}: {exc}") from None
-    return name
+        if not ready:
+            metrics.current().merged_model_loaded()
+    return name, stamp
 
 
 def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, repository: Path,
@@ -104,8 +145,9 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
             try:
                 return bls_chunked(merged, inputs, outputs, unet_batch)
             except FacetronError:  # unloaded by another instance's LRU meanwhile: load again, once
-                return bls_chunked(merged_models.use(user_id, repository), inputs, outputs, unet_batch)
+                return bls_chunked(merged_models.use(user_id, repository, user_version), inputs, outputs, unet_batch)
         inputs["user_id"] = np.array([[user_id.encode()]] * n, dtype=object)
+        inputs["user_version"] = np.array([[(user_version or "").encode()]] * n, dtype=object)  # pinned per request
         inputs["style"] = np.array([[style.encode()]] * n, dtype=object)
         if feature is not None:
             inputs[contract.DEEP_FEATURE] = feature
@@ -121,7 +163,8 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
         return unet_call(sample, t, hidden, feature=feature)
 
     def text_encode(ids: np.ndarray) -> np.ndarray:
-        inputs = {"input_ids": ids, "user_id": np.array([[user_id.encode()]] * len(ids), dtype=object)}
+        inputs = {"input_ids": ids, "user_id": np.array([[user_id.encode()]] * len(ids), dtype=object),
+                  "user_version": np.array([[(user_version or "").encode()]] * len(ids), dtype=object)}
         return bls_chunked(contract.TEXT_ENCODER.name, inputs, "last_hidden_state", contract.TEXT_ENCODER.max_batch_size)
 
     def tokenize(texts: list[str]) -> np.ndarray:

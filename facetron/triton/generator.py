@@ -8,24 +8,42 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TypeVar
 
 import numpy as np
 
 from facetron import contract
-from facetron.contract import GeneratorParams
+from facetron.contract import FaceSelectParams, GeneratorParams, ModelParams
 from facetron.diffusion.sampler import ProgressFn
-from facetron.pipeline.generation import (
+from facetron.faces.select import SelectRules
+from facetron.pipeline.generation import generate, read_model_info
+from facetron.pipeline.job import (
     GenerationJob,
+    PortraitJob,
     build_job,
-    generate,
-    generation_values,
-    read_model_info,
+    build_portrait_job,
 )
+from facetron.pipeline.selection import select_rules
 from facetron.pipeline.template import PreparedTemplate, prepare_template
+from facetron.request import GeneratorRequest, PortraitRequest
 from facetron.triton import bls
 from facetron.triton.backend import read_params, repository_dir
 from facetron.users import UserRegistry, registry_at
+
+P = TypeVar("P", bound=ModelParams)
+
+
+def model_params(repository: Path, model: str, cls: type[P]) -> P:
+    """Another model's typed parameters, read from its ``config.pbtxt`` in the
+    same repository (defaults where the model or a parameter is absent)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = repository / model / "config.pbtxt"
+    if not path.is_file():
+        return cls()
+    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    return cls.from_config({k: v.string_value for k, v in config.parameters.items()})
 
 
 @dataclass
@@ -38,28 +56,32 @@ class ServedGenerator:
     scheduler_config: dict
     registry: UserRegistry
     merged: bls.MergedModels
+    rules: SelectRules  # face_select's thresholds, as that model is configured
 
     @classmethod
     def from_args(cls, args: dict, params_class: type[GeneratorParams] = GeneratorParams) -> "ServedGenerator":
         params = read_params(args, params_class)
         repository = repository_dir(args)
-        info, scheduler_config = read_model_info(repository / contract.PORTRAIT_GENERATOR.name / "1")
+        info, scheduler_config = read_model_info(repository / contract.PORTRAIT_GENERATOR.name / contract.VERSION_FOLDER)
+        rules = select_rules(model_params(repository, contract.FACE_SELECT.name, FaceSelectParams))
         return cls(params, repository, info, scheduler_config, registry_at(params.users_dir),
-                   bls.MergedModels(params.max_merged_models))
+                   bls.MergedModels(params.max_merged_models), rules)
 
-    def job(self, arrays: dict[str, np.ndarray]) -> GenerationJob:
-        return build_job(generation_values(arrays), self.info, self.registry, self.params)
+    def job(self, request: GeneratorRequest) -> GenerationJob:
+        return build_job(request, self.info, self.registry, self.params)
+
+    def portrait_job(self, request: PortraitRequest) -> PortraitJob:
+        return build_portrait_job(request, self.info, self.registry, self.params)
 
     def template(self, job: GenerationJob) -> Optional[PreparedTemplate]:
         """The job's template, fitted and its face found (one face_detector call)."""
         if job.template is None:
             return None
-        return prepare_template(job.template, job.request.height, job.request.width, bls.detect)
+        return prepare_template(job.template, job.sampling.height, job.sampling.width, bls.detect)
 
     def images(self, job: GenerationJob, template: Optional[PreparedTemplate],
                progress: Optional[ProgressFn] = None) -> np.ndarray:
-        version = self.registry.version(job.user_id) if job.user_id else None
         nets = bls.diffusion_nets(self.info, job.user_id, job.style, self.params.identity_mode, self.repository,
-                                  self.merged, version)
-        return generate(nets, self.scheduler_config, job.prompt, job.negative_prompt, job.request,
+                                  self.merged, job.user_version)
+        return generate(nets, self.scheduler_config, job.prompt, job.negative_prompt, job.sampling,
                         template=template, progress=progress)

@@ -453,8 +453,3 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def start_server(model_repository: str | Path, **kwargs: object) -> TritonServer:
-    """Start a server and return it once ready (caller stops it)."""
-    return TritonServer(Path(model_repository), **kwargs).start()  # type: ignore[arg-type]

@@ -1,4 +1,9 @@
-"""Step caching (DeepCache, arXiv 2312.00858): the UNet as two graphs, torch side.
+"""Step caching (DeepCache, arXiv 2312.00858): the UNet as two graphs, torch side and export.
+
+One concept at two layers: this module builds and exports the two graphs
+(torch); the schedule and :class:`~facetron.diffusion.step_cache.CachedUNet`,
+which runs them in the sampler (numpy, served), are
+:mod:`facetron.diffusion.step_cache`.
 
 The UNet's forward (diffusers' ``UNet2DConditionModel.forward``) is split at
 the input of its last up block::
@@ -34,11 +39,13 @@ nothing reads, so they are left out explicitly, found by autograd:
 lists its inputs and ``deep_cache.unused_inputs`` the ones left out; a feed
 must leave those out too (ONNX Runtime refuses unknown inputs).
 
-:func:`export_deep_cache_unet` writes ``<out>/unet_deep/`` and
-``<out>/unet_shallow/``; :func:`export_runtime_lora_deep_cache_unet` writes
-``<out>/unet_lora_deep/`` and ``<out>/unet_lora_shallow/`` (each with the
-``lora_manifest.json`` of ``unet_lora``). The schedule and the sampler
-adapter are numpy code in :mod:`facetron.diffusion.step_cache`.
+:func:`export_runtime_lora_deep_cache_unet` writes the served ``unet``
+(:data:`SERVED_UNET_FOLDERS`): the full graph in ``<out>/unet/``, the shallow
+graph in ``<out>/unet/shallow/``, the layout of the unet's version folder
+(``unet/1/``, ``unet/1/shallow/``), each with the ``lora_manifest.json`` of
+``unet_lora``. :func:`export_deep_cache_unet` writes the plain pair (no LoRA
+inputs, not served: tests and measurements) to ``<out>/unet_deep/`` and
+``<out>/unet_shallow/`` (:data:`PLAIN_UNET_FOLDERS`).
 """
 
 from __future__ import annotations
@@ -51,12 +58,18 @@ from typing import Iterator, Sequence
 
 import torch
 
+from facetron.contract import SHALLOW_FOLDER, UNET
 from facetron.diffusion.lora_inputs import MANIFEST_FILE
-from facetron.diffusion.step_cache import DEEP_FEATURE, PLAIN_MODELS, RUNTIME_LORA_MODELS
+from facetron.diffusion.step_cache import DEEP_FEATURE
 from facetron.errors import InvalidInputError
 from facetron.export.onnx_graph import (DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, ModelDims, TensorSpec, example_inputs,
                                         export_graph, model_io)
 from facetron.export.runtime_lora import RuntimeLoraUNet, adapted, build_manifest, runtime_lora_io
+
+#: folders of the exported graph pairs (full, shallow) under the output folder: the runtime-LoRA pair is the
+#: served ``unet`` (its shallow graph inside it, as in the version folder); the plain pair is not served
+SERVED_UNET_FOLDERS = (UNET.name, f"{UNET.name}/{SHALLOW_FOLDER}")
+PLAIN_UNET_FOLDERS = ("unet_deep", "unet_shallow")
 
 SPLIT_NOTE = ("DeepCache split at the input of up_blocks[-1]: shallow = time embedding, conv_in, down_blocks[0], "
               "up_blocks[-1], conv_norm_out/conv_act/conv_out; deep = down_blocks[1:], mid_block, up_blocks[:-1]")
@@ -353,7 +366,8 @@ def _export_pair(module: DeepCacheUNet, unet_io, names: tuple[str, str], out_dir
                  opset: int, external_threshold: int, info: dict, extra_files: dict | None = None,
                  rank: int = 4) -> tuple[Path, Path]:
     """Trace ``full`` and ``shallow`` of ``module`` into ``<out_dir>/<names[0]>`` and ``<names[1]>``
-    (the shallow graph with the LoRA inputs it reads only)."""
+    (the shallow graph with the LoRA inputs it reads only). The full graph is written first: its folder is
+    replaced whole, so ``names[1]`` may lie inside it (the served layout, ``unet/shallow``)."""
     (full_in, full_out), (shallow_in, shallow_out) = deep_cache_io(*unet_io, module.feature_channels)
     full_ex = example_inputs(full_in, dims, batch=batch, rank=rank)
     _check_feature_side(module, full_ex)
@@ -381,19 +395,19 @@ def export_deep_cache_unet(unet: torch.nn.Module, out_dir: str | os.PathLike, *,
     """Write ``<out_dir>/unet_deep/`` and ``<out_dir>/unet_shallow/`` (model.onnx + io.json each);
     returns the two model.onnx paths. Inputs/outputs: the ``unet`` contract plus ``deep_feature``."""
     module = DeepCacheUNet(copy.deepcopy(unet).half() if fp16 else unet)
-    return _export_pair(module, model_io("unet", dims), PLAIN_MODELS, out_dir, dims=dims, batch=batch, opset=opset,
-                        external_threshold=external_threshold, info={})
+    return _export_pair(module, model_io("unet", dims), PLAIN_UNET_FOLDERS, out_dir, dims=dims, batch=batch,
+                        opset=opset, external_threshold=external_threshold, info={})
 
 
 def export_runtime_lora_deep_cache_unet(unet: torch.nn.Module, out_dir: str | os.PathLike, *, dims: ModelDims,
                                         rank: int = 16, fp16: bool = False, opset: int = DEFAULT_OPSET, batch: int = 2,
                                         external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> tuple[Path, Path]:
-    """Write ``<out_dir>/unet_lora_deep/`` and ``<out_dir>/unet_lora_shallow/`` (model.onnx, io.json,
-    lora_manifest.json each): the ``unet_lora`` contract plus ``deep_feature``."""
+    """Write the served ``unet``: ``<out_dir>/unet/`` and ``<out_dir>/unet/shallow/`` (model.onnx, io.json,
+    lora_manifest.json each): the ``unet_lora`` contract plus ``deep_feature``. Returns the two model.onnx paths."""
     if not isinstance(rank, int) or rank < 1:
         raise InvalidInputError("--runtime-lora-rank", f"must be an integer >= 1, got {rank!r}")
     manifest = build_manifest(unet, rank)
     with adapted(RuntimeLoraUNet, unet, fp16) as lora_unet:  # the caller's UNet, adapted and put back: no copy
-        return _export_pair(DeepCacheUNet(lora_unet), runtime_lora_io(dims, manifest), RUNTIME_LORA_MODELS, out_dir,
+        return _export_pair(DeepCacheUNet(lora_unet), runtime_lora_io(dims, manifest), SERVED_UNET_FOLDERS, out_dir,
                             dims=dims, batch=batch, opset=opset, external_threshold=external_threshold,
                             info={"lora_rank": rank}, extra_files={MANIFEST_FILE: manifest}, rank=rank)
