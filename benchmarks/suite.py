@@ -35,6 +35,7 @@ from facetron.benchmarks.machine import machine_info
 from facetron.benchmarks.report import markdown_table, result_stem, write_result
 from facetron.benchmarks.server_metrics import MetricsDelta
 from facetron.benchmarks.triton_stats import STAGES, StatsDelta
+from facetron.contract import ADMIN_KEY_ENV
 from facetron.contract import EMBEDDING_DIM
 from facetron.paths import REPO_ROOT
 
@@ -127,6 +128,7 @@ def bench_server(build_dir: Path = BUILD_DIR, diffusion: bool = True) -> Iterato
     server = TritonServer(repo, model_control_mode="explicit", load_models=core, log_path=build_dir / "tritonserver.log",
                           env={"FACETRON_USERS_DIR": str(users)})
     server.start()
+    os.environ.setdefault(ADMIN_KEY_ENV, server.admin_key)  # the harness's clients read statistics with it
     try:
         with grpcclient.InferenceServerClient(server.grpc_url) as client:
             for m in rest:

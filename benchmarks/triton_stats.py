@@ -17,11 +17,12 @@ compare with the client latency of the same run to see them.
 
 from __future__ import annotations
 
+import os
 import time
 
 from typing import Mapping
 
-from facetron.contract import VERSION_FOLDER
+from facetron.contract import ADMIN_KEY_ENV, GRPC_ADMIN_HEADER, VERSION_FOLDER
 
 Snapshot = dict[str, dict[str, int]]
 
@@ -53,7 +54,9 @@ def snapshot(client) -> Snapshot:
     """Counters of every loaded model. ``client``: a sync ``tritonclient.grpc`` client,
     or a :class:`facetron.client.FacetronClient` (its underlying client is used)."""
     raw = getattr(client, "_client", client)
-    return parse(raw.get_inference_statistics(model_name="", as_json=True))
+    key = os.environ.get(ADMIN_KEY_ENV)  # statistics is a restricted API: the deployment's admin key
+    headers = getattr(client, "_admin_headers", None) or ({GRPC_ADMIN_HEADER: key} if key else None)
+    return parse(raw.get_inference_statistics(model_name="", headers=headers, as_json=True))
 
 
 def breakdown(before: Snapshot, after: Snapshot) -> dict[str, dict]:

@@ -50,7 +50,7 @@ class AsyncFacetronClient(OneServer, AsyncClientAPI):
         if self._client is not None:
             client, self._client = self._client, None
             if self._shm_pending:
-                await unregister_async(client, list(self._shm_pending), 5.0)
+                await unregister_async(client, list(self._shm_pending), 5.0, self._admin_headers)
                 self._shm_pending.clear()
             await client.close()
 
@@ -83,7 +83,7 @@ class AsyncFacetronClient(OneServer, AsyncClientAPI):
             if shm is None:
                 result = await client.infer(model, infer_inputs(inputs), outputs=requested_outputs(outputs), client_timeout=timeout)
                 return {n: result.as_numpy(n) for n in outputs}
-            async with registered_async(client, shm, timeout, self._shm_pending):
+            async with registered_async(client, shm, timeout, self._shm_pending, self._admin_headers):
                 result = await client.infer(model, shm.infer_inputs(), outputs=shm.requested_outputs(), client_timeout=timeout)
                 return shm.read_outputs(result)
         except InferenceServerException as exc:

@@ -4,11 +4,14 @@ client holds (:class:`OneServer`)."""
 
 from __future__ import annotations
 
+import os
+
 from typing import Any, Sequence
 
 import tritonclient.grpc as grpcclient
 
 from facetron.client.retry import ClientStats, RetryPolicy
+from facetron.contract import ADMIN_KEY_ENV, GRPC_ADMIN_HEADER
 from facetron.errors import InvalidInputError
 
 DEFAULT_URL = "127.0.0.1:8001"
@@ -85,6 +88,10 @@ class OneServer:
         self.stats = ClientStats()
         self._shm_pending: set[str] = set()
         self._channel_args = channel_args(reconnect_backoff_ms)
+        # shared-memory registration is one of Triton's restricted APIs: the admin key ($FACETRON_ADMIN_KEY)
+        # goes with those calls only, never with inference
+        key = os.environ.get(ADMIN_KEY_ENV, "")
+        self._admin_headers: dict[str, str] | None = {GRPC_ADMIN_HEADER: key} if key else None
 
     def _timeout(self, timeout_s: float | None) -> float:
         return self.timeout_s if timeout_s is None else timeout_s

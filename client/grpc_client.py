@@ -85,7 +85,7 @@ class FacetronClient(OneServer, ClientAPI):
 
     def close(self) -> None:
         if self._shm_pending:
-            unregister(self._client, list(self._shm_pending), 5.0)
+            unregister(self._client, list(self._shm_pending), 5.0, self._admin_headers)
             self._shm_pending.clear()
         self._client.close()
 
@@ -114,7 +114,8 @@ class FacetronClient(OneServer, ClientAPI):
     def shared_memory_regions(self, timeout_s: float | None = None) -> list[str]:
         """Names of the system shared-memory regions the server has registered."""
         try:
-            status = self._client.get_system_shared_memory_status(as_json=True, client_timeout=self._timeout(timeout_s))
+            status = self._client.get_system_shared_memory_status(as_json=True, headers=self._admin_headers,
+                                                                  client_timeout=self._timeout(timeout_s))
         except InferenceServerException as exc:
             raise translate_error(exc, self.url, timeout_s) from None
         return sorted(status.get("regions", {}))
@@ -129,7 +130,7 @@ class FacetronClient(OneServer, ClientAPI):
             if shm is None:
                 result = client.infer(model, infer_inputs(inputs), outputs=requested_outputs(outputs), client_timeout=timeout)
                 return {n: result.as_numpy(n) for n in outputs}
-            with registered(client, shm, timeout, self._shm_pending):
+            with registered(client, shm, timeout, self._shm_pending, self._admin_headers):
                 result = client.infer(model, shm.infer_inputs(), outputs=shm.requested_outputs(), client_timeout=timeout)
                 return shm.read_outputs(result)
         except InferenceServerException as exc:

@@ -182,14 +182,15 @@ def _in_use(exc: InferenceServerException) -> bool:
 
 
 # twin: shm.unregister_async
-def unregister(client: grpcclient.InferenceServerClient, names: Iterable[str], timeout_s: float | None) -> list[str]:
+def unregister(client: grpcclient.InferenceServerClient, names: Iterable[str], timeout_s: float | None,
+               headers: dict[str, str] | None = None) -> list[str]:
     """Unregister ``names`` from the server; return those it still refused."""
     left = []
     for name in names:
         delay, deadline = 0.002, time.monotonic() + UNREGISTER_WAIT_S
         while True:
             try:
-                client.unregister_system_shared_memory(name, client_timeout=timeout_s)
+                client.unregister_system_shared_memory(name, headers=headers, client_timeout=timeout_s)
                 break
             except InferenceServerException as exc:
                 if not _in_use(exc) or time.monotonic() > deadline:
@@ -202,14 +203,15 @@ def unregister(client: grpcclient.InferenceServerClient, names: Iterable[str], t
 
 
 # twin: shm.unregister
-async def unregister_async(client: Any, names: Iterable[str], timeout_s: float | None) -> list[str]:
+async def unregister_async(client: Any, names: Iterable[str], timeout_s: float | None,
+                           headers: dict[str, str] | None = None) -> list[str]:
     """:func:`unregister` for ``tritonclient.grpc.aio`` clients."""
     left = []
     for name in names:
         delay, deadline = 0.002, time.monotonic() + UNREGISTER_WAIT_S
         while True:
             try:
-                await client.unregister_system_shared_memory(name, client_timeout=timeout_s)
+                await client.unregister_system_shared_memory(name, headers=headers, client_timeout=timeout_s)
                 break
             except InferenceServerException as exc:
                 if not _in_use(exc) or time.monotonic() > deadline:
@@ -224,7 +226,8 @@ async def unregister_async(client: Any, names: Iterable[str], timeout_s: float |
 # twin: shm.registered_async
 @contextmanager
 def registered(
-    client: grpcclient.InferenceServerClient, tensors: ShmTensors, timeout_s: float | None, pending: set[str]
+    client: grpcclient.InferenceServerClient, tensors: ShmTensors, timeout_s: float | None, pending: set[str],
+    headers: dict[str, str] | None = None,
 ) -> Iterator[None]:
     """Register ``tensors``' regions with the server for the block; unregister
     after. Names the server still holds (in use past the wait) go to
@@ -234,31 +237,34 @@ def registered(
         if pending:
             stale = set(pending)
             pending.difference_update(stale)
-            pending.update(unregister(client, stale, timeout_s))
+            pending.update(unregister(client, stale, timeout_s, headers))
         for region in tensors.regions:
-            client.register_system_shared_memory(region.name, region.key, region.byte_size, client_timeout=timeout_s)
+            client.register_system_shared_memory(region.name, region.key, region.byte_size, headers=headers,
+                                                 client_timeout=timeout_s)
             done.append(region.name)
         yield
     finally:
-        pending.update(unregister(client, done, timeout_s))
+        pending.update(unregister(client, done, timeout_s, headers))
 
 
 # twin: shm.registered
 @asynccontextmanager
-async def registered_async(client: Any, tensors: ShmTensors, timeout_s: float | None, pending: set[str]) -> AsyncIterator[None]:
+async def registered_async(client: Any, tensors: ShmTensors, timeout_s: float | None, pending: set[str],
+                           headers: dict[str, str] | None = None) -> AsyncIterator[None]:
     """:func:`registered` for ``tritonclient.grpc.aio`` clients."""
     done: list[str] = []
     try:
         if pending:
             stale = set(pending)
             pending.difference_update(stale)
-            pending.update(await unregister_async(client, stale, timeout_s))
+            pending.update(await unregister_async(client, stale, timeout_s, headers))
         for region in tensors.regions:
-            await client.register_system_shared_memory(region.name, region.key, region.byte_size, client_timeout=timeout_s)
+            await client.register_system_shared_memory(region.name, region.key, region.byte_size, headers=headers,
+                                                       client_timeout=timeout_s)
             done.append(region.name)
         yield
     finally:
-        pending.update(await unregister_async(client, done, timeout_s))
+        pending.update(await unregister_async(client, done, timeout_s, headers))
 
 
 def leftover_regions() -> list[str]:

@@ -11,14 +11,15 @@ half-written repository.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from facetron.atomic import atomic_dir, atomic_write_json
-from facetron.contract import (DEFAULT_NET_RUNTIME, DEFAULT_STYLE_WEIGHT, DEFAULT_W_FACE, IDENTITY_MODES, MODEL_FILE,
-                               NET_RUNTIMES, VERSION_FOLDER)
+from facetron.atomic import atomic_dir, atomic_write_json, owned_folder, remove_tree
+from facetron.contract import (DEFAULT_NET_RUNTIME, DEFAULT_STYLE_WEIGHT, DEFAULT_W_FACE, IDENTITY_MODES,
+                               MODEL_FILE, NET_RUNTIMES, VERSION_FOLDER, merged_unet_name)
 from facetron.diffusion.base_model import load_base_model
 from facetron.errors import InvalidInputError, NotFoundError
 from facetron.export.lora_files import load_lora
@@ -329,6 +330,41 @@ def add_merged_user(
         atomic_write_json(version / MERGE_INFO, provenance)
         (tmp / "config.pbtxt").write_text(config)
     return repo / model.name
+
+
+def remove_merged_user(repo: str | Path, user_id: str) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Take a user's merged ``unet_user_<id>`` out of an assembled repository (and its TensorRT
+    engine cache under ``TRT_ENGINE_CACHE_ROOT`` where that is on this machine): (paths removed,
+    (path, why kept) for what facetron did not make). A model folder is facetron's when
+    :func:`add_merged_user` made it: the atomic-folder marker, or ``config.pbtxt`` beside
+    ``1/facetron_merge.json`` naming this user. A server that loaded the model keeps it until it
+    unloads it or restarts."""
+    name = merged_unet_name(user_id)
+    removed: list[Path] = []
+    kept: list[tuple[Path, str]] = []
+    folder = Path(repo) / name
+    if folder.exists() or folder.is_symlink():
+        if owned_folder(folder) or _merge_names_user(folder, user_id):
+            remove_tree(folder)
+            removed.append(folder)
+        else:
+            why = f"not a merged model facetron made (no marker, no {VERSION_FOLDER}/{MERGE_INFO} naming {user_id!r})"
+            kept.append((folder, why))
+    cache = Path(TRT_ENGINE_CACHE_ROOT) / name  # named by facetron's configs: ORT's engine cache of that model
+    if cache.is_dir() and not cache.is_symlink():
+        remove_tree(cache)
+        removed.append(cache)
+    return removed, kept
+
+
+def _merge_names_user(folder: Path, user_id: str) -> bool:
+    info = folder / VERSION_FOLDER / MERGE_INFO
+    if folder.is_symlink() or not (folder / "config.pbtxt").is_file() or not info.is_file():
+        return False
+    try:
+        return json.loads(info.read_text()).get("user_id") == user_id
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _repository_target(repo: Path) -> Target | None:

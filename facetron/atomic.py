@@ -95,3 +95,67 @@ def atomic_dir(path: str | os.PathLike, name: str | None = None) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --- ownership of single files and of what facetron may delete -------------------------
+
+#: A single file cannot hold :data:`ARTIFACT_MARKER`: facetron marks a file it writes with a
+#: JSON sidecar ``<stem>.json`` that names the file under this key (a LoRA's sidecar does).
+SIDECAR_NAMES_KEY = "lora_file"
+#: Every JSON file facetron writes as its own record holds this key (sidecars, reports).
+FACETRON_JSON_KEY = "facetron_version"
+_MAX_SIDECAR_BYTES = 1 << 20
+
+
+def owned_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder facetron made (holds :data:`ARTIFACT_MARKER`; a symlink never is)."""
+    path = Path(path)
+    return path.is_dir() and not path.is_symlink() and (path / ARTIFACT_MARKER).is_file()
+
+
+def facetron_json(path: str | os.PathLike) -> dict | None:
+    """``path`` as a JSON object facetron wrote (it records :data:`FACETRON_JSON_KEY`), else None."""
+    path = Path(path)
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > _MAX_SIDECAR_BYTES:
+            return None
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and FACETRON_JSON_KEY in doc else None
+
+
+def owned_file(path: str | os.PathLike) -> bool:
+    """Whether facetron wrote the single file ``path``: a facetron JSON record itself, or the file its
+    sidecar ``<stem>.json`` (a facetron JSON record) names under :data:`SIDECAR_NAMES_KEY`."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    if path.suffix == ".json" and facetron_json(path) is not None:
+        return True
+    sidecar = facetron_json(path.with_suffix(".json"))
+    return sidecar is not None and sidecar.get(SIDECAR_NAMES_KEY) == path.name
+
+
+def check_file_replaceable(path: str | os.PathLike, name: str | None = None) -> Path:
+    """``path`` if facetron may write a file there: absent, or a file facetron wrote
+    (:func:`owned_file`). Anything else is refused before any work, naming the path and the rule."""
+    path = Path(path)
+    label = f"{name} {path}" if name else str(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise InvalidInputError(label, "exists and is not a file facetron wrote; choose another output")
+    if path.exists() and not owned_file(path):
+        raise InvalidInputError(
+            label, f"exists and facetron did not write it (no {path.with_suffix('.json').name} sidecar of facetron's "
+                   f"naming it): facetron never overwrites such a file; move it away or choose another output "
+                   "(nothing was changed)")
+    return path
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Remove a file or folder, raising on failure (a removal that must not leave anything behind)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()

@@ -73,8 +73,32 @@ DEFAULT_FUSION_STRENGTH = 0.5  # portrait: weight of the user's photo in the fac
 DEFAULT_NUM_IMAGES = 1  # server side; the client asks for 4 candidates by default
 CLIENT_NUM_IMAGES = 4
 LATENT_FACTOR = 8  # SD-1.5 VAE: pixels per latent cell
+LATENT_CHANNELS = 4  # SD-1.5 latent channels: the unet's sample / noise_pred and the VAEs' latent (a fixed config dim)
+#: Budgets of the served nets, checked per request before any work (facetron.pipeline.net_io) and per
+#: dynamic batch (facetron.triton.batching.run_batched runs a batch over its budget as several calls).
+MAX_LATENT_SIDE = MAX_SIDE // LATENT_FACTOR  # unet / vae_decoder: a latent side (256 cells = MAX_SIDE px)
+#: latent cells per VAE item: a 1024x1024 image (MAX_SIDE_FACTOR x SD-1.5's native 512, the largest a public
+#: SD-1.5 generation sends). The VAE's mid-block self-attention holds (h*w)^2 floats per item: 1 GiB here, 16 GiB
+#: for a 2048x2048 image (measured: a 2x4x256x256 latent asks ONNX Runtime for 32 GiB). Pixels: x LATENT_FACTOR^2.
+VAE_MAX_ITEM_CELLS = (MAX_SIDE // 2 // LATENT_FACTOR) ** 2
+#: latent cells per VAE call: its max_batch_size (8) such items, what a public generation sends in one call
+VAE_MAX_BATCH_CELLS = 8 * VAE_MAX_ITEM_CELLS
+#: face_detector / face_select: pixels per request (16.8 Mpx): MAX_IMAGES candidates at 1024x1024 (a public
+#: SD-1.5 portrait's largest candidate set) or one MAX_TEMPLATE_SIDE template. face_embedder's chips are
+#: bounded by its config (max_batch_size FACE_NET_MAX_BATCH x CHIP_SIZE^2, refused by Triton itself).
+MAX_REQUEST_PIXELS = MAX_TEMPLATE_SIDE * MAX_TEMPLATE_SIDE
+#: tokenizer: a word (one piece of CLIP's pattern) longer than this is tokenized as pieces of at most
+#: this many bytes (split on a character boundary, not refused); and the bytes of all prompts of a request
+MAX_WORD_BYTES = 256
+MAX_TOKENIZER_REQUEST_BYTES = 4 * MAX_PROMPT_BYTES
 MAX_SEED = 2**63 - 1
 BLS_TIMEOUT_S = 300.0  # a model's call to another model of the same server gives up after this in its queue
+#: Triton's non-inference APIs (facetron.triton.server.RESTRICTED_APIS) sit behind an admin key: its name is the
+#: HTTP header itself and the key given to --grpc-restricted-protocol; tritonserver (2.51, checked by a real
+#: request in tests/test_launch_commands.py) reads the gRPC key from metadata named with the prefix below
+ADMIN_HEADER = "facetron-admin-key"
+GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
+ADMIN_KEY_ENV = "FACETRON_ADMIN_KEY"  # where the launcher and the client read the key (else a key file / none)
 IDENTITY_MODES = ("runtime_lora", "merged")
 #: Runtimes of a served net on the cpu target (facetron.net_runtimes); the
 #: ``runtime`` parameter of NetParams / UnetParams ("openvino" falls back to
@@ -394,11 +418,11 @@ PORTRAIT_OUTPUT_TENSORS = SELECT_OUTPUT_TENSORS + (
     Tensor("report", "STRING", (1,)),
 )
 UNET_CORE_INPUTS: tuple[Tensor, ...] = (
-    Tensor("sample", "FP32", (-1, -1, -1)),
+    Tensor("sample", "FP32", (LATENT_CHANNELS, -1, -1)),
     Tensor("timestep", "FP32", (1,)),
     Tensor("encoder_hidden_states", "FP32", (TOKENS, -1)),
 )
-UNET_OUTPUTS: tuple[Tensor, ...] = (Tensor("noise_pred", "FP32", (-1, -1, -1)),)
+UNET_OUTPUTS: tuple[Tensor, ...] = (Tensor("noise_pred", "FP32", (LATENT_CHANNELS, -1, -1)),)
 #: the runtime-LoRA unet's step cache: a request asking for the output gets a full step and the feature
 #: entering the UNet's last up block; a request sending it runs only the shallow part on it
 UNET_CACHE_INPUTS: tuple[Tensor, ...] = (Tensor(DEEP_FEATURE, "FP32", (-1, -1, -1), optional=True),)
@@ -501,7 +525,7 @@ UNET = ModelContract(
 VAE_DECODER = ModelContract(
     name="vae_decoder",
     doc="VAE decoder: scaled latent [4, h, w] -> RGB image UINT8 [8h, 8w, 3].",
-    inputs=(Tensor("latent", "FP32", (-1, -1, -1)),),
+    inputs=(Tensor("latent", "FP32", (LATENT_CHANNELS, -1, -1)),),
     outputs=(Tensor("images", "UINT8", (-1, -1, 3)),),
     max_batch_size=8,
     params=NetParams,
@@ -510,7 +534,7 @@ VAE_ENCODER = ModelContract(
     name="vae_encoder",
     doc="VAE encoder (template mode): RGB image UINT8 [H, W, 3] -> scaled latent mean.",
     inputs=(Tensor("images", "UINT8", (-1, -1, 3)),),
-    outputs=(Tensor("latent", "FP32", (-1, -1, -1)),),
+    outputs=(Tensor("latent", "FP32", (LATENT_CHANNELS, -1, -1)),),
     max_batch_size=8,
     params=NetParams,
 )

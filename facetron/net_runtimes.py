@@ -101,12 +101,57 @@ def resolve_threads(threads: int | None) -> int | None:
 # ----------------------------------------------------------------------------- ONNX Runtime
 
 
-def ort_session(path: Path, threads: int | None = None, providers: str = "cpu"):
+#: ONNX Runtime CPU memory between calls: ``shrink`` = the CPU arena, shrunk back to its first region at
+#: the end of a run (run option ``memory.enable_memory_arena_shrinkage``; ``shrink_above``: only after big
+#: calls); ``no_arena`` = no CPU arena; ``arena`` = the arena keeps its high-water mark for good (ORT's
+#: default). Without shrinkage one 16 x 3000x3000 face_detector request left 4.7 GB PSS. Measured on the
+#: tiny model, 2 shared cores (PSS after one big call, arena / no_arena / shrink): MTCNN 4 x 3000x3000
+#: 1819 / 421 / 225 MB; vae_decoder 2x4x96x96 1469 / 317 / 100; vae_encoder 2x768x768 1935 / 154 / 134;
+#: unet 8x4x64x64 8542 / 366 / 96. Cost per typical call: none measurable for small working sets; large
+#: ones refault their memory every call: vae_decoder 1x4x64x64 2.07 s (arena) vs 2.37 (shrink) / 2.46
+#: (no_arena), unet 2x4x48x48 0.85-0.94 s vs 2.07 / 1.81 (hence ``shrink_above``, or ``arena`` where the
+#: call's work is bounded by a budget).
+ORT_MEMORY = ("shrink", "no_arena", "arena")
+DEFAULT_ORT_MEMORY = "shrink"
+#: the UNets keep their arena: their per-call work is bounded by contract.UNET_MAX_BATCH_CELLS, and shrinking after
+#: every call doubled a tiny-model step (2x4x48x48: 0.85-0.94 s -> 2.07 s shrinking, 1.81 s without an arena)
+UNET_ORT_MEMORY = "arena"
+
+
+def ort_run_options(memory: str = DEFAULT_ORT_MEMORY):
+    """The ``RunOptions`` every run of a session opened with ``memory`` passes (None = ORT's default)."""
+    if memory not in ORT_MEMORY:
+        raise InvalidInputError("memory", f"expected one of {', '.join(ORT_MEMORY)}, got {memory!r}")
+    if memory != "shrink":
+        return None
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
+def release_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc ``malloc_trim``; nothing elsewhere): numpy's
+    and ONNX Runtime's freed blocks below glibc's mmap threshold otherwise stay in the process. Cheap
+    (milliseconds); for after a big request."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc
+        pass
+
+
+def ort_session(path: Path, threads: int | None = None, providers: str = "cpu", memory: str = DEFAULT_ORT_MEMORY):
     """An ONNX Runtime session (no idle-thread spinning: cores are shared).
 
     ``providers="cuda"`` asks for the CUDA provider first (gpu target) and
-    fails clearly where onnxruntime has none."""
+    fails clearly where onnxruntime has none. ``memory``: see
+    :data:`ORT_MEMORY` (``shrink`` needs :func:`ort_run_options` on each run)."""
     import onnxruntime as ort
+
+    ort_run_options(memory)  # checks the name
 
     chain = ["CPUExecutionProvider"]
     if providers == "cuda":
@@ -118,18 +163,25 @@ def ort_session(path: Path, threads: int | None = None, providers: str = "cpu"):
     if threads:
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.enable_cpu_mem_arena = memory != "no_arena"
     return ort.InferenceSession(str(path), sess_options=opts, providers=chain)
 
 
 class OrtRuntime:
-    """A net in an ONNX Runtime session (``reuse_inputs``: see :func:`open_runtime`)."""
+    """A net in an ONNX Runtime session (``reuse_inputs``: see :func:`open_runtime`; ``memory``: :data:`ORT_MEMORY`).
+
+    ``shrink_above`` (with ``memory="shrink"``): calls whose feed holds at most this many elements in all
+    keep the arena (the steady state of typical calls stays allocated), bigger ones shrink it at their end;
+    0 = every call shrinks."""
 
     runtime = "onnxruntime"
 
     def __init__(self, path: Path, threads: int | None = None, providers: str = "cpu", *,
-                 reuse_inputs: bool = False):
+                 reuse_inputs: bool = False, memory: str = DEFAULT_ORT_MEMORY, shrink_above: int = 0):
         self.path = Path(path)
-        self.session = ort_session(self.path, threads, providers)
+        self.memory, self.shrink_above = memory, shrink_above
+        self.run_options = ort_run_options(memory)
+        self.session = ort_session(self.path, threads, providers, memory)
         self.reuse_inputs = reuse_inputs
         self._binding = self.session.io_binding() if reuse_inputs else None
         self._bound: dict[str, tuple[np.ndarray, object]] = {}  # name -> (the caller's array, its OrtValue)
@@ -141,9 +193,15 @@ class OrtRuntime:
     def output_names(self) -> list[str]:
         return [o.name for o in self.session.get_outputs()]
 
+    def _run_options(self, feed: dict[str, np.ndarray]):
+        if self.shrink_above and sum(np.size(a) for a in feed.values()) <= self.shrink_above:
+            return None
+        return self.run_options
+
     def run(self, output_names: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         if not self.reuse_inputs:
-            return self.session.run(None if output_names is None else list(output_names), feed)
+            return self.session.run(None if output_names is None else list(output_names), feed,
+                                    self._run_options(feed))
         import onnxruntime as ort
 
         names = self.output_names() if output_names is None else list(output_names)
@@ -161,7 +219,7 @@ class OrtRuntime:
             binding.clear_binding_outputs()
             for name in names:
                 binding.bind_output(name)
-            self.session.run_with_iobinding(binding)
+            self.session.run_with_iobinding(binding, self._run_options(feed))
             return binding.copy_outputs_to_cpu()
 
 
@@ -233,6 +291,12 @@ class OpenVinoRuntime:
         if not isinstance(static_shapes, int) or static_shapes < 0:
             raise InvalidInputError("static_shapes", f"must be an integer >= 0, got {static_shapes!r}")
         self.static_shapes = 0 if shapes else static_shapes
+        # Memory (measured, tiny vae_decoder): a static graph holds one shape's buffers, at most static_shapes
+        # graphs are kept and an evicted one's memory is freed (PSS 226 -> 161 MB); shapes cycling over two
+        # rounds stayed within 161-242 MB. One dynamic graph (static_shapes=0) keeps its largest call's
+        # buffers (113 -> 266 MB after 1x4x64x64, flat after): bounded by the net's budget, not growing.
+        # CompiledModel.release_memory() + release_heap() after each call keeps it at ~110 MB but cost 15-40 %
+        # per call, so it is not done.
         self.reuse_inputs = reuse_inputs
         self._checked: dict[str, np.ndarray] = {}  # reuse_inputs: the arrays of the last call (shape-checked)
         self.config = openvino_config(threads, precision, hint, cache)
@@ -405,7 +469,8 @@ def open_runtime(path: str | os.PathLike, runtime: str = DEFAULT_RUNTIME, thread
                  providers: str = "cpu", *, shapes: dict[str, Sequence[int]] | None = None,
                  cache: Path | None | bool = True, fallback: bool = True, static_shapes: int = STATIC_SHAPE_GRAPHS,
                  reuse_inputs: bool = False, precision: str = DEFAULT_NET_PRECISION,
-                 fallback_path: str | os.PathLike | None = None):
+                 fallback_path: str | os.PathLike | None = None, memory: str = DEFAULT_ORT_MEMORY,
+                 shrink_above: int = 0):
     """The net of ONNX file ``path`` in ``runtime`` ("onnxruntime" | "openvino").
 
     ``threads``: intra-op threads (None/0 = ``$OMP_NUM_THREADS`` for OpenVINO,
@@ -426,7 +491,9 @@ def open_runtime(path: str | os.PathLike, runtime: str = DEFAULT_RUNTIME, thread
     ``precision``: OpenVINO's inference precision, ``f32`` or the opt-in
     ``bf16`` (ONNX Runtime runs f32 and says so once). ``path`` may be an
     OpenVINO IR (``.xml``, e.g. the int8 UNet): ONNX Runtime then runs
-    ``fallback_path`` (the ONNX file it was made from)."""
+    ``fallback_path`` (the ONNX file it was made from). ``memory`` and
+    ``shrink_above``: ONNX Runtime's memory between calls (:data:`ORT_MEMORY`,
+    :class:`OrtRuntime`; OpenVINO's memory: see :class:`OpenVinoRuntime`)."""
     path = Path(path)
     onnx_path = Path(fallback_path) if fallback_path is not None else path
     check_runtime(runtime)
@@ -436,12 +503,18 @@ def open_runtime(path: str | os.PathLike, runtime: str = DEFAULT_RUNTIME, thread
     if not path.is_file():
         raise FacetronError(f"ONNX file {path} is missing: assemble the repository with `facetron export repository`")
     ort_threads = threads or None
+    ort_run_options(memory)  # checks the name before any session opens
+
+    def ort_runtime():
+        return OrtRuntime(onnx_path, ort_threads, providers, reuse_inputs=reuse_inputs, memory=memory,
+                          shrink_above=shrink_above)
+
     if runtime == "onnxruntime":
-        return OrtRuntime(onnx_path, ort_threads, providers, reuse_inputs=reuse_inputs)
+        return ort_runtime()
     if providers != "cpu":
         LOG.warning("[facetron] %s: OpenVINO is a CPU runtime here and providers=%r; running this net in ONNX Runtime",
                     path, providers)
-        return OrtRuntime(onnx_path, ort_threads, providers, reuse_inputs=reuse_inputs)
+        return ort_runtime()
     try:
         cache_path = model_cache_folder(cache_dir("openvino") if cache is True else cache, path, precision)
     except OSError as exc:
@@ -455,7 +528,7 @@ def open_runtime(path: str | os.PathLike, runtime: str = DEFAULT_RUNTIME, thread
             raise
         LOG.warning("[facetron] %s: OpenVINO could not load or compile this net (%s); running it in ONNX Runtime",
                     path, _one_line(exc))
-        return OrtRuntime(onnx_path, ort_threads, providers, reuse_inputs=reuse_inputs)
+        return ort_runtime()
     if not fallback:
         return primary
-    return FallbackRuntime(primary, lambda: OrtRuntime(onnx_path, ort_threads, providers, reuse_inputs=reuse_inputs))
+    return FallbackRuntime(primary, ort_runtime)

@@ -153,6 +153,10 @@ class GeneratorRequest:
             object.__setattr__(self, "user_id", contract.validate_user_id(self.user_id))  # the one check
         if self.prompt is not None and not self.prompt.strip():
             raise InvalidInputError("prompt", "is empty (omit it to use the style's prompt)")
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(self, name)
+            if text is not None and len(text.encode("utf-8")) > contract.MAX_PROMPT_BYTES:
+                raise InvalidInputError(name, f"longer than {contract.MAX_PROMPT_BYTES} bytes")
         if self.style and not contract.STYLE_NAME_PATTERN.fullmatch(self.style):
             raise InvalidInputError("style", f"{self.style!r} is not a style name (1-64 characters from "
                                              "A-Z a-z 0-9 _ -, starting alphanumeric)")

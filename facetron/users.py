@@ -192,6 +192,27 @@ class UserRegistry:
         shutil.rmtree(gone, ignore_errors=True)
         return True
 
+    def purge(self, user_id: str) -> list[Path]:
+        """Remove every trace of a user in this registry: its folder with every version (the
+        older ones kept for :data:`VERSION_GRACE_S` included) and any ``.deleted-<user>-*`` folder
+        an interrupted :meth:`delete` left. Returns the paths removed; an OSError if one could not
+        be removed (nothing is ignored: a purge must say when it left something)."""
+        removed = []
+        udir = self.user_dir(user_id)
+        if udir.is_dir() and not udir.is_symlink():
+            with self._locked(user_id):
+                gone = Path(tempfile.mkdtemp(prefix=f".deleted-{user_id}-", dir=self.root))
+                os.replace(udir, gone / user_id)
+            shutil.rmtree(gone)
+            removed.append(udir)
+        leftover = re.compile(rf"\.deleted-{re.escape(user_id)}-[a-z0-9_]+")  # mkdtemp's names: no '-'
+        root = Path(self.root)
+        for p in sorted(root.iterdir()) if root.is_dir() else []:
+            if leftover.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+                removed.append(p)
+        return removed
+
     def save_reference_embedding(self, user_id: str, embedding: np.ndarray) -> str:
         return self.update(user_id, {EMBEDDING_FILE: embedding_bytes(embedding)})
 

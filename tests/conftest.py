@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +24,8 @@ atexit.register(shutil.rmtree, _SANDBOX, True)
 os.environ["FACETRON_HOME"] = str(_SANDBOX / "build")
 os.environ.pop("FACETRON_BUILD_DIR", None)
 os.environ["FACETRON_USERS_DIR"] = str(_SANDBOX / "users")
+# one admin key for every server the tests start and every client they make (Triton's restricted APIs)
+os.environ["FACETRON_ADMIN_KEY"] = secrets.token_hex(16)
 
 import pytest  # noqa: E402
 

@@ -9,9 +9,10 @@ no GPU): what can be checked is checked.
   volume written only by the training Job, resource requests per variant,
   versioned image tags;
 * the Dockerfile's targets install exactly one ONNX Runtime package each,
-  copy what exists, and start through an entry point whose ``serve`` flags
-  are ``facetron serve``'s (restricted APIs; explicit model control in
-  merged mode);
+  copy what exists, run as a numeric non-root user, and start through an
+  entry point that runs ``facetron serve`` (tests/test_launch_commands.py
+  parses what it runs); the pods run as non-root with a read-only root, no
+  service-account token, and a NetworkPolicy;
 * every pinned package the image installs supports the image's Python: pip
   itself (``pip index versions --python-version``) lists the versions whose
   Requires-Python admits it. ``FACETRON_DOCKERFILE=path`` checks another
@@ -38,7 +39,8 @@ DEPLOY = REPO_ROOT / "deploy"
 MANIFESTS = ("k8s.yaml", "k8s-cpu.yaml")
 K8S_VERSION = "1.30"
 ORT_FILES = {"cpu": "onnxruntime-cpu.txt", "gpu": "onnxruntime-gpu.txt"}
-#: the oldest glibc of the two images (NGC 24.10 = Ubuntu 22.04: 2.35; python:3.11-slim-bookworm: 2.36)
+#: the oldest glibc of the two images (python:3.11-slim-bookworm: 2.36; NGC 25.08 = Ubuntu 24.04: 2.39);
+#: 2.35 kept: the wheels must also run where nvidia-pytriton 0.7.0 does (glibc >= 2.35)
 IMAGE_GLIBC = (2, 35)
 
 
@@ -224,39 +226,101 @@ def test_dockerfile_targets() -> None:
                 assert (REPO_ROOT / src.rstrip("/")).exists(), src
 
 
-def serve_flags(mode: str) -> list[str]:
-    """The tritonserver flags deploy/entrypoint.sh's ``serve`` uses in ``mode``."""
-    script = DEPLOY / "entrypoint.sh"
-    code = f'eval "$(sed -n \'/^serve_flags()/,/^}}/p\' {script})"; ' \
-           'IDENTITY_MODE=$1; ADMIN_KEY=k; MODEL_REPOSITORY=/models; serve_flags'
-    out = subprocess.run(["bash", "-c", code, "-", mode], capture_output=True, text=True, check=True)
-    return out.stdout.split()
-
-
-def test_entrypoint_serves_with_facetron_serve_flags(tmp_path: Path) -> None:
-    from facetron.triton.server import TritonServer, find_triton
-
+def test_entrypoint_serves_through_facetron_serve() -> None:
+    """Both targets start with `facetron serve` (the flags are built once, in facetron.triton.server;
+    tests/test_launch_commands.py parses what each container runs)."""
     script = DEPLOY / "entrypoint.sh"
     assert os.access(script, os.X_OK)
     subprocess.run(["bash", "-n", str(script)], check=True)
-    launcher = TritonServer(tmp_path, grpc_port=1, http_port=2, metrics_port=3, model_control_mode="explicit")
-    reference = {a.split("=", 1)[0] for a in launcher.command(find_triton(), tmp_path)[1:]}
-    runtime = serve_flags("runtime_lora")
-    merged = serve_flags("merged")
-    names = {a.split("=", 1)[0] for a in merged}
-    assert reference - {"--backend-directory", "--load-model"} <= names, reference - names
-    assert "--model-control-mode=none" in runtime and "--model-control-mode=explicit" in merged
-    assert "--load-model=*" in merged and not any(a.startswith("--load-model") for a in runtime)
-    restricted = [a for a in runtime if a.startswith(("--grpc-restricted-protocol", "--http-restricted-api"))]
-    assert len(restricted) == 2 and all("model-repository,shared-memory:" in a for a in restricted)
+    text = script.read_text()
+    assert "exec facetron serve" in text and "exec tritonserver" not in text
+    assert "--load-model=*" not in text and "'*'" not in text, "merged mode loads the base models by name"
+    assert "restricted" not in text.replace("restricted in every mode", ""), "no restricted flags written by hand"
+
+
+# --- nobody runs as root --------------------------------------------------------------------
+
+
+def root_users(path: Path) -> list[str]:
+    """Targets of the Dockerfile whose last USER (base stages included) is missing, 0 or root."""
+    st = stages(docker_lines(path))
+    bad = []
+    for target in ("cpu", "gpu"):
+        users = [ln.split()[1] for ln in stage_chain(st, target) if ln.upper().startswith("USER ")]
+        user = users[-1].split(":")[0] if users else None
+        if user and user.startswith("${"):
+            m = re.search(rf"^ARG\s+{re.escape(user[2:-1])}=(\S+)", path.read_text(), re.M)
+            user = m.group(1) if m else None
+        if user is None or not user.isdigit() or int(user) == 0:
+            bad.append(f"{target}: USER {users[-1] if users else 'missing'}")
+    return bad
+
+
+def test_images_run_as_a_numeric_non_root_user(tmp_path: Path) -> None:
+    assert root_users(DEPLOY / "Dockerfile") == []
+    copy = tmp_path / "Dockerfile"
+    copy.write_text(re.sub(r"^USER .*$", "USER root", (DEPLOY / "Dockerfile").read_text(), count=1, flags=re.M))
+    assert root_users(copy) == ["cpu: USER root"]
+
+
+def root_pods(docs: list[dict]) -> list[str]:
+    """Pods (Deployments, Jobs) whose containers could run as root or escalate."""
+    bad = []
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "Job"):
+            continue
+        spec = pod_spec(doc)
+        pod = spec.get("securityContext", {})
+        if spec.get("automountServiceAccountToken") is not False:
+            bad.append(f"{doc['metadata']['name']}: service-account token mounted")
+        if pod.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+            bad.append(f"{doc['metadata']['name']}: no RuntimeDefault seccomp profile")
+        for c in spec["containers"]:
+            sc = {**pod, **c.get("securityContext", {})}
+            where = f"{doc['metadata']['name']}/{c['name']}"
+            if sc.get("runAsNonRoot") is not True or sc.get("runAsUser", 1) == 0:
+                bad.append(f"{where}: may run as root")
+            if sc.get("allowPrivilegeEscalation") is not False:
+                bad.append(f"{where}: privilege escalation allowed")
+            if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+                bad.append(f"{where}: capabilities not dropped")
+            if sc.get("readOnlyRootFilesystem") is not True:
+                bad.append(f"{where}: writable root filesystem")
+            elif not any(m["mountPath"] == "/tmp" for m in c.get("volumeMounts", [])):
+                bad.append(f"{where}: read-only root without a /tmp volume")
+    return bad
+
+
+def test_no_pod_runs_as_root() -> None:
+    docs = all_docs()
+    assert root_pods(docs) == []
+    pod_spec(docs[0])["containers"][0]["securityContext"]["runAsUser"] = 0
+    pod_spec(docs[0]).pop("automountServiceAccountToken")
+    assert len(root_pods(docs)) == 2
+
+
+def test_network_policies_admit_grpc_from_clients_and_metrics_from_monitoring() -> None:
+    policies = {d["spec"]["podSelector"]["matchLabels"]["app"]: d for d in of_kind("NetworkPolicy")}
+    for dep in of_kind("Deployment"):
+        app = dep["spec"]["template"]["metadata"]["labels"]["app"]
+        policy = policies[app]["spec"]
+        assert set(policy["policyTypes"]) == {"Ingress", "Egress"} and policy["egress"] == []
+        rules = {tuple(p["port"] for p in r["ports"]): r["from"] for r in policy["ingress"]}
+        assert set(rules) == {(8001,), (8002,)}, "gRPC and metrics only (HTTP 8000 is for the kubelet's probes)"
+        assert rules[(8001,)] == [{"podSelector": {"matchLabels": {"facetron.io/client": "true"}}}]
+        (monitoring,) = rules[(8002,)]
+        assert monitoring["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
 
 
 # --- pins vs the image's Python ----------------------------------------------------------
 
 
-def image_python(path: Path) -> str:
-    """``X.Y`` of the Python that runs facetron in the images (ARG FACETRON_PYTHON=X.Y)."""
-    m = re.search(r"^ARG\s+FACETRON_PYTHON=(\d+)\.(\d+)\s*$", path.read_text(), re.M)
+def image_python(path: Path, target: str = "cpu") -> str:
+    """``X.Y`` of the Python that runs facetron in the ``target`` image (ARG FACETRON_PYTHON=X.Y;
+    the gpu image: FACETRON_GPU_PYTHON, the NGC image's own Python, when the Dockerfile has it)."""
+    text = path.read_text()
+    m = target == "gpu" and re.search(r"^ARG\s+FACETRON_GPU_PYTHON=(\d+)\.(\d+)\s*$", text, re.M)
+    m = m or re.search(r"^ARG\s+FACETRON_PYTHON=(\d+)\.(\d+)\s*$", text, re.M)
     assert m, f"{path}: no ARG FACETRON_PYTHON=X.Y"
     return f"{m.group(1)}.{m.group(2)}"
 
@@ -298,8 +362,8 @@ def versions_for(name: str, python: str) -> tuple[str, ...] | str:
     return (out.stderr.strip().splitlines() or [f"pip exited {out.returncode}"])[-1]
 
 
-def pin_mismatches(path: Path, only: tuple[str, ...] = ()) -> list[str]:
-    python = image_python(path)
+def pin_mismatches(path: Path, only: tuple[str, ...] = (), target: str = "cpu") -> list[str]:
+    python = image_python(path, target)
     pins = {k: v for k, v in image_pins(path).items() if not only or k in only}
     with ThreadPoolExecutor(max_workers=8) as pool:
         found = dict(zip(pins, pool.map(lambda n: versions_for(n, python), pins)))
@@ -314,14 +378,15 @@ def pin_mismatches(path: Path, only: tuple[str, ...] = ()) -> list[str]:
     return bad
 
 
-def test_every_pinned_package_supports_the_image_python() -> None:
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_every_pinned_package_supports_the_image_python(target: str) -> None:
     path = dockerfile_path()
-    bad = pin_mismatches(path)
-    assert not bad, f"{path} (Python {image_python(path)}):\n  " + "\n  ".join(bad)
+    bad = pin_mismatches(path, target=target)
+    assert not bad, f"{path} (Python {image_python(path, target)}):\n  " + "\n  ".join(bad)
 
 
 def test_a_python_pin_mismatch_is_caught(tmp_path: Path) -> None:
-    """The NGC 24.10 image's own Python (3.10) cannot install the pins (scipy 1.17 needs >= 3.11)."""
+    """Python 3.10 (the NGC 24.10 image's own) cannot install the pins (scipy 1.17 needs >= 3.11)."""
     copy = tmp_path / "Dockerfile"
     copy.write_text(re.sub(r"^ARG FACETRON_PYTHON=.*$", "ARG FACETRON_PYTHON=3.10",
                            (DEPLOY / "Dockerfile").read_text(), flags=re.M))

@@ -17,10 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from facetron.atomic import ARTIFACT_MARKER
 from facetron.errors import FacetronError, InvalidInputError, NotFoundError
 from facetron.training.dataset import METADATA_FILE, CaptionedImages, read_metadata, write_dataset
 from facetron.training.lora_config import LoraTrainConfig
-from facetron.training.train_lora import train_lora
+from facetron.training.train_lora import OutputPaths, train_lora
 
 STEPS = 30
 LR = 5e-3
@@ -125,7 +126,7 @@ def test_kill_and_resume_equals_straight_run(dataset: Path, trained, tmp_path: P
         train_lora(dataset, out, user_id="alice", config=config(checkpoint_every=5), progress=False,
                    callback=kill_at_12)
     ckpts = sorted(p.name for p in (out / "alice.ckpt").iterdir())
-    assert ckpts == ["step-000005", "step-000010"] and not (out / "alice.safetensors").exists()
+    assert ckpts == [ARTIFACT_MARKER, "step-000005", "step-000010"] and not (out / "alice.safetensors").exists()
     with pytest.raises(InvalidInputError, match="--resume"):  # never silently restarts over checkpoints
         train_lora(dataset, out, user_id="alice", config=config(checkpoint_every=5), progress=False)
     with pytest.raises(InvalidInputError, match="different config"):  # settings must match the checkpoint
@@ -236,3 +237,57 @@ def test_cli_train_lora(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert args.func(args) == 0
     assert (tmp_path / "loras" / "carol.safetensors").is_file() and (tmp_path / "loras" / "carol.json").is_file()
     assert "not portraits" in capsys.readouterr().out
+
+
+# --- the ownership rule of `train lora --out` (no training: refused before any work) ------
+
+
+def _facetron_sidecar(lora: Path) -> None:
+    """What train lora writes beside a LoRA: a facetron JSON record naming it."""
+    lora.with_suffix(".json").write_text(json.dumps({"user_id": lora.stem, "lora_file": lora.name,
+                                                     "facetron_version": "0.1.0"}))
+
+
+def test_out_never_overwrites_a_lora_facetron_did_not_write(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "loras"
+    out.mkdir()
+    foreign = out / "dana.safetensors"
+    foreign.write_bytes(b"someone else's LoRA")
+    with pytest.raises(InvalidInputError, match=r"dana\.safetensors.*facetron did not write it.*never overwrites"):
+        train_lora(dataset, out, user_id="dana", config=config(), progress=False)
+    assert foreign.read_bytes() == b"someone else's LoRA" and sorted(p.name for p in out.iterdir()) == [foreign.name]
+    (out / "dana.json").write_text(json.dumps({"note": "not facetron's"}))  # a sidecar facetron did not write
+    with pytest.raises(InvalidInputError, match=r"dana\.safetensors"):
+        OutputPaths.for_user(out, "dana").check_owned()
+    _facetron_sidecar(foreign)  # facetron's sidecar names it: facetron wrote it, may replace it
+    OutputPaths.for_user(out, "dana").check_owned()
+    assert [why for _, why in OutputPaths.for_user(out, "dana").present()] == [None, None]
+
+
+def test_out_never_deletes_a_foreign_ckpt_folder(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "loras"
+    ckpt = out / "erin.ckpt"
+    ckpt.mkdir(parents=True)
+    (ckpt / "notes.txt").write_text("mine")
+    rule = rf"erin\.ckpt.*no {ARTIFACT_MARKER} marker.*never writes into or deletes"
+    with pytest.raises(InvalidInputError, match=rule):
+        train_lora(dataset, out, user_id="erin", config=config(), progress=False)
+    assert (ckpt / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["erin.ckpt"]
+    candidates = out / "erin.candidates"
+    candidates.mkdir()
+    (candidates / "step-000001.safetensors").write_bytes(b"x")  # an earlier facetron run left it unmarked: adopted
+    (ckpt / "notes.txt").unlink()  # empty: facetron may use it
+    paths = OutputPaths.for_user(out, "erin")
+    paths.check_owned()
+    (candidates / "photo.jpg").write_bytes(b"y")
+    with pytest.raises(InvalidInputError, match=r"erin\.candidates.*e\.g\. photo\.jpg"):
+        paths.check_owned()
+    foreign = f"a folder facetron did not make (no {ARTIFACT_MARKER} marker)"
+    assert dict(paths.present()) == {ckpt: None, candidates: foreign}
+
+
+def test_out_marks_what_it_writes_and_removes_only_its_own_ckpt(trained) -> None:
+    """The straight run: the sidecar names the LoRA (the file's marker), the checkpoints folder is gone."""
+    paths = OutputPaths.for_user(trained.lora_path.parent, "alice")
+    assert json.loads(paths.metadata.read_text())["lora_file"] == paths.lora.name
+    assert paths.present() == [(paths.lora, None), (paths.metadata, None)]  # no .ckpt left, nothing foreign

@@ -41,7 +41,7 @@ def two_users(users_dir: Path, unet, tmp_path_factory) -> list[str]:
 def _unet_counts(triton) -> tuple[int, int]:
     """(requests, executions) the unet model has served (Triton's statistics)."""
     with grpcclient.InferenceServerClient(triton.grpc_url) as raw:
-        stats = raw.get_inference_statistics("unet", as_json=True)["model_stats"][0]
+        stats = raw.get_inference_statistics("unet", headers=triton.admin_headers, as_json=True)["model_stats"][0]
     return int(stats["inference_stats"]["success"].get("count", 0)), int(stats.get("execution_count", 0))
 
 

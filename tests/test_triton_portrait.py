@@ -204,8 +204,12 @@ def test_runtime_lora_equals_merged_mode_with_users_interleaved(client, users, b
 
 def test_portrait_template_mode_end_to_end(client, users) -> None:
     """The tiny smoke model re-generates the template's face region as noise:
-    no generated face, so similarity_generated is NaN everywhere and the
-    server ranks by the fused pictures (similarity_final) — and says so."""
+    no generated face, so similarity_generated is NaN everywhere; the user's
+    photo is fused at the template's face, each returned picture is detected
+    again, and the server ranks by the fused pictures found to hold a face
+    (similarity_final) — and says so; a picture where no face is found again
+    has NaN and a reason, and is not returned. (In-process, on real photos,
+    tests/test_portrait_ranking.py shows fused faces found and ranked.)"""
     from facetron.contract import PORTRAIT_OUTPUTS
     from facetron.faces.detector import FaceDetector
     from facetron.training.demo_templates import demo_templates
@@ -213,19 +217,22 @@ def test_portrait_template_mode_end_to_end(client, users) -> None:
     name, template = demo_templates(FaceDetector(), size=SIZE, count=1)[0]
     out = client.infer(
         "portrait",
-        _req(user_id="astro", template=template, num_images=3, top_k=2, seed=5, steps=STEPS),
+        _req(user_id="astro", template=template, num_images=3, top_k=2, seed=5, steps=STEPS, fusion_strength=1.0),
         list(PORTRAIT_OUTPUTS),
     )
     report = json.loads(out["report"][0])
     assert report["mode"] == "template" and report["smoke_model"] and report["candidates"] == 3
-    assert report["fusion"]["fused"] == [True] * 3 and report["fusion"]["strength"] == 0.5
+    assert report["fusion"]["fused"] == [True] * 3 and report["fusion"]["strength"] == 1.0
     assert report["seed"] == 5 and report["seed_source"] == "request"
     assert np.all(np.isnan(out["similarity_generated"]))
-    assert report["ranked_by"] == "final" and "no generated candidate" in report["ranked_by_reason"]
-    np.testing.assert_array_equal(out["similarity"], out["similarity_final"])
-    kept = out["rank"] >= 0
-    assert kept.all() and np.all(np.isfinite(out["similarity_final"]))
-    assert out["images"].shape == (2, SIZE, SIZE, 3)
+    final = out["similarity_final"]
+    for value, why in zip(final, report["final_unscored"]):
+        assert np.isfinite(value) == (why is None), (value, why)
+    scored = int(np.isfinite(final).sum())
+    if scored:
+        assert report["ranked_by"] == "final" and "no generated candidate" in report["ranked_by_reason"]
+        np.testing.assert_array_equal(out["similarity"], final)
+    assert out["images"].shape == (min(2, scored), SIZE, SIZE, 3)
     order = out["selected"]
     assert list(out["rank"][order]) == list(range(len(order)))
     assert {"generate_ms", "select_ms", "fuse_ms", "score_ms"} <= set(report["timings_ms"])
@@ -251,7 +258,9 @@ def test_portrait_fusion_strength_and_seed(client, users) -> None:
     generated = _generate(client, user_id="astro", template=template, num_images=2, seed=5, steps=2)
     full = client.infer("portrait", _req(user_id="astro", template=template, num_images=2, seed=5, steps=2,
                                          fusion_strength=1.0, top_k=2), ["images", "selected", "report"])
-    assert np.abs(full["images"].astype(int) - generated[full["selected"]]).mean() > 1.0  # the user's face blended in
+    assert json.loads(full["report"][0])["fusion"]["fused"] == [True, True]
+    if len(full["selected"]):  # returned only where the fused face is found again
+        assert np.abs(full["images"].astype(int) - generated[full["selected"]]).mean() > 1.0  # the user's face in
     first = json.loads(client.infer("portrait", _req(user_id="astro", num_images=1, steps=1), ["report"])["report"][0])
     second = json.loads(client.infer("portrait", _req(user_id="astro", num_images=1, steps=1), ["report"])["report"][0])
     assert first["seed_source"].startswith("random") and first["seed"] != second["seed"]
@@ -265,7 +274,7 @@ def _detector_counts(triton) -> tuple[int, int]:
     import tritonclient.grpc as grpcclient
 
     with grpcclient.InferenceServerClient(triton.grpc_url) as raw:
-        stats = raw.get_inference_statistics("face_detector", as_json=True)["model_stats"][0]
+        stats = raw.get_inference_statistics("face_detector", headers=triton.admin_headers, as_json=True)["model_stats"][0]
     return int(stats["inference_stats"]["success"].get("count", 0)), int(stats.get("inference_count", 0))
 
 

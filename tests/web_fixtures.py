@@ -1,5 +1,5 @@
-"""Helpers of the web app's tests: start ``facetron web`` on a free port and
-wait for it, register a ready-to-generate user (random LoRA) quickly."""
+"""Helpers of the web app's tests: write logins, start ``facetron web`` on a
+free port and wait for it, register a ready-to-generate user (random LoRA) quickly."""
 
 from __future__ import annotations
 
@@ -13,11 +13,23 @@ from pathlib import Path
 from facetron.triton.server import free_port
 
 
-def start_web(server: str, users_dir: Path, work: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """``facetron web --server SERVER`` on a free loopback port; returns (process, base url)."""
+def write_logins(path: Path, logins: dict[str, str]) -> Path:
+    """A credentials file with these (user, password) logins, written by the app's own --add-login code."""
+    from facetron.web.auth import set_login
+
+    for user, password in logins.items():
+        set_login(path, user, password)
+    return path
+
+
+def start_web(server: str, users_dir: Path, work: Path, log: Path, *extra: str,
+              credentials: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """``facetron web --server SERVER`` on a free loopback port, behind the logins in ``credentials``
+    (None: --no-login); returns (process, base url)."""
     port = free_port()
+    login = ["--credentials", str(credentials)] if credentials is not None else ["--no-login"]
     cmd = [sys.executable, "-m", "facetron.cli", "web", "--server", server, "--port", str(port),
-           "--users-dir", str(users_dir), "--work", str(work), *extra]
+           "--users-dir", str(users_dir), "--work", str(work), *login, *extra]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
     log.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
@@ -27,7 +39,7 @@ def start_web(server: str, users_dir: Path, work: Path, log: Path, *extra: str) 
         if proc.poll() is not None:
             raise RuntimeError(f"facetron web exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(url + "gradio_api/info", timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=2) as r:  # the page, or its login page
                 if r.status == 200:
                     return proc, url
         except OSError:

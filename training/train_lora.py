@@ -15,6 +15,11 @@ loss and writes:
   spaced steps (the last is the final one), kept for
   :mod:`facetron.training.identity_select` to choose from by identity.
 
+Ownership (:meth:`OutputPaths.check_owned`, before any work): the sidecar
+names its LoRA file and is that file's ownership marker; the ``.ckpt`` and
+``.candidates`` folders carry ``.facetron-artifact``. An existing output
+facetron did not write is refused, never overwritten or deleted.
+
 Design choices that make kill + resume equal a straight run bit for bit:
 
 * All per-step randomness (which images, flip, noise, timesteps) comes from
@@ -48,12 +53,12 @@ import torch
 import torch.nn.functional as F
 
 from facetron import __version__
-from facetron.atomic import atomic_write_json
+from facetron.atomic import ARTIFACT_MARKER, atomic_write_json, check_file_replaceable, owned_file, owned_folder
 from facetron.diffusion.base_model import load_base_model, model_hash
 from facetron.errors import InvalidInputError
 from facetron.training.dataset import CaptionedImages, METADATA_FILE, Row, flip_decision, read_metadata
-from facetron.training.checkpoints import (LORA_SUFFIX, checkpoint_dirs, load_checkpoint, newest_checkpoint,
-                                            save_checkpoint, snapshot_files)
+from facetron.training.checkpoints import (CHECKPOINT_RE, LORA_SUFFIX, checkpoint_dirs, load_checkpoint,
+                                            newest_checkpoint, save_checkpoint, snapshot_files)
 from facetron.training.lora_config import LoraTrainConfig
 from facetron.users import validate_user_id
 
@@ -94,6 +99,68 @@ class OutputPaths:
             raise InvalidInputError(f"out {lora}", "exists and is not a file")
         return cls(lora=lora, metadata=lora.with_suffix(".json"), checkpoints=lora.with_name(f"{lora.stem}.ckpt"),
                    snapshots=lora.with_name(f"{lora.stem}.candidates"))
+
+    def check_owned(self, snapshots: bool = True) -> None:
+        """The ownership rule every facetron writer follows, before any work: ``<stem>.safetensors``
+        and ``<stem>.json`` are absent or written by facetron (the sidecar names the LoRA), and the
+        ``<stem>.ckpt`` / ``<stem>.candidates`` folders are absent, empty or facetron's (hold
+        :data:`ARTIFACT_MARKER`). Anything else: InvalidInputError naming the path and the rule."""
+        check_file_replaceable(self.lora, "--out")
+        check_file_replaceable(self.metadata, "--out")
+        claim_folder(self.checkpoints, _is_checkpoint, create=False)
+        if snapshots:
+            claim_folder(self.snapshots, _is_snapshot, create=False)
+
+    def present(self) -> list[tuple[Path, str | None]]:
+        """The outputs that exist: (path, None) when facetron wrote it by the rule of :meth:`check_owned`,
+        (path, why not) otherwise. What ``users delete --purge`` removes, or must leave and report."""
+        found: list[tuple[Path, str | None]] = []
+        for path in (self.lora, self.metadata):
+            if path.exists() or path.is_symlink():
+                found.append((path, None if owned_file(path) else
+                              f"facetron did not write it (no {self.metadata.name} sidecar of facetron's names it)"))
+        for path, ours in ((self.checkpoints, _is_checkpoint), (self.snapshots, _is_snapshot)):
+            if path.exists() or path.is_symlink():
+                found.append((path, None if _folder_is_ours(path, ours) else
+                              f"a folder facetron did not make (no {ARTIFACT_MARKER} marker)"))
+        return found
+
+
+def _is_checkpoint(entry: Path) -> bool:
+    """A checkpoint folder :func:`save_checkpoint` wrote (its own marker inside)."""
+    return bool(CHECKPOINT_RE.match(entry.name)) and owned_folder(entry)
+
+
+def _is_snapshot(entry: Path) -> bool:
+    """An identity candidate ``step-NNNNNN.safetensors`` written by :func:`write_lora_file`."""
+    return entry.suffix == LORA_SUFFIX and bool(CHECKPOINT_RE.match(entry.stem)) and entry.is_file() \
+        and not entry.is_symlink()
+
+
+def _folder_is_ours(path: Path, ours: Callable[[Path], bool]) -> bool:
+    """A folder facetron made: marked, or left unmarked by an earlier facetron, holding only what ``ours`` accepts."""
+    return owned_folder(path) or (path.is_dir() and not path.is_symlink() and all(ours(e) for e in path.iterdir()))
+
+
+def claim_folder(path: Path, ours: Callable[[Path], bool], create: bool = True) -> Path:
+    """``path`` as a folder train lora may write into and later delete: absent (made, with the marker, when
+    ``create``), empty, marked :data:`ARTIFACT_MARKER`, or one an earlier facetron run left unmarked that
+    holds only entries ``ours`` accepts (marked now). A folder facetron did not make is refused, never
+    written into or deleted."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise InvalidInputError(f"--out {path}", "exists and is not a folder facetron made; move it away or choose "
+                                                 "another --out (nothing was changed)")
+    if path.is_dir() and not _folder_is_ours(path, ours):
+        foreign = [e.name for e in sorted(path.iterdir()) if not ours(e)]
+        raise InvalidInputError(
+            f"--out {path}", f"holds files facetron did not make (no {ARTIFACT_MARKER} marker; e.g. {foreign[0]}): "
+                             "train lora never writes into or deletes such a folder; move it away or choose "
+                             "another --out (nothing was changed)")
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+        if not (path / ARTIFACT_MARKER).is_file():
+            (path / ARTIFACT_MARKER).write_text("made by facetron (train lora); facetron may remove this folder\n")
+    return path
 
 
 # --------------------------------------------------------------------------- randomness
@@ -267,6 +334,7 @@ def train_lora(
     dataset_dir = Path(dataset_dir)
     rows = read_metadata(dataset_dir)  # every dataset error surfaces before anything is written
     snapshot_at = set(config.snapshot_steps(config.resolve_steps(len(rows))))  # checked before any work
+    paths.check_owned(snapshots=bool(snapshot_at))  # nothing foreign is overwritten or deleted
     ref_path = None
     if reference_embedding is not None:
         ref_path = Path(reference_embedding)
@@ -280,6 +348,10 @@ def train_lora(
     if not resume and snapshot_files(paths.snapshots):
         raise InvalidInputError(f"out {paths.lora}", f"{paths.snapshots} holds identity candidates of an earlier run: "
                                                      "pass --resume to continue it, or delete that folder")
+
+    claim_folder(paths.checkpoints, _is_checkpoint)
+    if snapshot_at:
+        claim_folder(paths.snapshots, _is_snapshot)
 
     from diffusers.optimization import get_scheduler
     from peft import inject_adapter_in_model
@@ -420,9 +492,11 @@ def train_lora(
         steps_per_second=steps_run / loop_seconds if steps_run and loop_seconds > 0 else None,
     )
     if accelerator.is_main_process:
+        paths.check_owned(snapshots=False)  # nothing foreign appeared while we trained
+        atomic_write_json(paths.metadata, metadata)  # the sidecar first: it names (owns) the LoRA file
         write_lora_file(paths.lora, unet_out, te_out, te_config)
-        atomic_write_json(paths.metadata, metadata)
-        shutil.rmtree(paths.checkpoints, ignore_errors=True)
+        if owned_folder(paths.checkpoints):  # ours (claimed above): never a folder facetron did not make
+            shutil.rmtree(paths.checkpoints, ignore_errors=True)
     accelerator.wait_for_everyone()
     return TrainResult(lora_path=paths.lora, metadata_path=paths.metadata, steps=total_steps, losses=losses,
                        resumed_from=resumed_from, seconds=seconds,

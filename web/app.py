@@ -13,6 +13,16 @@ server that is down loses nothing: the uploads stay in the upload box, the
 last gallery stays on the page, the last good photo set stays on disk.
 Long steps are generators: they stream progress (a progress bar and a status
 line) while the work runs in a worker thread.
+
+Safe to expose (issue 21): the page has a login (Gradio's auth over
+:mod:`facetron.web.auth`) and every handler acts only as the user the
+session logged in as (``gr.Request.username``); the user-id field shows that
+user and cannot be changed. Nothing of the work folder is served by path:
+images go back as arrays and downloads as copies that Gradio puts in its own
+cache, so a session sees only what it was handed. Uploads, training steps
+and the queue are bounded (:mod:`facetron.web.limits`); training stages run
+in their own process group and end with the page that started them, or
+with the app (:func:`close`).
 """
 
 from __future__ import annotations
@@ -21,7 +31,11 @@ import json
 import os
 import queue
 import random
+import secrets
+import shutil
+import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -47,7 +61,14 @@ from facetron.contract import (  # noqa: E402
     validate_user_id,
 )
 from facetron.errors import FacetronError, InvalidInputError, NotFoundError, ServerError  # noqa: E402
+from facetron.imageio import load_image  # noqa: E402
 from facetron.web import photos, results, stages  # noqa: E402
+from facetron.web.limits import (  # noqa: E402
+    MAX_TRAIN_STEPS,
+    MAX_UPLOAD_FILE_BYTES,
+    QUEUE_MAX_SIZE,
+    STAGE_TIMEOUT_S,
+)
 
 DEFAULT_WEB_STEPS = 20
 DEFAULT_TRAIN_STEPS = 300
@@ -55,6 +76,11 @@ REPORT_COLUMNS = ["photo", "kept", "reason"]
 #: system fonts only: the page loads nothing from outside this machine
 THEME_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
 MONO_FONTS = ("ui-monospace", "monospace")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+#: Gradio's cache of what the page handed out (images, downloads): checked every 30 min, kept 3 h
+CACHE_SWEEP = (1800, 3 * 3600)
+#: downloads wait here (a private temp folder) until Gradio copies them into its cache
+OUTBOX_KEEP_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +98,9 @@ class WebConfig:
     default_train_steps: int = DEFAULT_TRAIN_STEPS
     timeout_s: float = 600.0
     stage_env: dict[str, str] = field(default_factory=dict)  # extra environment of the training subprocesses
+    #: True: every session is logged in (launch with auth) and acts only as its user; False: single-user
+    #: local use (--no-login): the user-id field is typed, and the app binds loopback only
+    login: bool = True
 
     def user_dir(self, user_id: str) -> Path:
         return Path(self.work_dir) / "users" / validate_user_id(user_id)
@@ -146,6 +175,49 @@ class WebApp:
 
     def __init__(self, config: WebConfig):
         self.config = config
+        self._outbox = Path(tempfile.mkdtemp(prefix="facetron-web-out-"))  # 0700, this process's own
+
+    # the session's user
+    def session_user(self, typed: Optional[str], request: Optional[gr.Request]) -> str:
+        """The user this call acts as: the session's login (a typed id must be that login, or empty);
+        in single-user mode (no login) the typed id."""
+        if not self.config.login:
+            return _user(typed or "")
+        login = getattr(request, "username", None) if request is not None else None
+        if not login:
+            raise InvalidInputError("login", "this session is not logged in: log in to the page first")
+        typed = (typed or "").strip()
+        if typed and typed != login:
+            raise InvalidInputError("user id", f"this session is logged in as {login!r} and acts only as that "
+                                               f"user, not {typed!r}")
+        return validate_user_id(login, "login")
+
+    def whoami(self, request: gr.Request) -> Any:
+        """The user-id field at page load: the logged-in user (read-only), or left as typed without login."""
+        if not self.config.login:
+            return gr.skip()
+        return getattr(request, "username", None) or ""
+
+    def _hand_out(self, path: Path) -> str:
+        """A copy of ``path`` in this app's private outbox (in the system temp folder, where Gradio takes
+        returned files from): Gradio copies it into its cache for this session; the work folder is never
+        served by path. Copies older than OUTBOX_KEEP_S are swept on each call."""
+        now = time.time()
+        for old in list(self._outbox.iterdir()):
+            try:
+                if now - old.stat().st_mtime > OUTBOX_KEEP_S:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                pass
+        folder = self._outbox / secrets.token_hex(16)
+        folder.mkdir()
+        return str(shutil.copy2(path, folder / Path(path).name))
+
+    def close(self) -> int:
+        """Stop every running stage and remove the outbox; returns how many stages were stopped."""
+        stopped = stages.stop_all()
+        shutil.rmtree(self._outbox, ignore_errors=True)
+        return stopped
 
     # 0. server status
     def check_server(self, timeout_s: float = 5.0) -> None:
@@ -166,9 +238,9 @@ class WebApp:
 
     # 1-2. photos -> prepare report + contact sheet
     def prepare(self, user_id: str, files: Optional[Sequence[Any]], attributes: str,
-                progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
+                progress: gr.Progress = gr.Progress(), request: gr.Request = None) -> Iterator[tuple]:
         try:
-            user = _user(user_id)
+            user = self.session_user(user_id, request)
             attrs = _parse_attrs(attributes)
             checked = photos.check_uploads(files)
             photos.require_photos(checked)
@@ -188,16 +260,19 @@ class WebApp:
         status = (f"Prepared **{user}**: kept {report['kept']} of {len(rows)} photo(s) "
                   f"({result.seconds:.0f} s; progress {last[0]}/{last[1]} photos); the user is registered. "
                   f"Next: train.{skipped}")
-        yield (status, str(udir / "prepared" / "contact_sheet.png"), rows)
+        sheet = load_image(udir / "prepared" / "contact_sheet.png", "contact sheet")  # served as pixels, not a path
+        yield (status, sheet, rows)
 
     def _stage(self, args: list[str], progress: gr.Progress, what: str, unit: str, failed: str,
                shape: Callable[[str], object]) -> Iterator:
         """Run one ``facetron train`` stage as a subprocess: yields ``shape(progress-bar text)`` per
         report; returns (its result, the last (done, total)); a failure is a gr.Error starting ``failed``."""
         last, result = (0, 0), None
+        cancel = threading.Event()  # set when this generator ends early (the client went away): the stage stops
         try:
             for kind, value in run_with_progress(
-                    lambda report: stages.run_stage(args, report, env=self.config.stage_env)):
+                    lambda report: stages.run_stage(args, report, env=self.config.stage_env,
+                                                    timeout_s=STAGE_TIMEOUT_S, cancel=cancel)):
                 if kind == "progress":
                     last = value[:2]
                     yield shape(_bar(progress, value[0], value[1], what, unit))
@@ -205,15 +280,18 @@ class WebApp:
                     result = value
         except FacetronError as exc:
             raise gr.Error(f"{failed}: {_message(exc, self.config.server)}") from None
+        finally:
+            cancel.set()
         return result, last
 
     # 3. training with a live progress bar
-    def train(self, user_id: str, steps: Optional[float], progress: gr.Progress = gr.Progress()) -> Iterator[str]:
+    def train(self, user_id: str, steps: Optional[float], progress: gr.Progress = gr.Progress(),
+              request: gr.Request = None) -> Iterator[str]:
         try:
-            user = _user(user_id)
+            user = self.session_user(user_id, request)
             n = int(steps) if steps else None
-            if n is not None and n < 1:
-                raise InvalidInputError("training steps", f"must be >= 1, got {n}")
+            if n is not None and not 1 <= n <= MAX_TRAIN_STEPS:
+                raise InvalidInputError("training steps", f"must be in 1..{MAX_TRAIN_STEPS}, got {n}")
         except FacetronError as exc:
             raise gr.Error(_message(exc, self.config.server)) from None
         prepared = self.config.user_dir(user) / "prepared"
@@ -231,10 +309,16 @@ class WebApp:
 
     # 4-5. style and options -> generation with per-step progress -> gallery
     def generate(self, user_id: str, style: str, prompt: str, num_images: float, top_k: float, steps: float,
-                 guidance: float, seed: float, scheduler: str, template: Optional[np.ndarray] = None,
-                 fusion_strength: Optional[float] = None, progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
+                 guidance: float, seed: float, scheduler: str, template: Optional[str] = None,
+                 fusion_strength: Optional[float] = None, progress: gr.Progress = gr.Progress(),
+                 request: gr.Request = None) -> Iterator[tuple]:
         try:
-            user = _user(user_id)
+            user = self.session_user(user_id, request)
+            if template is not None:  # a file path: the pixel bound is checked from its header, then decoded
+                name = "template photo"
+                photos.check_bounds([Path(template)])
+                photos.check_pixels(Path(template), name)
+                template = load_image(template, name)
             seed_value = int(seed) if seed is not None and int(seed) >= 0 else random.randint(0, 2**31 - 1)
             request = dict(user_id=user, style=style or None, prompt=(prompt or "").strip() or None,
                            num_images=int(num_images), top_k=int(top_k) if top_k else None, steps=int(steps),
@@ -269,13 +353,13 @@ class WebApp:
         if template is not None:
             saved["template"] = f"uploaded image {template.shape[1]}x{template.shape[0]}"
         run = results.save_run(Path(self.config.work_dir) / "portraits", user, answer, saved, seed_value)
-        gallery = [(str(p), c) for p, c in zip(run.images, run.captions)]
+        gallery = [(load_image(p, p.name), c) for p, c in zip(run.images, run.captions)]  # pixels, not paths
         summary = run.summary + f" Denoising progress streamed: {last[0]}/{last[1]} steps."
         if not gallery:
             summary += (" No candidate passed the face check (exactly one clear face): see the table. "
                         + ("Try another seed or more candidates." if template is not None else
                            "Add a template photo (its face region is generated and the user's face fused in)."))
-        yield gallery, run.rows, str(run.zip_path), summary
+        yield gallery, run.rows, self._hand_out(run.zip_path), summary
 
 
 # --- the page ---------------------------------------------------------------------------
@@ -285,13 +369,17 @@ def build_app(config: WebConfig) -> gr.Blocks:
     """The Gradio page over :class:`WebApp`'s handlers (api names: prepare, train, generate, status)."""
     web = WebApp(config)
     styles = list(config.styles) or [config.default_style]
-    with gr.Blocks(title="facetron portraits", analytics_enabled=False) as app:
+    with gr.Blocks(title="facetron portraits", analytics_enabled=False, delete_cache=CACHE_SWEEP) as app:
+        app.facetron_web = web  # close(app) stops its stages
         gr.Markdown("# facetron — personalized portraits\n"
                     "Upload photos of one person, check what was kept, train their identity LoRA, pick a style "
                     "and generate. Portraits come from the Triton server over gRPC; training runs the "
                     "`facetron train` commands on this machine.")
         status = gr.Markdown(elem_id="server-status")
-        user = gr.Textbox(label="User id", placeholder="alice", elem_id="user-id", max_lines=1)
+        if config.login:  # the session's login, shown; every handler acts only as that user
+            user = gr.Textbox(label="Logged in as", elem_id="user-id", max_lines=1, interactive=False)
+        else:
+            user = gr.Textbox(label="User id", placeholder="alice", elem_id="user-id", max_lines=1)
         with gr.Tab("1 · Photos", elem_id="tab-photos"):
             with gr.Row():
                 files = gr.File(label="Photos of one person (3 or more; JPEG, PNG, …)", file_count="multiple",
@@ -301,12 +389,14 @@ def build_app(config: WebConfig) -> gr.Blocks:
             prepare_btn = gr.Button("Prepare photos", variant="primary", elem_id="prepare-btn")
             prepare_status = gr.Markdown(elem_id="prepare-status")
             with gr.Row():
-                sheet = gr.Image(label="Contact sheet (kept / dropped and why)", type="filepath", elem_id="contact-sheet")
+                sheet = gr.Image(label="Contact sheet (kept / dropped and why)", type="numpy", format="png",
+                                 elem_id="contact-sheet")
                 report = gr.Dataframe(headers=REPORT_COLUMNS, label="Prepare report", interactive=False,
                                       elem_id="prepare-report")
         with gr.Tab("2 · Train", elem_id="tab-train"):
-            train_steps = gr.Number(label="Training steps", value=config.default_train_steps, precision=0,
-                                    minimum=1, elem_id="train-steps")
+            train_steps = gr.Number(label=f"Training steps (at most {MAX_TRAIN_STEPS})",
+                                    value=min(config.default_train_steps, MAX_TRAIN_STEPS), precision=0,
+                                    minimum=1, maximum=MAX_TRAIN_STEPS, elem_id="train-steps")
             train_btn = gr.Button("Train identity LoRA", variant="primary", elem_id="train-btn")
             train_status = gr.Markdown(elem_id="train-status")
         with gr.Tab("3 · Style and generate", elem_id="tab-generate"):
@@ -318,7 +408,8 @@ def build_app(config: WebConfig) -> gr.Blocks:
                 prompt = gr.Textbox(label="Prompt (optional; {trigger} = the user; empty = the style's)",
                                     elem_id="prompt", scale=3)
                 template = gr.Image(label="Template photo (optional): its face region is generated, the rest kept",
-                                    type="numpy", image_mode="RGB", sources=["upload"], elem_id="template",
+                                    # a path, undecoded (image_mode None): the pixel bound is checked first
+                                    type="filepath", image_mode=None, sources=["upload"], elem_id="template",
                                     height=160, scale=1)
             with gr.Row():
                 num_images = gr.Number(label="Candidates", value=CLIENT_NUM_IMAGES, precision=0, minimum=1,
@@ -336,18 +427,20 @@ def build_app(config: WebConfig) -> gr.Blocks:
             generate_btn = gr.Button("Generate portraits", variant="primary", elem_id="generate-btn")
             generate_status = gr.Markdown(elem_id="generate-status")
             gallery = gr.Gallery(label="Portraits, best first (similarity to the user, seed)", columns=4,
-                                 height=360, object_fit="contain", preview=False, elem_id="gallery")
+                                 height=360, object_fit="contain", preview=False, format="png", elem_id="gallery")
             table = gr.Dataframe(headers=results.TABLE_COLUMNS, label="Every candidate", interactive=False,
                                  elem_id="candidates")
             download = gr.File(label="Download (PNGs + result.json)", elem_id="download")
 
         app.load(web.server_status, None, status, api_name="status")
+        app.load(web.whoami, None, user, api_name="whoami")
         prepare_btn.click(web.prepare, [user, files, attrs], [prepare_status, sheet, report], api_name="prepare")
         train_btn.click(web.train, [user, train_steps], train_status, api_name="train")
         generate_btn.click(web.generate, [user, style, prompt, num_images, top_k, steps, guidance, seed, scheduler,
                                           template, fusion],
                            [gallery, table, download, generate_status], api_name="generate")
-    app.queue(default_concurrency_limit=1)  # one training or generation at a time on this machine
+    # one training or generation at a time on this machine; a full queue refuses new jobs at once
+    app.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
     return app
 
 
@@ -355,10 +448,37 @@ def theme() -> gr.themes.Base:
     return gr.themes.Default(font=list(THEME_FONTS), font_mono=list(MONO_FONTS))
 
 
-def launch(config: WebConfig, host: str = "127.0.0.1", port: Optional[int] = None, block: bool = True):
-    """Serve the page on ``host:port`` (loopback by default). Returns the app."""
+def check_launch(config: WebConfig, host: str, auth: Optional[Callable[[str, str], bool]]) -> None:
+    """Refuse a launch that would expose the page: login on and no auth; no login on a non-loopback
+    address; a work folder inside Gradio's cache (which Gradio serves by path)."""
+    if config.login and auth is None:
+        raise InvalidInputError("--credentials", "no logins configured: give a credentials file (facetron web "
+                                                  "--add-login USER), or --no-login for single-user local use")
+    if not config.login and host not in LOOPBACK_HOSTS:
+        raise InvalidInputError("--no-login", f"serves loopback only (127.0.0.1), not {host}: configure logins")
+    cache = Path(gr.utils.get_upload_folder()).resolve()
+    work = Path(config.work_dir).resolve()
+    if work == cache or cache in work.parents or work in cache.parents:
+        raise InvalidInputError("--work", f"{work} overlaps Gradio's cache folder {cache}, which is served by path")
+
+
+def launch(config: WebConfig, host: str = "127.0.0.1", port: Optional[int] = None, block: bool = True,
+           auth: Optional[Callable[[str, str], bool]] = None):
+    """Serve the page on ``host:port`` (loopback by default) behind ``auth`` (Gradio's ``auth``: a
+    ``(user, password) -> bool`` callable). Returns the app; end it with :func:`close`. No folder is
+    served by path (no allowed_paths): Gradio serves only the copies in its cache it handed out."""
+    check_launch(config, host, auth)
     app = build_app(config)
     app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, quiet=True,
-               show_error=True, ssr_mode=False, theme=theme(), allowed_paths=[str(Path(config.work_dir).resolve())],
+               show_error=True, ssr_mode=False, theme=theme(), auth=auth, max_file_size=MAX_UPLOAD_FILE_BYTES,
                footer_links=["api"], run_history=False)
     return app
+
+
+def close(app: gr.Blocks) -> int:
+    """Close the page: stop every training stage it started (whole process groups), then the server.
+    Returns how many stages were stopped."""
+    web = getattr(app, "facetron_web", None)
+    stopped = web.close() if web is not None else stages.stop_all()
+    app.close()
+    return stopped

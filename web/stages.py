@@ -7,12 +7,20 @@ web process. The child's progress bars (tqdm on stderr: ``desc: 45%|...|
 9/20 [...]``) are parsed as they arrive and reported as ``(done, total,
 label)``; the child's one-line error (``facetron train: error: ...``) becomes
 a :class:`StageError` with that text.
+
+Each child runs in its own session (its own process group, so the tools it
+starts go with it) and is tracked while it runs: it is stopped (SIGTERM to
+the group, SIGKILL after a grace period) when the caller cancels it (the
+page's client went away), when it runs past its timeout, and, through
+:func:`stop_all`, when the app closes. No stage outlives the app.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -29,6 +37,10 @@ StageProgress = Callable[[int, int, str], None]  # (done, total, label)
 _TQDM = re.compile(r"(?:(?P<desc>[^\r\n|:]*):\s*)?\s*(?P<pct>\d+)%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)")
 _ERROR = re.compile(r"^facetron [\w ]+: error: (?P<message>.+)$")
 _TAIL_LINES = 40
+STOP_GRACE_S = 5.0  # seconds between SIGTERM and SIGKILL when a stage is stopped
+
+_live: set[subprocess.Popen] = set()
+_live_lock = threading.Lock()
 
 
 class StageError(FacetronError):
@@ -87,17 +99,60 @@ def _pump(stream, on_chunk: Callable[[str], None]) -> None:
         on_chunk(chunk.decode("utf-8", "replace") if isinstance(chunk, bytes) else chunk)
 
 
+def stop_process(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """End a stage's whole process group: SIGTERM, then SIGKILL after ``grace_s``; reap it."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)  # the child leads its own group (start_new_session)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # the leader is gone: what it left in its group goes too
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.poll()
+
+
+def live_stages() -> list[int]:
+    """Process ids of the stages running now."""
+    with _live_lock:
+        return sorted(p.pid for p in _live if p.poll() is None)
+
+
+def stop_all(grace_s: float = STOP_GRACE_S) -> int:
+    """Stop every running stage (the app is closing); returns how many were running."""
+    with _live_lock:
+        procs = [p for p in _live if p.poll() is None]
+    for proc in procs:
+        stop_process(proc, grace_s)
+    return len(procs)
+
+
+atexit.register(stop_all)  # also when the app's process ends without closing the page
+
+
 def run_stage(args: Sequence[str], on_progress: Optional[StageProgress] = None, *, timeout_s: float = 3600.0,
-              env: Optional[dict[str, str]] = None, cwd: Optional[Path] = None) -> StageResult:
+              env: Optional[dict[str, str]] = None, cwd: Optional[Path] = None,
+              cancel: Optional[threading.Event] = None) -> StageResult:
     """Run ``facetron ARGS`` to the end, reporting its progress bars; raise
-    :class:`StageError` (the CLI's reason) when it fails or runs past ``timeout_s``."""
+    :class:`StageError` (the CLI's reason) when it fails, runs past ``timeout_s``
+    or ``cancel`` is set (the child's process group is stopped then)."""
     command = cli_command(args)
     child_env = {**os.environ, **(env or {})}
     child_env.setdefault("TQDM_MININTERVAL", "0.2")  # a few updates per second are plenty
     child_env["PYTHONUNBUFFERED"] = "1"
     t0 = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            env=child_env, cwd=cwd)
+    with _live_lock:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                env=child_env, cwd=cwd, start_new_session=True)
+        _live.add(proc)
     stdout_parts: list[str] = []
     err_lines: list[str] = []
     pending = {"text": ""}
@@ -125,13 +180,26 @@ def run_stage(args: Sequence[str], on_progress: Optional[StageProgress] = None, 
                threading.Thread(target=_pump, args=(proc.stderr, on_err), daemon=True)]
     for r in readers:
         r.start()
+    what = f"`facetron {' '.join(map(str, args[:2]))}`"
+    deadline = time.monotonic() + timeout_s
     try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise StageError(f"`facetron {' '.join(map(str, args[:2]))}` ran past {timeout_s:g} s and was stopped") from None
+        while proc.poll() is None:
+            if cancel is not None and cancel.is_set():
+                stop_process(proc)
+                raise StageError(f"{what} was stopped (the page that started it went away, or the app closed)")
+            if time.monotonic() > deadline:
+                stop_process(proc)
+                raise StageError(f"{what} ran past {timeout_s:g} s and was stopped")
+            try:
+                proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+    except BaseException:
+        stop_process(proc)  # an error here (KeyboardInterrupt too) never leaves the child running
+        raise
     finally:
+        with _live_lock:
+            _live.discard(proc)
         for r in readers:
             r.join(timeout=5)
     if pending["text"].strip():

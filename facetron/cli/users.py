@@ -1,13 +1,36 @@
-"""``facetron users list|show|delete``: the user registry (facetron.users)."""
+"""``facetron users list|show|delete``: the user registry (facetron.users).
+
+``users delete USER --purge`` removes every trace of a user that facetron made
+(:func:`purge_user`): registry versions, the web app's work folder, training
+outputs under the data root, merged ``unet_user_<id>`` models. It removes only
+what facetron made (its marker, its sidecar, or its own layout) and reports
+anything else that names the user, untouched.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from facetron.atomic import owned_folder, remove_tree
 from facetron.cli.options import add_users_dir
+from facetron.contract import merged_unet_name
 from facetron.errors import NotFoundError
-from facetron.users import registry_at, validate_user_id
+from facetron.paths import HOME_SHOWN, data_root
+from facetron.users import UserRegistry, registry_at, validate_user_id
+
+#: the web app's work folder layout (facetron.web.app.WebConfig.user_dir, facetron.web.results.save_run)
+WEB_USERS, WEB_PORTRAITS, WEB_RESULT = "users", "portraits", "result.json"
+#: what the web app keeps in a user's folder: staged photos, `train prepare` output, `train lora` output
+WEB_PHOTOS, WEB_PREPARED, WEB_LORA = "photos", "prepared", "lora"
+#: `train lora --select-by-identity` writes these beside the LoRA (facetron.training.identity_select)
+SELECTION_FILES = ("identity_selection.json", "identity_selection.md", "identity_selection.png")
+#: `facetron evaluate`'s default output per user, and what it writes there (facetron.benchmarks.identity)
+EVALUATE_FILES = ("identity_report.json", "identity_report.md", "identity_report.png")
+TOKENS_NOTE = "tokens: facetron keeps no per-user tokens yet (no token store exists); nothing to remove"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,9 +43,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     show.add_argument("user", help="user id")
     add_users_dir(show)
     show.set_defaults(func=run_show)
-    rm = nested.add_parser("delete", help="remove a user and all its versions (served nowhere after this)")
+    rm = nested.add_parser(
+        "delete", help="remove a user and all its versions (served nowhere after this); --purge: every trace",
+        description="Remove the user from the registry. With --purge, remove every trace facetron made of the user: "
+                    "every registry version, the web app's work folder for the user (photos, prepared, lora, "
+                    "portraits), training outputs under the data root (prepared/<user>, loras/<user>.*, the demo's), "
+                    "and merged unet_user_<id> models in assembled repositories. Prints each path removed; anything "
+                    "facetron did not make is reported and kept.")
     rm.add_argument("user", help="user id")
     add_users_dir(rm)
+    rm.add_argument("--purge", action="store_true", help="remove every trace of the user, not just the registry")
+    rm.add_argument("--web-work", type=Path, default=None,
+                    help=f"the web app's work folder (default: {HOME_SHOWN}/web, the default of facetron web --work)")
+    rm.add_argument("--repo", type=Path, action="append", default=None, metavar="DIR",
+                    help=f"an assembled model repository; repeat for several (default: {HOME_SHOWN}/model_repository "
+                         f"and {HOME_SHOWN}/demo/model_repository)")
     rm.set_defaults(func=run_delete)
 
 
@@ -43,7 +78,203 @@ def run_show(args: argparse.Namespace) -> int:
 def run_delete(args: argparse.Namespace) -> int:
     registry = registry_at(args.users_dir)
     user = validate_user_id(args.user, "user")
+    places = Places.of(args)
+    if args.purge:
+        report = purge_user(user, places)
+        if not report.removed and not report.kept:
+            where = ", ".join(map(str, places.registries))
+            raise NotFoundError(f"user: no trace of user {user!r} (registries {where}; web work {places.web_work}; "
+                                f"data root {places.home})")
+        for path in report.removed:
+            print(f"removed {path}")
+        for path, why in report.kept:
+            print(f"kept    {path}: {why}; facetron removes only what it made: delete it yourself if it is this user's")
+        print(TOKENS_NOTE)
+        if report.merged:
+            print("note: a running server that loaded a merged model keeps it until it unloads it or restarts")
+        return 0
     if not registry.delete(user):
         raise NotFoundError(f"user: no user {user!r} in {registry.root}")
     print(f"deleted user {user!r} from {registry.root}")
+    left = traces(user, places)
+    if left:
+        print(f"left behind ({len(left)}; remove with: facetron users delete {user} --purge):")
+        for path in left:
+            print(f"  {path}")
     return 0
+
+
+# --- purge ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Places:
+    """Where facetron keeps a user's traces: the registries, the web app's work folder, the data
+    root (training outputs) and the assembled repositories."""
+
+    registries: tuple[Path, ...]
+    web_work: Path
+    home: Path
+    repos: tuple[Path, ...]
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> "Places":
+        home = data_root()
+        registries = _unique([registry_at(args.users_dir).root, home / "demo" / "users"])
+        repos = _unique(args.repo or [home / "model_repository", home / "demo" / "model_repository"])
+        return cls(tuple(registries), Path(args.web_work or home / "web"), home, tuple(repos))
+
+    def lora_folders(self, user: str) -> list[Path]:
+        """Where `train lora` writes ``<user>.*``: its default --out, the demo's, the web app's."""
+        return _unique([self.home / "loras", self.home / "demo" / "loras", self.web_user(user) / WEB_LORA])
+
+    def web_user(self, user: str) -> Path:
+        return self.web_work / WEB_USERS / user
+
+
+def _unique(paths: list[Path]) -> list[Path]:
+    seen, out = set(), []
+    for p in paths:
+        key = Path(p).resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(Path(p))
+    return out
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def traces(user: str, places: Places) -> list[Path]:
+    """Every path facetron's layout gives the user that exists (nothing is read or removed)."""
+    found: list[Path] = []
+    for root in places.registries:
+        leftover = re.compile(rf"\.deleted-{re.escape(user)}-[a-z0-9_]+")  # UserRegistry.delete's temp names
+        found += [root / user] + sorted(p for p in (root.iterdir() if root.is_dir() else [])
+                                        if leftover.fullmatch(p.name))
+    found += [places.web_user(user), places.web_work / WEB_PORTRAITS / user, places.home / "prepared" / user,
+              places.home / "outputs" / "evaluate" / user]
+    for folder in places.lora_folders(user)[:2]:  # the web one is inside web_user
+        found += sorted(folder.glob(f"{user}.*")) if folder.is_dir() else []
+    found += [repo / merged_unet_name(user) for repo in places.repos]
+    return [p for p in found if _exists(p)]
+
+
+@dataclass
+class PurgeReport:
+    removed: list[Path] = field(default_factory=list)
+    kept: list[tuple[Path, str]] = field(default_factory=list)  # (path, why): not made by facetron
+    merged: bool = False
+
+    def remove(self, path: Path, why_not: str | None) -> bool:
+        """Remove ``path`` when ``why_not`` is None (facetron made it), else report it kept."""
+        if why_not is not None:
+            self.kept.append((path, why_not))
+            return False
+        remove_tree(path)
+        self.removed.append(path)
+        return True
+
+    def remove_if_empty(self, folder: Path) -> None:
+        """A layout folder facetron made for the user: removed once empty, else what is left is reported."""
+        if not folder.is_dir() or folder.is_symlink():
+            return
+        left = sorted(folder.iterdir())
+        if not left:
+            folder.rmdir()
+            self.removed.append(folder)
+        for p in left:
+            if not any(p == k for k, _ in self.kept):
+                self.kept.append((p, "not a file facetron's layout puts here"))
+
+
+def purge_user(user: str, places: Places) -> PurgeReport:
+    """Remove every trace of ``user`` facetron made; report what it did not make. Each step names the
+    rule by which a path is facetron's: the registry's layout, the folder marker
+    (facetron.atomic.ARTIFACT_MARKER), a LoRA's sidecar naming it, or the web app's layout."""
+    from facetron.export.repository import remove_merged_user
+    from facetron.training.train_lora import OutputPaths
+
+    user = validate_user_id(user, "user")
+    report = PurgeReport()
+    # 1. the registries: every version of the user (the older ones kept for grace too)
+    for root in places.registries:
+        report.removed += UserRegistry(root).purge(user)
+    # 2. train lora outputs <user>.safetensors/.json/.ckpt/.candidates: facetron's by their sidecar / marker
+    for folder in places.lora_folders(user):
+        if not folder.is_dir():
+            continue
+        outputs = OutputPaths.for_user(folder, user).present()
+        named = {p for p, _ in outputs}
+        for path, why_not in outputs:
+            report.remove(path, why_not)
+        for path in sorted(folder.glob(f"{user}.*")):
+            if path not in named:
+                report.kept.append((path, "not an output of facetron train lora"))
+    # 3. training outputs by marker: `train prepare`'s default --out
+    prepared = places.home / "prepared" / user
+    if _exists(prepared):
+        report.remove(prepared, None if owned_folder(prepared) else "a folder facetron did not make (no marker)")
+    _purge_evaluate(user, places.home / "outputs" / "evaluate" / user, report)
+    # 4. the web app's work folder: the user's folder and portraits, by the app's layout
+    _purge_web_user(user, places.web_user(user), report)
+    _purge_web_portraits(user, places.web_work / WEB_PORTRAITS / user, report)
+    # 5. merged unet_user_<id> models in assembled repositories (and their local engine caches)
+    for repo in places.repos:
+        removed, kept = remove_merged_user(repo, user)
+        report.removed += removed
+        report.kept += kept
+        report.merged = report.merged or bool(removed)
+    return report
+
+
+def _purge_web_user(user: str, udir: Path, report: PurgeReport) -> None:
+    """``<work>/users/<user>/``: photos (the app's staged copies), prepared (marker), lora (train lora
+    outputs, already purged, and the identity-selection files), and the writers' temp leftovers."""
+    if not udir.is_dir() or udir.is_symlink():
+        return
+    temp = re.compile(rf"\.({WEB_PHOTOS}|{WEB_PREPARED}|{WEB_LORA})\..+")  # stage_photos / atomic_dir temp names
+    for entry in sorted(udir.iterdir()):
+        if entry.name == WEB_PHOTOS and entry.is_dir() and not entry.is_symlink():
+            report.remove(entry, None)
+        elif entry.name == WEB_PREPARED:
+            report.remove(entry, None if owned_folder(entry) else "a folder facetron did not make (no marker)")
+        elif entry.name == WEB_LORA and entry.is_dir() and not entry.is_symlink():
+            for name in SELECTION_FILES:
+                if (entry / name).is_file() and not (entry / name).is_symlink():
+                    report.remove(entry / name, None)
+            report.remove_if_empty(entry)
+        elif temp.fullmatch(entry.name) and not entry.is_symlink():
+            report.remove(entry, None)
+    report.remove_if_empty(udir)
+
+
+def _purge_web_portraits(user: str, folder: Path, report: PurgeReport) -> None:
+    """``<work>/portraits/<user>/<time>/``: one folder per generation, its result.json naming the user."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for run in sorted(folder.iterdir()):
+        result = run / WEB_RESULT
+        ours = run.is_dir() and not run.is_symlink() and result.is_file() and _json_user(result) == user
+        report.remove(run, None if ours else f"not a portrait run of the web app (no {WEB_RESULT} naming {user!r})")
+    report.remove_if_empty(folder)
+
+
+def _purge_evaluate(user: str, folder: Path, report: PurgeReport) -> None:
+    """``$FACETRON_HOME/outputs/evaluate/<user>``: marked, or only evaluate's report files naming the user."""
+    if not _exists(folder):
+        return
+    ours = owned_folder(folder) or (
+        folder.is_dir() and not folder.is_symlink() and _json_user(folder / EVALUATE_FILES[0]) == user
+        and all(p.name in EVALUATE_FILES for p in folder.iterdir()))
+    report.remove(folder, None if ours else "a folder facetron did not make (no marker, not only evaluate's report)")
+
+
+def _json_user(path: Path) -> str | None:
+    """The ``user_id`` a JSON object records (None if it is not one)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError):
+        return None
+    return doc.get("user_id") if isinstance(doc, dict) else None

@@ -12,6 +12,7 @@ the first 48,894 merges, then the two special tokens (49,408 entries).
 from __future__ import annotations
 
 import gzip
+import heapq
 import json
 import unicodedata
 from functools import lru_cache
@@ -21,7 +22,7 @@ import numpy as np
 import regex
 
 from facetron.assets import asset_path
-from facetron.contract import TOKENS
+from facetron.contract import MAX_WORD_BYTES, TOKENS
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -105,10 +106,19 @@ def normalize(text: str) -> str:
     return text.replace("Σ", "σ").lower()
 
 
-class ClipTokenizer:
-    """Text -> CLIP token ids, padded/truncated to 77 (SD-1.5 convention)."""
+#: pieces up to this many characters are cached (prompts repeat words; a long piece is rarely seen twice)
+_CACHE_PIECE = 64
 
-    def __init__(self, bpe_path: str | None = None, context_length: int = TOKENS):
+
+class ClipTokenizer:
+    """Text -> CLIP token ids, padded/truncated to 77 (SD-1.5 convention).
+
+    Bounded work per prompt: the BPE of a word is O(L log L) (a heap of pair ranks, the same merges as
+    the reference loop); a word longer than ``max_word_bytes`` is tokenized as pieces of at most that many
+    bytes (split on a character boundary: a long word is never refused, and its ids equal the reference's
+    up to the first cut); and encoding stops once the ids that fit the context exist."""
+
+    def __init__(self, bpe_path: str | None = None, context_length: int = TOKENS, max_word_bytes: int = MAX_WORD_BYTES):
         self.encoder = build_vocab(bpe_path)
         self.ranks = {m: i for i, m in enumerate(load_merges(bpe_path))}
         self.byte_encoder = bytes_to_unicode()
@@ -116,39 +126,76 @@ class ClipTokenizer:
         self.bos_id = self.encoder[BOS]
         self.eos_id = self.encoder[EOS]
         self.pad_id = self.eos_id
+        self.max_word_bytes = max_word_bytes
         self._cache: dict[str, list[str]] = {BOS: [BOS], EOS: [EOS]}
 
-    def _bpe(self, token: str) -> list[str]:
-        cached = self._cache.get(token)
+    def _bpe(self, token: str, end: bool = True) -> list[str]:
+        """The BPE symbols of one word (``end``: its last symbol carries ``</w>``; False for a piece that
+        a longer word continues). The reference merges, each round, every occurrence of the lowest-ranked
+        adjacent pair, left to right; a heap of (rank, position) pops them in that order, since every pair
+        a merge creates contains the merged symbol, whose merges all rank after the one that made it (true
+        of CLIP's merges: each symbol is made by exactly one earlier merge)."""
+        key = token if end else token + " "  # " " is never in a byte-encoded piece
+        cached = self._cache.get(key)
         if cached is not None:
             return cached
-        word = list(token[:-1]) + [token[-1] + "</w>"]
-        while len(word) > 1:
-            pairs = [(word[i], word[i + 1]) for i in range(len(word) - 1)]
-            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
-            if best not in self.ranks:
-                break
-            merged: list[str] = []
-            i = 0
-            while i < len(word):
-                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
-                    merged.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
-        if len(self._cache) < 100_000:
-            self._cache[token] = word
-        return word
+        word: list = list(token)
+        if end:
+            word[-1] += "</w>"
+        ranks = self.ranks
+        n = len(word)
+        nxt = list(range(1, n)) + [-1]
+        prev = list(range(-1, n - 1))
+        heap = [(r, i) for i in range(n - 1) if (r := ranks.get((word[i], word[i + 1]))) is not None]
+        heapq.heapify(heap)
+        while heap:
+            r, i = heapq.heappop(heap)
+            j = nxt[i]
+            if word[i] is None or j < 0 or ranks.get((word[i], word[j])) != r:
+                continue  # stale: a merge changed this pair since it was pushed
+            word[i] += word[j]
+            word[j] = None
+            k = nxt[i] = nxt[j]
+            if k >= 0:
+                prev[k] = i
+                if (rk := ranks.get((word[i], word[k]))) is not None:
+                    heapq.heappush(heap, (rk, i))
+            if (p := prev[i]) >= 0 and (rp := ranks.get((word[p], word[i]))) is not None:
+                heapq.heappush(heap, (rp, p))
+        out = [w for w in word if w is not None]
+        if len(token) <= _CACHE_PIECE and len(self._cache) < 100_000:
+            self._cache[key] = out
+        return out
 
-    def encode(self, text: str) -> list[int]:
-        """BPE ids of ``text`` without special tokens or padding."""
+    def _pieces(self, piece: str):
+        """One word of the pattern as (byte-encoded piece, ends the word): itself, or pieces of at most
+        ``max_word_bytes`` bytes cut on character boundaries when longer."""
+        data = piece.encode("utf-8")
+        if len(data) <= self.max_word_bytes:
+            yield "".join(self.byte_encoder[b] for b in data), True
+            return
+        start = 0
+        while start < len(data):
+            stop = min(start + self.max_word_bytes, len(data))
+            while start < stop < len(data) and (data[stop] & 0xC0) == 0x80:  # not inside a UTF-8 sequence
+                stop -= 1
+            if stop == start:  # max_word_bytes under one character's bytes: the whole character
+                stop += 1
+                while stop < len(data) and (data[stop] & 0xC0) == 0x80:
+                    stop += 1
+            yield "".join(self.byte_encoder[b] for b in data[start:stop]), stop == len(data)
+            start = stop
+
+    def encode(self, text: str, max_ids: int | None = None) -> list[int]:
+        """BPE ids of ``text`` without special tokens or padding; with ``max_ids``, the first ``max_ids``
+        (the words after them are not tokenized)."""
         text = normalize(text)
         ids: list[int] = []
-        for piece in _PATTERN.findall(text):
-            unicode_piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
-            ids.extend(self.encoder[t] for t in self._bpe(unicode_piece))
+        for match in _PATTERN.finditer(text):
+            for unicode_piece, end in self._pieces(match.group()):
+                ids.extend(self.encoder[t] for t in self._bpe(unicode_piece, end))
+                if max_ids is not None and len(ids) >= max_ids:
+                    return ids[:max_ids]
         return ids
 
     def __call__(self, texts: list[str] | str) -> np.ndarray:
@@ -157,7 +204,7 @@ class ClipTokenizer:
             texts = [texts]
         out = np.full((len(texts), self.context_length), self.pad_id, dtype=np.int32)
         for row, text in enumerate(texts):
-            ids = self.encode(text)[: self.context_length - 2]
+            ids = self.encode(text, self.context_length - 2)
             out[row, 0] = self.bos_id
             out[row, 1 : 1 + len(ids)] = ids
             out[row, 1 + len(ids)] = self.eos_id

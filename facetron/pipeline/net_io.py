@@ -83,11 +83,66 @@ def check_token_ids(ids: np.ndarray, name: str = "input_ids") -> np.ndarray:
     return ids
 
 
+def latent_cells(arr: np.ndarray, axes: tuple[int, int], factor: int = 1) -> int:
+    """Latent cells of a batch: items x the two side ``axes`` (pixels when ``factor`` is LATENT_FACTOR)."""
+    return arr.shape[0] * (arr.shape[axes[0]] // factor) * (arr.shape[axes[1]] // factor)
+
+
+def check_net_budget(arr: np.ndarray, name: str, axes: tuple[int, int], max_side: int, max_cells: int,
+                     factor: int = 1, max_item_cells: int | None = None) -> np.ndarray:
+    """A net call's size: each side at most ``max_side``, each item at most ``max_item_cells`` and the
+    batch at most ``max_cells`` latent cells (``factor``: pixels per latent cell along a side, for
+    images). Shapes only: checked before any work."""
+    h, w = arr.shape[axes[0]], arr.shape[axes[1]]
+    unit = "px" if factor > 1 else "latent cells"
+    if max(h, w) > max_side:
+        raise InvalidInputError(name, f"sides must be at most {max_side} {unit} per call, got {w}x{h}")
+    item = (h // factor) * (w // factor)
+    if max_item_cells is not None and item > max_item_cells:
+        raise InvalidInputError(name, f"{w}x{h} {unit} is {item} latent cells per item, over the limit of "
+                                      f"{max_item_cells} (self-attention memory grows with their square)")
+    cells = latent_cells(arr, axes, factor)
+    if cells > max_cells:
+        what = f"{arr.shape[0]} x {w}x{h} {unit}"
+        raise InvalidInputError(name, f"{what} is {cells} latent cells, over the limit of {max_cells} "
+                                      f"latent cells per call")
+    return arr
+
+
+def check_sample(sample: np.ndarray, name: str = "sample") -> np.ndarray:
+    """A UNet sample [N, 4, h, w]: sides MIN_LATENT_SIDE..MAX_LATENT_SIDE, N*h*w <= UNET_MAX_BATCH_CELLS."""
+    check_net_budget(sample, name, (2, 3), contract.MAX_LATENT_SIDE, contract.UNET_MAX_BATCH_CELLS)
+    return check_min_side(sample, name, contract.MIN_LATENT_SIDE, (2, 3))
+
+
+def check_latent(latent: np.ndarray, name: str = "latent") -> np.ndarray:
+    """A VAE latent [N, 4, h, w]: sides 1..MAX_LATENT_SIDE, h*w <= VAE_MAX_ITEM_CELLS, N*h*w <=
+    VAE_MAX_BATCH_CELLS, finite."""
+    check_net_budget(latent, name, (2, 3), contract.MAX_LATENT_SIDE, contract.VAE_MAX_BATCH_CELLS,
+                     max_item_cells=contract.VAE_MAX_ITEM_CELLS)
+    return check_min_side(check_finite(latent, name), name, 1, (2, 3))
+
+
+def check_vae_images(images: np.ndarray, name: str = "images") -> np.ndarray:
+    """VAE encoder images [N, H, W, 3]: sides multiples of LATENT_FACTOR in 32..MAX_SIDE px, at most
+    VAE_MAX_ITEM_CELLS per image and VAE_MAX_BATCH_CELLS per call (latent cells: x LATENT_FACTOR^2 pixels)."""
+    check_net_budget(images, name, (1, 2), contract.MAX_SIDE, contract.VAE_MAX_BATCH_CELLS, contract.LATENT_FACTOR,
+                     max_item_cells=contract.VAE_MAX_ITEM_CELLS)
+    return check_min_side(images, name, 4 * contract.LATENT_FACTOR, (1, 2), contract.LATENT_FACTOR)
+
+
 #: per net: the value checks its graph needs (shapes are checked by check_feed)
 NET_CHECKS = {
     "text_encoder": check_token_ids,
-    "vae_decoder": lambda a, n: check_min_side(check_finite(a, n), n, 1, (2, 3)),
-    "vae_encoder": lambda a, n: check_min_side(a, n, 4 * contract.LATENT_FACTOR, (1, 2), contract.LATENT_FACTOR),
+    "vae_decoder": check_latent,
+    "vae_encoder": check_vae_images,
+}
+#: per net: (latent cells of a feed, the most one call may run): run_batched splits a dynamic batch over it
+NET_BUDGETS = {
+    "unet": (lambda feed: latent_cells(feed["sample"], (2, 3)), contract.UNET_MAX_BATCH_CELLS),
+    "vae_decoder": (lambda feed: latent_cells(feed["latent"], (2, 3)), contract.VAE_MAX_BATCH_CELLS),
+    "vae_encoder": (lambda feed: latent_cells(feed["images"], (1, 2), contract.LATENT_FACTOR),
+                    contract.VAE_MAX_BATCH_CELLS),
 }
 
 
@@ -99,13 +154,15 @@ def check_prompts(raw: np.ndarray, name: str = "prompt") -> list[str]:
         raise InvalidInputError(name, "expected at least one prompt, got N=0")
     if raw.shape[0] > contract.MAX_PROMPTS:
         raise InvalidInputError(name, f"at most {contract.MAX_PROMPTS} prompts per request, got {raw.shape[0]}")
-    texts = []
-    for i, item in enumerate(raw):
-        data = item if isinstance(item, bytes) else str(item).encode()
+    items = [item if isinstance(item, bytes) else str(item).encode() for item in raw]
+    for i, data in enumerate(items):
         if len(data) > contract.MAX_PROMPT_BYTES:
             raise InvalidInputError(f"{name}[{i}]", f"longer than {contract.MAX_PROMPT_BYTES} bytes")
-        texts.append(decode_utf8(data, f"{name}[{i}]"))
-    return texts
+    total = sum(len(data) for data in items)
+    if total > contract.MAX_TOKENIZER_REQUEST_BYTES:
+        raise InvalidInputError(name, f"{total} bytes in all, over the limit of {contract.MAX_TOKENIZER_REQUEST_BYTES} "
+                                      "bytes per request")
+    return [decode_utf8(data, f"{name}[{i}]") for i, data in enumerate(items)]
 
 
 def pack_detections(dets: list) -> dict[str, np.ndarray]:
@@ -125,12 +182,25 @@ def pack_detections(dets: list) -> dict[str, np.ndarray]:
     return {"boxes": boxes, "scores": scores, "landmarks": marks, "num_faces": counts}
 
 
+def check_request_pixels(images: np.ndarray, name: str = "images") -> np.ndarray:
+    """Images [N, H, W, 3] of one request: each side at most MAX_IMAGE_SIDE, N*H*W at most MAX_REQUEST_PIXELS."""
+    n, h, w = images.shape[:3]
+    if max(h, w) > contract.MAX_IMAGE_SIDE:
+        raise InvalidInputError(name, f"sides must be at most {contract.MAX_IMAGE_SIDE} px, got {w}x{h}")
+    if n * h * w > contract.MAX_REQUEST_PIXELS:
+        raise InvalidInputError(name, f"{n} x {w}x{h} px is {n * h * w} pixels, over the limit of "
+                                      f"{contract.MAX_REQUEST_PIXELS} pixels per request")
+    return images
+
+
 def check_detect_images(images: np.ndarray, name: str = "images") -> np.ndarray:
-    """RGB images whose sides MTCNN can scan (P-net's 12 px window) and that stay bounded."""
+    """RGB images whose sides MTCNN can scan (P-net's 12 px window) and that stay bounded (per image and
+    per request)."""
     h, w = images.shape[1:3]
     if images.shape[-1] != 3:
         raise InvalidInputError(name, f"expected RGB [N, H, W, 3], got shape {list(images.shape)}")
-    if min(h, w) < contract.MIN_DETECT_SIDE or max(h, w) > contract.MAX_IMAGE_SIDE:
+    check_request_pixels(images, name)
+    if min(h, w) < contract.MIN_DETECT_SIDE:
         raise InvalidInputError(name, f"sides must be {contract.MIN_DETECT_SIDE}..{contract.MAX_IMAGE_SIDE} px, got {w}x{h}")
     return images
 

@@ -13,6 +13,7 @@ import numpy as np
 from facetron import metrics
 from facetron.contract import FaceSelectParams
 from facetron.errors import InvalidInputError
+from facetron.pipeline.net_io import check_request_pixels
 from facetron.pipeline.selection import (
     select_portraits,
     select_rules,
@@ -50,7 +51,7 @@ class FaceSelectModel:
         return self.users.reference_embedding(validate_user_id(user))
 
     def _select(self, request):
-        images = get_input(request, "images", dtype=np.uint8, ndim=4)
+        images = check_request_pixels(get_input(request, "images", dtype=np.uint8, ndim=4))  # before any work
         reference = self._reference(request)
         top_k = int(get_scalar(request, "top_k", np.int32, default=0))
         selection, _ = select_portraits(images, reference, top_k, bls.detect, bls.embed, self.rules)

@@ -19,9 +19,10 @@ from facetron import metrics
 from facetron.contract import DEEP_FEATURE, MODEL_FILE, SHALLOW_FOLDER, UnetParams
 from facetron.diffusion.lora_inputs import read_lora_manifest
 from facetron.errors import InvalidInputError
-from facetron.net_runtimes import open_runtime
+from facetron.net_runtimes import UNET_ORT_MEMORY, open_runtime
 from facetron.pipeline.lora_bank import LoraBank, style_lora
 from facetron.pipeline.net_io import (
+    NET_BUDGETS,
     check_feed,
     check_finite,
     unet_graph,
@@ -51,12 +52,13 @@ class UnetModel:
         # hands the same stacked arrays back while a batch's users repeat (every denoising step), and
         # reuse_inputs keeps them bound in the runtime instead of passing ~65 inputs again on every call
         self.session = open_runtime(unet_graph(folder, params), params.runtime, params.intra_op_threads or None,
-                                    params.providers, reuse_inputs=True, precision=params.precision,
+                                    params.providers, reuse_inputs=True, precision=params.precision, memory=UNET_ORT_MEMORY,
                                     fallback_path=folder / MODEL_FILE)
         # the step cache: the graph above also gives deep_feature; the shallow graph opens on first use
         self._shallow_path = folder / SHALLOW_FOLDER / MODEL_FILE
         self._open_shallow = partial(open_runtime, self._shallow_path, params.runtime, params.intra_op_threads or None,
-                                     params.providers, reuse_inputs=True, precision=params.precision)
+                                     params.providers, reuse_inputs=True, precision=params.precision,
+                                     memory=UNET_ORT_MEMORY)
         self._shallow = None
         self._shallow_inputs: frozenset[str] = frozenset()  # the LoRA inputs it reads: fewer than the full graph's
         self._shallow_lock = threading.Lock()
@@ -81,6 +83,9 @@ class UnetModel:
         if feature is not None:  # a shallow step on a cached feature
             if feature.shape[0] != n:
                 raise InvalidInputError(DEEP_FEATURE, f"expected one feature per batch item ({n}), got {feature.shape[0]}")
+            if feature.shape[2:] != feed["sample"].shape[2:]:  # bounded by sample's budget
+                raise InvalidInputError(DEEP_FEATURE, f"expected the sample's sides {list(feed['sample'].shape[2:])}, "
+                                                      f"got {list(feature.shape[2:])}")
             feed[DEEP_FEATURE] = check_finite(feature, DEEP_FEATURE)
             check_feed({DEEP_FEATURE: feature}, self.shallow())
         elif DEEP_FEATURE in request.requested_output_names():  # a full step that keeps its feature
@@ -117,7 +122,7 @@ class UnetModel:
         return dict(zip(outputs, self.session.run(outputs, feed)))
 
     def execute(self, requests):
-        return run_batched(requests, self._read, self._run)
+        return run_batched(requests, self._read, self._run, NET_BUDGETS["unet"])
 
     def finalize(self):
         self.session = self.bank = None

@@ -4,7 +4,8 @@ the face (+ style) LoRA fused in; the code of every such model
 
 from __future__ import annotations
 
-from facetron.pipeline.net_io import check_feed
+from facetron.net_runtimes import UNET_ORT_MEMORY
+from facetron.pipeline.net_io import NET_BUDGETS, check_feed
 from facetron.triton.batching import net_session, run_batched, unet_feed
 
 
@@ -15,7 +16,7 @@ class UnetUserModel:
     is the runtime-LoRA ``unet``; this mode suits few users."""
 
     def initialize(self, args):
-        self.session = net_session(args)
+        self.session = net_session(args, memory=UNET_ORT_MEMORY)  # a UNet keeps its arena (net_runtimes)
 
     def _run(self, feed):
         return {"noise_pred": self.session.run(["noise_pred"], feed)[0]}
@@ -24,7 +25,7 @@ class UnetUserModel:
         return check_feed(unet_feed(request), self.session)
 
     def execute(self, requests):
-        return run_batched(requests, self._read, self._run)
+        return run_batched(requests, self._read, self._run, NET_BUDGETS["unet"])
 
     def finalize(self):
         self.session = None

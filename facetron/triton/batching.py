@@ -16,12 +16,13 @@ import numpy as np
 from facetron import contract
 from facetron.contract import ModelContract, NetParams
 from facetron.errors import InvalidInputError
-from facetron.net_runtimes import open_runtime
+from facetron.net_runtimes import DEFAULT_ORT_MEMORY, open_runtime
 from facetron.pipeline.net_io import (
+    NET_BUDGETS,
     NET_CHECKS,
     check_feed,
     check_finite,
-    check_min_side,
+    check_sample,
 )
 from facetron.request import decode_utf8
 from facetron.triton.backend import (
@@ -45,23 +46,47 @@ def item_strings(request, name: str, n: int) -> list[str]:
     return [decode_utf8(x, name) for x in arr]
 
 
-def net_session(args: dict):
+def net_session(args: dict, memory: str = DEFAULT_ORT_MEMORY):
     """The runtime of a net model's ``model.onnx``, configured by its NetParams
-    (``runtime``: ONNX Runtime or OpenVINO, :func:`facetron.net_runtimes.open_runtime`)."""
+    (``runtime``: ONNX Runtime or OpenVINO, :func:`facetron.net_runtimes.open_runtime`;
+    ``memory``: ONNX Runtime's arena rule, ``net_runtimes.ORT_MEMORY``)."""
     params = read_params(args, NetParams)
     return open_runtime(version_dir(args) / contract.MODEL_FILE, params.runtime, params.intra_op_threads or None,
-                        params.providers, precision=params.precision)
+                        params.providers, precision=params.precision, memory=memory)
+
+
+def within_budget(members: list, budget: tuple[Callable[[dict], int], int] | None):
+    """``members`` (index, feed) in consecutive runs whose summed cost stays within ``budget``'s limit
+    (each feed alone is within it: its request was checked in ``read``)."""
+    if budget is None:
+        yield members
+        return
+    cost, limit = budget
+    run, total = [], 0
+    for member in members:
+        c = cost(member[1])
+        if run and total + c > limit:
+            yield run
+            run, total = [], 0
+        run.append(member)
+        total += c
+    if run:
+        yield run
 
 
 def run_batched(
     requests: Sequence,
     read: Callable[[object], dict[str, np.ndarray]],
     run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    budget: tuple[Callable[[dict[str, np.ndarray]], int], int] | None = None,
 ) -> list:
     """Read each request's feed, run all valid ones as one batch, split outputs.
 
     Requests whose inputs break a rule get their own error response; requests
-    whose non-batch dims differ from the first valid one run separately."""
+    whose non-batch dims differ from the first valid one run separately.
+    ``budget`` = (cost of a feed, the most one call may run): a dynamic batch
+    over it runs as several calls, each within it (Triton concatenates
+    requests that were each checked alone)."""
     responses: list = [None] * len(requests)
     groups: dict[tuple, list[tuple[int, dict]]] = {}
     for i, request in enumerate(requests):
@@ -71,7 +96,7 @@ def run_batched(
             groups.setdefault(key, []).append((i, feed))
         except Exception as exc:  # noqa: BLE001
             responses[i] = error_response(exc)
-    for members in groups.values():
+    for members in [chunk for group in groups.values() for chunk in within_budget(group, budget)]:
         try:
             feed = {k: np.concatenate([f[k] for _, f in members]) for k in members[0][1]}
             out = run(feed)
@@ -92,6 +117,7 @@ def net_model(c: ModelContract) -> type:
     (inp,), (out,) = c.inputs, c.outputs
     dtype, ndim = np.dtype(contract.NUMPY_DTYPES[inp.dtype]), len(inp.dims) + 1
     check = NET_CHECKS.get(c.name, lambda a, n: a)
+    budget = NET_BUDGETS.get(c.name)
 
     class NetModel:
         __doc__ = f"The ``{c.name}`` model: {c.doc.splitlines()[0]}"
@@ -107,7 +133,7 @@ def net_model(c: ModelContract) -> type:
             return {out.name: self.session.run([out.name], feed)[0]}
 
         def execute(self, requests):
-            return run_batched(requests, self._read, self._run)
+            return run_batched(requests, self._read, self._run, budget)
 
         def finalize(self):
             self.session = None
@@ -118,8 +144,9 @@ def net_model(c: ModelContract) -> type:
 
 def unet_feed(request) -> dict[str, np.ndarray]:
     """``sample``, ``timestep`` (one per item, [N,1] on the wire -> [N]) and
-    ``encoder_hidden_states`` of a UNet request, checked."""
-    sample = get_input(request, "sample", dtype=np.float32, ndim=4)
+    ``encoder_hidden_states`` of a UNet request, checked (``sample`` within the UNet's budget:
+    :func:`facetron.pipeline.net_io.check_sample`)."""
+    sample = check_sample(get_input(request, "sample", dtype=np.float32, ndim=4))  # sides, cells: before any work
     n = sample.shape[0]
     t = get_input(request, "timestep", required=False)
     if t is None or t.dtype != np.float32 or t.size != n:
@@ -128,7 +155,6 @@ def unet_feed(request) -> dict[str, np.ndarray]:
     hidden = get_input(request, "encoder_hidden_states", dtype=np.float32, ndim=3)
     if hidden.shape[0] != n:
         raise InvalidInputError("encoder_hidden_states", f"expected one row per batch item ({n}), got {hidden.shape[0]}")
-    check_min_side(sample, "sample", contract.MIN_LATENT_SIDE, (2, 3))
     for name, arr in (("sample", sample), ("timestep", t), ("encoder_hidden_states", hidden)):
         check_finite(arr, name)
     return {"sample": sample, "timestep": t.reshape(n), "encoder_hidden_states": hidden}

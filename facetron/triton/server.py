@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import fcntl
 import os
 import re
 import secrets
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from facetron.contract import MERGED_UNET_PREFIX
+from facetron import contract
 from facetron.errors import ServerError
 from facetron.paths import cache_dir
 
@@ -188,14 +191,57 @@ def explain_log(text: str) -> str | None:
 _LIVE: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
 
 SHM_DIR = Path("/dev/shm")
-SHM_PREFIX_RE = re.compile(r"facetron-(\d+)-[0-9a-f]{8}-")
-ADMIN_HEADER = "facetron-admin-key"
-GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"  # Triton prefixes restricted gRPC headers
+#: ``facetron-<boot id>-<random>-``: the python-backend regions of one server (and its lock file)
+SHM_PREFIX_RE = re.compile(r"facetron-([0-9a-f]{8})-([0-9a-f]{8})-")
+#: the names of launchers before the boot id (``facetron-<launcher pid>-<random>-``): judged by PID
+LEGACY_SHM_PREFIX_RE = re.compile(r"facetron-(\d{1,7})-([0-9a-f]{8})-")
+#: ``<prefix>lock``: held (flock) by the launcher and inherited by tritonserver while the regions are in use
+SHM_LOCK_SUFFIX = "lock"
+
+#: The admin key's header names (one definition, in the contract: the client sends them too)
+ADMIN_HEADER, GRPC_ADMIN_HEADER = contract.ADMIN_HEADER, contract.GRPC_ADMIN_HEADER
+#: every protocol besides health, metadata and inference: behind the admin key in every launch mode
+RESTRICTED_APIS = ("shared-memory", "model-repository", "model-config", "statistics", "trace", "logging")
+ADMIN_KEY_ENV = contract.ADMIN_KEY_ENV
+
+
+def restricted_args(key: str) -> list[str]:
+    """tritonserver flags that put :data:`RESTRICTED_APIS` behind ``key`` over gRPC and HTTP."""
+    if not key or not re.fullmatch(r"[A-Za-z0-9_.~+/-]{16,}", key):
+        raise ServerError("admin key: at least 16 characters of letters, digits and _.~+/- (no ',', ':', '=' or spaces)")
+    spec = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={key}"
+    return [f"--grpc-restricted-protocol={spec}", f"--http-restricted-api={spec}"]
+
+
+def base_models(repo: Path) -> list[str]:
+    """The repository's models except merged users' ``unet_user_<id>`` (those load on first use)."""
+    return [m for m in check_repository(repo) if not m.startswith(MERGED_UNET_PREFIX)]
+
+
+def boot_id() -> str:
+    """8 hex digits of this kernel boot's id (regions of an earlier boot are orphans)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:8].lower()
+    except OSError:  # pragma: no cover - not Linux
+        return "00000000"
 
 
 def new_shm_prefix() -> str:
-    """``facetron-<launcher pid>-<random>-``: regions of a launcher that died are orphans."""
-    return f"facetron-{os.getpid()}-{secrets.token_hex(4)}-"
+    """``facetron-<boot id>-<random>-``. Whether its owner lives is told by the lock file
+    ``<prefix>lock`` (:func:`hold_shm_lock`), not by a PID: in a container the launcher is
+    PID 1 in every life, and a restarted container sees the old one's /dev/shm."""
+    return f"facetron-{boot_id()}-{secrets.token_hex(4)}-"
+
+
+def hold_shm_lock(prefix: str) -> int:
+    """Create ``<prefix>lock`` in /dev/shm, locked (flock), and return its descriptor. The lock
+    lasts while any process holding the descriptor lives (the launcher, and tritonserver,
+    which inherits it). Locked before it gets its name, so no one sees it unlocked."""
+    SHM_DIR.mkdir(exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{prefix}", dir=SHM_DIR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.replace(tmp, SHM_DIR / f"{prefix}{SHM_LOCK_SUFFIX}")
+    return fd
 
 
 def regions(prefix: str = "facetron-") -> list[Path]:
@@ -203,9 +249,10 @@ def regions(prefix: str = "facetron-") -> list[Path]:
 
 
 def remove_regions(prefix: str) -> list[Path]:
-    """Remove this server's python-backend shared-memory regions (after it stopped)."""
+    """Remove this server's python-backend shared-memory regions (after it stopped), its lock file last."""
     gone = []
-    for path in regions(prefix):
+    lock = SHM_DIR / f"{prefix}{SHM_LOCK_SUFFIX}"
+    for path in [p for p in regions(prefix) if p != lock] + [lock]:
         try:
             path.unlink()
             gone.append(path)
@@ -224,12 +271,39 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _owner_gone(prefix: str, boot: str) -> int | None:
+    """A descriptor holding ``prefix``'s lock when its owner is gone (close it after removing), else None.
+    Regions of another boot are orphans; without a lock file (a server between removing its regions
+    and its lock) nothing is judged."""
+    lock = SHM_DIR / f"{prefix}{SHM_LOCK_SUFFIX}"
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return os.open(os.devnull, os.O_RDONLY) if not prefix.startswith(f"facetron-{boot}-") else None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: its server lives
+        os.close(fd)
+        return None
+    return fd
+
+
 def remove_orphaned_regions() -> list[Path]:
-    """Regions left by servers whose launcher process is gone (e.g. SIGKILLed)."""
-    gone = []
+    """Regions whose server is gone (SIGKILLed, or a container restarted over the same /dev/shm):
+    the lock file of their prefix is free, or they are of an earlier boot. Names of older
+    launchers (``facetron-<pid>-...``) are judged by that PID."""
+    gone: list[Path] = []
+    boot = boot_id()
+    for prefix in sorted({m.group(0) for p in regions() if (m := SHM_PREFIX_RE.match(p.name))}):
+        fd = _owner_gone(prefix, boot)
+        if fd is not None:
+            try:
+                gone += remove_regions(prefix)
+            finally:
+                os.close(fd)
     for path in regions():
-        m = SHM_PREFIX_RE.match(path.name)
-        if m and not _alive(int(m.group(1))):
+        m = LEGACY_SHM_PREFIX_RE.match(path.name)
+        if m and path.exists() and not _alive(int(m.group(1))):
             gone += remove_regions(m.group(0))
     return gone
 
@@ -272,12 +346,14 @@ class TritonServer:
     log_verbose: int = 0
     extra_args: Sequence[str] = ()
     env: dict[str, str] = field(default_factory=dict)
-    startup_timeout_s: float = 120.0
+    startup_timeout_s: float = 300.0  # a loaded 2-core machine has taken > 120 s to load the tiny repository
     #: python-backend shared-memory regions of this server are /dev/shm/<shm_prefix>*
     shm_prefix: str = field(default_factory=lambda: new_shm_prefix())
-    #: explicit model control: the repository and shared-memory APIs need this header
-    admin_key: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
+    #: every non-inference API (:data:`RESTRICTED_APIS`) needs this key, in every model-control mode
+    #: $FACETRON_ADMIN_KEY when set (one key for a deployment, its clients and tests), else a fresh random one
+    admin_key: str = field(default_factory=lambda: os.environ.get(ADMIN_KEY_ENV) or secrets.token_hex(16), repr=False)
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _shm_lock: int | None = field(default=None, init=False, repr=False)
 
     @property
     def grpc_url(self) -> str:
@@ -288,8 +364,12 @@ class TritonServer:
         return f"{self.host}:{self.http_port}"
 
     def command(self, install: TritonInstall, backend_dir: Path) -> list[str]:
+        return self.argv(install.binary, backend_dir)
+
+    def argv(self, binary: Path | str, backend_dir: Path) -> list[str]:
+        """The tritonserver command line (any tritonserver binary: the wheel's, or NGC's in the gpu image)."""
         cmd = [
-            str(install.binary),
+            str(binary),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backend_dir}",
             f"--grpc-address={self.host}",
@@ -306,19 +386,21 @@ class TritonServer:
             "--exit-timeout-secs=10",
         ]
         cmd += [f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
-        if self.model_control_mode == "explicit":
-            # load/unload and shared-memory registration only for callers with the key
-            # (python models' BLS load_model is in-process and unaffected)
-            restricted = f"model-repository,shared-memory:{ADMIN_HEADER}={self.admin_key}"
-            cmd += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
+        # shared memory, repository, config, statistics, trace, logging: only with the key, in
+        # every mode (python models' BLS load_model is in-process and unaffected)
+        cmd += restricted_args(self.admin_key)
         cmd += [f"--load-model={m}" for m in self.load_models]
         return cmd + list(self.extra_args)
 
     @property
     def admin_headers(self) -> dict[str, str]:
-        """gRPC metadata for the restricted APIs (explicit model control); over
-        HTTP the header is ``ADMIN_HEADER`` itself."""
+        """gRPC metadata for the restricted APIs (:data:`RESTRICTED_APIS`)."""
         return {GRPC_ADMIN_HEADER: self.admin_key}
+
+    @property
+    def http_admin_headers(self) -> dict[str, str]:
+        """HTTP headers for the restricted APIs: the header is ``ADMIN_HEADER`` itself."""
+        return {ADMIN_HEADER: self.admin_key}
 
     def _environment(self, install: TritonInstall) -> dict[str, str]:
         env = dict(os.environ)
@@ -347,11 +429,7 @@ class TritonServer:
             check_repository(self.model_repository)
         elif not self.model_repository.is_dir():
             raise ServerError(f"model repository {self.model_repository} does not exist")
-        if self.host != LOOPBACK and not os.environ.get("FACETRON_ALLOW_PUBLIC_BIND"):
-            raise ServerError(
-                f"refusing to bind {self.host}: facetron serves on {LOOPBACK} unless "
-                "FACETRON_ALLOW_PUBLIC_BIND=1 is set"
-            )
+        self._check_bind()
         for label in ("grpc_port", "http_port", "metrics_port"):
             port = getattr(self, label)
             if port is None:
@@ -366,16 +444,22 @@ class TritonServer:
             self.log_path = Path(name)
         self.log_path = Path(self.log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = self.command(install, backend_dir)  # checks the admin key before anything is made
+        self._shm_lock = hold_shm_lock(self.shm_prefix)
         log = open(self.log_path, "wb")
         try:
             self.process = subprocess.Popen(
-                self.command(install, backend_dir),
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self._environment(install),
                 preexec_fn=_set_pdeathsig,
+                pass_fds=(self._shm_lock,),  # the regions' lock lives while the server does
             )
+        except BaseException:
+            self._release_shm()
+            raise
         finally:
             log.close()
         _LIVE.add(self)
@@ -385,6 +469,26 @@ class TritonServer:
             self.stop()
             raise
         return self
+
+    def _check_bind(self) -> None:
+        if self.host != LOOPBACK and not os.environ.get("FACETRON_ALLOW_PUBLIC_BIND"):
+            raise ServerError(
+                f"refusing to bind {self.host}: facetron serves on {LOOPBACK} unless "
+                "FACETRON_ALLOW_PUBLIC_BIND=1 is set"
+            )
+
+    def exec(self, binary: Path | str, backend_dir: Path) -> None:
+        """Containers: become ``binary`` (e.g. NGC's tritonserver, PID 1) with :meth:`argv`'s flags.
+        Orphaned regions are removed first; the new prefix's lock is inherited by the server, so
+        the next container's start sees it free once this one is gone. Ports must be given."""
+        if None in (self.grpc_port, self.http_port, self.metrics_port):
+            raise ServerError("exec: give --grpc-port, --http-port and --metrics-port")
+        self._check_bind()
+        command = self.argv(binary, backend_dir)
+        remove_orphaned_regions()
+        lock = hold_shm_lock(self.shm_prefix)
+        os.set_inheritable(lock, True)
+        os.execv(command[0], command)
 
     def log_text(self) -> str:
         try:
@@ -424,6 +528,7 @@ class TritonServer:
         """SIGTERM, wait, then SIGKILL the whole process group."""
         proc = self.process
         if proc is None:
+            self._release_shm()
             return
         if proc.poll() is None:
             try:
@@ -444,9 +549,17 @@ class TritonServer:
         except (ProcessLookupError, PermissionError):
             pass
         _wait_group_gone(proc.pid)
-        remove_regions(self.shm_prefix)
+        self._release_shm()
         self.process = None
         _LIVE.discard(self)
+
+    def _release_shm(self) -> None:
+        """Remove this server's regions and lock file (after it stopped), then drop the lock."""
+        if self._shm_lock is None:
+            return
+        remove_regions(self.shm_prefix)
+        os.close(self._shm_lock)
+        self._shm_lock = None
 
     def __enter__(self) -> "TritonServer":
         return self.start()
