@@ -14,20 +14,28 @@ from typing import Any, Iterator
 from facetron.errors import InvalidInputError
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
+    """A temp path beside ``path`` to write; renamed to ``path`` with ``mode`` when the block ends
+    (removed if it raises). 0o644 by default: outputs are meant to be read by others."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be read by others
+        yield Path(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_file(path, mode) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -189,8 +189,9 @@ ALLOWED = {
 }
 #: the client uses only these core modules (no torch, no model code)
 CLIENT_CORE = {"facetron", "facetron.contract", "facetron.errors", "facetron.request"}
-#: the web app: the client's core modules + image io (uploads checked with prepare's rules); no model code
-WEB_CORE = CLIENT_CORE | {"facetron.imageio"}
+#: the web app: the client's core modules + image io (uploads checked with prepare's rules) + atomic writes;
+#: no model code
+WEB_CORE = CLIENT_CORE | {"facetron.imageio", "facetron.atomic"}
 #: part -> parts it may run as a subprocess beyond what it may import. The web app runs prepare and
 #: training as the operator's CLI in a separate process, so torch never loads in the web process; it
 #: imports nothing of training. Everything else calls the library (the CLI may run itself: ALLOWED).

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
+from facetron.atomic import atomic_write_bytes
 from facetron.contract import validate_user_id
 from facetron.errors import InvalidInputError
 
@@ -116,16 +115,7 @@ def set_login(path: Path, user_id: str, password: str) -> Path:
         load_credentials(path)  # never rewrite a file we cannot read whole
     kept = [ln for ln in lines if ln.partition(":")[0].strip() != user]
     kept.append(f"{user}:{hash_password(password)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(kept) + "\n")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, ("\n".join(kept) + "\n").encode("utf-8"), mode=0o600)  # hashes only, owner-readable
     return path
 
 

@@ -9,8 +9,6 @@ so each picture can be made again from its caption.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from facetron.atomic import atomic_file, atomic_write_bytes
 from facetron.imageio import save_image
 
 TABLE_COLUMNS = ["candidate", "seed", "similarity", "rank", "returned"]
@@ -56,17 +55,10 @@ def captions(candidates: list[dict], selected: list[int], seed: int) -> list[str
 
 
 def _atomic_zip(path: Path, members: list[tuple[Path, str]]) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
             for src, arcname in members:
                 zf.write(src, arcname)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -90,10 +82,7 @@ def save_run(out_root: Path, user_id: str, result, request: dict[str, Any], seed
         "report": result.report,
         "client": result.timing,
     }
-    result_json = folder / "result.json"
-    tmp = folder / ".result.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
-    os.replace(tmp, result_json)
+    result_json = atomic_write_bytes(folder / "result.json", json.dumps(doc, indent=1, default=str).encode("utf-8"))
     zip_path = _atomic_zip(folder / f"portraits-{user_id}-{stamp}.zip",
                            [(f, f.name) for f in files] + [(result_json, "result.json")])
     kept = sum(1 for c in candidates if c["rank"] >= 0)
