@@ -242,7 +242,7 @@ class UserRegistry:
         The id is validated here, once; NotFoundError for an unknown user."""
         d = self.files(user_id)
         if d is None or not (d / EMBEDDING_FILE).is_file():
-            raise NotFoundError(f"user_id: unknown user {user_id!r} (not registered in {self.root})")
+            raise NotFoundError(f"user_id: unknown user {user_id!r}")  # no server path in a served message
         return PinnedUser(user_id, d.name, d)
 
     def at_version(self, user_id: str, version: str) -> "PinnedUser":
@@ -276,7 +276,7 @@ class UserRegistry:
         """The served version's LoRA file; NotFoundError when there is none."""
         d = self.files(user_id)
         if d is None:
-            raise NotFoundError(f"user_id: no trained LoRA for user {user_id!r} ({LORA_FILE} missing in {self.root})")
+            raise NotFoundError(f"user_id: no trained LoRA for user {user_id!r}")
         return PinnedUser(user_id, d.name, d).lora_path()
 
     def describe(self, user_id: str) -> dict:

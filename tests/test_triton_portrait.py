@@ -350,8 +350,12 @@ def test_bad_input_over_grpc(client, users, model, inputs, error, match) -> None
 def test_user_without_lora_is_not_found(client, users, users_dir) -> None:
     registry = UserRegistry(users_dir)
     registry.save_reference_embedding("no-lora", np.ones((1, 128), np.float32))
-    with pytest.raises(NotFoundError, match="no trained LoRA for user 'no-lora'"):
+    with pytest.raises(NotFoundError, match="no trained LoRA for user 'no-lora'") as missing:
         _generate(client, user_id="no-lora", num_images=1, steps=1)
+    with pytest.raises(NotFoundError, match="unknown user 'nobody'") as unknown:
+        client.infer("portrait", _req(user_id="nobody", steps=1), ["report"])
+    for err in (missing, unknown):  # a served NOT_FOUND names no server path
+        assert str(users_dir) not in str(err.value) and "/" not in str(err.value).split("[status")[0], str(err.value)
 
 
 def test_portrait_stream_reports_each_step(client, users, triton, tmp_path) -> None:

@@ -103,7 +103,7 @@ class LoraBank:
         if not version:
             version = self.registry.version(user_id) or ""
             if not version:
-                raise NotFoundError(f"user_id: unknown user {user_id!r} (not registered in {self.registry.root})")
+                raise NotFoundError(f"user_id: unknown user {user_id!r}")  # no server path in a served message
         return user_id, version, style, style_id
 
     def keys(self, items: Sequence[tuple[str, ...]]) -> tuple[Key, ...]:
