@@ -594,9 +594,7 @@ DETECTOR_OUTPUTS = FACE_DETECTOR.output_names()
 EMBEDDER_OUTPUTS = FACE_EMBEDDER.output_names()
 SELECT_OUTPUTS = FACE_SELECT.output_names()
 PORTRAIT_OUTPUTS = PORTRAIT.output_names()
-GENERATION_INPUT_NAMES = tuple(t.name for t in GENERATION_INPUTS)
 PORTRAIT_INPUT_NAMES = PORTRAIT.input_names()
-GENERATION_STRINGS = tuple(t.name for t in GENERATION_INPUTS if t.dtype == "STRING")
 
 
 #: Triton tensor type -> numpy dtype name (the numeric types of the tables above)

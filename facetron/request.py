@@ -18,7 +18,6 @@ wire values of every served model)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -201,8 +200,6 @@ class GeneratorRequest:
                 out[name] = scalar(value, contract.NUMPY_DTYPES[t.dtype], name)
         return out
 
-    def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from typing import Iterator
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from facetron.client.tensors import infer_inputs
+from tritonclient.utils import InferenceServerException
 
 from facetron import contract
 
@@ -123,12 +124,7 @@ def raw(triton):
 
 
 def _infer(raw, model: str, feed: dict[str, np.ndarray]):
-    inputs = []
-    for name, value in feed.items():
-        item = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype) if value.dtype != object else "BYTES")
-        item.set_data_from_numpy(value)
-        inputs.append(item)
-    return raw.infer(model, inputs, client_timeout=120)
+    return raw.infer(model, infer_inputs(feed), client_timeout=120)  # the client's own wire encoding
 
 
 @pytest.mark.parametrize("model, name, feed", CASES, ids=[f"{m}.{n}.{i}" for i, (m, n, _) in enumerate(CASES)])

@@ -108,16 +108,9 @@ def raw(triton):
 
 
 def _infer(raw, model: str, feed: dict[str, np.ndarray]):
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
+    from facetron.client.tensors import infer_inputs  # the client's own wire encoding
 
-    inputs = []
-    for name, value in feed.items():
-        item = grpcclient.InferInput(name, list(value.shape),
-                                     "BYTES" if value.dtype == object else np_to_triton_dtype(value.dtype))
-        item.set_data_from_numpy(value)
-        inputs.append(item)
-    return raw.infer(model, inputs, client_timeout=120)
+    return raw.infer(model, infer_inputs(feed), client_timeout=120)
 
 
 @pytest.mark.triton

@@ -97,3 +97,11 @@ def rank_by_similarity(similarity: np.ndarray, keep: np.ndarray, top_k: int) -> 
     rank[ordered] = np.arange(len(ordered), dtype=np.int32)
     k = len(ordered) if top_k <= 0 else min(top_k, len(ordered))
     return Selection(similarity=sim, rank=rank, order=ordered[:k].astype(np.int32))
+
+
+def face_offset(landmarks: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, float]:
+    """(distance of each face's eye midpoint from ``at``'s, ``at``'s eye distance) for
+    ``landmarks`` [..., 5, 2] and ``at`` [5, 2]: a face whose offset is within that
+    eye distance is at ``at``'s place (the one rule for "the same face, not a bystander")."""
+    offset = np.linalg.norm(landmarks[..., :2, :].mean(-2) - at[:2].mean(0), axis=-1)
+    return offset, float(np.linalg.norm(at[1] - at[0]))

@@ -13,9 +13,9 @@ import numpy as np
 from facetron import contract
 from facetron.faces.alignment import align_faces
 from facetron.faces.fusion import FUSERS
-from facetron.faces.select import Selection
+from facetron.faces.select import Selection, face_offset
 from facetron.pipeline.selection import DetectFn, EmbedFn
-from facetron.pipeline.template import PreparedTemplate, at_template_face, main_face
+from facetron.pipeline.template import PreparedTemplate, main_face
 
 FUSER = "blend"
 
@@ -31,8 +31,9 @@ def fusion_targets(dets: dict[str, np.ndarray], ranking: Selection, shape: tuple
     kinds: list[Optional[str]] = []
     for i in range(len(ranking.rank)):
         j = int(ranking.face[i]) if ranking.face is not None and ranking.face[i] >= 0 else main_face(dets, i, shape)
-        if j is not None and template is not None and not at_template_face(dets["landmarks"][i, j], template):
-            j = None
+        if j is not None and template is not None:  # a bystander away from the template's face does not count
+            offset, span = face_offset(dets["landmarks"][i, j], template.landmarks)
+            j = j if offset <= span else None
         if j is not None:
             landmarks.append(np.asarray(dets["landmarks"][i, j], np.float32))
             kinds.append("generated face")
@@ -82,10 +83,9 @@ def similarity_final(images: np.ndarray, targets: list[Optional[np.ndarray]], wh
     for row, i in enumerate(idx):
         target = targets[i]
         k = int(dets["num_faces"].reshape(-1)[row])
-        eyes = dets["landmarks"][row, :k, :2].mean(1)  # [k, 2] eye midpoints
-        dist = np.linalg.norm(eyes - target[:2].mean(0), axis=1)
+        dist, span = face_offset(dets["landmarks"][row, :k], target)
         j = int(np.argmin(dist)) if k else -1
-        if j < 0 or dist[j] > np.linalg.norm(target[1] - target[0]):
+        if j < 0 or dist[j] > span:
             reasons[i] = "no face detected where the user's photo was fused in the returned picture"
             continue
         found.append(i)

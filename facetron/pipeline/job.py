@@ -15,7 +15,6 @@ from facetron import contract
 from facetron.contract import GeneratorParams
 from facetron.diffusion.sampler import GenerationRequest
 from facetron.diffusion.styles import DEFAULT_STYLE, style_prompt
-from facetron.errors import InvalidInputError
 from facetron.request import GeneratorRequest, PortraitRequest
 from facetron.style_registry import StyleRegistry, styles_for
 from facetron.users import DEFAULT_SUBJECT, PinnedUser, UserRegistry
@@ -105,9 +104,6 @@ def build_portrait_job(request: PortraitRequest, info: dict, registry: UserRegis
                        params: GeneratorParams = GeneratorParams(),
                        styles: StyleRegistry | None = None) -> PortraitJob:
     """A portrait request resolved: the generation job + the pinned user's reference embedding."""
-    generation = build_job(request, info, registry, params, styles)
-    num = generation.sampling.num_images
-    if request.top_k is not None and request.top_k > num:
-        raise InvalidInputError("top_k", f"must be in 0..num_images ({num}), got {request.top_k} (0 = all)")
+    generation = build_job(request, info, registry, params, styles)  # top_k <= num_images: PortraitRequest.check
     return PortraitJob(generation, request.top_k or 0, request.strength_of_fusion,
                        generation.user.reference_embedding())

@@ -16,7 +16,7 @@ from facetron import contract, metrics
 from facetron.contract import FaceSelectParams
 from facetron.errors import InvalidInputError
 from facetron.faces.alignment import align_faces
-from facetron.faces.select import Selection, SelectRules, face_filter, rank_by_identity
+from facetron.faces.select import Selection, SelectRules, face_filter, face_offset, rank_by_identity
 
 BYSTANDER = "the face found is not where the template's face was (a bystander)"
 DetectFn = Callable[[np.ndarray], dict[str, np.ndarray]]  # images [N,H,W,3] -> packed detections
@@ -77,8 +77,8 @@ def select_portraits(
     dets = detect(images)
     keep, reasons, face = face_filter(dets["num_faces"].reshape(-1), dets["boxes"], dets["scores"], images.shape[1:3], rules)
     if at is not None:
-        eyes = dets["landmarks"][np.arange(len(images)), np.maximum(face, 0), :2].mean(1)
-        away = keep & (np.linalg.norm(eyes - at[:2].mean(0), axis=1) > np.linalg.norm(at[1] - at[0]))
+        offset, span = face_offset(dets["landmarks"][np.arange(len(images)), np.maximum(face, 0)], at)
+        away = keep & (offset > span)
         reasons = [BYSTANDER if a else r for a, r in zip(away, reasons)]
         keep, face = keep & ~away, np.where(away, -1, face).astype(face.dtype)
     metrics.current().candidates(reasons)

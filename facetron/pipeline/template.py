@@ -40,13 +40,6 @@ def fit_template(template: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(template, (width, height), interpolation=interp)
 
 
-def at_template_face(landmarks: np.ndarray, template: PreparedTemplate) -> bool:
-    """Is a face found in a generated picture the one the template asked for
-    (its eyes within one eye distance of the template face's), not a bystander?"""
-    there = template.landmarks
-    return bool(np.linalg.norm(landmarks[:2].mean(0) - there[:2].mean(0)) <= np.linalg.norm(there[1] - there[0]))
-
-
 def main_face(dets: dict[str, np.ndarray], index: int, shape: tuple[int, int]) -> int | None:
     """The subject's face in image ``index``: among faces at least
     ``contract.BYSTANDER_AREA`` of the largest's area (as face_select counts
