@@ -1,14 +1,14 @@
-"""Rank candidate portraits by identity: FaceChain's post-processing pick.
-
-A candidate survives when it holds exactly one face whose size lies within
-bounds; survivors are ranked by cosine similarity of their face embedding
-to the user's reference embedding. ``rank`` is each candidate's 0-based
-place (0 = best); filtered candidates get rank -1 and similarity NaN.
+"""The per-face rules of FaceChain's post-processing pick: a candidate
+survives when it holds exactly one face whose size lies within bounds
+(:func:`face_filter`), and a face is "the same face, not a bystander" when its
+eyes are within one eye distance of another's (:func:`face_offset`). The
+ranking of survivors by identity is the selection stage's
+(:mod:`facetron.pipeline.selection`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,15 +23,6 @@ class SelectRules:
     max_face_frac: float = contract.MAX_FACE_FRAC
     min_score: float = contract.MIN_FACE_SCORE
     bystander_area: float = contract.BYSTANDER_AREA  # faces smaller than this x the largest are background
-
-
-@dataclass
-class Selection:
-    similarity: np.ndarray  # float32 [N], NaN where filtered
-    rank: np.ndarray  # int32 [N], -1 where filtered
-    order: np.ndarray  # int32 [k]: candidate indices, best first (top-k)
-    reasons: list[str] = field(default_factory=list)  # per candidate: "" or why it was filtered
-    face: np.ndarray | None = None  # int32 [N]: the detection row of each kept candidate's face, -1 where filtered
 
 
 def face_filter(
@@ -72,36 +63,40 @@ def face_filter(
     return ok, reasons, chosen
 
 
-def rank_by_identity(embeddings: np.ndarray, reference: np.ndarray, keep: np.ndarray, top_k: int) -> Selection:
-    """Rank kept candidates by cosine similarity to ``reference`` [1, D].
-
-    ``embeddings`` [N, D] are L2-normalised (rows of filtered candidates are
-    ignored). Ties keep the candidates' input order (stable sort)."""
-    n = len(keep)
-    ref = np.asarray(reference, dtype=np.float32).reshape(1, -1)
-    ref = ref / max(float(np.linalg.norm(ref)), 1e-12)
-    sim = np.full(n, np.nan, dtype=np.float32)
-    if keep.any():
-        sim[keep] = (np.asarray(embeddings, dtype=np.float32)[keep] @ ref.T)[:, 0]
-    return rank_by_similarity(sim, keep, top_k)
-
-
-def rank_by_similarity(similarity: np.ndarray, keep: np.ndarray, top_k: int) -> Selection:
-    """Rank the kept candidates by ``similarity`` [N] (NaN where not kept);
-    ties keep the input order."""
-    keep = np.asarray(keep, bool)
-    sim = np.where(keep, np.asarray(similarity, np.float32), np.float32(np.nan)).astype(np.float32)
-    kept = np.flatnonzero(keep)
-    ordered = kept[np.argsort(-sim[kept], kind="stable")]
-    rank = np.full(len(keep), -1, dtype=np.int32)
-    rank[ordered] = np.arange(len(ordered), dtype=np.int32)
-    k = len(ordered) if top_k <= 0 else min(top_k, len(ordered))
-    return Selection(similarity=sim, rank=rank, order=ordered[:k].astype(np.int32))
-
-
 def face_offset(landmarks: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, float]:
     """(distance of each face's eye midpoint from ``at``'s, ``at``'s eye distance) for
     ``landmarks`` [..., 5, 2] and ``at`` [5, 2]: a face whose offset is within that
     eye distance is at ``at``'s place (the one rule for "the same face, not a bystander")."""
     offset = np.linalg.norm(landmarks[..., :2, :].mean(-2) - at[:2].mean(0), axis=-1)
     return offset, float(np.linalg.norm(at[1] - at[0]))
+
+
+def main_face(dets: dict[str, np.ndarray], index: int, shape: tuple[int, int]) -> int | None:
+    """The subject's face in image ``index``: among faces at least
+    ``contract.BYSTANDER_AREA`` of the largest's area (as face_select counts
+    them), the one nearest the image centre (templates often show neighbours'
+    partial faces at the edges)."""
+    k = int(dets["num_faces"].reshape(-1)[index])
+    if k == 0:
+        return None
+    boxes = dets["boxes"][index, :k]
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    big = np.flatnonzero(areas >= contract.BYSTANDER_AREA * areas.max())
+    centres = (boxes[big, :2] + boxes[big, 2:]) / 2
+    dist = np.linalg.norm(centres - np.array([shape[1] / 2, shape[0] / 2]), axis=1)
+    return int(big[np.argmin(dist)])
+
+
+def subject_faces(dets: dict[str, np.ndarray], face: np.ndarray, shape: tuple[int, int],
+                  at: np.ndarray | None = None) -> np.ndarray:
+    """The subject's face in each picture (int32 [N], -1 = none): ``face[i]``
+    where the filter kept one, else :func:`main_face`; with ``at`` (a template's
+    face) a face counts only at ``at``'s place (:func:`face_offset`)."""
+    subject = np.full(len(face), -1, np.int32)
+    for i in range(len(face)):
+        j = int(face[i]) if face[i] >= 0 else main_face(dets, i, shape)
+        if j is not None and at is not None:  # a bystander away from the template's face does not count
+            offset, span = face_offset(dets["landmarks"][i, j], at)
+            j = j if offset <= span else None
+        subject[i] = -1 if j is None else j
+    return subject

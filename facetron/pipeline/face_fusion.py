@@ -13,28 +13,24 @@ import numpy as np
 from facetron import contract
 from facetron.faces.alignment import align_faces
 from facetron.faces.fusion import FUSERS
-from facetron.faces.select import Selection, face_offset
-from facetron.pipeline.selection import DetectFn, EmbedFn
-from facetron.pipeline.template import PreparedTemplate, main_face
+from facetron.faces.select import face_offset
+from facetron.pipeline.selection import DetectFn, EmbedFn, Selection
+from facetron.pipeline.template import PreparedTemplate
 
 FUSER = "blend"
 
 
-def fusion_targets(dets: dict[str, np.ndarray], ranking: Selection, shape: tuple[int, int],
+def fusion_targets(dets: dict[str, np.ndarray], ranking: Selection,
                    template: Optional[PreparedTemplate]) -> tuple[list[Optional[np.ndarray]], list[Optional[str]]]:
-    """Where to fuse in each candidate: its generated face (the one ranking
-    scored; else its main detected face), or in template mode the template's
-    face (the region the generator re-made) when no face was found there;
-    None = nowhere. In template mode a detected face counts only where the
-    template's face was (not a bystander at the edge of the photo)."""
+    """Where to fuse in each candidate: its subject's face as the selection
+    stage found it (the one ranking scored, else its main face; in template
+    mode only at the template's face, not a bystander), or in template mode the
+    template's face (the region the generator re-made) when none was found
+    there; None = nowhere."""
     landmarks: list[Optional[np.ndarray]] = []
     kinds: list[Optional[str]] = []
-    for i in range(len(ranking.rank)):
-        j = int(ranking.face[i]) if ranking.face is not None and ranking.face[i] >= 0 else main_face(dets, i, shape)
-        if j is not None and template is not None:  # a bystander away from the template's face does not count
-            offset, span = face_offset(dets["landmarks"][i, j], template.landmarks)
-            j = j if offset <= span else None
-        if j is not None:
+    for i, j in enumerate(ranking.subject):
+        if j >= 0:
             landmarks.append(np.asarray(dets["landmarks"][i, j], np.float32))
             kinds.append("generated face")
         elif template is not None:

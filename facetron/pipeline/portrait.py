@@ -34,10 +34,10 @@ import numpy as np
 
 from facetron import metrics
 from facetron.diffusion.sampler import ProgressFn
-from facetron.faces.select import SelectRules, rank_by_identity
+from facetron.faces.select import SelectRules
 from facetron.pipeline.face_fusion import FUSER, fuse_candidates, fusion_targets, similarity_final
 from facetron.pipeline.job import GenerationJob, PortraitJob
-from facetron.pipeline.selection import DetectFn, EmbedFn, select_portraits
+from facetron.pipeline.selection import DetectFn, EmbedFn, rank_by_identity, select_portraits
 from facetron.pipeline.template import PreparedTemplate
 from facetron.request import PortraitRequest
 
@@ -91,7 +91,7 @@ def run_portrait(request: PortraitRequest, generator: Generator, progress: Optio
     # 4. fuse the user's best photo into each generated face
     t0 = time.perf_counter()
     source = job.user.template() if job.fusion_strength > 0 else None
-    targets, target_kinds = fusion_targets(dets, ranking, generated.shape[1:3], template)
+    targets, target_kinds = fusion_targets(dets, ranking, template)
     if source is not None:
         images, fused = fuse_candidates(generated, targets, source[0], source[1], job.fusion_strength)
     else:

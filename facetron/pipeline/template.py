@@ -11,9 +11,9 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from facetron import contract
 from facetron.errors import InvalidInputError
 from facetron.faces.retouch import face_ellipse_mask
+from facetron.faces.select import main_face
 
 TEMPLATE_REGION_SCALE = 1.15  # the re-generated face region of a template (x face size)
 
@@ -38,22 +38,6 @@ def fit_template(template: np.ndarray, height: int, width: int) -> np.ndarray:
         template = template[y0 : y0 + nh]
     interp = cv2.INTER_AREA if template.shape[0] > height else cv2.INTER_CUBIC
     return cv2.resize(template, (width, height), interpolation=interp)
-
-
-def main_face(dets: dict[str, np.ndarray], index: int, shape: tuple[int, int]) -> int | None:
-    """The subject's face in image ``index``: among faces at least
-    ``contract.BYSTANDER_AREA`` of the largest's area (as face_select counts
-    them), the one nearest the image centre (templates often show neighbours'
-    partial faces at the edges)."""
-    k = int(dets["num_faces"].reshape(-1)[index])
-    if k == 0:
-        return None
-    boxes = dets["boxes"][index, :k]
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    big = np.flatnonzero(areas >= contract.BYSTANDER_AREA * areas.max())
-    centres = (boxes[big, :2] + boxes[big, 2:]) / 2
-    dist = np.linalg.norm(centres - np.array([shape[1] / 2, shape[0] / 2]), axis=1)
-    return int(big[np.argmin(dist)])
 
 
 def prepare_template(template: np.ndarray, height: int, width: int,
