@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from facetron.client.requests import infer_headers
 from facetron.contract import CHIP_SIZE, EMBEDDING_DIM
 from facetron.errors import InvalidInputError
 
@@ -101,6 +102,7 @@ async def _drive(client, case: LoadCase, concurrency: int, requests: int | None,
     from tritonclient.grpc import aio
 
     tensors = _grpc_inputs(case.inputs)
+    headers = infer_headers(case.inputs, None)  # a case naming a user acts as it: its token from the store
     outputs = [aio.InferRequestedOutput(n) for n in case.outputs]
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -119,7 +121,7 @@ async def _drive(client, case: LoadCase, concurrency: int, requests: int | None,
         while take():
             t0 = time.perf_counter()
             try:
-                await client.infer(case.model, tensors, outputs=outputs, client_timeout=timeout_s)
+                await client.infer(case.model, tensors, outputs=outputs, client_timeout=timeout_s, headers=headers)
             except Exception as exc:  # every failure is counted and named, never dropped
                 key = _error_key(exc)
                 errors[key] = errors.get(key, 0) + 1

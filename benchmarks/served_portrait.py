@@ -33,6 +33,7 @@ CALLS = (("warmup_2_steps", {"steps": 2}), ("default", {}), ("cache_interval_3",
 
 def _user(registry, base_dir: Path, work: Path) -> None:
     """A registered user with a random rank-4 face LoRA (FaceChain's rank) and a random reference embedding."""
+    from facetron.benchmarks.suite import grant_token
     from facetron.diffusion.base_model import load_base_model
     from facetron.training.random_lora import write_random_lora
 
@@ -41,6 +42,7 @@ def _user(registry, base_dir: Path, work: Path) -> None:
     emb = np.random.default_rng(0).standard_normal(128).astype(np.float32)
     registry.save_reference_embedding(USER, emb / np.linalg.norm(emb))
     registry.install_lora(USER, lora)
+    grant_token(registry, USER)
 
 
 def _assemble_repository(base_dir: Path, repo: Path, users_dir: Path, log: Path) -> None:

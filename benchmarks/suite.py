@@ -84,14 +84,27 @@ def ensure_bench_user(users_dir: Path, user_id: str = BENCH_USER) -> None:
     from facetron.users import UserRegistry
 
     registry = UserRegistry(users_dir)
-    if registry.exists(user_id) and (registry.files(user_id) / "lora.safetensors").is_file():
-        return
-    emb = np.random.default_rng(7).standard_normal((1, EMBEDDING_DIM)).astype(np.float32)
-    registry.save_reference_embedding(user_id, emb)
-    lora = write_random_lora(users_dir / f".{user_id}-lora.safetensors", load_base_model().unet, rank=4, alpha=8.0,
-                             seed=7, std=0.05)
-    registry.install_lora(user_id, lora)
-    lora.unlink(missing_ok=True)
+    if not (registry.exists(user_id) and (registry.files(user_id) / "lora.safetensors").is_file()):
+        emb = np.random.default_rng(7).standard_normal((1, EMBEDDING_DIM)).astype(np.float32)
+        registry.save_reference_embedding(user_id, emb)
+        lora = write_random_lora(users_dir / f".{user_id}-lora.safetensors", load_base_model().unet, rank=4,
+                                 alpha=8.0, seed=7, std=0.05)
+        registry.install_lora(user_id, lora)
+        lora.unlink(missing_ok=True)
+    grant_token(registry, user_id)
+
+
+def grant_token(registry, user_id: str) -> str:
+    """The benchmark acts as its user like an operator: the user's token in the operator's token store
+    (issued when the store has none for a user with a token we cannot read back)."""
+    from facetron.token_store import TokenStore
+
+    store = TokenStore()
+    token = store.get(user_id)
+    if token is None or not registry.has_token(user_id):
+        token = registry.issue_token(user_id)
+        store.put(user_id, token)
+    return token
 
 
 @contextlib.contextmanager

@@ -76,15 +76,18 @@ class AsyncFacetronClient(OneServer, AsyncClientAPI):
 
     # twin: grpc_client.FacetronClient._infer_once
     async def _infer_once(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], timeout: float, shm: Any
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], timeout: float, shm: Any,
+        headers: Mapping[str, str] | None = None,
     ) -> dict[str, np.ndarray]:
         client = self._grpc()
         try:
             if shm is None:
-                result = await client.infer(model, infer_inputs(inputs), outputs=requested_outputs(outputs), client_timeout=timeout)
+                result = await client.infer(model, infer_inputs(inputs), outputs=requested_outputs(outputs), client_timeout=timeout,
+                                      headers=headers)
                 return {n: result.as_numpy(n) for n in outputs}
             async with registered_async(client, shm, timeout, self._shm_pending, self._admin_headers):
-                result = await client.infer(model, shm.infer_inputs(), outputs=shm.requested_outputs(), client_timeout=timeout)
+                result = await client.infer(model, shm.infer_inputs(), outputs=shm.requested_outputs(), client_timeout=timeout,
+                                      headers=headers)
                 return shm.read_outputs(result)
         except InferenceServerException as exc:
             raise translate_error(exc, self.url, timeout) from None
@@ -99,13 +102,14 @@ class AsyncFacetronClient(OneServer, AsyncClientAPI):
         timeout_s: float | None = None,
         use_shm: bool = False,
         shm_output_bytes: int | Mapping[str, int] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[dict[str, np.ndarray], CallInfo]:
         timeout = self._timeout(timeout_s)
         plan = RetryPlan(self.retry, self.stats)
         with shm_tensors(self.url, inputs, outputs, use_shm, shm_output_bytes) as shm:
             while True:
                 try:
-                    out = await self._infer_once(model, inputs, outputs, timeout, shm)
+                    out = await self._infer_once(model, inputs, outputs, timeout, shm, headers)
                 except FacetronError as err:
                     await asyncio.sleep(plan.retry_after(err))
                 else:

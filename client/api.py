@@ -26,6 +26,9 @@ from facetron.client.requests import (
     portrait_request,
     select_op,
     tokenize_op,
+    infer_headers,
+    user_headers,
+    user_of,
 )
 from facetron.client.retry import CallInfo
 from facetron.request import PortraitRequest
@@ -47,6 +50,7 @@ class ClientAPI:
         timeout_s: float | None = None,
         use_shm: bool = False,
         shm_output_bytes: int | Mapping[str, int] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[dict[str, np.ndarray], CallInfo]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -59,6 +63,7 @@ class ClientAPI:
         timeout_s: float | None = None,
         use_shm: bool = False,
         shm_output_bytes: int | Mapping[str, int] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> dict[str, np.ndarray]:
         """Call ``model`` with named numpy inputs; return the named outputs.
 
@@ -67,15 +72,20 @@ class ClientAPI:
         :mod:`facetron.client.shm`). Outputs named in ``shm_output_bytes``
         (name -> largest size in bytes; an int applies to every output) come
         back through shared memory too, the rest over gRPC.
+
+        ``headers``: gRPC metadata; default: where ``inputs`` name one user (``user_id``), that
+        user's token from the operator's token store (:func:`infer_headers`).
         """
         out, _ = self.infer_with_info(
-            model, inputs, outputs, timeout_s=timeout_s, use_shm=use_shm, shm_output_bytes=shm_output_bytes
+            model, inputs, outputs, timeout_s=timeout_s, use_shm=use_shm, shm_output_bytes=shm_output_bytes,
+            headers=infer_headers(inputs, headers),
         )
         return out
 
     def _run(self, op: Operation[R], timeout_s: float | None) -> R:
         """Make the operation's calls in order; read their answers."""
-        answers = [self.infer_with_info(c.model, c.inputs, c.outputs, timeout_s=timeout_s, use_shm=c.use_shm) for c in op.calls]
+        answers = [self.infer_with_info(c.model, c.inputs, c.outputs, timeout_s=timeout_s, use_shm=c.use_shm,
+                                        headers=c.headers) for c in op.calls]
         return op.read(answers)
 
     def tokenize(self, prompts: Sequence[str], *, timeout_s: float | None = None) -> np.ndarray:
@@ -99,15 +109,18 @@ class ClientAPI:
         top_k: int = 0,
         *,
         timeout_s: float | None = None,
+        token: str | None = None,
     ) -> SelectResult:
-        """Rank candidates by identity against a reference embedding or a registered user."""
-        return self._run(select_op(images, reference_embedding, user_id, top_k), timeout_s)
+        """Rank candidates by identity against a reference embedding or a registered user
+        (``token``: the user's; default: the one the operator's token store keeps)."""
+        return self._run(select_op(images, reference_embedding, user_id, top_k, token), timeout_s)
 
     def portrait(
         self,
         user_id: str | PortraitRequest,
         *,
         timeout_s: float | None = None,
+        token: str | None = None,
         on_progress: Callable[[int, int], None] | None = None,
         **fields: Any,
     ) -> PortraitResult:
@@ -125,8 +138,12 @@ class ClientAPI:
 
         With ``on_progress(done, total)`` a one-server client sends the call
         over a gRPC stream to the decoupled ``portrait_stream`` model, which
-        reports every denoising step (no retries mid-stream); a pool ignores it."""
-        op = portrait_op(portrait_request(user_id, **fields))
+        reports every denoising step (no retries mid-stream); a pool ignores it.
+
+        ``token``: the user's secret (``facetron users token``); default: the one the
+        operator's token store keeps (:mod:`facetron.token_store`). Without the right
+        one the server answers NOT_FOUND, as for an unknown user."""
+        op = portrait_op(portrait_request(user_id, **fields), user_headers(user_of(user_id), token))
         if on_progress is not None:
             return self._streamed(op, on_progress, timeout_s)
         return self._run(op, timeout_s)
@@ -149,6 +166,7 @@ class AsyncClientAPI:
         timeout_s: float | None = None,
         use_shm: bool = False,
         shm_output_bytes: int | Mapping[str, int] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[dict[str, np.ndarray], CallInfo]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -161,15 +179,18 @@ class AsyncClientAPI:
         timeout_s: float | None = None,
         use_shm: bool = False,
         shm_output_bytes: int | Mapping[str, int] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> dict[str, np.ndarray]:
         """See :meth:`ClientAPI.infer`."""
         out, _ = await self.infer_with_info(
-            model, inputs, outputs, timeout_s=timeout_s, use_shm=use_shm, shm_output_bytes=shm_output_bytes
+            model, inputs, outputs, timeout_s=timeout_s, use_shm=use_shm, shm_output_bytes=shm_output_bytes,
+            headers=infer_headers(inputs, headers),
         )
         return out
 
     async def _run(self, op: Operation[R], timeout_s: float | None) -> R:
-        answers = [await self.infer_with_info(c.model, c.inputs, c.outputs, timeout_s=timeout_s, use_shm=c.use_shm) for c in op.calls]
+        answers = [await self.infer_with_info(c.model, c.inputs, c.outputs, timeout_s=timeout_s, use_shm=c.use_shm,
+                                              headers=c.headers) for c in op.calls]
         return op.read(answers)
 
     async def tokenize(self, prompts: Sequence[str], *, timeout_s: float | None = None) -> np.ndarray:
@@ -192,17 +213,19 @@ class AsyncClientAPI:
         top_k: int = 0,
         *,
         timeout_s: float | None = None,
+        token: str | None = None,
     ) -> SelectResult:
         """See :meth:`ClientAPI.select`."""
-        return await self._run(select_op(images, reference_embedding, user_id, top_k), timeout_s)
+        return await self._run(select_op(images, reference_embedding, user_id, top_k, token), timeout_s)
 
     async def portrait(
         self,
         user_id: str | PortraitRequest,
         *,
         timeout_s: float | None = None,
+        token: str | None = None,
         **fields: Any,
     ) -> PortraitResult:
         """See :meth:`ClientAPI.portrait` (no progress stream here)."""
-        op = portrait_op(portrait_request(user_id, **fields))
+        op = portrait_op(portrait_request(user_id, **fields), user_headers(user_of(user_id), token))
         return await self._run(op, timeout_s)

@@ -122,16 +122,19 @@ class FacetronClient(OneServer, ClientAPI):
 
     # twin: aio_client.AsyncFacetronClient._infer_once
     def _infer_once(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], timeout: float, shm: Any
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], timeout: float, shm: Any,
+        headers: Mapping[str, str] | None = None,
     ) -> dict[str, np.ndarray]:
         """One attempt (inputs in the message, or in ``shm``'s regions)."""
         client = self._grpc()
         try:
             if shm is None:
-                result = client.infer(model, infer_inputs(inputs), outputs=requested_outputs(outputs), client_timeout=timeout)
+                result = client.infer(model, infer_inputs(inputs), outputs=requested_outputs(outputs), client_timeout=timeout,
+                                      headers=headers)
                 return {n: result.as_numpy(n) for n in outputs}
             with registered(client, shm, timeout, self._shm_pending, self._admin_headers):
-                result = client.infer(model, shm.infer_inputs(), outputs=shm.requested_outputs(), client_timeout=timeout)
+                result = client.infer(model, shm.infer_inputs(), outputs=shm.requested_outputs(), client_timeout=timeout,
+                                      headers=headers)
                 return shm.read_outputs(result)
         except InferenceServerException as exc:
             raise translate_error(exc, self.url, timeout) from None
@@ -146,6 +149,7 @@ class FacetronClient(OneServer, ClientAPI):
         timeout_s: float | None = None,
         use_shm: bool = False,
         shm_output_bytes: int | Mapping[str, int] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[dict[str, np.ndarray], CallInfo]:
         """One call: attempts as the retry plan says; the outputs and how it went."""
         timeout = self._timeout(timeout_s)
@@ -153,7 +157,7 @@ class FacetronClient(OneServer, ClientAPI):
         with shm_tensors(self.url, inputs, outputs, use_shm, shm_output_bytes) as shm:
             while True:
                 try:
-                    out = self._infer_once(model, inputs, outputs, timeout, shm)
+                    out = self._infer_once(model, inputs, outputs, timeout, shm, headers)
                 except FacetronError as err:
                     time.sleep(plan.retry_after(err))
                 else:
@@ -162,5 +166,5 @@ class FacetronClient(OneServer, ClientAPI):
     def _streamed(self, op: Operation[R], on_progress: ProgressFn, timeout_s: float | None) -> R:
         """``op`` (a portrait call) over a gRPC stream, reporting progress."""
         t0 = time.perf_counter()
-        out = stream_portrait(self.url, op.calls[0].inputs, on_progress, timeout_s or 600.0)
+        out = stream_portrait(self.url, op.calls[0].inputs, on_progress, timeout_s or 600.0, op.calls[0].headers)
         return op.read([(out, CallInfo(self.url, 1, time.perf_counter() - t0))])

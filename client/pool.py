@@ -105,6 +105,7 @@ class ServerPool(_PoolBase, ClientAPI):
         timeout_s: float | None = None,
         use_shm: bool = False,
         shm_output_bytes: int | Mapping[str, int] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[dict[str, np.ndarray], CallInfo]:
         """One call: servers tried as the failover plan says; the outputs and how it went."""
         plan = FailoverPlan(self.retry, self.balancer, self.stats)
@@ -117,7 +118,8 @@ class ServerPool(_PoolBase, ClientAPI):
                 continue
             try:
                 out, _ = client.infer_with_info(
-                    model, inputs, outputs, timeout_s=timeout_s, use_shm=use_shm, shm_output_bytes=shm_output_bytes
+                    model, inputs, outputs, timeout_s=timeout_s, use_shm=use_shm, shm_output_bytes=shm_output_bytes,
+                    headers=headers,
                 )
             except FacetronError as err:
                 if plan.fails_over(step, err):
@@ -160,6 +162,7 @@ class AsyncServerPool(_PoolBase, AsyncClientAPI):
         timeout_s: float | None = None,
         use_shm: bool = False,
         shm_output_bytes: int | Mapping[str, int] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[dict[str, np.ndarray], CallInfo]:
         plan = FailoverPlan(self.retry, self.balancer, self.stats)
         for step in plan:
@@ -171,7 +174,8 @@ class AsyncServerPool(_PoolBase, AsyncClientAPI):
                 continue
             try:
                 out, _ = await client.infer_with_info(
-                    model, inputs, outputs, timeout_s=timeout_s, use_shm=use_shm, shm_output_bytes=shm_output_bytes
+                    model, inputs, outputs, timeout_s=timeout_s, use_shm=use_shm, shm_output_bytes=shm_output_bytes,
+                    headers=headers,
                 )
             except FacetronError as err:
                 if plan.fails_over(step, err):

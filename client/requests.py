@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar
 
 import numpy as np
@@ -33,10 +33,12 @@ from facetron.contract import (
     PORTRAIT_OUTPUTS,
     SELECT_OUTPUTS,
     TOKENIZER,
+    USER_TOKEN_HEADER,
     validate_user_id,
 )
 from facetron.errors import InvalidInputError
 from facetron.request import PortraitRequest
+from facetron.token_store import TokenStore
 
 R = TypeVar("R")
 
@@ -51,6 +53,7 @@ class Call:
     inputs: Mapping[str, np.ndarray]
     outputs: tuple[str, ...]
     use_shm: bool = False
+    headers: Mapping[str, str] | None = field(default=None, repr=False)  # gRPC metadata (a user's token)
 
 
 #: a call's answer: the outputs by name, and how the call went
@@ -88,16 +91,40 @@ def embed_op(faces: np.ndarray) -> Operation[np.ndarray]:
     return Operation(calls, lambda answers: np.concatenate([out["embeddings"] for out, _ in answers]))
 
 
+def user_of(user_id: str | PortraitRequest) -> str:
+    return user_id.user_id if isinstance(user_id, PortraitRequest) else user_id
+
+
+def user_headers(user_id: str | None, token: str | None = None) -> dict[str, str] | None:
+    """The gRPC metadata that acts as ``user_id``: ``token``, else the one the operator's token
+    store keeps for it (:mod:`facetron.token_store`); None when neither has one (the server then
+    answers NOT_FOUND, as for an unknown user)."""
+    token = token or (TokenStore().get(user_id) if user_id else None)
+    return {USER_TOKEN_HEADER: token} if token else None
+
+
+def infer_headers(inputs: Mapping[str, np.ndarray], headers: Mapping[str, str] | None) -> Mapping[str, str] | None:
+    """A raw call's metadata: ``headers`` as given, else, when ``inputs`` name exactly one user
+    (``user_id``, every item the same), that user's token from the operator's token store."""
+    if headers is not None or "user_id" not in inputs:
+        return headers
+    names = {v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(inputs["user_id"], object).reshape(-1)}
+    names.discard("")
+    return user_headers(names.pop()) if len(names) == 1 else None
+
+
 def select_op(
-    images: np.ndarray, reference_embedding: np.ndarray | None, user_id: str | None, top_k: int
+    images: np.ndarray, reference_embedding: np.ndarray | None, user_id: str | None, top_k: int,
+    token: str | None = None,
 ) -> Operation[SelectResult]:
-    call = Call(FACE_SELECT.name, select_request(images, reference_embedding, user_id, top_k), SELECT_OUTPUTS)
+    call = Call(FACE_SELECT.name, select_request(images, reference_embedding, user_id, top_k), SELECT_OUTPUTS,
+                headers=user_headers(user_id, token))
     return Operation((call,), lambda answers: select_result(answers[0][0]))
 
 
-def portrait_op(inputs: Mapping[str, np.ndarray]) -> Operation[PortraitResult]:
-    """The ``portrait`` call with ``inputs`` from :func:`portrait_request`."""
-    call = Call(PORTRAIT.name, inputs, PORTRAIT_OUTPUTS)
+def portrait_op(inputs: Mapping[str, np.ndarray], headers: Mapping[str, str] | None = None) -> Operation[PortraitResult]:
+    """The ``portrait`` call with ``inputs`` from :func:`portrait_request` (``headers``: :func:`user_headers`)."""
+    call = Call(PORTRAIT.name, inputs, PORTRAIT_OUTPUTS, headers=headers)
     return Operation((call,), lambda answers: portrait_result(*answers[0]))
 
 

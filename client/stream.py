@@ -28,6 +28,7 @@ def stream_portrait(
     inputs: Mapping[str, np.ndarray],
     on_progress: ProgressFn | None = None,
     timeout_s: float = 600.0,
+    headers: Mapping[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Send one portrait request on a stream; call ``on_progress(done, total)``
     for each step; return the final response's outputs.
@@ -39,7 +40,7 @@ def stream_portrait(
     try:
         try:
             client.start_stream(callback=lambda result, error: events.put((result, error)),
-                                stream_timeout=timeout_s)
+                                stream_timeout=timeout_s, headers=headers)
             client.async_stream_infer(STREAM_MODEL, infer_inputs(inputs),
                                       outputs=requested_outputs((PROGRESS,) + FINAL_OUTPUTS))
         except InferenceServerException as exc:  # e.g. "the stream is no longer in valid state": server down

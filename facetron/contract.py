@@ -59,8 +59,18 @@ MIN_DETECT_SIDE = 12  # MTCNN's smallest input side (P-net's 12x12 window)
 MAX_SIDE_FACTOR = 2.0  # height/width at most this x the base model's native resolution
 MAX_WORK = 400.0  # num_images x steps x (height x width / native^2): "native image-steps" per request
 UNET_MAX_BATCH_CELLS = 8 * 64 * 64  # latent cells per UNet call (8 items at SD-1.5's 64x64)
-SCHEDULERS = ("dpmsolver", "euler", "ddim")
+SCHEDULERS = ("dpmsolver", "euler", "ddim", "lcm", "tcd")
 DEFAULT_SCHEDULER = "dpmsolver"
+#: few-step schedulers (diffusers' LCMScheduler / TCDScheduler): made for an LCM / TCD-distilled model or a
+#: distillation LoRA (LCM-LoRA, TCD-LoRA), recommended at 4-8 steps and guidance 1-2 (guidance <= 1 runs no
+#: negative branch); on a plain SD model they give poor pictures at 4 steps. Both draw fresh noise between
+#: steps, image i from its own generator (seed + i). Their timesteps are a subset of a 50-step schedule
+#: (diffusers' ``original_inference_steps``), so they take at most FEW_STEP_MAX_STEPS steps.
+FEW_STEP_SCHEDULERS = ("lcm", "tcd")
+FEW_STEP_MAX_STEPS = 50
+#: TCD's gamma (stochasticity per step, 0 = deterministic): TCDScheduler.step's default and the value diffusers'
+#: TCD docs use; fixed, not a request input
+TCD_ETA = 0.3
 DEFAULT_STEPS = 25
 #: step caching (DeepCache, facetron.diffusion.step_cache): a full UNet every ``cache_interval`` steps, the
 #: shallow graph on the cached deep feature between (1 = off, the uncached loop exactly)
@@ -99,6 +109,14 @@ BLS_TIMEOUT_S = 300.0  # a model's call to another model of the same server give
 ADMIN_HEADER = "facetron-admin-key"
 GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
 ADMIN_KEY_ENV = "FACETRON_ADMIN_KEY"  # where the launcher and the client read the key (else a key file / none)
+#: a caller's per-user secret (facetron.users: issued at registration, `facetron users token`): sent as this gRPC
+#: header (Triton forwards it to the model as a request parameter, ``--grpc-header-forward-pattern``) or as a
+#: request parameter of this name; BLS calls pass it on as a parameter
+USER_TOKEN_HEADER = "facetron-user-token"
+#: "off" on the server turns the per-user token check off (single-user local use; `facetron serve --no-user-tokens`)
+USER_TOKENS_ENV = "FACETRON_USER_TOKENS"
+#: the operator's token store (raw tokens, one file per user; facetron.token_store), else <data root>/tokens
+TOKENS_DIR_ENV = "FACETRON_TOKENS_DIR"
 IDENTITY_MODES = ("runtime_lora", "merged")
 #: Runtimes of a served net on the cpu target (facetron.net_runtimes); the
 #: ``runtime`` parameter of NetParams / UnetParams ("openvino" falls back to
@@ -231,6 +249,8 @@ def check_generation(
         raise InvalidInputError("strength", f"must be in (0, 1], got {strength}")
     if scheduler not in SCHEDULERS:
         raise InvalidInputError("scheduler", f"expected one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+    if scheduler in FEW_STEP_SCHEDULERS and steps > FEW_STEP_MAX_STEPS:
+        raise InvalidInputError("steps", f"must be 1..{FEW_STEP_MAX_STEPS} with scheduler {scheduler!r}, got {steps}")
     if not 1 <= cache_interval <= MAX_CACHE_INTERVAL:
         raise InvalidInputError("cache_interval", f"must be 1..{MAX_CACHE_INTERVAL} (1 = no step caching), "
                                                   f"got {cache_interval}")

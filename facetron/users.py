@@ -14,12 +14,19 @@ LoRA without its sidecar). Layout under the registry root::
     <root>/<user_id>/v000003/template.json      # its 5 landmarks
     <root>/<user_id>/v000003/lora.safetensors   # identity LoRA (diffusers/peft format)
     <root>/<user_id>/v000003/lora.json          # the LoRA's sidecar (trigger token, training)
+    <root>/<user_id>/token.sha256               # SHA-256 of the user's secret token (not versioned)
 
 The version (``v000003``) keys every cache of a user's state (the runtime
 LoRA bank), so a retrained user is served on the next request and a deleted
 one is gone. Writers of one user are serialised by a lock file; the two
 newest versions are kept so a request that resolved the previous one can
 finish reading it.
+
+Each caller acts only as its own user: a served registry
+(``require_tokens``, :func:`served_registry`) answers for a user only when the
+request carries that user's secret token (:meth:`UserRegistry.issue_token`;
+only its SHA-256 is kept here). A missing or wrong token gets the same
+NOT_FOUND as an unknown user, so a stranger cannot tell which ids exist.
 
 User ids come from requests: they are validated against a strict pattern
 before any path is built from them, so ``../`` and friends never reach the
@@ -29,23 +36,26 @@ file system.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import hmac
 import io
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import numpy as np
 
 from facetron.atomic import json_bytes
-from facetron.contract import USER_ID_PATTERN, validate_user_id
+from facetron.contract import USER_ID_PATTERN, USER_TOKENS_ENV, validate_user_id
 from facetron.errors import InvalidInputError, NotFoundError
 from facetron.imageio import load_image
 from facetron.paths import data_root
@@ -60,6 +70,7 @@ DEFAULT_TRIGGER = "<facetron-user>"
 DEFAULT_SUBJECT = "a person"
 CURRENT = "current"
 LOCK_FILE = ".lock"
+TOKEN_FILE = "token.sha256"
 KEEP_VERSIONS = 2
 VERSION_GRACE_S = 300.0  # an older version stays this long, for requests that resolved it before a switch
 _VERSION = re.compile(r"v(\d{6})")
@@ -73,9 +84,29 @@ def default_root() -> Path:
     return Path(os.environ.get("FACETRON_USERS_DIR") or data_root() / "users")
 
 
-def registry_at(users_dir: str | os.PathLike | None) -> "UserRegistry":
+def registry_at(users_dir: str | os.PathLike | None, require_tokens: bool = False) -> "UserRegistry":
     """The registry at ``users_dir`` ("" or None = the default root)."""
-    return UserRegistry(Path(users_dir) if users_dir else default_root())
+    return UserRegistry(Path(users_dir) if users_dir else default_root(), require_tokens)
+
+
+def tokens_required() -> bool:
+    """Do served models check per-user tokens? Yes unless ``$FACETRON_USER_TOKENS`` is ``off``
+    (`facetron serve --no-user-tokens`: single-user local use)."""
+    return os.environ.get(USER_TOKENS_ENV, "").strip().lower() != "off"
+
+
+def served_registry(users_dir: str | os.PathLike | None) -> "UserRegistry":
+    """The registry a served model reads: a user only with its token (unless turned off)."""
+    return registry_at(users_dir, require_tokens=tokens_required())
+
+
+def unknown_user(user_id: str) -> NotFoundError:
+    """The one answer for an unknown user and for a missing or wrong token (no server path in it)."""
+    return NotFoundError(f"user_id: unknown user {user_id!r}")
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def embedding_bytes(embedding: np.ndarray) -> bytes:
@@ -90,6 +121,7 @@ def embedding_bytes(embedding: np.ndarray) -> bytes:
 @dataclass(frozen=True)
 class UserRegistry:
     root: Path
+    require_tokens: bool = False  # served: every read of a user needs its token (check_token)
 
     # --- layout -------------------------------------------------------------------------
 
@@ -213,6 +245,49 @@ class UserRegistry:
                 removed.append(p)
         return removed
 
+    # --- per-user tokens: the caller must hold the user's secret ----------------------------
+
+    def issue_token(self, user_id: str) -> str:
+        """A new secret token for a registered user (the old one stops working at once);
+        only its SHA-256 is stored. Returns the token: it cannot be read back later."""
+        if not self.exists(user_id):
+            raise unknown_user(user_id)
+        token = secrets.token_urlsafe(32)
+        with self._locked(user_id) as udir:
+            tmp = udir / f".{TOKEN_FILE}-{uuid.uuid4().hex}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(token_digest(token) + "\n")
+            os.replace(tmp, udir / TOKEN_FILE)
+        return token
+
+    def revoke_token(self, user_id: str) -> bool:
+        """Remove the user's token (no request acts as the user until a new one is issued)."""
+        path = self.user_dir(user_id) / TOKEN_FILE
+        with self._locked(user_id):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return False
+        return True
+
+    def has_token(self, user_id: str) -> bool:
+        return (self.user_dir(user_id) / TOKEN_FILE).is_file()
+
+    def check_token(self, user_id: str, token: str | None) -> None:
+        """Does ``token`` act as ``user_id``? Nothing to check unless ``require_tokens``;
+        a missing or wrong token, or a user without one: :func:`unknown_user`."""
+        if not self.require_tokens:
+            return
+        try:
+            stored = (self.user_dir(user_id) / TOKEN_FILE).read_text().strip()
+        except OSError:
+            raise unknown_user(user_id) from None
+        if not token or not hmac.compare_digest(stored, token_digest(token)):
+            raise unknown_user(user_id)
+
+    # --- what the user holds -----------------------------------------------------------------
+
     def save_reference_embedding(self, user_id: str, embedding: np.ndarray) -> str:
         return self.update(user_id, {EMBEDDING_FILE: embedding_bytes(embedding)})
 
@@ -236,18 +311,21 @@ class UserRegistry:
 
     # --- what the serving side reads: one user at one version ----------------------------
 
-    def pin(self, user_id: str) -> "PinnedUser":
+    def pin(self, user_id: str, token: str | None = None) -> "PinnedUser":
         """The user at its served version, resolved once: every read of a request comes
         from this one version folder (a retrain during the request switches nothing).
-        The id is validated here, once; NotFoundError for an unknown user."""
+        The id is validated here, once; NotFoundError for an unknown user or, on a served
+        registry, a missing or wrong ``token`` (the same message)."""
         d = self.files(user_id)
         if d is None or not (d / EMBEDDING_FILE).is_file():
-            raise NotFoundError(f"user_id: unknown user {user_id!r}")  # no server path in a served message
-        return PinnedUser(user_id, d.name, d)
+            raise unknown_user(user_id)  # no server path in a served message
+        self.check_token(user_id, token)
+        return PinnedUser(user_id, d.name, d, token)
 
     def at_version(self, user_id: str, version: str) -> "PinnedUser":
         """The user at ``version`` (one a request pinned earlier; kept KEEP_VERSIONS /
-        VERSION_GRACE_S after a switch); NotFoundError when that version is gone."""
+        VERSION_GRACE_S after a switch); NotFoundError when that version is gone. No token
+        check here: the served model's door checked the caller (:meth:`check_token`)."""
         if not _VERSION.fullmatch(version):
             raise InvalidInputError("user_version", f"{version!r} is not a registry version (v + 6 digits)")
         d = self.user_dir(user_id) / version
@@ -259,9 +337,9 @@ class UserRegistry:
         """The served version's folder; NotFoundError naming the registry for an unknown user."""
         return self.pin(user_id).folder
 
-    def reference_embedding(self, user_id: str) -> np.ndarray:
-        """float32 [1, D] L2-normalised; NotFoundError for an unknown user."""
-        return self.pin(user_id).reference_embedding()
+    def reference_embedding(self, user_id: str, token: str | None = None) -> np.ndarray:
+        """float32 [1, D] L2-normalised; NotFoundError for an unknown user (or a wrong token, served)."""
+        return self.pin(user_id, token).reference_embedding()
 
     def identity_text(self, user_id: str) -> tuple[str, str]:
         """(trigger token, subject words) for prompts; ('' = base model) gives generic words."""
@@ -303,6 +381,7 @@ class PinnedUser:
     user_id: str
     version: str  # v000003
     folder: Path
+    token: str | None = field(default=None, repr=False)  # the caller's token, passed on to the nets it calls
 
     def reference_embedding(self) -> np.ndarray:
         """float32 [1, D] L2-normalised."""

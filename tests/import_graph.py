@@ -188,7 +188,7 @@ ALLOWED = {
     "facetron.cli": set(PARTS),
 }
 #: the client uses only these core modules (no torch, no model code)
-CLIENT_CORE = {"facetron", "facetron.contract", "facetron.errors", "facetron.request"}
+CLIENT_CORE = {"facetron", "facetron.contract", "facetron.errors", "facetron.request", "facetron.token_store"}
 #: the web app: the client's core modules + image io (uploads checked with prepare's rules) + atomic writes;
 #: no model code
 WEB_CORE = CLIENT_CORE | {"facetron.imageio", "facetron.atomic"}

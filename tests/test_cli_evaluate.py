@@ -12,6 +12,7 @@ import pytest
 
 from facetron.benchmarks.identity import summarize
 from facetron.imageio import load_image
+from user_tokens import grant  # noqa: E402
 
 
 def _cli(argv: list[str]) -> int:
@@ -60,6 +61,7 @@ def evaluser(users_dir: Path, tmp_path: Path) -> str:
         astro = photo("astronaut")
         lm = FaceDetector().detect(astro).landmarks[:1]
         registry.save_reference_embedding("evaluser", FaceEmbedder().embed(align_faces(astro, lm)))
+        grant(registry, "evaluser")
         lora = write_random_lora(tmp_path / "l.safetensors", load_base_model().unet, rank=4, alpha=4, seed=5, std=0.3)
         registry.install_lora("evaluser", lora)
     return "evaluser"

@@ -13,6 +13,7 @@ import pytest
 from facetron.imageio import load_image
 from facetron.paths import REPO_ROOT
 from facetron.triton.server import TritonServer, free_port
+from user_tokens import grant  # noqa: E402
 
 PORTRAIT_LANDED = (REPO_ROOT / "model_repository" / "portrait" / "1" / "model.py").is_file()
 
@@ -127,6 +128,7 @@ def test_generate_end_to_end(
         tom = photo("tom_hanks")
         boxes, _, marks = client.detect(tom).image(0)
         registry.save_reference_embedding("demo", client.embed(align_faces(tom, marks[:1])))
+        grant(registry, "demo")
         template = square_crop(tom, boxes[0], 0.6, 256)  # the face fused into each candidate
         save_image(tmp_path / "template.png", template)
         landmarks = client.detect(template).image(0)[2][0]

@@ -281,7 +281,7 @@ def test_sync_and_async_pools_follow_the_same_plan(a_answers: list, expect: tupl
         ({"num_images": contract.MAX_IMAGES + 1}, f"num_images: must be 1..{contract.MAX_IMAGES}"),
         ({"steps": 0}, f"steps: must be 1..{contract.MAX_STEPS}, got 0"),
         ({"guidance": math.nan}, "guidance: must be in 0..30, got nan"),
-        ({"scheduler": "plms"}, "scheduler: expected one of dpmsolver, euler, ddim, got 'plms'"),
+        ({"scheduler": "plms"}, f"scheduler: expected one of {', '.join(contract.SCHEDULERS)}, got 'plms'"),
         ({"strength": 1.5, "template": np.zeros((64, 64, 3), np.uint8)}, "strength: must be in (0, 1], got 1.5"),
         ({"strength": 0.5}, "strength: only applies with a template"),
         ({"num_images": 2, "top_k": 3}, "top_k: must be in 0..num_images (2), got 3"),
@@ -426,8 +426,9 @@ def test_client_modules_are_small_and_import_at_the_top() -> None:
 
 
 def test_client_imports_only_contract_errors_request_and_itself_and_no_torch() -> None:
-    """The client builds the same typed request the server parses (facetron.request)."""
-    allowed = ("facetron.contract", "facetron.errors", "facetron.request", "facetron.client")
+    """The client builds the same typed request the server parses (facetron.request) and reads
+    the operator's per-user tokens (facetron.token_store)."""
+    allowed = ("facetron.contract", "facetron.errors", "facetron.request", "facetron.token_store", "facetron.client")
     for name, tree in _modules().items():
         for node in ast.walk(tree):
             targets = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
@@ -446,7 +447,7 @@ def _portrait_answer() -> dict[str, np.ndarray]:
 def test_progress_goes_over_the_stream_for_one_server_and_is_ignored_by_a_pool(monkeypatch) -> None:
     streamed: list = []
 
-    def fake_stream(url, inputs, on_progress, timeout_s):
+    def fake_stream(url, inputs, on_progress, timeout_s, headers=None):
         streamed.append((url, sorted(inputs), timeout_s))
         on_progress(1, 1)
         return _portrait_answer()

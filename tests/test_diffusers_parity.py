@@ -9,6 +9,9 @@ facetron's tokenizer, :func:`facetron.pipeline.generation.generate` (and, for
 template mode before the face-region paste, :func:`facetron.diffusion.
 sampler.denoise` + the VAE decoder); and once through the served Triton
 models. Same scheduler config, seeds (image i: ``seed + i``), steps, guidance.
+diffusers gets the seeds as ``generator=[torch.Generator().manual_seed(seed + i)
+...]``: it draws the initial noise from them and, for the few-step schedulers
+(``lcm``, ``tcd``: fresh noise between steps), every step's noise after it.
 
 Tolerances (per pixel, uint8 levels):
 * max abs <= ``PIXEL_TOL`` = 2 for 4-10 steps: both sides round the decoded
@@ -28,28 +31,34 @@ torch-vs-torch already differs by 15 levels.
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline,
-                       StableDiffusionPipeline)
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler,
+                       StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, TCDScheduler)
 
+from facetron import contract
 from facetron.diffusion.base_model import load_base_model
 from facetron.diffusion.clip_tokenizer import ClipTokenizer
 from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora_manifest, zero_lora_inputs
 from facetron.diffusion.nets import DiffusionNets
 from facetron.diffusion.sampler import SCHEDULER_SETTINGS, GenerationRequest, denoise, start_step
+from facetron.errors import InvalidInputError
 from facetron.export.merge import merge_loras
 from facetron.export.onnx_export import export_onnx, graph_module
 from facetron.export.onnx_graph import ModelDims
 from facetron.export.runtime_lora import export_runtime_lora_text_encoder
 from facetron.pipeline.generation import generate
 from facetron.training.random_lora import write_random_lora
+from user_tokens import grant  # noqa: E402
 
-SCHEDULERS = {"dpmsolver": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}
+SCHEDULERS = {"dpmsolver": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler, "ddim": DDIMScheduler,
+              "lcm": LCMScheduler, "tcd": TCDScheduler}
+CLASSIC = ("dpmsolver", "euler", "ddim")  # the LoRA tests' schedulers (LoRA parity does not depend on the sampler)
 SIZE, STEPS, GUIDANCE, SEED, N = 128, 4, 7.0, 5, 2
 PROMPT, NEGATIVE = "a photo of a woman, studio portrait, soft light", "blurry, lowres"
 W_FACE, W_STYLE = 0.9, 0.25
@@ -159,8 +168,10 @@ def diffusers_pipe(base, loras: list[tuple[Path, float]] = ()) -> StableDiffusio
 
 
 def diffusers_images(pipe, scheduler: str, *, steps: int = STEPS, template_latent: torch.Tensor | None = None,
-                     strength: float = 1.0, prompt: str = PROMPT, seed: int = SEED, n: int = N) -> np.ndarray:
-    """diffusers' txt2img (or img2img from ``template_latent``), as uint8 the way its PIL output rounds."""
+                     strength: float = 1.0, prompt: str = PROMPT, seed: int = SEED, n: int = N,
+                     guidance: float = GUIDANCE) -> np.ndarray:
+    """diffusers' txt2img (or img2img from ``template_latent``), as uint8 the way its PIL output rounds.
+    ``eta``: the pipeline's default (0.0) except for TCD, run at facetron's fixed TCD_ETA."""
     # from the base model's config every time (as facetron's make_scheduler): a config that a previous
     # call's scheduler wrote back (e.g. dpmsolver's use_karras_sigmas) must not leak into the next one
     if not hasattr(pipe, "_facetron_base_scheduler_config"):
@@ -168,8 +179,8 @@ def diffusers_images(pipe, scheduler: str, *, steps: int = STEPS, template_laten
     config = pipe._facetron_base_scheduler_config
     pipe.scheduler = SCHEDULERS[scheduler].from_config(config, **SCHEDULER_SETTINGS[scheduler])
     generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-    common = dict(negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=GUIDANCE, num_images_per_prompt=n,
-                  generator=generators, output_type="np")
+    common = dict(negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=n,
+                  generator=generators, output_type="np", eta=contract.TCD_ETA if scheduler == "tcd" else 0.0)
     with torch.no_grad():
         if template_latent is None:
             out = pipe(prompt, height=SIZE, width=SIZE, **common).images
@@ -180,8 +191,9 @@ def diffusers_images(pipe, scheduler: str, *, steps: int = STEPS, template_laten
     return (out * 255).round().astype(np.uint8)
 
 
-def request(scheduler: str, steps: int = STEPS, strength: float = 1.0, seed: int = SEED, n: int = N) -> GenerationRequest:
-    req = GenerationRequest(num_images=n, steps=steps, guidance=GUIDANCE, seed=seed, height=SIZE, width=SIZE,
+def request(scheduler: str, steps: int = STEPS, strength: float = 1.0, seed: int = SEED, n: int = N,
+            guidance: float = GUIDANCE) -> GenerationRequest:
+    req = GenerationRequest(num_images=n, steps=steps, guidance=guidance, seed=seed, height=SIZE, width=SIZE,
                             scheduler=scheduler, strength=strength)
     req.validate()
     return req
@@ -202,11 +214,52 @@ def assert_differs(a: np.ndarray, b: np.ndarray, what: str) -> None:
 # ----------------------------------------------------------------------------- text to image
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
-def test_txt2img_equals_stable_diffusion_pipeline(base, onnx, scheduler) -> None:
-    got = generate(runtime_nets(base, onnx), dict(base.scheduler.config), PROMPT, NEGATIVE, request(scheduler))
-    want = diffusers_images(diffusers_pipe(base), scheduler)
-    assert_close(got, want, f"txt2img {scheduler}")
+# every scheduler at GUIDANCE; the few-step ones also as recommended (guidance 1: no negative branch) and at 8 steps
+TXT2IMG_CASES = [(s, STEPS, GUIDANCE) for s in SCHEDULERS] + [("lcm", STEPS, 1.0), ("tcd", STEPS, 1.0), ("tcd", 8, 1.5)]
+
+
+@pytest.mark.parametrize("scheduler, steps, guidance", TXT2IMG_CASES)
+def test_txt2img_equals_stable_diffusion_pipeline(base, onnx, scheduler, steps, guidance) -> None:
+    req = request(scheduler, steps=steps, guidance=guidance)
+    got = generate(runtime_nets(base, onnx), dict(base.scheduler.config), PROMPT, NEGATIVE, req)
+    want = diffusers_images(diffusers_pipe(base), scheduler, steps=steps, guidance=guidance)
+    assert_close(got, want, f"txt2img {scheduler} steps={steps} guidance={guidance}")
+
+
+# ----------------------------------------------------------------------------- few-step schedulers (lcm, tcd)
+
+
+@pytest.mark.parametrize("scheduler", contract.FEW_STEP_SCHEDULERS)
+def test_few_step_noise_is_drawn_from_each_images_generator(base, onnx, scheduler) -> None:
+    """lcm / tcd draw fresh noise between steps, and it shows: diffusers with the
+    same initial noise (``latents``) but its step noise from one shared generator
+    gives other pictures. So the parity above checks where each image's step
+    noise comes from (its own generator, after its initial noise)."""
+    pipe = diffusers_pipe(base)
+    pipe.scheduler = SCHEDULERS[scheduler].from_config(base.scheduler.config)
+    with torch.no_grad():
+        noise = torch.cat([torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=torch.Generator().manual_seed(SEED + i))
+                           for i in range(N)])
+        one = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=1.0, num_images_per_prompt=N, latents=noise,
+                   generator=torch.Generator().manual_seed(SEED), output_type="np", height=SIZE, width=SIZE,
+                   eta=contract.TCD_ETA if scheduler == "tcd" else 0.0).images
+    got = generate(runtime_nets(base, onnx), dict(base.scheduler.config), PROMPT, NEGATIVE,
+                   request(scheduler, guidance=1.0))
+    assert_differs(got, (one * 255).round().astype(np.uint8), f"{scheduler}: per-image step noise")
+
+
+def test_few_step_limits_are_diffusers() -> None:
+    """The contract's step limit for lcm / tcd is where diffusers' schedulers stop
+    (a subset of the 50-step schedule), and TCD's fixed eta is TCDScheduler.step's default."""
+    for name in contract.FEW_STEP_SCHEDULERS:
+        scheduler = SCHEDULERS[name]()
+        scheduler.set_timesteps(contract.FEW_STEP_MAX_STEPS)
+        with pytest.raises(ValueError):
+            scheduler.set_timesteps(contract.FEW_STEP_MAX_STEPS + 1)
+        with pytest.raises(InvalidInputError, match="steps"):
+            request(name, steps=contract.FEW_STEP_MAX_STEPS + 1)
+    request("ddim", steps=contract.FEW_STEP_MAX_STEPS + 1)  # the others keep MAX_STEPS
+    assert inspect.signature(TCDScheduler.step).parameters["eta"].default == contract.TCD_ETA
 
 
 # ----------------------------------------------------------------------------- template mode (img2img)
@@ -236,12 +289,14 @@ def test_start_step_is_diffusers_get_timesteps(base) -> None:
     assert start_step(10, np.float32(0.7)) == 3 and start_step(8, 0.6) == 4  # 7 and 4 steps run
 
 
-# (scheduler, steps, strength typed by the client, sent as FP32 on the wire?)
-TEMPLATE_CASES = [("dpmsolver", 8, 0.6, False), ("euler", 10, 0.7, True), ("ddim", 6, 0.5, True)]
+# (scheduler, steps, strength typed by the client, sent as FP32 on the wire?, guidance)
+TEMPLATE_CASES = [("dpmsolver", 8, 0.6, False, GUIDANCE), ("euler", 10, 0.7, True, GUIDANCE),
+                  ("ddim", 6, 0.5, True, GUIDANCE), ("lcm", 8, 0.6, False, 1.0), ("tcd", 6, 0.7, True, 1.0),
+                  ("lcm", 4, 0.5, False, 2.0)]
 
 
-@pytest.mark.parametrize("scheduler, steps, strength, fp32", TEMPLATE_CASES)
-def test_template_mode_equals_img2img_pipeline(base, onnx, scheduler, steps, strength, fp32) -> None:
+@pytest.mark.parametrize("scheduler, steps, strength, fp32, guidance", TEMPLATE_CASES)
+def test_template_mode_equals_img2img_pipeline(base, onnx, scheduler, steps, strength, fp32, guidance) -> None:
     """Template mode before the face-region paste: facetron's vae_encoder (the
     latent *mean*), denoise from start_step, vae_decoder; diffusers' img2img
     given diffusers' own latent mean as a 4-channel ``image`` and the strength
@@ -256,14 +311,16 @@ def test_template_mode_equals_img2img_pipeline(base, onnx, scheduler, steps, str
     assert float(np.abs(init - mean.numpy()).max()) < 1e-4  # the served encoder is the VAE mean
 
     hidden = nets.text_encode(nets.tokenize([PROMPT, NEGATIVE]))
-    req = request(scheduler, steps=steps, strength=float(np.float32(strength)) if fp32 else strength)
+    req = request(scheduler, steps=steps, strength=float(np.float32(strength)) if fp32 else strength, guidance=guidance)
     got = nets.vae_decode(denoise(nets.unet, dict(base.scheduler.config), hidden[:1], hidden[1:], req,
                                   nets.latent_channels, nets.latent_factor, init_latents=init))
-    want = diffusers_images(diffusers_pipe(base), scheduler, steps=steps, template_latent=mean, strength=float(strength))
-    assert_close(got, want, f"template {scheduler} steps={steps} strength={strength}")
+    want = diffusers_images(diffusers_pipe(base), scheduler, steps=steps, template_latent=mean, strength=float(strength),
+                            guidance=guidance)
+    assert_close(got, want, f"template {scheduler} steps={steps} strength={strength} guidance={guidance}")
     # one step more or less (the old round() rule) is far outside the tolerance
     one_more = (steps - start_step(steps, strength) + 1.5) / steps
-    other = diffusers_images(diffusers_pipe(base), scheduler, steps=steps, template_latent=mean, strength=one_more)
+    other = diffusers_images(diffusers_pipe(base), scheduler, steps=steps, template_latent=mean, strength=one_more,
+                             guidance=guidance)
     assert_differs(got, other, "a different start step")
 
 
@@ -276,7 +333,7 @@ def lora_pipe(base, loras):
     return diffusers_pipe(base, [(loras["face"], W_FACE), (loras["style"], W_STYLE)])
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", CLASSIC)
 def test_face_and_style_lora_equal_diffusers_set_adapters(base, onnx, loras, lora_pipe, scheduler) -> None:
     want = diffusers_images(lora_pipe, scheduler)
     sched = dict(base.scheduler.config)
@@ -292,7 +349,7 @@ def test_face_and_style_lora_equal_diffusers_set_adapters(base, onnx, loras, lor
         assert_differs(runtime, diffusers_images(diffusers_pipe(base), scheduler), "the LoRAs")
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", CLASSIC)
 def test_text_encoder_lora_runtime_and_merged_equal_diffusers(base, onnx, loras, scheduler) -> None:
     """A face LoRA with text-encoder layers (+ style), diffusers' load_lora_weights
     loading both parts: runtime mode (both runtime-LoRA graphs, each fed its part
@@ -333,6 +390,7 @@ def test_served_user_and_style_lora_equal_diffusers(base, loras, lora_pipe, clie
 
     registry = UserRegistry(users_dir)
     registry.save_reference_embedding("parity-user", np.ones((1, 128), np.float32))
+    grant(registry, "parity-user")
     registry.install_lora("parity-user", loras["face"])
     styles_for(users_dir).add(SERVED_STYLE, "a photo of {trigger}", lora_file=loras["style"], weight=W_STYLE, replace=True)
     scheduler = "euler"
@@ -354,6 +412,7 @@ def test_served_text_encoder_lora_equals_diffusers(base, loras, client, users_di
 
     registry = UserRegistry(users_dir)
     registry.save_reference_embedding("parity-te-user", np.ones((1, 128), np.float32))
+    grant(registry, "parity-te-user")
     registry.install_lora("parity-te-user", loras["face_te"])
     scheduler = "dpmsolver"
     inputs = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "user_id": "parity-te-user", "scheduler": scheduler}

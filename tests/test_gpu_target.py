@@ -28,6 +28,7 @@ from facetron.export import trt
 from facetron.export.model_configs import (BY_NAME, TRT_ENGINE_CACHE_ROOT, config_graph_problems, merged_unet_def,
                                            render, with_graph_dims)
 from facetron.users import UserRegistry
+from user_tokens import grant  # noqa: E402
 
 _ORT_TYPES = {"tensor(uint8)": "UINT8", "tensor(float)": "FP32", "tensor(int32)": "INT32", "tensor(int64)": "INT64"}
 PLACEHOLDER = b"placeholder written by a test stand-in for TensorRT: not an engine\n"
@@ -64,6 +65,7 @@ def setup(tmp_path_factory):
     unet = load_base_model().unet
     for i, user in enumerate(("ana", "ben", "cy", "dee")):
         registry.save_reference_embedding(user, np.ones((1, 128), np.float32))
+        grant(registry, user)
         registry.install_lora(user, write_random_lora(work / f"{user}.safetensors", unet, rank=4, alpha=4, seed=60 + i,
                                                       std=0.1))
     info = json.loads((repo / "portrait_generator" / "1" / "model_info.json").read_text())

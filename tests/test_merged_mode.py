@@ -15,6 +15,7 @@ import pytest
 from facetron.errors import NotFoundError
 from facetron.export.model_configs import models_for
 from facetron.users import UserRegistry
+from user_tokens import grant  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -31,6 +32,7 @@ def merged_server(tmp_path_factory, users_dir: Path):
 
     registry = UserRegistry(users_dir)
     registry.save_reference_embedding("merged-user", np.ones((1, 128), np.float32))
+    grant(registry, "merged-user")
     work = tmp_path_factory.mktemp("merged")
     lora = write_random_lora(work / "m.safetensors", load_base_model().unet, rank=4, alpha=4, seed=33, std=0.3)
     registry.install_lora("merged-user", lora)
@@ -40,6 +42,7 @@ def merged_server(tmp_path_factory, users_dir: Path):
     # a user whose LoRA has text-encoder layers: the UNet part fused, the text side the runtime-LoRA text_encoder
     base = load_base_model()
     registry.save_reference_embedding("merged-te-user", np.ones((1, 128), np.float32))
+    grant(registry, "merged-te-user")
     registry.install_lora("merged-te-user", write_random_lora(work / "te.safetensors", base.unet, rank=4, alpha=8,
                                                               seed=34, std=0.1, text_encoder=base.text_encoder,
                                                               te_rank=4, te_alpha=4))
@@ -47,6 +50,7 @@ def merged_server(tmp_path_factory, users_dir: Path):
     for i in range(3):  # three more merged users for the LRU test
         user = f"merged-lru-{i}"
         registry.save_reference_embedding(user, np.ones((1, 128), np.float32))
+        grant(registry, user)
         registry.install_lora(user, write_random_lora(work / f"{user}.safetensors", load_base_model().unet, rank=4,
                                                       alpha=4, seed=40 + i, std=0.3))
         add_merged_user(repo, user, users_dir)
@@ -134,6 +138,7 @@ def test_a_user_re_added_while_loaded_is_served_the_new_weights(merged_server, c
     request = {**REQUEST, "user_id": np.array([user.encode()], dtype=object)}
     registry = UserRegistry(users_dir)
     registry.save_reference_embedding(user, np.ones((1, 128), np.float32))
+    grant(registry, user)
     base_unet = load_base_model().unet
 
     def retrain_and_add(seed: int) -> np.ndarray:
@@ -179,6 +184,7 @@ def test_merged_mode_unknown_merge_is_not_found(merged_server, users_dir: Path) 
     from facetron.client import FacetronClient
 
     UserRegistry(users_dir).save_reference_embedding("astro-nomerge", np.ones((1, 128), np.float32))
+    grant(UserRegistry(users_dir), "astro-nomerge")
 
     server, _ = merged_server
     with FacetronClient(server.grpc_url, timeout_s=120) as c, pytest.raises(NotFoundError, match="no merged UNet"):

@@ -31,6 +31,7 @@ from facetron.export.validate import TOLERANCES, compare
 from facetron import net_runtimes as runtimes
 from facetron.pipeline.net_io import check_feed
 from facetron.net_runtimes import OpenVinoRuntime, open_runtime, openvino_config, resolve_threads
+from user_tokens import grant  # noqa: E402
 
 pytest.importorskip("openvino")
 
@@ -329,6 +330,7 @@ def test_served_openvino_equals_onnxruntime(base, face_lora, tmp_path) -> None:
     registry = UserRegistry(users)
     emb = np.random.default_rng(0).standard_normal(128).astype(np.float32)
     registry.save_reference_embedding("ov-user", emb / np.linalg.norm(emb))
+    grant(registry, "ov-user")
     registry.install_lora("ov-user", face_lora)
     models = ["tokenizer", "text_encoder", "unet", "vae_decoder", "vae_encoder", "portrait_generator"]
     repo = assemble_repository("cpu", tmp_path / "repo", models=models, diffusion=DiffusionSource(lora_rank=8),

@@ -30,6 +30,7 @@ from facetron.pipeline.lora_bank import LoraBank, style_lora
 from facetron.style_registry import LORA_FILE, StyleRegistry, styles_for, styles_root
 from facetron.training.random_lora import write_random_lora
 from facetron.users import UserRegistry
+from user_tokens import grant  # noqa: E402
 
 W_FACE = 0.9
 PROMPT = "a photo of {trigger}, {subject}, watercolor"
@@ -207,6 +208,7 @@ def test_bank_applies_face_and_style_with_their_weights(tmp_path, base, loras) -
     manifest = build_manifest(base.unet, rank=8)
     users = UserRegistry(tmp_path / "users")
     users.save_reference_embedding("ann", np.ones((1, 128), np.float32))
+    grant(users, "ann")
     users.install_lora("ann", loras["face"])
     styles = styles_for(users.root)
     styles.add("own-weight", PROMPT, lora_file=loras["style"], weight=0.6)
@@ -243,6 +245,7 @@ def test_merged_user_fuses_the_style_equal_to_diffusers(tmp_path, base, loras) -
     (repo / "portrait_generator" / "config.pbtxt").write_text('name: "portrait_generator"\n')
     users = UserRegistry(tmp_path / "users")
     users.save_reference_embedding("mia", np.ones((1, 128), np.float32))
+    grant(users, "mia")
     users.install_lora("mia", loras["face"])
     styles_for(users.root).add("ink", PROMPT, lora_file=loras["style"], weight=0.6)
     model = add_merged_user(repo, "mia", users.root, style="ink")
@@ -280,6 +283,7 @@ def test_merged_user_refuses_unserved_text_encoder_layers_and_unknown_styles(tmp
                             text_encoder=base.text_encoder, te_target_modules=("q_proj", "fc1"))
     for user, lora in (("te-user", mlp), ("ok-user", loras["face"])):
         users.save_reference_embedding(user, np.ones((1, 128), np.float32))
+        grant(users, user)
         users.install_lora(user, lora)
     with pytest.raises(InvalidInputError, match="--user: user 'te-user'.* adapts 2 text-encoder layers the "
                                                 "runtime-LoRA text encoder has no inputs for.*fc1"):

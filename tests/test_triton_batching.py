@@ -12,6 +12,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from facetron.users import UserRegistry
+from user_tokens import grant  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -34,6 +35,7 @@ def two_users(users_dir: Path, unet, tmp_path_factory) -> list[str]:
     users = ["mix-a", "mix-b"]
     for seed, user in enumerate(users, start=11):
         registry.save_reference_embedding(user, np.ones((1, 128), np.float32))
+        grant(registry, user)
         registry.install_lora(user, write_random_lora(work / f"{user}.safetensors", unet, rank=4, alpha=4, seed=seed, std=0.3))
     return users
 

@@ -14,6 +14,7 @@ from facetron.faces.embedder import FaceEmbedder
 from facetron.pipeline.net_io import pack_detections
 from facetron.pipeline.selection import select_portraits
 from facetron.users import UserRegistry
+from user_tokens import grant  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -131,6 +132,7 @@ def test_select_ranks_the_user_first(client, candidates, detector, embedder) -> 
 def test_select_by_user_id(client, candidates, detector, embedder, users_dir) -> None:
     images, labels = candidates
     UserRegistry(users_dir).save_reference_embedding("tom-hanks", _tom_reference(detector, embedder))
+    grant(UserRegistry(users_dir), "tom-hanks")
     out = client.infer(
         "face_select",
         {"images": images, "user_id": np.array([b"tom-hanks"], dtype=object)},

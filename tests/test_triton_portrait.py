@@ -14,6 +14,7 @@ import torch
 
 from facetron.errors import InvalidInputError, NotFoundError
 from facetron.users import UserRegistry
+from user_tokens import grant  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -44,6 +45,7 @@ def users(users_dir: Path, base, tmp_path_factory) -> dict[str, Path]:
     loras = {}
     for seed, user in enumerate(("astro", "astro-twin"), start=1):
         registry.save_reference_embedding(user, prepared.reference_embedding)
+        grant(registry, user)
         registry.update(user, {name: work / "prep" / name for name in ("template.png", "template.json")})
         lora = write_random_lora(work / f"{user}.safetensors", base.unet, rank=4, alpha=4, seed=seed, std=0.3)
         registry.install_lora(user, lora)
@@ -350,6 +352,7 @@ def test_bad_input_over_grpc(client, users, model, inputs, error, match) -> None
 def test_user_without_lora_is_not_found(client, users, users_dir) -> None:
     registry = UserRegistry(users_dir)
     registry.save_reference_embedding("no-lora", np.ones((1, 128), np.float32))
+    grant(registry, "no-lora")
     with pytest.raises(NotFoundError, match="no trained LoRA for user 'no-lora'") as missing:
         _generate(client, user_id="no-lora", num_images=1, steps=1)
     with pytest.raises(NotFoundError, match="unknown user 'nobody'") as unknown:

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from facetron.triton.server import free_port
+from user_tokens import grant  # noqa: E402
 
 
 def write_logins(path: Path, logins: dict[str, str]) -> Path:
@@ -71,6 +72,7 @@ def register_ready_user(users_dir: Path, user: str, work: Path) -> None:
                               UserAttributes({"gender": "woman"}), progress=False)
     registry = UserRegistry(users_dir)
     registry.save_reference_embedding(user, prepared.reference_embedding)
+    grant(registry, user)
     registry.update(user, {name: work / "prep" / name for name in ("template.png", "template.json")})
     lora = write_random_lora(work / f"{user}.safetensors", load_base_model().unet, rank=4, alpha=4, seed=3, std=0.3)
     registry.install_lora(user, lora)

@@ -94,7 +94,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from facetron.client import FacetronClient
     from facetron.client.grid import draw_grid, similarity_labels
-    from facetron.contract import PORTRAIT_OUTPUTS, check_fusion_strength
+    from facetron.contract import PORTRAIT_OUTPUTS, USER_TOKEN_HEADER, check_fusion_strength
     from facetron.export.diffusion_source import DiffusionSource
     from facetron.export.repository import assemble_repository
     from facetron.faces.attributes import UserAttributes, parse_attr_flags
@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from facetron.training.preprocess import PrepareConfig, prepare_photos, register_user
     from facetron.training.train_lora import train_lora
     from facetron.triton.server import TritonServer
+    from facetron.token_store import TokenStore
     from facetron.users import UserRegistry, validate_user_id
 
     user = validate_user_id(args.user, "--user")
@@ -132,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         attrs = UserAttributes(parse_attr_flags(args.attr or ["gender=woman"]))
         prepared = prepare_photos(photos, build / "prepared", PrepareConfig(resolution=resolution), attrs, progress=True)
         register_user(registry, user, prepared)
+        token = registry.issue_token(user)  # a fresh one each run: the portrait calls below act as the user
+        TokenStore().put(user, token)
         shutil.copyfile(build / "prepared" / "contact_sheet.png", out / "contact_sheet.png")
         report["prepare"] = {
             "photos": str(photos),
@@ -172,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
                     SMOKE_FUSION_STRENGTH if args.base_model is None else None)
                 if strength is not None:
                     inputs["fusion_strength"] = np.array([strength], np.float32)
-                res = client.infer("portrait", inputs, list(PORTRAIT_OUTPUTS))
+                res = client.infer("portrait", inputs, list(PORTRAIT_OUTPUTS), headers={USER_TOKEN_HEADER: token})
                 server_report = json.loads(res["report"][0])
                 save_image(out / "templates" / f"{name}.png", template)
                 labels = similarity_labels(res["similarity_generated"], res["similarity_final"], res["rank"],

@@ -53,6 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "returned images best first (portrait_NN.png), grid.png (rank + similarity) and result.json into --out.",
     )
     p.add_argument("--user", required=True, help="registered user id")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="a file holding the user's token (default: the operator's token store, where "
+                        "`facetron users token` keeps it)")
     p.add_argument("--style", default=None, help="style name (server's style registry)")
     p.add_argument("--prompt", default=None, help="prompt text (default: the style's / server's)")
     p.add_argument("--negative-prompt", default=None, help="negative prompt text (default: the style's / server's)")
@@ -81,6 +84,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="stream per-step progress from the portrait_stream model (uses the first server, no "
                         "failover; shown as --progress says)")
     p.set_defaults(func=run)
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """--token-file's token; None = the client's default (the operator's token store)."""
+    if args.token_file is None:
+        return None
+    try:
+        return args.token_file.read_text().strip() or None
+    except OSError as exc:
+        raise InvalidInputError("--token-file", f"cannot read {args.token_file}: {exc.strerror}") from None
 
 
 def _renamed(err: InvalidInputError) -> InvalidInputError:
@@ -125,7 +138,7 @@ def _make_out(out: Path, create: bool) -> None:
             raise InvalidInputError("--out", f"cannot create {out}: {exc.strerror or exc}") from None
 
 
-def _streamed(server: str, kwargs: dict, timeout_s: float):
+def _streamed(server: str, kwargs: dict, timeout_s: float, token: str | None):
     """One call over a gRPC stream with a progress bar of denoising steps (first server only)."""
     from facetron.client import FacetronClient
     from facetron.progress import progress_bar
@@ -140,7 +153,7 @@ def _streamed(server: str, kwargs: dict, timeout_s: float):
     try:
         with FacetronClient(server, timeout_s=timeout_s) as client:
             try:
-                result = client.portrait(**kwargs, on_progress=on_progress, timeout_s=timeout_s)
+                result = client.portrait(**kwargs, on_progress=on_progress, timeout_s=timeout_s, token=token)
             except InvalidInputError as err:
                 raise _renamed(err) from None
     finally:
@@ -165,11 +178,11 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     if args.stream:
-        result, used = _streamed(servers[0], kwargs, args.timeout)
+        result, used = _streamed(servers[0], kwargs, args.timeout, _token(args))
     else:
         with ServerPool(servers, timeout_s=args.timeout, retry=RetryPolicy(attempts=args.retries)) as pool:
             try:
-                result = pool.portrait(**kwargs)
+                result = pool.portrait(**kwargs, token=_token(args))
             except InvalidInputError as err:  # the server's rule: name the flag when it is one
                 raise _renamed(err) from None
             used = pool.servers_used()

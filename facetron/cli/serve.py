@@ -6,6 +6,7 @@ import argparse
 import os
 import secrets
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "flags instead of supervising the wheel's server; ports must be given")
     p.add_argument("--backend-directory", type=Path, default=None,
                    help="with --exec: the server's backends (default: the wheel's python backend)")
+    p.add_argument("--no-user-tokens", dest="user_tokens", action="store_false",
+                   help="single-user local use: any caller may act as any registered user (no per-user token "
+                        "check; said in the log). By default each request needs its user's token")
     p.add_argument("--print-command", action="store_true",
                    help="print the tritonserver command, one argument a line (the admin key as ***), and exit")
     p.set_defaults(func=run)
@@ -99,6 +103,7 @@ def server_from_args(args: argparse.Namespace) -> TritonServer:
         load_models=load,
         log_path=args.log,
         startup_timeout_s=args.startup_timeout,
+        user_tokens=args.user_tokens,
     )
     server.admin_key, args.admin_key_source = admin_key(args.admin_key_file)
     return server
@@ -106,6 +111,9 @@ def server_from_args(args: argparse.Namespace) -> TritonServer:
 
 def run(args: argparse.Namespace) -> int:
     server = server_from_args(args)
+    if not server.user_tokens:
+        print("WARNING: --no-user-tokens: per-user tokens are OFF; any caller can generate as any registered user "
+              "(single-user local use only)", file=sys.stderr, flush=True)
     if args.exec_binary or args.print_command:
         binary, backend_dir = args.exec_binary, args.backend_directory
         if binary is None or backend_dir is None:

@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from facetron.cli.options import add_users_dir, under_data_root
+from facetron.cli.users import ensure_token
 from facetron.paths import HOME_SHOWN
 
 NO_PROGRESS_HELP = "no progress output (the same as --progress off)"
@@ -95,6 +96,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     result = prepare_photos(args.photos, out, config, attributes, progress=not args.no_progress)
     registry = UserRegistry(args.users_dir or default_root())
     register_user(registry, user, result, args.trigger_token)
+    ensure_token(registry, user)  # a new user's token, kept in the operator's token store
     kept = len(result.kept)
     print(f"prepared {kept}/{len(result.photos)} photos of {user!r} at {resolution}px -> {out}")
     for p in result.photos:

@@ -1,8 +1,12 @@
-"""``facetron users list|show|delete``: the user registry (facetron.users).
+"""``facetron users list|show|token|delete``: the user registry (facetron.users).
+
+``users token USER [--rotate|--revoke]`` issues, rotates or revokes the
+user's secret token (the registry keeps its hash; the token goes to the
+operator's token store, :mod:`facetron.token_store`).
 
 ``users delete USER --purge`` removes every trace of a user that facetron made
 (:func:`purge_user`): registry versions, the web app's work folder, training
-outputs under the data root, merged ``unet_user_<id>`` models. It removes only
+outputs under the data root, merged ``unet_user_<id>`` models, the token store's token. It removes only
 what facetron made (its marker, its sidecar, or its own layout) and reports
 anything else that names the user, untouched.
 """
@@ -12,14 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from facetron.atomic import owned_folder, remove_tree
 from facetron.cli.options import add_users_dir
-from facetron.contract import merged_unet_name
+from facetron.contract import USER_TOKEN_HEADER, merged_unet_name
 from facetron.errors import NotFoundError
 from facetron.paths import HOME_SHOWN, data_root
+from facetron.token_store import TokenStore, tokens_dir
 from facetron.users import UserRegistry, registry_at, validate_user_id
 
 #: the web app's work folder layout (facetron.web.app.WebConfig.user_dir, facetron.web.results.save_run)
@@ -30,11 +36,10 @@ WEB_PHOTOS, WEB_PREPARED, WEB_LORA = "photos", "prepared", "lora"
 SELECTION_FILES = ("identity_selection.json", "identity_selection.md", "identity_selection.png")
 #: `facetron evaluate`'s default output per user, and what it writes there (facetron.benchmarks.identity)
 EVALUATE_FILES = ("identity_report.json", "identity_report.md", "identity_report.png")
-TOKENS_NOTE = "tokens: facetron keeps no per-user tokens yet (no token store exists); nothing to remove"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("users", help="list, show or delete registered users")
+    p = sub.add_parser("users", help="list, show or delete registered users; issue, rotate or revoke their tokens")
     nested = p.add_subparsers(dest="users_command", required=True, metavar="ACTION")
     ls = nested.add_parser("list", help="registered users, one per line (id, version, LoRA yes/no)")
     add_users_dir(ls)
@@ -43,12 +48,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     show.add_argument("user", help="user id")
     add_users_dir(show)
     show.set_defaults(func=run_show)
+    tok = nested.add_parser(
+        "token", help="issue, rotate or revoke a user's secret token (every served call as the user needs it)",
+        description="Every served model that reads a user answers only a caller holding the user's token (the "
+                    f"gRPC header {USER_TOKEN_HEADER}); a missing or wrong one gets the same NOT_FOUND as an unknown "
+                    "user. The registry keeps only the token's SHA-256; the token itself is printed once and kept in "
+                    "the operator's token store (default $FACETRON_TOKENS_DIR, else tokens/ under the data root), "
+                    "where the client, the demo and the web app find it.")
+    tok.add_argument("user", help="user id")
+    add_users_dir(tok)
+    what = tok.add_mutually_exclusive_group()
+    what.add_argument("--rotate", action="store_true", help="issue a new token; the old one stops working at once")
+    what.add_argument("--revoke", action="store_true",
+                      help="remove the user's token: no call acts as the user until a new one is issued")
+    tok.add_argument("--no-save", dest="save", action="store_false",
+                     help="print the new token only; do not keep it in the operator's token store")
+    tok.set_defaults(func=run_token)
     rm = nested.add_parser(
         "delete", help="remove a user and all its versions (served nowhere after this); --purge: every trace",
         description="Remove the user from the registry. With --purge, remove every trace facetron made of the user: "
                     "every registry version, the web app's work folder for the user (photos, prepared, lora, "
                     "portraits), training outputs under the data root (prepared/<user>, loras/<user>.*, the demo's), "
-                    "and merged unet_user_<id> models in assembled repositories. Prints each path removed; anything "
+                    "merged unet_user_<id> models in assembled repositories, and the user's token (its hash goes with the "
+                    "registry folder, the token itself from the operator's token store). Prints each path removed; anything "
                     "facetron did not make is reported and kept.")
     rm.add_argument("user", help="user id")
     add_users_dir(rm)
@@ -75,6 +97,40 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def ensure_token(registry: UserRegistry, user: str, store: TokenStore | None = None) -> str | None:
+    """Registration's part: a user without a token gets one, kept in the operator's token store
+    (printed where it is); None when the user had one already."""
+    if registry.has_token(user):
+        return None
+    token = registry.issue_token(user)
+    path = (store or TokenStore()).put(user, token)
+    print(f"issued a token for user {user!r}, kept in {path} (the client reads it from there)")
+    return token
+
+
+def run_token(args: argparse.Namespace) -> int:
+    registry = registry_at(args.users_dir)
+    user = validate_user_id(args.user, "user")
+    if not registry.exists(user):
+        raise NotFoundError(f"user: no user {user!r} in {registry.root}")
+    store = TokenStore()
+    if args.revoke:
+        had = registry.revoke_token(user)
+        store.remove(user)
+        print(f"revoked the token of user {user!r}" if had else f"user {user!r} had no token")
+        return 0
+    if registry.has_token(user) and not args.rotate:
+        kept = store.get(user)
+        where = f"kept in {store.path(user)}" if kept else "not in this token store"
+        print(f"user {user!r} has a token ({where}); --rotate issues a new one, --revoke removes it")
+        return 0
+    token = registry.issue_token(user)
+    if args.save:
+        print(f"kept in {store.put(user, token)}", file=sys.stderr)
+    print(token)
+    return 0
+
+
 def run_delete(args: argparse.Namespace) -> int:
     registry = registry_at(args.users_dir)
     user = validate_user_id(args.user, "user")
@@ -89,7 +145,6 @@ def run_delete(args: argparse.Namespace) -> int:
             print(f"removed {path}")
         for path, why in report.kept:
             print(f"kept    {path}: {why}; facetron removes only what it made: delete it yourself if it is this user's")
-        print(TOKENS_NOTE)
         if report.merged:
             print("note: a running server that loaded a merged model keeps it until it unloads it or restarts")
         return 0
@@ -116,6 +171,7 @@ class Places:
     web_work: Path
     home: Path
     repos: tuple[Path, ...]
+    tokens: Path = field(default_factory=tokens_dir)  # the operator's token store
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> "Places":
@@ -158,6 +214,7 @@ def traces(user: str, places: Places) -> list[Path]:
     for folder in places.lora_folders(user)[:2]:  # the web one is inside web_user
         found += sorted(folder.glob(f"{user}.*")) if folder.is_dir() else []
     found += [repo / merged_unet_name(user) for repo in places.repos]
+    found += [TokenStore(places.tokens).path(user)]
     return [p for p in found if _exists(p)]
 
 
@@ -226,6 +283,10 @@ def purge_user(user: str, places: Places) -> PurgeReport:
         report.removed += removed
         report.kept += kept
         report.merged = report.merged or bool(removed)
+    # 6. the operator's token store: the user's token (its hash went with the registry folder)
+    token = TokenStore(places.tokens).path(user)
+    if token.is_file() and not token.is_symlink():
+        report.remove(token, None)
     return report
 
 

@@ -8,12 +8,17 @@ free guidance runs unconditional + conditional in one UNet batch.
 
 Determinism: image ``i`` of a request starts from noise drawn with seed
 ``seed + i`` (torch's CPU generator, like diffusers), so a fixed seed gives
-the same images whatever the batch size or runtime.
+the same images whatever the batch size or runtime. The schedulers that draw
+fresh noise between steps (``lcm``, ``tcd``) draw image ``i``'s from that same
+generator, after its initial noise, as diffusers' pipelines do with a list of
+generators (:func:`step_kwargs`).
 
 Equal to diffusers (``tests/test_diffusers_parity.py``): text-to-image is
 ``StableDiffusionPipeline`` with ``latents`` = :func:`initial_noise`
 (or, equivalently, ``generator=[torch.Generator().manual_seed(seed + i)
-for i in range(n)]``); template mode is ``StableDiffusionImg2ImgPipeline``
+for i in range(n)]``, which ``lcm`` and ``tcd`` need: they draw from the
+generators at every step but the last; ``tcd`` with ``eta=contract.TCD_ETA``);
+template mode is ``StableDiffusionImg2ImgPipeline``
 with the same noise, the start step of its ``get_timesteps``
 (:func:`start_step`) and, as ``image``, the template's latent. One
 deliberate difference: facetron's ``vae_encoder`` returns the **mean** of
@@ -25,12 +30,13 @@ test passes that mean to diffusers as a 4-channel ``image`` (which its
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
 
 from facetron import contract
 from facetron.contract import SCHEDULERS
@@ -43,7 +49,8 @@ ProgressFn = Callable[[int, int], None]  # (step done, total)
 
 
 
-SCHEDULER_CLASSES = {"dpmsolver": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}
+SCHEDULER_CLASSES = {"dpmsolver": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler, "ddim": DDIMScheduler,
+                     "lcm": LCMScheduler, "tcd": TCDScheduler}
 #: What facetron sets over the base model's scheduler config, per scheduler.
 #: ``dpmsolver`` (the default) is DPM-Solver++ 2M with Karras sigmas: the
 #: multistep solver FaceChain samples with, on the Karras noise schedule that
@@ -52,17 +59,28 @@ SCHEDULER_SETTINGS: dict[str, dict] = {
     "dpmsolver": {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     "euler": {},
     "ddim": {},
+    "lcm": {},
+    "tcd": {},
 }
+#: What facetron passes to ``scheduler.step`` besides the generators, per
+#: scheduler: TCD's ``eta`` (contract.TCD_ETA). The others run at diffusers'
+#: pipeline default, ``eta=0.0``, which is DDIM's own default: nothing to pass.
+STEP_SETTINGS: dict[str, dict] = {"dpmsolver": {}, "euler": {}, "ddim": {}, "lcm": {}, "tcd": {"eta": contract.TCD_ETA}}
 
 
 def make_scheduler(name: str, config: dict):
     """A diffusers scheduler: the base model's scheduler config with
     :data:`SCHEDULER_SETTINGS` of ``name`` over it (diffusers pipelines given
     ``SCHEDULER_CLASSES[name].from_config(config, **SCHEDULER_SETTINGS[name])``
-    sample the same, tests/test_diffusers_parity.py)."""
+    sample the same, tests/test_diffusers_parity.py). Config keys the class
+    does not take (a DDPM config's ``variance_type`` for lcm / tcd) are left
+    out: diffusers ignores them too, with a warning at every request."""
     if name not in SCHEDULER_CLASSES:
         raise InvalidInputError("scheduler", f"expected one of {', '.join(SCHEDULERS)}, got {name!r}")
-    return SCHEDULER_CLASSES[name].from_config(config, **SCHEDULER_SETTINGS[name])
+    cls = SCHEDULER_CLASSES[name]
+    taken = inspect.signature(cls.__init__).parameters
+    config = {k: v for k, v in config.items() if k in taken or k.startswith("_")}
+    return cls.from_config(config, **SCHEDULER_SETTINGS[name])
 
 
 @dataclass(frozen=True)
@@ -86,10 +104,32 @@ class GenerationRequest:
                                   cache_interval=self.cache_interval)
 
 
+def noise_generators(seed: int, count: int) -> list[torch.Generator]:
+    """Image i's own torch CPU generator, seeded ``seed + i``."""
+    return [torch.Generator().manual_seed(int(seed) + i) for i in range(count)]
+
+
+def draw_noise(generators: list[torch.Generator], shape: tuple[int, int, int]) -> torch.Tensor:
+    """[len(generators), C, h, w] noise, item i drawn from ``generators[i]`` (which advance)."""
+    return torch.cat([torch.randn((1,) + shape, generator=g) for g in generators])
+
+
 def initial_noise(seed: int, count: int, shape: tuple[int, int, int]) -> torch.Tensor:
     """[count, C, h, w] noise; image i from its own generator seeded ``seed + i``."""
-    out = [torch.randn((1,) + shape, generator=torch.Generator().manual_seed(int(seed) + i)) for i in range(count)]
-    return torch.cat(out)
+    return draw_noise(noise_generators(seed, count), shape)
+
+
+def step_kwargs(name: str, scheduler, generators: list[torch.Generator]) -> dict:
+    """The keyword arguments of ``scheduler.step`` besides the sample, as
+    diffusers' ``prepare_extra_step_kwargs`` builds them: ``eta`` (from
+    :data:`STEP_SETTINGS`) and the images' ``generators`` where ``step`` takes
+    them. Only ``lcm`` and ``tcd`` (with eta > 0) draw from them; the other
+    schedulers, with facetron's settings, never do."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs = {k: v for k, v in STEP_SETTINGS[name].items() if k in params}
+    if "generator" in params:
+        kwargs["generator"] = generators
+    return kwargs
 
 
 def wire_strength(strength: float) -> float:
@@ -140,7 +180,9 @@ def denoise(
     scheduler = make_scheduler(req.scheduler, scheduler_config)
     scheduler.set_timesteps(req.steps)
     timesteps = scheduler.timesteps
-    noise = initial_noise(req.seed, n, (latent_channels, h, w))
+    generators = noise_generators(req.seed, n)
+    noise = draw_noise(generators, (latent_channels, h, w))
+    extra = step_kwargs(req.scheduler, scheduler, generators)
     if init_latents is None:
         latents = noise * scheduler.init_noise_sigma
     else:
@@ -164,7 +206,7 @@ def denoise(
         if guided:
             u, c = pred.chunk(2)
             pred = u + req.guidance * (c - u)
-        latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+        latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
         if progress is not None:
             progress(i + 1, len(timesteps))
     return latents.numpy().astype(np.float32)

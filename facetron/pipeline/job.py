@@ -61,13 +61,15 @@ class PortraitJob:
 
 
 def build_job(request: GeneratorRequest, info: dict, registry: UserRegistry,
-              params: GeneratorParams = GeneratorParams(), styles: StyleRegistry | None = None) -> GenerationJob:
-    """Resolve a checked request against this server (errors name the input)."""
+              params: GeneratorParams = GeneratorParams(), styles: StyleRegistry | None = None,
+              token: str | None = None) -> GenerationJob:
+    """Resolve a checked request against this server (errors name the input); ``token``: the
+    caller's per-user token (a served registry opens a user only with it)."""
     # 1. the style (built-in or installed; unknown: INVALID_ARGUMENT, before any user lookup)
     style_name = request.style or DEFAULT_STYLE
     style = (styles or styles_for(registry.root)).get(style_name)
     # 2. the user, pinned at its served version (NotFoundError for an unknown user), and the prompts
-    user = registry.pin(request.user_id) if request.user_id else None
+    user = registry.pin(request.user_id, token) if request.user_id else None
     trigger, subject = user.identity_text() if user is not None else (DEFAULT_SUBJECT, DEFAULT_SUBJECT)
     prompt = style_prompt(style, trigger, subject) if request.prompt is None \
         else request.prompt.replace("{trigger}", trigger)
@@ -102,8 +104,8 @@ def build_job(request: GeneratorRequest, info: dict, registry: UserRegistry,
 
 def build_portrait_job(request: PortraitRequest, info: dict, registry: UserRegistry,
                        params: GeneratorParams = GeneratorParams(),
-                       styles: StyleRegistry | None = None) -> PortraitJob:
+                       styles: StyleRegistry | None = None, token: str | None = None) -> PortraitJob:
     """A portrait request resolved: the generation job + the pinned user's reference embedding."""
-    generation = build_job(request, info, registry, params, styles)  # top_k <= num_images: PortraitRequest.check
+    generation = build_job(request, info, registry, params, styles, token)  # top_k <= num_images: PortraitRequest.check
     return PortraitJob(generation, request.top_k or 0, request.strength_of_fusion,
                        generation.user.reference_embedding())

@@ -27,15 +27,16 @@ from facetron.triton.backend import (
     handle_each,
     pb,
     read_params,
+    user_token,
 )
-from facetron.users import registry_at, validate_user_id
+from facetron.users import served_registry, validate_user_id
 
 
 class FaceSelectModel:
     def initialize(self, args):
         params = read_params(args, FaceSelectParams)
         self.rules = select_rules(params)
-        self.users = registry_at(params.users_dir)
+        self.users = served_registry(params.users_dir)
         self.logger = pb().Logger
         metrics.install(args["model_name"])
 
@@ -48,7 +49,7 @@ class FaceSelectModel:
             return ref
         if user is None:
             raise InvalidInputError("reference_embedding", "one of reference_embedding or user_id is required")
-        return self.users.reference_embedding(validate_user_id(user))
+        return self.users.reference_embedding(validate_user_id(user), user_token(request))  # the caller's own
 
     def _select(self, request):
         images = check_request_pixels(get_input(request, "images", dtype=np.uint8, ndim=4))  # before any work

@@ -6,7 +6,7 @@ from facetron import contract, metrics
 from facetron.pipeline.portrait import run_portrait
 from facetron.request import PortraitRequest
 from facetron.triton import bls
-from facetron.triton.backend import cancel_check, handle_each, pb, typed_request
+from facetron.triton.backend import cancel_check, handle_each, pb, typed_request, user_token
 from facetron.triton.generator import ServedGenerator
 
 
@@ -19,7 +19,8 @@ class PortraitModel:
     def _portrait(self, request):
         progress = cancel_check(request, contract.PORTRAIT.name)  # stop between steps when the client gave up
         portrait = typed_request(request, PortraitRequest)  # parsed once
-        return run_portrait(portrait, self.generator, progress, detect=bls.detect, embed=bls.embed,
+        generator = self.generator.acting_for(user_token(request))  # the caller's own user only
+        return run_portrait(portrait, generator, progress, detect=bls.detect, embed=bls.embed,
                             rules=self.generator.rules)
 
     def execute(self, requests):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from facetron import contract, metrics
 from facetron.request import GeneratorRequest
-from facetron.triton.backend import cancel_check, handle_each, pb, typed_request
+from facetron.triton.backend import cancel_check, handle_each, pb, typed_request, user_token
 from facetron.triton.generator import ServedGenerator
 
 
@@ -20,9 +20,10 @@ class PortraitGeneratorModel:
         metrics.install(args["model_name"])
 
     def _generate(self, request):
-        job = self.generator.job(typed_request(request, GeneratorRequest))
+        generator = self.generator.acting_for(user_token(request))  # the caller's own user only
+        job = generator.job(typed_request(request, GeneratorRequest))
         progress = cancel_check(request, contract.PORTRAIT_GENERATOR.name)
-        return {"images": self.generator.images(job, self.generator.template(job), progress)}
+        return {"images": generator.images(job, generator.template(job), progress)}
 
     def execute(self, requests):
         return handle_each(requests, self._generate, self.logger)

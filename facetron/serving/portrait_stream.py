@@ -29,6 +29,7 @@ from facetron.triton.backend import (
     pb,
     typed_request,
     response,
+    user_token,
 )
 from facetron.triton.generator import ServedGenerator
 
@@ -57,7 +58,8 @@ class PortraitStreamModel:
                 sender.send(response({"progress": np.array([done, total], np.int32)}))
 
             portrait = typed_request(request, PortraitRequest)
-            out = run_portrait(portrait, self.generator, progress, detect=bls.detect, embed=bls.embed,
+            generator = self.generator.acting_for(user_token(request))  # the caller's own user only
+            out = run_portrait(portrait, generator, progress, detect=bls.detect, embed=bls.embed,
                                rules=self.generator.rules)
             sender.send(response(out), flags=final)
         except Exception as exc:  # noqa: BLE001 - every error must reach the client

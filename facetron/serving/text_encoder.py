@@ -21,9 +21,9 @@ from facetron.diffusion.lora_inputs import read_lora_manifest
 from facetron.net_runtimes import open_runtime
 from facetron.pipeline.lora_bank import LoraBank
 from facetron.pipeline.net_io import check_feed, check_token_ids
-from facetron.triton.backend import get_input, read_params, version_dir
+from facetron.triton.backend import check_callers, get_input, read_params, version_dir
 from facetron.triton.batching import item_strings, run_batched
-from facetron.users import registry_at
+from facetron.users import served_registry
 
 
 class TextEncoderModel:
@@ -33,7 +33,8 @@ class TextEncoderModel:
         # ONNX Runtime or OpenVINO (params.runtime): the LoRA tensors are plain graph inputs in both
         self.session = open_runtime(folder / "model.onnx", params.runtime, params.intra_op_threads or None,
                                     params.providers, precision=params.precision)
-        self.bank = LoraBank(read_lora_manifest(folder), registry_at(params.users_dir), w_face=params.w_face,
+        self.registry = served_registry(params.users_dir)
+        self.bank = LoraBank(read_lora_manifest(folder), self.registry, w_face=params.w_face,
                              max_bytes=int(params.lora_cache_mb * (1 << 20)))
         metrics.install(args["model_name"])
 
@@ -41,7 +42,9 @@ class TextEncoderModel:
         ids = check_token_ids(get_input(request, "input_ids", dtype=np.int32, ndim=2))
         feed = check_feed({"input_ids": ids}, self.session)
         n = ids.shape[0]
-        items = [(u, "", v) for u, v in zip(item_strings(request, "user_id", n), item_strings(request, "user_version", n))]
+        users = item_strings(request, "user_id", n)
+        check_callers(request, self.registry, users)  # each named user is the caller's own (its token)
+        items = [(u, "", v) for u, v in zip(users, item_strings(request, "user_version", n))]
         feed.update(self.bank.batch(self.bank.keys(items)))
         return feed
 

@@ -28,9 +28,9 @@ from facetron.pipeline.net_io import (
     unet_graph,
 )
 from facetron.style_registry import styles_for
-from facetron.triton.backend import get_input, read_params, version_dir
+from facetron.triton.backend import check_callers, get_input, read_params, version_dir
 from facetron.triton.batching import item_strings, run_batched, unet_feed
-from facetron.users import registry_at
+from facetron.users import served_registry
 
 #: feed entry (object array, one (user_id, style) per item) that carries the items' LoRA keys from
 #: UnetModel._read to _run, so a dynamic batch stacks its LoRA tensors once, not once per request
@@ -62,7 +62,8 @@ class UnetModel:
         self._shallow = None
         self._shallow_inputs: frozenset[str] = frozenset()  # the LoRA inputs it reads: fewer than the full graph's
         self._shallow_lock = threading.Lock()
-        registry = registry_at(params.users_dir)
+        registry = served_registry(params.users_dir)
+        self.registry = registry
         styles = styles_for(registry.root)
         self.bank = LoraBank(
             read_lora_manifest(folder),
@@ -90,8 +91,9 @@ class UnetModel:
             check_feed({DEEP_FEATURE: feature}, self.shallow())
         elif DEEP_FEATURE in request.requested_output_names():  # a full step that keeps its feature
             feed[WANTS_FEATURE] = np.ones(n, bool)
-        items = zip(item_strings(request, "user_id", n), item_strings(request, "style", n),
-                    item_strings(request, "user_version", n))
+        users = item_strings(request, "user_id", n)
+        check_callers(request, self.registry, users)  # each named user is the caller's own (its token)
+        items = zip(users, item_strings(request, "style", n), item_strings(request, "user_version", n))
         keys = np.empty(n, dtype=object)
         for i, key in enumerate(self.bank.keys(list(items))):  # resolved once per distinct item, here only
             keys[i] = key  # element-wise: numpy would read a list of tuples as an [n, 4] array

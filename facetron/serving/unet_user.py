@@ -4,9 +4,14 @@ the face (+ style) LoRA fused in; the code of every such model
 
 from __future__ import annotations
 
+import json
+
+from facetron import contract
 from facetron.net_runtimes import UNET_ORT_MEMORY
 from facetron.pipeline.net_io import NET_BUDGETS, check_feed
+from facetron.triton.backend import check_callers
 from facetron.triton.batching import net_session, run_batched, unet_feed
+from facetron.users import served_registry
 
 
 class UnetUserModel:
@@ -17,11 +22,15 @@ class UnetUserModel:
 
     def initialize(self, args):
         self.session = net_session(args, memory=UNET_ORT_MEMORY)  # a UNet keeps its arena (net_runtimes)
+        self.user_id = args["model_name"].removeprefix(contract.MERGED_UNET_PREFIX)  # this model's one user
+        config = json.loads(args["model_config"])
+        self.registry = served_registry(config.get("parameters", {}).get("users_dir", {}).get("string_value", ""))
 
     def _run(self, feed):
         return {"noise_pred": self.session.run(["noise_pred"], feed)[0]}
 
     def _read(self, request):
+        check_callers(request, self.registry, [self.user_id])  # generates with this user's identity: its token
         return check_feed(unet_feed(request), self.session)
 
     def execute(self, requests):

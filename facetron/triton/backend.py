@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
-from facetron.contract import BLS_TIMEOUT_S, ModelParams
+from facetron.contract import BLS_TIMEOUT_S, USER_TOKEN_HEADER, ModelParams
 from facetron.errors import (
     CancelledError,
     FacetronError,
@@ -137,6 +137,26 @@ def typed_request(request, cls: type[R]) -> R:
     return cls.from_arrays(request_arrays(request, cls.MODEL.input_names()))
 
 
+def user_token(request) -> str | None:
+    """The caller's per-user token (facetron.users): the ``facetron-user-token`` gRPC header,
+    which the launcher has Triton forward as a request parameter, or a parameter of that name
+    (what BLS calls pass on). None when the request carries none."""
+    try:
+        params = json.loads(request.parameters() or "{}")
+    except (AttributeError, ValueError):
+        return None
+    value = params.get(USER_TOKEN_HEADER) if isinstance(params, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def check_callers(request, registry, user_ids: Iterable[str]) -> None:
+    """Every named user of the request's items (empty = the base model) must be the
+    caller's own: its token in the request (facetron.users.UserRegistry.check_token)."""
+    token = user_token(request)
+    for user_id in dict.fromkeys(u for u in user_ids if u):
+        registry.check_token(user_id, token)
+
+
 def get_string(request, name: str, required: bool = True) -> str | None:
     """A one-element BYTES input decoded as UTF-8."""
     arr = get_input(request, name, required=required)
@@ -164,8 +184,10 @@ def cancel_check(request, what: str = "request") -> Callable[[int, int], None]:
 
 
 def bls_infer(model: str, inputs: Mapping[str, np.ndarray], outputs: Iterable[str],
-              timeout_s: float = BLS_TIMEOUT_S) -> dict[str, np.ndarray]:
+              timeout_s: float = BLS_TIMEOUT_S, token: str | None = None) -> dict[str, np.ndarray]:
     """Call another model of the same server (BLS); raise its error as a facetron error.
+    ``token``: the caller's per-user token, passed on as a request parameter (the callee
+    checks it like any other door).
 
     BLS responses lose the callee's error code (always INTERNAL in python
     backend 2.51), so the status travels in the message tag: a bad input
@@ -178,6 +200,7 @@ def bls_infer(model: str, inputs: Mapping[str, np.ndarray], outputs: Iterable[st
         inputs=[p.Tensor(k, np.ascontiguousarray(v)) for k, v in inputs.items()],
         requested_output_names=names,
         timeout=int(timeout_s * 1e6),  # microseconds in the callee's queue (its queue policy allows overrides)
+        **({"parameters": {USER_TOKEN_HEADER: token}} if token else {}),
     )
     answer = request.exec()
     if answer.has_error():
@@ -189,13 +212,13 @@ def bls_infer(model: str, inputs: Mapping[str, np.ndarray], outputs: Iterable[st
 
 
 def bls_chunked(model: str, inputs: Mapping[str, np.ndarray], output: str | Sequence[str],
-                max_batch: int) -> np.ndarray | tuple[np.ndarray, ...]:
+                max_batch: int, token: str | None = None) -> np.ndarray | tuple[np.ndarray, ...]:
     """``bls_infer`` over batch chunks of at most ``max_batch`` items, concatenated: the array of
     ``output``, or a tuple of arrays when ``output`` is a sequence of names."""
     names = [output] if isinstance(output, str) else list(output)
     n = len(next(iter(inputs.values())))
     parts: list[dict[str, np.ndarray]] = []
     for s in range(0, n, max_batch):
-        parts.append(bls_infer(model, {k: v[s : s + max_batch] for k, v in inputs.items()}, names))
+        parts.append(bls_infer(model, {k: v[s : s + max_batch] for k, v in inputs.items()}, names, token=token))
     joined = tuple(np.concatenate([p[name] for p in parts]) for name in names)
     return joined[0] if isinstance(output, str) else joined

@@ -125,14 +125,16 @@ def ensure_merged_unet(user_id: str, repository: Path, user_version: str | None 
 
 
 def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, repository: Path,
-                   merged_models: MergedModels, user_version: str | None = None) -> DiffusionNets:
+                   merged_models: MergedModels, user_version: str | None = None,
+                   token: str | None = None) -> DiffusionNets:
     """The diffusion nets as BLS calls to the models of the same server.
 
     ``identity_mode``: ``runtime_lora`` (one ``unet``, the user's LoRA from its
     bank) or ``merged`` (the user's own ``unet_user_<id>`` model, loaded
     through ``merged_models``). The text side is the runtime-LoRA
     ``text_encoder`` in both modes: each row carries ``user_id``, and the
-    user's text-encoder LoRA layers (if any; none = the base encoder) apply."""
+    user's text-encoder LoRA layers (if any; none = the base encoder) apply.
+    ``token``: the caller's per-user token, passed on to every net that reads the user."""
     merged = None
     if identity_mode == "merged" and user_id:
         merged = merged_models.use(user_id, repository, user_version)
@@ -143,15 +145,16 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
         inputs = {"sample": sample, "timestep": t.reshape(n, 1).astype(np.float32), "encoder_hidden_states": hidden}
         if merged is not None:
             try:
-                return bls_chunked(merged, inputs, outputs, unet_batch)
+                return bls_chunked(merged, inputs, outputs, unet_batch, token)
             except FacetronError:  # unloaded by another instance's LRU meanwhile: load again, once
-                return bls_chunked(merged_models.use(user_id, repository, user_version), inputs, outputs, unet_batch)
+                return bls_chunked(merged_models.use(user_id, repository, user_version), inputs, outputs,
+                                   unet_batch, token)
         inputs["user_id"] = np.array([[user_id.encode()]] * n, dtype=object)
         inputs["user_version"] = np.array([[(user_version or "").encode()]] * n, dtype=object)  # pinned per request
         inputs["style"] = np.array([[style.encode()]] * n, dtype=object)
         if feature is not None:
             inputs[contract.DEEP_FEATURE] = feature
-        return bls_chunked(contract.UNET.name, inputs, outputs, unet_batch)
+        return bls_chunked(contract.UNET.name, inputs, outputs, unet_batch, token)
 
     def unet(sample: np.ndarray, t: np.ndarray, hidden: np.ndarray) -> np.ndarray:
         return unet_call(sample, t, hidden)
@@ -165,7 +168,8 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
     def text_encode(ids: np.ndarray) -> np.ndarray:
         inputs = {"input_ids": ids, "user_id": np.array([[user_id.encode()]] * len(ids), dtype=object),
                   "user_version": np.array([[(user_version or "").encode()]] * len(ids), dtype=object)}
-        return bls_chunked(contract.TEXT_ENCODER.name, inputs, "last_hidden_state", contract.TEXT_ENCODER.max_batch_size)
+        return bls_chunked(contract.TEXT_ENCODER.name, inputs, "last_hidden_state", contract.TEXT_ENCODER.max_batch_size,
+                           token)
 
     def tokenize(texts: list[str]) -> np.ndarray:
         prompts = np.array([t.encode() for t in texts], dtype=object)

@@ -6,7 +6,7 @@ scheduler config, the user registry, and the diffusion nets as BLS calls
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, TypeVar
 
@@ -27,8 +27,8 @@ from facetron.pipeline.selection import select_rules
 from facetron.pipeline.template import PreparedTemplate, prepare_template
 from facetron.request import GeneratorRequest, PortraitRequest
 from facetron.triton import bls
-from facetron.triton.backend import read_params, repository_dir
-from facetron.users import UserRegistry, registry_at
+from facetron.triton.backend import pb, read_params, repository_dir
+from facetron.users import UserRegistry, served_registry
 
 P = TypeVar("P", bound=ModelParams)
 
@@ -57,6 +57,7 @@ class ServedGenerator:
     registry: UserRegistry
     merged: bls.MergedModels
     rules: SelectRules  # face_select's thresholds, as that model is configured
+    token: Optional[str] = field(default=None, repr=False)  # the caller's per-user token (acting_for)
 
     @classmethod
     def from_args(cls, args: dict, params_class: type[GeneratorParams] = GeneratorParams) -> "ServedGenerator":
@@ -64,14 +65,23 @@ class ServedGenerator:
         repository = repository_dir(args)
         info, scheduler_config = read_model_info(repository / contract.PORTRAIT_GENERATOR.name / contract.VERSION_FOLDER)
         rules = select_rules(model_params(repository, contract.FACE_SELECT.name, FaceSelectParams))
-        return cls(params, repository, info, scheduler_config, registry_at(params.users_dir),
+        registry = served_registry(params.users_dir)
+        if not registry.require_tokens:
+            pb().Logger.log_warn(f"{args['model_name']}: per-user tokens are OFF (facetron serve --no-user-tokens): "
+                                 "any caller can generate as any registered user")
+        return cls(params, repository, info, scheduler_config, registry,
                    bls.MergedModels(params.max_merged_models), rules)
 
+    def acting_for(self, token: Optional[str]) -> "ServedGenerator":
+        """This generator for one caller: its per-user token opens the user (UserRegistry.pin)
+        and goes with every net call that reads the user."""
+        return replace(self, token=token)
+
     def job(self, request: GeneratorRequest) -> GenerationJob:
-        return build_job(request, self.info, self.registry, self.params)
+        return build_job(request, self.info, self.registry, self.params, token=self.token)
 
     def portrait_job(self, request: PortraitRequest) -> PortraitJob:
-        return build_portrait_job(request, self.info, self.registry, self.params)
+        return build_portrait_job(request, self.info, self.registry, self.params, token=self.token)
 
     def template(self, job: GenerationJob) -> Optional[PreparedTemplate]:
         """The job's template, fitted and its face found (one face_detector call)."""
@@ -82,6 +92,6 @@ class ServedGenerator:
     def images(self, job: GenerationJob, template: Optional[PreparedTemplate],
                progress: Optional[ProgressFn] = None) -> np.ndarray:
         nets = bls.diffusion_nets(self.info, job.user_id, job.style, self.params.identity_mode, self.repository,
-                                  self.merged, job.user_version)
+                                  self.merged, job.user_version, self.token)
         return generate(nets, self.scheduler_config, job.prompt, job.negative_prompt, job.sampling,
                         template=template, progress=progress)

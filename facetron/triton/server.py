@@ -203,6 +203,7 @@ ADMIN_HEADER, GRPC_ADMIN_HEADER = contract.ADMIN_HEADER, contract.GRPC_ADMIN_HEA
 #: every protocol besides health, metadata and inference: behind the admin key in every launch mode
 RESTRICTED_APIS = ("shared-memory", "model-repository", "model-config", "statistics", "trace", "logging")
 ADMIN_KEY_ENV = contract.ADMIN_KEY_ENV
+USER_TOKEN_HEADER, USER_TOKENS_ENV = contract.USER_TOKEN_HEADER, contract.USER_TOKENS_ENV
 
 
 def restricted_args(key: str) -> list[str]:
@@ -352,6 +353,8 @@ class TritonServer:
     #: every non-inference API (:data:`RESTRICTED_APIS`) needs this key, in every model-control mode
     #: $FACETRON_ADMIN_KEY when set (one key for a deployment, its clients and tests), else a fresh random one
     admin_key: str = field(default_factory=lambda: os.environ.get(ADMIN_KEY_ENV) or secrets.token_hex(16), repr=False)
+    #: served models open a user only with its per-user token (facetron.users); False = single-user local use
+    user_tokens: bool = True
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _shm_lock: int | None = field(default=None, init=False, repr=False)
 
@@ -389,6 +392,8 @@ class TritonServer:
         # shared memory, repository, config, statistics, trace, logging: only with the key, in
         # every mode (python models' BLS load_model is in-process and unaffected)
         cmd += restricted_args(self.admin_key)
+        # the caller's per-user token reaches the models as a request parameter (facetron.users)
+        cmd += [f"--grpc-header-forward-pattern={USER_TOKEN_HEADER}", f"--http-header-forward-pattern={USER_TOKEN_HEADER}"]
         cmd += [f"--load-model={m}" for m in self.load_models]
         return cmd + list(self.extra_args)
 
@@ -405,6 +410,7 @@ class TritonServer:
     def _environment(self, install: TritonInstall) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.env)
+        env[USER_TOKENS_ENV] = "on" if self.user_tokens else "off"  # set either way: only the launcher decides
         # The python backend stub embeds the first python3 on PATH: make it
         # this interpreter's (the venv's), or models cannot import numpy.
         bindir = str(Path(sys.executable).parent)
@@ -488,6 +494,7 @@ class TritonServer:
         remove_orphaned_regions()
         lock = hold_shm_lock(self.shm_prefix)
         os.set_inheritable(lock, True)
+        os.environ[USER_TOKENS_ENV] = "on" if self.user_tokens else "off"  # as _environment does
         os.execv(command[0], command)
 
     def log_text(self) -> str:
