@@ -9,7 +9,9 @@ it with a reason:
    area is at least 4x the second's (FaceChain's rule), else drop;
 3. rotate upright from the eye line, re-detect, crop a square around the
    face and resize it to the training resolution;
-4. quality gate (detector score, face size, blur, exposure);
+4. quality gate (detector score, face size, blur, exposure, and from the
+   5 landmarks head pose and eye openness: profiles, strongly tilted heads
+   and closed eyes are dropped; :mod:`facetron.faces.quality`);
 then across the set:
 5. identity consistency: drop faces far from the set's identity
    (:mod:`facetron.faces.consistency`: leave-one-out cosine scores with a
@@ -215,7 +217,7 @@ class Preprocessor:
             return res.drop("face lost after cropping")
         i = _nearest_to_centre(det3.boxes, c.resolution)
         # quality is judged on the original pixels of the face (before resampling to the crop size)
-        quality = face_quality(upright, det2.boxes[j], float(det2.scores[j]))
+        quality = face_quality(upright, det2.boxes[j], float(det2.scores[j]), det2.landmarks[j])
         res.quality = quality.as_dict()
         failures = quality.failures(c.quality)
         if failures:

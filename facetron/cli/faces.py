@@ -97,7 +97,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 "file": str(path),
                 "num_faces": len(det),
                 "faces": [
-                    {"box": b, "score": float(s), "landmarks": lm, "quality": face_quality(image, b, s).as_dict()}
+                    {"box": b, "score": float(s), "landmarks": lm, "quality": face_quality(image, b, s, lm).as_dict()}
                     for b, s, lm in zip(det.boxes, det.scores, det.landmarks)
                 ],
             }
