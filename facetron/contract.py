@@ -91,8 +91,10 @@ MAX_LATENT_SIDE = MAX_SIDE // LATENT_FACTOR  # unet / vae_decoder: a latent side
 #: SD-1.5 generation sends). The VAE's mid-block self-attention holds (h*w)^2 floats per item: 1 GiB here, 16 GiB
 #: for a 2048x2048 image (measured: a 2x4x256x256 latent asks ONNX Runtime for 32 GiB). Pixels: x LATENT_FACTOR^2.
 VAE_MAX_ITEM_CELLS = (MAX_SIDE // 2 // LATENT_FACTOR) ** 2
-#: latent cells per VAE call: its max_batch_size (8) such items, what a public generation sends in one call
-VAE_MAX_BATCH_CELLS = 8 * VAE_MAX_ITEM_CELLS
+#: latent cells per VAE call: 2 such items (8 at SD-1.5's 512x512, as many as UNET_MAX_BATCH_CELLS). The
+#: generator sends its VAE work in calls of at most this many cells (vae_chunk); 8 items at 1024x1024 in one
+#: call held the tiny model's vae_decoder for 66.5 s on 2 cores, a quarter of that now
+VAE_MAX_BATCH_CELLS = 2 * VAE_MAX_ITEM_CELLS
 #: face_detector / face_select: pixels per request (16.8 Mpx): MAX_IMAGES candidates at 1024x1024 (a public
 #: SD-1.5 portrait's largest candidate set) or one MAX_TEMPLATE_SIDE template. face_embedder's chips are
 #: bounded by its config (max_batch_size FACE_NET_MAX_BATCH x CHIP_SIZE^2, refused by Triton itself).
@@ -115,6 +117,9 @@ ADMIN_KEY_ENV = "FACETRON_ADMIN_KEY"  # where the launcher and the client read t
 USER_TOKEN_HEADER = "facetron-user-token"
 #: "off" on the server turns the per-user token check off (single-user local use; `facetron serve --no-user-tokens`)
 USER_TOKENS_ENV = "FACETRON_USER_TOKENS"
+#: merged mode's server-wide LRU: the ledger file every model process of one server shares (set by the launcher:
+#: /dev/shm/<the server's shm prefix>merged-lru.json, removed with its regions); unset = one LRU per process
+MERGED_LEDGER_ENV = "FACETRON_MERGED_LEDGER"
 #: the operator's token store (raw tokens, one file per user; facetron.token_store), else <data root>/tokens
 TOKENS_DIR_ENV = "FACETRON_TOKENS_DIR"
 IDENTITY_MODES = ("runtime_lora", "merged")
@@ -213,9 +218,19 @@ def check_budget(*, num_images: int, steps: int, height: int, width: int, native
                                               f"this server's compute budget of {max_work:g} per request")
 
 
+def cells_chunk(height_cells: int, width_cells: int, max_batch: int, budget: int) -> int:
+    """Items per call so one call of ``height_cells x width_cells`` latents stays within ``budget`` cells."""
+    return max(1, min(max_batch, budget // max(1, height_cells * width_cells)))
+
+
 def unet_chunk(height_cells: int, width_cells: int, max_batch: int) -> int:
     """Items per UNet call so one call stays within UNET_MAX_BATCH_CELLS latent cells."""
-    return max(1, min(max_batch, UNET_MAX_BATCH_CELLS // max(1, height_cells * width_cells)))
+    return cells_chunk(height_cells, width_cells, max_batch, UNET_MAX_BATCH_CELLS)
+
+
+def vae_chunk(height_cells: int, width_cells: int, max_batch: int) -> int:
+    """Items per VAE call so one call stays within VAE_MAX_BATCH_CELLS latent cells."""
+    return cells_chunk(height_cells, width_cells, max_batch, VAE_MAX_BATCH_CELLS)
 
 
 def merged_unet_name(user_id: str) -> str:
@@ -372,7 +387,7 @@ class GeneratorParams(ModelParams):
     identity_mode: str = "runtime_lora"  # IDENTITY_MODES
     max_side_factor: float = MAX_SIDE_FACTOR
     max_work: float = MAX_WORK
-    max_merged_models: int = 4  # merged mode: unet_user_* models loaded at once per instance (LRU)
+    max_merged_models: int = 4  # merged mode: unet_user_* models loaded at once on the server (one LRU)
 
 
 # --- models ----------------------------------------------------------------------------

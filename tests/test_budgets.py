@@ -61,10 +61,12 @@ OVER = [
     ("text_encoder", "input_ids", str(C.TOKENS), lambda: {"input_ids": np.full((1, C.TOKENS + 1), 49407, np.int32)}),
     ("vae_decoder", "latent", str(C.MAX_LATENT_SIDE), lambda: {"latent": _zeros((1, C.LATENT_CHANNELS, 8, _SIDE))}),
     ("vae_decoder", "latent", str(C.VAE_MAX_ITEM_CELLS), lambda: {"latent": _zeros((1, C.LATENT_CHANNELS, 128, 129))}),
+    ("vae_decoder", "latent", str(C.VAE_MAX_BATCH_CELLS), lambda: {"latent": _zeros((3, C.LATENT_CHANNELS, 128, 128))}),
     ("vae_decoder", "batch-size", str(C.VAE_DECODER.max_batch_size),
      lambda: {"latent": _zeros((C.VAE_DECODER.max_batch_size + 1, C.LATENT_CHANNELS, 4, 4))}),
     ("vae_encoder", "images", str(C.MAX_SIDE), lambda: {"images": _zeros((1, C.MAX_SIDE + 8, 32, 3), np.uint8)}),
     ("vae_encoder", "images", str(C.VAE_MAX_ITEM_CELLS), lambda: {"images": _zeros((1, 1024, 1032, 3), np.uint8)}),
+    ("vae_encoder", "images", str(C.VAE_MAX_BATCH_CELLS), lambda: {"images": _zeros((3, 1024, 1024, 3), np.uint8)}),
     ("vae_encoder", "batch-size", str(C.VAE_ENCODER.max_batch_size),
      lambda: {"images": _zeros((C.VAE_ENCODER.max_batch_size + 1, 32, 32, 3), np.uint8)}),
     ("face_detector", "images", str(C.MAX_REQUEST_PIXELS), lambda: {"images": _zeros((2, 4096, 2049, 3), np.uint8)}),
@@ -95,7 +97,12 @@ def test_the_budgets_cover_every_net_model() -> None:
     assert C.MAX_REQUEST_PIXELS >= C.MAX_IMAGES * 1024 * 1024
     assert C.MAX_REQUEST_PIXELS >= C.MAX_TEMPLATE_SIDE ** 2
     assert C.VAE_MAX_ITEM_CELLS >= (1024 // C.LATENT_FACTOR) ** 2
-    assert C.VAE_MAX_BATCH_CELLS >= C.VAE_DECODER.max_batch_size * C.VAE_MAX_ITEM_CELLS  # Triton's batch bound binds
+    assert C.VAE_MAX_BATCH_CELLS >= 2 * C.VAE_MAX_ITEM_CELLS  # a call holds two of the largest items
+    assert C.VAE_MAX_BATCH_CELLS >= C.VAE_DECODER.max_batch_size * (512 // C.LATENT_FACTOR) ** 2  # 8 at SD-1.5 512
+    # the generator's VAE calls fit the budget whatever the size (facetron.triton.bls chunks by cells)
+    for side in (64, 512, 768, 1024):
+        cells = side // C.LATENT_FACTOR
+        assert 1 <= C.vae_chunk(cells, cells, C.VAE_DECODER.max_batch_size) * cells * cells <= C.VAE_MAX_BATCH_CELLS
     assert C.MAX_TOKENIZER_REQUEST_BYTES >= 2 * C.MAX_PROMPT_BYTES  # portrait's prompt + negative prompt
 
 

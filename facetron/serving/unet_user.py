@@ -4,13 +4,13 @@ the face (+ style) LoRA fused in; the code of every such model
 
 from __future__ import annotations
 
-import json
-
 from facetron import contract
+from facetron.contract import GeneratorParams
 from facetron.net_runtimes import UNET_ORT_MEMORY
 from facetron.pipeline.net_io import NET_BUDGETS, check_feed
-from facetron.triton.backend import check_callers
+from facetron.triton.backend import check_callers, repository_dir
 from facetron.triton.batching import net_session, run_batched, unet_feed
+from facetron.triton.generator import model_params
 from facetron.users import served_registry
 
 
@@ -23,8 +23,9 @@ class UnetUserModel:
     def initialize(self, args):
         self.session = net_session(args, memory=UNET_ORT_MEMORY)  # a UNet keeps its arena (net_runtimes)
         self.user_id = args["model_name"].removeprefix(contract.MERGED_UNET_PREFIX)  # this model's one user
-        config = json.loads(args["model_config"])
-        self.registry = served_registry(config.get("parameters", {}).get("users_dir", {}).get("string_value", ""))
+        # the registry of this repository's generator (whose requests this model serves)
+        users_dir = model_params(repository_dir(args), contract.PORTRAIT_GENERATOR.name, GeneratorParams).users_dir
+        self.registry = served_registry(users_dir)
 
     def _run(self, feed):
         return {"noise_pred": self.session.run(["noise_pred"], feed)[0]}

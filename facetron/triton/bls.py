@@ -7,8 +7,11 @@ models), so the composing logic runs unchanged in tests and benchmarks and
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -31,9 +34,13 @@ def embed(chips: np.ndarray) -> np.ndarray:
 
 
 class MergedModels:
-    """The merged ``unet_user_<id>`` models this process uses, least recently
+    """The merged ``unet_user_<id>`` models the server uses, least recently
     used first: loading one more than ``max_loaded`` unloads the oldest (each
-    is a whole UNet: ~1.7 GB at SD-1.5 shapes). Another process may unload a
+    is a whole UNet: ~1.7 GB at SD-1.5 shapes). The order is server-wide:
+    every model process of one server (each instance of portrait,
+    portrait_stream, portrait_generator) records its uses in one ledger file
+    (``$FACETRON_MERGED_LEDGER``, which the launcher sets), under an flock;
+    without it, each process keeps its own. Another process may unload a
     model this one still uses; its next call then reloads it (``diffusion_nets``).
 
     Each entry keeps the merge this process last had the server load (or
@@ -42,10 +49,12 @@ class MergedModels:
     :func:`ensure_merged_unet` on its next use, whichever process loaded the
     old one."""
 
-    def __init__(self, max_loaded: int):
+    def __init__(self, max_loaded: int, ledger: Path | None = None):
         self.max_loaded = max(1, max_loaded)
         self.loaded: OrderedDict[str, tuple] = OrderedDict()
         self.lock = threading.Lock()
+        env = os.environ.get(contract.MERGED_LEDGER_ENV)
+        self.ledger = ledger if ledger is not None else (Path(env) if env else None)
 
     def use(self, user_id: str, repository: Path, user_version: str | None = None) -> str:
         name = contract.merged_unet_name(user_id)
@@ -56,14 +65,36 @@ class MergedModels:
             self.loaded[name] = stamp
             self.loaded.move_to_end(name)
             stale = list(self.loaded)[: max(0, len(self.loaded) - self.max_loaded)]
+            if self.ledger is not None:
+                stale = self._record_use(name)  # the server-wide order decides
             for old in stale:
-                del self.loaded[old]
+                self.loaded.pop(old, None)
         for old in stale:
             try:
                 pb().unload_model(model_name=old)
             except Exception:  # noqa: BLE001 - already gone: nothing to free
                 pass
         return name
+
+    def _record_use(self, name: str) -> list[str]:
+        """``name`` used now in the server-wide ledger ({model: last use, epoch s}); returns the
+        models beyond ``max_loaded`` by last use, taken out of the ledger (the caller unloads them)."""
+        fd = os.open(self.ledger, os.O_RDWR | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "r+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                uses = json.loads(fh.read() or "{}")
+            except ValueError:
+                uses = {}  # a torn ledger (a process killed mid-write): start over, models reload on use
+            uses[name] = time.time()
+            order = sorted(uses, key=lambda m: (uses[m], m))
+            stale = [m for m in order[: max(0, len(order) - self.max_loaded)] if m != name]
+            for old in stale:
+                del uses[old]
+            fh.seek(0)
+            fh.truncate()
+            fh.write(json.dumps(uses))
+        return stale
 
 
 def merge_stamp(model_dir: Path) -> tuple:
@@ -183,9 +214,12 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
         unet_deep=unet_deep if merged is None else None,
         unet_shallow=unet_shallow if merged is None else None,
         vae_decode=lambda latent: bls_chunked(contract.VAE_DECODER.name, {"latent": latent}, "images",
-                                              contract.VAE_DECODER.max_batch_size),
+                                              contract.vae_chunk(latent.shape[2], latent.shape[3],
+                                                                 contract.VAE_DECODER.max_batch_size)),
         vae_encode=lambda images: bls_chunked(contract.VAE_ENCODER.name, {"images": images}, "latent",
-                                              contract.VAE_ENCODER.max_batch_size),
+                                              contract.vae_chunk(images.shape[1] // contract.LATENT_FACTOR,
+                                                                 images.shape[2] // contract.LATENT_FACTOR,
+                                                                 contract.VAE_ENCODER.max_batch_size)),
         latent_channels=int(info["latent_channels"]),
         latent_factor=int(info["latent_factor"]),
     )

@@ -204,6 +204,7 @@ ADMIN_HEADER, GRPC_ADMIN_HEADER = contract.ADMIN_HEADER, contract.GRPC_ADMIN_HEA
 RESTRICTED_APIS = ("shared-memory", "model-repository", "model-config", "statistics", "trace", "logging")
 ADMIN_KEY_ENV = contract.ADMIN_KEY_ENV
 USER_TOKEN_HEADER, USER_TOKENS_ENV = contract.USER_TOKEN_HEADER, contract.USER_TOKENS_ENV
+MERGED_LEDGER_ENV = contract.MERGED_LEDGER_ENV
 
 
 def restricted_args(key: str) -> list[str]:
@@ -398,6 +399,12 @@ class TritonServer:
         return cmd + list(self.extra_args)
 
     @property
+    def merged_ledger(self) -> Path:
+        """Merged mode's server-wide LRU (facetron.triton.bls.MergedModels): beside this server's
+        shared-memory regions, so it goes when they go (also after a SIGKILL, at the next start)."""
+        return SHM_DIR / f"{self.shm_prefix}merged-lru.json"
+
+    @property
     def admin_headers(self) -> dict[str, str]:
         """gRPC metadata for the restricted APIs (:data:`RESTRICTED_APIS`)."""
         return {GRPC_ADMIN_HEADER: self.admin_key}
@@ -411,6 +418,7 @@ class TritonServer:
         env = dict(os.environ)
         env.update(self.env)
         env[USER_TOKENS_ENV] = "on" if self.user_tokens else "off"  # set either way: only the launcher decides
+        env[MERGED_LEDGER_ENV] = str(self.merged_ledger)
         # The python backend stub embeds the first python3 on PATH: make it
         # this interpreter's (the venv's), or models cannot import numpy.
         bindir = str(Path(sys.executable).parent)
@@ -495,6 +503,7 @@ class TritonServer:
         lock = hold_shm_lock(self.shm_prefix)
         os.set_inheritable(lock, True)
         os.environ[USER_TOKENS_ENV] = "on" if self.user_tokens else "off"  # as _environment does
+        os.environ[MERGED_LEDGER_ENV] = str(self.merged_ledger)
         os.execv(command[0], command)
 
     def log_text(self) -> str:
