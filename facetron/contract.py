@@ -122,6 +122,9 @@ USER_TOKENS_ENV = "FACETRON_USER_TOKENS"
 MERGED_LEDGER_ENV = "FACETRON_MERGED_LEDGER"
 #: the operator's token store (raw tokens, one file per user; facetron.token_store), else <data root>/tokens
 TOKENS_DIR_ENV = "FACETRON_TOKENS_DIR"
+#: set by a process that runs facetron commands as its stages (the web app): the stage ends when that process
+#: dies, even by SIGKILL (facetron.cli.conventions.end_with_parent)
+PARENT_PID_ENV = "FACETRON_PARENT_PID"
 IDENTITY_MODES = ("runtime_lora", "merged")
 #: Runtimes of a served net on the cpu target (facetron.net_runtimes); the
 #: ``runtime`` parameter of NetParams / UnetParams ("openvino" falls back to

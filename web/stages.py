@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from facetron.contract import PARENT_PID_ENV
 from facetron.errors import FacetronError
 
 StageProgress = Callable[[int, int, str], None]  # (done, total, label)
@@ -148,6 +149,7 @@ def run_stage(args: Sequence[str], on_progress: Optional[StageProgress] = None, 
     child_env = {**os.environ, **(env or {})}
     child_env.setdefault("TQDM_MININTERVAL", "0.2")  # a few updates per second are plenty
     child_env["PYTHONUNBUFFERED"] = "1"
+    child_env[PARENT_PID_ENV] = str(os.getpid())  # the stage ends with the app, even a SIGKILLed one
     t0 = time.perf_counter()
     with _live_lock:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,

@@ -12,15 +12,20 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
+import signal
 import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
 from facetron import __version__, progress
+from facetron.contract import PARENT_PID_ENV
 from facetron.paths import shown
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 DISTRIBUTION = "facetron"
 #: the log level switches of the libraries facetron loads models with, set to "error" by -q
@@ -140,3 +145,16 @@ def apply_global_options(args: argparse.Namespace) -> None:
         for variable in QUIET_LIBRARY_ENV:
             os.environ.setdefault(variable, "error")
     progress.set_mode("off" if quiet else getattr(args, "progress", progress.DEFAULT_PROGRESS))
+
+
+def end_with_parent() -> None:
+    """A command run as another process's stage (``$FACETRON_PARENT_PID``, set by the web app)
+    ends when that process dies, even by SIGKILL: Linux's parent-death signal (SIGTERM), armed
+    here; a parent already gone before it was armed ends the command at once."""
+    parent = os.environ.get(PARENT_PID_ENV, "")
+    if not parent.isdigit():
+        return
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != int(parent):
+        raise SystemExit(f"facetron: the process that started this command ({parent}) is gone")

@@ -13,8 +13,8 @@ from typing import Sequence
 
 from facetron.cli import assets, bench, demo, export, faces, generate, serve, tokenize, train, users, web
 from facetron.cli import evaluate, styles
-from facetron.cli.conventions import (HelpFormatter, add_global_options, apply_global_options, installed_version,
-                                      is_leaf, walk)
+from facetron.cli.conventions import (HelpFormatter, add_global_options, apply_global_options, end_with_parent,
+                                      installed_version, is_leaf, walk)
 from facetron.errors import FacetronError
 from facetron.paths import HOME_ENV, LEGACY_HOME_ENV
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    end_with_parent()  # a stage of the web app ends with it
     parser = build_parser()
     args = parser.parse_args(argv)
     apply_global_options(args)
