@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from facetron.client.requests import user_headers
 from facetron.users import UserRegistry
 from user_tokens import grant  # noqa: E402
 
@@ -107,7 +108,7 @@ def test_a_cancelled_generation_stops_between_steps(triton, two_users) -> None:
     before, _ = _unet_counts(triton)
     with grpcclient.InferenceServerClient(triton.grpc_url) as raw:
         with pytest.raises(InferenceServerException, match="Deadline"):
-            raw.infer("portrait_generator", inputs, client_timeout=1.0)
+            raw.infer("portrait_generator", inputs, client_timeout=1.0, headers=user_headers(two_users[1]))
     deadline = time.monotonic() + 20
     counts = [_unet_counts(triton)[0]]
     while time.monotonic() < deadline:  # poll until the step count stops moving
