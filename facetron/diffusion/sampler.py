@@ -18,14 +18,16 @@ Equal to diffusers (``tests/test_diffusers_parity.py``): text-to-image is
 (or, equivalently, ``generator=[torch.Generator().manual_seed(seed + i)
 for i in range(n)]``, which ``lcm`` and ``tcd`` need: they draw from the
 generators at every step but the last; ``tcd`` with ``eta=contract.TCD_ETA``);
-template mode is ``StableDiffusionImg2ImgPipeline``
+template mode (``init_latents`` + ``mask``) is ``StableDiffusionInpaintPipeline``
 with the same noise, the start step of its ``get_timesteps``
-(:func:`start_step`) and, as ``image``, the template's latent. One
-deliberate difference: facetron's ``vae_encoder`` returns the **mean** of
-the VAE's latent distribution (deterministic, one served net), where
-diffusers' img2img *samples* it with the request's generator; the parity
-test passes that mean to diffusers as a 4-channel ``image`` (which its
-``prepare_latents`` takes as latents as they are).
+(:func:`start_step`), as ``image`` the template's latent and as ``mask_image``
+the template's face mask (``padding_mask_crop=None``: no paste); ``init_latents``
+alone is ``StableDiffusionImg2ImgPipeline``. One deliberate difference:
+facetron's ``vae_encoder`` returns the **mean** of the VAE's latent
+distribution (deterministic, one served net), where diffusers *samples* it
+with the request's generator(s); the parity tests pass that mean to diffusers
+as a 4-channel ``image`` (and ``masked_image_latents``), which its
+``prepare_latents`` / ``prepare_mask_latents`` take as latents as they are.
 """
 
 from __future__ import annotations
@@ -146,7 +148,8 @@ def wire_strength(strength: float) -> float:
 
 def start_step(steps: int, strength: float) -> int:
     """Template mode's first step, diffusers' ``StableDiffusionImg2ImgPipeline.
-    get_timesteps`` rule: ``init_timestep = min(int(steps * strength), steps)``,
+    get_timesteps`` rule (``StableDiffusionInpaintPipeline``'s is a copy of it):
+    ``init_timestep = min(int(steps * strength), steps)``,
     ``t_start = max(steps - init_timestep, 0)`` — truncation, no epsilon, as
     diffusers does (strength read by :func:`wire_strength`). The loop then
     runs ``steps - t_start = int(steps * strength)`` steps. Where that is 0
@@ -167,14 +170,30 @@ def denoise(
     latent_factor: int,
     init_latents: Optional[np.ndarray] = None,
     progress: Optional[ProgressFn] = None,
+    mask: Optional[np.ndarray] = None,
+    masked_image_latents: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """Run the scheduler loop; returns final latents (scaled) [N, C, h, w].
 
     ``cond``/``uncond`` are [1, 77, D] text embeddings (broadcast to N).
-    With ``init_latents`` [1 or N, C, h, w] (template mode: the template's
-    VAE latent *mean* x scaling factor, see the module docstring), the loop
-    starts from the template noised to the timestep of :func:`start_step`
-    instead of pure noise, as diffusers' img2img does."""
+    With ``init_latents`` [1 or N, C, h, w] (the template's VAE latent *mean*
+    x scaling factor, see the module docstring) alone, the loop starts from
+    the template noised to the timestep of :func:`start_step` instead of pure
+    noise, as diffusers' img2img does.
+
+    With ``mask`` too (template mode: float32 {0, 1} [h, w], 1 = re-generated,
+    :func:`facetron.pipeline.template.latent_mask`) it is diffusers'
+    ``StableDiffusionInpaintPipeline``: at strength 1 the loop starts from pure
+    noise (its ``is_strength_max``), else as above; then
+
+    * a plain (``latent_channels``-input) UNet, ``masked_image_latents`` None:
+      after each scheduler step the region outside the mask is the template's
+      latent noised with the initial noise to the *next* timestep (after the
+      last step: the latent itself), ``latents = (1 - mask) * known + mask * latents``;
+    * an inpainting UNet (``2 * latent_channels + 1`` inputs, SD-1.5
+      inpainting): ``masked_image_latents`` [1 or N, C, h, w] (the masked
+      template's latent) and the mask follow the scaled sample as extra input
+      channels, and nothing is blended."""
     n = req.num_images
     h, w = req.height // latent_factor, req.width // latent_factor
     scheduler = make_scheduler(req.scheduler, scheduler_config)
@@ -183,30 +202,66 @@ def denoise(
     generators = noise_generators(req.seed, n)
     noise = draw_noise(generators, (latent_channels, h, w))
     extra = step_kwargs(req.scheduler, scheduler, generators)
+    if init_latents is None and (mask is not None or masked_image_latents is not None):
+        raise ValueError("denoise: mask and masked_image_latents need init_latents")
     if init_latents is None:
         latents = noise * scheduler.init_noise_sigma
     else:
-        init = torch.from_numpy(np.asarray(init_latents, np.float32))
-        if init.shape[1:] != (latent_channels, h, w):
-            raise InvalidInputError("template", f"latent shape {list(init.shape[1:])} does not match {[latent_channels, h, w]}")
-        init = init.expand(n, -1, -1, -1) if init.shape[0] == 1 else init
+        init = _latent_batch(init_latents, n, (latent_channels, h, w))
         start = start_step(req.steps, req.strength)
         timesteps = timesteps[start * scheduler.order :]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start * scheduler.order)
-        latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(n))
+        if mask is not None and wire_strength(req.strength) == 1.0:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(n))
     guided = req.guidance > 1.0
+    blend, conditioning = _inpaint_inputs(mask, masked_image_latents, n, (latent_channels, h, w), guided)
     hidden = np.concatenate([np.repeat(uncond, n, 0), np.repeat(cond, n, 0)]) if guided else np.repeat(cond, n, 0)
     hidden = hidden.astype(np.float32)
     for i, t in enumerate(timesteps):
         model_in = torch.cat([latents, latents]) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t)
+        if conditioning is not None:
+            model_in = torch.cat([model_in, conditioning], dim=1)
         tt = np.full((model_in.shape[0],), float(t), np.float32)
         pred = torch.from_numpy(np.asarray(unet(model_in.numpy().astype(np.float32), tt, hidden)))
         if guided:
             u, c = pred.chunk(2)
             pred = u + req.guidance * (c - u)
         latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
+        if blend is not None:
+            known = init
+            if i < len(timesteps) - 1:
+                known = scheduler.add_noise(init, noise, torch.tensor([timesteps[i + 1]]))
+            latents = (1 - blend) * known + blend * latents
         if progress is not None:
             progress(i + 1, len(timesteps))
     return latents.numpy().astype(np.float32)
+
+
+def _latent_batch(latents: np.ndarray, n: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """[1 or n, C, h, w] template latents as an [n, C, h, w] tensor; InvalidInputError on another shape."""
+    t = torch.from_numpy(np.asarray(latents, np.float32))
+    if t.ndim != 4 or t.shape[1:] != shape or t.shape[0] not in (1, n):
+        raise InvalidInputError("template", f"latent shape {list(t.shape)} does not match {[n, *shape]}")
+    return t.expand(n, -1, -1, -1) if t.shape[0] == 1 else t
+
+
+def _inpaint_inputs(mask: Optional[np.ndarray], masked_image_latents: Optional[np.ndarray], n: int,
+                    shape: tuple[int, int, int], guided: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(blend mask [1, 1, h, w] for a plain UNet, extra UNet input [B, 1 + C, h, w] for an inpainting UNet):
+    at most one of them, as :func:`denoise` uses them; (None, None) without a mask."""
+    if mask is None:
+        if masked_image_latents is not None:
+            raise ValueError("denoise: masked_image_latents needs a mask")
+        return None, None
+    m = torch.from_numpy(np.asarray(mask, np.float32))
+    if m.shape != shape[1:]:
+        raise InvalidInputError("template", f"mask shape {list(m.shape)} does not match the latent's {list(shape[1:])}")
+    m = m[None, None]
+    if masked_image_latents is None:
+        return m, None
+    conditioning = torch.cat([m.expand(n, -1, -1, -1), _latent_batch(masked_image_latents, n, shape)], dim=1)
+    return None, torch.cat([conditioning, conditioning]) if guided else conditioning

@@ -3,9 +3,13 @@
 
 ``generate`` runs tokenizer -> text encoder -> denoising loop
 (:mod:`facetron.diffusion.sampler`) -> VAE decoder, with optional template
-mode (FaceChain's "inpaint a template photo": the template is VAE-encoded,
-noised to ``strength``, denoised, and only the template's face region is
-taken from the generated image). The nets are passed in as callables: BLS
+mode (FaceChain's "inpaint a template photo"): diffusers'
+``StableDiffusionInpaintPipeline`` in latent space over the template's face
+mask (:mod:`facetron.pipeline.template`). The template is VAE-encoded, noised
+to ``strength``; the face region is denoised while the rest is the template's
+latent, noised to each step's level (plain UNet) or given to an inpainting
+UNet as input; the decoded latents are the answer, as diffusers returns them
+(no pixel paste unless asked for). The nets are passed in as callables: BLS
 calls inside Triton (:mod:`facetron.triton.bls`), ONNX Runtime sessions
 in-process.
 """
@@ -24,10 +28,7 @@ from facetron.diffusion.nets import DiffusionNets
 from facetron.diffusion.sampler import GenerationRequest, ProgressFn, denoise
 from facetron.diffusion.step_cache import step_cached
 from facetron.errors import InvalidInputError
-from facetron.pipeline.template import (
-    PreparedTemplate,
-    face_region_mask,
-)
+from facetron.pipeline.template import PreparedTemplate, face_region_mask, masked_template
 
 
 
@@ -65,29 +66,49 @@ def generate(
     unet_extra: Optional[dict[str, np.ndarray]] = None,
     template: Optional[PreparedTemplate] = None,
     progress: Optional[ProgressFn] = None,
+    unet_in_channels: Optional[int] = None,
+    paste_template: bool = False,
 ) -> np.ndarray:
     """Images uint8 [N, H, W, 3] for a validated request (``build_job`` or ``req.validate``).
 
     ``unet_extra``: extra UNet inputs per call (runtime-LoRA tensors).
-    ``template`` (fitted, its face found: :func:`serving.template.prepare_template`)
-    turns on template mode: only its face region is re-generated."""
+    ``template`` (fitted, its face found, its masks built:
+    :func:`facetron.pipeline.template.prepare_template`) turns on template
+    mode: its face region is inpainted (``template.latent_mask``).
+    ``unet_in_channels``: the UNet's input channels; None or
+    ``nets.latent_channels`` is a plain UNet (the served one),
+    ``2 * latent_channels + 1`` an inpainting UNet (template mode only; the
+    masked template is encoded too).
+    ``paste_template``: after decoding, put the template's own pixels back
+    outside its feathered face region (FaceChain's paste; not diffusers'
+    pipeline, so off by default)."""
+    channels = nets.latent_channels
+    inpainting_unet = unet_in_channels not in (None, channels)
+    if inpainting_unet and unet_in_channels != 2 * channels + 1:
+        raise ValueError(f"unet_in_channels: expected {channels} or {2 * channels + 1}, got {unet_in_channels}")
+    if inpainting_unet and template is None:
+        raise InvalidInputError("template", "an inpainting UNet needs a template (it has no text-to-image mode here)")
+    if inpainting_unet and req.cache_interval != 1:
+        raise InvalidInputError("cache_interval", "step caching has no graphs for an inpainting UNet: use 1")
     # 1. text embeddings (conditional, unconditional)
     hidden = nets.text_encode(nets.tokenize([prompt, negative_prompt]))
     cond, uncond = hidden[:1], hidden[1:2]
     unet = _unet_fn(nets, req.cache_interval, unet_extra or {})
 
-    # 2. template mode: start from the template's latent
-    init = None
+    # 2. template mode: the template's latent and mask (an inpainting UNet: the masked template's latent too)
+    init = mask = masked = None
     if template is not None:
         if nets.vae_encode is None:
             raise InvalidInputError("template", "template mode needs the vae_encoder model, which is not deployed")
-        init = nets.vae_encode(template.image[None])
+        init, mask = nets.vae_encode(template.image[None]), template.latent_mask
+        if inpainting_unet:
+            masked = nets.vae_encode(masked_template(template)[None])
     # 3. denoise, 4. decode
-    latents = denoise(unet, scheduler_config, cond, uncond, req, nets.latent_channels, nets.latent_factor,
-                      init_latents=init, progress=progress)
+    latents = denoise(unet, scheduler_config, cond, uncond, req, channels, nets.latent_factor,
+                      init_latents=init, progress=progress, mask=mask, masked_image_latents=masked)
     images = nets.vae_decode(latents)
-    # 5. template mode: keep the template outside its face region
-    if template is not None:
-        mask = face_region_mask(template.image.shape, template.landmarks)
-        images = (template.image[None] * (1 - mask) + images * mask + 0.5).clip(0, 255).astype(np.uint8)
+    # 5. optional: the template's own pixels outside its face region
+    if template is not None and paste_template:
+        region = face_region_mask(template.image.shape, template.landmarks)
+        images = (template.image[None] * (1 - region) + images * region + 0.5).clip(0, 255).astype(np.uint8)
     return images
