@@ -2,8 +2,10 @@
 
 :class:`DiffusionSource` exports the runtime-LoRA text encoder, the VAE and
 the runtime-LoRA UNet (with its step-cache shallow graph) of a base model
-into a work folder, each under its served name and in its version folder's
-layout (``<work>/unet/``, ``<work>/unet/shallow/``, ``<work>/text_encoder/``,
+into a work folder (and, given ``tiny_vae``, the tiny autoencoder's
+``vae_decoder_tiny`` / ``vae_encoder_tiny``: :mod:`facetron.export.tiny_vae`),
+each under its served name and in its version folder's layout
+(``<work>/unet/``, ``<work>/unet/shallow/``, ``<work>/text_encoder/``,
 ...: :data:`facetron.contract.MODEL_FILE` and the names beside it), and
 gives the repository assembler (:mod:`facetron.export.repository`) what it
 needs of them: each net's folder, the files of a version folder, the
@@ -26,10 +28,11 @@ from facetron.contract import (INT8_DEVIATION, INT8_FOLDER, MODEL_FILE, MODEL_IN
                                SHALLOW_FOLDER, UNET)
 from facetron.diffusion.base_model import load_base_model, model_hash
 from facetron.export.model_configs import ModelDef
-from facetron.export.onnx_export import ModelDims, export_onnx
-from facetron.export.onnx_graph import example_inputs, read_io
+from facetron.export.onnx_export import ModelDims, export_model, export_onnx
+from facetron.export.onnx_graph import MODELS, TINY_VAE_NETS, example_inputs, read_io
 from facetron.export.runtime_lora import export_runtime_lora_text_encoder
 from facetron.export.step_cache_graphs import export_runtime_lora_deep_cache_unet
+from facetron.export.tiny_vae import load_tiny_vae, tiny_vae_info
 
 #: the served nets whose graphs take runtime-LoRA inputs (``lora_manifest.json`` beside the graph)
 RUNTIME_LORA_NETS = ("text_encoder", "unet")
@@ -46,30 +49,42 @@ def copy_graph(src: Path, dest: Path) -> None:
 @dataclass
 class DiffusionSource:
     """Where the diffusion models come from: a base model folder (None = the
-    tiny embedded default) exported to ONNX during assembly."""
+    tiny embedded default) exported to ONNX during assembly; ``tiny_vae``: a
+    diffusers ``AutoencoderTiny`` folder (TAESD) served beside the full VAE as
+    ``vae_decoder_tiny`` / ``vae_encoder_tiny`` (None = none)."""
 
     base_model: Path | None = None
     lora_rank: int = 16  # runtime-LoRA rank (face + style LoRA ranks must fit)
     text_encoder_lora_rank: int = 32  # the runtime-LoRA text encoder's (FaceChain's text-encoder LoRA rank)
+    tiny_vae: Path | None = None
     _exported: Path | None = None
     _dims: ModelDims | None = None
     _vocab: int = VOCAB_SIZE
     _info: dict | None = None
     _scheduler: dict | None = None
     _base: object | None = None
+    _tiny: object | None = None  # the AutoencoderTiny (load_tiny_vae), when tiny_vae is given
     _torch_nets: dict = field(default_factory=dict)  # name -> (module, inputs): torch_net's oracles
 
     def export(self, work: Path) -> None:
-        """Export the nets once into ``work`` (runtime-LoRA text encoder, VAE, runtime-LoRA UNet)."""
+        """Export the nets once into ``work`` (runtime-LoRA text encoder, VAE, runtime-LoRA UNet, and the
+        tiny autoencoder's decoder and encoder when ``tiny_vae`` is given)."""
 
         base = load_base_model(self.base_model)
+        # the tiny autoencoder checked against the base model before any export (InvalidInputError: --tiny-vae)
+        tiny = load_tiny_vae(self.tiny_vae, base) if self.tiny_vae is not None else None
         export_onnx(base, work, models=("vae_decoder", "vae_encoder"))
+        if tiny is not None:
+            for name in TINY_VAE_NETS:
+                print(f"[export] {name} ...", flush=True)
+                export_model(name, work, vae=tiny, dims=ModelDims.of(base))
         # the served UNet: the runtime-LoRA graph that also gives the step cache's deep feature, + its shallow graph
         export_runtime_lora_deep_cache_unet(base.unet, work, dims=ModelDims.of(base), rank=self.lora_rank)
         export_runtime_lora_text_encoder(base.text_encoder, work, dims=ModelDims.of(base),
                                          rank=self.text_encoder_lora_rank)
         self._exported = work
         self._base = base
+        self._tiny = tiny
         self._dims = ModelDims.of(base)
         self._vocab = int(base.text_encoder.config.vocab_size)
         self._scheduler = dict(base.scheduler.config)
@@ -84,7 +99,14 @@ class DiffusionSource:
             "text_hidden": int(base.text_encoder.config.hidden_size),
             "lora_rank": self.lora_rank,
             "text_encoder_lora_rank": self.text_encoder_lora_rank,
+            # a request's vae=tiny is served only where this names the tiny autoencoder (pipeline.job)
+            "tiny_vae": tiny_vae_info(self.tiny_vae, tiny) if tiny is not None else None,
         }
+
+    @property
+    def nets(self) -> tuple[str, ...]:
+        """The served nets exported here: text_encoder, unet, the VAEs (+ the tiny autoencoder's)."""
+        return MODELS + (TINY_VAE_NETS if self.tiny_vae is not None else ())
 
     def net_folder(self, name: str) -> Path:
         """The exported folder of served net ``name``: ``<work>/<name>/`` (``unet`` and ``text_encoder``
@@ -193,17 +215,20 @@ class DiffusionSource:
                 module = RuntimeLoraUNet(base.unet, copy_net=False).eval()
             elif name == "text_encoder":
                 module = RuntimeLoraTextEncoder(base.text_encoder, copy_net=False).eval()
+            elif name in TINY_VAE_NETS:
+                if self._tiny is None:
+                    self._tiny = load_tiny_vae(self.tiny_vae, base)
+                module = graph_module(name, vae=self._tiny)
             else:
                 module = graph_module(name, vae=base.vae)
             self._torch_nets[name] = (module, inputs)
         return self._torch_nets[name]
 
     def choose_runtimes(self, precision: str = "f32", threads: int | None = None, repeats: int = 3,
-                        budget_s: float = 0.3, nets: Iterable[str] = ("text_encoder", "unet", "vae_decoder",
-                                                                      "vae_encoder")) -> dict:
-        """``auto``: per net, the runtime (and with ``precision="auto"`` the precision) measured at the
-        served shapes (:mod:`facetron.export.runtime_choice`). Returns the report written to
-        :data:`RUNTIME_CHOICE_FILE`."""
+                        budget_s: float = 0.3, nets: Iterable[str] | None = None) -> dict:
+        """``auto``: per net (default: every served net, :attr:`nets`), the runtime (and with
+        ``precision="auto"`` the precision) measured at the served shapes
+        (:mod:`facetron.export.runtime_choice`). Returns the report written to :data:`RUNTIME_CHOICE_FILE`."""
         from facetron.export.runtime_choice import choose_runtimes
 
-        return choose_runtimes(self, nets, precision, threads, repeats, budget_s)
+        return choose_runtimes(self, self.nets if nets is None else nets, precision, threads, repeats, budget_s)

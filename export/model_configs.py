@@ -146,6 +146,12 @@ DIFFUSION_MODELS: tuple[ModelDef, ...] = (
     ModelDef(contract.PORTRAIT, cpu=_CALLERS, gpu=_CALLERS),
     ModelDef(contract.PORTRAIT_STREAM),  # one instance; its requests run on a bounded set of threads
 )
+#: the tiny autoencoder (AutoencoderTiny, TAESD: a request's vae=tiny), written only by ``export repository
+#: --tiny-vae DIR``: served like the full VAEs (gpu: onnxruntime_onnx with ORT's TensorRT accelerator, no plan)
+TINY_VAE_MODELS: tuple[ModelDef, ...] = (
+    ModelDef(contract.VAE_DECODER_TINY, queue_delay_us=1000, queue=NET_QUEUE, cpu=_ORT_CPU, gpu=_ORT_GPU),
+    ModelDef(contract.VAE_ENCODER_TINY, queue_delay_us=1000, queue=NET_QUEUE, cpu=_ORT_CPU, gpu=_ORT_GPU),
+)
 
 
 def with_tensorrt_plan(model: ModelDef) -> ModelDef:
@@ -214,7 +220,7 @@ def with_graph_dims(model: ModelDef, inputs, outputs, target: Target = "gpu",
     return dataclasses.replace(model, contract=c, **{target: serving})
 
 
-ALL_MODELS = MODELS + DIFFUSION_MODELS
+ALL_MODELS = MODELS + DIFFUSION_MODELS + TINY_VAE_MODELS
 BY_NAME = {m.name: m for m in ALL_MODELS}
 
 
@@ -286,10 +292,11 @@ def render(model: ModelDef, target: Target, parameters: dict[str, str] | None = 
     return header + text_format.MessageToString(to_proto(model, target, parameters))
 
 
-def models_for(target: Target, diffusion: bool = False) -> list[ModelDef]:
+def models_for(target: Target, diffusion: bool = False, tiny_vae: bool = False) -> list[ModelDef]:
     """Models served on ``target``: the face stack + tokenizer, plus the
-    diffusion models when ``diffusion`` (they need exported artifacts)."""
-    pool = ALL_MODELS if diffusion else MODELS
+    diffusion models when ``diffusion`` (they need exported artifacts), plus
+    the tiny autoencoder's when ``tiny_vae`` too (``export repository --tiny-vae``)."""
+    pool = MODELS + (DIFFUSION_MODELS if diffusion else ()) + (TINY_VAE_MODELS if diffusion and tiny_vae else ())
     return [m for m in pool if m.serving(target) is not None]
 
 

@@ -26,6 +26,11 @@ all dynamic):
 * ``vae_encoder``: ``images UINT8[N,H,W,3]`` -> ``latent FP32[N,4,h,w]``:
   ``x/127.5-1``, encode, **mean** of the latent distribution x
   ``scaling_factor`` (deterministic; for img2img / template mode).
+* ``vae_decoder_tiny`` / ``vae_encoder_tiny`` (``export repository --tiny-vae``):
+  the same tensors from diffusers' ``AutoencoderTiny`` (TAESD): the decoder
+  graph is the one above; the encoder's latents (deterministic: no
+  distribution) x ``scaling_factor`` (1.0: TAESD's latents are on the scale
+  of the SD VAE's *scaled* ones, as diffusers' pipelines use them).
 
 ``torch.onnx.export(..., dynamo=False)`` (the legacy TorchScript exporter,
 the one verified with these diffusers/transformers versions), opset >= 17.
@@ -122,19 +127,37 @@ class VaeEncoderGraph(_Half):
         return mean.float() * self.scale
 
 
+class VaeEncoderTinyGraph(_Half):
+    """The tiny autoencoder's encoder (AutoencoderTiny, TAESD): deterministic, its latents x
+    ``scaling_factor`` (1.0 for TAESD: its latents are on the scale of the SD VAE's scaled ones), as
+    diffusers' img2img pipeline scales what ``vae.encode`` gives."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__(next(vae.parameters()).dtype)
+        self.vae = vae
+        self.scale = float(vae.config.scaling_factor)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.permute(0, 3, 1, 2).float() / 127.5 - 1.0).to(self.compute_dtype)
+        return self.vae.encode(x, return_dict=False)[0].float() * self.scale
+
+
 def graph_module(name: str, *, unet=None, vae=None, text_encoder=None) -> torch.nn.Module:
-    """The torch module that ``name``'s ONNX graph computes."""
+    """The torch module that ``name``'s ONNX graph computes (``vae``: the tiny autoencoder for the ``*_tiny``
+    nets; its decoder graph is the full VAE's: ``1/scaling_factor``, decode, the same uint8 rounding)."""
     build = {"text_encoder": lambda: TextEncoderGraph(text_encoder), "unet": lambda: UNetGraph(unet),
-             "vae_decoder": lambda: VaeDecoderGraph(vae), "vae_encoder": lambda: VaeEncoderGraph(vae)}
+             "vae_decoder": lambda: VaeDecoderGraph(vae), "vae_encoder": lambda: VaeEncoderGraph(vae),
+             "vae_decoder_tiny": lambda: VaeDecoderGraph(vae), "vae_encoder_tiny": lambda: VaeEncoderTinyGraph(vae)}
     return build[name]().eval()
 
 
 def export_model(name: str, out_dir: str | os.PathLike, *, unet=None, vae=None, text_encoder=None,
                  dims: ModelDims, fp16: bool = False, opset: int = DEFAULT_OPSET, batch: int = 2,
                  external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
-    """Export one of :data:`MODELS` into ``<out_dir>/<name>/``."""
+    """Export one of :data:`MODELS` or ``onnx_graph.TINY_VAE_NETS`` (``vae``: the AutoencoderTiny) into
+    ``<out_dir>/<name>/``."""
     parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
-    needed = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}[name]
+    needed = {"text_encoder": "text_encoder", "unet": "unet"}.get(name, "vae")  # the VAEs, full or tiny
     if parts[needed] is None:
         raise InvalidInputError(name, f"needs the {needed} module")
     if fp16:
@@ -157,6 +180,10 @@ _NOTES = {
     "unet": "timestep is per sample, FP32 [N]; h, w multiples of the UNet's down factor",
     "vae_decoder": "latent / scaling_factor inside; images = round(clamp(x/2+0.5, 0, 1) * 255) as UINT8 NHWC RGB",
     "vae_encoder": "images UINT8 NHWC RGB -> mean of the latent distribution * scaling_factor",
+    "vae_decoder_tiny": "AutoencoderTiny (TAESD): latent / scaling_factor inside (1.0: TAESD's latents are the SD "
+                        "VAE's scaled ones); images = round(clamp(x/2+0.5, 0, 1) * 255) as UINT8 NHWC RGB",
+    "vae_encoder_tiny": "AutoencoderTiny (TAESD): images UINT8 NHWC RGB -> its (deterministic) latents * "
+                        "scaling_factor",
 }
 
 

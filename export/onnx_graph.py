@@ -38,6 +38,8 @@ DATA_FILE = "model.onnx.data"
 IO_FILE = "io.json"
 #: the exported nets, each in a folder named like the served model it becomes
 MODELS = tuple(c.name for c in (contract.TEXT_ENCODER, contract.UNET, contract.VAE_DECODER, contract.VAE_ENCODER))
+#: the tiny autoencoder's nets (AutoencoderTiny, ``export repository --tiny-vae``): the full VAEs' tensors
+TINY_VAE_NETS = (contract.VAE_DECODER_TINY.name, contract.VAE_ENCODER_TINY.name)
 # protobuf cannot hold more than 2 GiB: above this many weight bytes use external data.
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
 # symbolic dims: N batch, h/w latent side, H/W image side, R runtime-LoRA rank ("3R": 3 slots of R side by side)
@@ -103,6 +105,8 @@ class ModelDims:
 def model_io(name: str, dims: ModelDims) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """(inputs, outputs) of ``name`` — the single source for export, validation and TensorRT shapes."""
     C = dims.text_hidden
+    if name in TINY_VAE_NETS:
+        return model_io(name.removesuffix("_tiny"), dims)
     if name == "text_encoder":
         return [TensorSpec("input_ids", "INT32", ("N", TOKENS))], [TensorSpec("last_hidden_state", "FP32", ("N", TOKENS, C))]
     if name == "unet":

@@ -70,7 +70,8 @@ def _write_model(
     overrides: dict[str, str] | None = None,
 ) -> None:
     serving = model.serving(target)
-    if serving.backend == "onnxruntime" and model.name in _NET_ARTIFACTS and diffusion is not None:
+    net = diffusion is not None and model.name in diffusion.nets  # an exported diffusion net
+    if serving.backend == "onnxruntime" and net:
         # Triton's onnxruntime backend refuses a config -1 where the graph has a fixed dim: the graph's dims
         model = with_graph_dims(model, *read_io(diffusion.net_folder(model.name))[:2], target)
     version = dest / model.name / VERSION_FOLDER
@@ -83,7 +84,7 @@ def _write_model(
         shutil.copyfile(src, version / "model.py")
     if serving.backend == "tensorrt":
         diffusion.build_plan(model, version)
-    elif model.name in _NET_ARTIFACTS and diffusion is not None:
+    elif net:
         diffusion.copy_net(model.name, version)
     elif serving.artifact:
         ARTIFACT_BUILDERS[model.name](version / serving.artifact)
@@ -91,25 +92,27 @@ def _write_model(
         diffusion.write_generator_files(version)
 
 
-def _net_runtimes(cpu_runtime: str | Mapping[str, str]) -> dict[str, str] | None:
-    """{net: runtime} of a fixed ``cpu_runtime`` (None for ``auto``), each checked."""
+def _net_runtimes(cpu_runtime: str | Mapping[str, str], nets: tuple[str, ...] = _NET_ARTIFACTS
+                  ) -> dict[str, str] | None:
+    """{net: runtime} of a fixed ``cpu_runtime`` for each of ``nets`` (None for ``auto``), each checked."""
     if isinstance(cpu_runtime, str):
         if cpu_runtime not in CPU_RUNTIME_CHOICES:
             raise InvalidInputError("--cpu-runtime", f"expected one of {', '.join(CPU_RUNTIME_CHOICES)}, "
                                                      f"got {cpu_runtime!r}")
-        return None if cpu_runtime == "auto" else {net: cpu_runtime for net in _NET_ARTIFACTS}
-    unknown = set(cpu_runtime) - set(_NET_ARTIFACTS)
+        return None if cpu_runtime == "auto" else {net: cpu_runtime for net in nets}
+    unknown = set(cpu_runtime) - set(nets)
     bad = {k: v for k, v in cpu_runtime.items() if v not in NET_RUNTIMES}
     if unknown or bad:
-        raise InvalidInputError("--cpu-runtime", f"per net: nets {', '.join(_NET_ARTIFACTS)}, runtimes "
+        raise InvalidInputError("--cpu-runtime", f"per net: nets {', '.join(nets)}, runtimes "
                                                  f"{', '.join(NET_RUNTIMES)}; got {dict(cpu_runtime)!r}")
-    return {net: cpu_runtime.get(net, DEFAULT_NET_RUNTIME) for net in _NET_ARTIFACTS}
+    return {net: cpu_runtime.get(net, DEFAULT_NET_RUNTIME) for net in nets}
 
 
-def _net_precisions(precision: str, net_runtimes: dict[str, str] | None) -> dict[str, str] | None:
+def _net_precisions(precision: str, net_runtimes: dict[str, str] | None, nets: tuple[str, ...] = _NET_ARTIFACTS
+                    ) -> dict[str, str] | None:
     """{net: precision} of fixed runtimes (None when ``auto`` measures it); bf16 needs OpenVINO nets."""
     if net_runtimes is None:
-        return None if precision == "auto" else {net: precision for net in _NET_ARTIFACTS}
+        return None if precision == "auto" else {net: precision for net in nets}
     if precision == "auto":
         raise InvalidInputError("--precision", "auto is measured by --cpu-runtime auto (give f32 or bf16 with a "
                                                "fixed runtime)")
@@ -133,10 +136,12 @@ def assemble_repository(
 
     Without ``diffusion`` only the face stack + tokenizer are written; with it
     the diffusion models and the portrait models too (cpu target: exported
-    from ``diffusion.base_model`` into the version folders).
+    from ``diffusion.base_model`` into the version folders); with ``diffusion.tiny_vae``
+    the tiny autoencoder's ``vae_decoder_tiny`` / ``vae_encoder_tiny`` too (a
+    request's ``vae=tiny``).
 
     ``cpu_runtime`` (cpu target): the runtime of the nets (``text_encoder``,
-    ``unet``, ``vae_*``): ``onnxruntime`` | ``openvino`` for all, a
+    ``unet``, ``vae_*``, ``vae_*_tiny``): ``onnxruntime`` | ``openvino`` for all, a
     ``{net: runtime}`` mapping, or ``auto`` — measured per net on this machine
     (:meth:`DiffusionSource.choose_runtimes`). The choice (and for ``auto``
     its numbers) goes into :data:`RUNTIME_CHOICE_FILE` at the repository
@@ -156,24 +161,26 @@ def assemble_repository(
         raise InvalidInputError("--target", f"expected one of {', '.join(TARGETS)}, got {target!r}")
     if identity_mode not in IDENTITY_MODES:
         raise InvalidInputError("--identity-mode", f"expected one of {', '.join(IDENTITY_MODES)}, got {identity_mode!r}")
-    net_runtimes = _net_runtimes(cpu_runtime)  # None = auto
+    nets = diffusion.nets if diffusion is not None else _NET_ARTIFACTS  # + the tiny autoencoder's, if given
+    net_runtimes = _net_runtimes(cpu_runtime, nets)  # None = auto
     auto = net_runtimes is None
     check_precision_choice(precision)
     check_int8(int8, "--int8")
     if int8 != "off" and (target != "cpu" or diffusion is None):
         raise InvalidInputError("--int8", "quantizes the cpu target's UNet (assemble with the diffusion models)")
     if target != "cpu":
-        given = "--cpu-runtime" if net_runtimes != {net: DEFAULT_NET_RUNTIME for net in _NET_ARTIFACTS} else (
+        given = "--cpu-runtime" if net_runtimes != {net: DEFAULT_NET_RUNTIME for net in nets} else (
             "--precision" if precision != "f32" else None)
         if given:
             raise InvalidInputError(given, f"applies to the cpu target only (the {target} target's nets run on its "
                                            "native backends)")
         net_runtimes = None  # the gpu configs keep their own parameters
-    net_precisions = _net_precisions(precision, net_runtimes) if target == "cpu" else None  # None = auto / gpu
+    net_precisions = _net_precisions(precision, net_runtimes, nets) if target == "cpu" else None  # None = auto / gpu
     overrides = {"identity_mode": identity_mode}
     if users_dir:
         overrides["users_dir"] = str(Path(users_dir).resolve())
-    chosen = models_for(target, diffusion=diffusion is not None)
+    chosen = models_for(target, diffusion=diffusion is not None,
+                        tiny_vae=diffusion is not None and diffusion.tiny_vae is not None)
     if models is not None:
         wanted = set(models)
         unknown = wanted - {m.name for m in chosen}
@@ -202,8 +209,8 @@ def assemble_repository(
             diffusion.export(tmp / ".export")
             if auto:
                 measured = diffusion.choose_runtimes(precision)
-                net_runtimes = {net: measured[net]["runtime"] for net in _NET_ARTIFACTS}
-                net_precisions = {net: measured[net]["precision"] for net in _NET_ARTIFACTS}
+                net_runtimes = {net: measured[net]["runtime"] for net in nets}
+                net_precisions = {net: measured[net]["precision"] for net in nets}
             if int8 != "off":  # the int8 IR runs in OpenVINO, with OpenVINO's int8 kernels (precision hint f32)
                 diffusion.quantize_unet(int8)
                 net_runtimes["unet"], net_precisions["unet"] = "openvino", "f32"
@@ -234,7 +241,7 @@ def assemble_repository(
 def write_source_configs(root: Path = SOURCE_REPOSITORY) -> list[Path]:
     """Regenerate the checked-in cpu configs (run after editing model_configs)."""
     written = []
-    for model in models_for("cpu", diffusion=True):
+    for model in models_for("cpu", diffusion=True, tiny_vae=True):
         path = root / model.name / "config.pbtxt"
         path.write_text(render(model, "cpu"))
         written.append(path)

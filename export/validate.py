@@ -42,6 +42,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "vae_encoder": (1e-3, 1e-3),
     "vae_decoder": (1.0, 0.0),  # UINT8 steps
 }
+TOLERANCES.update({"vae_encoder_tiny": TOLERANCES["vae_encoder"], "vae_decoder_tiny": TOLERANCES["vae_decoder"]})
 FP16_TOLERANCES: dict[str, tuple[float, float]] = {
     "text_encoder": (2e-2, 2e-2), "unet": (5e-2, 5e-2), "unet_lora": (5e-2, 5e-2),
     "vae_encoder": (5e-2, 5e-2), "vae_decoder": (3.0, 0.0),

@@ -72,6 +72,11 @@ FEW_STEP_MAX_STEPS = 50
 #: TCD docs use; fixed, not a request input
 TCD_ETA = 0.3
 DEFAULT_STEPS = 25
+#: the autoencoder that decodes (and in template mode encodes) a request's latents: the base model's full VAE
+#: (``vae_decoder`` / ``vae_encoder``) or a tiny one (diffusers' AutoencoderTiny, TAESD: ``vae_decoder_tiny`` /
+#: ``vae_encoder_tiny``, served only by a repository assembled with ``export repository --tiny-vae DIR``)
+VAE_CHOICES = ("full", "tiny")
+DEFAULT_VAE = "full"
 #: step caching (DeepCache, facetron.diffusion.step_cache): a full UNet every ``cache_interval`` steps, the
 #: shallow graph on the cached deep feature between (1 = off, the uncached loop exactly)
 DEFAULT_CACHE_INTERVAL = 1
@@ -437,6 +442,7 @@ GENERATION_INPUTS: tuple[Tensor, ...] = (
     Tensor("template", "UINT8", (-1, -1, 3), optional=True),
     Tensor("strength", "FP32", (1,), optional=True),
     Tensor("cache_interval", "INT32", (1,), optional=True),  # 1..MAX_CACHE_INTERVAL, 1 = off
+    Tensor("vae", "STRING", (1,), optional=True),  # VAE_CHOICES, default DEFAULT_VAE
 )
 PORTRAIT_EXTRA_INPUTS: tuple[Tensor, ...] = (
     Tensor("top_k", "INT32", (1,), optional=True),
@@ -576,12 +582,34 @@ VAE_ENCODER = ModelContract(
     max_batch_size=8,
     params=NetParams,
 )
+#: the tiny autoencoder (AutoencoderTiny / TAESD, user-supplied weights): the full VAEs' tensors and budgets
+VAE_DECODER_TINY = ModelContract(
+    name="vae_decoder_tiny",
+    doc="Tiny VAE decoder (AutoencoderTiny, TAESD; a request's vae=tiny): scaled latent [4, h, w] ->\n"
+    "RGB image UINT8 [8h, 8w, 3], the tensors of vae_decoder.",
+    inputs=VAE_DECODER.inputs,
+    outputs=VAE_DECODER.outputs,
+    max_batch_size=VAE_DECODER.max_batch_size,
+    params=NetParams,
+)
+VAE_ENCODER_TINY = ModelContract(
+    name="vae_encoder_tiny",
+    doc="Tiny VAE encoder (AutoencoderTiny, TAESD; template mode with vae=tiny): RGB image UINT8\n"
+    "[H, W, 3] -> scaled latent (deterministic), the tensors of vae_encoder.",
+    inputs=VAE_ENCODER.inputs,
+    outputs=VAE_ENCODER.outputs,
+    max_batch_size=VAE_ENCODER.max_batch_size,
+    params=NetParams,
+)
+#: a request's ``vae`` -> (decoder, encoder) models
+VAE_MODELS: dict[str, tuple[ModelContract, ModelContract]] = {
+    "full": (VAE_DECODER, VAE_ENCODER), "tiny": (VAE_DECODER_TINY, VAE_ENCODER_TINY)}
 PORTRAIT_GENERATOR = ModelContract(
     name="portrait_generator",
     doc="Portraits for a user (BLS): tokenizer -> text_encoder -> denoising loop over unet\n"
-    "(DPM-Solver multistep default; euler, ddim) -> vae_decoder. Template mode with\n"
-    "template (+ strength): the template's face region is re-generated. Deterministic\n"
-    "for a fixed seed (image i uses seed + i).",
+    "(DPM-Solver multistep default; euler, ddim) -> vae_decoder (vae=tiny: vae_decoder_tiny).\n"
+    "Template mode with template (+ strength): the template's face region is re-generated.\n"
+    "Deterministic for a fixed seed (image i uses seed + i).",
     inputs=GENERATION_INPUTS,
     outputs=(Tensor("images", "UINT8", (-1, -1, -1, 3)),),
     params=GeneratorParams,
@@ -625,7 +653,9 @@ CONTRACTS: tuple[ModelContract, ...] = (
     TOKENIZER, FACE_DETECTOR, MTCNN_PNET, MTCNN_RNET, MTCNN_ONET, FACE_EMBEDDER, FACE_SELECT,
     TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, PORTRAIT_GENERATOR, PORTRAIT, PORTRAIT_STREAM,
 )
-BY_NAME: dict[str, ModelContract] = {c.name: c for c in CONTRACTS}
+#: served only where the repository was assembled with them (``export repository --tiny-vae DIR``)
+OPTIONAL_CONTRACTS: tuple[ModelContract, ...] = (VAE_DECODER_TINY, VAE_ENCODER_TINY)
+BY_NAME: dict[str, ModelContract] = {c.name: c for c in CONTRACTS + OPTIONAL_CONTRACTS}
 
 # Names the client and the BLS callers use (one spelling, from the tables above).
 DETECTOR_OUTPUTS = FACE_DETECTOR.output_names()

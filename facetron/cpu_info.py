@@ -34,3 +34,12 @@ def cpu_description() -> dict:
     info["kernel_flags"] = [f for f in FLAGS_OF_INTEREST if f in info["flags"]]
     return info
 
+
+#: the flags whose bf16 matrix kernels make torch's CPU bf16 autocast faster than float32
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def bf16_fast(flags: list[str] | None = None) -> list[str]:
+    """The :data:`BF16_FLAGS` this CPU (or ``flags``) has: non-empty where bf16 matmuls run in hardware."""
+    have = cpu_description()["flags"] if flags is None else flags
+    return [f for f in BF16_FLAGS if f in have]

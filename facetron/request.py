@@ -132,6 +132,7 @@ class GeneratorRequest:
     template: np.ndarray | None = field(default=None, compare=False, repr=False)  # UINT8 [H, W, 3]: template mode
     strength: float | None = None  # template mode: share of the template re-generated
     cache_interval: int | None = None  # step caching: a full UNet every N steps (1 = off)
+    vae: str | None = None  # contract.VAE_CHOICES: the autoencoder that decodes (None = contract.DEFAULT_VAE)
 
     def __post_init__(self) -> None:
         for name, t in self._tensors().items():
@@ -163,6 +164,8 @@ class GeneratorRequest:
         contract.check_generation(**{**_SERVER_FILLS, **given}, max_images=contract.MAX_IMAGES)
         if self.seed is not None:
             contract.check_seed(self.seed)
+        if self.vae is not None and self.vae not in contract.VAE_CHOICES:
+            raise InvalidInputError("vae", f"expected one of {', '.join(contract.VAE_CHOICES)}, got {self.vae!r}")
         if self.template is not None:
             check_template(self.template)
         elif self.strength is not None:

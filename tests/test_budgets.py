@@ -20,7 +20,8 @@ import pytest
 
 from facetron import contract
 from facetron.diffusion.clip_tokenizer import ClipTokenizer
-from facetron.pipeline.net_io import NET_BUDGETS
+from facetron.errors import InvalidInputError
+from facetron.pipeline.net_io import NET_BUDGETS, NET_CHECKS
 from facetron.triton.batching import within_budget
 
 #: an over-budget request is refused before any work: the bound covers the transfer of the largest one
@@ -104,6 +105,19 @@ def test_the_budgets_cover_every_net_model() -> None:
         cells = side // C.LATENT_FACTOR
         assert 1 <= C.vae_chunk(cells, cells, C.VAE_DECODER.max_batch_size) * cells * cells <= C.VAE_MAX_BATCH_CELLS
     assert C.MAX_TOKENIZER_REQUEST_BYTES >= 2 * C.MAX_PROMPT_BYTES  # portrait's prompt + negative prompt
+
+
+def test_the_tiny_autoencoder_has_the_full_vaes_budgets() -> None:
+    """vae_decoder_tiny / vae_encoder_tiny are served only by a repository assembled with --tiny-vae (not the
+    session server, so OVER does not call them): the same contract, checks and budgets as the full VAEs whose
+    over-budget requests OVER sends, so the same requests are refused the same way."""
+    for full, tiny in zip(C.VAE_MODELS["full"], C.VAE_MODELS["tiny"]):
+        assert (tiny.inputs, tiny.outputs, tiny.max_batch_size) == (full.inputs, full.outputs, full.max_batch_size)
+        assert NET_CHECKS[tiny.name] is NET_CHECKS[full.name] and NET_BUDGETS[tiny.name] is NET_BUDGETS[full.name]
+    over = [make() for model, name, _, make in OVER if model == "vae_decoder" and name == "latent"]
+    for feed in over:  # each over one budget: refused by the tiny decoder's check, before any work
+        with pytest.raises(InvalidInputError, match="latent"):
+            NET_CHECKS["vae_decoder_tiny"](feed["latent"], "latent")
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ def _parse(text: str):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_config_parses(target: str) -> None:
-    for model in models_for(target, diffusion=True):
+    for model in models_for(target, diffusion=True, tiny_vae=True):
         cfg = _parse(render(model, target))
         assert cfg.name == model.name
         # every model has a bounded queue; the batching nets also wait a moment to batch
@@ -36,12 +36,24 @@ def test_every_config_parses(target: str) -> None:
 
 
 def test_checked_in_configs_match_the_source() -> None:
-    for model in models_for("cpu", diffusion=True):
+    for model in models_for("cpu", diffusion=True, tiny_vae=True):
         checked_in = (SOURCE_REPOSITORY / model.name / "config.pbtxt").read_text()
         assert checked_in == render(model, "cpu"), f"{model.name}: run write_source_configs()"
     names = {p.name for p in SOURCE_REPOSITORY.iterdir() if p.is_dir()}
     # unet_user is the code of every per-user merged UNet (serving mode 1), not a model of its own
-    assert names == {m.name for m in models_for("cpu", diffusion=True)} | {contract.MERGED_UNET_SOURCE}
+    assert names == {m.name for m in models_for("cpu", diffusion=True, tiny_vae=True)} | {contract.MERGED_UNET_SOURCE}
+
+
+def test_the_tiny_autoencoder_is_served_only_when_given() -> None:
+    """vae_decoder_tiny / vae_encoder_tiny: only in a repository assembled with --tiny-vae, with the full VAEs'
+    tensors, batch size and parameters."""
+    tiny = {m.name for m in models_for("cpu", diffusion=True, tiny_vae=True)} - {
+        m.name for m in models_for("cpu", diffusion=True)}
+    assert tiny == {contract.VAE_DECODER_TINY.name, contract.VAE_ENCODER_TINY.name}
+    assert not tiny & {m.name for m in models_for("cpu", tiny_vae=True)}  # no diffusion, no autoencoder
+    for full, small in ((contract.VAE_DECODER, contract.VAE_DECODER_TINY), (contract.VAE_ENCODER, contract.VAE_ENCODER_TINY)):
+        assert (small.inputs, small.outputs, small.max_batch_size, small.params) == (
+            full.inputs, full.outputs, full.max_batch_size, full.params)
 
 
 def test_nets_batch_set_models_do_not() -> None:
@@ -52,9 +64,13 @@ def test_nets_batch_set_models_do_not() -> None:
 
 @pytest.fixture(scope="module")
 def gpu_repo(tmp_path_factory) -> Path:
+    """The gpu target with the tiny autoencoder too (a small random AutoencoderTiny: no weights ship)."""
     from facetron.export.diffusion_source import DiffusionSource
+    from facetron.export.tiny_vae import write_random_tiny_vae
 
-    return assemble_repository("gpu", tmp_path_factory.mktemp("gpu") / "model_repository", diffusion=DiffusionSource())
+    work = tmp_path_factory.mktemp("gpu")
+    tiny = write_random_tiny_vae(work / "tiny_vae")
+    return assemble_repository("gpu", work / "model_repository", diffusion=DiffusionSource(tiny_vae=tiny))
 
 
 def test_gpu_repository_uses_native_backends(gpu_repo: Path) -> None:
@@ -72,9 +88,8 @@ def test_gpu_repository_uses_native_backends(gpu_repo: Path) -> None:
 
 def test_gpu_onnx_artifacts_match_their_configs(gpu_repo: Path) -> None:
     """Names, dtypes and ranks of each ONNX graph equal its config's contract."""
-    import onnxruntime as ort
-
-    for name in ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "face_embedder", "vae_decoder", "vae_encoder"):
+    for name in ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "face_embedder", "vae_decoder", "vae_encoder",
+                 "vae_decoder_tiny", "vae_encoder_tiny"):
         cfg = _parse((gpu_repo / name / "config.pbtxt").read_text())
         if cfg.platform == "tensorrt_plan":  # TensorRT imported at assembly: test_gpu_tensorrt_plan_entries
             continue
@@ -82,7 +97,7 @@ def test_gpu_onnx_artifacts_match_their_configs(gpu_repo: Path) -> None:
         _check_config_against_onnx(name, cfg, gpu_repo / name / "1" / "model.onnx")
 
 
-@pytest.mark.parametrize("name", ["vae_decoder", "vae_encoder"])
+@pytest.mark.parametrize("name", ["vae_decoder", "vae_encoder", "vae_decoder_tiny", "vae_encoder_tiny"])
 def test_gpu_vae_ort_configs_fix_the_graph_dims(gpu_repo: Path, name: str) -> None:
     cfg = _parse((gpu_repo / name / "config.pbtxt").read_text())
     if cfg.platform == "tensorrt_plan":

@@ -291,3 +291,151 @@ def test_out_marks_what_it_writes_and_removes_only_its_own_ckpt(trained) -> None
     paths = OutputPaths.for_user(trained.lora_path.parent, "alice")
     assert json.loads(paths.metadata.read_text())["lora_file"] == paths.lora.name
     assert paths.present() == [(paths.lora, None), (paths.metadata, None)]  # no .ckpt left, nothing foreign
+
+
+# --- precision per machine, and the early stop --------------------------------------------
+
+
+def test_precision_choice_follows_the_cpu_flags() -> None:
+    from facetron.cpu_info import bf16_fast
+    from facetron.training.lora_config import choose_precision
+
+    for flags, name in ((["amx_bf16"], "bf16"), (["avx512_bf16"], "bf16"), ([], "f32")):
+        choice = choose_precision("auto", "no", "cpu", flags)
+        assert (choice.name, choice.cpu_autocast, choice.mixed_precision) == (name, name == "bf16", "no")
+        assert choice.why.startswith("auto:")
+    assert choose_precision("bf16", "no", "cpu", []).cpu_autocast  # forceable where the CPU has no bf16 kernels
+    assert not choose_precision("f32", "no", "cpu", ["amx_bf16"]).cpu_autocast
+    assert choose_precision("auto", "fp16", "cuda", []).mixed_precision == "fp16"  # CUDA: mixed_precision as before
+    assert choose_precision("bf16", "no", "cuda", []).mixed_precision == "bf16"
+    with pytest.raises(InvalidInputError, match="precision.*contradicts"):
+        choose_precision("f32", "bf16", "cuda", [])
+    # this machine: torch's own CPU probe (independent of lscpu) says whether bf16 runs in hardware
+    torch_says = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert bool(bf16_fast()) == torch_says
+    for bad in ({"precision": "fp8"}, {"stop_on_plateau": -1}, {"plateau_window": 0}, {"plateau_min_delta": 1.0}):
+        with pytest.raises(InvalidInputError, match=next(iter(bad))):
+            LoraTrainConfig(**bad)
+
+
+def test_the_auto_choice_is_recorded_in_the_sidecar(trained) -> None:
+    bf16_in_hardware = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    training = json.loads(trained.metadata_path.read_text())["training"]
+    assert training["precision_requested"] == "auto"
+    assert training["precision"] == ("bf16" if bf16_in_hardware else "f32") == trained.precision.name
+    assert training["precision_why"].startswith("auto: the CPU has")
+    assert training["early_stop"] is None and training["steps"] == training["planned_steps"] == STEPS
+
+
+def test_bf16_kill_and_resume_equals_straight_bf16_run(dataset: Path, trained, tmp_path: Path) -> None:
+    """Forced bf16 (autocast on CPU): a killed and resumed run ends where a straight one does, and the
+    LoRA it writes is float32 and loads in diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    from facetron.diffusion.base_model import load_base_model
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_12(step: int, loss: float) -> None:
+        if step == 12:
+            raise Killed
+
+    straight = train_lora(dataset, tmp_path / "straight", user_id="alice", config=config(precision="bf16"),
+                          progress=False)
+    out = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        train_lora(dataset, out, user_id="alice", config=config(precision="bf16", checkpoint_every=5),
+                   progress=False, callback=kill_at_12)
+    resumed = train_lora(dataset, out, user_id="alice", config=config(precision="bf16", checkpoint_every=5),
+                         progress=False, resume=True)
+    assert resumed.resumed_from == 10 and resumed.losses == straight.losses
+    a, b = load_file(str(straight.lora_path)), load_file(str(resumed.lora_path))
+    assert a.keys() == b.keys() and {v.dtype for v in b.values()} == {torch.float32}
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst == 0.0, worst
+    # bf16 really ran: the losses leave the f32 run's (same seed, data, noise), but stay near them
+    gap = float(np.max(np.abs(np.subtract(straight.losses, trained.losses))))
+    assert 0 < gap < 0.1, gap
+    assert straight.precision.name == "bf16" and straight.metadata["training"]["precision"] == "bf16"
+
+    base = load_base_model()
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                   unet=base.unet, scheduler=base.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(resumed.lora_path.parent), weight_name=resumed.lora_path.name)
+    g = torch.Generator().manual_seed(1)
+    x, hidden, t = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([100, 700])
+    with torch.no_grad():
+        assert torch.allclose(pipe.unet(x, t, hidden).sample, resumed.unet(x, t, hidden).sample, atol=1e-5, rtol=0)
+
+
+def test_plateau_rule_by_hand() -> None:
+    from facetron.training.lora_config import PlateauRule
+
+    def stop_step(losses: list[float], patience: int, min_delta: float, window: int) -> int | None:
+        rule = PlateauRule(patience, min_delta, window)
+        return next((s["step"] for s in map(rule.update, losses) if s is not None), None)
+
+    assert stop_step([1.0] * 20, patience=4, min_delta=0.01, window=3) == 7  # best at step 3 (first full window)
+    assert stop_step([1.0 - 0.05 * i for i in range(15)], 3, 0.01, 2) is None  # falls 5%+ a step: never
+    # means of 2: 1.0 (s2), 0.995 (s3, < 1% fall: no new best), 0.9 (s4: new best), then flat -> 4 + 3
+    assert stop_step([1.0, 1.0, 0.99, 0.81, 0.99, 0.81, 0.99, 0.81, 0.99, 0.81], 3, 0.01, 2) == 7
+    rule = PlateauRule(3, 0.01, 2)
+    record = rule.replay([1.0] * 6)
+    assert record["step"] == 5 and record["smoothed_loss"] == 1.0 and record["best_step"] == 2
+    assert "mean of the last 2 steps" in record["rule"] and "for 3 steps" in record["rule"]
+
+
+def test_early_stop_survives_kill_and_resume(dataset: Path, tmp_path: Path) -> None:
+    """min_delta 0.9 is never met: the best is the first full window (step 6), the stop comes at 6 + 10.
+    Killed at 12, resumed from the step-10 checkpoint, the rule rebuilt from the saved losses must stop
+    at 16 too (without the rebuild it would stop at 10 + 6 + 10 = 26)."""
+    class Killed(Exception):
+        pass
+
+    def kill_at_12(step: int, loss: float) -> None:
+        if step == 12:
+            raise Killed
+
+    plateau = dict(steps=40, stop_on_plateau=10, plateau_window=6, plateau_min_delta=0.9, checkpoint_every=5,
+                   identity_snapshots=2)
+    straight = train_lora(dataset, tmp_path / "straight", user_id="alice", config=config(**plateau), progress=False)
+    assert straight.steps == len(straight.losses) == 16 and straight.early_stop["step"] == 16
+    assert straight.early_stop["best_step"] == 6
+    assert straight.early_stop["smoothed_loss"] == pytest.approx(np.mean(straight.losses[-6:]), rel=1e-12)
+    assert [s for s, _ in straight.snapshots] == [16]  # planned at 20 and 40; the stop's step is the last
+    meta = json.loads(straight.metadata_path.read_text())
+    assert meta["steps"] == 16 and meta["training"]["planned_steps"] == 40
+    assert meta["training"]["early_stop"] == straight.early_stop and "for 10 steps" in straight.early_stop["rule"]
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        train_lora(dataset, out, user_id="alice", config=config(**plateau), progress=False, callback=kill_at_12)
+    with pytest.raises(InvalidInputError, match="different config"):  # the rule is part of what must match
+        train_lora(dataset, out, user_id="alice", config=config(**dict(plateau, stop_on_plateau=11)), progress=False,
+                   resume=True)
+    resumed = train_lora(dataset, out, user_id="alice", config=config(**plateau), progress=False, resume=True)
+    assert resumed.resumed_from == 10 and resumed.losses == straight.losses
+    assert resumed.early_stop == straight.early_stop
+    a, b = load_file(str(straight.lora_path)), load_file(str(resumed.lora_path))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+
+
+def test_cli_says_why_training_stopped(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import argparse
+
+    from facetron.cli import train as train_cmd
+
+    parser = argparse.ArgumentParser(prog="facetron")
+    train_cmd.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", "lora", str(dataset), "--user", "dora", "--train-steps", "12", "--out",
+                              str(tmp_path / "loras"), "--no-progress", "--no-register", "--precision", "f32",
+                              "--stop-on-plateau", "2", "--plateau-window", "2", "--plateau-min-delta", "0.9"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "precision f32 (precision='f32' requested)" in out
+    assert "stopped early at step 4 of 12" in out and "rule: stop when the smoothed loss (mean of the last 2" in out
+    with pytest.raises(InvalidInputError, match="--stop-on-plateau"):  # errors name the flag typed
+        train_cmd.run_lora(parser.parse_args(["train", "lora", str(dataset), "--user", "dora", "--out",
+                                              str(tmp_path / "x"), "--stop-on-plateau", "-1"]))

@@ -224,6 +224,9 @@ def test_portrait_template_mode_end_to_end(client, users) -> None:
     )
     report = json.loads(out["report"][0])
     assert report["mode"] == "template" and report["smoke_model"] and report["candidates"] == 3
+    mode = report["template_mode"]  # what ran: latent inpainting over the face mask, no ControlNet
+    assert "latent space" in mode["method"] and mode["unet"].startswith("4-channel") and mode["control"] is None
+    assert 0 < int(mode["mask"].split("(")[1].split()[0]) < (SIZE // 8) ** 2
     assert report["fusion"]["fused"] == [True] * 3 and report["fusion"]["strength"] == 1.0
     assert report["seed"] == 5 and report["seed_source"] == "request"
     assert np.all(np.isnan(out["similarity_generated"]))

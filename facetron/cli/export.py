@@ -77,6 +77,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
                    help="SD-1.5-layout folder for the diffusion models (default: the tiny embedded smoke model)")
     r.add_argument("--faces-only", action="store_true", help="tokenizer + face models only (no diffusion export)")
     r.add_argument("--lora-rank", type=int, default=16, help="rank of the runtime-LoRA UNet (face + style ranks)")
+    r.add_argument("--tiny-vae", type=Path, default=None, metavar="DIR",
+                   help="a diffusers AutoencoderTiny folder (TAESD weights you have, e.g. madebyollin/taesd for "
+                        "SD 1.x) served beside the full VAE as vae_decoder_tiny / vae_encoder_tiny, chosen per "
+                        "request (generate --vae tiny); its latents must match the base model's (default: none)")
     add_users_dir(r, "user registry the served models read (default: $FACETRON_USERS_DIR at serve time, else "
                      "$FACETRON_HOME/users)")
     r.add_argument("--identity-mode", choices=IDENTITY_MODES, default=IDENTITY_MODES[0],
@@ -163,18 +167,23 @@ def run_refit(args: argparse.Namespace) -> int:
 
 
 def run_repository(args: argparse.Namespace) -> int:
+    from facetron.errors import InvalidInputError
     from facetron.export.model_configs import models_for
     from facetron.export.diffusion_source import DiffusionSource
     from facetron.export.repository import RUNTIME_CHOICE_FILE, assemble_repository
 
-    diffusion = None if args.faces_only else DiffusionSource(base_model=args.base_model, lora_rank=args.lora_rank)
+    if args.faces_only and args.tiny_vae is not None:
+        raise InvalidInputError("--tiny-vae", "serves a diffusion model's autoencoder: not with --faces-only")
+    diffusion = None if args.faces_only else DiffusionSource(base_model=args.base_model, lora_rank=args.lora_rank,
+                                                             tiny_vae=args.tiny_vae)
     cpu = args.target == "cpu"
     cpu_runtime = args.cpu_runtime or ("auto" if cpu else DEFAULT_NET_RUNTIME)
     precision = args.precision or ("auto" if cpu_runtime == "auto" and cpu else "f32")
     out = assemble_repository(args.target, args.out, diffusion=diffusion, users_dir=args.users_dir,
                               identity_mode=args.identity_mode, cpu_runtime=cpu_runtime, precision=precision,
                               int8=args.int8)
-    names = [m.name for m in models_for(args.target, diffusion=diffusion is not None)]
+    names = [m.name for m in models_for(args.target, diffusion=diffusion is not None,
+                                        tiny_vae=args.tiny_vae is not None)]
     print(f"[export] {args.target} repository with {len(names)} models -> {out}: {', '.join(names)}")
     choice = out / RUNTIME_CHOICE_FILE
     if choice.is_file():

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from facetron.client.grpc_client import DEFAULT_URL, RetryPolicy, portrait_request
-from facetron.contract import CLIENT_NUM_IMAGES, DEFAULT_FUSION_STRENGTH, MAX_CACHE_INTERVAL, SCHEDULERS
+from facetron.contract import (CLIENT_NUM_IMAGES, DEFAULT_FUSION_STRENGTH, DEFAULT_VAE, MAX_CACHE_INTERVAL, SCHEDULERS,
+                               VAE_CHOICES)
 from facetron.errors import FacetronError, InvalidInputError
 
 # library argument -> CLI flag, so errors name what the user typed
@@ -42,6 +43,7 @@ FLAGS = {
     "strength": "--strength",
     "fusion_strength": "--fusion-strength",
     "cache_interval": "--cache-interval",
+    "vae": "--vae",
 }
 
 
@@ -78,6 +80,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-interval", type=int, default=None,
                    help=f"step caching: a full UNet every N steps, the cached deep features between (1..{MAX_CACHE_INTERVAL}; "
                         "1 = off, the server's default; faster, with a small deviation)")
+    p.add_argument("--vae", choices=VAE_CHOICES, default=None,
+                   help="the autoencoder that decodes: full (the base model's VAE) or tiny (AutoencoderTiny / "
+                        "TAESD: faster, less fine detail; needs a repository assembled with `export repository "
+                        f"--tiny-vae DIR`); default: the server's, {DEFAULT_VAE}")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per attempt")
     p.add_argument("--retries", type=int, default=3, help="rounds over the servers on UNAVAILABLE")
     p.add_argument("--stream", action="store_true",
@@ -119,6 +125,7 @@ def _request(args: argparse.Namespace, template: np.ndarray | None) -> dict[str,
         scheduler=args.scheduler,
         fusion_strength=args.fusion_strength,
         cache_interval=args.cache_interval,
+        vae=args.vae,
     )
     try:
         portrait_request(**kwargs)

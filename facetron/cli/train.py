@@ -24,7 +24,9 @@ LORA_FLAGS = {"steps": "--train-steps", "rank": "--rank", "alpha": "--alpha", "l
               "text_encoder_rank": "--text-encoder-rank", "batch_size": "--batch-size", "seed": "--seed",
               "checkpoint_every": "--checkpoint-every", "mixed_precision": "--mixed-precision",
               "trigger_token": "--trigger-token", "identity_snapshots": "--select-by-identity",
-              "reference_embedding": "--reference-embedding", "device": "--device"}
+              "reference_embedding": "--reference-embedding", "device": "--device", "precision": "--precision",
+              "stop_on_plateau": "--stop-on-plateau", "plateau_min_delta": "--plateau-min-delta",
+              "plateau_window": "--plateau-window"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -107,7 +109,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def add_lora_parser(stages: argparse._SubParsersAction) -> None:
-    from facetron.training.lora_config import DEFAULT_TRIGGER_TOKEN, MIXED_PRECISION, LoraTrainConfig
+    from facetron.training.lora_config import DEFAULT_TRIGGER_TOKEN, MIXED_PRECISION, PRECISIONS, LoraTrainConfig
 
     d = LoraTrainConfig()
     p = stages.add_parser(
@@ -134,7 +136,20 @@ def add_lora_parser(stages: argparse._SubParsersAction) -> None:
                    help="write a resumable checkpoint every K steps (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this output")
     p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=d.mixed_precision,
-                   help="CUDA only; CPU always trains in float32 (default: %(default)s)")
+                   help="CUDA only; the CPU follows --precision (default: %(default)s)")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="CPU training precision: bf16 (autocast; LoRA weights and optimizer stay float32), f32, or "
+                        "auto: bf16 where the CPU has amx_bf16 or avx512_bf16, else f32; the choice and why go into "
+                        "<user>.json (default: %(default)s)")
+    p.add_argument("--stop-on-plateau", type=int, default=d.stop_on_plateau, metavar="PATIENCE",
+                   help="end training early when the smoothed loss has not improved by --plateau-min-delta for "
+                        "PATIENCE steps; 0 = off, train every step (default: %(default)s)")
+    p.add_argument("--plateau-min-delta", type=float, default=d.plateau_min_delta,
+                   help="with --stop-on-plateau: the relative fall of the smoothed loss that counts as an "
+                        "improvement (default: %(default)s)")
+    p.add_argument("--plateau-window", type=int, default=d.plateau_window,
+                   help="with --stop-on-plateau: the smoothed loss is the mean of this many last step losses "
+                        "(default: %(default)s)")
     p.add_argument("--trigger-token", default=DEFAULT_TRIGGER_TOKEN,
                    help="the token the captions use for the person (recorded in the sidecar; default: %(default)s)")
     p.add_argument("--reference-embedding", type=Path, default=None,
@@ -188,6 +203,8 @@ def run_lora(args: argparse.Namespace) -> int:
             steps=args.train_steps, batch_size=args.batch_size, seed=args.seed,
             checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
             trigger_token=args.trigger_token, identity_snapshots=args.select_by_identity or 0,
+            precision=args.precision, stop_on_plateau=args.stop_on_plateau,
+            plateau_min_delta=args.plateau_min_delta, plateau_window=args.plateau_window,
         )
         result = train_lora(
             args.dataset, args.out, user_id=args.user, base_model=args.base_model, config=config, resume=args.resume,
@@ -199,7 +216,13 @@ def run_lora(args: argparse.Namespace) -> int:
         raise
     loss = result.metadata["loss"]
     print(f"[train] {result.steps} steps ({result.steps_per_second:.2f} steps/s this run); "
-          f"loss (moving avg, window {loss['window']}) {loss['first']:.4f} -> {loss['last']:.4f}")
+          f"loss (moving avg, window {loss['window']}) {loss['first']:.4f} -> {loss['last']:.4f}; "
+          f"precision {result.precision.name} ({result.precision.why})")
+    if result.early_stop is not None:
+        stop = result.early_stop
+        print(f"[train] stopped early at step {stop['step']} of {result.metadata['training']['planned_steps']}: "
+              f"smoothed loss {stop['smoothed_loss']:.4f}, best {stop['best_smoothed_loss']:.4f} at step "
+              f"{stop['best_step']}; rule: {stop['rule']}")
     if result.metadata.get("smoke_model"):
         print("[train] note: trained on the tiny embedded smoke model; its pictures are not portraits")
     if reference is not None:

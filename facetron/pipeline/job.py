@@ -15,6 +15,7 @@ from facetron import contract
 from facetron.contract import GeneratorParams
 from facetron.diffusion.sampler import GenerationRequest
 from facetron.diffusion.styles import DEFAULT_STYLE, style_prompt
+from facetron.errors import InvalidInputError
 from facetron.request import GeneratorRequest, PortraitRequest
 from facetron.style_registry import StyleRegistry, styles_for
 from facetron.users import DEFAULT_SUBJECT, PinnedUser, UserRegistry
@@ -31,6 +32,7 @@ class GenerationJob:
     style: str
     sampling: GenerationRequest  # the sampler's settings, this server's defaults filled in
     seed_source: str  # "request" | "random ..."
+    vae: str = contract.DEFAULT_VAE  # contract.VAE_CHOICES: which autoencoder decodes (and encodes a template)
 
     @property
     def user_id(self) -> str:
@@ -65,7 +67,12 @@ def build_job(request: GeneratorRequest, info: dict, registry: UserRegistry,
               token: str | None = None) -> GenerationJob:
     """Resolve a checked request against this server (errors name the input); ``token``: the
     caller's per-user token (a served registry opens a user only with it)."""
-    # 1. the style (built-in or installed; unknown: INVALID_ARGUMENT, before any user lookup)
+    # 1. the autoencoder (the tiny one only where this repository serves it) and the style (built-in or
+    # installed; unknown: INVALID_ARGUMENT, before any user lookup)
+    vae = request.vae or contract.DEFAULT_VAE
+    if vae == "tiny" and not info.get("tiny_vae"):
+        raise InvalidInputError("vae", "tiny: this repository has no tiny autoencoder "
+                                       "(export repository --tiny-vae DIR)")
     style_name = request.style or DEFAULT_STYLE
     style = (styles or styles_for(registry.root)).get(style_name)
     # 2. the user, pinned at its served version (NotFoundError for an unknown user), and the prompts
@@ -99,7 +106,7 @@ def build_job(request: GeneratorRequest, info: dict, registry: UserRegistry,
                           width=sampling.width, native=native, max_side_factor=params.max_side_factor,
                           max_work=params.max_work)
     seed_source = "request" if request.seed is not None else "random (repeat the call with this seed)"
-    return GenerationJob(request, prompt, negative, user, style_name, sampling, seed_source)
+    return GenerationJob(request, prompt, negative, user, style_name, sampling, seed_source, vae)
 
 
 def build_portrait_job(request: PortraitRequest, info: dict, registry: UserRegistry,

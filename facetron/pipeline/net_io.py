@@ -136,13 +136,19 @@ NET_CHECKS = {
     "text_encoder": check_token_ids,
     "vae_decoder": check_latent,
     "vae_encoder": check_vae_images,
+    "vae_decoder_tiny": check_latent,  # the tiny autoencoder: the full VAEs' tensors and rules
+    "vae_encoder_tiny": check_vae_images,
 }
 #: per net: (latent cells of a feed, the most one call may run): run_batched splits a dynamic batch over it
+_VAE_DECODER_BUDGET = (lambda feed: latent_cells(feed["latent"], (2, 3)), contract.VAE_MAX_BATCH_CELLS)
+_VAE_ENCODER_BUDGET = (lambda feed: latent_cells(feed["images"], (1, 2), contract.LATENT_FACTOR),
+                       contract.VAE_MAX_BATCH_CELLS)
 NET_BUDGETS = {
     "unet": (lambda feed: latent_cells(feed["sample"], (2, 3)), contract.UNET_MAX_BATCH_CELLS),
-    "vae_decoder": (lambda feed: latent_cells(feed["latent"], (2, 3)), contract.VAE_MAX_BATCH_CELLS),
-    "vae_encoder": (lambda feed: latent_cells(feed["images"], (1, 2), contract.LATENT_FACTOR),
-                    contract.VAE_MAX_BATCH_CELLS),
+    "vae_decoder": _VAE_DECODER_BUDGET,
+    "vae_encoder": _VAE_ENCODER_BUDGET,
+    "vae_decoder_tiny": _VAE_DECODER_BUDGET,  # the tiny autoencoder: the full VAEs' budgets
+    "vae_encoder_tiny": _VAE_ENCODER_BUDGET,
 }
 
 

@@ -38,7 +38,7 @@ from facetron.faces.select import SelectRules
 from facetron.pipeline.face_fusion import FUSER, fuse_candidates, fusion_targets, similarity_final
 from facetron.pipeline.job import GenerationJob, PortraitJob
 from facetron.pipeline.selection import DetectFn, EmbedFn, rank_by_identity, select_portraits
-from facetron.pipeline.template import PreparedTemplate
+from facetron.pipeline.template import TEMPLATE_REGION_SCALE, PreparedTemplate
 from facetron.request import PortraitRequest
 
 
@@ -147,6 +147,14 @@ def run_portrait(request: PortraitRequest, generator: Generator, progress: Optio
         "smoke_model": smoke,
         "provenance": PROVENANCE[smoke].format(fusion=fusion, ranked_by=ranked_by),
         "mode": "template" if template is not None else "text-to-image",
+        "template_mode": None if template is None else {  # what template mode ran (diffusers' inpainting)
+            "method": "inpainting in latent space (StableDiffusionInpaintPipeline's semantics), no pixel paste",
+            "mask": f"the template's face ellipse at {TEMPLATE_REGION_SCALE:g}x the face, binarized, nearest to "
+                    f"latent size ({int(template.latent_mask.sum())} latent cells re-generated)",
+            "unet": "4-channel: outside the mask the template latent, noised to each step's level, blended back",
+            "control": None,  # no ControlNet served yet
+        },
+        "vae": job.generation.vae,  # the autoencoder that decoded: full (the base model's) or tiny (AutoencoderTiny)
     }
     return {
         "images": np.ascontiguousarray(images[order]),

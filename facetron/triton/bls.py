@@ -157,7 +157,7 @@ def ensure_merged_unet(user_id: str, repository: Path, user_version: str | None 
 
 def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, repository: Path,
                    merged_models: MergedModels, user_version: str | None = None,
-                   token: str | None = None) -> DiffusionNets:
+                   token: str | None = None, vae: str = contract.DEFAULT_VAE) -> DiffusionNets:
     """The diffusion nets as BLS calls to the models of the same server.
 
     ``identity_mode``: ``runtime_lora`` (one ``unet``, the user's LoRA from its
@@ -165,7 +165,9 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
     through ``merged_models``). The text side is the runtime-LoRA
     ``text_encoder`` in both modes: each row carries ``user_id``, and the
     user's text-encoder LoRA layers (if any; none = the base encoder) apply.
-    ``token``: the caller's per-user token, passed on to every net that reads the user."""
+    ``token``: the caller's per-user token, passed on to every net that reads the user.
+    ``vae``: the autoencoder models (``contract.VAE_MODELS``: full, or tiny where the repository serves it)."""
+    decoder, encoder = contract.VAE_MODELS[vae]
     merged = None
     if identity_mode == "merged" and user_id:
         merged = merged_models.use(user_id, repository, user_version)
@@ -213,13 +215,13 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
         # step caching is served by the runtime-LoRA unet (merged per-user models have no step-cache graphs)
         unet_deep=unet_deep if merged is None else None,
         unet_shallow=unet_shallow if merged is None else None,
-        vae_decode=lambda latent: bls_chunked(contract.VAE_DECODER.name, {"latent": latent}, "images",
+        vae_decode=lambda latent: bls_chunked(decoder.name, {"latent": latent}, "images",
                                               contract.vae_chunk(latent.shape[2], latent.shape[3],
-                                                                 contract.VAE_DECODER.max_batch_size)),
-        vae_encode=lambda images: bls_chunked(contract.VAE_ENCODER.name, {"images": images}, "latent",
+                                                                 decoder.max_batch_size)),
+        vae_encode=lambda images: bls_chunked(encoder.name, {"images": images}, "latent",
                                               contract.vae_chunk(images.shape[1] // contract.LATENT_FACTOR,
                                                                  images.shape[2] // contract.LATENT_FACTOR,
-                                                                 contract.VAE_ENCODER.max_batch_size)),
+                                                                 encoder.max_batch_size)),
         latent_channels=int(info["latent_channels"]),
         latent_factor=int(info["latent_factor"]),
     )
