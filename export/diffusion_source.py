@@ -3,7 +3,9 @@
 :class:`DiffusionSource` exports the runtime-LoRA text encoder, the VAE and
 the runtime-LoRA UNet (with its step-cache shallow graph) of a base model
 into a work folder (and, given ``tiny_vae``, the tiny autoencoder's
-``vae_decoder_tiny`` / ``vae_encoder_tiny``: :mod:`facetron.export.tiny_vae`),
+``vae_decoder_tiny`` / ``vae_encoder_tiny``: :mod:`facetron.export.tiny_vae`;
+given ``distill_lora``, the few-step UNet ``unet_fewstep``: the base UNet with
+that distillation LoRA merged in, :mod:`facetron.export.distill_lora`),
 each under its served name and in its version folder's layout
 (``<work>/unet/``, ``<work>/unet/shallow/``, ``<work>/text_encoder/``,
 ...: :data:`facetron.contract.MODEL_FILE` and the names beside it), and
@@ -24,9 +26,13 @@ from typing import Iterable
 import numpy as np
 
 from facetron.atomic import atomic_write_json
-from facetron.contract import (INT8_DEVIATION, INT8_FOLDER, MODEL_FILE, MODEL_INFO, SCHEDULER_CONFIG, VOCAB_SIZE,
-                               SHALLOW_FOLDER, UNET)
+from facetron.contract import CONTROL_FOLDER, CONTROLNET
+from facetron.contract import (DEFAULT_DISTILL_WEIGHT, DISTILL_INFO, INT8_DEVIATION, INT8_FOLDER, MODEL_FILE,
+                               MODEL_INFO, RUNTIME_LORA_UNETS, SCHEDULER_CONFIG, VOCAB_SIZE, SHALLOW_FOLDER, UNET,
+                               UNET_FEWSTEP)
 from facetron.diffusion.base_model import load_base_model, model_hash
+from facetron.export.controlnet import controlnet_info, export_controlnet_graphs, load_controlnet
+from facetron.export.distill_lora import check_distill_weight, distill_info, fewstep_unet, load_distill_lora
 from facetron.export.model_configs import ModelDef
 from facetron.export.onnx_export import ModelDims, export_model, export_onnx
 from facetron.export.onnx_graph import MODELS, TINY_VAE_NETS, example_inputs, read_io
@@ -35,7 +41,7 @@ from facetron.export.step_cache_graphs import export_runtime_lora_deep_cache_une
 from facetron.export.tiny_vae import load_tiny_vae, tiny_vae_info
 
 #: the served nets whose graphs take runtime-LoRA inputs (``lora_manifest.json`` beside the graph)
-RUNTIME_LORA_NETS = ("text_encoder", "unet")
+RUNTIME_LORA_NETS = ("text_encoder",) + RUNTIME_LORA_UNETS
 
 
 def copy_graph(src: Path, dest: Path) -> None:
@@ -51,12 +57,20 @@ class DiffusionSource:
     """Where the diffusion models come from: a base model folder (None = the
     tiny embedded default) exported to ONNX during assembly; ``tiny_vae``: a
     diffusers ``AutoencoderTiny`` folder (TAESD) served beside the full VAE as
-    ``vae_decoder_tiny`` / ``vae_encoder_tiny`` (None = none)."""
+    ``vae_decoder_tiny`` / ``vae_encoder_tiny`` (None = none); ``distill_lora``:
+    a distillation LoRA file (LCM-LoRA, TCD-LoRA, Hyper-SD; diffusers or kohya
+    keys) merged at ``distill_weight`` into the base UNet served as
+    ``unet_fewstep`` (None = none); ``controlnet``: a diffusers ``ControlNetModel``
+    folder served as ``controlnet``, with the ``unet``'s graph that takes its
+    residuals (``unet/control/``; :mod:`facetron.export.controlnet`; None = none)."""
 
     base_model: Path | None = None
     lora_rank: int = 16  # runtime-LoRA rank (face + style LoRA ranks must fit)
     text_encoder_lora_rank: int = 32  # the runtime-LoRA text encoder's (FaceChain's text-encoder LoRA rank)
     tiny_vae: Path | None = None
+    distill_lora: Path | None = None
+    distill_weight: float = DEFAULT_DISTILL_WEIGHT
+    controlnet: Path | None = None  # a diffusers ControlNetModel folder: served as controlnet (+ the unet's control graph)
     _exported: Path | None = None
     _dims: ModelDims | None = None
     _vocab: int = VOCAB_SIZE
@@ -67,12 +81,19 @@ class DiffusionSource:
     _torch_nets: dict = field(default_factory=dict)  # name -> (module, inputs): torch_net's oracles
 
     def export(self, work: Path) -> None:
-        """Export the nets once into ``work`` (runtime-LoRA text encoder, VAE, runtime-LoRA UNet, and the
-        tiny autoencoder's decoder and encoder when ``tiny_vae`` is given)."""
+        """Export the nets once into ``work`` (runtime-LoRA text encoder, VAE, runtime-LoRA UNet, the
+        tiny autoencoder's decoder and encoder when ``tiny_vae`` is given, the few-step UNet when
+        ``distill_lora`` is given)."""
 
         base = load_base_model(self.base_model)
-        # the tiny autoencoder checked against the base model before any export (InvalidInputError: --tiny-vae)
+        # the tiny autoencoder and the distillation LoRA checked against the base model before any export
+        # (InvalidInputError: --tiny-vae, --distill-lora, --distill-weight)
         tiny = load_tiny_vae(self.tiny_vae, base) if self.tiny_vae is not None else None
+        control = load_controlnet(self.controlnet, base) if self.controlnet is not None else None  # --controlnet
+        distill = None
+        if self.distill_lora is not None:
+            self.distill_weight = check_distill_weight(self.distill_weight)
+            distill = load_distill_lora(self.distill_lora, base)
         export_onnx(base, work, models=("vae_decoder", "vae_encoder"))
         if tiny is not None:
             for name in TINY_VAE_NETS:
@@ -82,6 +103,16 @@ class DiffusionSource:
         export_runtime_lora_deep_cache_unet(base.unet, work, dims=ModelDims.of(base), rank=self.lora_rank)
         export_runtime_lora_text_encoder(base.text_encoder, work, dims=ModelDims.of(base),
                                          rank=self.text_encoder_lora_rank)
+        if control is not None:  # the served controlnet + the unet's graph that takes its residuals (unet/control/)
+            print(f"[export] {CONTROLNET.name} ({self.controlnet}) + {UNET.name}/{CONTROL_FOLDER} ...", flush=True)
+            export_controlnet_graphs(control, base.unet, work, dims=ModelDims.of(base), rank=self.lora_rank)
+        if distill is not None:  # the same graph over a copy of the base UNet with the distillation LoRA merged in
+            print(f"[export] {UNET_FEWSTEP.name} (distillation LoRA {self.distill_lora} merged at "
+                  f"{self.distill_weight:g}) ...", flush=True)
+            merged = fewstep_unet(base, distill, self.distill_weight)
+            export_runtime_lora_deep_cache_unet(merged, work, dims=ModelDims.of(base), rank=self.lora_rank,
+                                                name=UNET_FEWSTEP.name)
+            del merged
         self._exported = work
         self._base = base
         self._tiny = tiny
@@ -101,12 +132,18 @@ class DiffusionSource:
             "text_encoder_lora_rank": self.text_encoder_lora_rank,
             # a request's vae=tiny is served only where this names the tiny autoencoder (pipeline.job)
             "tiny_vae": tiny_vae_info(self.tiny_vae, tiny) if tiny is not None else None,
+            # a request's control is served only where this names the ControlNet (pipeline.job)
+            "controlnet": controlnet_info(self.controlnet, control) if control is not None else None,
+            # a few-step request runs on unet_fewstep only where this names the distillation LoRA (pipeline.job)
+            DISTILL_INFO: distill_info(distill, self.distill_weight) if distill is not None else None,
         }
 
     @property
     def nets(self) -> tuple[str, ...]:
-        """The served nets exported here: text_encoder, unet, the VAEs (+ the tiny autoencoder's)."""
-        return MODELS + (TINY_VAE_NETS if self.tiny_vae is not None else ())
+        """The served nets exported here: text_encoder, unet, the VAEs (+ the tiny autoencoder's, + unet_fewstep)."""
+        return (MODELS + (TINY_VAE_NETS if self.tiny_vae is not None else ())
+                + ((UNET_FEWSTEP.name,) if self.distill_lora is not None else ())
+                + ((CONTROLNET.name,) if self.controlnet is not None else ()))
 
     def net_folder(self, name: str) -> Path:
         """The exported folder of served net ``name``: ``<work>/<name>/`` (``unet`` and ``text_encoder``
@@ -114,13 +151,16 @@ class DiffusionSource:
         return self._exported / name
 
     def copy_net(self, name: str, version: Path) -> None:
-        """Net ``name``'s graph files into its version folder; the ``unet``'s step-cache shallow graph
-        into ``<version>/shallow/`` and its int8 IR, if made, into ``<version>/int8/``: the exported
-        folder's layout (:data:`facetron.contract.SHALLOW_FOLDER`, :data:`~facetron.contract.INT8_FOLDER`)."""
+        """Net ``name``'s graph files into its version folder; a runtime-LoRA UNet's (``unet``,
+        ``unet_fewstep``) step-cache shallow graph into ``<version>/shallow/`` and the ``unet``'s int8 IR, if
+        made, into ``<version>/int8/``: the exported folder's layout (:data:`facetron.contract.SHALLOW_FOLDER`,
+        :data:`~facetron.contract.INT8_FOLDER`)."""
         folder = self.net_folder(name)
         copy_graph(folder, version)
-        if name == UNET.name:
+        if name in RUNTIME_LORA_UNETS:
             copy_graph(folder / SHALLOW_FOLDER, version / SHALLOW_FOLDER)
+            if (folder / CONTROL_FOLDER).is_dir():  # the graph taking the ControlNet's residuals (--controlnet)
+                copy_graph(folder / CONTROL_FOLDER, version / CONTROL_FOLDER)
             int8 = folder / INT8_FOLDER
             if int8.is_dir():  # the int8 IR (quantize_unet), whole
                 shutil.copytree(int8, version / INT8_FOLDER)
@@ -184,7 +224,7 @@ class DiffusionSource:
 
         folder = self.net_folder(name)
         inputs, _, _ = read_io(folder)
-        batch = 2 if name in ("unet", "text_encoder") else 1
+        batch = 2 if name in RUNTIME_LORA_NETS else 1
         feed = example_inputs(inputs, self._dims, batch=batch, seed=seed, vocab=self._vocab)
         if name in RUNTIME_LORA_NETS:
             feed.update(random_lora_inputs(read_lora_manifest(folder), batch, seed=seed + 1))
@@ -228,7 +268,14 @@ class DiffusionSource:
                         budget_s: float = 0.3, nets: Iterable[str] | None = None) -> dict:
         """``auto``: per net (default: every served net, :attr:`nets`), the runtime (and with
         ``precision="auto"`` the precision) measured at the served shapes
-        (:mod:`facetron.export.runtime_choice`). Returns the report written to :data:`RUNTIME_CHOICE_FILE`."""
+        (:mod:`facetron.export.runtime_choice`). Returns the report written to :data:`RUNTIME_CHOICE_FILE`.
+        ``unet_fewstep`` is not measured: it is the ``unet``'s graph with other weights, and takes the
+        ``unet``'s choice (its entry says ``follows``)."""
         from facetron.export.runtime_choice import choose_runtimes
 
-        return choose_runtimes(self, self.nets if nets is None else nets, precision, threads, repeats, budget_s)
+        wanted = tuple(self.nets if nets is None else nets)
+        measured = tuple(dict.fromkeys(UNET.name if n == UNET_FEWSTEP.name else n for n in wanted))
+        report = choose_runtimes(self, measured, precision, threads, repeats, budget_s)
+        if UNET_FEWSTEP.name in wanted:
+            report[UNET_FEWSTEP.name] = dict(report[UNET.name], follows=UNET.name)
+        return {n: report[n] for n in wanted}

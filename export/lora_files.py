@@ -205,8 +205,11 @@ def _component_layers(comp: str, sub: dict, network_alphas: dict, adapter_meta: 
         check_pair(down.shape, up.shape, f"{comp}.{module}", label)
         if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
             raise InvalidInputError(label, f"layer {comp}.{module} holds NaN or inf values")
-        alpha_key = f"{comp}.{kinds['A']}.alpha"
-        if alpha_key in network_alphas:  # kohya: per-module alpha
+        # kohya: per-module alpha, keyed by diffusers' converter as "<down key>.alpha" for attention processors
+        # and "<module>.alpha" for every other layer (resnets, proj_in/out, feed-forwards, samplers)
+        alpha_keys = (f"{comp}.{kinds['A']}.alpha", f"{comp}.{kinds['A'].removesuffix('.lora.down.weight')}.alpha")
+        alpha_key = next((k for k in alpha_keys if k in network_alphas), None)
+        if alpha_key is not None:
             alpha = float(network_alphas[alpha_key])
         else:  # alpha_pattern / lora_alpha; without metadata scale 1 (alpha = rank), as diffusers does
             alpha = layer_alpha(meta, module, int(down.shape[0]))

@@ -154,6 +154,14 @@ TINY_VAE_MODELS: tuple[ModelDef, ...] = (
 )
 
 
+#: the few-step UNet (a distillation LoRA merged into the base UNet), written only by ``export repository
+#: --distill-lora FILE``: served exactly like the runtime-LoRA ``unet`` (its code: model_repository/unet)
+FEWSTEP_MODELS: tuple[ModelDef, ...] = (
+    ModelDef(contract.UNET_FEWSTEP, queue_delay_us=3000, queue=NET_QUEUE, cpu=_ORT_CPU, gpu=_UNET_GPU,
+             source=contract.UNET.name),
+)
+
+
 def with_tensorrt_plan(model: ModelDef) -> ModelDef:
     """``model`` (one of :data:`TENSORRT_NETS`) served on the gpu target as a
     TensorRT plan (``model.plan`` built from its ONNX by ``export/trt.py``)."""
@@ -220,7 +228,7 @@ def with_graph_dims(model: ModelDef, inputs, outputs, target: Target = "gpu",
     return dataclasses.replace(model, contract=c, **{target: serving})
 
 
-ALL_MODELS = MODELS + DIFFUSION_MODELS + TINY_VAE_MODELS
+ALL_MODELS = MODELS + DIFFUSION_MODELS + TINY_VAE_MODELS + FEWSTEP_MODELS
 BY_NAME = {m.name: m for m in ALL_MODELS}
 
 
@@ -292,11 +300,14 @@ def render(model: ModelDef, target: Target, parameters: dict[str, str] | None = 
     return header + text_format.MessageToString(to_proto(model, target, parameters))
 
 
-def models_for(target: Target, diffusion: bool = False, tiny_vae: bool = False) -> list[ModelDef]:
+def models_for(target: Target, diffusion: bool = False, tiny_vae: bool = False,
+               fewstep: bool = False) -> list[ModelDef]:
     """Models served on ``target``: the face stack + tokenizer, plus the
     diffusion models when ``diffusion`` (they need exported artifacts), plus
-    the tiny autoencoder's when ``tiny_vae`` too (``export repository --tiny-vae``)."""
+    the tiny autoencoder's when ``tiny_vae`` too (``export repository --tiny-vae``),
+    plus ``unet_fewstep`` when ``fewstep`` too (``export repository --distill-lora``)."""
     pool = MODELS + (DIFFUSION_MODELS if diffusion else ()) + (TINY_VAE_MODELS if diffusion and tiny_vae else ())
+    pool += FEWSTEP_MODELS if diffusion and fewstep else ()
     return [m for m in pool if m.serving(target) is not None]
 
 

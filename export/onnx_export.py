@@ -31,6 +31,8 @@ all dynamic):
   graph is the one above; the encoder's latents (deterministic: no
   distribution) x ``scaling_factor`` (1.0: TAESD's latents are on the scale
   of the SD VAE's *scaled* ones, as diffusers' pipelines use them).
+* ``controlnet`` and the ``unet``'s control graph (``export repository
+  --controlnet``): :mod:`facetron.export.controlnet`.
 
 ``torch.onnx.export(..., dynamo=False)`` (the legacy TorchScript exporter,
 the one verified with these diffusers/transformers versions), opset >= 17.

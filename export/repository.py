@@ -27,6 +27,7 @@ from facetron.export.merge import MERGE_INFO, lora_plan, merge_loras, merge_prov
 from facetron.export.model_configs import (TENSORRT_NETS, TRT_ENGINE_CACHE_ROOT, ModelDef, Target, TARGETS,
                                            merged_unet_def, models_for, render, with_graph_dims,
                                            with_tensorrt_plan)
+from facetron.export.controlnet import CONTROLNET_MODEL
 from facetron.export.diffusion_source import DiffusionSource, copy_graph
 from facetron.export.onnx_export import ModelDims, export_model
 from facetron.export.onnx_graph import MODELS as _NET_ARTIFACTS, read_io
@@ -138,10 +139,14 @@ def assemble_repository(
     the diffusion models and the portrait models too (cpu target: exported
     from ``diffusion.base_model`` into the version folders); with ``diffusion.tiny_vae``
     the tiny autoencoder's ``vae_decoder_tiny`` / ``vae_encoder_tiny`` too (a
-    request's ``vae=tiny``).
+    request's ``vae=tiny``); with ``diffusion.distill_lora`` the few-step UNet
+    ``unet_fewstep`` too (a request with a few-step scheduler; its python model
+    is the ``unet``'s code, ``ModelDef.source``); with ``diffusion.controlnet`` the
+    ``controlnet`` model too and the ``unet``'s control graph (template mode's
+    ``control``; the ``controlnet`` runs on the ``unet``'s runtime and precision).
 
     ``cpu_runtime`` (cpu target): the runtime of the nets (``text_encoder``,
-    ``unet``, ``vae_*``, ``vae_*_tiny``): ``onnxruntime`` | ``openvino`` for all, a
+    ``unet``, ``unet_fewstep``, ``vae_*``, ``vae_*_tiny``): ``onnxruntime`` | ``openvino`` for all, a
     ``{net: runtime}`` mapping, or ``auto`` — measured per net on this machine
     (:meth:`DiffusionSource.choose_runtimes`). The choice (and for ``auto``
     its numbers) goes into :data:`RUNTIME_CHOICE_FILE` at the repository
@@ -180,7 +185,10 @@ def assemble_repository(
     if users_dir:
         overrides["users_dir"] = str(Path(users_dir).resolve())
     chosen = models_for(target, diffusion=diffusion is not None,
-                        tiny_vae=diffusion is not None and diffusion.tiny_vae is not None)
+                        tiny_vae=diffusion is not None and diffusion.tiny_vae is not None,
+                        fewstep=diffusion is not None and diffusion.distill_lora is not None)
+    if diffusion is not None and diffusion.controlnet is not None:  # --controlnet: the controlnet model too
+        chosen.append(CONTROLNET_MODEL)
     if models is not None:
         wanted = set(models)
         unknown = wanted - {m.name for m in chosen}
@@ -208,13 +216,16 @@ def assemble_repository(
         if diffusion is not None:
             diffusion.export(tmp / ".export")
             if auto:
-                measured = diffusion.choose_runtimes(precision)
-                net_runtimes = {net: measured[net]["runtime"] for net in nets}
-                net_precisions = {net: measured[net]["precision"] for net in nets}
+                measured = diffusion.choose_runtimes(precision, nets=[n for n in nets if n != CONTROLNET_MODEL.name])
+                net_runtimes = {net: measured[net]["runtime"] for net in measured}
+                net_precisions = {net: measured[net]["precision"] for net in measured}
             if int8 != "off":  # the int8 IR runs in OpenVINO, with OpenVINO's int8 kernels (precision hint f32)
                 diffusion.quantize_unet(int8)
                 net_runtimes["unet"], net_precisions["unet"] = "openvino", "f32"
                 overrides_by_model = {"unet": {"int8": int8}}
+            if net_runtimes is not None and CONTROLNET_MODEL.name in nets:  # the ControlNet runs as the unet runs
+                net_runtimes[CONTROLNET_MODEL.name] = net_runtimes["unet"]
+                net_precisions[CONTROLNET_MODEL.name] = net_precisions["unet"]
         for model in chosen:
             if tensorrt and model.name in TENSORRT_NETS:
                 model = with_tensorrt_plan(model)
@@ -238,10 +249,16 @@ def assemble_repository(
     return out
 
 
+def source_models() -> list[ModelDef]:
+    """Every model whose code and cpu config are checked in under ``model_repository/``: the cpu target's
+    models with every option (``--tiny-vae``, ``--distill-lora``, ``--controlnet``)."""
+    return [*models_for("cpu", diffusion=True, tiny_vae=True, fewstep=True), CONTROLNET_MODEL]
+
+
 def write_source_configs(root: Path = SOURCE_REPOSITORY) -> list[Path]:
     """Regenerate the checked-in cpu configs (run after editing model_configs)."""
     written = []
-    for model in models_for("cpu", diffusion=True, tiny_vae=True):
+    for model in source_models():
         path = root / model.name / "config.pbtxt"
         path.write_text(render(model, "cpu"))
         written.append(path)

@@ -58,7 +58,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from facetron.contract import SHALLOW_FOLDER, UNET
+from facetron.contract import RUNTIME_LORA_UNETS, SHALLOW_FOLDER, UNET
 from facetron.diffusion.lora_inputs import MANIFEST_FILE
 from facetron.diffusion.step_cache import DEEP_FEATURE
 from facetron.errors import InvalidInputError
@@ -401,13 +401,19 @@ def export_deep_cache_unet(unet: torch.nn.Module, out_dir: str | os.PathLike, *,
 
 def export_runtime_lora_deep_cache_unet(unet: torch.nn.Module, out_dir: str | os.PathLike, *, dims: ModelDims,
                                         rank: int = 16, fp16: bool = False, opset: int = DEFAULT_OPSET, batch: int = 2,
-                                        external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> tuple[Path, Path]:
+                                        external_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                                        name: str = UNET.name) -> tuple[Path, Path]:
     """Write the served ``unet``: ``<out_dir>/unet/`` and ``<out_dir>/unet/shallow/`` (model.onnx, io.json,
-    lora_manifest.json each): the ``unet_lora`` contract plus ``deep_feature``. Returns the two model.onnx paths."""
+    lora_manifest.json each): the ``unet_lora`` contract plus ``deep_feature``. Returns the two model.onnx paths.
+    ``name``: another served runtime-LoRA UNet of the same contract (``unet_fewstep``: ``<out_dir>/unet_fewstep/``
+    and ``<out_dir>/unet_fewstep/shallow/``)."""
     if not isinstance(rank, int) or rank < 1:
         raise InvalidInputError("--runtime-lora-rank", f"must be an integer >= 1, got {rank!r}")
+    if name not in RUNTIME_LORA_UNETS:
+        raise ValueError(f"name: expected one of {', '.join(RUNTIME_LORA_UNETS)}, got {name!r}")
+    folders = (name, f"{name}/{SHALLOW_FOLDER}")
     manifest = build_manifest(unet, rank)
     with adapted(RuntimeLoraUNet, unet, fp16) as lora_unet:  # the caller's UNet, adapted and put back: no copy
-        return _export_pair(DeepCacheUNet(lora_unet), runtime_lora_io(dims, manifest), SERVED_UNET_FOLDERS, out_dir,
+        return _export_pair(DeepCacheUNet(lora_unet), runtime_lora_io(dims, manifest), folders, out_dir,
                             dims=dims, batch=batch, opset=opset, external_threshold=external_threshold,
                             info={"lora_rank": rank}, extra_files={MANIFEST_FILE: manifest}, rank=rank)

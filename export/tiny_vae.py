@@ -15,11 +15,10 @@ model's)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from facetron.errors import InvalidInputError
+from facetron.export.diffusers_folder import load_component, weights_hash
 
 TINY_VAE_CLASS = "AutoencoderTiny"
 FLAG = "--tiny-vae"
@@ -39,24 +38,7 @@ def load_tiny_vae(path: str | Path, base):
     ``base`` (a :class:`facetron.diffusion.base_model.BaseModel`); InvalidInputError naming ``--tiny-vae``."""
     from diffusers import AutoencoderTiny
 
-    # 1. the folder: a diffusers AutoencoderTiny (config.json naming the class)
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise InvalidInputError(FLAG, f"{path} has no config.json: expected a diffusers {TINY_VAE_CLASS} folder "
-                                      "(e.g. a copy of madebyollin/taesd for SD 1.x)")
-    try:
-        class_name = json.loads(config_file.read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise InvalidInputError(FLAG, f"{config_file} is not a readable JSON config ({exc})") from None
-    if class_name != TINY_VAE_CLASS:
-        raise InvalidInputError(FLAG, f"{path} holds a {class_name!r}, not a diffusers {TINY_VAE_CLASS} (TAESD)")
-    # 2. the weights (safetensors only, never the network)
-    try:
-        vae = AutoencoderTiny.from_pretrained(path, use_safetensors=True, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise InvalidInputError(FLAG, f"cannot load {path} as a {TINY_VAE_CLASS} with safetensors weights "
-                                      f"({str(exc).splitlines()[0]})") from None
+    vae = load_component(path, AutoencoderTiny, FLAG, "e.g. a copy of madebyollin/taesd for SD 1.x")
     # 3. the base model's latent space: channels, pixels per latent cell, RGB
     cfg, base_channels = vae.config, int(base.vae.config.latent_channels)
     if int(cfg.latent_channels) != base_channels:
@@ -76,13 +58,7 @@ def load_tiny_vae(path: str | Path, base):
 def tiny_vae_info(path: str | Path, vae) -> dict:
     """What the generator records of the tiny autoencoder it serves (``model_info.json``'s ``tiny_vae``)."""
     path = Path(path)
-    h = hashlib.sha256()
-    for f in sorted(path.glob("*.safetensors")):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return {"class": TINY_VAE_CLASS, "path": str(path.resolve()), "hash": h.hexdigest()[:16],
+    return {"class": TINY_VAE_CLASS, "path": str(path.resolve()), "hash": weights_hash(path),
             "latent_channels": int(vae.config.latent_channels), "scaling_factor": float(vae.config.scaling_factor)}
 
 

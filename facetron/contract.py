@@ -68,6 +68,11 @@ DEFAULT_SCHEDULER = "dpmsolver"
 #: (diffusers' ``original_inference_steps``), so they take at most FEW_STEP_MAX_STEPS steps.
 FEW_STEP_SCHEDULERS = ("lcm", "tcd")
 FEW_STEP_MAX_STEPS = 50
+#: a distillation LoRA (``export repository --distill-lora FILE``) is merged into the served ``unet_fewstep`` at
+#: this weight unless ``--distill-weight`` says otherwise (diffusers' LCM-LoRA / TCD / Hyper-SD docs load them at 1)
+DEFAULT_DISTILL_WEIGHT = 1.0
+#: model_info.json's record of that LoRA (file, hash, weight; null = the repository serves no unet_fewstep)
+DISTILL_INFO = "distill_lora"
 #: TCD's gamma (stochasticity per step, 0 = deterministic): TCDScheduler.step's default and the value diffusers'
 #: TCD docs use; fixed, not a request input
 TCD_ETA = 0.3
@@ -77,6 +82,19 @@ DEFAULT_STEPS = 25
 #: ``vae_encoder_tiny``, served only by a repository assembled with ``export repository --tiny-vae DIR``)
 VAE_CHOICES = ("full", "tiny")
 DEFAULT_VAE = "full"
+#: template mode's ControlNet conditioning (``export repository --controlnet DIR``: a diffusers ControlNetModel
+#: served as ``controlnet``; pipeline.control builds the image from the fitted template): none, or canny edges
+#: (cv2.Canny at diffusers' example thresholds). No pose: no keypoint model ships in the installed packages.
+CONTROL_CHOICES = ("none", "canny")
+DEFAULT_CONTROL = "none"
+DEFAULT_CONTROL_SCALE = 1.0  # diffusers' ControlNetModel.forward default (its inpaint pipeline's __call__ says 0.5)
+MAX_CONTROL_SCALE = 2.0
+#: the ControlNet's residuals: one per down-block residual of the UNet (SD-1.5: 12; a smaller UNet has fewer and
+#: uses the first ones) + the mid block's, added to the UNet's (diffusers' down_block_additional_residuals /
+#: mid_block_additional_residual)
+MAX_CONTROL_RESIDUALS = 12
+CONTROL_DOWN_RESIDUALS = tuple(f"down_block_residual_{i}" for i in range(MAX_CONTROL_RESIDUALS))
+CONTROL_MID_RESIDUAL = "mid_block_residual"
 #: step caching (DeepCache, facetron.diffusion.step_cache): a full UNet every ``cache_interval`` steps, the
 #: shallow graph on the cached deep feature between (1 = off, the uncached loop exactly)
 DEFAULT_CACHE_INTERVAL = 1
@@ -177,6 +195,10 @@ MERGE_INFO = "facetron_merge.json"  # what went into a merge (+ the user's regis
 #: ``<export>/unet/shallow/``, ``<export>/unet/int8/``, ``<export>/text_encoder/``, ...
 MODEL_FILE = "model.onnx"
 SHALLOW_FOLDER = "shallow"
+#: the ``unet``'s graph that takes the ControlNet's residuals (opened on first use), beside the shallow graph;
+#: CONTROL_LAYOUT (in it and in ``controlnet/1/``): each residual's channels and pixels-per-cell factor
+CONTROL_FOLDER = "control"
+CONTROL_LAYOUT = "control_residuals.json"
 INT8_DEVIATION = "deviation.json"  # the int8 IR's deviation from fp32 on held-out generations, and the verdict
 #: portrait_generator's version folder: the base model the repository was assembled from, its scheduler's config
 MODEL_INFO = "model_info.json"
@@ -285,6 +307,15 @@ def check_fusion_strength(value: float, name: str = "fusion_strength") -> float:
     if not (math.isfinite(s) and 0.0 <= s <= 1.0):
         raise InvalidInputError(name, f"must be in [0, 1] (0 = no fusion), got {value}")
     return s
+
+
+def check_control(control: str, control_scale: float) -> None:
+    """Template mode's ControlNet choice: ``control`` in CONTROL_CHOICES, ``control_scale`` in
+    [0, MAX_CONTROL_SCALE], each error naming its input."""
+    if control not in CONTROL_CHOICES:
+        raise InvalidInputError("control", f"expected one of {', '.join(CONTROL_CHOICES)}, got {control!r}")
+    if not (math.isfinite(control_scale) and 0.0 <= control_scale <= MAX_CONTROL_SCALE):
+        raise InvalidInputError("control_scale", f"must be in [0, {MAX_CONTROL_SCALE:g}], got {control_scale}")
 
 
 # --- model parameters (config.pbtxt ``parameters``, typed) ------------------------------
@@ -443,6 +474,11 @@ GENERATION_INPUTS: tuple[Tensor, ...] = (
     Tensor("strength", "FP32", (1,), optional=True),
     Tensor("cache_interval", "INT32", (1,), optional=True),  # 1..MAX_CACHE_INTERVAL, 1 = off
     Tensor("vae", "STRING", (1,), optional=True),  # VAE_CHOICES, default DEFAULT_VAE
+    # template mode: the template's own pixels back outside the feathered face region after decoding (FaceChain's
+    # crop-and-paste; default false: diffusers' inpainting returns the decoded latents as they are)
+    Tensor("paste_template", "BOOL", (1,), optional=True),
+    Tensor("control", "STRING", (1,), optional=True),  # CONTROL_CHOICES (template mode), default DEFAULT_CONTROL
+    Tensor("control_scale", "FP32", (1,), optional=True),  # [0, MAX_CONTROL_SCALE], default DEFAULT_CONTROL_SCALE
 )
 PORTRAIT_EXTRA_INPUTS: tuple[Tensor, ...] = (
     Tensor("top_k", "INT32", (1,), optional=True),
@@ -471,6 +507,10 @@ UNET_OUTPUTS: tuple[Tensor, ...] = (Tensor("noise_pred", "FP32", (LATENT_CHANNEL
 #: entering the UNet's last up block; a request sending it runs only the shallow part on it
 UNET_CACHE_INPUTS: tuple[Tensor, ...] = (Tensor(DEEP_FEATURE, "FP32", (-1, -1, -1), optional=True),)
 UNET_CACHE_OUTPUTS: tuple[Tensor, ...] = (Tensor(DEEP_FEATURE, "FP32", (-1, -1, -1)),)
+#: the ControlNet's residuals [C, h/f, w/f] (f: 1, 2, 4, 8 along the down blocks): controlnet's outputs, the
+#: runtime-LoRA unet's optional inputs (a request that sends them runs its control graph)
+CONTROL_RESIDUALS: tuple[Tensor, ...] = tuple(Tensor(name, "FP32", (-1, -1, -1), optional=True)
+                                              for name in CONTROL_DOWN_RESIDUALS + (CONTROL_MID_RESIDUAL,))
 
 TOKENIZER = ModelContract(
     name="tokenizer",
@@ -557,14 +597,46 @@ UNET = ModelContract(
     "pinned for its whole request; empty = the current one) and style LoRA (style), from\n"
     "an LRU bank.\n"
     "Step cache: request the deep_feature output (a full step), or send deep_feature\n"
-    "(a shallow step: only the outer blocks run, on that cached feature).",
+    "(a shallow step: only the outer blocks run, on that cached feature).\n"
+    "ControlNet: send the controlnet model's residuals (down_block_residual_*, mid_block_residual)\n"
+    "and its control graph adds them (diffusers' down/mid_block_additional_residual(s)).",
     inputs=UNET_CORE_INPUTS + (Tensor("user_id", "STRING", (1,), optional=True),
                                Tensor("user_version", "STRING", (1,), optional=True),
                                Tensor("style", "STRING", (1,), optional=True))
-    + UNET_CACHE_INPUTS,
+    + UNET_CACHE_INPUTS + CONTROL_RESIDUALS,
     outputs=UNET_OUTPUTS + UNET_CACHE_OUTPUTS,
     max_batch_size=32,
     params=UnetParams,
+)
+#: the few-step UNet, served only by a repository assembled with ``export repository --distill-lora FILE``: a
+#: distillation LoRA (LCM-LoRA, TCD-LoRA, Hyper-SD; server-wide, the same for every user) merged into the base
+#: UNet, with the runtime-LoRA unet's tensors, parameters and code (users' LoRAs ride on it at w_face). A request
+#: whose scheduler is in FEW_STEP_SCHEDULERS denoises on it where the repository has it (pipeline.job.unet_model)
+UNET_FEWSTEP = ModelContract(
+    name="unet_fewstep",
+    doc="Few-step UNet: the runtime-LoRA unet (same tensors and parameters) over the base UNet with\n"
+    "the repository's distillation LoRA (LCM-LoRA, TCD-LoRA, Hyper-SD) merged in; each batch\n"
+    "item's user LoRA (user_id, user_version) and style LoRA apply on top, from an LRU bank.\n"
+    "Used by requests with a few-step scheduler (lcm, tcd); the others run on unet.",
+    inputs=UNET.inputs,
+    outputs=UNET.outputs,
+    max_batch_size=UNET.max_batch_size,
+    params=UnetParams,
+)
+#: the served runtime-LoRA UNets: the plain one and the optional few-step one (one graph contract, one code)
+RUNTIME_LORA_UNETS = (UNET.name, UNET_FEWSTEP.name)
+#: template mode's ControlNet (diffusers' ControlNetModel, user-supplied weights), served only by a repository
+#: assembled with ``export repository --controlnet DIR``; batches and budgets like the unet (UNET_MAX_BATCH_CELLS)
+CONTROLNET = ModelContract(
+    name="controlnet",
+    doc="ControlNet (template mode with control): the UNet's inputs + the conditioning image\n"
+    "controlnet_cond [3, 8h, 8w] in [0, 1] and conditioning_scale -> the residuals the unet\n"
+    "adds (down_block_residual_0.. as many as the UNet has, mid_block_residual), x the scale.",
+    inputs=UNET_CORE_INPUTS + (Tensor("controlnet_cond", "FP32", (3, -1, -1)),
+                               Tensor("conditioning_scale", "FP32", (1,))),
+    outputs=tuple(Tensor(t.name, t.dtype, t.dims) for t in CONTROL_RESIDUALS),
+    max_batch_size=32,
+    params=NetParams,
 )
 VAE_DECODER = ModelContract(
     name="vae_decoder",
@@ -653,8 +725,9 @@ CONTRACTS: tuple[ModelContract, ...] = (
     TOKENIZER, FACE_DETECTOR, MTCNN_PNET, MTCNN_RNET, MTCNN_ONET, FACE_EMBEDDER, FACE_SELECT,
     TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, PORTRAIT_GENERATOR, PORTRAIT, PORTRAIT_STREAM,
 )
-#: served only where the repository was assembled with them (``export repository --tiny-vae DIR``)
-OPTIONAL_CONTRACTS: tuple[ModelContract, ...] = (VAE_DECODER_TINY, VAE_ENCODER_TINY)
+#: served only where the repository was assembled with them (``export repository --tiny-vae DIR``,
+#: ``--distill-lora FILE``, ``--controlnet DIR``)
+OPTIONAL_CONTRACTS: tuple[ModelContract, ...] = (VAE_DECODER_TINY, VAE_ENCODER_TINY, UNET_FEWSTEP, CONTROLNET)
 BY_NAME: dict[str, ModelContract] = {c.name: c for c in CONTRACTS + OPTIONAL_CONTRACTS}
 
 # Names the client and the BLS callers use (one spelling, from the tables above).

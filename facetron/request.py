@@ -133,6 +133,9 @@ class GeneratorRequest:
     strength: float | None = None  # template mode: share of the template re-generated
     cache_interval: int | None = None  # step caching: a full UNet every N steps (1 = off)
     vae: str | None = None  # contract.VAE_CHOICES: the autoencoder that decodes (None = contract.DEFAULT_VAE)
+    paste_template: bool | None = None  # template mode: the template's pixels back outside the face region
+    control: str | None = None  # contract.CONTROL_CHOICES: template mode's ControlNet conditioning (None = none)
+    control_scale: float | None = None  # [0, MAX_CONTROL_SCALE]: the ControlNet's weight (None = DEFAULT_CONTROL_SCALE)
 
     def __post_init__(self) -> None:
         for name, t in self._tensors().items():
@@ -170,6 +173,20 @@ class GeneratorRequest:
             check_template(self.template)
         elif self.strength is not None:
             raise InvalidInputError("strength", "only applies with a template")
+        if self.paste_template and self.template is None:
+            raise InvalidInputError("paste_template", "only applies with a template")
+        self._check_control()
+
+    def _check_control(self) -> None:
+        """``control`` one of the choices, only with a template; ``control_scale`` in range, only with a control."""
+        control = contract.DEFAULT_CONTROL if self.control is None else self.control
+        contract.check_control(control, contract.DEFAULT_CONTROL_SCALE if self.control_scale is None
+                               else self.control_scale)
+        if control != contract.DEFAULT_CONTROL and self.template is None:
+            raise InvalidInputError("control", f"{control}: a ControlNet conditions template mode only (send a "
+                                               "template)")
+        if self.control_scale is not None and control == contract.DEFAULT_CONTROL:
+            raise InvalidInputError("control_scale", "only applies with a control (e.g. control canny)")
 
     # 2. from and to the wire --------------------------------------------------------------
     @classmethod

@@ -120,6 +120,25 @@ def test_the_tiny_autoencoder_has_the_full_vaes_budgets() -> None:
             NET_CHECKS["vae_decoder_tiny"](feed["latent"], "latent")
 
 
+def test_the_controlnet_has_the_unets_budgets() -> None:
+    """controlnet is served only by a repository assembled with --controlnet (not the session server, so OVER
+    does not call it; tests/test_controlnet.py sends it over-budget requests on its own server): it reads its
+    samples with the unet's checks (triton.batching.unet_feed -> net_io.check_sample) and runs a dynamic batch
+    within the unet's cell budget, so OVER's unet samples are refused the same way and its batches split the same."""
+    from facetron.pipeline.net_io import check_sample
+
+    assert NET_BUDGETS["controlnet"] is NET_BUDGETS["unet"] and C.CONTROLNET.max_batch_size == C.UNET.max_batch_size
+    assert C.CONTROLNET.inputs[:3] == C.UNET.inputs[:3]  # sample, timestep, encoder_hidden_states
+    for model, name, limit, make in OVER:
+        if model == "unet" and name == "sample" and limit != str(C.LATENT_CHANNELS):  # channels: the config's dim
+            with pytest.raises(InvalidInputError, match=limit):
+                check_sample(make()["sample"])
+    cost, limit = NET_BUDGETS["controlnet"]
+    members = [(i, {"sample": _zeros((8, C.LATENT_CHANNELS, 64, 64))}) for i in range(3)]  # 3 x 8 x 64² cells
+    runs = list(within_budget(members, NET_BUDGETS["controlnet"]))
+    assert len(runs) == 3 and all(sum(cost(f) for _, f in run) <= limit for run in runs)
+
+
 @pytest.fixture(scope="module")
 def raw(triton):
     import tritonclient.grpc as grpcclient

@@ -308,7 +308,8 @@ def test_portrait_request_sends_only_what_was_given_with_the_contract_dtypes() -
     inputs = portrait_request(
         "demo", style="studio", prompt="a {trigger}", num_images=2, top_k=1, steps=20, guidance=6.5, seed=7,
         height=256, width=320, template=np.zeros((64, 64, 3), np.uint8), strength=0.5, negative_prompt="blur",
-        scheduler="euler", fuse=True, fusion_strength=0.7, cache_interval=3,
+        scheduler="euler", fuse=True, fusion_strength=0.7, cache_interval=3, paste_template=True,
+        control="canny", control_scale=0.8,
     )
     assert set(inputs) <= set(contract.PORTRAIT_INPUT_NAMES)
     for name, dtype in contract.SCALAR_INPUTS.items():

@@ -15,7 +15,8 @@ from facetron import contract
 from facetron.errors import InvalidInputError
 from facetron.export import repository
 from facetron.export.model_configs import MODELS, TARGETS, models_for, render
-from facetron.export.repository import SOURCE_REPOSITORY, assemble_repository
+from facetron.export.controlnet import CONTROLNET_MODEL
+from facetron.export.repository import SOURCE_REPOSITORY, assemble_repository, source_models
 
 _ORT_TYPES = {"tensor(uint8)": "UINT8", "tensor(float)": "FP32", "tensor(int32)": "INT32", "tensor(int64)": "INT64"}
 
@@ -26,7 +27,7 @@ def _parse(text: str):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_config_parses(target: str) -> None:
-    for model in models_for(target, diffusion=True, tiny_vae=True):
+    for model in [*models_for(target, diffusion=True, tiny_vae=True), CONTROLNET_MODEL]:
         cfg = _parse(render(model, target))
         assert cfg.name == model.name
         # every model has a bounded queue; the batching nets also wait a moment to batch
@@ -36,12 +37,27 @@ def test_every_config_parses(target: str) -> None:
 
 
 def test_checked_in_configs_match_the_source() -> None:
-    for model in models_for("cpu", diffusion=True, tiny_vae=True):
+    for model in source_models():
         checked_in = (SOURCE_REPOSITORY / model.name / "config.pbtxt").read_text()
         assert checked_in == render(model, "cpu"), f"{model.name}: run write_source_configs()"
     names = {p.name for p in SOURCE_REPOSITORY.iterdir() if p.is_dir()}
     # unet_user is the code of every per-user merged UNet (serving mode 1), not a model of its own
-    assert names == {m.name for m in models_for("cpu", diffusion=True, tiny_vae=True)} | {contract.MERGED_UNET_SOURCE}
+    assert names == {m.name for m in source_models()} | {contract.MERGED_UNET_SOURCE}
+    assert {m.name for m in models_for("cpu", diffusion=True, tiny_vae=True)} < names
+
+
+def test_the_controlnet_is_served_only_when_given_like_the_unet() -> None:
+    """controlnet (--controlnet): the unet's batch size, queue and dynamic-batching delay; its outputs are the
+    unet's optional residual inputs, name for name; a net's parameters (its runtime follows the unet's)."""
+    assert CONTROLNET_MODEL.name not in {m.name for m in models_for("cpu", diffusion=True, tiny_vae=True)}
+    unet = {m.name: m for m in models_for("cpu", diffusion=True)}["unet"]
+    assert (CONTROLNET_MODEL.max_batch_size, CONTROLNET_MODEL.queue, CONTROLNET_MODEL.queue_delay_us) == (
+        unet.max_batch_size, unet.queue, unet.queue_delay_us)
+    residuals = {t.name: t for t in unet.inputs if t.name in CONTROLNET_MODEL.contract.output_names()}
+    assert list(residuals) == list(CONTROLNET_MODEL.contract.output_names())
+    assert len(residuals) == contract.MAX_CONTROL_RESIDUALS + 1 and all(t.optional for t in residuals.values())
+    assert CONTROLNET_MODEL.contract.params is contract.NetParams
+    assert CONTROLNET_MODEL.gpu.parameters["providers"] == "cuda" and CONTROLNET_MODEL.gpu.backend == "python"
 
 
 def test_the_tiny_autoencoder_is_served_only_when_given() -> None:
@@ -56,6 +72,26 @@ def test_the_tiny_autoencoder_is_served_only_when_given() -> None:
             full.inputs, full.outputs, full.max_batch_size, full.params)
 
 
+def test_the_fewstep_unet_is_served_only_when_given_like_the_unet() -> None:
+    """unet_fewstep (--distill-lora): only with the diffusion models and the flag; the unet's contract (tensors,
+    batch size, parameters), queue, batching delay and python code; on gpu the same LoRA-bank model on CUDA."""
+    fewstep = {m.name for m in models_for("cpu", diffusion=True, fewstep=True)} - {
+        m.name for m in models_for("cpu", diffusion=True, tiny_vae=True)}
+    assert fewstep == {contract.UNET_FEWSTEP.name}
+    assert contract.UNET_FEWSTEP.name not in {m.name for m in models_for("cpu", fewstep=True)}
+    unet, few = ({m.name: m for m in models_for("cpu", diffusion=True, fewstep=True)}[n]
+                 for n in (contract.UNET.name, contract.UNET_FEWSTEP.name))
+    assert (few.inputs, few.outputs, few.max_batch_size, few.contract.params) == (
+        unet.inputs, unet.outputs, unet.max_batch_size, unet.contract.params)
+    assert (few.queue, few.queue_delay_us, few.source) == (unet.queue, unet.queue_delay_us, contract.UNET.name)
+    for target in TARGETS:
+        a, b = _parse(render(unet, target)), _parse(render(few, target))
+        assert b.name == contract.UNET_FEWSTEP.name and b.backend == "python"
+        b.name = a.name
+        assert a == b, target
+    assert not (SOURCE_REPOSITORY / contract.UNET_FEWSTEP.name / "1").exists()  # its code is model_repository/unet
+
+
 def test_nets_batch_set_models_do_not() -> None:
     by = {m.name: m for m in MODELS}
     assert by["face_detector"].max_batch_size > 0 and by["face_embedder"].max_batch_size > 0
@@ -64,13 +100,16 @@ def test_nets_batch_set_models_do_not() -> None:
 
 @pytest.fixture(scope="module")
 def gpu_repo(tmp_path_factory) -> Path:
-    """The gpu target with the tiny autoencoder too (a small random AutoencoderTiny: no weights ship)."""
+    """The gpu target with the tiny autoencoder and a ControlNet too (small random ones: no weights ship)."""
+    from facetron.export.controlnet import write_random_controlnet
     from facetron.export.diffusion_source import DiffusionSource
     from facetron.export.tiny_vae import write_random_tiny_vae
 
     work = tmp_path_factory.mktemp("gpu")
     tiny = write_random_tiny_vae(work / "tiny_vae")
-    return assemble_repository("gpu", work / "model_repository", diffusion=DiffusionSource(tiny_vae=tiny))
+    controlnet = write_random_controlnet(work / "controlnet")
+    return assemble_repository("gpu", work / "model_repository",
+                               diffusion=DiffusionSource(tiny_vae=tiny, controlnet=controlnet))
 
 
 def test_gpu_repository_uses_native_backends(gpu_repo: Path) -> None:
@@ -81,9 +120,11 @@ def test_gpu_repository_uses_native_backends(gpu_repo: Path) -> None:
     assert det.backend == "python" and det.parameters["nets"].string_value == "bls"
     for net in ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "face_embedder", "text_encoder", "vae_decoder", "unet"):
         assert (gpu_repo / net / "1" / "model.onnx").is_file(), net
-    for name in ("unet", "text_encoder"):  # the runtime-LoRA nets: their LoRA bank's python model on CUDA
-        cfg = _parse((gpu_repo / name / "config.pbtxt").read_text())
+    for name in ("unet", "text_encoder", "controlnet"):  # the runtime-LoRA nets (their LoRA bank) and the
+        cfg = _parse((gpu_repo / name / "config.pbtxt").read_text())  # ControlNet feeding the unet: python on CUDA
         assert cfg.backend == "python" and cfg.parameters["providers"].string_value == "cuda", name
+    for graph in ("controlnet/1", f"unet/1/{contract.CONTROL_FOLDER}"):  # the ControlNet and the unet taking it
+        assert (gpu_repo / graph / contract.MODEL_FILE).is_file() and (gpu_repo / graph / contract.CONTROL_LAYOUT).is_file()
 
 
 def test_gpu_onnx_artifacts_match_their_configs(gpu_repo: Path) -> None:

@@ -243,6 +243,27 @@ def test_portrait_template_mode_end_to_end(client, users) -> None:
     assert {"generate_ms", "select_ms", "fuse_ms", "score_ms"} <= set(report["timings_ms"])
 
 
+def test_paste_template_keeps_the_templates_pixels_outside_the_face(client, users) -> None:
+    """paste_template (FaceChain's crop-and-paste, off by default): after decoding, outside the
+    feathered face region the picture is the template's own pixels; without it, the tiny model's
+    random VAE round trip (noise) is what comes back there."""
+    from facetron.faces.detector import FaceDetector
+    from facetron.pipeline.template import fit_template
+    from facetron.training.demo_templates import demo_templates
+
+    _, template = demo_templates(FaceDetector(), size=SIZE, count=1)[0]
+    fitted = fit_template(template, SIZE, SIZE)
+    paste = np.array([True])
+    pasted = _generate(client, user_id="astro", template=template, num_images=1, seed=3, paste_template=paste)
+    plain = _generate(client, user_id="astro", template=template, num_images=1, seed=3)
+    outside = np.ones((SIZE, SIZE), bool)  # a border band: far from the template's face
+    outside[8:-8, 8:-8] = False
+    assert np.array_equal(pasted[0][outside], fitted[outside])
+    assert np.abs(plain[0][outside].astype(int) - fitted[outside]).mean() > 10  # the random VAE's round trip
+    with pytest.raises(InvalidInputError, match="paste_template: only applies with a template"):
+        _generate(client, user_id="astro", num_images=1, paste_template=np.array([True]))
+
+
 def test_portrait_fusion_strength_and_seed(client, users) -> None:
     """fusion_strength 0 == fuse false: the generated pictures come back as
     made (none holds a face on the tiny model, so none is ranked); a request

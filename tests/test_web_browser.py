@@ -29,7 +29,7 @@ PASSWORD = "browser-password"
 OTHER, OTHER_PASSWORD = "other-user", "other-password"
 # 3 candidates: on the tiny model a fused face is found again in some pictures, not all (the server scores each
 # returned picture from a fresh detection); the page must show those that pass
-STEPS, NUM_IMAGES, SEED = 2, 3, 11
+STEPS, NUM_IMAGES, SEED = 2, 3, 7  # seed 7: its fused faces are found again in the tiny model's noise (scanned)
 
 
 def _browser_paths() -> tuple[str, str]:

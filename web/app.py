@@ -324,6 +324,7 @@ class WebApp:
                            num_images=int(num_images), top_k=int(top_k) if top_k else None, steps=int(steps),
                            guidance=float(guidance), seed=seed_value, scheduler=scheduler or None,
                            template=None if template is None else np.ascontiguousarray(template[..., :3], np.uint8),
+                           paste_template=True if template is not None else None,  # "the rest kept" (the UI's promise)
                            fusion_strength=None if fusion_strength is None else float(fusion_strength))
             portrait_request(**request)  # the client's own checks, before any call
         except FacetronError as exc:

@@ -175,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
                     SMOKE_FUSION_STRENGTH if args.base_model is None else None)
                 if strength is not None:
                     inputs["fusion_strength"] = np.array([strength], np.float32)
+                if args.base_model is None:  # the tiny model's random VAE turns the template into noise:
+                    inputs["paste_template"] = np.array([True])  # keep the template's pixels outside the face
                 res = client.infer("portrait", inputs, list(PORTRAIT_OUTPUTS), headers={USER_TOKEN_HEADER: token})
                 server_report = json.loads(res["report"][0])
                 save_image(out / "templates" / f"{name}.png", template)

@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 
 from facetron.cli.options import add_runtime_precision, add_users_dir, under_data_root
-from facetron.contract import DEFAULT_NET_RUNTIME, DEFAULT_STYLE_WEIGHT, DEFAULT_W_FACE, IDENTITY_MODES, INT8_MODES
+from facetron.contract import (DEFAULT_DISTILL_WEIGHT, DEFAULT_NET_RUNTIME, DEFAULT_STYLE_WEIGHT, DEFAULT_W_FACE,
+                               IDENTITY_MODES, INT8_MODES)
 from facetron.export.model_configs import TARGETS
 
 EXPORT_SUBPARSERS: list[argparse._SubParsersAction] = []
@@ -81,6 +82,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
                    help="a diffusers AutoencoderTiny folder (TAESD weights you have, e.g. madebyollin/taesd for "
                         "SD 1.x) served beside the full VAE as vae_decoder_tiny / vae_encoder_tiny, chosen per "
                         "request (generate --vae tiny); its latents must match the base model's (default: none)")
+    r.add_argument("--distill-lora", type=Path, default=None, metavar="FILE",
+                   help="a distillation LoRA you have for the base model (LCM-LoRA, TCD-LoRA, Hyper-SD; diffusers or "
+                        "kohya .safetensors, UNet layers only): merged into a copy of the base UNet served as "
+                        "unet_fewstep, which requests with a few-step scheduler use (generate --scheduler lcm "
+                        "--steps 4 --guidance 1); users' LoRAs stack on it at run time (default: none)")
+    r.add_argument("--distill-weight", type=float, default=DEFAULT_DISTILL_WEIGHT, metavar="W",
+                   help=f"weight the distillation LoRA is merged at, in (0, 2] (default {DEFAULT_DISTILL_WEIGHT:g})")
+    r.add_argument("--controlnet", type=Path, default=None, metavar="DIR",
+                   help="a diffusers ControlNetModel folder you have for the base model (e.g. an SD-1.5 canny "
+                        "ControlNet; safetensors): served as controlnet, with the unet's graph that takes its "
+                        "residuals, for template mode with control (generate --template F --control canny); its "
+                        "blocks must match the base model's UNet (default: none)")
     add_users_dir(r, "user registry the served models read (default: $FACETRON_USERS_DIR at serve time, else "
                      "$FACETRON_HOME/users)")
     r.add_argument("--identity-mode", choices=IDENTITY_MODES, default=IDENTITY_MODES[0],
@@ -174,8 +187,16 @@ def run_repository(args: argparse.Namespace) -> int:
 
     if args.faces_only and args.tiny_vae is not None:
         raise InvalidInputError("--tiny-vae", "serves a diffusion model's autoencoder: not with --faces-only")
+    if args.faces_only and args.distill_lora is not None:
+        raise InvalidInputError("--distill-lora", "serves a diffusion model's few-step UNet: not with --faces-only")
+    if args.distill_lora is None and args.distill_weight != DEFAULT_DISTILL_WEIGHT:
+        raise InvalidInputError("--distill-weight", "is the weight of --distill-lora: give the LoRA file too")
+    if args.faces_only and args.controlnet is not None:
+        raise InvalidInputError("--controlnet", "serves a diffusion model's ControlNet: not with --faces-only")
     diffusion = None if args.faces_only else DiffusionSource(base_model=args.base_model, lora_rank=args.lora_rank,
-                                                             tiny_vae=args.tiny_vae)
+                                                             tiny_vae=args.tiny_vae, distill_lora=args.distill_lora,
+                                                             distill_weight=args.distill_weight,
+                                                             controlnet=args.controlnet)
     cpu = args.target == "cpu"
     cpu_runtime = args.cpu_runtime or ("auto" if cpu else DEFAULT_NET_RUNTIME)
     precision = args.precision or ("auto" if cpu_runtime == "auto" and cpu else "f32")
@@ -183,7 +204,8 @@ def run_repository(args: argparse.Namespace) -> int:
                               identity_mode=args.identity_mode, cpu_runtime=cpu_runtime, precision=precision,
                               int8=args.int8)
     names = [m.name for m in models_for(args.target, diffusion=diffusion is not None,
-                                        tiny_vae=args.tiny_vae is not None)]
+                                        tiny_vae=args.tiny_vae is not None, fewstep=args.distill_lora is not None)]
+    names += ["controlnet"] if diffusion is not None and args.controlnet is not None else []
     print(f"[export] {args.target} repository with {len(names)} models -> {out}: {', '.join(names)}")
     choice = out / RUNTIME_CHOICE_FILE
     if choice.is_file():

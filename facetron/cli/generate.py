@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from facetron.client.grpc_client import DEFAULT_URL, RetryPolicy, portrait_request
-from facetron.contract import (CLIENT_NUM_IMAGES, DEFAULT_FUSION_STRENGTH, DEFAULT_VAE, MAX_CACHE_INTERVAL, SCHEDULERS,
-                               VAE_CHOICES)
+from facetron.contract import (CLIENT_NUM_IMAGES, CONTROL_CHOICES, DEFAULT_CONTROL_SCALE, DEFAULT_FUSION_STRENGTH,
+                               DEFAULT_VAE, MAX_CACHE_INTERVAL, MAX_CONTROL_SCALE, SCHEDULERS, VAE_CHOICES)
 from facetron.errors import FacetronError, InvalidInputError
 
 # library argument -> CLI flag, so errors name what the user typed
@@ -43,7 +43,10 @@ FLAGS = {
     "strength": "--strength",
     "fusion_strength": "--fusion-strength",
     "cache_interval": "--cache-interval",
+    "paste_template": "--paste-template",
     "vae": "--vae",
+    "control": "--control",
+    "control_scale": "--control-scale",
 }
 
 
@@ -73,6 +76,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=None, help="pixels, multiple of 8 (default: model's)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="sampler (default: the server's)")
     p.add_argument("--template", type=Path, default=None, help="template photo (template mode)")
+    p.add_argument("--paste-template", action="store_true",
+                   help="template mode: put the template's own pixels back outside the face region after decoding "
+                        "(FaceChain's crop-and-paste; default off: the decoded inpainting, as diffusers returns it)")
     p.add_argument("--strength", type=float, default=None, help="template mode: 0 < strength <= 1")
     p.add_argument("--fusion-strength", type=float, default=None,
                    help=f"blend of the user's best photo into each generated face, 0..1 (0 = no fusion; "
@@ -84,6 +90,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the autoencoder that decodes: full (the base model's VAE) or tiny (AutoencoderTiny / "
                         "TAESD: faster, less fine detail; needs a repository assembled with `export repository "
                         f"--tiny-vae DIR`); default: the server's, {DEFAULT_VAE}")
+    p.add_argument("--control", choices=CONTROL_CHOICES, default=None,
+                   help="template mode: a ControlNet conditioned on the template (canny: its edges, made on the "
+                        "server); needs --template and a repository assembled with `export repository --controlnet "
+                        "DIR` (default: none)")
+    p.add_argument("--control-scale", type=float, default=None,
+                   help=f"the ControlNet's weight, 0..{MAX_CONTROL_SCALE:g} (0 = as without it; default: the "
+                        f"server's, {DEFAULT_CONTROL_SCALE:g})")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per attempt")
     p.add_argument("--retries", type=int, default=3, help="rounds over the servers on UNAVAILABLE")
     p.add_argument("--stream", action="store_true",
@@ -125,7 +138,10 @@ def _request(args: argparse.Namespace, template: np.ndarray | None) -> dict[str,
         scheduler=args.scheduler,
         fusion_strength=args.fusion_strength,
         cache_interval=args.cache_interval,
+        paste_template=args.paste_template or None,
         vae=args.vae,
+        control=args.control,
+        control_scale=args.control_scale,
     )
     try:
         portrait_request(**kwargs)

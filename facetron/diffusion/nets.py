@@ -20,5 +20,10 @@ class DiffusionNets:
     # step caching (facetron.diffusion.step_cache), where the deployment has the graphs (None: it has not):
     unet_deep: Optional[Callable[..., tuple[np.ndarray, np.ndarray]]] = None  # -> (noise_pred, deep_feature)
     unet_shallow: Optional[Callable[..., np.ndarray]] = None  # (sample, t, hidden, deep_feature) -> noise_pred
+    # template mode's ControlNet (facetron.pipeline.control), where the deployment serves one (None: it does not):
+    # controlnet(sample, t, hidden, controlnet_cond [B,3,H,W], conditioning_scale [B]) -> {residual name: array};
+    # unet_control(sample, t, hidden, residuals) -> noise_pred: the UNet adding them
+    controlnet: Optional[Callable[..., dict[str, np.ndarray]]] = None
+    unet_control: Optional[Callable[..., np.ndarray]] = None
     latent_channels: int = 4
     latent_factor: int = 8

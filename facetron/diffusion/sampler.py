@@ -96,14 +96,19 @@ class GenerationRequest:
     scheduler: str = contract.DEFAULT_SCHEDULER
     strength: float = contract.DEFAULT_STRENGTH  # template mode: how much of the template is re-generated (0..1]
     cache_interval: int = contract.DEFAULT_CACHE_INTERVAL  # step caching: a full UNet every N steps (1 = off)
+    # template mode's ControlNet (facetron.pipeline.control): the conditioning and its scale; the loop itself never
+    # reads them (generation wraps the UNet callable in the controlnet + unet pair)
+    control: str = contract.DEFAULT_CONTROL
+    control_scale: float = contract.DEFAULT_CONTROL_SCALE
 
     def validate(self, latent_factor: int = contract.LATENT_FACTOR, max_images: int = contract.MAX_IMAGES) -> None:
-        """The contract's generation rules (facetron.contract.check_generation).
+        """The contract's generation rules (facetron.contract.check_generation, check_control).
         Callers validate once; the loop below trusts a validated request."""
         contract.check_generation(num_images=self.num_images, steps=self.steps, guidance=self.guidance,
                                   height=self.height, width=self.width, strength=self.strength,
                                   scheduler=self.scheduler, latent_factor=latent_factor, max_images=max_images,
                                   cache_interval=self.cache_interval)
+        contract.check_control(self.control, self.control_scale)
 
 
 def noise_generators(seed: int, count: int) -> list[torch.Generator]:

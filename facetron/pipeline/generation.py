@@ -9,9 +9,13 @@ mask (:mod:`facetron.pipeline.template`). The template is VAE-encoded, noised
 to ``strength``; the face region is denoised while the rest is the template's
 latent, noised to each step's level (plain UNet) or given to an inpainting
 UNet as input; the decoded latents are the answer, as diffusers returns them
-(no pixel paste unless asked for). The nets are passed in as callables: BLS
-calls inside Triton (:mod:`facetron.triton.bls`), ONNX Runtime sessions
-in-process.
+(no pixel paste unless asked for). With a ControlNet (``req.control``, template
+mode only: diffusers' ``StableDiffusionControlNetInpaintPipeline``) each step
+runs ``controlnet`` on the step's UNet input and the template's conditioning
+image (:mod:`facetron.pipeline.control`, the same image for every item and
+both guidance halves), then the UNet with its residuals. The nets are passed
+in as callables: BLS calls inside Triton (:mod:`facetron.triton.bls`), ONNX
+Runtime sessions in-process.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ from typing import Callable, Optional
 import numpy as np
 
 from facetron import metrics
-from facetron.contract import MODEL_INFO, SCHEDULER_CONFIG
+from facetron.contract import DEFAULT_CONTROL, MODEL_INFO, SCHEDULER_CONFIG
 from facetron.diffusion.nets import DiffusionNets
 from facetron.diffusion.sampler import GenerationRequest, ProgressFn, denoise
 from facetron.diffusion.step_cache import step_cached
 from facetron.errors import InvalidInputError
+from facetron.pipeline.control import control_image
 from facetron.pipeline.template import PreparedTemplate, face_region_mask, masked_template
 
 
@@ -57,6 +62,38 @@ def _unet_fn(nets: DiffusionNets, cache_interval: int, extra: dict) -> Callable:
                        _timed(lambda s, t, h, f: nets.unet_shallow(s, t, h, f, **extra)), cache_interval)
 
 
+def _controlled_fn(nets: DiffusionNets, extra: dict, cond: np.ndarray, scale: float) -> Callable:
+    """The loop's ``unet(sample, t, hidden)`` with a ControlNet, timed as one step: ``controlnet`` on the
+    sample's latent channels (an inpainting UNet's extra channels are the UNet's alone), every item with the
+    conditioning image ``cond`` [3, H, W] at ``scale``, then ``unet_control`` adding its residuals."""
+    channels = nets.latent_channels
+    batches: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # batch size -> (images, scales), built once
+
+    def step(sample: np.ndarray, t: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        b = len(sample)
+        if b not in batches:
+            batches[b] = (np.ascontiguousarray(np.broadcast_to(cond, (b, *cond.shape))), np.full(b, scale, np.float32))
+        images, scales = batches[b]
+        residuals = nets.controlnet(np.ascontiguousarray(sample[:, :channels]), t, hidden, images, scales)
+        return nets.unet_control(sample, t, hidden, residuals, **extra)
+    return _timed(step)
+
+
+def _control_cond(nets: DiffusionNets, req: GenerationRequest, template: Optional[PreparedTemplate]
+                  ) -> Optional[np.ndarray]:
+    """The request's conditioning image [3, H, W] (None: no control), its rules checked (errors name the input)."""
+    if req.control == DEFAULT_CONTROL:
+        return None
+    if template is None:
+        raise InvalidInputError("control", "only applies in template mode (send a template)")
+    if nets.controlnet is None or nets.unet_control is None:
+        raise InvalidInputError("control", "this deployment serves no ControlNet for its UNet (a repository assembled "
+                                           "with `export repository --controlnet DIR`, the runtime-LoRA unet)")
+    if req.cache_interval != 1:
+        raise InvalidInputError("cache_interval", "step caching has no ControlNet graphs: use 1 with control")
+    return control_image(req.control, template.image)
+
+
 def generate(
     nets: DiffusionNets,
     scheduler_config: dict,
@@ -81,7 +118,10 @@ def generate(
     masked template is encoded too).
     ``paste_template``: after decoding, put the template's own pixels back
     outside its feathered face region (FaceChain's paste; not diffusers'
-    pipeline, so off by default)."""
+    pipeline, so off by default).
+    ``req.control`` (template mode): each step is ``nets.controlnet`` then
+    ``nets.unet_control`` on the template's conditioning image at
+    ``req.control_scale`` (:func:`_controlled_fn`)."""
     channels = nets.latent_channels
     inpainting_unet = unet_in_channels not in (None, channels)
     if inpainting_unet and unet_in_channels != 2 * channels + 1:
@@ -90,10 +130,12 @@ def generate(
         raise InvalidInputError("template", "an inpainting UNet needs a template (it has no text-to-image mode here)")
     if inpainting_unet and req.cache_interval != 1:
         raise InvalidInputError("cache_interval", "step caching has no graphs for an inpainting UNet: use 1")
+    control = _control_cond(nets, req, template)  # checked before any work
     # 1. text embeddings (conditional, unconditional)
     hidden = nets.text_encode(nets.tokenize([prompt, negative_prompt]))
     cond, uncond = hidden[:1], hidden[1:2]
-    unet = _unet_fn(nets, req.cache_interval, unet_extra or {})
+    unet = _unet_fn(nets, req.cache_interval, unet_extra or {}) if control is None else \
+        _controlled_fn(nets, unet_extra or {}, control, req.control_scale)
 
     # 2. template mode: the template's latent and mask (an inpainting UNet: the masked template's latent too)
     init = mask = masked = None

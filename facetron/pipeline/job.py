@@ -33,10 +33,16 @@ class GenerationJob:
     sampling: GenerationRequest  # the sampler's settings, this server's defaults filled in
     seed_source: str  # "request" | "random ..."
     vae: str = contract.DEFAULT_VAE  # contract.VAE_CHOICES: which autoencoder decodes (and encodes a template)
+    unet: str = contract.UNET.name  # the served UNet model that denoises (unet_model)
 
     @property
     def user_id(self) -> str:
         return self.user.user_id if self.user is not None else ""
+
+    @property
+    def paste_template(self) -> bool:
+        """Template mode: put the template's own pixels back outside its face region (request input)."""
+        return bool(self.request.paste_template)
 
     @property
     def user_version(self) -> str:
@@ -45,6 +51,11 @@ class GenerationJob:
     @property
     def template(self) -> Optional[np.ndarray]:
         return self.request.template
+
+    @property
+    def control(self) -> tuple[str, float]:
+        """Template mode's ControlNet: (contract.CONTROL_CHOICES, its scale); ("none", ...) = none."""
+        return self.sampling.control, self.sampling.control_scale
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,18 @@ class PortraitJob:
         return self.generation.user
 
 
+def unet_model(scheduler: str, info: dict, identity_mode: str = contract.IDENTITY_MODES[0], user_id: str = "") -> str:
+    """The served UNet model a request denoises on: ``unet_fewstep`` for a few-step scheduler where this
+    repository serves a distillation LoRA's UNet (``model_info.json``'s ``distill_lora``; in both identity
+    modes: the user's LoRA rides on it at run time); else in merged mode the user's ``unet_user_<id>``; else the
+    runtime-LoRA ``unet`` (a few-step scheduler on a repository without a distillation LoRA runs there too)."""
+    if scheduler in contract.FEW_STEP_SCHEDULERS and info.get(contract.DISTILL_INFO):
+        return contract.UNET_FEWSTEP.name
+    if identity_mode == "merged" and user_id:
+        return contract.merged_unet_name(user_id)
+    return contract.UNET.name
+
+
 def build_job(request: GeneratorRequest, info: dict, registry: UserRegistry,
               params: GeneratorParams = GeneratorParams(), styles: StyleRegistry | None = None,
               token: str | None = None) -> GenerationJob:
@@ -73,6 +96,11 @@ def build_job(request: GeneratorRequest, info: dict, registry: UserRegistry,
     if vae == "tiny" and not info.get("tiny_vae"):
         raise InvalidInputError("vae", "tiny: this repository has no tiny autoencoder "
                                        "(export repository --tiny-vae DIR)")
+    # template mode's ControlNet, only where this repository serves one (model_info.json's controlnet)
+    control = request.control or contract.DEFAULT_CONTROL
+    if control != contract.DEFAULT_CONTROL and not info.get("controlnet"):
+        raise InvalidInputError("control", f"{control}: this repository has no ControlNet "
+                                           "(export repository --controlnet DIR)")
     style_name = request.style or DEFAULT_STYLE
     style = (styles or styles_for(registry.root)).get(style_name)
     # 2. the user, pinned at its served version (NotFoundError for an unknown user), and the prompts
@@ -100,13 +128,21 @@ def build_job(request: GeneratorRequest, info: dict, registry: UserRegistry,
         scheduler=given("scheduler", contract.DEFAULT_SCHEDULER),
         strength=given("strength", contract.DEFAULT_STRENGTH),
         cache_interval=given("cache_interval", contract.DEFAULT_CACHE_INTERVAL),
+        control=control,
+        control_scale=given("control_scale", contract.DEFAULT_CONTROL_SCALE),
     )
     sampling.validate(int(info["latent_factor"]), params.max_images)
     contract.check_budget(num_images=sampling.num_images, steps=sampling.steps, height=sampling.height,
                           width=sampling.width, native=native, max_side_factor=params.max_side_factor,
                           max_work=params.max_work)
     seed_source = "request" if request.seed is not None else "random (repeat the call with this seed)"
-    return GenerationJob(request, prompt, negative, user, style_name, sampling, seed_source, vae)
+    # 4. the UNet model: the few-step one for lcm / tcd where the repository serves it
+    unet = unet_model(sampling.scheduler, info, params.identity_mode, user.user_id if user is not None else "")
+    if control != contract.DEFAULT_CONTROL and unet != contract.UNET.name:
+        raise InvalidInputError("control", f"the ControlNet's residuals are taken by the runtime-LoRA {contract.UNET.name} "
+                                           f"only; this request would denoise on {unet} (merged mode or a few-step "
+                                           "scheduler's UNet)")
+    return GenerationJob(request, prompt, negative, user, style_name, sampling, seed_source, vae, unet=unet)
 
 
 def build_portrait_job(request: PortraitRequest, info: dict, registry: UserRegistry,

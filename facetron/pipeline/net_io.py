@@ -1,19 +1,22 @@
 """What the served nets take and give, checked before any work: feeds
 against the graph's own dims and dtypes, value rules per net (token ids,
 latent sides, prompts, detector images), the detector's packed outputs,
-the embedder's normalised vectors, and which graph file the ``unet`` runs.
+the embedder's normalised vectors, which graph file the ``unet`` runs, and
+the ControlNet's tensors (its conditioning image and scale, the residuals the
+``unet`` takes: :func:`check_control_inputs`, :func:`check_residuals`).
 
 Triton-free: the served models (:mod:`facetron.serving`) and in-process
 callers (tests, benchmarks, export) share these rules."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from facetron import contract
-from facetron.contract import INT8_FOLDER, INT8_MODES, MODEL_FILE, UnetParams
+from facetron.contract import CONTROL_LAYOUT, INT8_FOLDER, INT8_MODES, MODEL_FILE, UnetParams
 from facetron.errors import InvalidInputError
 from facetron.request import decode_utf8
 
@@ -143,13 +146,67 @@ NET_CHECKS = {
 _VAE_DECODER_BUDGET = (lambda feed: latent_cells(feed["latent"], (2, 3)), contract.VAE_MAX_BATCH_CELLS)
 _VAE_ENCODER_BUDGET = (lambda feed: latent_cells(feed["images"], (1, 2), contract.LATENT_FACTOR),
                        contract.VAE_MAX_BATCH_CELLS)
+_UNET_BUDGET = (lambda feed: latent_cells(feed["sample"], (2, 3)), contract.UNET_MAX_BATCH_CELLS)
 NET_BUDGETS = {
-    "unet": (lambda feed: latent_cells(feed["sample"], (2, 3)), contract.UNET_MAX_BATCH_CELLS),
+    "unet": _UNET_BUDGET,
+    "controlnet": _UNET_BUDGET,  # the ControlNet runs the UNet's down path on the same samples: the unet's budget
     "vae_decoder": _VAE_DECODER_BUDGET,
     "vae_encoder": _VAE_ENCODER_BUDGET,
     "vae_decoder_tiny": _VAE_DECODER_BUDGET,  # the tiny autoencoder: the full VAEs' budgets
     "vae_encoder_tiny": _VAE_ENCODER_BUDGET,
 }
+
+
+def read_control_layout(folder: Path) -> dict:
+    """A ControlNet graph folder's residual layout (:data:`facetron.contract.CONTROL_LAYOUT`): per residual its
+    name, channels and pixels-per-cell factor of the sample; the conditioning image's pixels per latent cell."""
+    return json.loads((Path(folder) / CONTROL_LAYOUT).read_text())
+
+
+def check_control_inputs(cond: np.ndarray, scale: np.ndarray | None, sample: np.ndarray, cond_factor: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``controlnet``'s conditioning image FP32 [N, 3, f*h, f*w] in [0, 1] (``sample`` [N, C, h, w] is within
+    its budget: so is the image) and ``conditioning_scale`` FP32, one per item in [0, MAX_CONTROL_SCALE];
+    returns (image, scale [N])."""
+    n, (h, w) = sample.shape[0], sample.shape[2:]
+    want = (n, 3, cond_factor * h, cond_factor * w)
+    if cond.shape != want:
+        raise InvalidInputError("controlnet_cond", f"expected {list(want)} (3 channels at {cond_factor} px per "
+                                                   f"latent cell of the sample), got {list(cond.shape)}")
+    check_finite(cond, "controlnet_cond")
+    if cond.size and (cond.min() < 0.0 or cond.max() > 1.0):
+        raise InvalidInputError("controlnet_cond", f"values must be in [0, 1], got {cond.min():g}..{cond.max():g}")
+    if scale is None or scale.dtype != np.float32 or scale.size != n:
+        got = "nothing" if scale is None else f"{scale.dtype} {list(scale.shape)}"
+        raise InvalidInputError("conditioning_scale", f"expected FP32 with one value per batch item ({n}), got {got}")
+    scale = check_finite(scale.reshape(n), "conditioning_scale")
+    if scale.size and (scale.min() < 0.0 or scale.max() > contract.MAX_CONTROL_SCALE):
+        raise InvalidInputError("conditioning_scale", f"values must be in [0, {contract.MAX_CONTROL_SCALE:g}], got "
+                                                      f"{scale.min():g}..{scale.max():g}")
+    return cond, scale
+
+
+def check_residuals(given: dict[str, np.ndarray], sample: np.ndarray, layout: dict) -> dict[str, np.ndarray]:
+    """The ControlNet residuals a ``unet`` request sends: exactly the layout's names (the control graph's), each
+    FP32 [N, channels, ceil(h/f), ceil(w/f)] for ``sample`` [N, C, h, w] (so within the sample's budget), finite."""
+    specs = {r["name"]: r for r in layout["residuals"]}
+    for name in given:
+        if name not in specs:
+            raise InvalidInputError(name, f"this unet's ControlNet graph takes {len(specs)} residuals "
+                                          f"({', '.join(specs)})")
+    n, (h, w) = sample.shape[0], sample.shape[2:]
+    for name, spec in specs.items():
+        arr = given.get(name)
+        if arr is None:
+            raise InvalidInputError(name, "is required with the other ControlNet residuals (send all of "
+                                          f"{', '.join(specs)})")
+        f = spec["factor"]
+        want = (n, spec["channels"], -(-h // f), -(-w // f))
+        if arr.shape != want:
+            raise InvalidInputError(name, f"expected {list(want)} for a sample of {w}x{h} latent cells, got "
+                                          f"{list(arr.shape)}")
+        check_finite(arr, name)
+    return {name: given[name] for name in specs}
 
 
 def check_prompts(raw: np.ndarray, name: str = "prompt") -> list[str]:

@@ -35,6 +35,7 @@ import numpy as np
 from facetron import metrics
 from facetron.diffusion.sampler import ProgressFn
 from facetron.faces.select import SelectRules
+from facetron.pipeline.control import control_report
 from facetron.pipeline.face_fusion import FUSER, fuse_candidates, fusion_targets, similarity_final
 from facetron.pipeline.job import GenerationJob, PortraitJob
 from facetron.pipeline.selection import DetectFn, EmbedFn, rank_by_identity, select_portraits
@@ -148,13 +149,16 @@ def run_portrait(request: PortraitRequest, generator: Generator, progress: Optio
         "provenance": PROVENANCE[smoke].format(fusion=fusion, ranked_by=ranked_by),
         "mode": "template" if template is not None else "text-to-image",
         "template_mode": None if template is None else {  # what template mode ran (diffusers' inpainting)
-            "method": "inpainting in latent space (StableDiffusionInpaintPipeline's semantics), no pixel paste",
+            "method": "inpainting in latent space (StableDiffusionInpaintPipeline's semantics), "
+                      + ("then the template's own pixels pasted back outside the feathered face region "
+                         "(paste_template)" if job.generation.paste_template else "no pixel paste"),
             "mask": f"the template's face ellipse at {TEMPLATE_REGION_SCALE:g}x the face, binarized, nearest to "
                     f"latent size ({int(template.latent_mask.sum())} latent cells re-generated)",
             "unet": "4-channel: outside the mask the template latent, noised to each step's level, blended back",
-            "control": None,  # no ControlNet served yet
+            "control": control_report(*job.generation.control),  # the ControlNet that ran and its scale (None: none)
         },
         "vae": job.generation.vae,  # the autoencoder that decoded: full (the base model's) or tiny (AutoencoderTiny)
+        "unet": job.generation.unet,  # the UNet model that denoised: unet, unet_fewstep (distilled), unet_user_<id>
     }
     return {
         "images": np.ascontiguousarray(images[order]),

@@ -1,4 +1,6 @@
-"""The ``unet`` model: the runtime-LoRA UNet (serving mode 2).
+"""The ``unet`` model: the runtime-LoRA UNet (serving mode 2); also the code of ``unet_fewstep``
+(``export repository --distill-lora``: the same graph contract over the base UNet with a distillation
+LoRA merged in; its config names this code as its source, as every ``unet_user_<id>`` names ``unet_user``).
 
 Each batch item names its user (``user_id``; empty = base model), the
 registry version its request pinned (``user_version``) and its style; the
@@ -6,7 +8,10 @@ bank (:class:`facetron.pipeline.lora_bank.LoraBank`) turns each distinct
 item into the graph's LoRA inputs once per request (resolved in ``_read``,
 stacked once per dynamic batch in ``_run``). The step cache: a request that
 asks for ``deep_feature`` gets a full step that keeps it; one that sends it
-runs the shallow graph (opened on first use). No torch is imported here."""
+runs the shallow graph (opened on first use). A request that sends the
+ControlNet's residuals (``mid_block_residual``, ``down_block_residual_*``)
+runs the control graph (``<version>/control/``, opened on first use; the plain
+graph stays as it is). No torch is imported here."""
 
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ from functools import partial
 import numpy as np
 
 from facetron import metrics
-from facetron.contract import DEEP_FEATURE, MODEL_FILE, SHALLOW_FOLDER, UnetParams
+from facetron.contract import (CONTROL_DOWN_RESIDUALS, CONTROL_FOLDER, CONTROL_MID_RESIDUAL, DEEP_FEATURE,
+                               MODEL_FILE, SHALLOW_FOLDER, UnetParams)
 from facetron.diffusion.lora_inputs import read_lora_manifest
 from facetron.errors import InvalidInputError
 from facetron.net_runtimes import UNET_ORT_MEMORY, open_runtime
@@ -25,6 +31,8 @@ from facetron.pipeline.net_io import (
     NET_BUDGETS,
     check_feed,
     check_finite,
+    check_residuals,
+    read_control_layout,
     unet_graph,
 )
 from facetron.style_registry import styles_for
@@ -62,6 +70,14 @@ class UnetModel:
         self._shallow = None
         self._shallow_inputs: frozenset[str] = frozenset()  # the LoRA inputs it reads: fewer than the full graph's
         self._shallow_lock = threading.Lock()
+        # the ControlNet's graph (the residuals added): opened on the first request that sends them
+        self._control_path = folder / CONTROL_FOLDER / MODEL_FILE
+        self._open_control = partial(open_runtime, self._control_path, params.runtime, params.intra_op_threads or None,
+                                     params.providers, reuse_inputs=True, precision=params.precision,
+                                     memory=UNET_ORT_MEMORY)
+        self._control = None
+        self._control_inputs: frozenset[str] = frozenset()
+        self._control_layout: dict = {}
         registry = served_registry(params.users_dir)
         self.registry = registry
         styles = styles_for(registry.root)
@@ -91,6 +107,15 @@ class UnetModel:
             check_feed({DEEP_FEATURE: feature}, self.shallow())
         elif DEEP_FEATURE in request.requested_output_names():  # a full step that keeps its feature
             feed[WANTS_FEATURE] = np.ones(n, bool)
+        residuals = {name: arr for name in CONTROL_DOWN_RESIDUALS + (CONTROL_MID_RESIDUAL,)
+                     if (arr := get_input(request, name, dtype=np.float32, ndim=4, required=False)) is not None}
+        if residuals:  # a ControlNet step: the control graph, the whole UNet (noise_pred only)
+            if DEEP_FEATURE in feed:
+                raise InvalidInputError(CONTROL_MID_RESIDUAL, "a ControlNet step runs the whole UNet: the step "
+                                                              "cache's deep_feature does not go with it")
+            feed.pop(WANTS_FEATURE, None)
+            _, layout = self.control()
+            feed.update(check_residuals(residuals, feed["sample"], layout))
         users = item_strings(request, "user_id", n)
         check_callers(request, self.registry, users)  # each named user is the caller's own (its token)
         items = zip(users, item_strings(request, "style", n), item_strings(request, "user_version", n))
@@ -113,9 +138,25 @@ class UnetModel:
                 self._shallow_inputs = frozenset(spec.name for spec in self._shallow.get_inputs())
             return self._shallow
 
+    def control(self):
+        """(the control graph, its residual layout), opened on first use (a repository without one refuses)."""
+        with self._shallow_lock:
+            if self._control is None:
+                if not self._control_path.is_file():
+                    raise InvalidInputError(CONTROL_MID_RESIDUAL, "this unet has no ControlNet graph (assemble the "
+                                                                  "repository with --controlnet DIR)")
+                self._control_layout = read_control_layout(self._control_path.parent)
+                self._control = self._open_control()
+                self._control_inputs = frozenset(spec.name for spec in self._control.get_inputs())
+            return self._control, self._control_layout
+
     def _run(self, feed):
         feed = dict(feed)
         feed.update(self.bank.batch(list(feed.pop(LORA_KEYS))))  # the keys _read resolved; same arrays while they repeat
+        if CONTROL_MID_RESIDUAL in feed:  # a ControlNet step: the graph that adds the residuals
+            control, _ = self.control()
+            return {"noise_pred": control.run(["noise_pred"], {k: v for k, v in feed.items()
+                                                               if k in self._control_inputs})[0]}
         if DEEP_FEATURE in feed:  # shallow step: the graph reads only some of the LoRA inputs
             shallow = self.shallow()
             return {"noise_pred": shallow.run(["noise_pred"], {k: v for k, v in feed.items()

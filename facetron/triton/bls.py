@@ -157,7 +157,8 @@ def ensure_merged_unet(user_id: str, repository: Path, user_version: str | None 
 
 def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, repository: Path,
                    merged_models: MergedModels, user_version: str | None = None,
-                   token: str | None = None, vae: str = contract.DEFAULT_VAE) -> DiffusionNets:
+                   token: str | None = None, vae: str = contract.DEFAULT_VAE, *,
+                   unet_model: str | None = None) -> DiffusionNets:
     """The diffusion nets as BLS calls to the models of the same server.
 
     ``identity_mode``: ``runtime_lora`` (one ``unet``, the user's LoRA from its
@@ -166,13 +167,21 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
     ``text_encoder`` in both modes: each row carries ``user_id``, and the
     user's text-encoder LoRA layers (if any; none = the base encoder) apply.
     ``token``: the caller's per-user token, passed on to every net that reads the user.
-    ``vae``: the autoencoder models (``contract.VAE_MODELS``: full, or tiny where the repository serves it)."""
+    ``vae``: the autoencoder models (``contract.VAE_MODELS``: full, or tiny where the repository serves it).
+    ``unet_model``: the UNet model the job chose (:func:`facetron.pipeline.job.unet_model`): a runtime-LoRA UNet
+    (``unet``, or ``unet_fewstep`` for a few-step scheduler, in merged mode too: the user's LoRA from its bank)
+    or the user's ``unet_user_<id>``; None = by ``identity_mode``."""
     decoder, encoder = contract.VAE_MODELS[vae]
+    if unet_model is None:
+        unet_model = contract.merged_unet_name(user_id) if identity_mode == "merged" and user_id else contract.UNET.name
     merged = None
-    if identity_mode == "merged" and user_id:
+    if unet_model not in contract.RUNTIME_LORA_UNETS:
+        if not user_id or unet_model != contract.merged_unet_name(user_id):
+            raise ValueError(f"unet_model: {unet_model!r} is neither a runtime-LoRA UNet nor user {user_id!r}'s "
+                             "merged UNet")
         merged = merged_models.use(user_id, repository, user_version)
     def unet_call(sample: np.ndarray, t: np.ndarray, hidden: np.ndarray, outputs: str | tuple[str, ...] = "noise_pred",
-                  feature: np.ndarray | None = None):
+                  feature: np.ndarray | None = None, residuals: dict[str, np.ndarray] | None = None):
         n = len(sample)
         unet_batch = contract.unet_chunk(sample.shape[2], sample.shape[3], contract.UNET.max_batch_size)
         inputs = {"sample": sample, "timestep": t.reshape(n, 1).astype(np.float32), "encoder_hidden_states": hidden}
@@ -187,7 +196,8 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
         inputs["style"] = np.array([[style.encode()]] * n, dtype=object)
         if feature is not None:
             inputs[contract.DEEP_FEATURE] = feature
-        return bls_chunked(contract.UNET.name, inputs, outputs, unet_batch, token)
+        inputs.update(residuals or {})  # a ControlNet step: the unet's control graph adds them
+        return bls_chunked(unet_model, inputs, outputs, unet_batch, token)
 
     def unet(sample: np.ndarray, t: np.ndarray, hidden: np.ndarray) -> np.ndarray:
         return unet_call(sample, t, hidden)
@@ -197,6 +207,21 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
 
     def unet_shallow(sample: np.ndarray, t: np.ndarray, hidden: np.ndarray, feature: np.ndarray) -> np.ndarray:
         return unet_call(sample, t, hidden, feature=feature)
+
+    control = (info.get("controlnet") or {}).get("residuals")  # the residual names, where the repository has one
+
+    def controlnet(sample: np.ndarray, t: np.ndarray, hidden: np.ndarray, cond: np.ndarray,
+                   scale: np.ndarray) -> dict[str, np.ndarray]:
+        """The ControlNet's residuals, in calls chunked as the unet's (the same samples: the same budget)."""
+        n = len(sample)
+        inputs = {"sample": sample, "timestep": t.reshape(n, 1).astype(np.float32), "encoder_hidden_states": hidden,
+                  "controlnet_cond": cond, "conditioning_scale": scale.reshape(n, 1).astype(np.float32)}
+        batch = contract.unet_chunk(sample.shape[2], sample.shape[3], contract.CONTROLNET.max_batch_size)
+        return dict(zip(control, bls_chunked(contract.CONTROLNET.name, inputs, tuple(control), batch, token)))
+
+    def unet_control(sample: np.ndarray, t: np.ndarray, hidden: np.ndarray,
+                     residuals: dict[str, np.ndarray]) -> np.ndarray:
+        return unet_call(sample, t, hidden, residuals=residuals)
 
     def text_encode(ids: np.ndarray) -> np.ndarray:
         inputs = {"input_ids": ids, "user_id": np.array([[user_id.encode()]] * len(ids), dtype=object),
@@ -215,6 +240,9 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
         # step caching is served by the runtime-LoRA unet (merged per-user models have no step-cache graphs)
         unet_deep=unet_deep if merged is None else None,
         unet_shallow=unet_shallow if merged is None else None,
+        # the ControlNet: where the repository serves one, with the runtime-LoRA unet (its control graph)
+        controlnet=controlnet if control and unet_model == contract.UNET.name else None,
+        unet_control=unet_control if control and unet_model == contract.UNET.name else None,
         vae_decode=lambda latent: bls_chunked(decoder.name, {"latent": latent}, "images",
                                               contract.vae_chunk(latent.shape[2], latent.shape[3],
                                                                  decoder.max_batch_size)),

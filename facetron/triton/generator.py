@@ -92,6 +92,6 @@ class ServedGenerator:
     def images(self, job: GenerationJob, template: Optional[PreparedTemplate],
                progress: Optional[ProgressFn] = None) -> np.ndarray:
         nets = bls.diffusion_nets(self.info, job.user_id, job.style, self.params.identity_mode, self.repository,
-                                  self.merged, job.user_version, self.token, job.vae)
+                                  self.merged, job.user_version, self.token, job.vae, unet_model=job.unet)
         return generate(nets, self.scheduler_config, job.prompt, job.negative_prompt, job.sampling,
-                        template=template, progress=progress)
+                        template=template, progress=progress, paste_template=job.paste_template)
