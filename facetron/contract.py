@@ -68,6 +68,10 @@ DEFAULT_SCHEDULER = "dpmsolver"
 #: (diffusers' ``original_inference_steps``), so they take at most FEW_STEP_MAX_STEPS steps.
 FEW_STEP_SCHEDULERS = ("lcm", "tcd")
 FEW_STEP_MAX_STEPS = 50
+#: what a few-step request that leaves them out runs with (the server's default_steps / default_guidance are
+#: for the 25-step path): 4 steps without a negative branch, LCM-LoRA's and TCD's recommended setting
+FEW_STEP_DEFAULT_STEPS = 4
+FEW_STEP_DEFAULT_GUIDANCE = 1.0
 #: a distillation LoRA (``export repository --distill-lora FILE``) is merged into the served ``unet_fewstep`` at
 #: this weight unless ``--distill-weight`` says otherwise (diffusers' LCM-LoRA / TCD / Hyper-SD docs load them at 1)
 DEFAULT_DISTILL_WEIGHT = 1.0

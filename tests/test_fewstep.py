@@ -249,6 +249,21 @@ def test_the_job_chooses_the_fewstep_unet_only_for_few_step_schedulers(tmp_path)
     assert build_job(GeneratorRequest(), distilled, registry).unet == PLAIN  # the default scheduler: dpmsolver
 
 
+def test_a_few_step_request_without_steps_or_guidance_runs_4_steps_unguided(tmp_path) -> None:
+    """lcm / tcd leaving steps and guidance out get FEW_STEP_DEFAULT_STEPS (4) and guidance 1 (no negative
+    branch), not the 25-step path's server defaults; what a request gives is kept; dpmsolver is unchanged."""
+    registry = UserRegistry(tmp_path / "users")
+    info = {"resolution": 128, "latent_factor": 8}
+    params = GeneratorParams()
+    for scheduler in contract.FEW_STEP_SCHEDULERS:
+        sampling = build_job(GeneratorRequest(scheduler=scheduler), info, registry, params).sampling
+        assert (sampling.steps, sampling.guidance) == (contract.FEW_STEP_DEFAULT_STEPS, 1.0)
+        sampling = build_job(GeneratorRequest(scheduler=scheduler, steps=8, guidance=2.0), info, registry).sampling
+        assert (sampling.steps, sampling.guidance) == (8, 2.0)
+    sampling = build_job(GeneratorRequest(), info, registry, params).sampling
+    assert (sampling.steps, sampling.guidance) == (params.default_steps, params.default_guidance)
+
+
 def test_bls_nets_call_the_chosen_unet_model() -> None:
     """diffusion_nets sends the UNet calls to the model the job chose: unet_fewstep loads no merged model in merged
     mode (the user's LoRA rides on it from the bank); unet_user_<id> does; None keeps the identity mode's choice."""

@@ -118,10 +118,11 @@ def build_job(request: GeneratorRequest, info: dict, registry: UserRegistry,
 
     # no seed given: a fresh random one (OS entropy), returned in portrait's report so the call can be repeated
     seed = request.seed if request.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
+    few_step = given("scheduler", contract.DEFAULT_SCHEDULER) in contract.FEW_STEP_SCHEDULERS
     sampling = GenerationRequest(
         num_images=given("num_images", contract.DEFAULT_NUM_IMAGES),
-        steps=given("steps", params.default_steps),
-        guidance=given("guidance", params.default_guidance),
+        steps=given("steps", contract.FEW_STEP_DEFAULT_STEPS if few_step else params.default_steps),
+        guidance=given("guidance", contract.FEW_STEP_DEFAULT_GUIDANCE if few_step else params.default_guidance),
         seed=seed,
         height=given("height", native),
         width=given("width", native),
