@@ -48,8 +48,28 @@ LORA_KEYS = "__lora_keys__"
 WANTS_FEATURE = "__wants_deep_feature__"
 
 
+class OptionalGraph:
+    """A graph beside the unet's plain one (the step cache's shallow graph, the ControlNet's control
+    graph), opened on the first request that needs it; a repository without it refuses that request
+    with ``missing`` = (input name, rule). ``inputs``: the feed names the graph reads."""
 
+    def __init__(self, path, open_graph, missing: tuple[str, str], lock: threading.Lock):
+        self.path, self._open, self._missing, self._lock = path, open_graph, missing, lock
+        self.session = None
+        self.inputs: frozenset[str] = frozenset()
 
+    def get(self):
+        with self._lock:
+            if self.session is None:
+                if not self.path.is_file():
+                    raise InvalidInputError(*self._missing)
+                self.session = self._open(self.path)
+                self.inputs = frozenset(spec.name for spec in self.session.get_inputs())
+            return self.session
+
+    def noise_pred(self, feed: dict) -> dict:
+        """noise_pred of this graph on the entries of ``feed`` it reads."""
+        return {"noise_pred": self.get().run(["noise_pred"], {k: v for k, v in feed.items() if k in self.inputs})[0]}
 
 
 class UnetModel:
@@ -62,22 +82,19 @@ class UnetModel:
         self.session = open_runtime(unet_graph(folder, params), params.runtime, params.intra_op_threads or None,
                                     params.providers, reuse_inputs=True, precision=params.precision, memory=UNET_ORT_MEMORY,
                                     fallback_path=folder / MODEL_FILE)
-        # the step cache: the graph above also gives deep_feature; the shallow graph opens on first use
-        self._shallow_path = folder / SHALLOW_FOLDER / MODEL_FILE
-        self._open_shallow = partial(open_runtime, self._shallow_path, params.runtime, params.intra_op_threads or None,
-                                     params.providers, reuse_inputs=True, precision=params.precision,
-                                     memory=UNET_ORT_MEMORY)
-        self._shallow = None
-        self._shallow_inputs: frozenset[str] = frozenset()  # the LoRA inputs it reads: fewer than the full graph's
-        self._shallow_lock = threading.Lock()
-        # the ControlNet's graph (the residuals added): opened on the first request that sends them
-        self._control_path = folder / CONTROL_FOLDER / MODEL_FILE
-        self._open_control = partial(open_runtime, self._control_path, params.runtime, params.intra_op_threads or None,
-                                     params.providers, reuse_inputs=True, precision=params.precision,
-                                     memory=UNET_ORT_MEMORY)
-        self._control = None
-        self._control_inputs: frozenset[str] = frozenset()
-        self._control_layout: dict = {}
+        # the step cache's shallow graph (it reads fewer LoRA inputs than the full graph) and the ControlNet's
+        # graph (the residuals added): each opened on the first request that needs it
+        open_graph = partial(open_runtime, runtime=params.runtime, threads=params.intra_op_threads or None,
+                             providers=params.providers, reuse_inputs=True, precision=params.precision,
+                             memory=UNET_ORT_MEMORY)
+        lock = threading.Lock()
+        self.shallow = OptionalGraph(folder / SHALLOW_FOLDER / MODEL_FILE, open_graph, (
+            DEEP_FEATURE, "this unet has no step-cache shallow graph (re-assemble the repository to serve "
+                          "cache_interval > 1)"), lock)
+        self.control = OptionalGraph(folder / CONTROL_FOLDER / MODEL_FILE, open_graph, (
+            CONTROL_MID_RESIDUAL, "this unet has no ControlNet graph (assemble the repository with --controlnet DIR)"),
+            lock)
+        self._control_layout: dict | None = None
         registry = served_registry(params.users_dir)
         self.registry = registry
         styles = styles_for(registry.root)
@@ -104,7 +121,7 @@ class UnetModel:
                 raise InvalidInputError(DEEP_FEATURE, f"expected the sample's sides {list(feed['sample'].shape[2:])}, "
                                                       f"got {list(feature.shape[2:])}")
             feed[DEEP_FEATURE] = check_finite(feature, DEEP_FEATURE)
-            check_feed({DEEP_FEATURE: feature}, self.shallow())
+            check_feed({DEEP_FEATURE: feature}, self.shallow.get())
         elif DEEP_FEATURE in request.requested_output_names():  # a full step that keeps its feature
             feed[WANTS_FEATURE] = np.ones(n, bool)
         residuals = {name: arr for name in CONTROL_DOWN_RESIDUALS + (CONTROL_MID_RESIDUAL,)
@@ -114,8 +131,8 @@ class UnetModel:
                 raise InvalidInputError(CONTROL_MID_RESIDUAL, "a ControlNet step runs the whole UNet: the step "
                                                               "cache's deep_feature does not go with it")
             feed.pop(WANTS_FEATURE, None)
-            _, layout = self.control()
-            feed.update(check_residuals(residuals, feed["sample"], layout))
+            self.control.get()  # the graph is there (else refused), and its layout beside it
+            feed.update(check_residuals(residuals, feed["sample"], self.control_layout()))
         users = item_strings(request, "user_id", n)
         check_callers(request, self.registry, users)  # each named user is the caller's own (its token)
         items = zip(users, item_strings(request, "style", n), item_strings(request, "user_version", n))
@@ -127,40 +144,19 @@ class UnetModel:
         feed[LORA_KEYS] = keys
         return feed
 
-    def shallow(self):
-        """The step cache's shallow graph, opened on first use (a repository without one refuses the input)."""
-        with self._shallow_lock:
-            if self._shallow is None:
-                if not self._shallow_path.is_file():
-                    raise InvalidInputError(DEEP_FEATURE, "this unet has no step-cache shallow graph (re-assemble the "
-                                                          "repository to serve cache_interval > 1)")
-                self._shallow = self._open_shallow()
-                self._shallow_inputs = frozenset(spec.name for spec in self._shallow.get_inputs())
-            return self._shallow
-
-    def control(self):
-        """(the control graph, its residual layout), opened on first use (a repository without one refuses)."""
-        with self._shallow_lock:
-            if self._control is None:
-                if not self._control_path.is_file():
-                    raise InvalidInputError(CONTROL_MID_RESIDUAL, "this unet has no ControlNet graph (assemble the "
-                                                                  "repository with --controlnet DIR)")
-                self._control_layout = read_control_layout(self._control_path.parent)
-                self._control = self._open_control()
-                self._control_inputs = frozenset(spec.name for spec in self._control.get_inputs())
-            return self._control, self._control_layout
+    def control_layout(self) -> dict:
+        """The control graph's residual layout (read once, after the graph opened)."""
+        if self._control_layout is None:
+            self._control_layout = read_control_layout(self.control.path.parent)
+        return self._control_layout
 
     def _run(self, feed):
         feed = dict(feed)
         feed.update(self.bank.batch(list(feed.pop(LORA_KEYS))))  # the keys _read resolved; same arrays while they repeat
         if CONTROL_MID_RESIDUAL in feed:  # a ControlNet step: the graph that adds the residuals
-            control, _ = self.control()
-            return {"noise_pred": control.run(["noise_pred"], {k: v for k, v in feed.items()
-                                                               if k in self._control_inputs})[0]}
+            return self.control.noise_pred(feed)
         if DEEP_FEATURE in feed:  # shallow step: the graph reads only some of the LoRA inputs
-            shallow = self.shallow()
-            return {"noise_pred": shallow.run(["noise_pred"], {k: v for k, v in feed.items()
-                                                               if k in self._shallow_inputs})[0]}
+            return self.shallow.noise_pred(feed)
         outputs = ["noise_pred", DEEP_FEATURE] if feed.pop(WANTS_FEATURE, None) is not None else ["noise_pred"]
         return dict(zip(outputs, self.session.run(outputs, feed)))
 
