@@ -25,6 +25,25 @@ prompt, negative prompt and seed for every variant, the same initial noise
   (``nncf.compress_weights``, activations f32: not a served option).
   Unlike a served model, OpenVINO keeps no compiled-model cache here and
   never falls back to ONNX Runtime (a variant that fails is an error row).
+* ``facetron_<runtime>_<precision>_fewstep``: the few-step path (issue 23):
+  ``contract.FEW_STEP_DEFAULT_STEPS`` (4) LCM steps at
+  ``contract.FEW_STEP_DEFAULT_GUIDANCE`` (1: no negative branch, a batch-1
+  UNet per step) decoded by the tiny autoencoder (``vae_decoder_tiny``, a
+  random ``AutoencoderTiny`` of TAESD's shapes). The served few-step UNet
+  (``unet_fewstep``) is the runtime-LoRA UNet graph with the distillation
+  LoRA merged into its weights (``export.distill_lora.fewstep_unet``): the
+  same graph and cost, so with random weights the ``unet`` graph stands in
+  for it. ``..._fewstep_vae`` decodes with the full VAE instead: the
+  deviation of the tiny autoencoder is measured against it (random weights:
+  two unrelated random decoders, so the number is numerical only).
+  ``openvino_int8w_fewstep`` compresses the UNet's weights only (the text
+  encoder and the tiny decoder stay f32).
+* ``controlnet_step``: the ControlNet's cost per step (template mode's
+  ``control``, issue 22) beside the plain step at the guided batch (2), in
+  ONNX Runtime fp32: the plain runtime-LoRA ``unet`` call vs ``controlnet``
+  + the UNet's control graph (``unet/control/``, taking the residuals), each
+  graph from a random ``ControlNetModel`` of the UNet's blocks, interleaved
+  calls after one warm-up, medians.
 
 Measured per variant, once, after one warm-up generation at 2 steps (which
 also compiles OpenVINO's static graphs): seconds for the whole image and per
@@ -81,6 +100,12 @@ class Runtime:
     precision: str = "f32"  # contract.NET_PRECISIONS (OpenVINO)
     int8_weights: bool = False  # OpenVINO: nncf.compress_weights (not a served option)
     cache_interval: int = 1  # step caching (DeepCache): a full UNet every N steps, the shallow graph between
+    few_step: bool = False  # LCM, FEW_STEP_DEFAULT_STEPS steps at FEW_STEP_DEFAULT_GUIDANCE (a batch-1 UNet per step)
+    tiny_vae: bool = False  # decode with vae_decoder_tiny (AutoencoderTiny, TAESD's shapes)
+
+    @property
+    def steps(self) -> int:
+        return contract.FEW_STEP_DEFAULT_STEPS if self.few_step else contract.DEFAULT_STEPS
 
 
 FACETRON_VARIANTS: dict[str, Runtime] = {
@@ -90,8 +115,17 @@ FACETRON_VARIANTS: dict[str, Runtime] = {
     "facetron_openvino_bf16_cache2": Runtime("openvino", "bf16", cache_interval=2),
     "facetron_openvino_bf16_cache3": Runtime("openvino", "bf16", cache_interval=3),
     "facetron_openvino_int8w": Runtime("openvino", int8_weights=True),
+    "facetron_onnxruntime_f32_fewstep_vae": Runtime("onnxruntime", few_step=True),
+    "facetron_onnxruntime_f32_fewstep": Runtime("onnxruntime", few_step=True, tiny_vae=True),
+    "facetron_openvino_f32_fewstep": Runtime("openvino", few_step=True, tiny_vae=True),
+    "facetron_openvino_bf16_fewstep": Runtime("openvino", "bf16", few_step=True, tiny_vae=True),
+    "facetron_openvino_int8w_fewstep": Runtime("openvino", int8_weights=True, few_step=True, tiny_vae=True),
 }
-VARIANTS = (FACECHAIN, TORCH_BF16, *FACETRON_VARIANTS)
+#: the few-step variants' reference (runtime / precision deviation at the same steps and decoder)
+FEWSTEP_REFERENCE = "facetron_onnxruntime_f32_fewstep"
+#: the ControlNet's cost per step beside the plain step (not an image: its own section of the result)
+CONTROL_STEP = "controlnet_step"
+VARIANTS = (FACECHAIN, TORCH_BF16, *FACETRON_VARIANTS, CONTROL_STEP)
 
 
 def psnr(got: np.ndarray, ref: np.ndarray) -> float | None:
@@ -125,12 +159,13 @@ def peak_rss_gib() -> float:
 # ----------------------------------------------------------------------------- facetron: the served nets and loop
 
 
-def open_net(path: Path, how: Runtime, threads: int, *, reuse_inputs: bool = False):
+def open_net(path: Path, how: Runtime, threads: int, *, reuse_inputs: bool = False, int8: bool | None = None):
     """One served net in ``how``'s runtime (``open_runtime`` as the served models call it, no compiled-model
-    cache, no fallback; int8 weights: the served OpenVINO runtime over ``nncf.compress_weights``' model)."""
+    cache, no fallback; int8 weights (``int8``, default ``how.int8_weights``): the served OpenVINO runtime over
+    ``nncf.compress_weights``' model)."""
     from facetron.net_runtimes import STATIC_SHAPE_GRAPHS, OpenVinoRuntime, open_runtime, openvino_model
 
-    if not how.int8_weights:
+    if not (how.int8_weights if int8 is None else int8):
         return open_runtime(path, how.runtime, threads, cache=False, fallback=False, reuse_inputs=reuse_inputs,
                             precision=how.precision)
     import nncf
@@ -144,9 +179,10 @@ def facetron_nets(setup: Setup, how: Runtime, threads: int):
     from facetron.diffusion.clip_tokenizer import ClipTokenizer
     from facetron.diffusion.nets import DiffusionNets
 
-    te = open_net(setup.graph("text_encoder"), how, threads)
+    int8_others = how.int8_weights and not how.few_step  # the few-step path: int8 weights on the UNet only
+    te = open_net(setup.graph("text_encoder"), how, threads, int8=int8_others)
     unet = open_net(setup.graph("unet"), how, threads, reuse_inputs=True)  # as the served unet model opens it
-    vae = open_net(setup.graph("vae_decoder"), how, threads)
+    vae = open_net(setup.graph("vae_decoder_tiny" if how.tiny_vae else "vae_decoder"), how, threads, int8=int8_others)
     opened = {"text_encoder": te, "unet": unet, "vae_decoder": vae}
     if how.cache_interval > 1:  # the step cache's shallow graph, as the unet model opens it on first use
         opened["unet_shallow"] = open_net(setup.shallow_graph(), how, threads, reuse_inputs=True)
@@ -168,9 +204,9 @@ def facetron_nets(setup: Setup, how: Runtime, threads: int):
     return nets, opened
 
 
-def facetron_image(nets, setup: Setup, steps: int, cache_interval: int = 1) -> dict:
+def facetron_image(nets, setup: Setup, steps: int, cache_interval: int = 1, few_step: bool = False) -> dict:
     """One image through ``generate`` (the served loop): uint8 image, final latents (what the VAE decoder
-    was given), stage times."""
+    was given), stage times. ``few_step``: LCM at guidance 1, the batch-1 LoRA inputs."""
     from facetron.pipeline.generation import generate
 
     clock, final = StageClock(), {}
@@ -184,8 +220,8 @@ def facetron_image(nets, setup: Setup, steps: int, cache_interval: int = 1) -> d
                     unet_deep=clock.wrap("unet", nets.unet_deep), unet_shallow=clock.wrap("unet", nets.unet_shallow),
                     vae_decode=keep_latents)
     t0 = time.perf_counter()
-    image = generate(timed, setup.scheduler_config, PROMPT, NEGATIVE, setup.request(steps, cache_interval),
-                     unet_extra=setup.unet_lora)
+    image = generate(timed, setup.scheduler_config, PROMPT, NEGATIVE, setup.request(steps, cache_interval, few_step),
+                     unet_extra=setup.unet_lora_single if few_step else setup.unet_lora)
     total = time.perf_counter() - t0
     return {"image": image, "latents": final["latents"], "stages": clock.stages(total, steps)}
 
@@ -195,8 +231,11 @@ def run_facetron(setup: Setup, variant: str, threads: int) -> tuple[dict, dict |
     how = FACETRON_VARIANTS[variant]
     entry = {"kind": "facetron generate (served loop), served nets", "runtime": how.runtime,
              "precision": how.precision, "int8_weights": how.int8_weights, "cache_interval": how.cache_interval,
-             "steps": contract.DEFAULT_STEPS,
-             "scheduler": f"{contract.DEFAULT_SCHEDULER} (DPM-Solver++ 2M, Karras sigmas)",
+             "steps": how.steps,
+             "scheduler": "lcm (LCMScheduler)" if how.few_step else
+                          f"{contract.DEFAULT_SCHEDULER} (DPM-Solver++ 2M, Karras sigmas)",
+             "guidance": contract.FEW_STEP_DEFAULT_GUIDANCE if how.few_step else contract.DEFAULT_GUIDANCE,
+             "vae": "vae_decoder_tiny (AutoencoderTiny, TAESD shapes)" if how.tiny_vae else "vae_decoder",
              "lora": "runtime-LoRA graph inputs (text encoder + UNet)"}
     nets = opened = None
     try:
@@ -204,9 +243,9 @@ def run_facetron(setup: Setup, variant: str, threads: int) -> tuple[dict, dict |
         nets, opened = facetron_nets(setup, how, threads)
         entry["open_s"] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
-        facetron_image(nets, setup, WARMUP_STEPS, how.cache_interval)  # OpenVINO compiles its static graphs here
+        facetron_image(nets, setup, WARMUP_STEPS, how.cache_interval, how.few_step)  # OpenVINO compiles here
         entry["warmup_s"] = round(time.perf_counter() - t0, 2)
-        out = facetron_image(nets, setup, contract.DEFAULT_STEPS, how.cache_interval)
+        out = facetron_image(nets, setup, how.steps, how.cache_interval, how.few_step)
         entry["runtimes_used"] = {name: net.runtime for name, net in opened.items()}
         entry["stages"] = out["stages"]
         return entry, out
@@ -216,6 +255,69 @@ def run_facetron(setup: Setup, variant: str, threads: int) -> tuple[dict, dict |
     finally:
         del nets, opened
         gc.collect()
+
+
+def control_step(setup: Setup, threads: int, repeats: int = 2, runtime: str = "onnxruntime") -> dict:
+    """The ControlNet's cost per step beside the plain step, at the guided batch (2): the runtime-LoRA ``unet``
+    call vs ``controlnet`` + the UNet's control graph, as the generator runs them (``_controlled_fn``), the same
+    sample / timestep / text / LoRA, a random conditioning image at scale 1; one warm-up each, then ``repeats``
+    interleaved rounds, medians (s)."""
+    from facetron.diffusion.sampler import initial_noise
+
+    how = Runtime(runtime)
+    entry: dict = {"runtime": runtime, "precision": how.precision, "batch": 2, "repeats": repeats,
+                   "what": "plain: the unet graph; controlled: the controlnet graph + unet/control/ (its residuals "
+                           "in), one step of template mode's control at guidance > 1"}
+    nets = {}
+    try:
+        size = setup.resolution // setup.latent_factor
+        sample = np.repeat(initial_noise(setup.seed, 1, (setup.latent_channels, size, size)).numpy(), 2, axis=0)
+        t = np.full(2, 500.0, np.float32)
+        hidden = np.random.default_rng(setup.seed).standard_normal((2, 77, 768), np.float32)
+        cond = np.random.default_rng(setup.seed + 1).random((2, 3, setup.resolution, setup.resolution), np.float32)
+        base = {"sample": sample, "timestep": t, "encoder_hidden_states": hidden}
+        t0 = time.perf_counter()
+        nets = {"unet": open_net(setup.graph("unet"), how, threads, reuse_inputs=True),
+                "controlnet": open_net(setup.graph("controlnet"), how, threads),
+                "unet_control": open_net(setup.control_graph(), how, threads, reuse_inputs=True)}
+        entry["open_s"] = round(time.perf_counter() - t0, 2)
+        hidden_width = {i.name: i.shape for i in nets["unet"].get_inputs()}["encoder_hidden_states"][-1]
+        if isinstance(hidden_width, int) and hidden_width != hidden.shape[-1]:
+            base["encoder_hidden_states"] = hidden = np.random.default_rng(setup.seed).standard_normal(
+                (2, 77, hidden_width), np.float32)
+        residual_names = nets["controlnet"].output_names()
+
+        def plain():
+            return nets["unet"].run(["noise_pred"], {**base, **setup.unet_lora})[0]
+
+        def controlled():
+            t1 = time.perf_counter()
+            residuals = nets["controlnet"].run(residual_names, {**base, "controlnet_cond": cond,
+                                                                "conditioning_scale": np.ones(2, np.float32)})
+            t2 = time.perf_counter()
+            nets["unet_control"].run(["noise_pred"], {**base, **dict(zip(residual_names, residuals)),
+                                                      **setup.unet_lora})
+            return t2 - t1, time.perf_counter() - t2
+
+        plain(), controlled()  # warm-up (OpenVINO would compile here)
+        times: dict[str, list[float]] = {"plain_s": [], "controlnet_s": [], "unet_control_s": []}
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            plain()
+            times["plain_s"].append(time.perf_counter() - t0)
+            cn, uc = controlled()
+            times["controlnet_s"].append(cn)
+            times["unet_control_s"].append(uc)
+        med = {k: round(float(np.median(v)), 3) for k, v in times.items()}
+        med["controlled_step_s"] = round(med["controlnet_s"] + med["unet_control_s"], 3)
+        med["controlled_over_plain"] = round(med["controlled_step_s"] / med["plain_s"], 3)
+        entry.update(med, samples={k: [round(x, 3) for x in v] for k, v in times.items()})
+    except Exception as exc:  # noqa: BLE001 - a failure is a result row
+        entry["error"] = f"{type(exc).__name__}: {exc}"[:400]
+    finally:
+        nets.clear()
+        gc.collect()
+    return entry
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -231,11 +333,25 @@ def check_variants(variants: Sequence[str]) -> tuple[str, ...]:
 
 
 def deviations(outputs: dict[str, dict]) -> list[dict]:
-    """Each facetron variant vs ``facetron_onnxruntime_f32`` (same steps), and that vs ``facechain``."""
+    """Each facetron variant vs ``facetron_onnxruntime_f32`` (same steps; few-step ones vs
+    :data:`FEWSTEP_REFERENCE`), the tiny autoencoder vs the full VAE at the same few steps, and the
+    reference vs ``facechain``."""
     rows = []
     ref = outputs.get(REFERENCE)
+    fewstep = {v for v in outputs if v in FACETRON_VARIANTS and FACETRON_VARIANTS[v].few_step}
+    for variant in sorted(fewstep - {FEWSTEP_REFERENCE}):
+        how = FACETRON_VARIANTS[variant]
+        if how.tiny_vae and FEWSTEP_REFERENCE in outputs:
+            rows.append({"variant": variant, "vs": FEWSTEP_REFERENCE,
+                         "what": "runtime / precision, the same few steps and tiny decoder",
+                         **image_deviation(outputs[variant], outputs[FEWSTEP_REFERENCE])})
+    if FEWSTEP_REFERENCE in outputs and "facetron_onnxruntime_f32_fewstep_vae" in outputs:
+        rows.append({"variant": FEWSTEP_REFERENCE, "vs": "facetron_onnxruntime_f32_fewstep_vae",
+                     "what": "tiny autoencoder vs full VAE, the same latents (random weights: two unrelated "
+                             "random decoders, numerical only)",
+                     **image_deviation(outputs[FEWSTEP_REFERENCE], outputs["facetron_onnxruntime_f32_fewstep_vae"])})
     for variant, out in outputs.items():
-        if ref is not None and variant not in (REFERENCE, FACECHAIN):
+        if ref is not None and variant not in (REFERENCE, FACECHAIN) and variant not in fewstep:
             what = ("torch's own bf16 (autocast), diffusers' pipeline: the yardstick of bf16 error"
                     if variant == TORCH_BF16 else "runtime / precision, same steps and scheduler")
             rows.append({"variant": variant, "vs": REFERENCE, "what": what,
@@ -282,7 +398,9 @@ def run(full: bool = False, variants: Sequence[str] = VARIANTS, threads: int = 2
         # 1. the nets (random weights), the face LoRA and the served graphs, exported once before any timing
         print(f"[bench portrait] {spec}: building the nets, the face LoRA and exporting the graphs ...", flush=True)
         t0 = time.perf_counter()
-        base, setup = prepare(spec, Path(tmp), seed)
+        wanted = [FACETRON_VARIANTS[v] for v in variants if v in FACETRON_VARIANTS]
+        base, setup = prepare(spec, Path(tmp), seed, tiny_vae=any(h.tiny_vae for h in wanted),
+                              controlnet=CONTROL_STEP in variants)
         result["resolution"], result["prepare_s"] = setup.resolution, round(time.perf_counter() - t0, 1)
         result["peak_rss_gib"]["prepare"] = peak_rss_gib()
         # 2. FaceChain's recipe in torch, then the torch modules go (the graphs are written)
@@ -299,13 +417,20 @@ def run(full: bool = False, variants: Sequence[str] = VARIANTS, threads: int = 2
         gc.collect()
         # 3. facetron's variants, one variant's nets open at a time
         for variant in (v for v in variants if v in FACETRON_VARIANTS):
-            print(f"[bench portrait] {variant}: {contract.DEFAULT_STEPS} steps ...", flush=True)
+            print(f"[bench portrait] {variant}: {FACETRON_VARIANTS[variant].steps} steps ...", flush=True)
             entries[variant], out = run_facetron(setup, variant, threads)
             if out is not None:
                 outputs[variant] = out
             result["peak_rss_gib"][variant] = peak_rss_gib()
             if "error" in entries[variant]:
                 print(f"[bench portrait] {variant} failed: {entries[variant]['error']}", flush=True)
+        if CONTROL_STEP in variants:
+            print(f"[bench portrait] {CONTROL_STEP}: the ControlNet's cost per step beside the plain step ...",
+                  flush=True)
+            result[CONTROL_STEP] = control_step(setup, threads)
+            result["peak_rss_gib"][CONTROL_STEP] = peak_rss_gib()
+            if "error" in result[CONTROL_STEP]:
+                print(f"[bench portrait] {CONTROL_STEP} failed: {result[CONTROL_STEP]['error']}", flush=True)
     # 4. speed-ups and deviations
     speedups(entries)
     result["deviations"] = deviations(outputs)
@@ -332,7 +457,10 @@ def _cell(v, fmt: str = "{:.3g}") -> str:
 def markdown(result: dict) -> str:
     from facetron.benchmarks.report import markdown_table
 
-    dev = {d["variant"]: d for d in result["deviations"] if d["vs"] == REFERENCE}
+    dev: dict[str, dict] = {}
+    for d in result["deviations"]:  # each variant's first row: vs its reference (the 25-step or few-step one)
+        if d["vs"] in (REFERENCE, FEWSTEP_REFERENCE):
+            dev.setdefault(d["variant"], d)
     rows = []
     for variant, e in result["variants"].items():
         s, d = e.get("stages", {}), dev.get(variant, {})
@@ -341,7 +469,8 @@ def markdown(result: dict) -> str:
                      "UNet s/step": s.get("unet_s_per_step", ""), "VAE decode s": s.get("vae_decode_s", ""),
                      "other s": s.get("other_s", ""), "x facechain": _cell(e.get("speedup_over_facechain")),
                      "open s": e.get("open_s", ""), "warm-up s": e.get("warmup_s", ""),
-                     f"PSNR vs {REFERENCE}": psnr_text(d["psnr_db"]) if d else "",
+                     "guidance": e.get("guidance", result["guidance"]), "VAE": e.get("vae", "").split(" ")[0],
+                     "vs": d.get("vs", ""), "PSNR": psnr_text(d["psnr_db"]) if d else "",
                      "max abs (levels)": d.get("max_abs", ""), "latents rel L2": _cell(d.get("latents_rel_l2")),
                      "error": e.get("error", "")})
     cols = list(rows[0]) if rows else []
@@ -349,13 +478,20 @@ def markdown(result: dict) -> str:
                    f"max abs {d['max_abs']} levels, mean abs {d['mean_abs']}, "
                    f"latents rel L2 {_cell(d['latents_rel_l2'])}\n"
                    for d in result["deviations"])
-    cpu = result["cpu"]
+    cpu, control = result["cpu"], result.get(CONTROL_STEP)
+    control_text = "" if not control else (
+        f"\nControlNet cost per step ({control['runtime']} {control['precision']}, batch {control['batch']}, "
+        f"median of {control['repeats']}): " + (f"failed: {control['error']}" if "error" in control else
+        f"plain UNet {control['plain_s']} s; ControlNet {control['controlnet_s']} s + UNet with residuals "
+        f"{control['unet_control_s']} s = {control['controlled_step_s']} s per step "
+        f"(x{control['controlled_over_plain']} the plain step)") + "\n")
     return (f"One {result['resolution']}x{result['resolution']} txt2img portrait, guidance {result['guidance']} "
-            f"(batch-2 UNet per step), spec `{result['spec']}`. **{result['note']}.**\n\n"
+            f"(batch-2 UNet per step; few-step variants: LCM, guidance {contract.FEW_STEP_DEFAULT_GUIDANCE}, a "
+            f"batch-1 UNet per step), spec `{result['spec']}`. **{result['note']}.**\n\n"
             f"CPU: {cpu['model']}; kernel flags: {', '.join(cpu['kernel_flags']) or 'none'} (amx_bf16: "
             f"{cpu['amx_bf16']}); {result['threads']} threads per runtime (torch: set_num_threads). Each variant: "
             f"one image after a 2-step warm-up; x facechain = facechain total s / variant total s.\n\n"
-            + markdown_table(rows, cols) + "\nDeviations (uint8 image, final latents):\n\n" + devs
+            + markdown_table(rows, cols) + control_text + "\nDeviations (uint8 image, final latents):\n\n" + devs
             + f"\nwall time {result['wall_s']} s (prepare {result['prepare_s']} s); peak RSS GiB after each phase "
               f"{result['peak_rss_gib']}; load average {result['loadavg_start']} -> {result['loadavg_end']}\n")
 

@@ -78,6 +78,20 @@ class Setup:
     unet_lora: dict  # the runtime-LoRA UNet's LoRA inputs (batch 2: a guidance pair), the same arrays every call
     te_lora: dict  # the runtime-LoRA text encoder's (batch 2: prompt + negative prompt)
     seed: int = SEED
+    unet_lora_single: dict | None = None  # batch 1: a few-step request at guidance 1 (no negative branch)
+
+    def request(self, steps: int, cache_interval: int = 1, few_step: bool = False):
+        """The benchmark's request: ``contract.DEFAULT_SCHEDULER`` at ``DEFAULT_GUIDANCE``, or (``few_step``)
+        LCM at ``FEW_STEP_DEFAULT_GUIDANCE`` (1: a batch-1 UNet per step), the served few-step defaults."""
+        from facetron.diffusion.sampler import GenerationRequest
+
+        scheduler, guidance = (("lcm", contract.FEW_STEP_DEFAULT_GUIDANCE) if few_step else
+                               (contract.DEFAULT_SCHEDULER, contract.DEFAULT_GUIDANCE))
+        req = GenerationRequest(num_images=1, steps=steps, guidance=guidance, seed=self.seed,
+                                height=self.resolution, width=self.resolution, scheduler=scheduler,
+                                cache_interval=cache_interval)
+        req.validate(self.latent_factor)
+        return req
 
     def graph(self, net: str) -> Path:
         """The ONNX file of served net ``net``: ``graphs/<net>/`` (exported under the served names, as the
@@ -89,19 +103,18 @@ class Setup:
         """The ONNX file of the step cache's shallow graph: ``graphs/unet/shallow/``, as in the version folder."""
         return self.work / "graphs" / contract.UNET.name / contract.SHALLOW_FOLDER / contract.MODEL_FILE
 
-    def request(self, steps: int, cache_interval: int = 1):
-        from facetron.diffusion.sampler import GenerationRequest
-
-        req = GenerationRequest(num_images=1, steps=steps, guidance=contract.DEFAULT_GUIDANCE, seed=self.seed,
-                                height=self.resolution, width=self.resolution, scheduler=contract.DEFAULT_SCHEDULER,
-                                cache_interval=cache_interval)
-        req.validate(self.latent_factor)
-        return req
+    def control_graph(self) -> Path:
+        """The ONNX file of the runtime-LoRA UNet taking a ControlNet's residuals: ``graphs/unet/control/``."""
+        return self.work / "graphs" / contract.UNET.name / contract.CONTROL_FOLDER / contract.MODEL_FILE
 
 
-def prepare(spec: str, work: Path, seed: int = SEED):
+def prepare(spec: str, work: Path, seed: int = SEED, *, tiny_vae: bool = False, controlnet: bool = False):
     """(torch nets of ``spec`` with random weights, :class:`Setup`): the face LoRA written, the served graphs
-    exported as the repository assembler exports them (``DiffusionSource``'s ranks), the LoRA inputs built."""
+    exported as the repository assembler exports them (``DiffusionSource``'s ranks), the LoRA inputs built.
+    ``tiny_vae``: also ``graphs/vae_decoder_tiny/`` from a random ``AutoencoderTiny`` of TAESD's shapes;
+    ``controlnet``: also ``graphs/controlnet/`` and ``graphs/unet/control/`` from a random ``ControlNetModel``
+    of the UNet's shapes (diffusers' default conditioning embedding), as ``export repository --tiny-vae`` /
+    ``--controlnet`` export them."""
     from diffusers import DDPMScheduler
 
     from facetron.benchmarks.runtimes import _nets
@@ -123,11 +136,44 @@ def prepare(spec: str, work: Path, seed: int = SEED):
     export_runtime_lora_deep_cache_unet(base.unet, graphs, dims=ModelDims.of(base), rank=DiffusionSource.lora_rank)
     export_runtime_lora_text_encoder(base.text_encoder, graphs, dims=ModelDims.of(base),
                                      rank=DiffusionSource.text_encoder_lora_rank)
+    if tiny_vae:
+        export_tiny_decoder(base, graphs, work / "taesd_random")
+    if controlnet:
+        export_random_controlnet(base, graphs, work / "controlnet_random")
     w_face = contract.UnetParams().w_face
+    manifest = read_lora_manifest(graphs / contract.UNET.name)
     setup = Setup(work=work, spec=spec, resolution=int(base.resolution), latent_channels=dims.latent_channels,
                   latent_factor=dims.latent_factor, scheduler_config=dict(DDPMScheduler(**SD15_SCHEDULER).config),
                   lora_path=lora, seed=seed,
-                  unet_lora=lora_inputs_for(lora, read_lora_manifest(graphs / contract.UNET.name), w_face, batch=2),
+                  unet_lora=lora_inputs_for(lora, manifest, w_face, batch=2),
+                  unet_lora_single=lora_inputs_for(lora, manifest, w_face, batch=1),
                   te_lora=lora_inputs_for(lora, read_lora_manifest(graphs / contract.TEXT_ENCODER.name), w_face,
                                           batch=2))
     return base, setup
+
+
+def export_tiny_decoder(base, graphs: Path, folder: Path) -> Path:
+    """``graphs/vae_decoder_tiny/`` from a random ``AutoencoderTiny`` with TAESD's shapes (diffusers' defaults:
+    64 channels, 1-3-3-3 encoder / 3-3-3-1 decoder blocks), the served tiny decoder's graph."""
+    from facetron.export.onnx_export import export_model
+    from facetron.export.onnx_graph import ModelDims
+    from facetron.export.tiny_vae import load_tiny_vae, write_random_tiny_vae
+
+    write_random_tiny_vae(folder, channels=64, num_encoder_blocks=(1, 3, 3, 3), num_decoder_blocks=(3, 3, 3, 1))
+    return export_model("vae_decoder_tiny", graphs, vae=load_tiny_vae(folder, base), dims=ModelDims.of(base))
+
+
+def export_random_controlnet(base, graphs: Path, folder: Path) -> tuple[Path, Path]:
+    """``graphs/controlnet/`` and ``graphs/unet/control/`` from a random ``ControlNetModel`` of the UNet's blocks
+    (diffusers' default conditioning embedding 16-32-96-256, as SD-1.5's ControlNets)."""
+    from facetron.export.controlnet import export_controlnet_graphs, load_controlnet, write_random_controlnet
+    from facetron.export.diffusion_source import DiffusionSource
+    from facetron.export.onnx_graph import ModelDims
+
+    write_random_controlnet(folder, unet_config=dict(base.unet.config), conditioning_channels=(16, 32, 96, 256))
+    net = load_controlnet(folder, base)
+    try:
+        return export_controlnet_graphs(net, base.unet, graphs, dims=ModelDims.of(base),
+                                        rank=DiffusionSource.lora_rank)
+    finally:
+        del net

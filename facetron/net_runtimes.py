@@ -386,7 +386,8 @@ class OpenVinoRuntime:
                 for name, arr in feed.items():
                     held = bound.get(name)
                     if held is None or held[0] is not arr:  # same array object again: the tensor shares its memory
-                        tensor = ov.Tensor(arr, shared_memory=True)
+                        # a read-only array (a broadcast view, a Triton input) cannot be shared: its copy is
+                        tensor = ov.Tensor(arr if arr.flags.writeable else arr.copy(), shared_memory=True)
                         request.set_tensor(ports[name], tensor)
                         bound[name] = (arr, tensor)
                 result = request.infer()

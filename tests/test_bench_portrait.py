@@ -92,6 +92,32 @@ def test_facechain_variant_equals_facetron_at_the_same_scheduler_and_steps(tmp_p
     assert np.abs(other["latents"] - want["latents"]).max() > 1e-3
 
 
+def test_few_step_variants_and_the_controlnet_step(tmp_path) -> None:
+    """The few-step path (4 LCM steps at guidance 1: one batch-1 UNet call per step, the tiny decoder) and the
+    ControlNet's cost per step, tiny spec: the tiny decoder gets exactly the full-VAE variant's latents, OpenVINO
+    f32 computes ONNX Runtime's image, the control step times both graphs. No timing is asserted."""
+    variants = ("facetron_onnxruntime_f32_fewstep_vae", "facetron_onnxruntime_f32_fewstep",
+                "facetron_openvino_f32_fewstep", bench.CONTROL_STEP)
+    result = bench.run(variants=variants, out_dir=tmp_path)
+    for variant in variants[:3]:
+        entry = result["variants"][variant]
+        assert "error" not in entry, entry.get("error")
+        assert entry["steps"] == entry["stages"]["unet_calls"] == contract.FEW_STEP_DEFAULT_STEPS, variant
+        assert entry["guidance"] == contract.FEW_STEP_DEFAULT_GUIDANCE and entry["scheduler"].startswith("lcm")
+        assert entry["vae"].startswith("vae_decoder_tiny" if variant != variants[0] else "vae_decoder")
+    dev = {(d["variant"], d["vs"]): d for d in result["deviations"]}
+    decoders = dev[("facetron_onnxruntime_f32_fewstep", "facetron_onnxruntime_f32_fewstep_vae")]
+    assert decoders["latents_rel_l2"] == 0 and decoders["max_abs"] > 0  # same latents, another decoder
+    ov = dev[("facetron_openvino_f32_fewstep", "facetron_onnxruntime_f32_fewstep")]
+    assert ov["max_abs"] <= 2 and ov["latents_rel_l2"] < 1e-4, ov
+    control = result[bench.CONTROL_STEP]
+    assert "error" not in control, control.get("error")
+    assert min(control[k] for k in ("plain_s", "controlnet_s", "unet_control_s")) > 0
+    assert control["controlled_step_s"] == pytest.approx(control["controlnet_s"] + control["unet_control_s"], abs=2e-3)
+    md = next(Path(f) for f in result["files"] if f.endswith(".md")).read_text()
+    assert "ControlNet cost per step" in md and "| facetron_openvino_f32_fewstep | 4 |" in md
+
+
 def test_unknown_variant_is_refused_and_cli_parses() -> None:
     from facetron.cli.main import build_parser
 

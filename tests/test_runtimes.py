@@ -152,6 +152,31 @@ def test_reused_inputs_give_the_plain_outputs(runtime, exported, base, face_lora
         reused.run(["noise_pred"], missing)
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_reused_inputs_take_read_only_arrays(runtime, exported, base, face_lora) -> None:
+    """A read-only input (a broadcast view, a Triton input tensor) works with ``reuse_inputs`` and gives the
+    plain call's output: OpenVINO cannot share a read-only buffer (``ov.Tensor(shared_memory=True)`` raised
+    "array is not writeable" on the batch-1 LoRA arrays of a few-step request)."""
+    path = exported / "unet_lora" / "model.onnx"
+    plain = open_runtime(path, runtime, 1, fallback=False, cache=False)
+    reused = open_runtime(path, runtime, 1, fallback=False, cache=False, reuse_inputs=True)
+    feed = _feed("unet_lora", exported, base, face_lora, 1)
+    frozen = {}
+    for name, arr in feed.items():
+        frozen[name] = arr.copy()
+        frozen[name].setflags(write=False)
+    assert np.array_equal(reused.run(["noise_pred"], frozen)[0], plain.run(["noise_pred"], feed)[0])
+
+
+def test_lora_inputs_are_writable_at_every_batch(face_lora, exported) -> None:
+    """``lora_inputs_for`` hands over arrays of their own (batch 1 was a read-only broadcast view)."""
+    from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora_manifest
+
+    for batch in (1, 2):
+        arrays = lora_inputs_for(face_lora, read_lora_manifest(exported / "unet_lora"), 1.0, batch=batch)
+        assert all(a.flags.writeable and a.flags.c_contiguous and a.shape[0] == batch for a in arrays.values())
+
+
 def test_check_feed_reads_openvino_metadata(exported, base, face_lora) -> None:
     net = open_runtime(exported / "unet_lora" / "model.onnx", "openvino", 1, fallback=False, cache=False)
     feed = _feed("unet_lora", exported, base, face_lora)

@@ -245,9 +245,9 @@ def _batched(a: dict, b: dict, manifest: Mapping, batch: int, scale: float, r: i
     for group in manifest["groups"]:
         k = len(group["layers"])
         side = np.concatenate([a[i][:r].T for i in group["layers"]], axis=1)  # [in, k*r]
-        out[group["a"]] = np.ascontiguousarray(np.broadcast_to(side, (batch, *side.shape)))
+        out[group["a"]] = np.broadcast_to(side, (batch, *side.shape)).copy()  # its own, writable memory
         for slot, i in enumerate(group["layers"]):
             up = np.zeros((k * r, b[i].shape[0]), np.float32)
             up[slot * r:(slot + 1) * r] = b[i][:, :r].T * np.float32(scale)  # [r, out] in its slot
-            out[b_names[i]] = np.ascontiguousarray(np.broadcast_to(up, (batch, *up.shape)))
+            out[b_names[i]] = np.broadcast_to(up, (batch, *up.shape)).copy()  # its own, writable memory
     return out
