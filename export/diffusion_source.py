@@ -5,7 +5,9 @@ the runtime-LoRA UNet (with its step-cache shallow graph) of a base model
 into a work folder (and, given ``tiny_vae``, the tiny autoencoder's
 ``vae_decoder_tiny`` / ``vae_encoder_tiny``: :mod:`facetron.export.tiny_vae`;
 given ``distill_lora``, the few-step UNet ``unet_fewstep``: the base UNet with
-that distillation LoRA merged in, :mod:`facetron.export.distill_lora`),
+that distillation LoRA merged in, :mod:`facetron.export.distill_lora`;
+given ``inpaint_unet``, template mode's ``unet_inpaint``: a user's inpainting
+UNet as the runtime-LoRA graph, :mod:`facetron.export.inpaint_unet`),
 each under its served name and in its version folder's layout
 (``<work>/unet/``, ``<work>/unet/shallow/``, ``<work>/text_encoder/``,
 ...: :data:`facetron.contract.MODEL_FILE` and the names beside it), and
@@ -19,7 +21,7 @@ the torch oracles.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -30,18 +32,21 @@ from facetron.contract import CONTROL_FOLDER, CONTROLNET
 from facetron.contract import (DEFAULT_DISTILL_WEIGHT, DISTILL_INFO, INT8_DEVIATION, INT8_FOLDER, MODEL_FILE,
                                MODEL_INFO, RUNTIME_LORA_UNETS, SCHEDULER_CONFIG, VOCAB_SIZE, SHALLOW_FOLDER, UNET,
                                UNET_FEWSTEP)
+from facetron.contract import INPAINT_INFO, LORA_BANK_UNETS, UNET_INPAINT
 from facetron.diffusion.base_model import load_base_model, model_hash
 from facetron.export.controlnet import controlnet_info, export_controlnet_graphs, load_controlnet
 from facetron.export.distill_lora import check_distill_weight, distill_info, fewstep_unet, load_distill_lora
+from facetron.export.inpaint_unet import export_inpaint_unet, inpaint_unet_info, load_inpaint_unet
 from facetron.export.model_configs import ModelDef
 from facetron.export.onnx_export import ModelDims, export_model, export_onnx
 from facetron.export.onnx_graph import MODELS, TINY_VAE_NETS, example_inputs, read_io
+from facetron.export.runtime_choice import release
 from facetron.export.runtime_lora import export_runtime_lora_text_encoder
 from facetron.export.step_cache_graphs import export_runtime_lora_deep_cache_unet
 from facetron.export.tiny_vae import load_tiny_vae, tiny_vae_info
 
 #: the served nets whose graphs take runtime-LoRA inputs (``lora_manifest.json`` beside the graph)
-RUNTIME_LORA_NETS = ("text_encoder",) + RUNTIME_LORA_UNETS
+RUNTIME_LORA_NETS = ("text_encoder",) + LORA_BANK_UNETS
 
 
 def copy_graph(src: Path, dest: Path) -> None:
@@ -50,6 +55,16 @@ def copy_graph(src: Path, dest: Path) -> None:
     for f in src.iterdir():
         if f.suffix in (".onnx", ".data", ".json"):
             shutil.copyfile(f, dest / f.name)
+
+
+def load_base_part(path: Path, part: str):
+    """One torch part of base model folder ``path`` (``unet`` | ``text_encoder`` | ``vae``), alone, as
+    :func:`facetron.diffusion.base_model.load_base_model` loads it (float32, eval, no grad, local files only)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    cls = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel, "vae": AutoencoderKL}[part]
+    return cls.from_pretrained(path / part, local_files_only=True).eval().requires_grad_(False)
 
 
 @dataclass
@@ -62,7 +77,9 @@ class DiffusionSource:
     keys) merged at ``distill_weight`` into the base UNet served as
     ``unet_fewstep`` (None = none); ``controlnet``: a diffusers ``ControlNetModel``
     folder served as ``controlnet``, with the ``unet``'s graph that takes its
-    residuals (``unet/control/``; :mod:`facetron.export.controlnet`; None = none)."""
+    residuals (``unet/control/``; :mod:`facetron.export.controlnet`; None = none); ``inpaint_unet``: a diffusers
+    ``UNet2DConditionModel`` folder with the inpainting layout (9 input channels for SD-1.5) served as
+    ``unet_inpaint``, template mode's UNet (:mod:`facetron.export.inpaint_unet`; None = none)."""
 
     base_model: Path | None = None
     lora_rank: int = 16  # runtime-LoRA rank (face + style LoRA ranks must fit)
@@ -71,14 +88,13 @@ class DiffusionSource:
     distill_lora: Path | None = None
     distill_weight: float = DEFAULT_DISTILL_WEIGHT
     controlnet: Path | None = None  # a diffusers ControlNetModel folder: served as controlnet (+ the unet's control graph)
+    inpaint_unet: Path | None = None  # a diffusers 9-channel UNet2DConditionModel folder: served as unet_inpaint
     _exported: Path | None = None
     _dims: ModelDims | None = None
     _vocab: int = VOCAB_SIZE
     _info: dict | None = None
     _scheduler: dict | None = None
-    _base: object | None = None
     _tiny: object | None = None  # the AutoencoderTiny (load_tiny_vae), when tiny_vae is given
-    _torch_nets: dict = field(default_factory=dict)  # name -> (module, inputs): torch_net's oracles
 
     def export(self, work: Path) -> None:
         """Export the nets once into ``work`` (runtime-LoRA text encoder, VAE, runtime-LoRA UNet, the
@@ -90,6 +106,7 @@ class DiffusionSource:
         # (InvalidInputError: --tiny-vae, --distill-lora, --distill-weight)
         tiny = load_tiny_vae(self.tiny_vae, base) if self.tiny_vae is not None else None
         control = load_controlnet(self.controlnet, base) if self.controlnet is not None else None  # --controlnet
+        inpaint = load_inpaint_unet(self.inpaint_unet, base) if self.inpaint_unet is not None else None  # --inpaint-unet
         distill = None
         if self.distill_lora is not None:
             self.distill_weight = check_distill_weight(self.distill_weight)
@@ -113,9 +130,11 @@ class DiffusionSource:
             export_runtime_lora_deep_cache_unet(merged, work, dims=ModelDims.of(base), rank=self.lora_rank,
                                                 name=UNET_FEWSTEP.name)
             del merged
+        if inpaint is not None:  # the runtime-LoRA graph (the unet's LoRA inputs) over the user's inpainting UNet
+            print(f"[export] {UNET_INPAINT.name} ({self.inpaint_unet}) ...", flush=True)
+            export_inpaint_unet(inpaint, work, dims=ModelDims.of(base), rank=self.lora_rank)
         self._exported = work
-        self._base = base
-        self._tiny = tiny
+        self._tiny = tiny  # small (TAESD: ~10 MB): kept as the oracle of the tiny nets
         self._dims = ModelDims.of(base)
         self._vocab = int(base.text_encoder.config.vocab_size)
         self._scheduler = dict(base.scheduler.config)
@@ -136,14 +155,21 @@ class DiffusionSource:
             "controlnet": controlnet_info(self.controlnet, control) if control is not None else None,
             # a few-step request runs on unet_fewstep only where this names the distillation LoRA (pipeline.job)
             DISTILL_INFO: distill_info(distill, self.distill_weight) if distill is not None else None,
+            # template-mode requests denoise on unet_inpaint only where this names the inpainting UNet (pipeline.job)
+            INPAINT_INFO: inpaint_unet_info(self.inpaint_unet, inpaint) if inpaint is not None else None,
         }
+        # no torch model outlives the export: the runtime choice loads the one part it judges when it judges
+        # it (torch_net), so no torch copy of the base sits beside the runtimes it opens
+        del base, control, distill, inpaint
+        release()
 
     @property
     def nets(self) -> tuple[str, ...]:
         """The served nets exported here: text_encoder, unet, the VAEs (+ the tiny autoencoder's, + unet_fewstep)."""
         return (MODELS + (TINY_VAE_NETS if self.tiny_vae is not None else ())
                 + ((UNET_FEWSTEP.name,) if self.distill_lora is not None else ())
-                + ((CONTROLNET.name,) if self.controlnet is not None else ()))
+                + ((CONTROLNET.name,) if self.controlnet is not None else ())
+                + ((UNET_INPAINT.name,) if self.inpaint_unet is not None else ()))
 
     def net_folder(self, name: str) -> Path:
         """The exported folder of served net ``name``: ``<work>/<name>/`` (``unet`` and ``text_encoder``
@@ -240,42 +266,42 @@ class DiffusionSource:
 
     def torch_net(self, name: str):
         """(torch module, graph inputs) that served net ``name``'s graph computes (the runtime-LoRA
-        UNet and text encoder for ``unet`` / ``text_encoder``): the oracle of the runtime choice. Built once
-        per net and kept; the UNet and text encoder are adapted **in place** in the base model this source
-        loaded (no second 3.4 GB copy of an SD-1.5 UNet: after the export nothing else reads the base)."""
+        UNet and text encoder for ``unet`` / ``text_encoder``): the oracle of the runtime choice. Loaded at
+        each call — only the part of the base model it needs (:func:`load_base_part`), adapted in place —
+        and not kept: the caller drops it, so no torch model sits beside the runtimes the choice opens."""
         from facetron.export.onnx_export import graph_module
         from facetron.export.runtime_lora import RuntimeLoraTextEncoder, RuntimeLoraUNet
 
-        if name not in self._torch_nets:
-            if self._base is None:
-                self._base = load_base_model(self.base_model)
-            base = self._base
-            inputs, _, _ = read_io(self.net_folder(name))
-            if name == "unet":
-                module = RuntimeLoraUNet(base.unet, copy_net=False).eval()
-            elif name == "text_encoder":
-                module = RuntimeLoraTextEncoder(base.text_encoder, copy_net=False).eval()
-            elif name in TINY_VAE_NETS:
-                if self._tiny is None:
-                    self._tiny = load_tiny_vae(self.tiny_vae, base)
-                module = graph_module(name, vae=self._tiny)
-            else:
-                module = graph_module(name, vae=base.vae)
-            self._torch_nets[name] = (module, inputs)
-        return self._torch_nets[name]
+        inputs, _, _ = read_io(self.net_folder(name))
+        path = Path(self._info["path"])
+        if name == "unet":
+            module = RuntimeLoraUNet(load_base_part(path, "unet"), copy_net=False).eval()
+        elif name == "text_encoder":
+            module = RuntimeLoraTextEncoder(load_base_part(path, "text_encoder"), copy_net=False).eval()
+        elif name in TINY_VAE_NETS:
+            module = graph_module(name, vae=self._tiny)
+        else:
+            module = graph_module(name, vae=load_base_part(path, "vae"))
+        return module, inputs
 
     def choose_runtimes(self, precision: str = "f32", threads: int | None = None, repeats: int = 3,
-                        budget_s: float = 0.3, nets: Iterable[str] | None = None) -> dict:
+                        budget_s: float = 0.3, nets: Iterable[str] | None = None, *, cache: Path | None = None,
+                        reuse: bool = True, rss=None) -> dict:
         """``auto``: per net (default: every served net, :attr:`nets`), the runtime (and with
         ``precision="auto"`` the precision) measured at the served shapes
         (:mod:`facetron.export.runtime_choice`). Returns the report written to :data:`RUNTIME_CHOICE_FILE`.
-        ``unet_fewstep`` is not measured: it is the ``unet``'s graph with other weights, and takes the
-        ``unet``'s choice (its entry says ``follows``)."""
+        ``unet_fewstep`` and ``unet_inpaint`` are not measured: they are the ``unet``'s graph with other weights
+        (the inpainting one with 5 more input channels), and take the ``unet``'s choice (their entries say
+        ``follows``). ``cache``, ``reuse``, ``rss``: the kept choices and the memory monitor
+        (:func:`facetron.export.runtime_choice.choose_runtimes`)."""
         from facetron.export.runtime_choice import choose_runtimes
 
+        followers = (UNET_FEWSTEP.name, UNET_INPAINT.name)
         wanted = tuple(self.nets if nets is None else nets)
-        measured = tuple(dict.fromkeys(UNET.name if n == UNET_FEWSTEP.name else n for n in wanted))
-        report = choose_runtimes(self, measured, precision, threads, repeats, budget_s)
-        if UNET_FEWSTEP.name in wanted:
-            report[UNET_FEWSTEP.name] = dict(report[UNET.name], follows=UNET.name)
+        measured = tuple(dict.fromkeys(UNET.name if n in followers else n for n in wanted))
+        report = choose_runtimes(self, measured, precision, threads, repeats, budget_s, cache=cache, reuse=reuse,
+                                 rss=rss)
+        for name in followers:
+            if name in wanted:
+                report[name] = dict(report[UNET.name], follows=UNET.name)
         return {n: report[n] for n in wanted}

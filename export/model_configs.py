@@ -162,6 +162,14 @@ FEWSTEP_MODELS: tuple[ModelDef, ...] = (
 )
 
 
+#: the inpainting UNet (a user's 9-channel SD-1.5 inpainting UNet as the runtime-LoRA graph), written only by ``export
+#: repository --inpaint-unet DIR``: served like the runtime-LoRA ``unet`` (its code: model_repository/unet)
+INPAINT_MODELS: tuple[ModelDef, ...] = (
+    ModelDef(contract.UNET_INPAINT, queue_delay_us=3000, queue=NET_QUEUE, cpu=_ORT_CPU, gpu=_UNET_GPU,
+             source=contract.UNET.name),
+)
+
+
 def with_tensorrt_plan(model: ModelDef) -> ModelDef:
     """``model`` (one of :data:`TENSORRT_NETS`) served on the gpu target as a
     TensorRT plan (``model.plan`` built from its ONNX by ``export/trt.py``)."""
@@ -228,7 +236,7 @@ def with_graph_dims(model: ModelDef, inputs, outputs, target: Target = "gpu",
     return dataclasses.replace(model, contract=c, **{target: serving})
 
 
-ALL_MODELS = MODELS + DIFFUSION_MODELS + TINY_VAE_MODELS + FEWSTEP_MODELS
+ALL_MODELS = MODELS + DIFFUSION_MODELS + TINY_VAE_MODELS + FEWSTEP_MODELS + INPAINT_MODELS
 BY_NAME = {m.name: m for m in ALL_MODELS}
 
 
@@ -301,13 +309,15 @@ def render(model: ModelDef, target: Target, parameters: dict[str, str] | None = 
 
 
 def models_for(target: Target, diffusion: bool = False, tiny_vae: bool = False,
-               fewstep: bool = False) -> list[ModelDef]:
+               fewstep: bool = False, inpaint: bool = False) -> list[ModelDef]:
     """Models served on ``target``: the face stack + tokenizer, plus the
     diffusion models when ``diffusion`` (they need exported artifacts), plus
     the tiny autoencoder's when ``tiny_vae`` too (``export repository --tiny-vae``),
-    plus ``unet_fewstep`` when ``fewstep`` too (``export repository --distill-lora``)."""
+    plus ``unet_fewstep`` when ``fewstep`` too (``export repository --distill-lora``),
+    plus ``unet_inpaint`` when ``inpaint`` too (``export repository --inpaint-unet``)."""
     pool = MODELS + (DIFFUSION_MODELS if diffusion else ()) + (TINY_VAE_MODELS if diffusion and tiny_vae else ())
     pool += FEWSTEP_MODELS if diffusion and fewstep else ()
+    pool += INPAINT_MODELS if diffusion and inpaint else ()
     return [m for m in pool if m.serving(target) is not None]
 
 

@@ -30,12 +30,11 @@ import torch
 
 from facetron.atomic import atomic_dir, atomic_write_json
 from facetron import contract
-from facetron.contract import MODEL_FILE, NUMPY_DTYPES as CONTRACT_DTYPES, TOKENS, VOCAB_SIZE
+from facetron.contract import IO_FILE, MODEL_FILE, NUMPY_DTYPES as CONTRACT_DTYPES, TOKENS, VOCAB_SIZE
 from facetron.errors import InvalidInputError
 
 DEFAULT_OPSET = 17
 DATA_FILE = "model.onnx.data"
-IO_FILE = "io.json"
 #: the exported nets, each in a folder named like the served model it becomes
 MODELS = tuple(c.name for c in (contract.TEXT_ENCODER, contract.UNET, contract.VAE_DECODER, contract.VAE_ENCODER))
 #: the tiny autoencoder's nets (AutoencoderTiny, ``export repository --tiny-vae``): the full VAEs' tensors
@@ -225,12 +224,27 @@ def export_graph(module: torch.nn.Module, inputs: Sequence[TensorSpec], outputs:
             io = {"inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs],
                   "opset": opset, "external_data": DATA_FILE if external else None,
                   "export_seconds": round(time.perf_counter() - t0, 2), **(info or {})}
+            down = unet_down_factor(module) if any(s.name == "sample" for s in inputs) else None
+            if down is not None:  # what the served model checks a sample's sides against (net_io.read_down_factor)
+                io[contract.UNET_DOWN_FACTOR] = down
             atomic_write_json(tmp / IO_FILE, io)
             for name, obj in (extra_files or {}).items():
                 atomic_write_json(tmp / name, obj)
     except OSError as exc:
         raise InvalidInputError(f"--out {model_dir.parent}", f"could not write {model_dir.name}/ ({exc})") from None
     return model_dir / MODEL_FILE
+
+
+def unet_down_factor(module: torch.nn.Module) -> int | None:
+    """How many latent cells of a ``sample`` side the diffusers UNet (or ControlNet) inside ``module``
+    folds into one at its deepest block: 2 ** (its down blocks with a downsampler) = 2 ** (len(block_out_channels)
+    - 1) (8 for SD-1.5, 2 for the tiny default). The traced graph's skip connections concatenate at these
+    fixed halvings, so a sample's sides must be multiples of it. None: ``module`` holds no such net."""
+    for m in module.modules():
+        blocks, config = getattr(m, "down_blocks", None), getattr(m, "config", None)
+        if blocks is not None and hasattr(config, "block_out_channels"):
+            return 2 ** sum(1 for b in blocks if getattr(b, "downsamplers", None) is not None)
+    return None
 
 
 def _fix_output_dims(model, outputs: Sequence[TensorSpec]) -> None:

@@ -32,11 +32,13 @@ from facetron.export.diffusion_source import DiffusionSource, copy_graph
 from facetron.export.onnx_export import ModelDims, export_model
 from facetron.export.onnx_graph import MODELS as _NET_ARTIFACTS, read_io
 from facetron.export.runtime_choice import check_precision_choice, cpu_flags, rule_text
+from facetron.export.runtime_choice_cache import cache_root as runtime_choice_cache_root
 from facetron.export.runtime_lora import TEXT_ENCODER_TARGET_SUFFIXES
 from facetron.pipeline.net_io import check_int8
 from facetron.faces.detector import mtcnn_onnx_paths
 from facetron.faces.embedder import embedder_onnx_path
 from facetron.paths import REPO_ROOT
+from facetron.rss_monitor import RssMonitor, peaks_line
 from facetron.style_registry import styles_for
 from facetron.users import UserRegistry
 
@@ -132,6 +134,7 @@ def assemble_repository(
     cpu_runtime: str | Mapping[str, str] = DEFAULT_NET_RUNTIME,
     precision: str = "f32",
     int8: str = "off",
+    remeasure: bool = False,
 ) -> Path:
     """Write the repository for ``target`` into ``out`` (replacing it atomically).
 
@@ -143,7 +146,9 @@ def assemble_repository(
     ``unet_fewstep`` too (a request with a few-step scheduler; its python model
     is the ``unet``'s code, ``ModelDef.source``); with ``diffusion.controlnet`` the
     ``controlnet`` model too and the ``unet``'s control graph (template mode's
-    ``control``; the ``controlnet`` runs on the ``unet``'s runtime and precision).
+    ``control``; the ``controlnet`` runs on the ``unet``'s runtime and precision); with
+    ``diffusion.inpaint_unet`` the ``unet_inpaint`` model too (template mode's UNet; the ``unet``'s code,
+    ``ModelDef.source``; with ``cpu_runtime="auto"`` it takes the ``unet``'s measured choice).
 
     ``cpu_runtime`` (cpu target): the runtime of the nets (``text_encoder``,
     ``unet``, ``unet_fewstep``, ``vae_*``, ``vae_*_tiny``): ``onnxruntime`` | ``openvino`` for all, a
@@ -161,7 +166,15 @@ def assemble_repository(
     ``int8`` (cpu target, opt-in): the served UNet as an int8 OpenVINO IR
     (``weights`` | ``full`` | ``hybrid``, :meth:`DiffusionSource.quantize_unet`),
     its deviation recorded beside it; the ``unet`` then runs in OpenVINO f32
-    (its fallback is the fp32 ONNX graph in ONNX Runtime)."""
+    (its fallback is the fp32 ONNX graph in ONNX Runtime).
+
+    ``cpu_runtime="auto"`` keeps each net's measured choice per kind of machine and graph architecture
+    (:mod:`facetron.export.runtime_choice_cache`, under the data root) and reuses a kept one instead of
+    measuring again (its entry says ``reused``: the file); ``remeasure`` measures every net again.
+
+    The resident memory (process + children) is sampled throughout; its peak and the wall seconds of each
+    stage (``export``, ``choose <net>``, ``int8``, ``write``) are printed at the end and recorded in
+    :data:`RUNTIME_CHOICE_FILE` (``peak_rss_gib``, ``stage_s``)."""
     if target not in TARGETS:
         raise InvalidInputError("--target", f"expected one of {', '.join(TARGETS)}, got {target!r}")
     if identity_mode not in IDENTITY_MODES:
@@ -186,7 +199,8 @@ def assemble_repository(
         overrides["users_dir"] = str(Path(users_dir).resolve())
     chosen = models_for(target, diffusion=diffusion is not None,
                         tiny_vae=diffusion is not None and diffusion.tiny_vae is not None,
-                        fewstep=diffusion is not None and diffusion.distill_lora is not None)
+                        fewstep=diffusion is not None and diffusion.distill_lora is not None,
+                        inpaint=diffusion is not None and diffusion.inpaint_unet is not None)
     if diffusion is not None and diffusion.controlnet is not None:  # --controlnet: the controlnet model too
         chosen.append(CONTROLNET_MODEL)
     if models is not None:
@@ -211,30 +225,34 @@ def assemble_repository(
             f"onnxruntime_onnx models with ORT's TensorRT accelerator (engines built at first load, cached under "
             f"{TRT_ENGINE_CACHE_ROOT}): {reason}"), flush=True)
     overrides_by_model: dict[str, dict[str, str]] = {}
-    with atomic_dir(out) as tmp:
+    with RssMonitor() as rss, atomic_dir(out) as tmp:
         measured = None
         if diffusion is not None:
-            diffusion.export(tmp / ".export")
+            with rss.stage("export"):
+                diffusion.export(tmp / ".export")
             if auto:
-                measured = diffusion.choose_runtimes(precision, nets=[n for n in nets if n != CONTROLNET_MODEL.name])
+                measured = diffusion.choose_runtimes(precision, nets=[n for n in nets if n != CONTROLNET_MODEL.name],
+                                                     cache=runtime_choice_cache_root(), reuse=not remeasure, rss=rss)
                 net_runtimes = {net: measured[net]["runtime"] for net in measured}
                 net_precisions = {net: measured[net]["precision"] for net in measured}
             if int8 != "off":  # the int8 IR runs in OpenVINO, with OpenVINO's int8 kernels (precision hint f32)
-                diffusion.quantize_unet(int8)
+                with rss.stage("int8"):
+                    diffusion.quantize_unet(int8)
                 net_runtimes["unet"], net_precisions["unet"] = "openvino", "f32"
                 overrides_by_model = {"unet": {"int8": int8}}
             if net_runtimes is not None and CONTROLNET_MODEL.name in nets:  # the ControlNet runs as the unet runs
                 net_runtimes[CONTROLNET_MODEL.name] = net_runtimes["unet"]
                 net_precisions[CONTROLNET_MODEL.name] = net_precisions["unet"]
-        for model in chosen:
-            if tensorrt and model.name in TENSORRT_NETS:
-                model = with_tensorrt_plan(model)
-            model_overrides = dict(overrides)
-            if net_runtimes is not None and model.name in net_runtimes:
-                model_overrides["runtime"] = net_runtimes[model.name]
-                model_overrides["precision"] = net_precisions[model.name]
-            model_overrides.update(overrides_by_model.get(model.name, {}))
-            _write_model(model, target, tmp, diffusion, model_overrides)
+        with rss.stage("write"):
+            for model in chosen:
+                if tensorrt and model.name in TENSORRT_NETS:
+                    model = with_tensorrt_plan(model)
+                model_overrides = dict(overrides)
+                if net_runtimes is not None and model.name in net_runtimes:
+                    model_overrides["runtime"] = net_runtimes[model.name]
+                    model_overrides["precision"] = net_precisions[model.name]
+                model_overrides.update(overrides_by_model.get(model.name, {}))
+                _write_model(model, target, tmp, diffusion, model_overrides)
         if diffusion is not None and target == "cpu":
             atomic_write_json(tmp / RUNTIME_CHOICE_FILE, {
                 "mode": "auto" if measured is not None else "fixed",
@@ -244,15 +262,24 @@ def assemble_repository(
                 "cpu": cpu_flags(),
                 "rule": rule_text(precision) if measured is not None else "given by --cpu-runtime / --precision",
                 "measurements": measured,
+                # auto: where measured choices are kept, and which nets took a kept one (their entry's "reused")
+                "choice_cache": None if measured is None else {
+                    "folder": str(runtime_choice_cache_root()), "remeasure": remeasure,
+                    "reused": {n: e["reused"] for n, e in measured.items() if "reused" in e}},
+                # sampled resident memory, process + children (the whole span: "overall")
+                "peak_rss_gib": rss.peaks_gib(),
+                "stage_s": rss.seconds(),
             })
         shutil.rmtree(tmp / ".export", ignore_errors=True)
+    print(f"[export] {peaks_line(rss.peaks_gib(), rss.interval_s)}", flush=True)
+    print("[export] seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in rss.seconds().items()), flush=True)
     return out
 
 
 def source_models() -> list[ModelDef]:
     """Every model whose code and cpu config are checked in under ``model_repository/``: the cpu target's
-    models with every option (``--tiny-vae``, ``--distill-lora``, ``--controlnet``)."""
-    return [*models_for("cpu", diffusion=True, tiny_vae=True, fewstep=True), CONTROLNET_MODEL]
+    models with every option (``--tiny-vae``, ``--distill-lora``, ``--controlnet``, ``--inpaint-unet``)."""
+    return [*models_for("cpu", diffusion=True, tiny_vae=True, fewstep=True, inpaint=True), CONTROLNET_MODEL]
 
 
 def write_source_configs(root: Path = SOURCE_REPOSITORY) -> list[Path]:
@@ -301,7 +328,10 @@ def add_merged_user(
     runtime-LoRA text encoder in both modes, and applies them per request from
     the user registry (``user_id``, sent by ``portrait_generator`` in merged
     mode too) — equal to a fused text encoder (tests/test_diffusers_parity.py)
-    without a second per-user model to load."""
+    without a second per-user model to load.
+
+    Prints one line with the wall seconds of each stage (``load``, ``merge``, ``export``, ``write``; JSON after
+    ``stage_s``) and each stage's sampled peak RSS (:class:`facetron.rss_monitor.RssMonitor`)."""
     # 1. check the inputs before any work
     repo = Path(repo)
     if not (repo / "portrait_generator" / "config.pbtxt").is_file():
@@ -331,28 +361,37 @@ def add_merged_user(
                                           f"{'/'.join(TEXT_ENCODER_TARGET_SUFFIXES)}), e.g. {sorted(unserved)[0]}")
     if style is not None:  # unknown: InvalidInputError naming the style; a style without a LoRA fuses nothing
         style_lora, w_style = styles_for(registry.root).lora(style, w_style)
-    # 2. fuse, export and install under a temp name (renamed into place when complete)
-    base = load_base_model(base_model)
-    plan = lora_plan(face, style_lora, w_face, w_style)
-    unet, _ = merge_loras(base, *[lora for lora, _ in plan], w_face=w_face, w_style=w_style)
+    # 2. fuse, export and install under a temp name (renamed into place when complete); each stage timed
     model = merged_unet_def(user_id)
-    provenance = dict(merge_provenance(base, plan), user_id=user_id, style=style, user_version=user_version,
-                      text_encoder=(f"{te_layers} text-encoder LoRA layers served by the runtime-LoRA text_encoder "
-                                    f"(user_id), not fused here") if te_layers else "base (the LoRA has no "
-                                                                                     "text-encoder layers)")
-    with tempfile.TemporaryDirectory() as work, atomic_dir(repo / model.name) as tmp:
-        export_model("unet", work, unet=unet, dims=ModelDims.of(base))
-        version = tmp / VERSION_FOLDER
-        version.mkdir()
-        if target == "gpu":
-            config = _install_gpu_unet(repo, user_id, Path(work) / "unet", version, base, refit)
-        else:
-            copy_graph(Path(work) / "unet", version)
-            shutil.copyfile(SOURCE_REPOSITORY / (model.source or model.name) / VERSION_FOLDER / "model.py",
-                            version / "model.py")
-            config = render(model, target)
-        atomic_write_json(version / MERGE_INFO, provenance)
-        (tmp / "config.pbtxt").write_text(config)
+    with RssMonitor() as rss:
+        with rss.stage("load"):
+            base = load_base_model(base_model)
+        with rss.stage("merge"):  # in place: the base is read for nothing else (no second UNet in memory)
+            plan = lora_plan(face, style_lora, w_face, w_style)
+            unet, _ = merge_loras(base, *[lora for lora, _ in plan], w_face=w_face, w_style=w_style, inplace=True)
+            provenance = dict(merge_provenance(base, plan), user_id=user_id, style=style, user_version=user_version,
+                              text_encoder=(f"{te_layers} text-encoder LoRA layers served by the runtime-LoRA "
+                                            f"text_encoder (user_id), not fused here") if te_layers else
+                              "base (the LoRA has no text-encoder layers)")
+        with tempfile.TemporaryDirectory() as work, atomic_dir(repo / model.name) as tmp:
+            with rss.stage("export"):
+                export_model("unet", work, unet=unet, dims=ModelDims.of(base))
+            with rss.stage("write"):  # gpu: the TensorRT build or refit is part of it
+                version = tmp / VERSION_FOLDER
+                version.mkdir()
+                if target == "gpu":
+                    config = _install_gpu_unet(repo, user_id, Path(work) / "unet", version, base, refit)
+                else:
+                    copy_graph(Path(work) / "unet", version)
+                    shutil.copyfile(SOURCE_REPOSITORY / (model.source or model.name) / VERSION_FOLDER / "model.py",
+                                    version / "model.py")
+                    config = render(model, target)
+                atomic_write_json(version / MERGE_INFO, provenance)
+                (tmp / "config.pbtxt").write_text(config)
+    # one line a bench can parse: the JSON after "stage_s"
+    stage_s = dict(rss.seconds(), total=round(sum(rss.seconds().values()), 2))
+    print(f"[export add-user] {model.name} stage_s {json.dumps(stage_s)}; {peaks_line(rss.peaks_gib(), rss.interval_s)}",
+          flush=True)
     return repo / model.name
 
 

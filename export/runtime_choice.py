@@ -3,11 +3,16 @@
 Candidates per net: ONNX Runtime fp32 (the validated default), OpenVINO fp32
 and — with ``precision="auto"`` — OpenVINO bf16. Each is opened as the served
 model opens it (:func:`facetron.net_runtimes.open_runtime`; the
-runtime-LoRA UNet with ``reuse_inputs``) and called a few times at the served
-shapes (:meth:`DiffusionSource.served_feed`), interleaved with ONNX Runtime
-fp32, which stays open as the reference; then it is closed before the next
-one opens (two runtimes' weights at a time: an SD-1.5 UNet holds ~3.4 GB in
-each).
+runtime-LoRA UNet with ``reuse_inputs`` and its ONNX Runtime arena kept) and
+called a few times at the served shapes (:meth:`DiffusionSource.served_feed`).
+**One net's runtime is open at a time** (an SD-1.5 UNet holds ~3.4 GB of
+weights in each runtime, and an OpenVINO compile holds the read graph beside
+the compiled one): ONNX Runtime fp32, the reference, is timed before and
+after each candidate (R, C1, R, C2, R: one reference block more than
+candidates), and each runtime is closed and its memory handed back to the
+system (:func:`facetron.net_runtimes.release_heap`) before the next opens.
+Torch's own bf16 (the yardstick below) is computed first, with only that
+net's torch module loaded, and freed before any runtime opens.
 
 Eligibility, against outputs the candidates did not produce:
 
@@ -33,9 +38,12 @@ Eligibility, against outputs the candidates did not produce:
    and reports each image's deviation in ``facetron bench portrait``.
 
 Choice: ONNX Runtime unless an eligible candidate is at least
-``1 - AUTO_MARGIN`` faster (its p50 over ONNX Runtime's in the same
-interleaved run); then the fastest eligible one. The report
-(numbers, deviations, rule) goes to ``runtime_choice.json``.
+``1 - AUTO_MARGIN`` faster (its p50 over the mean of ONNX Runtime's p50 in
+the blocks just before and after it); then the fastest eligible one. The
+report (numbers, deviations, rule) goes to ``runtime_choice.json``. A
+measured entry is kept per kind of machine and net architecture
+(:mod:`facetron.export.runtime_choice_cache`) and reused by
+:func:`choose_runtimes` when its key matches.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ from facetron.contract import DEFAULT_NET_PRECISION, DEFAULT_NET_RUNTIME, MODEL_
 from facetron.cpu_info import cpu_description
 from facetron.deviation import rel_l2
 from facetron.errors import InvalidInputError
-from facetron.net_runtimes import open_runtime
+from facetron.net_runtimes import DEFAULT_ORT_MEMORY, UNET_ORT_MEMORY, open_runtime, release_heap
 
 
 
@@ -61,7 +69,8 @@ class NetSource(Protocol):
 
     def served_feed(self, name: str, seed: int = 0) -> dict[str, np.ndarray]: ...
 
-    def torch_net(self, name: str) -> tuple: ...
+    def torch_net(self, name: str) -> tuple:
+        """(torch module, graph inputs) of net ``name``, loaded for this call: the caller drops it."""
 
     @property
     def scheduler_config(self) -> dict: ...
@@ -100,11 +109,11 @@ def label(candidate: tuple[str, str]) -> str:
     return runtime if precision == "f32" else f"{runtime}_{precision}"
 
 
-def torch_bf16_deviation(source: NetSource, name: str, feed: dict[str, np.ndarray]) -> float:
-    """rel L2 of torch's bf16 (``torch.autocast`` on CPU) vs torch fp32 for net ``name`` on ``feed``."""
+def torch_bf16_deviation(module, inputs, feed: dict[str, np.ndarray]) -> float:
+    """rel L2 of torch's bf16 (``torch.autocast`` on CPU) vs torch fp32 of ``module`` (a net's torch oracle,
+    :meth:`NetSource.torch_net`, taking ``inputs``) on ``feed``."""
     import torch
 
-    module, inputs = source.torch_net(name)
     args = [torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in inputs]
     with torch.no_grad():
         ref = module(*args)
@@ -134,12 +143,12 @@ def runtime_unet(net, feed: dict[str, np.ndarray]):
                                                      **lora})[0]
 
 
-def torch_bf16_unet(source: NetSource, feed: dict[str, np.ndarray]):
-    """The torch UNet under ``torch.autocast`` bf16 as the sampler's callable, with ``feed``'s LoRA."""
+def torch_bf16_unet(module, inputs, feed: dict[str, np.ndarray]):
+    """The torch UNet ``module`` (taking ``inputs``) under ``torch.autocast`` bf16 as the sampler's callable,
+    with ``feed``'s LoRA."""
     import torch
 
     lora = {k: v for k, v in feed.items() if k.startswith("lora_")}
-    module, inputs = source.torch_net("unet")
     names = [s.name for s in inputs]
 
     def call(s, t, h):
@@ -149,11 +158,28 @@ def torch_bf16_unet(source: NetSource, feed: dict[str, np.ndarray]):
     return call
 
 
-def _open(path: Path, cand: tuple[str, str], threads: int, reuse: bool, entry: dict):
+def release() -> None:
+    """Collect what was dropped and hand the freed heap back to the system (before the next big model opens)."""
+    import gc
+
+    gc.collect()
+    release_heap()
+
+
+def _open_served(path: Path, cand: tuple[str, str], threads: int, unet: bool):
+    """Candidate ``cand`` of net ``path`` opened as served: no fallback, the runtime-LoRA UNet with
+    ``reuse_inputs`` and its ONNX Runtime arena kept (``serving/unet.py``), other nets' arena shrunk
+    (``triton/batching.py``), no OpenVINO compiled-model cache (the exported graph is a temp file: a cached
+    blob would be keyed by a path no server opens)."""
+    return open_runtime(path, cand[0], threads, fallback=False, reuse_inputs=unet, precision=cand[1], cache=False,
+                        memory=UNET_ORT_MEMORY if unet else DEFAULT_ORT_MEMORY)
+
+
+def _open(path: Path, cand: tuple[str, str], threads: int, unet: bool, entry: dict):
     """Candidate ``cand`` opened as served, or None (its error goes into ``entry``: not eligible)."""
     t0 = time.perf_counter()
     try:
-        net = open_runtime(path, cand[0], threads, fallback=False, reuse_inputs=reuse, precision=cand[1])
+        net = _open_served(path, cand, threads, unet)
     except Exception as exc:  # noqa: BLE001 - reported, not fatal
         entry["runtimes"][label(cand)] = {"eligible": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
         return None
@@ -162,79 +188,82 @@ def _open(path: Path, cand: tuple[str, str], threads: int, reuse: bool, entry: d
     return net
 
 
-def _measure(nets_open: dict, feed: dict, repeats: int, budget_s: float, reuse: bool) -> tuple[dict, dict, int]:
-    """(first outputs, p50 ms, calls) per candidate: one warm-up call each, then interleaved calls."""
-    outputs, first = {}, []
-    for c, net in nets_open.items():  # also the warm-up call
-        t0 = time.perf_counter()
-        outputs[c] = net.run(None, feed)
-        first.append(time.perf_counter() - t0)
-    n = max(repeats, min(20, int(budget_s / max(max(first, default=1.0), 1e-4))))
-    samples: dict = {c: [] for c in nets_open}
+def _measure(net, feed: dict, repeats: int, budget_s: float, reuse: bool) -> tuple[list, float, int]:
+    """(first outputs, p50 ms, timed calls) of one open runtime: one warm-up call, then ``repeats`` calls
+    (more, up to 20, where ``budget_s`` allows)."""
+    t0 = time.perf_counter()
+    outputs = net.run(None, feed)  # also the warm-up call
+    first = time.perf_counter() - t0
+    n = max(repeats, min(20, int(budget_s / max(first, 1e-4))))
     # the LoRA arrays repeat (the same objects, as the bank hands them), the other inputs are new
     # array objects every call, as in a denoising loop
     feeds = [feed, {k: v if (reuse and k.startswith("lora_")) else v.copy() for k, v in feed.items()}]
+    samples = []
     for i in range(n):
-        for c, net in nets_open.items():
-            t0 = time.perf_counter()
-            net.run(None, feeds[i % 2])
-            samples[c].append(time.perf_counter() - t0)
-    return outputs, {c: float(np.median(s) * 1e3) for c, s in samples.items()}, n
+        t0 = time.perf_counter()
+        net.run(None, feeds[i % 2])
+        samples.append(time.perf_counter() - t0)
+    return outputs, float(np.median(samples) * 1e3), n
 
 
 def choose_net(source: NetSource, name: str, precision: str = "auto", threads: int | None = None,
                repeats: int = 3, budget_s: float = 0.3) -> dict:
     """One net's report entry: every candidate's speed, deviation and eligibility, and the choice.
 
-    At most two nets are open at once — ONNX Runtime fp32 (the reference) and the candidate being
-    judged — so choosing for an SD-1.5 UNet holds two runtimes' copies of its weights, not one per
-    candidate. Each candidate is timed interleaved with the reference; its speed is compared as its
-    p50 over the reference's p50 in the same pairing."""
-    import gc
-
+    One runtime of the net is open at a time (module docstring): the reference (ONNX Runtime fp32) is
+    timed in a block before and after each candidate, and each candidate's speed is its p50 over the
+    mean of the reference's p50 in the blocks around it. Torch's bf16 yardstick runs first, its torch
+    module loaded for it alone and dropped before any runtime opens."""
     from facetron.export.validate import TOLERANCES, compare
 
     threads = threads if threads is not None else NetParams().intra_op_threads
     path = source.net_folder(name) / MODEL_FILE
     feed = source.served_feed(name)
     atol, rtol = TOLERANCES["unet_lora" if name == "unet" else name]  # validate's key of the runtime-LoRA UNet
-    reuse = name == "unet"
+    unet = name == "unet"
     others = [FP32_CANDIDATES[1]] + ([BF16_CANDIDATE] if precision == "auto" else [])
     entry: dict = {"shapes": {k: list(v.shape) for k, v in feed.items() if not k.startswith("lora_")},
                    "threads": threads, "runtimes": {}}
-    # 1. the reference, open throughout: ONNX Runtime fp32 (without it nothing can be judged)
-    reference = _open(path, DEFAULT, threads, reuse, entry)
+    latents: dict = {}  # the UNet's image check: the reference's and torch bf16's generations, made once
+    # 1. torch's own bf16, the yardstick of a bf16 candidate: the net's torch module alone, freed before any runtime
+    if BF16_CANDIDATE in others:
+        module, inputs = source.torch_net(name)
+        entry["torch_bf16_rel_l2"] = round(torch_bf16_deviation(module, inputs, feed), 6)
+        if unet:
+            latents["torch_bf16"] = generation_latents(source, feed, torch_bf16_unet(module, inputs, feed))
+        module = None
+        release()
+    # 2. the reference, ONNX Runtime fp32 (without it nothing can be judged): its outputs, generation and first
+    #    timing block, then closed
+    reference = _open(path, DEFAULT, threads, unet, entry)
     if reference is None:
         raise InvalidInputError(name, f"ONNX Runtime cannot run this net: {entry['runtimes'][label(DEFAULT)]['error']}")
-    ref_out = reference.run(None, feed)
-    if BF16_CANDIDATE in others:  # torch's own bf16, the yardstick of a bf16 candidate
-        entry["torch_bf16_rel_l2"] = round(torch_bf16_deviation(source, name, feed), 6)
-    latents: dict = {}  # the UNet's image check: the reference's and torch bf16's generations, made once
-    ratio, ref_ms, calls = {DEFAULT: 1.0}, [], []
-    # 2. each other candidate beside the reference: opened, timed interleaved with it, judged, closed
+    ref_out, ms, n = _measure(reference, feed, repeats, budget_s, unet)
+    ref_ms, calls = [ms], [n]
+    if BF16_CANDIDATE in others and unet:
+        latents["reference"] = generation_latents(source, feed, runtime_unet(reference, feed))
+    reference = None
+    release()
+    # 3. each other candidate alone: opened, timed, judged, closed; then the reference's next timing block
+    ratio = {DEFAULT: 1.0}
     for cand in others:
-        net = _open(path, cand, threads, reuse, entry)
+        net = _open(path, cand, threads, unet, entry)
         if net is None:
             continue
-        outputs, p50, n = _measure({DEFAULT: reference, cand: net}, feed, repeats, budget_s, reuse)
-        ref_ms.append(p50[DEFAULT])
+        outputs, ms, n = _measure(net, feed, repeats, budget_s, unet)
         calls.append(n)
-        ratio[cand] = p50[cand] / p50[DEFAULT]
         e = entry["runtimes"][label(cand)]
-        e.update({"p50_ms": round(p50[cand], 3), "vs_onnxruntime": round(ratio[cand], 4)})
-        dev = rel_l2(outputs[cand][0], ref_out[0])
+        e["p50_ms"] = round(ms, 3)
+        dev = rel_l2(outputs[0], ref_out[0])
         e["rel_l2_vs_onnxruntime"] = round(dev, 6)
         if cand[1] == "f32":
-            stats = compare(outputs[cand][0], ref_out[0], atol, rtol)
+            stats = compare(outputs[0], ref_out[0], atol, rtol)
             e.update({"eligible": bool(stats["pass"]), "max_abs_vs_onnxruntime": stats.get("max_abs"),
                       "atol": atol, "rtol": rtol})
-        elif name != "unet":  # one call per image: the call is what reaches the image
+        elif not unet:  # one call per image: the call is what reaches the image
             limit = BF16_FACTOR * entry["torch_bf16_rel_l2"]
             e.update({"eligible": bool(np.isfinite(dev) and dev <= limit), "limit_rel_l2": round(limit, 6)})
         else:  # every step: judged by the final latents of a short generation
-            if not latents:
-                latents["reference"] = generation_latents(source, feed, runtime_unet(reference, feed))
-                latents["torch_bf16"] = generation_latents(source, feed, torch_bf16_unet(source, feed))
             got = generation_latents(source, feed, runtime_unet(net, feed))
             image = {"steps": IMAGE_CHECK_STEPS, "rel_l2": round(rel_l2(got, latents["reference"]), 6),
                      "torch_bf16_rel_l2": round(rel_l2(latents["torch_bf16"], latents["reference"]), 6)}
@@ -242,22 +271,28 @@ def choose_net(source: NetSource, name: str, precision: str = "auto", threads: i
             e.update({"per_call_limit_rel_l2": round(BF16_FACTOR * entry["torch_bf16_rel_l2"], 6),
                       "image_check": image, "limit_rel_l2": round(limit, 6),
                       "eligible": bool(np.isfinite(image["rel_l2"]) and image["rel_l2"] <= limit)})
-        net = outputs = None  # closed before the next candidate opens
-        gc.collect()
-    if not ref_ms:  # no other candidate could open: time the reference alone
-        _, p50, n = _measure({DEFAULT: reference}, feed, repeats, budget_s, reuse)
-        ref_ms, calls = [p50[DEFAULT]], [n]
+        net = outputs = None  # closed (and its memory handed back) before the reference opens again
+        release()
+        reference = _open_served(path, DEFAULT, threads, unet)
+        _, ms, n = _measure(reference, feed, repeats, budget_s, unet)
+        reference = None
+        release()
+        ref_ms.append(ms)
+        calls.append(n)
+        around = float(np.mean(ref_ms[-2:]))  # the reference's blocks just before and after it
+        ratio[cand] = e["p50_ms"] / around
+        e.update({"vs_onnxruntime": round(float(ratio[cand]), 4), "onnxruntime_around_ms": round(around, 3)})
     entry["runtimes"][label(DEFAULT)].update({"p50_ms": round(float(np.median(ref_ms)), 3), "vs_onnxruntime": 1.0,
-                                              "eligible": True, "rel_l2_vs_onnxruntime": 0.0})
+                                              "eligible": True, "rel_l2_vs_onnxruntime": 0.0,
+                                              "blocks_ms": [round(x, 3) for x in ref_ms]})
     entry["repeats"] = min(calls)
-    reference = None
-    gc.collect()
-    # 3. the choice: ONNX Runtime fp32 unless an eligible candidate is >= (1 - AUTO_MARGIN) faster
+    # 4. the choice: ONNX Runtime fp32 unless an eligible candidate is >= (1 - AUTO_MARGIN) faster
     eligible = {c: r for c, r in ratio.items() if entry["runtimes"][label(c)].get("eligible")}
     choice = pick(eligible, DEFAULT)
     entry["choice"], entry["runtime"], entry["precision"] = label(choice), choice[0], choice[1]
     entry["reason"] = "; ".join(
-        f"{k} {v['p50_ms']:.2f} ms" + (f" ({v['vs_onnxruntime']:.3f}x onnxruntime)" if k != label(DEFAULT) else "")
+        f"{k} {v['p50_ms']:.2f} ms" + (f" ({v['vs_onnxruntime']:.3f}x onnxruntime's {v['onnxruntime_around_ms']:.2f} ms "
+                                       f"around it)" if k != label(DEFAULT) else "")
         + ("" if v.get("eligible") else " (not eligible)") if "p50_ms" in v
         else f"{k}: {v.get('error')}" for k, v in entry["runtimes"].items())
     return entry
@@ -273,21 +308,57 @@ def pick(eligible_ms: dict, default):
     return best
 
 
+def rule_constants(repeats: int, budget_s: float) -> dict:
+    """The numbers a measured choice was made by (part of its cache key: another rule measures again)."""
+    return {"auto_margin": AUTO_MARGIN, "bf16_factor": BF16_FACTOR, "image_check_steps": IMAGE_CHECK_STEPS,
+            "repeats": repeats, "budget_s": budget_s}
+
+
 def choose_runtimes(source: NetSource, nets: Iterable[str], precision: str = "auto",
-                    threads: int | None = None, repeats: int = 3, budget_s: float = 0.3) -> dict:
-    """``{net: report entry}`` (:func:`choose_net`) for each of ``nets``, printed as it goes."""
+                    threads: int | None = None, repeats: int = 3, budget_s: float = 0.3, *,
+                    cache: Path | None = None, reuse: bool = True, rss=None) -> dict:
+    """``{net: report entry}`` (:func:`choose_net`) for each of ``nets``, printed as it goes.
+
+    ``cache``: the folder of kept choices (:func:`facetron.export.runtime_choice_cache.cache_root`; None =
+    none read or written): a net whose key (this machine, these runtimes, this precision mode, this graph
+    architecture) has a kept entry takes it without measuring (its entry says ``reused``: the file), and
+    every measured entry is kept there. ``reuse=False`` measures every net again (and keeps the new entries).
+    ``rss``: a :class:`facetron.rss_monitor.RssMonitor`; each net is its stage ``choose <net>``."""
+    from facetron.export.runtime_choice_cache import choice_key, load_choice, store_choice
+    from facetron.rss_monitor import NullMonitor
+
     check_precision_choice(precision)
+    threads = threads if threads is not None else NetParams().intra_op_threads
+    rss = rss if rss is not None else NullMonitor()
+    cpu = cpu_flags() if cache is not None else None
     report = {}
     for name in nets:
-        report[name] = entry = choose_net(source, name, precision, threads, repeats, budget_s)
-        print(f"[export] runtime of {name}: {entry['choice']} ({entry['reason']})", flush=True)
+        with rss.stage(f"choose {name}"):
+            key = kept = None
+            if cache is not None:
+                key = choice_key(name, source.net_folder(name) / MODEL_FILE, precision, threads,
+                                 rule_constants(repeats, budget_s), cpu)
+                kept = load_choice(key, cache) if reuse else None
+            if kept is not None:
+                entry, file = kept
+                report[name] = entry = dict(entry, reused=str(file))
+                print(f"[export] runtime of {name}: {entry['choice']} (reused {file}: measured before on this kind of "
+                      f"machine for this graph; --remeasure measures again)", flush=True)
+                continue
+            report[name] = entry = choose_net(source, name, precision, threads, repeats, budget_s)
+            if key is not None:  # best effort: a cache that cannot be written costs the next assembly a measurement
+                try:
+                    entry["kept_as"] = str(store_choice(key, entry, cache))
+                except OSError as exc:
+                    print(f"[export] the runtime choice of {name} is not kept ({exc})", flush=True)
+            print(f"[export] runtime of {name}: {entry['choice']} ({entry['reason']})", flush=True)
     return report
 
 
 def rule_text(precision: str) -> str:
     text = (f"per net, at the served shapes: the fastest eligible candidate (its p50 over onnxruntime's, timed "
-            f"interleaved with it), onnxruntime unless another is at least {round((1 - AUTO_MARGIN) * 100)}% "
-            f"faster; fp32 candidates are eligible "
+            f"alone in blocks before and after it, one runtime open at a time), onnxruntime unless another is at "
+            f"least {round((1 - AUTO_MARGIN) * 100)}% faster; fp32 candidates are eligible "
             f"within the export validation tolerance of onnxruntime's outputs")
     if precision == "auto":
         text += (f"; openvino bf16 is eligible when its rel. L2 deviation from onnxruntime in what reaches the image "

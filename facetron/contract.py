@@ -110,6 +110,14 @@ DEFAULT_FUSION_STRENGTH = 0.5  # portrait: weight of the user's photo in the fac
 DEFAULT_NUM_IMAGES = 1  # server side; the client asks for 4 candidates by default
 CLIENT_NUM_IMAGES = 4
 LATENT_FACTOR = 8  # SD-1.5 VAE: pixels per latent cell
+#: io.json key of every exported graph that takes a UNet ``sample`` (unet, its shallow and control graphs,
+#: unet_fewstep, unet_inpaint, controlnet, unet_user_<id>): the UNet's down factor, 2 ** (len(block_out_channels)
+#: - 1) (8 for SD-1.5, 2 for the tiny default). The graph's skip connections concatenate at fixed halvings: a
+#: sample's sides must be multiples of it, a request's sides multiples of LATENT_FACTOR x it (64 px for SD-1.5)
+UNET_DOWN_FACTOR = "unet_down_factor"
+#: a graph exported before the factor was recorded: SD-1.5's, which every SD-1.5-architecture UNet divides
+#: (the tiny default's 2 included: re-export such a repository to serve its sides that are not multiples of 8 cells)
+DEFAULT_UNET_DOWN_FACTOR = 8
 LATENT_CHANNELS = 4  # SD-1.5 latent channels: the unet's sample / noise_pred and the VAEs' latent (a fixed config dim)
 #: Budgets of the served nets, checked per request before any work (facetron.pipeline.net_io) and per
 #: dynamic batch (facetron.triton.batching.run_batched runs a batch over its budget as several calls).
@@ -198,6 +206,7 @@ MERGE_INFO = "facetron_merge.json"  # what went into a merge (+ the user's regis
 #: (facetron.export.diffusion_source) has the same layout under the served names: ``<export>/unet/``,
 #: ``<export>/unet/shallow/``, ``<export>/unet/int8/``, ``<export>/text_encoder/``, ...
 MODEL_FILE = "model.onnx"
+IO_FILE = "io.json"  # each exported graph's tensors and records (UNET_DOWN_FACTOR), beside MODEL_FILE
 SHALLOW_FOLDER = "shallow"
 #: the ``unet``'s graph that takes the ControlNet's residuals (opened on first use), beside the shallow graph;
 #: CONTROL_LAYOUT (in it and in ``controlnet/1/``): each residual's channels and pixels-per-cell factor
@@ -303,6 +312,16 @@ def check_generation(
     if not 1 <= cache_interval <= MAX_CACHE_INTERVAL:
         raise InvalidInputError("cache_interval", f"must be 1..{MAX_CACHE_INTERVAL} (1 = no step caching), "
                                                   f"got {cache_interval}")
+
+
+def check_model_sides(height: int, width: int, latent_factor: int, down_factor: int) -> None:
+    """A request's sides against the deployed model: multiples of ``latent_factor`` (px per latent cell)
+    x ``down_factor`` (the UNet's, :data:`UNET_DOWN_FACTOR`): 64 px for SD-1.5, 16 px for the tiny default."""
+    multiple = latent_factor * down_factor
+    for name, v in (("height", height), ("width", width)):
+        if v % multiple:
+            raise InvalidInputError(name, f"must be a multiple of {multiple} for this model ({latent_factor} px per "
+                                          f"latent cell x its UNet's down factor {down_factor}), got {v}")
 
 
 def check_fusion_strength(value: float, name: str = "fusion_strength") -> float:
@@ -629,6 +648,32 @@ UNET_FEWSTEP = ModelContract(
 )
 #: the served runtime-LoRA UNets: the plain one and the optional few-step one (one graph contract, one code)
 RUNTIME_LORA_UNETS = (UNET.name, UNET_FEWSTEP.name)
+#: an inpainting UNet's input channels: the sample's latent channels, the mask (1), the masked template's latent
+#: channels (SD-1.5 inpainting's layout: 4 + 1 + 4 = 9; diffusers' StableDiffusionInpaintPipeline's order)
+INPAINT_UNET_CHANNELS = 2 * LATENT_CHANNELS + 1
+#: model_info.json's record of the inpainting UNet (folder, hash, in_channels; null = the repository serves no
+#: unet_inpaint)
+INPAINT_INFO = "inpaint_unet"
+#: template mode's inpainting UNet (a user's SD-1.5 inpainting weights), served only by a repository assembled with
+#: ``export repository --inpaint-unet DIR``: the runtime-LoRA unet's graph (the same LoRA inputs and manifest, so
+#: users' and styles' LoRAs apply) over a UNet taking the masked template's latent and the mask as extra input
+#: channels; no step cache, no ControlNet graph. Every template-mode request of that repository denoises on it
+#: (pipeline.job.unet_model); text-to-image requests keep the unet. Batches and budgets like the unet.
+UNET_INPAINT = ModelContract(
+    name="unet_inpaint",
+    doc="Inpainting UNet (template mode; export repository --inpaint-unet): sample [9, h, w] =\n"
+    "the scaled latents, the mask, the masked template's latent (StableDiffusionInpaintPipeline's\n"
+    "order) -> noise_pred [4, h, w]; each batch item's user LoRA (user_id, user_version) and\n"
+    "style LoRA from an LRU bank, as the unet. No step cache, no ControlNet residuals.",
+    inputs=(Tensor("sample", "FP32", (INPAINT_UNET_CHANNELS, -1, -1)),) + UNET_CORE_INPUTS[1:]
+    + (Tensor("user_id", "STRING", (1,), optional=True), Tensor("user_version", "STRING", (1,), optional=True),
+       Tensor("style", "STRING", (1,), optional=True)),
+    outputs=UNET_OUTPUTS,
+    max_batch_size=UNET.max_batch_size,
+    params=UnetParams,
+)
+#: every served UNet whose batch items name their user and style (a LoRA bank over the runtime-LoRA graph)
+LORA_BANK_UNETS = RUNTIME_LORA_UNETS + (UNET_INPAINT.name,)
 #: template mode's ControlNet (diffusers' ControlNetModel, user-supplied weights), served only by a repository
 #: assembled with ``export repository --controlnet DIR``; batches and budgets like the unet (UNET_MAX_BATCH_CELLS)
 CONTROLNET = ModelContract(
@@ -730,8 +775,9 @@ CONTRACTS: tuple[ModelContract, ...] = (
     TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, PORTRAIT_GENERATOR, PORTRAIT, PORTRAIT_STREAM,
 )
 #: served only where the repository was assembled with them (``export repository --tiny-vae DIR``,
-#: ``--distill-lora FILE``, ``--controlnet DIR``)
-OPTIONAL_CONTRACTS: tuple[ModelContract, ...] = (VAE_DECODER_TINY, VAE_ENCODER_TINY, UNET_FEWSTEP, CONTROLNET)
+#: ``--distill-lora FILE``, ``--controlnet DIR``, ``--inpaint-unet DIR``)
+OPTIONAL_CONTRACTS: tuple[ModelContract, ...] = (VAE_DECODER_TINY, VAE_ENCODER_TINY, UNET_FEWSTEP, CONTROLNET,
+                                                 UNET_INPAINT)
 BY_NAME: dict[str, ModelContract] = {c.name: c for c in CONTRACTS + OPTIONAL_CONTRACTS}
 
 # Names the client and the BLS callers use (one spelling, from the tables above).

@@ -4,8 +4,12 @@ Over raw gRPC against the session server: each net model gets one request just
 over each of its budgets (contract: latent cells and sides per call, pixels per
 request, batch sizes, prompt bytes); each must answer INVALID_ARGUMENT naming
 the input and the limit, in well under a second (the check runs before any
-work), and the server stays live. The tokenizer's worst case within its limits
-answers in under 2 s, in-process and over gRPC. In-process: the tokenizer's
+work), and the server stays live. The optional nets too (the session
+repository serves them, tests/conftest.py): ``controlnet`` and ``unet_fewstep``
+get the unet's requests (the controlnet's with a conditioning image that fits
+each sample), ``vae_decoder_tiny`` / ``vae_encoder_tiny`` the full VAEs'. The
+tokenizer's worst case within its limits answers in under 2 s, in-process and
+over gRPC. In-process: the tokenizer's
 heap BPE against the reference merge loop, and a dynamic batch over a budget
 split into runs within it."""
 
@@ -20,7 +24,6 @@ import pytest
 
 from facetron import contract
 from facetron.diffusion.clip_tokenizer import ClipTokenizer
-from facetron.errors import InvalidInputError
 from facetron.pipeline.net_io import NET_BUDGETS, NET_CHECKS
 from facetron.triton.batching import within_budget
 
@@ -42,6 +45,14 @@ def _unet(sample_shape) -> dict[str, np.ndarray]:
     n = sample_shape[0]
     return {"sample": _zeros(sample_shape), "timestep": np.ones((n, 1), np.float32),
             "encoder_hidden_states": _zeros((n, C.TOKENS, HIDDEN))}
+
+
+def _controlnet(sample_shape) -> dict[str, np.ndarray]:
+    """The unet's request + the conditioning image at 8 px per latent cell of the sample (consistent with it: only
+    the sample's budget is broken) and one scale per item."""
+    n, _, h, w = sample_shape
+    return {**_unet(sample_shape), "controlnet_cond": _zeros((n, 3, C.LATENT_FACTOR * h, C.LATENT_FACTOR * w)),
+            "conditioning_scale": np.ones((n, 1), np.float32)}
 
 
 def _prompts(*values: bytes) -> np.ndarray:
@@ -82,6 +93,13 @@ OVER = [
      lambda: {"images": _zeros((1, C.MAX_IMAGE_SIDE + 1, 16, 3), np.uint8), "reference_embedding": _REF}),
     ("face_select", "images", str(C.MAX_CANDIDATES),
      lambda: {"images": _zeros((C.MAX_CANDIDATES + 1, 16, 16, 3), np.uint8), "reference_embedding": _REF}),
+    ("controlnet", "sample", str(C.MAX_LATENT_SIDE),
+     lambda: _controlnet((1, C.LATENT_CHANNELS, _SIDE, C.MIN_LATENT_SIDE))),
+    ("controlnet", "sample", str(C.UNET_MAX_BATCH_CELLS), lambda: _controlnet((1, C.LATENT_CHANNELS, 182, 181))),
+    ("controlnet", "sample", str(C.UNET_MAX_BATCH_CELLS), lambda: _controlnet((3, C.LATENT_CHANNELS, 105, 105))),
+    ("controlnet", "batch-size", str(C.CONTROLNET.max_batch_size),
+     lambda: _controlnet((C.CONTROLNET.max_batch_size + 1, C.LATENT_CHANNELS, 4, 4))),
+    ("controlnet", "sample", f"{C.LATENT_CHANNELS}", lambda: _controlnet((1, C.LATENT_CHANNELS + 1, 8, 8))),
     ("tokenizer", "prompt", str(C.MAX_PROMPTS), lambda: {"prompt": _prompts(*[b"a"] * (C.MAX_PROMPTS + 1))}),
     ("tokenizer", "prompt[0]", str(C.MAX_PROMPT_BYTES), lambda: {"prompt": _prompts(b"x" * (C.MAX_PROMPT_BYTES + 1))}),
     ("tokenizer", "prompt", str(C.MAX_TOKENIZER_REQUEST_BYTES),
@@ -89,14 +107,31 @@ OVER = [
                                  b"x")}),
 ]
 
+#: the models that share a net's contract, checks and budgets get its rows: the few-step UNet the unet's, the tiny
+#: autoencoder the full VAEs'
+SAME_BUDGETS = {C.UNET_FEWSTEP.name: C.UNET.name, C.VAE_DECODER_TINY.name: C.VAE_DECODER.name,
+                C.VAE_ENCODER_TINY.name: C.VAE_ENCODER.name}
+OVER += [(twin, name, limit, make) for twin, model in SAME_BUDGETS.items()
+         for m, name, limit, make in list(OVER) if m == model]
 
-def test_the_budgets_cover_every_net_model() -> None:
-    nets = {"unet", "text_encoder", "vae_encoder", "vae_decoder", "face_detector", "face_embedder", "face_select",
-            "tokenizer"}
-    assert {m for m, *_ in OVER} == nets
+
+def test_the_budgets_cover_every_net_model(full_repository) -> None:
+    """Every model the session repository serves but the generating ones (their request limits: the portrait rows
+    of tests/test_bad_input_matrix.py) has rows, the optional nets too."""
+    served = {p.name for p in full_repository.iterdir() if (p / "config.pbtxt").is_file()}
+    generating = {C.PORTRAIT_GENERATOR.name, C.PORTRAIT.name, C.PORTRAIT_STREAM.name}
+    assert {m for m, *_ in OVER} == served - generating
+    assert {C.CONTROLNET.name, C.UNET_FEWSTEP.name, C.VAE_DECODER_TINY.name, C.VAE_ENCODER_TINY.name} <= served
+
+
+def test_the_public_path_fits_the_budgets() -> None:
     # the public path fits: a portrait's candidates at MAX_SIDE_FACTOR x SD-1.5's 512 px, a template, a VAE batch
     assert C.MAX_REQUEST_PIXELS >= C.MAX_IMAGES * 1024 * 1024
     assert C.MAX_REQUEST_PIXELS >= C.MAX_TEMPLATE_SIDE ** 2
+    # the served UNets' side rule (multiples of their down factor: 8 cells for SD-1.5) leaves SD-1.5's public sides
+    # up to this server's largest, and the fallback for a repository without the record is SD-1.5's
+    sd15_sides = C.LATENT_FACTOR * C.DEFAULT_UNET_DOWN_FACTOR
+    assert sd15_sides == 64 and C.MAX_SIDE % sd15_sides == 0 and int(C.MAX_SIDE_FACTOR * 512) % sd15_sides == 0
     assert C.VAE_MAX_ITEM_CELLS >= (1024 // C.LATENT_FACTOR) ** 2
     assert C.VAE_MAX_BATCH_CELLS >= 2 * C.VAE_MAX_ITEM_CELLS  # a call holds two of the largest items
     assert C.VAE_MAX_BATCH_CELLS >= C.VAE_DECODER.max_batch_size * (512 // C.LATENT_FACTOR) ** 2  # 8 at SD-1.5 512
@@ -107,32 +142,17 @@ def test_the_budgets_cover_every_net_model() -> None:
     assert C.MAX_TOKENIZER_REQUEST_BYTES >= 2 * C.MAX_PROMPT_BYTES  # portrait's prompt + negative prompt
 
 
-def test_the_tiny_autoencoder_has_the_full_vaes_budgets() -> None:
-    """vae_decoder_tiny / vae_encoder_tiny are served only by a repository assembled with --tiny-vae (not the
-    session server, so OVER does not call them): the same contract, checks and budgets as the full VAEs whose
-    over-budget requests OVER sends, so the same requests are refused the same way."""
-    for full, tiny in zip(C.VAE_MODELS["full"], C.VAE_MODELS["tiny"]):
-        assert (tiny.inputs, tiny.outputs, tiny.max_batch_size) == (full.inputs, full.outputs, full.max_batch_size)
-        assert NET_CHECKS[tiny.name] is NET_CHECKS[full.name] and NET_BUDGETS[tiny.name] is NET_BUDGETS[full.name]
-    over = [make() for model, name, _, make in OVER if model == "vae_decoder" and name == "latent"]
-    for feed in over:  # each over one budget: refused by the tiny decoder's check, before any work
-        with pytest.raises(InvalidInputError, match="latent"):
-            NET_CHECKS["vae_decoder_tiny"](feed["latent"], "latent")
-
-
-def test_the_controlnet_has_the_unets_budgets() -> None:
-    """controlnet is served only by a repository assembled with --controlnet (not the session server, so OVER
-    does not call it; tests/test_controlnet.py sends it over-budget requests on its own server): it reads its
-    samples with the unet's checks (triton.batching.unet_feed -> net_io.check_sample) and runs a dynamic batch
-    within the unet's cell budget, so OVER's unet samples are refused the same way and its batches split the same."""
-    from facetron.pipeline.net_io import check_sample
-
+def test_the_optional_nets_share_their_twins_checks_and_budgets() -> None:
+    """Why SAME_BUDGETS' twins get their net's rows: the same tensors, batch size, checks and cell budget (the
+    few-step UNet runs the unet's code); the controlnet reads its samples with the unet's checks
+    (triton.batching.unet_feed -> net_io.check_sample) and splits a dynamic batch within the unet's cell budget."""
+    for twin, model in SAME_BUDGETS.items():
+        a, b = C.BY_NAME[twin], C.BY_NAME[model]
+        assert (a.inputs, a.outputs, a.max_batch_size) == (b.inputs, b.outputs, b.max_batch_size), twin
+        if model in NET_CHECKS:
+            assert NET_CHECKS[twin] is NET_CHECKS[model] and NET_BUDGETS[twin] is NET_BUDGETS[model], twin
     assert NET_BUDGETS["controlnet"] is NET_BUDGETS["unet"] and C.CONTROLNET.max_batch_size == C.UNET.max_batch_size
     assert C.CONTROLNET.inputs[:3] == C.UNET.inputs[:3]  # sample, timestep, encoder_hidden_states
-    for model, name, limit, make in OVER:
-        if model == "unet" and name == "sample" and limit != str(C.LATENT_CHANNELS):  # channels: the config's dim
-            with pytest.raises(InvalidInputError, match=limit):
-                check_sample(make()["sample"])
     cost, limit = NET_BUDGETS["controlnet"]
     members = [(i, {"sample": _zeros((8, C.LATENT_CHANNELS, 64, 64))}) for i in range(3)]  # 3 x 8 x 64² cells
     runs = list(within_budget(members, NET_BUDGETS["controlnet"]))

@@ -13,7 +13,9 @@ examples make them (``cv2.Canny(image, 100, 200)``, 3 channels, PIL). facetron
 runs the served graphs (:class:`DiffusionSource` with ``controlnet``: the
 ``controlnet`` graph and the runtime-LoRA ``unet``'s control graph) in ONNX
 Runtime through :func:`facetron.pipeline.generation.generate`, and once
-through Triton (a repository assembled with the ControlNet, its own server).
+through Triton: the session repository (tests/conftest.py) is assembled with
+the same random ControlNet (conftest's ``controlnet_dir``), its graphs are
+the ones run in process here.
 
 One deliberate difference, as in ``tests/test_diffusers_parity.py``:
 facetron's ``vae_encoder`` gives the latent *mean*; diffusers' ControlNet
@@ -28,11 +30,9 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from diffusers import StableDiffusionControlNetInpaintPipeline
@@ -88,32 +88,21 @@ def base():
 
 
 @pytest.fixture(scope="module")
-def cn_dir(tmp_path_factory) -> Path:
-    return write_random_controlnet(tmp_path_factory.mktemp("controlnet") / "controlnet_random", seed=3)
+def controlnet(base, controlnet_dir):
+    """The session repository's ControlNet (conftest's random one) in diffusers: the oracle's."""
+    return load_controlnet(controlnet_dir, base)
 
 
 @pytest.fixture(scope="module")
-def controlnet(base, cn_dir):
-    return load_controlnet(cn_dir, base)
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-@pytest.fixture(scope="module")
-def exported(cn_dir, tmp_path_factory) -> dict:
-    """The served nets as the repository assembler exports them (--controlnet), one ORT session each."""
-    work = tmp_path_factory.mktemp("controlnet_export")
-    source = DiffusionSource(controlnet=cn_dir)
-    source.export(work)
-    graphs = {n: work / n for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder", "controlnet")}
-    graphs["unet_control"] = work / "unet" / contract.CONTROL_FOLDER
-    return {"sessions": {n: _session(p / contract.MODEL_FILE) for n, p in graphs.items()}, "work": work,
-            "source": source, "manifest": read_lora_manifest(graphs["unet_control"]),
-            "te_lora": zero_lora_inputs(read_lora_manifest(work / "text_encoder"))}
+def exported(repository_graphs) -> dict:
+    """The session repository's served nets (assembled with --controlnet), one ORT session each; ``layout``: the
+    controlnet's residual layout file."""
+    graphs = {n: n for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder", "controlnet")}
+    graphs["unet_control"] = f"unet/{contract.CONTROL_FOLDER}"
+    return {"sessions": {n: repository_graphs[g] for n, g in graphs.items()},
+            "layout": repository_graphs.folder("controlnet") / contract.CONTROL_LAYOUT,
+            "manifest": read_lora_manifest(repository_graphs.folder(graphs["unet_control"])),
+            "te_lora": zero_lora_inputs(read_lora_manifest(repository_graphs.folder("text_encoder")))}
 
 
 def served_nets(base, exported: dict, lora: dict[str, np.ndarray] | None = None) -> DiffusionNets:
@@ -243,7 +232,7 @@ def test_the_exported_graphs_are_the_controlnet_and_the_unet(base, controlnet, e
         plain = base.unet(torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(hidden)).sample.numpy()
     np.testing.assert_allclose(noise, want, atol=1e-4, rtol=1e-4)
     assert np.abs(want - plain).mean() > 0.05 * np.abs(plain).mean()  # the residuals change the prediction
-    layout = json.loads((exported["work"] / "controlnet" / contract.CONTROL_LAYOUT).read_text())
+    layout = json.loads(exported["layout"].read_text())
     assert [r["name"] for r in layout["residuals"]] == names and layout["cond_factor"] == base.latent_factor
 
 
@@ -388,15 +377,11 @@ def test_a_controlnet_of_another_model_is_refused(base, tmp_path) -> None:
     assert not (tmp_path / "repo").exists()
 
 
-def test_the_controlnet_budget_is_the_unets(exported) -> None:
-    """The session server does not serve a controlnet (tests/test_budgets.py's OVER table cannot call it): its
-    checks in process, on the same over-budget samples the unet refuses, and on its own inputs."""
-    from facetron.pipeline.net_io import NET_BUDGETS, check_control_inputs, check_residuals, check_sample
+def test_the_control_checks_name_their_input(exported) -> None:
+    """The controlnet's own inputs and the unet's residuals, checked in process (the session server's controlnet
+    gets the over-budget requests of tests/test_budgets.py and the malformed ones of test_bad_input_matrix.py)."""
+    from facetron.pipeline.net_io import check_control_inputs, check_residuals
 
-    assert NET_BUDGETS["controlnet"] is NET_BUDGETS["unet"]
-    for shape in ((1, 4, contract.MAX_LATENT_SIDE + 1, 4), (1, 4, 182, 181), (3, 4, 105, 105)):
-        with pytest.raises(InvalidInputError, match="sample"):
-            check_sample(np.zeros(shape, np.float32))
     sample = np.zeros((2, 4, 16, 16), np.float32)
     cond, scale = np.zeros((2, 3, 128, 128), np.float32), np.ones((2, 1), np.float32)
     assert check_control_inputs(cond, scale, sample, 8)[1].shape == (2,)
@@ -406,7 +391,7 @@ def test_the_controlnet_budget_is_the_unets(exported) -> None:
         with pytest.raises(InvalidInputError) as err:
             check_control_inputs(c, s, sample, 8)
         assert err.value.input_name == name
-    layout = json.loads((exported["work"] / "controlnet" / contract.CONTROL_LAYOUT).read_text())
+    layout = json.loads(exported["layout"].read_text())
     given = {r["name"]: np.zeros((2, r["channels"], 16 // r["factor"], 16 // r["factor"]), np.float32)
              for r in layout["residuals"]}
     assert list(check_residuals(given, sample, layout)) == list(given)
@@ -423,42 +408,33 @@ def test_the_controlnet_budget_is_the_unets(exported) -> None:
 
 
 @pytest.fixture(scope="module")
-def control_server(cn_dir, tmp_path_factory):
-    """A cpu repository assembled with the ControlNet, served by its own tritonserver."""
-    from facetron.export.repository import assemble_repository
+def control_user(users_dir, tmp_path_factory) -> str:
+    """A user of the session registry with a random face LoRA."""
     from facetron.training.random_lora import write_random_lora
-    from facetron.triton.server import TritonServer
 
-    work = tmp_path_factory.mktemp("controlnet_served")
-    users_dir = work / "users"
     registry = UserRegistry(users_dir)
     registry.save_reference_embedding("control-user", np.ones((1, 128), np.float32))
     grant(registry, "control-user")
-    registry.install_lora("control-user", write_random_lora(work / "u.safetensors", load_base_model().unet, rank=4,
-                                                            alpha=8, seed=31, std=0.1))
-    repo = assemble_repository("cpu", work / "repo", diffusion=DiffusionSource(controlnet=cn_dir), users_dir=users_dir)
-    server = TritonServer(repo, log_path=work / "log.txt")
-    server.start()
-    yield server, repo
-    server.stop()
+    registry.install_lora("control-user", write_random_lora(tmp_path_factory.mktemp("control_user") / "u.safetensors",
+                                                            load_base_model().unet, rank=4, alpha=8, seed=31, std=0.1))
+    return "control-user"
 
 
 @pytest.mark.triton
-def test_served_controlnet_equals_diffusers_and_is_reported(base, controlnet, control_server) -> None:
+def test_served_controlnet_equals_diffusers_and_is_reported(base, controlnet, triton, full_repository, control_user,
+                                                            tmp_path) -> None:
     """portrait_generator with a template and control=canny (the template fitted, its face found by the served
     face_detector, its mask and canny image built on the server, controlnet then unet over BLS every step)
     equals StableDiffusionControlNetInpaintPipeline on the same fitted template and mask (the in-process
-    detector's landmarks: the same ONNX detector); portrait reports the control that ran; a stranger's
-    direct calls to controlnet and to the unet's control graph are checked like the unet's."""
-    from tritonclient.utils import InferenceServerException
-
+    detector's landmarks: the same ONNX detector); portrait reports the control that ran. (A stranger's direct
+    calls to controlnet and to the unet's control graph: tests/test_bad_input_matrix.py, tests/test_budgets.py.)"""
     from facetron.client import FacetronClient
     from facetron.faces.detector import FaceDetector
     from facetron.pipeline.net_io import pack_detections
     from facetron.pipeline.template import prepare_template
     from facetron.training.demo_templates import demo_templates
 
-    server, repo = control_server
+    server, repo = triton, full_repository
     assert (repo / "controlnet" / "1" / contract.MODEL_FILE).is_file()
     assert (repo / "unet" / "1" / contract.CONTROL_FOLDER / contract.MODEL_FILE).is_file()
     info = json.loads((repo / "portrait_generator" / "1" / contract.MODEL_INFO).read_text())
@@ -482,9 +458,9 @@ def test_served_controlnet_equals_diffusers_and_is_reported(base, controlnet, co
         want = diffusers_control_images(base, controlnet, scheduler, steps=steps, strength=strength, scale=scale,
                                         image=prepared.image, mask=prepared.mask)
         assert_close(served, want, f"served controlnet template {scheduler} steps={steps} strength={strength}")
-        result = client.portrait("control-user", template=photo, control="canny", control_scale=0.5, fuse=False,
+        result = client.portrait(control_user, template=photo, control="canny", control_scale=0.5, fuse=False,
                                  num_images=1, steps=2, seed=SEED, height=SIZE, width=SIZE)
-        plain = client.portrait("control-user", template=photo, fuse=False, num_images=1, steps=2, seed=SEED,
+        plain = client.portrait(control_user, template=photo, fuse=False, num_images=1, steps=2, seed=SEED,
                                 height=SIZE, width=SIZE)
     control = result.report["template_mode"]["control"]
     assert control["control"] == "canny" and control["scale"] == 0.5
@@ -492,34 +468,12 @@ def test_served_controlnet_equals_diffusers_and_is_reported(base, controlnet, co
     # the command: facetron generate --control canny --control-scale S
     from facetron.cli import main
 
-    out = repo.parent / "cli"
-    Image.fromarray(photo).save(repo.parent / "template.png")
-    assert main(["generate", "--user", "control-user", "--server", server.grpc_url, "--out", str(out), "--template",
-                 str(repo.parent / "template.png"), "--control", "canny", "--control-scale", "1.5", "--num-images", "1",
+    out = tmp_path / "cli"
+    Image.fromarray(photo).save(tmp_path / "template.png")
+    assert main(["generate", "--user", control_user, "--server", server.grpc_url, "--out", str(out), "--template",
+                 str(tmp_path / "template.png"), "--control", "canny", "--control-scale", "1.5", "--num-images", "1",
                  "--steps", "2", "--fusion-strength", "0"]) == 0
     written = json.loads((out / "result.json").read_text())
     assert written["request"]["control"] == "canny" and written["request"]["control_scale"] == 1.5
     assert written["report"]["template_mode"]["control"]["scale"] == 1.5
 
-    import tritonclient.grpc as grpcclient
-
-    from facetron.client.tensors import infer_inputs
-
-    def refused(model: str, feed: dict, name: str, limit: str) -> None:
-        with grpcclient.InferenceServerClient(server.grpc_url) as raw, pytest.raises(InferenceServerException) as err:
-            raw.infer(model, infer_inputs(feed), client_timeout=60)
-        assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and name in err.value.message() \
-            and limit in err.value.message(), err.value.message()
-
-    def unet_feed(shape) -> dict:
-        return {"sample": np.zeros(shape, np.float32), "timestep": np.ones((shape[0], 1), np.float32),
-                "encoder_hidden_states": np.zeros((shape[0], 77, 32), np.float32)}
-
-    over = unet_feed((3, 4, 105, 105))
-    refused("controlnet", {**over, "controlnet_cond": np.zeros((3, 3, 840, 840), np.float32),
-                           "conditioning_scale": np.ones((3, 1), np.float32)}, "sample", str(contract.UNET_MAX_BATCH_CELLS))
-    small = unet_feed((1, 4, 8, 8))
-    refused("controlnet", {**small, "controlnet_cond": np.full((1, 3, 64, 64), 2.0, np.float32),
-                           "conditioning_scale": np.ones((1, 1), np.float32)}, "controlnet_cond", "[0, 1]")
-    refused("unet", {**small, "mid_block_residual": np.zeros((1, 64, 3, 3), np.float32)}, "down_block_residual_0",
-            "is required")

@@ -10,9 +10,10 @@ facetron's tokenizer, :func:`facetron.pipeline.generation.generate` (template
 mode included: the inpainting of the template's face mask, no paste), and
 :func:`facetron.diffusion.sampler.denoise` + the VAE decoder for img2img; and
 through the served Triton models. Same scheduler config, seeds (image i:
-``seed + i``), steps, guidance. An inpainting (9-channel) UNet is checked in
-process only, with a tiny random ``UNet2DConditionModel`` as the UNet on both
-sides (facetron serves a 4-channel UNet).
+``seed + i``), steps, guidance. An inpainting (9-channel) UNet is checked here in
+process, with a tiny random ``UNet2DConditionModel`` as the UNet on both
+sides; served (``export repository --inpaint-unet``, the ``unet_inpaint``
+model) in tests/test_inpaint_unet.py.
 diffusers gets the seeds as ``generator=[torch.Generator().manual_seed(seed + i)
 ...]``: it draws the initial noise from them and, for the few-step schedulers
 (``lcm``, ``tcd``: fresh noise between steps), every step's noise after it.
@@ -512,7 +513,7 @@ INPAINTING_CASES = [("dpmsolver", 8, 0.6, GUIDANCE), ("euler", 6, 1.0, GUIDANCE)
                          ids=[case_id(s, st, x, False, g) for s, st, x, g in INPAINTING_CASES])
 def test_inpainting_unet_equals_inpaint_pipeline(base, onnx, inpainting_unet, scheduler, steps, strength,
                                                  guidance) -> None:
-    """``generate(..., unet_in_channels=9)`` (in process: facetron serves a 4-channel UNet) equals
+    """``generate(..., unet_in_channels=9)`` (in process; served as ``unet_inpaint``: tests/test_inpaint_unet.py) equals
     StableDiffusionInpaintPipeline with the same UNet (its ``num_channels_unet == 9`` branch: mask and
     masked-image latents concatenated to the scaled sample, no blending). diffusers gets its own
     masked image's latent mean (template x (mask < 0.5): 0.0 in the region); facetron encodes the

@@ -8,15 +8,15 @@ attention q/k/v/out, proj_in/out, the feed-forwards, the resnets' conv1 / conv2 
 conv_shortcut / time_emb_proj, the down/up samplers' convs; 79 layers here),
 written as diffusers' LCM training script saves it (peft names under ``unet.``,
 the adapter config in the header) and in kohya's layout (``lora_unet_*`` +
-``.alpha``, LCM-LoRA's published file). The repository is assembled from the
-kohya copy.
+``.alpha``, LCM-LoRA's published file), made once per session (conftest's
+``distill_lora``): the session repository is assembled from the kohya copy.
 
 The oracle is diffusers: ``StableDiffusionPipeline`` with ``LCMScheduler`` /
 ``TCDScheduler``, ``load_lora_weights(distill, adapter_name=...)``,
 ``load_lora_weights(face, ...)``, ``set_adapters([distill, face], [w_distill,
 w_face])``, against facetron's served graphs (from the assembled repository)
 run in ONNX Runtime through :func:`facetron.pipeline.generation.generate`, and
-once through Triton. Tolerances: ``tests/test_diffusers_parity.py``'s (max
+once through the session's Triton. Tolerances: ``tests/test_diffusers_parity.py``'s (max
 2/255 per pixel, mean 0.01).
 """
 
@@ -26,10 +26,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from facetron import contract
@@ -40,7 +38,7 @@ from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora_manifest, 
 from facetron.diffusion.nets import DiffusionNets
 from facetron.errors import InvalidInputError
 from facetron.export.diffusion_source import DiffusionSource
-from facetron.export.distill_lora import LCM_LORA_TARGET_MODULES, fewstep_unet, layer_kind, load_distill_lora
+from facetron.export.distill_lora import fewstep_unet, layer_kind, load_distill_lora
 from facetron.pipeline.generation import generate
 from facetron.pipeline.job import build_job, unet_model
 from facetron.request import GeneratorRequest
@@ -50,8 +48,7 @@ from test_diffusers_parity import (N, NEGATIVE, PROMPT, SEED, STEPS, GUIDANCE, a
                                    diffusers_images, diffusers_pipe, request)
 from user_tokens import grant  # noqa: E402
 
-W_DISTILL, W_FACE = 0.8, contract.DEFAULT_W_FACE
-DISTILL_RANK, DISTILL_ALPHA = 8, 4.0
+W_FACE = contract.DEFAULT_W_FACE
 USER = "fewstep-user"
 FEWSTEP, PLAIN = contract.UNET_FEWSTEP.name, contract.UNET.name
 
@@ -64,40 +61,14 @@ def base():
     return load_base_model()
 
 
-def peft_named(src: Path, out: Path) -> Path:
-    """``src`` (facetron's writer: attention layers as ``.lora.down`` / ``.lora.up``, the rest as ``.lora_A`` /
-    ``.lora_B``) with peft's names for every layer, the header kept: what diffusers' LCM-LoRA training script
-    saves (``save_lora_weights(unet_lora_layers=get_peft_model_state_dict(unet))``). diffusers' loader reads
-    this layout faithfully; given the mixed one it drops the attention layers when other kinds are present."""
-    with safe_open(str(src), "pt") as fh:
-        meta = fh.metadata()
-        state = {k.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight"):
-                 fh.get_tensor(k) for k in fh.keys()}
-    save_file(state, str(out), metadata=meta)
-    return out
-
-
-def to_kohya(src: Path, out: Path, alpha: float) -> Path:
-    """The same LoRA in kohya's layout (``lora_unet_<module_with_underscores>.lora_down/up.weight`` + ``.alpha``)."""
-    state = {}
-    for key, value in load_file(str(src)).items():
-        module, kind = key[len("unet."):].rsplit(".lora_", 1)
-        name = "lora_unet_" + module.replace(".", "_")
-        state[f"{name}.lora_down.weight" if kind.startswith("A") else f"{name}.lora_up.weight"] = value
-        state[f"{name}.alpha"] = torch.tensor(alpha)
-    save_file(state, str(out))
-    return out
-
-
 @pytest.fixture(scope="module")
-def loras(base, tmp_path_factory) -> dict[str, Path]:
+def loras(base, distill_lora, tmp_path_factory) -> dict[str, Path]:
+    """The session repository's distillation LoRA (conftest: both layouts) + a face LoRA and one with text-encoder
+    layers."""
     d = tmp_path_factory.mktemp("fewstep_loras")
-    mixed = write_random_lora(d / "distill_mixed.safetensors", base.unet, rank=DISTILL_RANK, alpha=DISTILL_ALPHA,
-                              seed=41, std=0.05, target_modules=LCM_LORA_TARGET_MODULES)
-    distill = peft_named(mixed, d / "distill.safetensors")
     return {
-        "distill": distill,
-        "distill_kohya": to_kohya(distill, d / "distill_kohya.safetensors", DISTILL_ALPHA),
+        "distill": distill_lora.peft,
+        "distill_kohya": distill_lora.kohya,
         "face": write_random_lora(d / "face.safetensors", base.unet, rank=4, alpha=8, seed=31, std=0.1),
         "with_te": write_random_lora(d / "with_te.safetensors", base.unet, rank=4, alpha=4, seed=42, std=0.05,
                                      text_encoder=base.text_encoder),
@@ -105,8 +76,8 @@ def loras(base, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def users(loras, tmp_path_factory) -> Path:
-    users_dir = tmp_path_factory.mktemp("fewstep_users")
+def users(loras, users_dir) -> Path:
+    """USER in the session registry, with the face LoRA."""
     registry = UserRegistry(users_dir)
     registry.save_reference_embedding(USER, np.ones((1, 128), np.float32))
     grant(registry, USER)
@@ -115,28 +86,18 @@ def users(loras, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def repo(loras, users, tmp_path_factory) -> Path:
-    """A cpu repository assembled with the distillation LoRA (its kohya copy) at W_DISTILL."""
-    from facetron.export.repository import assemble_repository
-
-    source = DiffusionSource(distill_lora=loras["distill_kohya"], distill_weight=W_DISTILL)
-    return assemble_repository("cpu", tmp_path_factory.mktemp("fewstep_repo") / "repo", diffusion=source,
-                               users_dir=users)
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+def repo(full_repository) -> Path:
+    """The session repository: assembled with the distillation LoRA (its kohya copy, conftest's distill_lora)."""
+    return full_repository
 
 
 @pytest.fixture(scope="module")
-def served(repo) -> dict:
+def served(repository_graphs) -> dict:
     """The repository's graphs (version folders), one ORT session each."""
     names = ("text_encoder", PLAIN, FEWSTEP, "vae_decoder")
-    return {"sessions": {n: _session(repo / n / "1" / contract.MODEL_FILE) for n in names},
-            "manifest": read_lora_manifest(repo / PLAIN / "1"),
-            "te_lora": zero_lora_inputs(read_lora_manifest(repo / "text_encoder" / "1"))}
+    return {"sessions": {n: repository_graphs[n] for n in names},
+            "manifest": read_lora_manifest(repository_graphs.folder(PLAIN)),
+            "te_lora": zero_lora_inputs(read_lora_manifest(repository_graphs.folder("text_encoder")))}
 
 
 def served_nets(base, served: dict, unet: str, lora: dict[str, np.ndarray] | None = None) -> DiffusionNets:
@@ -163,18 +124,18 @@ def served_nets(base, served: dict, unet: str, lora: dict[str, np.ndarray] | Non
 # ----------------------------------------------------------------------------- the LoRA: read, checked, refused
 
 
-def test_both_formats_give_the_same_fewstep_unet(base, loras) -> None:
+def test_both_formats_give_the_same_fewstep_unet(base, loras, distill_lora) -> None:
     """diffusers (peft names) and kohya keys give the same layers, scales and merged weights; the layers are the
     kinds an SD-1.5 LCM-LoRA adapts; the base UNet is left as it was."""
     peft, kohya = load_distill_lora(loras["distill"], base), load_distill_lora(loras["distill_kohya"], base)
     assert (peft.format, kohya.format) == ("diffusers", "kohya")
     assert set(peft.layers) == set(kohya.layers) and len(peft.layers) == 79
-    assert {layer.scale for layer in kohya.layers.values()} == {DISTILL_ALPHA / DISTILL_RANK}
+    assert {layer.scale for layer in kohya.layers.values()} == {distill_lora.alpha / distill_lora.rank}
     kinds = {layer_kind(m) for _, m in kohya.layers}
     assert {"conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.conv", "upsamplers.conv", "proj_in",
             "proj_out", "ff.net.0.proj", "ff.net.2", "attn1.to_q", "attn2.to_out.0"} <= kinds
     before = {k: v.clone() for k, v in base.unet.state_dict().items()}
-    a, b = fewstep_unet(base, peft, W_DISTILL).state_dict(), fewstep_unet(base, kohya, W_DISTILL).state_dict()
+    a, b = (fewstep_unet(base, lora, distill_lora.weight).state_dict() for lora in (peft, kohya))
     for name, weight in base.unet.state_dict().items():
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
         assert torch.equal(weight, before[name]), name
@@ -182,14 +143,14 @@ def test_both_formats_give_the_same_fewstep_unet(base, loras) -> None:
     assert len(changed) == 79 and any("conv_shortcut" in n for n in changed)
 
 
-def test_bad_distillation_loras_are_refused_before_any_export(base, loras, tmp_path) -> None:
+def test_bad_distillation_loras_are_refused_before_any_export(base, loras, distill_lora, tmp_path) -> None:
     """Text-encoder layers, a LoRA for another UNet, a missing file, a bad weight: InvalidInputError naming the
     flag; an assembly with one writes nothing."""
     from facetron.export.repository import assemble_repository
 
     state = load_file(str(loras["distill_kohya"]))
     key = next(k for k in state if k.endswith("conv1.lora_down.weight"))
-    wrong = dict(state, **{key: torch.zeros(DISTILL_RANK, 7, 3, 3)})  # a UNet with other channels
+    wrong = dict(state, **{key: torch.zeros(distill_lora.rank, 7, 3, 3)})  # a UNet with other channels
     save_file(wrong, str(tmp_path / "other_unet.safetensors"))
     unknown = {k.replace("lora_unet_down_blocks_0", "lora_unet_down_blocks_7"): v for k, v in state.items()}
     save_file(unknown, str(tmp_path / "unknown.safetensors"))
@@ -292,7 +253,7 @@ def test_bls_nets_call_the_chosen_unet_model() -> None:
 # ----------------------------------------------------------------------------- the repository
 
 
-def test_the_repository_serves_unet_fewstep_like_unet(repo, loras) -> None:
+def test_the_repository_serves_unet_fewstep_like_unet(repo, loras, distill_lora) -> None:
     """unet_fewstep: the unet's code, config (but its name), graph inputs, LoRA manifest and step-cache graph;
     model_info.json records the distillation LoRA (file hash, weight, format)."""
     fewstep, plain = repo / FEWSTEP, repo / PLAIN
@@ -308,7 +269,7 @@ def test_the_repository_serves_unet_fewstep_like_unet(repo, loras) -> None:
     assert cfg_f.split("\nmax_batch_size", 1)[1] == cfg_p.split("\nmax_batch_size", 1)[1]
     info = json.loads((repo / "portrait_generator" / "1" / contract.MODEL_INFO).read_text())
     record = info[contract.DISTILL_INFO]
-    assert record["format"] == "kohya" and record["weight"] == W_DISTILL and record["model"] == FEWSTEP
+    assert record["format"] == "kohya" and record["weight"] == distill_lora.weight and record["model"] == FEWSTEP
     assert record["sha256"] == load_distill_lora(loras["distill_kohya"], load_base_model()).sha256
     assert record["hash"] == record["sha256"][:16] and record["layers"] == 79
 
@@ -318,25 +279,25 @@ def test_the_repository_serves_unet_fewstep_like_unet(repo, loras) -> None:
 
 @pytest.mark.parametrize("scheduler, guidance, oracle_file", [
     ("lcm", 1.0, "distill_kohya"), ("tcd", 1.0, "distill"), ("lcm", 2.0, "distill_kohya")])
-def test_fewstep_with_a_user_lora_equals_diffusers_set_adapters(base, loras, served, scheduler, guidance,
+def test_fewstep_with_a_user_lora_equals_diffusers_set_adapters(base, loras, distill_lora, served, scheduler, guidance,
                                                                  oracle_file) -> None:
-    """unet_fewstep (the distillation LoRA merged at W_DISTILL) fed the user's face LoRA at W_FACE equals diffusers
+    """unet_fewstep (the distillation LoRA merged at its weight) fed the user's face LoRA at W_FACE equals diffusers
     with both loaded by load_lora_weights and weighted by set_adapters; guidance 1 (no negative branch) and one
     guided case."""
     face = lora_inputs_for(loras["face"], served["manifest"], W_FACE)
     req = request(scheduler, guidance=guidance)
     got = generate(served_nets(base, served, FEWSTEP, face), dict(base.scheduler.config), PROMPT, NEGATIVE, req)
-    want = diffusers_images(diffusers_pipe(base, [(loras[oracle_file], W_DISTILL), (loras["face"], W_FACE)]),
+    want = diffusers_images(diffusers_pipe(base, [(loras[oracle_file], distill_lora.weight), (loras["face"], W_FACE)]),
                             scheduler, guidance=guidance)
     assert_close(got, want, f"fewstep + face {scheduler} guidance={guidance} (diffusers read {oracle_file})")
     plain = generate(served_nets(base, served, PLAIN, face), dict(base.scheduler.config), PROMPT, NEGATIVE, req)
     assert_differs(got, plain, "the distillation LoRA")
 
 
-def test_fewstep_without_a_user_equals_diffusers_distill_only(base, loras, served) -> None:
+def test_fewstep_without_a_user_equals_diffusers_distill_only(base, loras, distill_lora, served) -> None:
     req = request("lcm", guidance=1.0)
     got = generate(served_nets(base, served, FEWSTEP), dict(base.scheduler.config), PROMPT, NEGATIVE, req)
-    want = diffusers_images(diffusers_pipe(base, [(loras["distill_kohya"], W_DISTILL)]), "lcm", guidance=1.0)
+    want = diffusers_images(diffusers_pipe(base, [(loras["distill_kohya"], distill_lora.weight)]), "lcm", guidance=1.0)
     assert_close(got, want, "fewstep, no user LoRA, lcm")
 
 
@@ -353,14 +314,9 @@ def test_the_plain_unet_of_the_same_repository_is_unchanged(base, loras, served)
 
 
 @pytest.fixture(scope="module")
-def server(repo, users, tmp_path_factory):
-    from facetron.triton.server import TritonServer
-
-    server = TritonServer(repo, log_path=tmp_path_factory.mktemp("fewstep_log") / "log.txt",
-                          env={"FACETRON_USERS_DIR": str(users)})
-    server.start()
-    yield server
-    server.stop()
+def server(triton, users):
+    """The session server (its registry holds USER)."""
+    return triton
 
 
 def _generator_request(scheduler: str, guidance: float) -> dict[str, np.ndarray]:
@@ -380,7 +336,7 @@ def _requests(server, model: str) -> int:
 
 
 @pytest.mark.triton
-def test_served_fewstep_equals_diffusers_and_dpmsolver_stays_on_unet(base, loras, server) -> None:
+def test_served_fewstep_equals_diffusers_and_dpmsolver_stays_on_unet(base, loras, distill_lora, server) -> None:
     """portrait_generator: lcm at guidance 1 runs on unet_fewstep (Triton's statistics) and equals diffusers with
     the distillation and face LoRAs; dpmsolver on the same server runs on the plain unet and equals diffusers
     with the face LoRA alone; portrait's report names the UNet that ran."""
@@ -396,7 +352,7 @@ def test_served_fewstep_equals_diffusers_and_dpmsolver_stays_on_unet(base, loras
                                  seed=SEED).report
     assert middle[0] > before[0] and middle[1] == before[1], (before, middle)
     assert after[1] > middle[1] and after[0] == middle[0], (middle, after)
-    want = diffusers_pipe(base, [(loras["distill_kohya"], W_DISTILL), (loras["face"], W_FACE)])
+    want = diffusers_pipe(base, [(loras["distill_kohya"], distill_lora.weight), (loras["face"], W_FACE)])
     assert_close(served_lcm, diffusers_images(want, "lcm", guidance=1.0), "served fewstep + face, lcm")
     face_only = diffusers_pipe(base, [(loras["face"], W_FACE)])
     assert_close(served_dpm, diffusers_images(face_only, "dpmsolver"), "served plain unet + face, dpmsolver")

@@ -25,9 +25,15 @@ def _parse(text: str):
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
+def _with_every_option(target: str) -> list:
+    """The models of a ``target`` repository assembled with every option the session repository has
+    (tests/conftest.py: --tiny-vae, --distill-lora, --controlnet)."""
+    return [*models_for(target, diffusion=True, tiny_vae=True, fewstep=True), CONTROLNET_MODEL]
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_config_parses(target: str) -> None:
-    for model in [*models_for(target, diffusion=True, tiny_vae=True), CONTROLNET_MODEL]:
+    for model in _with_every_option(target):
         cfg = _parse(render(model, target))
         assert cfg.name == model.name
         # every model has a bounded queue; the batching nets also wait a moment to batch
@@ -99,17 +105,13 @@ def test_nets_batch_set_models_do_not() -> None:
 
 
 @pytest.fixture(scope="module")
-def gpu_repo(tmp_path_factory) -> Path:
-    """The gpu target with the tiny autoencoder and a ControlNet too (small random ones: no weights ship)."""
-    from facetron.export.controlnet import write_random_controlnet
+def gpu_repo(tmp_path_factory, tiny_vae_dir, controlnet_dir) -> Path:
+    """The gpu target with the tiny autoencoder and a ControlNet too (the session's small random ones: no weights
+    ship)."""
     from facetron.export.diffusion_source import DiffusionSource
-    from facetron.export.tiny_vae import write_random_tiny_vae
 
-    work = tmp_path_factory.mktemp("gpu")
-    tiny = write_random_tiny_vae(work / "tiny_vae")
-    controlnet = write_random_controlnet(work / "controlnet")
-    return assemble_repository("gpu", work / "model_repository",
-                               diffusion=DiffusionSource(tiny_vae=tiny, controlnet=controlnet))
+    return assemble_repository("gpu", tmp_path_factory.mktemp("gpu") / "model_repository",
+                               diffusion=DiffusionSource(tiny_vae=tiny_vae_dir, controlnet=controlnet_dir))
 
 
 def test_gpu_repository_uses_native_backends(gpu_repo: Path) -> None:
@@ -219,11 +221,46 @@ def test_gpu_tensorrt_plan_entries(gpu_repo: Path) -> None:
 
 @pytest.mark.triton
 def test_full_cpu_repository_is_ready(client, full_repository: Path) -> None:
-    """The session server serves the assembled repository with every cpu model."""
-    for model in models_for("cpu", diffusion=True):
+    """The session server serves the assembled repository with every cpu model, the optional ones too."""
+    for model in _with_every_option("cpu"):
         assert client.model_ready(model.name), model.name
-    assert (full_repository / "unet" / "1" / "lora_manifest.json").is_file()
+    for name in contract.RUNTIME_LORA_UNETS + ("text_encoder",):  # the runtime-LoRA graphs
+        assert (full_repository / name / "1" / "lora_manifest.json").is_file(), name
     assert (full_repository / "portrait_generator" / "1" / "model_info.json").is_file()
+
+
+def test_the_session_repository_follows_the_table(full_repository: Path) -> None:
+    """The assembled repository (every option) holds exactly the table's models; each config equals its ModelDef's
+    rendering but for the parameters assembly sets (runtime, precision, users_dir, ...); each net's graph agrees
+    with its config: every required input is a graph input, every graph output a config output, and a tensor in
+    both has one dtype and rank (the batch dim included; a per-item value [N, 1] may be [N] in the graph, the
+    python model reshapes it) and no fixed dim that differs."""
+    models = {m.name: m for m in _with_every_option("cpu")}
+    assert {p.name for p in full_repository.iterdir() if (p / "config.pbtxt").is_file()} == set(models)
+    for name, model in models.items():
+        served, table = _parse((full_repository / name / "config.pbtxt").read_text()), _parse(render(model, "cpu"))
+        served.ClearField("parameters")
+        table.ClearField("parameters")
+        assert served == table, name
+        graph = full_repository / name / "1" / contract.MODEL_FILE
+        if not graph.is_file():  # the python models that run no graph of their own
+            continue
+        cfg = _parse(render(model, "cpu"))
+        graph_inputs, graph_outputs = (dict((n, (t, s)) for n, t, s in io) for io in _onnx_io(graph))
+        required = {t.name for t in cfg.input if not t.optional}
+        assert required <= set(graph_inputs), (name, required - set(graph_inputs))
+        assert set(graph_outputs) <= {t.name for t in cfg.output}, name
+        for t in [*cfg.input, *cfg.output]:
+            found = graph_inputs.get(t.name) or graph_outputs.get(t.name)
+            if found is None:
+                continue
+            dtype, shape = found
+            want = [-1] * (cfg.max_batch_size > 0) + list(t.dims)
+            if want == [-1, 1] and shape == [-1]:  # one value per batch item: [N, 1] on the wire, [N] in the graph
+                want = [-1]
+            assert f"TYPE_{dtype}" == model_config_pb2.DataType.Name(t.data_type), (name, t.name)
+            assert len(shape) == len(want), (name, t.name, shape, want)
+            assert all(g == -1 or c == -1 or g == c for g, c in zip(shape, want)), (name, t.name, shape, want)
 
 
 @pytest.mark.triton

@@ -6,18 +6,17 @@ base model. The oracle is diffusers: ``StableDiffusionPipeline(vae=AutoencoderTi
 (txt2img), ``StableDiffusionInpaintPipeline`` (template mode) and
 ``StableDiffusionImg2ImgPipeline`` (diffusers encoding the template itself)
 with the same tiny autoencoder, against
-facetron's served nets exported by :class:`DiffusionSource` (``--tiny-vae``)
-run in ONNX Runtime through :func:`facetron.pipeline.generation.generate`;
-and once through Triton (a repository assembled with the tiny autoencoder).
+facetron's served nets (the session repository, tests/conftest.py: assembled
+with the same random autoencoder, conftest's ``tiny_vae_dir``) run in ONNX
+Runtime through :func:`facetron.pipeline.generation.generate`; and once through
+the session's Triton.
 Tolerances: those of ``tests/test_diffusers_parity.py`` (max 2/255 per pixel)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -51,31 +50,27 @@ def base():
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return write_random_tiny_vae(tmp_path_factory.mktemp("tiny_vae") / "taesd_random", seed=3)
+def tiny(base, tiny_vae_dir):
+    """The session repository's tiny autoencoder (conftest's random one) in diffusers: the oracle's."""
+    return load_tiny_vae(tiny_vae_dir, base)
 
 
 @pytest.fixture(scope="module")
-def tiny(base, tiny_dir):
-    return load_tiny_vae(tiny_dir, base)
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_dir, tmp_path_factory) -> dict:
-    """The served nets as the repository assembler exports them (--tiny-vae), one ORT session each."""
-    work = tmp_path_factory.mktemp("tiny_export")
-    source = DiffusionSource(tiny_vae=tiny_dir)
-    source.export(work)
+def exported(repository_graphs) -> dict:
+    """The session repository's served nets (assembled with --tiny-vae), one ORT session each."""
     names = ("text_encoder", "unet") + tuple(c.name for c in FULL + TINY)
-    return {"sessions": {n: _session(work / n / contract.MODEL_FILE) for n in names}, "work": work, "source": source,
-            "unet_lora": zero_lora_inputs(read_lora_manifest(work / "unet")),
-            "te_lora": zero_lora_inputs(read_lora_manifest(work / "text_encoder"))}
+    return {"sessions": {n: repository_graphs[n] for n in names}, "graphs": repository_graphs,
+            "unet_lora": zero_lora_inputs(read_lora_manifest(repository_graphs.folder("unet"))),
+            "te_lora": zero_lora_inputs(read_lora_manifest(repository_graphs.folder("text_encoder")))}
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tiny_vae_dir, tmp_path_factory) -> DiffusionSource:
+    """A source with the tiny autoencoder, exported (what the runtime choice measures; the session repository's
+    export folder is gone once it is assembled)."""
+    source = DiffusionSource(tiny_vae=tiny_vae_dir)
+    source.export(tmp_path_factory.mktemp("tiny_export"))
+    return source
 
 
 def served_nets(base, exported: dict, vae: str) -> DiffusionNets:
@@ -173,7 +168,7 @@ def test_cli_flags(tmp_path, capsys) -> None:
 # ----------------------------------------------------------------------------- equal to diffusers, in process
 
 
-def test_the_exported_graphs_are_the_tiny_autoencoder(tiny, exported) -> None:
+def test_the_exported_graphs_are_the_tiny_autoencoder(tiny, exported, tiny_vae_dir) -> None:
     """vae_decoder_tiny: diffusers' decode of latent / scaling_factor, rounded like the full decoder's;
     vae_encoder_tiny: diffusers' encode (deterministic) x scaling_factor."""
     s = exported["sessions"]
@@ -191,9 +186,10 @@ def test_the_exported_graphs_are_the_tiny_autoencoder(tiny, exported) -> None:
     got = s[TINY[1].name].run(None, {"images": image[None]})[0]
     assert got.shape == (1, 4, SIZE // 8, SIZE // 8)
     np.testing.assert_allclose(got, ref.numpy() * tiny.config.scaling_factor, atol=1e-4, rtol=1e-4)
-    assert exported["source"].nets[-2:] == tuple(c.name for c in TINY)
-    assert json.loads((exported["work"] / TINY[0].name / "io.json").read_text())["inputs"] == \
-        json.loads((exported["work"] / FULL[0].name / "io.json").read_text())["inputs"]
+    assert DiffusionSource(tiny_vae=tiny_vae_dir).nets[-2:] == tuple(c.name for c in TINY)
+    graphs = exported["graphs"]
+    assert json.loads((graphs.folder(TINY[0].name) / "io.json").read_text())["inputs"] == \
+        json.loads((graphs.folder(FULL[0].name) / "io.json").read_text())["inputs"]
 
 
 @pytest.mark.parametrize("scheduler", ["dpmsolver", "euler"])
@@ -251,11 +247,11 @@ def test_template_latent_with_the_tiny_vae_equals_img2img(base, tiny, exported) 
     assert_close(got, want, f"template tiny vae {scheduler} steps={steps} strength={strength}")
 
 
-def test_the_runtime_choice_measures_the_tiny_nets(exported) -> None:
+def test_the_runtime_choice_measures_the_tiny_nets(tiny_source) -> None:
     """``--cpu-runtime auto`` measures the tiny autoencoder's nets like the full VAEs' (their torch oracle:
     the AutoencoderTiny graphs)."""
     names = tuple(c.name for c in TINY)
-    report = exported["source"].choose_runtimes("auto", repeats=1, budget_s=0.01, nets=names)
+    report = tiny_source.choose_runtimes("auto", repeats=1, budget_s=0.01, nets=names)
     assert set(report) == set(names)
     for name, entry in report.items():
         assert entry["runtime"] in contract.NET_RUNTIMES and entry["runtimes"]["onnxruntime"]["eligible"], name
@@ -266,33 +262,25 @@ def test_the_runtime_choice_measures_the_tiny_nets(exported) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tiny_dir, tmp_path_factory):
-    """A cpu repository assembled with the tiny autoencoder, served by its own tritonserver."""
-    from facetron.export.repository import assemble_repository
+def tiny_user(users_dir, tmp_path_factory) -> str:
+    """A user of the session registry with a random face LoRA."""
     from facetron.training.random_lora import write_random_lora
-    from facetron.triton.server import TritonServer
 
-    work = tmp_path_factory.mktemp("tiny_served")
-    users_dir = work / "users"
     registry = UserRegistry(users_dir)
     registry.save_reference_embedding("tiny-vae-user", np.ones((1, 128), np.float32))
     grant(registry, "tiny-vae-user")
-    registry.install_lora("tiny-vae-user", write_random_lora(work / "u.safetensors", load_base_model().unet, rank=4,
-                                                             alpha=8, seed=31, std=0.1))
-    repo = assemble_repository("cpu", work / "repo", diffusion=DiffusionSource(tiny_vae=tiny_dir), users_dir=users_dir)
-    server = TritonServer(repo, log_path=work / "log.txt")
-    server.start()
-    yield server, repo
-    server.stop()
+    registry.install_lora("tiny-vae-user", write_random_lora(tmp_path_factory.mktemp("tiny_user") / "u.safetensors",
+                                                             load_base_model().unet, rank=4, alpha=8, seed=31, std=0.1))
+    return "tiny-vae-user"
 
 
 @pytest.mark.triton
-def test_served_tiny_vae_equals_diffusers_and_is_reported(base, tiny, tiny_server) -> None:
+def test_served_tiny_vae_equals_diffusers_and_is_reported(base, tiny, triton, full_repository, tiny_user) -> None:
     """Two calls: portrait_generator with vae=tiny equals diffusers' pipeline with the AutoencoderTiny;
     portrait with vae=tiny reports the autoencoder that decoded."""
     from facetron.client import FacetronClient
 
-    server, repo = tiny_server
+    server, repo = triton, full_repository
     for name in (c.name for c in TINY):  # written like the full VAEs: code, graph, the same runtime parameters
         assert (repo / name / "1" / "model.py").is_file() and (repo / name / "1" / contract.MODEL_FILE).is_file()
     info = json.loads((repo / "portrait_generator" / "1" / contract.MODEL_INFO).read_text())
@@ -305,6 +293,6 @@ def test_served_tiny_vae_equals_diffusers_and_is_reported(base, tiny, tiny_serve
     with FacetronClient(server.grpc_url, timeout_s=300) as client:
         served = client.infer("portrait_generator", req, ["images"])["images"]
         assert_close(served, diffusers_images(tiny_pipe(base, tiny), scheduler), f"served tiny vae {scheduler}")
-        result = client.portrait("tiny-vae-user", vae="tiny", fuse=False, num_images=1, steps=2, seed=SEED)
+        result = client.portrait(tiny_user, vae="tiny", fuse=False, num_images=1, steps=2, seed=SEED)
     assert result.report["vae"] == "tiny"
 

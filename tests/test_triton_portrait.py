@@ -339,6 +339,10 @@ def test_portrait_detects_the_template_once(client, users, triton) -> None:
         ("portrait_generator", dict(steps=0), InvalidInputError, "steps: must be 1..150"),
         ("portrait_generator", dict(steps=10000), InvalidInputError, "steps: must be 1..150"),
         ("portrait_generator", dict(height=100), InvalidInputError, "height: must be a multiple of 8"),
+        # a multiple of the VAE's 8 px but not of 8 px x the tiny UNet's down factor 2 (5 and 9 latent cells: the
+        # unet's graph cannot run them; INTERNAL before the generator checked the deployed model's rule)
+        ("portrait_generator", dict(height=40), InvalidInputError, "height: must be a multiple of 16 for this model"),
+        ("portrait", dict(user_id="astro", width=72), InvalidInputError, "width: must be a multiple of 16 for this model"),
         ("portrait_generator", dict(num_images=17), InvalidInputError, "num_images: must be 1..16"),
         ("portrait_generator", dict(guidance=float("nan")), InvalidInputError, "guidance"),
         ("portrait_generator", dict(style="cubism"), InvalidInputError, "unknown style 'cubism'"),
@@ -371,6 +375,34 @@ def test_bad_input_over_grpc(client, users, model, inputs, error, match) -> None
     with pytest.raises(error, match=match):
         client.infer(model, _req(**inputs), ["images"])
     assert client.model_ready(model) and client.is_ready()
+
+
+def test_request_sides_follow_the_deployed_unet(full_repository, base, tmp_path) -> None:
+    """The generator's side rule is latent_factor x the UNet's down factor its graphs recorded at export (diffusers'
+    own: 2 ** num_upsamplers, its default_overall_up_factor): 16 px for the tiny default, 64 px for SD-1.5; a
+    repository exported before the record falls back to SD-1.5's factor 8 (every SD-1.5-architecture UNet divides it)."""
+    from facetron import contract
+    from facetron.pipeline.job import build_job
+    from facetron.request import GeneratorRequest
+    from facetron.triton.generator import served_down_factor
+
+    assert served_down_factor(full_repository) == 2 ** base.unet.num_upsamplers == 2
+    registry = UserRegistry(tmp_path / "users")
+    tiny = {"resolution": SIZE, "latent_factor": 8, contract.UNET_DOWN_FACTOR: 2}
+    sd15 = {"resolution": 512, "latent_factor": 8, contract.UNET_DOWN_FACTOR: 8}
+    old = {"resolution": SIZE, "latent_factor": 8}  # no record: the fallback
+    for info, sides, refused in ((tiny, (48, 80, 96, SIZE), (40, 72)), (sd15, (512, 576, 768), (520, 72, 96)),
+                                 (old, (64, SIZE), (96, 48))):
+        multiple = 8 * info.get(contract.UNET_DOWN_FACTOR, contract.DEFAULT_UNET_DOWN_FACTOR)
+        for side in sides:
+            job = build_job(GeneratorRequest(height=side, width=side, steps=1), info, registry)
+            assert (job.sampling.height, job.sampling.width) == (side, side)
+        for side in refused:
+            for name in ("height", "width"):
+                with pytest.raises(InvalidInputError) as err:
+                    build_job(GeneratorRequest(steps=1, **{name: side}), info, registry)
+                assert err.value.input_name == name and f"a multiple of {multiple} for this model" in err.value.rule
+    assert served_down_factor(tmp_path) == contract.DEFAULT_UNET_DOWN_FACTOR  # no UNet graph folder at all
 
 
 def test_user_without_lora_is_not_found(client, users, users_dir) -> None:

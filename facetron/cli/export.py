@@ -94,6 +94,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
                         "ControlNet; safetensors): served as controlnet, with the unet's graph that takes its "
                         "residuals, for template mode with control (generate --template F --control canny); its "
                         "blocks must match the base model's UNet (default: none)")
+    r.add_argument("--inpaint-unet", type=Path, default=None, metavar="DIR",
+                   help="a diffusers UNet2DConditionModel folder with the inpainting layout you have for the base "
+                        "model (e.g. the unet folder of an SD-1.5 inpainting model: 9 input channels, safetensors): "
+                        "served as unet_inpaint, the UNet every template-mode request then denoises on (the mask and "
+                        "the masked template's latent as extra channels); users' and styles' LoRAs apply, step "
+                        "caching and --controlnet's control do not (default: none)")
     add_users_dir(r, "user registry the served models read (default: $FACETRON_USERS_DIR at serve time, else "
                      "$FACETRON_HOME/users)")
     r.add_argument("--identity-mode", choices=IDENTITY_MODES, default=IDENTITY_MODES[0],
@@ -111,6 +117,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
                    help="cpu target: serve the UNet as an int8 OpenVINO IR calibrated on real denoising trajectories "
                         "(weights | full | hybrid; default off: on the measured models full int8 deviates ~4x more "
                         "than bf16); its deviation is written beside it (int8/deviation.json)")
+    r.add_argument("--remeasure", action="store_true",
+                   help="--cpu-runtime auto: measure every net again instead of reusing a choice kept from an earlier "
+                        "assembly on this kind of machine (same CPU model and flags, threads, runtime versions, "
+                        "precision mode and graph architecture; kept under $FACETRON_HOME/cache/runtime_choice), "
+                        "and keep the new measurements")
     r.set_defaults(func=run_repository)
 
     u = nested.add_parser("add-user", help="merged mode: add a user's merged UNet to an assembled repository")
@@ -193,18 +204,25 @@ def run_repository(args: argparse.Namespace) -> int:
         raise InvalidInputError("--distill-weight", "is the weight of --distill-lora: give the LoRA file too")
     if args.faces_only and args.controlnet is not None:
         raise InvalidInputError("--controlnet", "serves a diffusion model's ControlNet: not with --faces-only")
+    if args.faces_only and args.inpaint_unet is not None:
+        raise InvalidInputError("--inpaint-unet", "serves a diffusion model's inpainting UNet: not with --faces-only")
     diffusion = None if args.faces_only else DiffusionSource(base_model=args.base_model, lora_rank=args.lora_rank,
                                                              tiny_vae=args.tiny_vae, distill_lora=args.distill_lora,
                                                              distill_weight=args.distill_weight,
-                                                             controlnet=args.controlnet)
+                                                             controlnet=args.controlnet,
+                                                             inpaint_unet=args.inpaint_unet)
     cpu = args.target == "cpu"
     cpu_runtime = args.cpu_runtime or ("auto" if cpu else DEFAULT_NET_RUNTIME)
     precision = args.precision or ("auto" if cpu_runtime == "auto" and cpu else "f32")
+    if args.remeasure and (cpu_runtime != "auto" or diffusion is None):
+        raise InvalidInputError("--remeasure", "measures the nets again for --cpu-runtime auto (cpu target, with the "
+                                               "diffusion models)")
     out = assemble_repository(args.target, args.out, diffusion=diffusion, users_dir=args.users_dir,
                               identity_mode=args.identity_mode, cpu_runtime=cpu_runtime, precision=precision,
-                              int8=args.int8)
+                              int8=args.int8, remeasure=args.remeasure)
     names = [m.name for m in models_for(args.target, diffusion=diffusion is not None,
-                                        tiny_vae=args.tiny_vae is not None, fewstep=args.distill_lora is not None)]
+                                        tiny_vae=args.tiny_vae is not None, fewstep=args.distill_lora is not None,
+                                        inpaint=args.inpaint_unet is not None)]
     names += ["controlnet"] if diffusion is not None and args.controlnet is not None else []
     print(f"[export] {args.target} repository with {len(names)} models -> {out}: {', '.join(names)}")
     choice = out / RUNTIME_CHOICE_FILE

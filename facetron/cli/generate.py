@@ -72,8 +72,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="candidate i uses seed + i (default: server's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: server's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: model's)")
-    p.add_argument("--width", type=int, default=None, help="pixels, multiple of 8 (default: model's)")
+    sides = ("pixels: a multiple of the model's latent factor x its UNet's down factor (64 for SD-1.5, 16 for the "
+             "tiny default; default: the model's)")
+    p.add_argument("--height", type=int, default=None, help=sides)
+    p.add_argument("--width", type=int, default=None, help=sides)
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="sampler (default: the server's)")
     p.add_argument("--template", type=Path, default=None, help="template photo (template mode)")
     p.add_argument("--paste-template", action="store_true",

@@ -34,6 +34,8 @@ class GenerationJob:
     seed_source: str  # "request" | "random ..."
     vae: str = contract.DEFAULT_VAE  # contract.VAE_CHOICES: which autoencoder decodes (and encodes a template)
     unet: str = contract.UNET.name  # the served UNet model that denoises (unet_model)
+    #: that UNet's input channels where it is an inpainting UNet (unet_inpaint: 9 for SD-1.5), else None (4-channel)
+    unet_in_channels: Optional[int] = None
 
     @property
     def user_id(self) -> str:
@@ -73,16 +75,29 @@ class PortraitJob:
         return self.generation.user
 
 
-def unet_model(scheduler: str, info: dict, identity_mode: str = contract.IDENTITY_MODES[0], user_id: str = "") -> str:
+def unet_model(scheduler: str, info: dict, identity_mode: str = contract.IDENTITY_MODES[0], user_id: str = "",
+               template: bool = False) -> str:
     """The served UNet model a request denoises on: ``unet_fewstep`` for a few-step scheduler where this
     repository serves a distillation LoRA's UNet (``model_info.json``'s ``distill_lora``; in both identity
-    modes: the user's LoRA rides on it at run time); else in merged mode the user's ``unet_user_<id>``; else the
-    runtime-LoRA ``unet`` (a few-step scheduler on a repository without a distillation LoRA runs there too)."""
+    modes: the user's LoRA rides on it at run time); else in template mode (``template``) ``unet_inpaint`` where
+    this repository serves an inpainting UNet (``model_info.json``'s ``inpaint_unet``; in both identity modes,
+    the user's LoRA from its bank: every template-mode request of such a repository runs on it, there is no
+    request input to choose); else in merged mode the user's ``unet_user_<id>``; else the runtime-LoRA ``unet``
+    (a few-step scheduler on a repository without a distillation LoRA runs there too)."""
     if scheduler in contract.FEW_STEP_SCHEDULERS and info.get(contract.DISTILL_INFO):
         return contract.UNET_FEWSTEP.name
+    if template and info.get(contract.INPAINT_INFO):
+        return contract.UNET_INPAINT.name
     if identity_mode == "merged" and user_id:
         return contract.merged_unet_name(user_id)
     return contract.UNET.name
+
+
+def unet_down_factor(info: dict) -> int:
+    """The served UNets' down factor (:data:`facetron.contract.UNET_DOWN_FACTOR`: the generator puts their graphs'
+    record into its info, :class:`facetron.triton.generator.ServedGenerator`); absent (a repository exported
+    before it was recorded, or an info without it): :data:`~facetron.contract.DEFAULT_UNET_DOWN_FACTOR`."""
+    return int(info.get(contract.UNET_DOWN_FACTOR) or contract.DEFAULT_UNET_DOWN_FACTOR)
 
 
 def build_job(request: GeneratorRequest, info: dict, registry: UserRegistry,
@@ -109,7 +124,8 @@ def build_job(request: GeneratorRequest, info: dict, registry: UserRegistry,
     prompt = style_prompt(style, trigger, subject) if request.prompt is None \
         else request.prompt.replace("{trigger}", trigger)
     negative = style.negative if request.negative_prompt is None else request.negative_prompt
-    # 3. sampling: this server's defaults for what the request left out, then its limits and budget
+    # 3. sampling: this server's defaults for what the request left out, then its limits (sides the served UNets
+    # run: multiples of the VAE's px per cell x the UNet's down factor) and budget
     native = int(info["resolution"])
 
     def given(name: str, default):
@@ -133,17 +149,28 @@ def build_job(request: GeneratorRequest, info: dict, registry: UserRegistry,
         control_scale=given("control_scale", contract.DEFAULT_CONTROL_SCALE),
     )
     sampling.validate(int(info["latent_factor"]), params.max_images)
+    contract.check_model_sides(sampling.height, sampling.width, int(info["latent_factor"]), unet_down_factor(info))
     contract.check_budget(num_images=sampling.num_images, steps=sampling.steps, height=sampling.height,
                           width=sampling.width, native=native, max_side_factor=params.max_side_factor,
                           max_work=params.max_work)
     seed_source = "request" if request.seed is not None else "random (repeat the call with this seed)"
-    # 4. the UNet model: the few-step one for lcm / tcd where the repository serves it
-    unet = unet_model(sampling.scheduler, info, params.identity_mode, user.user_id if user is not None else "")
+    # 4. the UNet model: the few-step one for lcm / tcd, the inpainting one in template mode, where the repository
+    # serves them; what the inpainting UNet has no graphs for is refused here, before the template is fitted
+    unet = unet_model(sampling.scheduler, info, params.identity_mode, user.user_id if user is not None else "",
+                      template=request.template is not None)
     if control != contract.DEFAULT_CONTROL and unet != contract.UNET.name:
         raise InvalidInputError("control", f"the ControlNet's residuals are taken by the runtime-LoRA {contract.UNET.name} "
-                                           f"only; this request would denoise on {unet} (merged mode or a few-step "
-                                           "scheduler's UNet)")
-    return GenerationJob(request, prompt, negative, user, style_name, sampling, seed_source, vae, unet=unet)
+                                           f"only; this request would denoise on {unet} (merged mode, a few-step "
+                                           "scheduler's UNet or the repository's inpainting UNet)")
+    in_channels = None
+    if unet == contract.UNET_INPAINT.name:
+        in_channels = int(info[contract.INPAINT_INFO].get("in_channels", contract.INPAINT_UNET_CHANNELS))
+        if sampling.cache_interval != 1:
+            raise InvalidInputError("cache_interval", f"step caching has no graphs for the inpainting UNet "
+                                                      f"({contract.UNET_INPAINT.name}) this repository's template mode "
+                                                      "runs on: use 1")
+    return GenerationJob(request, prompt, negative, user, style_name, sampling, seed_source, vae, unet=unet,
+                         unet_in_channels=in_channels)
 
 
 def build_portrait_job(request: PortraitRequest, info: dict, registry: UserRegistry,

@@ -118,6 +118,24 @@ def check_sample(sample: np.ndarray, name: str = "sample") -> np.ndarray:
     return check_min_side(sample, name, contract.MIN_LATENT_SIDE, (2, 3))
 
 
+def read_down_factor(folder: Path) -> int:
+    """The UNet down factor a graph folder's ``io.json`` records (:data:`facetron.contract.UNET_DOWN_FACTOR`, written
+    at export); a folder exported before it was recorded: :data:`~facetron.contract.DEFAULT_UNET_DOWN_FACTOR`."""
+    path = Path(folder) / contract.IO_FILE
+    factor = json.loads(path.read_text()).get(contract.UNET_DOWN_FACTOR) if path.is_file() else None
+    return int(factor or contract.DEFAULT_UNET_DOWN_FACTOR)
+
+
+def check_sample_sides(sample: np.ndarray, down_factor: int, name: str = "sample") -> np.ndarray:
+    """A UNet sample [N, C, h, w] whose sides this UNet's graph can run: multiples of its ``down_factor`` (the
+    skip connections concatenate at fixed halvings; diffusers' forward_upsample_size is not in the graph)."""
+    h, w = sample.shape[2:]
+    if h % down_factor or w % down_factor:
+        raise InvalidInputError(name, f"sides must be multiples of {down_factor} latent cells for this UNet (its down "
+                                      f"factor), got {w}x{h}")
+    return sample
+
+
 def check_latent(latent: np.ndarray, name: str = "latent") -> np.ndarray:
     """A VAE latent [N, 4, h, w]: sides 1..MAX_LATENT_SIDE, h*w <= VAE_MAX_ITEM_CELLS, N*h*w <=
     VAE_MAX_BATCH_CELLS, finite."""

@@ -154,11 +154,15 @@ def run_portrait(request: PortraitRequest, generator: Generator, progress: Optio
                          "(paste_template)" if job.generation.paste_template else "no pixel paste"),
             "mask": f"the template's face ellipse at {TEMPLATE_REGION_SCALE:g}x the face, binarized, nearest to "
                     f"latent size ({int(template.latent_mask.sum())} latent cells re-generated)",
-            "unet": "4-channel: outside the mask the template latent, noised to each step's level, blended back",
+            "unet": "4-channel: outside the mask the template latent, noised to each step's level, blended back"
+                    if job.generation.unet_in_channels is None else
+                    f"{job.generation.unet_in_channels}-channel inpainting UNet ({job.generation.unet}): the mask "
+                    "and the masked template's latent as extra input channels, no blending",
             "control": control_report(*job.generation.control),  # the ControlNet that ran and its scale (None: none)
         },
         "vae": job.generation.vae,  # the autoencoder that decoded: full (the base model's) or tiny (AutoencoderTiny)
-        "unet": job.generation.unet,  # the UNet model that denoised: unet, unet_fewstep (distilled), unet_user_<id>
+        "unet": job.generation.unet,  # the UNet model that denoised: unet, unet_fewstep (distilled), unet_inpaint,
+        # unet_user_<id>
     }
     return {
         "images": np.ascontiguousarray(images[order]),

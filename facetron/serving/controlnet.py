@@ -13,7 +13,8 @@ import numpy as np
 
 from facetron.contract import MODEL_FILE, NetParams
 from facetron.net_runtimes import UNET_ORT_MEMORY, open_runtime
-from facetron.pipeline.net_io import NET_BUDGETS, check_control_inputs, check_feed, read_control_layout
+from facetron.pipeline.net_io import (NET_BUDGETS, check_control_inputs, check_feed, check_sample_sides,
+                                      read_control_layout, read_down_factor)
 from facetron.triton.backend import get_input, read_params, version_dir
 from facetron.triton.batching import run_batched, unet_feed
 
@@ -28,9 +29,11 @@ class ControlnetModel:
         layout = read_control_layout(folder)
         self.outputs = [r["name"] for r in layout["residuals"]]
         self.cond_factor = int(layout["cond_factor"])
+        self.down_factor = read_down_factor(folder)  # its residuals go to the unet: that UNet's sides (io.json)
 
     def _read(self, request):
         feed = unet_feed(request)  # sample within the unet's budget, timestep per item, finite
+        check_sample_sides(feed["sample"], self.down_factor)
         cond = get_input(request, "controlnet_cond", dtype=np.float32, ndim=4)
         scale = get_input(request, "conditioning_scale", required=False)
         feed["controlnet_cond"], feed["conditioning_scale"] = check_control_inputs(cond, scale, feed["sample"],

@@ -1,9 +1,11 @@
 """The ``portrait_generator`` model: images for a user, no fusion, no ranking.
 
 tokenizer -> text_encoder -> denoising loop over the runtime-LoRA unet (or
-the user's merged ``unet_user_<id>``) -> vae_decoder, plus vae_encoder and
-face_detector in template mode: all BLS calls to models of the same server,
-driven by :mod:`facetron.pipeline.generation`."""
+the user's merged ``unet_user_<id>``, ``unet_fewstep`` for a few-step
+scheduler, and in template mode ``unet_inpaint`` where the repository serves
+an inpainting UNet: the job's ``unet`` / ``unet_in_channels``) -> vae_decoder,
+plus vae_encoder and face_detector in template mode: all BLS calls to models
+of the same server, driven by :mod:`facetron.pipeline.generation`."""
 
 from __future__ import annotations
 

@@ -32,7 +32,9 @@ from facetron.pipeline.net_io import (
     check_feed,
     check_finite,
     check_residuals,
+    check_sample_sides,
     read_control_layout,
+    read_down_factor,
     unet_graph,
 )
 from facetron.style_registry import styles_for
@@ -95,6 +97,8 @@ class UnetModel:
             CONTROL_MID_RESIDUAL, "this unet has no ControlNet graph (assemble the repository with --controlnet DIR)"),
             lock)
         self._control_layout: dict | None = None
+        # the sides its graphs run (their io.json, written at export): the shallow and control graphs are the same UNet's
+        self.down_factor = read_down_factor(folder)
         registry = served_registry(params.users_dir)
         self.registry = registry
         styles = styles_for(registry.root)
@@ -112,6 +116,7 @@ class UnetModel:
         """The UNet inputs + each item's (user, style) under :data:`LORA_KEYS`; the bank entries are
         built here (a bad user or style fails this request only), stacked once per batch in :meth:`_run`."""
         feed = check_feed(unet_feed(request), self.session)
+        check_sample_sides(feed["sample"], self.down_factor)
         n = feed["sample"].shape[0]
         feature = get_input(request, DEEP_FEATURE, dtype=np.float32, ndim=4, required=False)
         if feature is not None:  # a shallow step on a cached feature

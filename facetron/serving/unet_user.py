@@ -7,8 +7,8 @@ from __future__ import annotations
 from facetron import contract
 from facetron.contract import GeneratorParams
 from facetron.net_runtimes import UNET_ORT_MEMORY
-from facetron.pipeline.net_io import NET_BUDGETS, check_feed
-from facetron.triton.backend import check_callers, repository_dir
+from facetron.pipeline.net_io import NET_BUDGETS, check_feed, check_sample_sides, read_down_factor
+from facetron.triton.backend import check_callers, repository_dir, version_dir
 from facetron.triton.batching import net_session, run_batched, unet_feed
 from facetron.triton.generator import model_params
 from facetron.users import served_registry
@@ -22,6 +22,7 @@ class UnetUserModel:
 
     def initialize(self, args):
         self.session = net_session(args, memory=UNET_ORT_MEMORY)  # a UNet keeps its arena (net_runtimes)
+        self.down_factor = read_down_factor(version_dir(args))  # the sides its graph runs (io.json)
         self.user_id = args["model_name"].removeprefix(contract.MERGED_UNET_PREFIX)  # this model's one user
         # the registry of this repository's generator (whose requests this model serves)
         users_dir = model_params(repository_dir(args), contract.PORTRAIT_GENERATOR.name, GeneratorParams).users_dir
@@ -32,7 +33,9 @@ class UnetUserModel:
 
     def _read(self, request):
         check_callers(request, self.registry, [self.user_id])  # generates with this user's identity: its token
-        return check_feed(unet_feed(request), self.session)
+        feed = check_feed(unet_feed(request), self.session)
+        check_sample_sides(feed["sample"], self.down_factor)
+        return feed
 
     def execute(self, requests):
         return run_batched(requests, self._read, self._run, NET_BUDGETS["unet"])

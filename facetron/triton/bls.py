@@ -169,13 +169,14 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
     ``token``: the caller's per-user token, passed on to every net that reads the user.
     ``vae``: the autoencoder models (``contract.VAE_MODELS``: full, or tiny where the repository serves it).
     ``unet_model``: the UNet model the job chose (:func:`facetron.pipeline.job.unet_model`): a runtime-LoRA UNet
-    (``unet``, or ``unet_fewstep`` for a few-step scheduler, in merged mode too: the user's LoRA from its bank)
-    or the user's ``unet_user_<id>``; None = by ``identity_mode``."""
+    (``unet``, ``unet_fewstep`` for a few-step scheduler or ``unet_inpaint`` in template mode, in merged mode too:
+    the user's LoRA from its bank) or the user's ``unet_user_<id>``; None = by ``identity_mode``. Step caching
+    is served by ``unet`` and ``unet_fewstep`` only (``unet_inpaint`` has no step-cache graphs)."""
     decoder, encoder = contract.VAE_MODELS[vae]
     if unet_model is None:
         unet_model = contract.merged_unet_name(user_id) if identity_mode == "merged" and user_id else contract.UNET.name
     merged = None
-    if unet_model not in contract.RUNTIME_LORA_UNETS:
+    if unet_model not in contract.LORA_BANK_UNETS:
         if not user_id or unet_model != contract.merged_unet_name(user_id):
             raise ValueError(f"unet_model: {unet_model!r} is neither a runtime-LoRA UNet nor user {user_id!r}'s "
                              "merged UNet")
@@ -237,9 +238,10 @@ def diffusion_nets(info: dict, user_id: str, style: str, identity_mode: str, rep
         tokenize=tokenize,
         text_encode=text_encode,
         unet=unet,
-        # step caching is served by the runtime-LoRA unet (merged per-user models have no step-cache graphs)
-        unet_deep=unet_deep if merged is None else None,
-        unet_shallow=unet_shallow if merged is None else None,
+        # step caching is served by the runtime-LoRA unet (merged per-user models and the inpainting UNet have no
+        # step-cache graphs)
+        unet_deep=unet_deep if unet_model in contract.RUNTIME_LORA_UNETS else None,
+        unet_shallow=unet_shallow if unet_model in contract.RUNTIME_LORA_UNETS else None,
         # the ControlNet: where the repository serves one, with the runtime-LoRA unet (its control graph)
         controlnet=controlnet if control and unet_model == contract.UNET.name else None,
         unet_control=unet_control if control and unet_model == contract.UNET.name else None,

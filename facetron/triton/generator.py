@@ -6,6 +6,7 @@ scheduler config, the user registry, and the diffusion nets as BLS calls
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, TypeVar
@@ -23,6 +24,7 @@ from facetron.pipeline.job import (
     build_job,
     build_portrait_job,
 )
+from facetron.pipeline.net_io import read_down_factor
 from facetron.pipeline.selection import select_rules
 from facetron.pipeline.template import PreparedTemplate, prepare_template
 from facetron.request import GeneratorRequest, PortraitRequest
@@ -46,6 +48,15 @@ def model_params(repository: Path, model: str, cls: type[P]) -> P:
     return cls.from_config({k: v.string_value for k, v in config.parameters.items()})
 
 
+def served_down_factor(repository: Path) -> int:
+    """The down factor a request's sides must fit (in latent cells): the least common multiple of what the
+    repository's runtime-LoRA and inpainting UNets' graphs record (:func:`facetron.pipeline.net_io.read_down_factor`,
+    each the rule that UNet's served model checks; its fallback for a graph exported before the record)."""
+    served = [folder for name in contract.LORA_BANK_UNETS
+              if ((folder := repository / name / contract.VERSION_FOLDER) / contract.IO_FILE).is_file()]
+    return math.lcm(*map(read_down_factor, served)) if served else contract.DEFAULT_UNET_DOWN_FACTOR
+
+
 @dataclass
 class ServedGenerator:
     """What the generation path needs inside Triton, read once in ``initialize``."""
@@ -64,6 +75,7 @@ class ServedGenerator:
         params = read_params(args, params_class)
         repository = repository_dir(args)
         info, scheduler_config = read_model_info(repository / contract.PORTRAIT_GENERATOR.name / contract.VERSION_FOLDER)
+        info = {**info, contract.UNET_DOWN_FACTOR: served_down_factor(repository)}  # the sides build_job lets through
         rules = select_rules(model_params(repository, contract.FACE_SELECT.name, FaceSelectParams))
         registry = served_registry(params.users_dir)
         if not registry.require_tokens:
@@ -94,4 +106,5 @@ class ServedGenerator:
         nets = bls.diffusion_nets(self.info, job.user_id, job.style, self.params.identity_mode, self.repository,
                                   self.merged, job.user_version, self.token, job.vae, unet_model=job.unet)
         return generate(nets, self.scheduler_config, job.prompt, job.negative_prompt, job.sampling,
-                        template=template, progress=progress, paste_template=job.paste_template)
+                        template=template, progress=progress, paste_template=job.paste_template,
+                        unet_in_channels=job.unet_in_channels)
