@@ -45,3 +45,21 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
             fn()
             samples[name][i] = time.perf_counter() - t0
     return samples
+
+
+class StepTimer:
+    """A training run's ``callback``: the seconds of each step (from :meth:`start`, then between callbacks)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._last = time.perf_counter()
+
+    def start(self) -> float:
+        """Now, as the start of the first step (returned)."""
+        self._last = time.perf_counter()
+        return self._last
+
+    def __call__(self, step: int, loss: float, *rest) -> None:
+        now = time.perf_counter()
+        self.times.append(now - self._last)
+        self._last = now

@@ -49,24 +49,20 @@ def _train(base_model: Path | None, steps: int, resolution: int, precision: str)
     from facetron.training.lora_config import LoraTrainConfig
     from facetron.training.train_lora import train_lora
 
-    times: list[float] = []
-    last = [time.perf_counter()]
+    from facetron.benchmarks.timing import StepTimer
 
-    def on_step(step: int, loss: float, *rest) -> None:
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
+    on_step = StepTimer()
 
     with tempfile.TemporaryDirectory() as tmp:
         data = _dataset(Path(tmp), resolution)
-        t0 = time.perf_counter()
-        last[0] = t0
+        t0 = on_step.start()
         result = train_lora(data, Path(tmp) / "loras", user_id="bench", base_model=base_model,
                             config=LoraTrainConfig(steps=steps, checkpoint_every=10**6, resolution=resolution,
                                                    precision=precision),
                             progress=False, callback=on_step)
         total = time.perf_counter() - t0
         weights = {k: v.double().numpy() for k, v in load_file(str(result.lora_path)).items()}
+    times = on_step.times
     steady = times[1:] or times
     return {
         "precision": precision,

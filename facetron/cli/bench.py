@@ -7,6 +7,7 @@
 * ``soak``  — many clients for a minute: unexpected errors and server memory growth
 * ``faces`` — the face-path benchmark (embedder vs dlib-bin, pipeline, Triton vs in-process)
 * ``runtimes`` — per diffusion net: torch eager vs ONNX Runtime vs OpenVINO fp32 / int8 weights (``--full``: SD-1.5)
+* ``onboarding`` — one user from photos to a first portrait, seconds and peak RSS per stage (``--full``: SD-1.5)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+from facetron.cli.options import add_runtime_precision
 from facetron.errors import InvalidInputError
 
 
@@ -139,12 +141,17 @@ def _portrait(args: argparse.Namespace) -> int:
     dev = {d["variant"]: f"  PSNR vs {d['vs']} {psnr_text(d['psnr_db'])}" for d in result["deviations"]}
     for variant, e in result["variants"].items():
         s = e.get("stages")
-        print(f"  {variant:<26} " + (f"ERROR {e['error']}" if s is None else
+        print(f"  {variant:<36} " + (f"ERROR {e['error']}" if s is None else
               f"{s['total_s']:>9.2f} s  ({e['steps']} steps, UNet {s['unet_s_per_step']:.3f} s/step)  "
               f"x facechain {e['speedup_over_facechain']}{dev.get(variant, '')}"))
+    control = result.get("controlnet_step")
+    if control:
+        print("  controlnet_step " + (f"ERROR {control['error']}" if "error" in control else
+              f"plain {control['plain_s']} s, controlnet + unet {control['controlled_step_s']} s per step "
+              f"(x{control['controlled_over_plain']})"))
     for f in result.get("files", []):
         print(f"  wrote {f}")
-    return 1 if any("error" in e for e in result["variants"].values()) else 0
+    return 1 if any("error" in e for e in [*result["variants"].values(), control or {}]) else 0
 
 
 def _lora(args: argparse.Namespace) -> int:
@@ -163,6 +170,31 @@ def _training(args: argparse.Namespace) -> int:
     from facetron.benchmarks.training import run
 
     print(json.dumps(run(full=args.full), indent=2))
+    return 0
+
+
+def _onboarding(args: argparse.Namespace) -> int:
+    from facetron.benchmarks.onboarding import run
+
+    if args.train_steps is not None and args.train_steps < (2 if args.full else 1):
+        raise InvalidInputError("--train-steps", f"must be >= {2 if args.full else 1}"
+                                + (" with --full (the first step and one to extrapolate from)" if args.full else "")
+                                + f", got {args.train_steps}")
+    if args.portrait_steps is not None and args.portrait_steps < 1:
+        raise InvalidInputError("--portrait-steps", f"must be >= 1, got {args.portrait_steps}")
+    cpu_runtime = args.cpu_runtime or "auto"
+    precision = args.precision or ("auto" if cpu_runtime == "auto" else "f32")  # as `export repository`
+    result = run(full=args.full, merged=args.merged, train_steps=args.train_steps, portrait_steps=args.portrait_steps,
+                 cpu_runtime=cpu_runtime, precision=precision, out_dir=args.out, work_dir=args.work_dir)
+    print(f"CPU: {result['cpu']['model']} ({', '.join(result['cpu']['kernel_flags'])})")
+    for stage, s in result["stages"].items():
+        print(f"  {stage:<15} {s['seconds']:>9.1f} s  peak RSS {s['peak_rss_gib']:.2f} GiB"
+              + ("  (extrapolated)" if s["extrapolated"] else ""))
+    print(f"  onboarding      {result['onboarding_s']:>9.1f} s  (wall {result['wall_s']} s)")
+    for line in result["faster_next"]:
+        print(f"  next: {line}")
+    for f in result["files"]:
+        print(f"  wrote {f}")
     return 0
 
 
@@ -195,9 +227,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                           "speed-ups, numerical deviation (tiny; --full: SD-1.5 shapes)")
     po.add_argument("--full", action="store_true", help="SD-1.5 shapes, 512x512, random weights: needs ~15 GB and the "
                                                         "machine alone, ~20 minutes on 2 cores")
-    po.add_argument("--variants", default=None, help="comma-separated subset of facechain,facetron_onnxruntime_f32,"
-                                                     "facetron_openvino_f32,facetron_openvino_bf16,"
-                                                     "facetron_openvino_int8w (default: all)")
+    po.add_argument("--variants", default=None, help="comma-separated subset of facechain, diffusers_torch_bf16, "
+                                                     "facetron_<runtime>_<precision>[_cacheN] (25 steps), "
+                                                     "facetron_<runtime>_<precision>_fewstep[_vae] (4 LCM steps, "
+                                                     "tiny autoencoder / full VAE), controlnet_step (the "
+                                                     "ControlNet's cost per step); default: all")
     po.add_argument("--threads", type=int, default=2, help="threads per runtime and for torch (default 2, as served)")
     po.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
     po.set_defaults(func=_portrait)
@@ -218,6 +252,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t = bsub.add_parser("training", help="LoRA training steps/s (tiny; --full adds SD-1.5 shapes, minutes)")
     t.add_argument("--full", action="store_true", help="also SD-1.5 shapes (minutes)")
     t.set_defaults(func=_training)
+    ob = bsub.add_parser("onboarding", help="one user from photos to a first portrait: prepare, train, export "
+                                            "repository (+ add-user), serve + one gRPC portrait; seconds and peak "
+                                            "RSS per stage (tiny: minutes; --full: SD-1.5 shapes, training "
+                                            "extrapolated, ~30 min, run it alone)")
+    ob.add_argument("--full", action="store_true", help="SD-1.5 shapes (random weights): trains --train-steps steps "
+                                                        "and extrapolates to FaceChain's min(200 x photos, 800)")
+    ob.add_argument("--merged", action="store_true", help="merged identity mode: export add-user too, served with "
+                                                          "explicit model control")
+    ob.add_argument("--train-steps", type=int, default=None,
+                    help="LoRA training steps run (default: 300, as `facetron demo`; with --full 4: the first + 3 "
+                         "timed, the rest of FaceChain's default extrapolated)")
+    ob.add_argument("--portrait-steps", type=int, default=None,
+                    help="denoising steps of the first portrait (default: the server's default)")
+    add_runtime_precision(ob, "runtime of the nets, as `export repository --cpu-runtime` (default auto)",
+                          "precision of the nets, as `export repository --precision` (default: auto with "
+                          "--cpu-runtime auto, else f32)", default=None)
+    ob.add_argument("--work-dir", type=Path, default=None,
+                    help="where the temporary work folder goes (default: the system's temp folder)")
+    ob.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
+    ob.set_defaults(func=_onboarding)
 
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("--quick", action="store_true", help="fewer repeats and concurrency levels (~1-2 min)")
