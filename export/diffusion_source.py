@@ -32,6 +32,7 @@ from facetron.contract import CONTROL_FOLDER, CONTROLNET
 from facetron.contract import (DEFAULT_DISTILL_WEIGHT, DISTILL_INFO, INT8_DEVIATION, INT8_FOLDER, MODEL_FILE,
                                MODEL_INFO, RUNTIME_LORA_UNETS, SCHEDULER_CONFIG, VOCAB_SIZE, SHALLOW_FOLDER, UNET,
                                UNET_FEWSTEP)
+from facetron.contract import FEW_STEP_DEFAULT_GUIDANCE, FEW_STEP_DEFAULT_STEPS, FEW_STEP_SCHEDULERS
 from facetron.contract import INPAINT_INFO, LORA_BANK_UNETS, UNET_INPAINT
 from facetron.diffusion.base_model import load_base_model, model_hash
 from facetron.export.controlnet import controlnet_info, export_controlnet_graphs, load_controlnet
@@ -47,6 +48,14 @@ from facetron.export.tiny_vae import load_tiny_vae, tiny_vae_info
 
 #: the served nets whose graphs take runtime-LoRA inputs (``lora_manifest.json`` beside the graph)
 RUNTIME_LORA_NETS = ("text_encoder",) + LORA_BANK_UNETS
+#: the UNets ``--int8`` quantizes, each calibrated and judged on the path it serves (scheduler, steps, guidance of
+#: :func:`facetron.export.quantize.calibration_feeds` / ``deviation_report``): the ``unet`` the defaults, the few-step
+#: ``unet_fewstep`` a few-step request's defaults (lcm, 4 steps, guidance 1: no negative branch)
+INT8_TRAJECTORIES: dict[str, dict] = {
+    UNET.name: {},
+    UNET_FEWSTEP.name: {"scheduler": FEW_STEP_SCHEDULERS[0], "steps": FEW_STEP_DEFAULT_STEPS,
+                        "guidance": FEW_STEP_DEFAULT_GUIDANCE},
+}
 
 
 def copy_graph(src: Path, dest: Path) -> None:
@@ -178,7 +187,7 @@ class DiffusionSource:
 
     def copy_net(self, name: str, version: Path) -> None:
         """Net ``name``'s graph files into its version folder; a runtime-LoRA UNet's (``unet``,
-        ``unet_fewstep``) step-cache shallow graph into ``<version>/shallow/`` and the ``unet``'s int8 IR, if
+        ``unet_fewstep``) step-cache shallow graph into ``<version>/shallow/`` and its int8 IR, if
         made, into ``<version>/int8/``: the exported folder's layout (:data:`facetron.contract.SHALLOW_FOLDER`,
         :data:`~facetron.contract.INT8_FOLDER`)."""
         folder = self.net_folder(name)
@@ -191,21 +200,25 @@ class DiffusionSource:
             if int8.is_dir():  # the int8 IR (quantize_unet), whole
                 shutil.copytree(int8, version / INT8_FOLDER)
 
-    def quantize_unet(self, mode: str) -> dict:
-        """The served UNet as an int8 OpenVINO IR (:mod:`facetron.export.quantize`, ``mode``: weights |
-        full | hybrid), calibrated on real trajectories of these nets, into ``<export>/unet/int8/`` with its
-        ``quantization.json``; its deviation on held-out generations vs ONNX Runtime fp32 (and OpenVINO
-        bf16's, the yardstick) goes into ``deviation.json`` beside it. Returns the verdict."""
+    def quantize_unet(self, mode: str, name: str = UNET.name) -> dict:
+        """Served runtime-LoRA UNet ``name`` (``unet`` | ``unet_fewstep``) as an int8 OpenVINO IR
+        (:mod:`facetron.export.quantize`, ``mode``: weights | full | hybrid), calibrated on real trajectories of
+        these nets with that UNet, into ``<export>/<name>/int8/`` with its ``quantization.json``; its deviation on
+        held-out generations vs ONNX Runtime fp32 (and OpenVINO bf16's, the yardstick) goes into
+        ``deviation.json`` beside it. The trajectories are the path each UNet serves (:data:`INT8_TRAJECTORIES`):
+        the ``unet`` the default scheduler, steps and guidance; the ``unet_fewstep`` lcm, 4 steps, guidance 1.
+        Returns the verdict."""
         from facetron.export.quantize import (ExportedNets, calibration_feeds, deviation_report, quantize_unet,
                                               within_tolerance)
 
-        nets = ExportedNets.from_export(self._exported, self._scheduler, unet=UNET.name)
-        out = self.net_folder(UNET.name) / INT8_FOLDER
-        ir = quantize_unet(nets.unet, calibration_feeds(nets), out, mode)
-        report = deviation_report(nets, {mode: ir, "openvino_bf16": (nets.unet, "bf16")})
+        path = INT8_TRAJECTORIES[name]
+        nets = ExportedNets.from_export(self._exported, self._scheduler, unet=name)
+        out = self.net_folder(name) / INT8_FOLDER
+        ir = quantize_unet(nets.unet, calibration_feeds(nets, **path), out, mode)
+        report = deviation_report(nets, {mode: ir, "openvino_bf16": (nets.unet, "bf16")}, **path)
         verdict = within_tolerance(report, mode)
         atomic_write_json(out / INT8_DEVIATION, {"report": report, "verdict": verdict})
-        print(f"[export] int8 UNet ({mode}): " + ("within" if verdict["pass"] else "OUTSIDE")
+        print(f"[export] int8 {name} ({mode}): " + ("within" if verdict["pass"] else "OUTSIDE")
               + f" the tolerance ({verdict['rule']}); served because --int8 asked for it", flush=True)
         return verdict
 

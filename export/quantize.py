@@ -33,6 +33,9 @@ the served loop) over the exported nets in ONNX Runtime fp32, a few prompts x
 seeds, the default scheduler and steps, guidance (batch 2: unconditional +
 conditional), a fixed random non-zero LoRA: every step's ``sample``,
 ``timestep``, ``encoder_hidden_states`` and LoRA inputs as the UNet got them.
+The scheduler, steps and guidance are arguments: the few-step UNet
+(``unet_fewstep``) is calibrated and judged on its own path (lcm, 4 steps,
+guidance 1: batch 1, no negative branch).
 
 :func:`deviation_report` measures, on *held-out* prompts and seeds, each
 quantized UNet against ONNX Runtime fp32: per step (the UNet's output on the
@@ -153,6 +156,12 @@ class ExportedNets:
         return random_lora_inputs(read_lora_manifest(self.unet.parent), batch, seed=seed)
 
 
+def guided_batch(guidance: float) -> int:
+    """The UNet's batch per call of a 1-image generation: 2 with guidance (unconditional + conditional),
+    1 at guidance <= 1 (no negative branch: :func:`facetron.diffusion.sampler.denoise`, the few-step path)."""
+    return 2 if guidance > 1.0 else 1
+
+
 def sd15_scheduler_config() -> dict:
     from diffusers import DDPMScheduler
 
@@ -250,12 +259,13 @@ def calibration_feeds(nets: ExportedNets, prompts: Sequence[str] = CALIBRATION_P
                       lora: Mapping[str, np.ndarray] | None = None, threads: int | None = None) -> Calibration:
     """The runtime-LoRA UNet's inputs at every step of ``len(prompts) x len(seeds)`` generations
     (ONNX Runtime fp32, :func:`facetron.diffusion.sampler.denoise`), one 1-image generation each, with
-    guidance: batch 2 per call. ``lora``: the UNet's LoRA inputs (batch 2; default: a fixed random
-    non-zero LoRA at the export rank, :meth:`ExportedNets.lora`); the same arrays in every feed."""
+    guidance: batch 2 per call (batch 1 at ``guidance`` <= 1: :func:`guided_batch`). ``lora``: the UNet's LoRA
+    inputs (that batch; default: a fixed random non-zero LoRA at the export rank, :meth:`ExportedNets.lora`); the
+    same arrays in every feed."""
     from facetron.net_runtimes import open_runtime
 
     lora_label = "given" if lora is not None else f"random_lora_inputs(seed={LORA_SEED}, export rank)"
-    lora = dict(lora) if lora is not None else nets.lora()
+    lora = dict(lora) if lora is not None else nets.lora(guided_batch(guidance))
     unet = unet_callable(open_runtime(nets.unet, "onnxruntime", threads), lora)
     encode = _text_encoder(nets.text_encoder, threads)
     feeds: list[dict[str, np.ndarray]] = []
@@ -427,7 +437,7 @@ def deviation_report(nets: ExportedNets, variants: Mapping[str, str | os.PathLik
     if nets.vae_decoder is None:
         raise InvalidInputError("vae_decoder", "the per-image deviation needs the exported vae_decoder")
     lora_label = "given" if lora is not None else f"random_lora_inputs(seed={LORA_SEED}, export rank)"
-    lora = dict(lora) if lora is not None else nets.lora()
+    lora = dict(lora) if lora is not None else nets.lora(guided_batch(guidance))
     encode = _text_encoder(nets.text_encoder, threads)
     vae = open_runtime(nets.vae_decoder, "onnxruntime", threads)
 

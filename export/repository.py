@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Mapping
 from facetron.atomic import atomic_dir, atomic_write_json, owned_folder, remove_tree
 from facetron.contract import (DEFAULT_NET_RUNTIME, DEFAULT_STYLE_WEIGHT, DEFAULT_W_FACE, IDENTITY_MODES,
                                MODEL_FILE, NET_RUNTIMES, VERSION_FOLDER, merged_unet_name)
+from facetron.contract import UNET, UNET_FEWSTEP
 from facetron.diffusion.base_model import load_base_model
 from facetron.errors import InvalidInputError, NotFoundError
 from facetron.export.lora_files import load_lora
@@ -163,10 +164,12 @@ def assemble_repository(
     per net, eligible within torch's own bf16 deviation. Each net's choice is
     its ``precision`` parameter.
 
-    ``int8`` (cpu target, opt-in): the served UNet as an int8 OpenVINO IR
+    ``int8`` (cpu target, opt-in): the served UNet — and ``unet_fewstep`` where the repository serves it,
+    calibrated and judged on its own few-step path — as int8 OpenVINO IRs
     (``weights`` | ``full`` | ``hybrid``, :meth:`DiffusionSource.quantize_unet`),
-    its deviation recorded beside it; the ``unet`` then runs in OpenVINO f32
-    (its fallback is the fp32 ONNX graph in ONNX Runtime).
+    each one's deviation recorded beside it; those nets then run in OpenVINO f32
+    (their fallback is the fp32 ONNX graph in ONNX Runtime); :data:`RUNTIME_CHOICE_FILE`'s ``int8_nets``
+    names them.
 
     ``cpu_runtime="auto"`` keeps each net's measured choice per kind of machine and graph architecture
     (:mod:`facetron.export.runtime_choice_cache`, under the data root) and reuses a kept one instead of
@@ -209,6 +212,8 @@ def assemble_repository(
         if unknown:
             raise InvalidInputError("--models", f"not served on target {target}: {sorted(unknown)}")
         chosen = [m for m in chosen if m.name in wanted]
+    # --int8: the unet always; unet_fewstep too where this repository serves it
+    int8_nets = ([UNET.name] + [m.name for m in chosen if m.name == UNET_FEWSTEP.name]) if int8 != "off" else []
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -236,10 +241,12 @@ def assemble_repository(
                 net_runtimes = {net: measured[net]["runtime"] for net in measured}
                 net_precisions = {net: measured[net]["precision"] for net in measured}
             if int8 != "off":  # the int8 IR runs in OpenVINO, with OpenVINO's int8 kernels (precision hint f32)
-                with rss.stage("int8"):
-                    diffusion.quantize_unet(int8)
-                net_runtimes["unet"], net_precisions["unet"] = "openvino", "f32"
-                overrides_by_model = {"unet": {"int8": int8}}
+                with rss.stage("int8"):  # the unet, and the few-step unet where the repository serves it
+                    for name in int8_nets:
+                        diffusion.quantize_unet(int8, name)
+                for name in int8_nets:
+                    net_runtimes[name], net_precisions[name] = "openvino", "f32"
+                overrides_by_model = {name: {"int8": int8} for name in int8_nets}
             if net_runtimes is not None and CONTROLNET_MODEL.name in nets:  # the ControlNet runs as the unet runs
                 net_runtimes[CONTROLNET_MODEL.name] = net_runtimes["unet"]
                 net_precisions[CONTROLNET_MODEL.name] = net_precisions["unet"]
@@ -259,6 +266,7 @@ def assemble_repository(
                 "runtimes": net_runtimes,
                 "precisions": net_precisions,
                 "int8": int8,
+                "int8_nets": int8_nets,  # the nets served as int8 IRs (--int8: unet, + unet_fewstep if served)
                 "cpu": cpu_flags(),
                 "rule": rule_text(precision) if measured is not None else "given by --cpu-runtime / --precision",
                 "measurements": measured,

@@ -13,6 +13,10 @@
   floor ~0, and weights-only deviating less than full int8 (it does on the
   tiny model by ~9x). The tiny model's weights are random: its deviations say
   nothing about SD-1.5's; ``benchmarks/runtimes.py --full`` measures those shapes.
+* ``export repository --int8``: the unet's IR served (its deviation beside it); with ``--distill-lora`` the
+  few-step ``unet_fewstep`` too, on its own trajectories (lcm, 4 steps, guidance 1), and a few-step generation
+  served by Triton equals the in-process int8 one and stays near the fp32 one (tiny model, int8 weights:
+  PSNR ~54 dB, max 3/255).
 """
 
 from __future__ import annotations
@@ -227,3 +231,119 @@ def test_export_repository_int8_serves_the_ir_with_its_deviation(tmp_path) -> No
     rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
     print(f"served int8-weights UNet vs fp32 ONNX Runtime: rel L2 {rel:.4f}")
     assert served.runtime == "openvino" and 0 < rel < 0.05
+
+
+@pytest.mark.triton
+def test_export_repository_int8_quantizes_the_fewstep_unet_too(distill_lora, tmp_path) -> None:
+    """``--distill-lora`` + ``int8="weights"``: ``unet_fewstep`` gets its own IR (calibrated and judged on its own
+    path: lcm, 4 steps, guidance 1), its deviation report and the ``int8`` parameter in OpenVINO f32, as the
+    ``unet`` does; runtime_choice.json names both. A few-step generation served by Triton runs on unet_fewstep, equals
+    the same generation in process with the int8 IR (the IR is what is served) and stays close to it with the fp32
+    ONNX graph in ONNX Runtime (the f32 few-step result)."""
+    from facetron.client import FacetronClient
+    from facetron.contract import UnetParams
+    from facetron.deviation import psnr_uint8
+    from facetron.diffusion.clip_tokenizer import ClipTokenizer
+    from facetron.diffusion.lora_inputs import zero_lora_inputs
+    from facetron.diffusion.nets import DiffusionNets
+    from facetron.export.diffusion_source import DiffusionSource
+    from facetron.export.repository import assemble_repository
+    from facetron.pipeline.generation import generate, read_model_info
+    from facetron.pipeline.job import build_job
+    from facetron.pipeline.net_io import unet_graph
+    from facetron.request import GeneratorRequest
+    from facetron.triton.server import TritonServer
+    from facetron.users import UserRegistry
+
+    fewstep, plain = contract.UNET_FEWSTEP.name, contract.UNET.name
+    users = tmp_path / "users"
+    UserRegistry(users)
+    models = ["tokenizer", "text_encoder", plain, fewstep, "vae_decoder", "vae_encoder", "portrait_generator"]
+    source = DiffusionSource(lora_rank=8, distill_lora=distill_lora.kohya, distill_weight=distill_lora.weight)
+    repo = assemble_repository("cpu", tmp_path / "repo", models=models, diffusion=source, users_dir=users,
+                               int8="weights")
+    # 1. both UNets: their own IR, how it was made, how far it deviates on the path it serves; int8 + openvino
+    for name, scheduler, steps, guidance in ((plain, contract.DEFAULT_SCHEDULER, contract.DEFAULT_STEPS,
+                                              contract.DEFAULT_GUIDANCE),
+                                             (fewstep, "lcm", contract.FEW_STEP_DEFAULT_STEPS,
+                                              contract.FEW_STEP_DEFAULT_GUIDANCE)):
+        folder = repo / name / "1"
+        assert (folder / "int8" / "model.xml").is_file() and (folder / "int8" / "model.bin").is_file(), name
+        report = json.loads((folder / "int8" / q.REPORT_FILE).read_text())
+        assert report["mode"] == "weights" and report["source"].endswith(f"{name}/model.onnx"), report["source"]
+        assert (report["calibration"]["scheduler"], report["calibration"]["steps"],
+                report["calibration"]["guidance"]) == (scheduler, steps, guidance)
+        deviation = json.loads((folder / "int8" / contract.INT8_DEVIATION).read_text())
+        assert (deviation["report"]["scheduler"], deviation["report"]["steps"]) == (scheduler, steps)
+        assert "pass" in deviation["verdict"] and deviation["verdict"]["rule"]
+        weights = deviation["report"]["variants"]["weights"]
+        assert len(weights["per_step"][0]["rel_l2"]) == steps and math.isfinite(weights["step_rel_l2_max"])
+        print(f"{name}: int8 weights vs fp32 on {scheduler} x {steps}: per-step rel L2 max "
+              f"{weights['step_rel_l2_max']:.4g}, image PSNR {weights['image_psnr_db_min']} dB, verdict "
+              f"{deviation['verdict']['pass']}")
+        config = (repo / name / "config.pbtxt").read_text()
+        assert 'key: "int8"\n  value {\n    string_value: "weights"' in config, name
+        assert 'key: "runtime"\n  value {\n    string_value: "openvino"' in config, name
+        assert 'key: "precision"\n  value {\n    string_value: "f32"' in config, name
+        assert unet_graph(folder, UnetParams(runtime="openvino", int8="weights")) == folder / "int8" / "model.xml"
+    # the two IRs are two UNets (the distillation LoRA merged in one)
+    assert (repo / plain / "1" / "int8" / "model.bin").read_bytes() != (repo / fewstep / "1" / "int8" /
+                                                                        "model.bin").read_bytes()
+    choice = json.loads((repo / "runtime_choice.json").read_text())
+    assert choice["int8"] == "weights" and choice["int8_nets"] == [plain, fewstep]
+    assert choice["runtimes"][fewstep] == "openvino" and choice["precisions"][fewstep] == "f32"
+    assert choice["runtimes"]["text_encoder"] == "onnxruntime"  # the other nets as they were
+
+    # 2. a few-step generation through Triton (no user: the base model + the distillation LoRA)
+    request = {"scheduler": "lcm", "num_images": 1, "seed": 7}
+    wire = {"scheduler": np.array([b"lcm"], dtype=object), "num_images": np.array([1], np.int32),
+            "seed": np.array([7], np.int64)}
+    log = tmp_path / "tritonserver.log"
+    with TritonServer(repo, log_path=log, env={"FACETRON_USERS_DIR": str(users)}) as server:
+        import tritonclient.grpc as grpcclient
+
+        with FacetronClient(server.grpc_url, timeout_s=300) as client:
+            served = client.infer("portrait_generator", wire, ["images"])["images"]
+        with grpcclient.InferenceServerClient(server.grpc_url) as raw:
+            counts = {m: int(raw.get_inference_statistics(m, headers=server.admin_headers, as_json=True)[
+                "model_stats"][0]["inference_stats"]["success"].get("count", 0)) for m in (plain, fewstep)}
+    text = log.read_text(errors="replace")
+    assert "OpenVINO could not" not in text and "OpenVINO failed" not in text  # no fallback to the fp32 ONNX
+    assert counts[fewstep] == contract.FEW_STEP_DEFAULT_STEPS and counts[plain] == 0, counts
+
+    # 3. the same generation in process: the int8 IR in OpenVINO (what is served) and the fp32 ONNX graph in ORT
+    info, sched = read_model_info(repo / "portrait_generator" / "1")
+    job = build_job(GeneratorRequest(**request), info, UserRegistry(users))
+    assert job.unet == fewstep and job.sampling.steps == contract.FEW_STEP_DEFAULT_STEPS
+    folder = repo / fewstep / "1"
+    zero = zero_lora_inputs(read_lora_manifest(folder))
+    te = open_runtime(repo / "text_encoder" / "1" / "model.onnx", "onnxruntime", 1)
+    te_zero = zero_lora_inputs(read_lora_manifest(repo / "text_encoder" / "1"))
+    vae = open_runtime(repo / "vae_decoder" / "1" / "model.onnx", "onnxruntime", 1)
+
+    def nets(unet) -> DiffusionNets:
+        def unet_fn(s, t, h):
+            lora = {k: np.repeat(v, len(s), 0) for k, v in zero.items()}
+            return unet.run(["noise_pred"], {"sample": s, "timestep": t, "encoder_hidden_states": h, **lora})[0]
+
+        def te_fn(ids):
+            return te.run(None, {"input_ids": ids, **{k: np.repeat(v, len(ids), 0) for k, v in te_zero.items()}})[0]
+
+        return DiffusionNets(tokenize=ClipTokenizer(), text_encode=te_fn, unet=unet_fn,
+                             vae_decode=lambda lat: vae.run(None, {"latent": lat})[0], latent_channels=4,
+                             latent_factor=8)
+
+    int8 = generate(nets(open_runtime(folder / "int8" / "model.xml", "openvino", 1, fallback=False)), sched,
+                    job.prompt, job.negative_prompt, job.sampling)
+    f32 = generate(nets(open_runtime(folder / "model.onnx", "onnxruntime", 1)), sched, job.prompt,
+                   job.negative_prompt, job.sampling)
+    assert served.shape == int8.shape == f32.shape
+    served_vs_int8 = np.abs(served.astype(int) - int8.astype(int))
+    served_vs_f32 = np.abs(served.astype(int) - f32.astype(int))
+    psnr = psnr_uint8(served, f32)
+    print(f"served int8-weights unet_fewstep (lcm x {job.sampling.steps}) vs in-process int8: max "
+          f"{served_vs_int8.max()}/255; vs f32 ONNX Runtime: PSNR {psnr:.2f} dB, max {served_vs_f32.max()}/255, "
+          f"mean {served_vs_f32.mean():.3f}")
+    assert served_vs_int8.max() <= 2 and served_vs_int8.mean() <= 0.05, (served_vs_int8.max(), served_vs_int8.mean())
+    assert served_vs_f32.max() > 0  # the served UNet is the IR, not the fp32 graph
+    assert psnr > 30, psnr

@@ -114,7 +114,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
         "OpenVINO bf16 is a candidate, eligible within torch's own bf16 deviation; fast on CPUs "
         "with AMX); f32 keeps every net within the fp32 validation tolerance", default=None)
     r.add_argument("--int8", choices=INT8_MODES, default=INT8_MODES[0],
-                   help="cpu target: serve the UNet as an int8 OpenVINO IR calibrated on real denoising trajectories "
+                   help="cpu target: serve the UNet (and unet_fewstep with --distill-lora, on its own 4-step path) as "
+                        "int8 OpenVINO IRs calibrated on real denoising trajectories "
                         "(weights | full | hybrid; default off: on the measured models full int8 deviates ~4x more "
                         "than bf16); its deviation is written beside it (int8/deviation.json)")
     r.add_argument("--remeasure", action="store_true",
