@@ -13,20 +13,19 @@ between denoising steps. Reported: calls per model, errors by kind
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 from facetron.benchmarks.load import preset
 from facetron.benchmarks.report import markdown_table, write_result
 from facetron.benchmarks.suite import BENCH_USER, BUILD_DIR, bench_server
 from facetron.client import AsyncFacetronClient
 from facetron.errors import FacetronError
+from facetron.rss_monitor import group_rss_bytes
 
 MIX = (("portrait", 0.2), ("face_select", 0.3), ("face_detector", 0.5))
 CANCEL_SHARE = 0.1  # of portrait calls: a deadline far below a generation's time
@@ -51,15 +50,8 @@ class Tally:
 
 
 def group_rss_mb(pid: int) -> float:
-    """RSS of the server and its python-backend stubs (one process group)."""
-    total = 0
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pid:
-                total += proc.memory_info().rss
-        except (psutil.Error, ProcessLookupError, PermissionError):
-            continue
-    return total / 2**20
+    """RSS of the server and its python-backend stubs (its descendants), MB."""
+    return group_rss_bytes(pid) / 2**20
 
 
 async def _client_loop(url: str, cases: dict, deadline: float, tally: Tally, rng: random.Random) -> None:

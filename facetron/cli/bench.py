@@ -255,7 +255,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ob = bsub.add_parser("onboarding", help="one user from photos to a first portrait: prepare, train, export "
                                             "repository (+ add-user), serve + one gRPC portrait; seconds and peak "
                                             "RSS per stage (tiny: minutes; --full: SD-1.5 shapes, training "
-                                            "extrapolated, ~30 min, run it alone)")
+                                            "extrapolated; over an hour on 2 AVX2 cores, run it alone)")
     ob.add_argument("--full", action="store_true", help="SD-1.5 shapes (random weights): trains --train-steps steps "
                                                         "and extrapolates to FaceChain's min(200 x photos, 800)")
     ob.add_argument("--merged", action="store_true", help="merged identity mode: export add-user too, served with "
