@@ -1,7 +1,9 @@
 """``--cpu-runtime auto``: each net's runtime and precision, measured on the machine that assembles.
 
 Candidates per net: ONNX Runtime fp32 (the validated default), OpenVINO fp32
-and — with ``precision="auto"`` — OpenVINO bf16. Each is opened as the served
+and — with ``precision="auto"`` on a CPU with bf16 matrix kernels
+(:data:`facetron.cpu_info.BF16_FLAGS`; elsewhere the entry says why not,
+``bf16_skipped``) — OpenVINO bf16. Each is opened as the served
 model opens it (:func:`facetron.net_runtimes.open_runtime`; the
 runtime-LoRA UNet with ``reuse_inputs`` and its ONNX Runtime arena kept) and
 called a few times at the served shapes (:meth:`DiffusionSource.served_feed`).
@@ -55,7 +57,7 @@ from typing import Iterable, Protocol
 import numpy as np
 
 from facetron.contract import DEFAULT_NET_PRECISION, DEFAULT_NET_RUNTIME, MODEL_FILE, NetParams
-from facetron.cpu_info import cpu_description
+from facetron.cpu_info import BF16_FLAGS, bf16_fast, cpu_description
 from facetron.deviation import rel_l2
 from facetron.errors import InvalidInputError
 from facetron.net_runtimes import DEFAULT_ORT_MEMORY, UNET_ORT_MEMORY, open_runtime, release_heap
@@ -90,6 +92,10 @@ IMAGE_CHECK_STEPS = 10
 FP32_CANDIDATES = (("onnxruntime", "f32"), ("openvino", "f32"))
 BF16_CANDIDATE = ("openvino", "bf16")
 DEFAULT = (DEFAULT_NET_RUNTIME, DEFAULT_NET_PRECISION)
+#: why ``auto`` measures no bf16 candidate on a CPU without bf16 matrix kernels
+BF16_SKIPPED = (f"not measured: this CPU has none of {', '.join(BF16_FLAGS)}: OpenVINO compiles a bf16 hint to f32 "
+                f"and torch's bf16 yardstick runs emulated (an SD-1.5 UNet choice spent over 55 min in it on an AVX2 "
+                f"EPYC without finishing)")
 
 
 def cpu_flags() -> dict:
@@ -221,9 +227,12 @@ def choose_net(source: NetSource, name: str, precision: str = "auto", threads: i
     feed = source.served_feed(name)
     atol, rtol = TOLERANCES["unet_lora" if name == "unet" else name]  # validate's key of the runtime-LoRA UNet
     unet = name == "unet"
-    others = [FP32_CANDIDATES[1]] + ([BF16_CANDIDATE] if precision == "auto" else [])
+    bf16 = precision == "auto" and bool(bf16_fast())
+    others = [FP32_CANDIDATES[1]] + ([BF16_CANDIDATE] if bf16 else [])
     entry: dict = {"shapes": {k: list(v.shape) for k, v in feed.items() if not k.startswith("lora_")},
                    "threads": threads, "runtimes": {}}
+    if precision == "auto" and not bf16:
+        entry["bf16_skipped"] = BF16_SKIPPED
     latents: dict = {}  # the UNet's image check: the reference's and torch bf16's generations, made once
     # 1. torch's own bf16, the yardstick of a bf16 candidate: the net's torch module alone, freed before any runtime
     if BF16_CANDIDATE in others:
@@ -364,5 +373,5 @@ def rule_text(precision: str) -> str:
         text += (f"; openvino bf16 is eligible when its rel. L2 deviation from onnxruntime in what reaches the image "
                  f"is at most {BF16_FACTOR:g}x torch's own bf16 (autocast) deviation on the same inputs: the output "
                  f"of the nets that run once per image, the final latents of a {IMAGE_CHECK_STEPS}-step generation "
-                 f"for the UNet")
+                 f"for the UNet (measured only where the CPU has {' or '.join(BF16_FLAGS)})")
     return text

@@ -131,6 +131,23 @@ def test_a_changed_key_measures_again(change, home, counted, exported, monkeypat
     assert "reused" in choose(precision)["vae_decoder"] and counted == ["vae_decoder"] * 2
 
 
+@pytest.mark.parametrize("flags", [[], ["avx512_bf16"]])
+def test_auto_measures_bf16_only_where_the_cpu_has_bf16_kernels(flags, exported, monkeypatch) -> None:
+    """``precision=auto`` on a CPU without bf16 matrix kernels measures no bf16 candidate (OpenVINO would
+    compile f32 and torch's yardstick run emulated) and says why; with them, bf16 is measured and judged."""
+    from facetron.export import runtime_choice
+
+    monkeypatch.setattr(runtime_choice, "bf16_fast", lambda: flags)
+    entry = runtime_choice.choose_net(exported, "vae_decoder", "auto", repeats=1, budget_s=0.01)
+    assert ("openvino_bf16" in entry["runtimes"]) == bool(flags)
+    assert ("torch_bf16_rel_l2" in entry) == bool(flags)
+    if flags:
+        assert "bf16_skipped" not in entry and "eligible" in entry["runtimes"]["openvino_bf16"]
+    else:
+        assert "amx_bf16, avx512_bf16" in entry["bf16_skipped"]
+    assert set(entry["runtimes"]) >= {"onnxruntime", "openvino"} and entry["choice"]
+
+
 def test_the_key_is_the_graph_architecture_not_its_weights(tmp_path) -> None:
     """Two graphs that differ only in their weights share a signature (another user's fine-tune reuses the
     choice); a different initializer shape, op or input shape does not."""

@@ -292,9 +292,14 @@ def test_the_compiled_model_cache_keeps_precisions_and_files_apart(exported, bas
     assert len(folders | {other}) == 3 and all(any(f.iterdir()) for f in folders)
 
 
-def test_repository_records_the_runtimes(tmp_path) -> None:
+def test_repository_records_the_runtimes(tmp_path, monkeypatch) -> None:
+    from facetron.export import runtime_choice
     from facetron.export.diffusion_source import DiffusionSource
     from facetron.export.repository import assemble_repository
+
+    # bf16 is a candidate only on a CPU with bf16 kernels: say this one has them, so the bf16 judging runs here too
+    # (test_runtime_choice_cache checks the skip on a CPU without them)
+    monkeypatch.setattr(runtime_choice, "bf16_fast", lambda: ["avx512_bf16"])
 
     with pytest.raises(InvalidInputError, match="--cpu-runtime"):
         assemble_repository("cpu", tmp_path / "r0", cpu_runtime="tvm")
