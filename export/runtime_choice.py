@@ -320,7 +320,7 @@ def pick(eligible_ms: dict, default):
 def rule_constants(repeats: int, budget_s: float) -> dict:
     """The numbers a measured choice was made by (part of its cache key: another rule measures again)."""
     return {"auto_margin": AUTO_MARGIN, "bf16_factor": BF16_FACTOR, "image_check_steps": IMAGE_CHECK_STEPS,
-            "repeats": repeats, "budget_s": budget_s}
+            "repeats": repeats, "budget_s": budget_s, "bf16_only_with": list(BF16_FLAGS)}
 
 
 def choose_runtimes(source: NetSource, nets: Iterable[str], precision: str = "auto",
