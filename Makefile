@@ -19,7 +19,7 @@ demo: setup
 	$(VENV)/bin/facetron demo --out outputs/demo
 
 test: setup
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q --durations=30 $(PYTEST_ARGS)
 
 # includes the slow-marked tests (minutes)
 test-all: setup

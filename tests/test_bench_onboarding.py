@@ -142,6 +142,9 @@ def test_the_report_warns_when_other_work_competed_for_the_cores(tmp_path: Path)
     assert "load average up to 9.1 on 2 cores" in onboarding.markdown(busy)
     quiet = dict(busy, loadavg_end=[1.9, 1.5, 1.4])
     assert "Shared machine" not in onboarding.markdown(quiet)
+    own = dict(busy, loadavg_end=[2.04, 2.05, 1.99])  # the run's own two busy cores and the server's stubs
+    assert "Shared machine" not in onboarding.markdown(own)
+    assert "Shared machine" in onboarding.markdown(dict(busy, loadavg_end=[2.6, 2.0, 1.9]))
 
 
 @pytest.mark.parametrize("reused, words", [([], "measured here"), (["unet", "vae_decoder"], "unet, vae_decoder was "

@@ -131,15 +131,23 @@ def test_unknown_variant_is_refused_and_cli_parses() -> None:
 
 @pytest.mark.triton
 def test_served_portrait_benchmark_tiny(tmp_path) -> None:
-    """``facetron bench served`` on the tiny spec: a repository assembled with the CLI defaults (auto runtime and
-    precision, recorded with the UNet's bf16 image check), a real tritonserver, three gRPC portrait calls
-    (the third with step caching); JSON + MD + PNG written. No timing is asserted."""
-    from facetron.benchmarks.served_portrait import CALLS, run
+    """``facetron bench served --fewstep`` on the tiny spec: a repository assembled with the CLI defaults (auto
+    runtime and precision, recorded with the UNet's bf16 image check where the CPU measures one) plus a random
+    distillation LoRA (``unet_fewstep``) and a random TAESD, a real tritonserver, the gRPC portrait calls (LCM 4
+    steps at guidance 1 with each VAE, and the default); JSON + MD + PNG written, the few-step calls' ratio to
+    the default in the markdown. No timing is asserted. (Without ``--fewstep`` the same code runs CALLS.)"""
+    from facetron.benchmarks.served_portrait import CALLS, FEWSTEP_CALLS, run
 
-    result = run(out_dir=tmp_path)
+    result = run(out_dir=tmp_path, fewstep=True)
     choice = result["runtime_choice"]
-    assert set(choice["runtimes"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    assert {"text_encoder", "unet", "vae_decoder", "vae_encoder"} <= set(choice["runtimes"])
     assert "image_check" in (choice["unet_bf16"] or {}) or choice["unet_bf16"] is None
-    assert [c["call"] for c in result["calls"]] == [name for name, _ in CALLS]
+    assert [c["call"] for c in result["calls"]] == [name for name, _ in FEWSTEP_CALLS]
     assert all(c["wall_s"] > 0 and c["server_timings_ms"]["generate_ms"] > 0 for c in result["calls"])
+    assert set(result["fewstep_speedup"]) == {"fewstep_lcm_4_tiny_vae", "fewstep_lcm_4_full_vae"}
+    served = {c["call"]: (c["unet"], c["vae"]) for c in result["calls"]}  # what the server says denoised / decoded
+    assert served["fewstep_lcm_4_tiny_vae"] == ("unet_fewstep", "tiny") and served["default"] == ("unet", "full")
+    assert result["spec"] == "tiny-fewstep" and {"default", "cache_interval_3"} <= {name for name, _ in CALLS}
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert "few-step calls vs the default call" in md
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md", ".png"]

@@ -125,7 +125,7 @@ def _runtimes(args: argparse.Namespace) -> int:
 def _served(args: argparse.Namespace) -> int:
     from facetron.benchmarks.served_portrait import run
 
-    result = run(full=args.full, out_dir=args.out)
+    result = run(full=args.full, out_dir=args.out, fewstep=args.fewstep)
     print(f"  chosen: {result['runtime_choice']['runtimes']} {result['runtime_choice']['precisions']}")
     for f in result["files"]:
         print(f"  wrote {f}")
@@ -239,6 +239,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                          "(auto runtimes/precisions), tritonserver, gRPC portrait with and without "
                                          "step caching (tiny; --full SD-1.5 shapes: ~10 min, ~22 GB, run it alone)")
     sv.add_argument("--full", action="store_true", help="SD-1.5 shapes (random weights; ~10 min, ~22 GB)")
+    sv.add_argument("--fewstep", action="store_true",
+                    help="the few-step path served: a random distillation LoRA (unet_fewstep) and a random TAESD "
+                         "beside the full VAE; LCM 4 steps at guidance 1 with each VAE, and the default call")
     sv.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
     sv.set_defaults(func=_served)
     lo = bsub.add_parser("lora", help="runtime-LoRA UNet vs merged UNets alone (ORT; 1 user also in the served "
@@ -255,7 +258,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ob = bsub.add_parser("onboarding", help="one user from photos to a first portrait: prepare, train, export "
                                             "repository (+ add-user), serve + one gRPC portrait; seconds and peak "
                                             "RSS per stage (tiny: minutes; --full: SD-1.5 shapes, training "
-                                            "extrapolated; over an hour on 2 AVX2 cores, run it alone)")
+                                            "extrapolated; ~22 min on 2 AVX2 cores, run it alone)")
     ob.add_argument("--full", action="store_true", help="SD-1.5 shapes (random weights): trains --train-steps steps "
                                                         "and extrapolates to FaceChain's min(200 x photos, 800)")
     ob.add_argument("--merged", action="store_true", help="merged identity mode: export add-user too, served with "
