@@ -97,14 +97,9 @@ def ensure_bench_user(users_dir: Path, user_id: str = BENCH_USER) -> None:
 def grant_token(registry, user_id: str) -> str:
     """The benchmark acts as its user like an operator: the user's token in the operator's token store
     (issued when the store has none for a user with a token we cannot read back)."""
-    from facetron.token_store import TokenStore
+    from facetron.token_store import issue_kept
 
-    store = TokenStore()
-    token = store.get(user_id)
-    if token is None or not registry.has_token(user_id):
-        token = registry.issue_token(user_id)
-        store.put(user_id, token)
-    return token
+    return issue_kept(registry, user_id, reuse=True)[0]
 
 
 @contextlib.contextmanager

@@ -55,3 +55,15 @@ class TokenStore:
         except FileNotFoundError:
             return False
         return True
+
+
+def issue_kept(registry, user_id: str, store: TokenStore | None = None, *, reuse: bool = False) -> tuple[str, Path]:
+    """(token, its file): a new token issued by ``registry`` (a :class:`facetron.users.UserRegistry`, which
+    keeps its hash) and kept in ``store`` (default: this machine's). ``reuse``: the token already kept is
+    returned instead when the registry has one for the user (a benchmark acting again as its user)."""
+    store = store if store is not None else TokenStore()
+    kept = store.get(user_id) if reuse else None
+    if kept is not None and registry.has_token(user_id):
+        return kept, store.path(user_id)
+    token = registry.issue_token(user_id)
+    return token, store.put(user_id, token)

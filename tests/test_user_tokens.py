@@ -58,6 +58,25 @@ def test_registry_keeps_only_the_hash_and_checks_like_an_unknown_user(tmp_path: 
     assert UserRegistry(tmp_path).pin("ann").user_id == "ann"
 
 
+def test_issue_kept_issues_keeps_and_reuses_only_a_live_token(tmp_path: Path) -> None:
+    """``token_store.issue_kept`` (registration, the benchmarks, the tests): the registry keeps the hash, the store
+    the token; ``reuse`` returns the kept token while the registry has one, and issues anew after a revoke."""
+    from facetron.token_store import issue_kept
+
+    served = UserRegistry(_registered(tmp_path / "users", "ann").root, require_tokens=True)
+    store = TokenStore(tmp_path / "tokens")
+    token, path = issue_kept(served, "ann", store)
+    assert path == store.path("ann") and store.get("ann") == token and served.pin("ann", token).user_id == "ann"
+    assert issue_kept(served, "ann", store, reuse=True) == (token, path)
+    other, _ = issue_kept(served, "ann", store)  # without reuse: a new one, the old one stops
+    assert other != token and store.get("ann") == other
+    with pytest.raises(NotFoundError):
+        served.pin("ann", token)
+    served.revoke_token("ann")
+    fresh, _ = issue_kept(served, "ann", store, reuse=True)  # the kept one is dead: issued anew
+    assert fresh != other and served.pin("ann", fresh).user_id == "ann"
+
+
 def test_users_token_cli_issues_rotates_revokes(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     from facetron.cli import main
 

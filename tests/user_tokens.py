@@ -6,13 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from facetron.token_store import TokenStore
+from facetron.token_store import issue_kept
 from facetron.users import UserRegistry
 
 
 def grant(registry: UserRegistry | Path | str, user: str) -> str:
     """Issue ``user``'s token and keep it in the token store; returns it."""
     registry = registry if isinstance(registry, UserRegistry) else UserRegistry(Path(registry))
-    token = registry.issue_token(user)
-    TokenStore().put(user, token)
-    return token
+    return issue_kept(registry, user)[0]

@@ -25,7 +25,7 @@ from facetron.cli.options import add_users_dir
 from facetron.contract import USER_TOKEN_HEADER, merged_unet_name
 from facetron.errors import NotFoundError
 from facetron.paths import HOME_SHOWN, data_root
-from facetron.token_store import TokenStore, tokens_dir
+from facetron.token_store import TokenStore, issue_kept, tokens_dir
 from facetron.users import UserRegistry, registry_at, validate_user_id
 
 #: the web app's work folder layout (facetron.web.app.WebConfig.user_dir, facetron.web.results.save_run)
@@ -102,8 +102,7 @@ def ensure_token(registry: UserRegistry, user: str, store: TokenStore | None = N
     (printed where it is); None when the user had one already."""
     if registry.has_token(user):
         return None
-    token = registry.issue_token(user)
-    path = (store or TokenStore()).put(user, token)
+    token, path = issue_kept(registry, user, store)
     print(f"issued a token for user {user!r}, kept in {path} (the client reads it from there)")
     return token
 
