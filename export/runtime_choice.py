@@ -317,10 +317,12 @@ def pick(eligible_ms: dict, default):
     return best
 
 
-def rule_constants(repeats: int, budget_s: float) -> dict:
-    """The numbers a measured choice was made by (part of its cache key: another rule measures again)."""
+def rule_constants(repeats: int, budget_s: float, precision: str = "auto") -> dict:
+    """The numbers a measured choice was made by (part of its cache key: another rule measures again), and
+    whether a bf16 candidate is measured (``precision`` auto on a CPU with :data:`BF16_FLAGS`)."""
     return {"auto_margin": AUTO_MARGIN, "bf16_factor": BF16_FACTOR, "image_check_steps": IMAGE_CHECK_STEPS,
-            "repeats": repeats, "budget_s": budget_s, "bf16_only_with": list(BF16_FLAGS)}
+            "repeats": repeats, "budget_s": budget_s,
+            "bf16_candidate": precision == "auto" and bool(bf16_fast())}
 
 
 def choose_runtimes(source: NetSource, nets: Iterable[str], precision: str = "auto",
@@ -346,7 +348,7 @@ def choose_runtimes(source: NetSource, nets: Iterable[str], precision: str = "au
             key = kept = None
             if cache is not None:
                 key = choice_key(name, source.net_folder(name) / MODEL_FILE, precision, threads,
-                                 rule_constants(repeats, budget_s), cpu)
+                                 rule_constants(repeats, budget_s, precision), cpu)
                 kept = load_choice(key, cache) if reuse else None
             if kept is not None:
                 entry, file = kept

@@ -41,7 +41,6 @@ from PIL import Image
 
 from facetron import contract
 from facetron.diffusion.base_model import load_base_model
-from facetron.diffusion.clip_tokenizer import ClipTokenizer
 from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora_manifest, zero_lora_inputs
 from facetron.diffusion.nets import DiffusionNets
 from facetron.diffusion.sampler import SCHEDULER_SETTINGS, GenerationRequest
@@ -57,6 +56,7 @@ from facetron.pipeline.template import PreparedTemplate
 from test_diffusers_parity import (GUIDANCE, N, NEGATIVE, PROMPT, SCHEDULERS, SEED, SIZE, TEMPLATE_LANDMARKS, W_FACE,
                                    W_STYLE, assert_close, assert_differs, diffusers_pipe, template_image)
 from test_diffusers_parity import loras  # noqa: F401  (the LoRA files fixture)
+from onnx_nets import onnx_nets  # noqa: E402
 from user_tokens import grant  # noqa: E402
 
 
@@ -108,35 +108,8 @@ def exported(repository_graphs) -> dict:
 def served_nets(base, exported: dict, lora: dict[str, np.ndarray] | None = None) -> DiffusionNets:
     """facetron's in-process nets: the served graphs in ONNX Runtime, the UNets fed one item's LoRA inputs
     (``lora``; None = zero = the base model) per batch item, the ControlNet and the unet's control graph."""
-    s = exported["sessions"]
-    item = lora if lora is not None else zero_lora_inputs(exported["manifest"])
-    residuals = [o.name for o in s["controlnet"].get_outputs()]
-
-    def lora_feed(n: int) -> dict[str, np.ndarray]:
-        return {k: np.repeat(v, n, axis=0) for k, v in item.items()}
-
-    def unet(sample, t, hidden):
-        return s["unet"].run(["noise_pred"], {"sample": sample, "timestep": t, "encoder_hidden_states": hidden,
-                                              **lora_feed(len(sample))})[0]
-
-    def controlnet(sample, t, hidden, cond, scale):
-        out = s["controlnet"].run(residuals, {"sample": sample, "timestep": t, "encoder_hidden_states": hidden,
-                                              "controlnet_cond": cond, "conditioning_scale": scale})
-        return dict(zip(residuals, out))
-
-    def unet_control(sample, t, hidden, res):
-        return s["unet_control"].run(None, {"sample": sample, "timestep": t, "encoder_hidden_states": hidden, **res,
-                                            **lora_feed(len(sample))})[0]
-
-    def text_encode(ids):
-        te = {k: np.repeat(v, len(ids), axis=0) for k, v in exported["te_lora"].items()}
-        return s["text_encoder"].run(None, {"input_ids": ids, **te})[0]
-
-    return DiffusionNets(tokenize=ClipTokenizer(), text_encode=text_encode, unet=unet,
-                         vae_decode=lambda lat: s["vae_decoder"].run(None, {"latent": lat})[0],
-                         vae_encode=lambda img: s["vae_encoder"].run(None, {"images": img})[0],
-                         controlnet=controlnet, unet_control=unet_control,
-                         latent_channels=int(base.vae.config.latent_channels), latent_factor=base.latent_factor)
+    return onnx_nets(base, exported["sessions"], te_lora=exported["te_lora"], control=("controlnet", "unet_control"),
+                     unet_lora=lora if lora is not None else zero_lora_inputs(exported["manifest"]))
 
 
 def mean_vae(vae):

@@ -33,7 +33,6 @@ from safetensors.torch import load_file, save_file
 from facetron import contract
 from facetron.contract import GeneratorParams
 from facetron.diffusion.base_model import load_base_model
-from facetron.diffusion.clip_tokenizer import ClipTokenizer
 from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora_manifest, zero_lora_inputs
 from facetron.diffusion.nets import DiffusionNets
 from facetron.errors import InvalidInputError
@@ -46,6 +45,7 @@ from facetron.training.random_lora import write_random_lora
 from facetron.users import UserRegistry
 from test_diffusers_parity import (N, NEGATIVE, PROMPT, SEED, STEPS, GUIDANCE, assert_close, assert_differs,
                                    diffusers_images, diffusers_pipe, request)
+from onnx_nets import onnx_nets  # noqa: E402
 from user_tokens import grant  # noqa: E402
 
 W_FACE = contract.DEFAULT_W_FACE
@@ -103,22 +103,8 @@ def served(repository_graphs) -> dict:
 def served_nets(base, served: dict, unet: str, lora: dict[str, np.ndarray] | None = None) -> DiffusionNets:
     """facetron's in-process nets over the repository's graphs: UNet model ``unet`` fed one item's LoRA inputs
     (``lora``: batch 1; None = zero = no user LoRA) per batch item."""
-    s = served["sessions"]
-    per_item = lora if lora is not None else zero_lora_inputs(served["manifest"])
-
-    def unet_fn(sample, t, hidden):
-        feed = {k: np.repeat(v, len(sample), axis=0) for k, v in per_item.items()}
-        return s[unet].run(["noise_pred"], {"sample": sample, "timestep": t, "encoder_hidden_states": hidden,
-                                            **feed})[0]
-
-    def text_encode(ids):
-        feed = {k: np.repeat(v, len(ids), axis=0) for k, v in served["te_lora"].items()}
-        return s["text_encoder"].run(None, {"input_ids": ids, **feed})[0]
-
-    return DiffusionNets(tokenize=ClipTokenizer(), text_encode=text_encode, unet=unet_fn,
-                         vae_decode=lambda lat: s["vae_decoder"].run(None, {"latent": lat})[0],
-                         vae_encode=None, latent_channels=int(base.vae.config.latent_channels),
-                         latent_factor=base.latent_factor)
+    return onnx_nets(base, served["sessions"], te_lora=served["te_lora"], unet=unet,
+                     unet_lora=lora if lora is not None else zero_lora_inputs(served["manifest"]))
 
 
 # ----------------------------------------------------------------------------- the LoRA: read, checked, refused

@@ -30,7 +30,6 @@ import torch
 
 from facetron import contract
 from facetron.diffusion.base_model import load_base_model
-from facetron.diffusion.clip_tokenizer import ClipTokenizer
 from facetron.diffusion.lora_inputs import lora_inputs_for, read_lora_manifest, zero_lora_inputs
 from facetron.diffusion.nets import DiffusionNets
 from facetron.errors import InvalidInputError
@@ -44,6 +43,7 @@ from facetron.users import UserRegistry
 from test_diffusers_parity import (GUIDANCE, N, NEGATIVE, PROMPT, SEED, SIZE, W_FACE, assert_close, assert_differs,
                                    diffusers_images, diffusers_pipe, pixels, request, template, vae_mean)
 from test_diffusers_parity import loras  # noqa: F401  (the LoRA files fixture)
+from onnx_nets import onnx_nets  # noqa: E402
 from user_tokens import grant  # noqa: E402
 
 INPAINT = contract.UNET_INPAINT.name
@@ -89,22 +89,8 @@ def exported(inpaint_dir, tmp_path_factory) -> dict:
 def inpaint_nets(base, exported: dict, lora: dict[str, np.ndarray] | None = None) -> DiffusionNets:
     """facetron's in-process nets: the served graphs in ONNX Runtime, ``unet_inpaint`` fed one item's LoRA
     inputs (``lora``; None = zero = no LoRA) per batch item."""
-    s = exported["sessions"]
-    item = lora if lora is not None else zero_lora_inputs(exported["manifest"])
-
-    def unet(sample, t, hidden):
-        feed = {k: np.repeat(v, len(sample), axis=0) for k, v in item.items()}
-        return s[INPAINT].run(["noise_pred"], {"sample": sample, "timestep": t, "encoder_hidden_states": hidden,
-                                               **feed})[0]
-
-    def text_encode(ids):
-        te = {k: np.repeat(v, len(ids), axis=0) for k, v in exported["te_lora"].items()}
-        return s["text_encoder"].run(None, {"input_ids": ids, **te})[0]
-
-    return DiffusionNets(tokenize=ClipTokenizer(), text_encode=text_encode, unet=unet,
-                         vae_decode=lambda lat: s["vae_decoder"].run(None, {"latent": lat})[0],
-                         vae_encode=lambda img: s["vae_encoder"].run(None, {"images": img})[0],
-                         latent_channels=int(base.vae.config.latent_channels), latent_factor=base.latent_factor)
+    return onnx_nets(base, exported["sessions"], te_lora=exported["te_lora"], unet=INPAINT,
+                     unet_lora=lora if lora is not None else zero_lora_inputs(exported["manifest"]))
 
 
 def diffusers_inpaint(base, inpaint_net, prepared, scheduler: str, *, steps: int, strength: float, loras=(),

@@ -23,7 +23,6 @@ from diffusers import StableDiffusionPipeline
 
 from facetron import contract
 from facetron.diffusion.base_model import load_base_model
-from facetron.diffusion.clip_tokenizer import ClipTokenizer
 from facetron.diffusion.lora_inputs import read_lora_manifest, zero_lora_inputs
 from facetron.diffusion.nets import DiffusionNets
 from facetron.diffusion.sampler import denoise
@@ -36,6 +35,7 @@ from facetron.request import GeneratorRequest, PortraitRequest
 from facetron.users import UserRegistry
 from test_diffusers_parity import (N, NEGATIVE, PROMPT, SEED, SIZE, STEPS, GUIDANCE, assert_close, assert_differs,
                                    diffusers_images, diffusers_pipe, pixels, request, template, template_image)
+from onnx_nets import onnx_nets  # noqa: E402
 from user_tokens import grant  # noqa: E402
 
 TINY, FULL = contract.VAE_MODELS["tiny"], contract.VAE_MODELS["full"]
@@ -76,22 +76,8 @@ def tiny_source(tiny_vae_dir, tmp_path_factory) -> DiffusionSource:
 def served_nets(base, exported: dict, vae: str) -> DiffusionNets:
     """facetron's in-process nets (the served graphs; the base model: zero LoRA inputs) with the ``vae``'s
     autoencoder models (contract.VAE_MODELS)."""
-    s = exported["sessions"]
-    decoder, encoder = (s[c.name] for c in contract.VAE_MODELS[vae])
-
-    def unet(sample, t, hidden):
-        lora = {k: np.repeat(v, len(sample), axis=0) for k, v in exported["unet_lora"].items()}
-        return s["unet"].run(["noise_pred"], {"sample": sample, "timestep": t, "encoder_hidden_states": hidden,
-                                              **lora})[0]
-
-    def text_encode(ids):
-        lora = {k: np.repeat(v, len(ids), axis=0) for k, v in exported["te_lora"].items()}
-        return s["text_encoder"].run(None, {"input_ids": ids, **lora})[0]
-
-    return DiffusionNets(tokenize=ClipTokenizer(), text_encode=text_encode, unet=unet,
-                         vae_decode=lambda lat: decoder.run(None, {"latent": lat})[0],
-                         vae_encode=lambda img: encoder.run(None, {"images": img})[0],
-                         latent_channels=int(base.vae.config.latent_channels), latent_factor=base.latent_factor)
+    return onnx_nets(base, exported["sessions"], te_lora=exported["te_lora"], unet_lora=exported["unet_lora"],
+                     vae=vae)
 
 
 def tiny_pipe(base, tiny) -> StableDiffusionPipeline:
