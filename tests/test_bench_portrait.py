@@ -129,6 +129,7 @@ def test_unknown_variant_is_refused_and_cli_parses() -> None:
     assert callable(args.func)
 
 
+@pytest.mark.slow  # ~60 s (an auto-measured assembly with the few-step UNet and TAESD + a server): make test-all
 @pytest.mark.triton
 def test_served_portrait_benchmark_tiny(tmp_path) -> None:
     """``facetron bench served --fewstep`` on the tiny spec: a repository assembled with the CLI defaults (auto

@@ -110,6 +110,7 @@ def test_merged_mode_refuses_step_caching_by_name(merged_server) -> None:
         c.infer("portrait_generator", request, ["images"])
 
 
+@pytest.mark.slow  # ~50 s (four merged UNet loads; the ledger's order: the next test, in-process): make test-all
 def test_merged_models_are_unloaded_least_recently_used_first(merged_server) -> None:
     """max_merged_models=1 on a server whose portrait_generator has 2 instances: one LRU for
     the whole server (the launcher's ledger), so after three users in turn and the first again

@@ -233,6 +233,7 @@ def test_export_repository_int8_serves_the_ir_with_its_deviation(tmp_path) -> No
     assert served.runtime == "openvino" and 0 < rel < 0.05
 
 
+@pytest.mark.slow  # ~40 s (a second int8 assembly + server; the unet's int8 path: the test above): make test-all
 @pytest.mark.triton
 def test_export_repository_int8_quantizes_the_fewstep_unet_too(distill_lora, tmp_path) -> None:
     """``--distill-lora`` + ``int8="weights"``: ``unet_fewstep`` gets its own IR (calibrated and judged on its own

@@ -131,7 +131,7 @@ def test_a_changed_key_measures_again(change, home, counted, exported, monkeypat
     assert "reused" in choose(precision)["vae_decoder"] and counted == ["vae_decoder"] * 2
 
 
-@pytest.mark.parametrize("flags", [[], ["avx512_bf16"]])
+@pytest.mark.parametrize("flags", [[], pytest.param(["avx512_bf16"], marks=pytest.mark.slow)])  # measured: test_runtimes
 def test_auto_measures_bf16_only_where_the_cpu_has_bf16_kernels(flags, exported, monkeypatch) -> None:
     """``precision=auto`` on a CPU without bf16 matrix kernels measures no bf16 candidate (OpenVINO would
     compile f32 and torch's yardstick run emulated) and says why; with them, bf16 is measured and judged."""

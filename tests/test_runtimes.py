@@ -340,6 +340,7 @@ def test_repository_records_the_runtimes(tmp_path, monkeypatch) -> None:
               "ov bf16", bf16["rel_l2_vs_onnxruntime"], bf16.get("image_check"))
 
 
+@pytest.mark.slow  # ~25 s (its own server; each net's OpenVINO == ONNX Runtime in process: above): make test-all
 @pytest.mark.triton
 def test_served_openvino_equals_onnxruntime(base, face_lora, tmp_path) -> None:
     """portrait_generator over a repository whose nets (runtime-LoRA UNet
