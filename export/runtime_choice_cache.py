@@ -15,7 +15,9 @@ The key (:func:`choice_key`) holds everything the choice depends on:
 2. the software: the versions of onnxruntime, openvino and torch (torch's
    bf16 is the yardstick of a bf16 candidate);
 3. the question: the precision mode (``f32`` | ``auto``), the served net's
-   name and the rule's constants (margin, bf16 factor, image-check steps);
+   name and the rule's constants (margin, bf16 factor, image-check steps,
+   and whether a bf16 candidate is measured: ``auto`` on a CPU with bf16
+   kernels);
 4. the graph's architecture (:func:`graph_signature`): its inputs' and
    outputs' names, types and shapes, and a hash of its initializers' shapes
    and types and its nodes' op types — not the weights, so another user's
