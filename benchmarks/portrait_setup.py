@@ -152,14 +152,19 @@ def prepare(spec: str, work: Path, seed: int = SEED, *, tiny_vae: bool = False, 
     return base, setup
 
 
+#: a random ``AutoencoderTiny`` of TAESD's shapes (diffusers' defaults: 64 channels, 1-3-3-3 encoder / 3-3-3-1
+#: decoder blocks): ``write_random_tiny_vae(folder, **TAESD_SHAPES)``
+TAESD_SHAPES = {"channels": 64, "num_encoder_blocks": (1, 3, 3, 3), "num_decoder_blocks": (3, 3, 3, 1)}
+
+
 def export_tiny_decoder(base, graphs: Path, folder: Path) -> Path:
-    """``graphs/vae_decoder_tiny/`` from a random ``AutoencoderTiny`` with TAESD's shapes (diffusers' defaults:
-    64 channels, 1-3-3-3 encoder / 3-3-3-1 decoder blocks), the served tiny decoder's graph."""
+    """``graphs/vae_decoder_tiny/`` from a random ``AutoencoderTiny`` with :data:`TAESD_SHAPES`, the served tiny
+    decoder's graph."""
     from facetron.export.onnx_export import export_model
     from facetron.export.onnx_graph import ModelDims
     from facetron.export.tiny_vae import load_tiny_vae, write_random_tiny_vae
 
-    write_random_tiny_vae(folder, channels=64, num_encoder_blocks=(1, 3, 3, 3), num_decoder_blocks=(3, 3, 3, 1))
+    write_random_tiny_vae(folder, **TAESD_SHAPES)
     return export_model("vae_decoder_tiny", graphs, vae=load_tiny_vae(folder, base), dims=ModelDims.of(base))
 
 

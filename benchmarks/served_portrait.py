@@ -36,45 +36,45 @@ from pathlib import Path
 
 import numpy as np
 
+from facetron import contract
+
 USER = "bench-user"
 CALLS = (("warmup_2_steps", {"steps": 2}), ("default", {}), ("cache_interval_3", {"cache_interval": 3}))
 #: ``fewstep``: the served few-step path (contract.FEW_STEP_DEFAULT_STEPS at FEW_STEP_DEFAULT_GUIDANCE), warmed up
 #: first, with the tiny autoencoder and with the full VAE; and today's default for the ratio in the same run
-FEWSTEP = {"scheduler": "lcm", "steps": 4, "guidance": 1.0}
+FEWSTEP = {"scheduler": "lcm", "steps": contract.FEW_STEP_DEFAULT_STEPS, "guidance": contract.FEW_STEP_DEFAULT_GUIDANCE}
 FEWSTEP_CALLS = (("warmup_fewstep", dict(FEWSTEP, steps=1, vae="tiny")), ("warmup_2_steps", {"steps": 2}),
-                 ("fewstep_lcm_4_tiny_vae", dict(FEWSTEP, vae="tiny")), ("fewstep_lcm_4_full_vae", dict(FEWSTEP, vae="full")),
+                 (f"fewstep_lcm_{FEWSTEP['steps']}_tiny_vae", dict(FEWSTEP, vae="tiny")),
+                 (f"fewstep_lcm_{FEWSTEP['steps']}_full_vae", dict(FEWSTEP, vae="full")),
                  ("default", {}))
 #: the random distillation LoRA: an SD-1.5 LCM-LoRA's rank (latent-consistency/lcm-lora-sdv1-5 is rank 64)
 DISTILL_RANK = 64
 
 
-def _user(registry, base_dir: Path, work: Path) -> None:
-    """A registered user with a random rank-4 face LoRA (FaceChain's rank) and a random reference embedding."""
+def _user(registry, unet, work: Path) -> None:
+    """A registered user with a random rank-4 face LoRA (FaceChain's rank) of the base ``unet`` and a random
+    reference embedding."""
     from facetron.benchmarks.suite import grant_token
-    from facetron.diffusion.base_model import load_base_model
     from facetron.training.random_lora import write_random_lora
 
-    base = load_base_model(base_dir)
-    lora = write_random_lora(work / "user.safetensors", base.unet, rank=4, alpha=32.0, seed=7, std=0.01)
+    lora = write_random_lora(work / "user.safetensors", unet, rank=4, alpha=32.0, seed=7, std=0.01)
     emb = np.random.default_rng(0).standard_normal(128).astype(np.float32)
     registry.save_reference_embedding(USER, emb / np.linalg.norm(emb))
     registry.install_lora(USER, lora)
     grant_token(registry, USER)
 
 
-def _fewstep_parts(base_dir: Path, work: Path) -> dict:
-    """A random distillation LoRA (rank :data:`DISTILL_RANK` over an LCM-LoRA's layer kinds) and a random
-    ``AutoencoderTiny`` of TAESD's shapes: ``{"distill_lora": file, "tiny_vae": folder}``."""
-    from facetron.diffusion.base_model import load_base_model
+def _fewstep_parts(unet, work: Path) -> dict:
+    """A random distillation LoRA of the base ``unet`` (rank :data:`DISTILL_RANK` over an LCM-LoRA's layer kinds)
+    and a random ``AutoencoderTiny`` of TAESD's shapes: ``{"distill_lora": file, "tiny_vae": folder}``."""
+    from facetron.benchmarks.portrait_setup import TAESD_SHAPES
     from facetron.export.distill_lora import LCM_LORA_TARGET_MODULES
     from facetron.export.tiny_vae import write_random_tiny_vae
     from facetron.training.random_lora import write_random_lora
 
-    unet = load_base_model(base_dir).unet
     distill = write_random_lora(work / "distill.safetensors", unet, rank=DISTILL_RANK, alpha=float(DISTILL_RANK),
                                 seed=41, std=0.01, target_modules=LCM_LORA_TARGET_MODULES)
-    tiny = write_random_tiny_vae(work / "taesd_random", channels=64, num_encoder_blocks=(1, 3, 3, 3),
-                                 num_decoder_blocks=(3, 3, 3, 1))
+    tiny = write_random_tiny_vae(work / "taesd_random", **TAESD_SHAPES)
     return {"distill_lora": distill, "tiny_vae": tiny}
 
 
@@ -97,7 +97,7 @@ def run(full: bool = False, out_dir: Path | None = None, work_dir: Path | None =
     """The benchmark (numbered steps below); returns the result written to ``out_dir``."""
     from facetron.benchmarks.runtimes import _loadavg, cpu_description
     from facetron.client import FacetronClient
-    from facetron.diffusion.base_model import write_base_model
+    from facetron.diffusion.base_model import load_base_model, write_base_model
     from facetron.diffusion.model_spec import SD15, TINY
     from facetron.triton.server import TritonServer
     from facetron.users import UserRegistry
@@ -112,8 +112,10 @@ def run(full: bool = False, out_dir: Path | None = None, work_dir: Path | None =
         t0 = time.perf_counter()
         base = write_base_model(spec, work / "base")
         registry = UserRegistry(work / "users")
-        _user(registry, base, work)
-        parts = _fewstep_parts(base, work) if fewstep else None
+        unet = load_base_model(base).unet  # loaded once for the user's LoRA (and the distillation LoRA)
+        _user(registry, unet, work)
+        parts = _fewstep_parts(unet, work) if fewstep else None
+        unet = None  # freed before the assembly's child process loads its own
         result["stages_s"]["base_and_user"] = round(time.perf_counter() - t0, 1)
         # 2. the repository, as the CLI assembles it by default (in a fresh child process: its memory goes when
         #    it ends, and it loads its libraries itself, as the CLI would; a failure is raised here)
@@ -147,6 +149,8 @@ def run(full: bool = False, out_dir: Path | None = None, work_dir: Path | None =
         finally:
             server.stop()
     result["loadavg_end"] = _loadavg()
+    if fewstep:
+        result["fewstep_speedup"] = fewstep_speedup(result["calls"])
     return _write(result, out_dir)
 
 
@@ -171,14 +175,22 @@ def _write(result: dict, out_dir: Path | None) -> dict:
     return result
 
 
+def fewstep_speedup(calls: list[dict]) -> dict[str, float]:
+    """Each few-step call's speed-up over the default call of the same run ({} without them)."""
+    wall = {c["call"]: c["wall_s"] for c in calls}
+    if "default" not in wall:
+        return {}
+    return {k: round(wall["default"] / wall[k], 2) for k in wall if k.startswith("fewstep_")}
+
+
 def _fewstep_line(result: dict) -> str:
-    """The few-step calls' speed-up over the default call of the same run (empty without them)."""
-    wall = {c["call"]: c["wall_s"] for c in result["calls"]}
-    if "default" not in wall or "fewstep_lcm_4_tiny_vae" not in wall:
+    """The markdown line of :func:`fewstep_speedup` (empty without few-step calls)."""
+    speedup = result.get("fewstep_speedup")
+    if not speedup:
         return ""
-    result["fewstep_speedup"] = {k: round(wall["default"] / wall[k], 2) for k in wall if k.startswith("fewstep_")}
-    return ("\nfew-step calls vs the default call (" + f"{wall['default']} s): "
-            + ", ".join(f"{k} {wall[k]} s (x{v})" for k, v in result["fewstep_speedup"].items()) + "\n")
+    wall = {c["call"]: c["wall_s"] for c in result["calls"]}
+    return (f"\nfew-step calls vs the default call ({wall['default']} s): "
+            + ", ".join(f"{k} {wall[k]} s (x{v})" for k, v in speedup.items()) + "\n")
 
 
 def _plot(result: dict, path: Path) -> Path:

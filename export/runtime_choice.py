@@ -104,6 +104,12 @@ def cpu_flags() -> dict:
     return {"model": info["model"], "kernel_flags": info["kernel_flags"]}
 
 
+def bf16_measured(precision: str) -> bool:
+    """Whether ``precision`` makes OpenVINO bf16 a candidate here: ``auto`` on a CPU with bf16 matrix kernels
+    (:func:`facetron.cpu_info.bf16_fast`); elsewhere a choice's entry says ``bf16_skipped``."""
+    return precision == "auto" and bool(bf16_fast())
+
+
 def check_precision_choice(precision: str) -> str:
     if precision not in PRECISION_CHOICES:
         raise InvalidInputError("--precision", f"expected one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
@@ -227,7 +233,7 @@ def choose_net(source: NetSource, name: str, precision: str = "auto", threads: i
     feed = source.served_feed(name)
     atol, rtol = TOLERANCES["unet_lora" if name == "unet" else name]  # validate's key of the runtime-LoRA UNet
     unet = name == "unet"
-    bf16 = precision == "auto" and bool(bf16_fast())
+    bf16 = bf16_measured(precision)
     others = [FP32_CANDIDATES[1]] + ([BF16_CANDIDATE] if bf16 else [])
     entry: dict = {"shapes": {k: list(v.shape) for k, v in feed.items() if not k.startswith("lora_")},
                    "threads": threads, "runtimes": {}}
@@ -322,7 +328,7 @@ def rule_constants(repeats: int, budget_s: float, precision: str = "auto") -> di
     whether a bf16 candidate is measured (``precision`` auto on a CPU with :data:`BF16_FLAGS`)."""
     return {"auto_margin": AUTO_MARGIN, "bf16_factor": BF16_FACTOR, "image_check_steps": IMAGE_CHECK_STEPS,
             "repeats": repeats, "budget_s": budget_s,
-            "bf16_candidate": precision == "auto" and bool(bf16_fast())}
+            "bf16_candidate": bf16_measured(precision)}
 
 
 def choose_runtimes(source: NetSource, nets: Iterable[str], precision: str = "auto",
